@@ -1,0 +1,89 @@
+// Differentiable ops on Variables. Each op computes its output with
+// tensor/ops.h and records its gradient rule right below it (autograd/ops_*.cpp,
+// one file per family). autograd/GRADIENTS.md lists every rule, one line per
+// input; tests/autograd checks each of them against f64 finite differences.
+//
+// Binary ops broadcast NumPy-style; the engine sums gradients back down.
+#pragma once
+
+#include <vector>
+
+#include "autograd/variable.h"
+
+namespace loom {
+
+class Generator;
+
+// ---- elementwise (ops_elementwise.cpp) ------------------------------------------
+Variable add(const Variable& a, const Variable& b);
+Variable sub(const Variable& a, const Variable& b);
+Variable mul(const Variable& a, const Variable& b);
+Variable div(const Variable& a, const Variable& b);
+Variable neg(const Variable& x);
+Variable add_scalar(const Variable& x, double s);  // x + s
+Variable mul_scalar(const Variable& x, double s);  // x · s
+Variable rsub_scalar(double s, const Variable& x);  // s − x
+Variable rdiv_scalar(double s, const Variable& x);  // s / x
+Variable exp(const Variable& x);
+Variable log(const Variable& x);
+Variable sqrt(const Variable& x);
+Variable pow(const Variable& x, double p);
+Variable tanh(const Variable& x);
+Variable sigmoid(const Variable& x);
+Variable relu(const Variable& x);
+Variable gelu(const Variable& x, bool tanh_approx = false);  // exact erf form by default
+
+inline Variable operator+(const Variable& a, const Variable& b) { return add(a, b); }
+inline Variable operator-(const Variable& a, const Variable& b) { return sub(a, b); }
+inline Variable operator*(const Variable& a, const Variable& b) { return mul(a, b); }
+inline Variable operator/(const Variable& a, const Variable& b) { return div(a, b); }
+inline Variable operator-(const Variable& x) { return neg(x); }
+inline Variable operator+(const Variable& a, double s) { return add_scalar(a, s); }
+inline Variable operator+(double s, const Variable& a) { return add_scalar(a, s); }
+inline Variable operator-(const Variable& a, double s) { return add_scalar(a, -s); }
+inline Variable operator-(double s, const Variable& a) { return rsub_scalar(s, a); }
+inline Variable operator*(const Variable& a, double s) { return mul_scalar(a, s); }
+inline Variable operator*(double s, const Variable& a) { return mul_scalar(a, s); }
+inline Variable operator/(const Variable& a, double s) { return mul_scalar(a, 1.0 / s); }
+inline Variable operator/(double s, const Variable& a) { return rdiv_scalar(s, a); }
+
+// ---- reductions (ops_reduce.cpp) -----------------------------------------------------
+// Over the listed dims (negative allowed; empty = all).
+Variable sum(const Variable& x, const std::vector<int64_t>& dims = {}, bool keepdim = false);
+Variable mean(const Variable& x, const std::vector<int64_t>& dims = {}, bool keepdim = false);
+Variable softmax(const Variable& x, int64_t dim);
+Variable log_softmax(const Variable& x, int64_t dim);
+
+// ---- matrix products (ops_matmul.cpp) ----------------------------------------------------
+// a [..., m, k] · b [..., k, n]; batch dims broadcast; 1-D operands as in NumPy.
+Variable matmul(const Variable& a, const Variable& b);
+// x [..., in] · wᵀ + bias;  w [out, in], bias [out] or undefined.
+Variable linear(const Variable& x, const Variable& w, const Variable& bias = Variable());
+
+// ---- shape (ops_shape.cpp) ------------------------------------------------------------
+Variable reshape(const Variable& x, const Shape& shape);  // one -1 allowed
+Variable permute(const Variable& x, const std::vector<int64_t>& dims);
+Variable transpose(const Variable& x, int64_t d0, int64_t d1);
+Variable expand(const Variable& x, const Shape& shape);
+Variable slice(const Variable& x, int64_t dim, int64_t start, int64_t end, int64_t step = 1);
+Variable unsqueeze(const Variable& x, int64_t dim);
+Variable squeeze(const Variable& x, int64_t dim);
+Variable cat(const std::vector<Variable>& xs, int64_t dim);
+// `chunks` pieces along dim (the last may be smaller, as in PyTorch).
+std::vector<Variable> chunk(const Variable& x, int64_t chunks, int64_t dim);
+// Pieces of the given sizes along dim (sizes must add up to x.size(dim)).
+std::vector<Variable> split(const Variable& x, const std::vector<int64_t>& sizes, int64_t dim);
+
+// ---- neural-network ops (ops_nn.cpp) ---------------------------------------------------------
+// Normalises over the trailing `normalized_shape` dims; weight/bias (that shape) optional.
+Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Variable& weight = Variable(),
+                    const Variable& bias = Variable(), double eps = 1e-5);
+// x [N, C, *]: normalises each of `groups` channel groups over (C/groups, *); weight/bias [C] optional.
+Variable group_norm(const Variable& x, int64_t groups, const Variable& weight = Variable(),
+                    const Variable& bias = Variable(), double eps = 1e-5);
+// Zeroes each element with probability p and scales the rest by 1/(1−p); identity when !training or p == 0.
+Variable dropout(const Variable& x, double p, bool training, Generator& gen);
+// Mean of (pred − target)² over all elements (PyTorch's default reduction).
+Variable mse_loss(const Variable& pred, const Variable& target);
+
+}  // namespace loom

@@ -1,0 +1,43 @@
+// Matrix products: forward and gradient rule side by side.
+#include "autograd/ops.h"
+#include "tensor/ops.h"
+
+namespace loom {
+
+using GradList = std::vector<Tensor>;
+using Needs = std::vector<bool>;
+
+Variable matmul(const Variable& a, const Variable& b) {
+  LOOM_CHECK(a.defined() && b.defined(), "matmul: undefined variable");
+  // 1-D operands: promote to matrices with differentiable reshapes, as NumPy does.
+  if (a.dim() == 1) return squeeze(matmul(unsqueeze(a, 0), b), -2);
+  if (b.dim() == 1) return squeeze(matmul(a, unsqueeze(b, 1)), -1);
+  const Tensor ta = a.tensor(), tb = b.tensor();
+  const Tensor save_a = b.requires_grad() ? ta : Tensor(), save_b = a.requires_grad() ? tb : Tensor();
+  return record("matmul", ops::matmul(ta, tb), {a, b}, [save_a, save_b](const Tensor& g, const Needs& needs) {
+    // g [batch, m, n]:  dA = g·Bᵀ [batch, m, k],  dB = Aᵀ·g [batch, k, n]; the engine sums broadcast batches.
+    return GradList{needs[0] ? ops::matmul(g, save_b.transpose(-1, -2)) : Tensor(),
+                    needs[1] ? ops::matmul(save_a.transpose(-1, -2), g) : Tensor()};
+  });
+}
+
+Variable linear(const Variable& x, const Variable& w, const Variable& bias) {
+  const Tensor tx = x.tensor(), tw = w.tensor();
+  const Tensor y = ops::linear(tx, tw, bias.defined() ? bias.tensor() : Tensor());
+  std::vector<Variable> inputs{x, w};
+  if (bias.defined()) inputs.push_back(bias);
+  const Tensor save_x = w.requires_grad() ? tx : Tensor(), save_w = x.requires_grad() ? tw : Tensor();
+  return record("linear", y, inputs, [save_x, save_w](const Tensor& g, const Needs& needs) {
+    const int64_t out = g.size(-1);
+    GradList grads(needs.size());
+    if (needs[0]) grads[0] = ops::matmul(g, save_w);  // [..., out] x [out, in] -> [..., in]
+    if (needs[1]) {                                    // [out, N] x [N, in] -> [out, in]
+      const Tensor g2 = g.reshape({-1, out}), x2 = save_x.reshape({-1, save_x.size(-1)});
+      grads[1] = ops::matmul(g2.transpose(0, 1), x2);
+    }
+    if (needs.size() > 2 && needs[2]) grads[2] = ops::sum(g.reshape({-1, out}), {0});  // [out]
+    return grads;
+  });
+}
+
+}  // namespace loom

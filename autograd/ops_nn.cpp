@@ -1,0 +1,85 @@
+// Neural-network ops. layer_norm and group_norm are compositions of the
+// primitive ops (their gradients follow by the chain rule); dropout and
+// mse_loss carry their own rules.
+#include <vector>
+
+#include "autograd/ops.h"
+#include "tensor/ops.h"
+#include "tensor/random.h"
+
+namespace loom {
+
+using GradList = std::vector<Tensor>;
+using Needs = std::vector<bool>;
+
+namespace {
+// Normalises x over `dims`: (x − mean) / sqrt(var + eps), biased variance.
+Variable normalize(const Variable& x, const std::vector<int64_t>& dims, double eps) {
+  const Variable centered = sub(x, mean(x, dims, true));
+  const Variable var = mean(mul(centered, centered), dims, true);
+  return mul(centered, pow(add_scalar(var, eps), -0.5));
+}
+}  // namespace
+
+Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Variable& weight, const Variable& bias,
+                    double eps) {
+  LOOM_CHECK(x.defined(), "layer_norm: undefined input");
+  const int64_t k = int64_t(normalized_shape.size());
+  LOOM_CHECK(k >= 1 && x.dim() >= k && Shape(x.shape().end() - k, x.shape().end()) == normalized_shape,
+             "layer_norm: input ", x.shape(), " does not end with normalized_shape ", normalized_shape);
+  LOOM_CHECK(!weight.defined() || weight.shape() == normalized_shape, "layer_norm: weight ", weight.shape(),
+             " does not match normalized_shape ", normalized_shape);
+  LOOM_CHECK(!bias.defined() || bias.shape() == normalized_shape, "layer_norm: bias ", bias.shape(),
+             " does not match normalized_shape ", normalized_shape);
+  std::vector<int64_t> dims;
+  for (int64_t d = x.dim() - k; d < x.dim(); ++d) dims.push_back(d);
+  Variable y = normalize(x, dims, eps);
+  if (weight.defined()) y = mul(y, weight);
+  if (bias.defined()) y = add(y, bias);
+  return y;
+}
+
+Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias, double eps) {
+  LOOM_CHECK(x.defined(), "group_norm: undefined input");
+  LOOM_CHECK(x.dim() >= 2, "group_norm: input must be [N, C, *], got ", x.shape());
+  const int64_t n = x.size(0), c = x.size(1);
+  LOOM_CHECK(groups > 0 && c % groups == 0, "group_norm: ", c, " channels cannot be split into ", groups, " groups");
+  LOOM_CHECK(!weight.defined() || weight.shape() == Shape{c}, "group_norm: weight ", weight.shape(),
+             " does not match channels [", c, "]");
+  LOOM_CHECK(!bias.defined() || bias.shape() == Shape{c}, "group_norm: bias ", bias.shape(),
+             " does not match channels [", c, "]");
+  // [N, C, *] -> [N, G, C/G · Π*], normalise the last dim, back to [N, C, *].
+  Variable y = reshape(normalize(reshape(x, {n, groups, -1}), {2}, eps), x.shape());
+  Shape per_channel(size_t(x.dim()), 1);  // [1, C, 1, ...] broadcasts over N and the spatial dims
+  per_channel[1] = c;
+  if (weight.defined()) y = mul(y, reshape(weight, per_channel));
+  if (bias.defined()) y = add(y, reshape(bias, per_channel));
+  return y;
+}
+
+Variable dropout(const Variable& x, double p, bool training, Generator& gen) {
+  LOOM_CHECK(p >= 0.0 && p < 1.0, "dropout: probability must be in [0, 1), got ", p);
+  if (!training || p == 0.0) return x;
+  // Mask drawn on the host from `gen`: the same seed drops the same elements on every device.
+  std::vector<double> keep(size_t(x.numel()));
+  const double scale = 1.0 / (1.0 - p);
+  for (double& m : keep) m = gen.uniform() >= p ? scale : 0.0;
+  const Tensor mask = Tensor::from_values(keep, x.shape(), x.dtype(), x.device());
+  return record("dropout", ops::mul(x.tensor(), mask), {x},
+                [mask](const Tensor& g, const Needs&) { return GradList{ops::mul(g, mask)}; });
+}
+
+Variable mse_loss(const Variable& pred, const Variable& target) {
+  LOOM_CHECK(pred.defined() && target.defined(), "mse_loss: undefined input");
+  LOOM_CHECK(pred.shape() == target.shape(), "mse_loss: prediction ", pred.shape(), " and target ", target.shape(),
+             " differ in shape");
+  const Tensor diff = ops::sub(pred.tensor(), target.tensor());
+  const double n = double(pred.numel());
+  return record("mse_loss", ops::mean(ops::square(diff)), {pred, target},
+                [diff, n](const Tensor& g, const Needs& needs) {
+                  const Tensor gp = ops::mul(ops::mul_scalar(diff, 2.0 / n), g);  // 2(p − t)/N · g
+                  return GradList{needs[0] ? gp : Tensor(), needs[1] ? ops::neg(gp) : Tensor()};
+                });
+}
+
+}  // namespace loom

@@ -1,0 +1,96 @@
+// The narrow interface every device backend implements (cpu/ through Eigen and
+// OpenMP, cuda/ through kernels and cuBLAS). tensor/ops.cpp is the only caller:
+// it checks shapes, dtypes and devices, makes operands contiguous where a
+// method's contract asks for it, and then calls exactly one backend method.
+//
+// A backend that cannot run an op for a dtype reports it through supports();
+// the caller then throws an error naming op, device and dtype. No backend
+// falls back to another device.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "tensor/tensor.h"
+
+namespace loom {
+
+enum class OpKind { Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax };
+const char* op_kind_name(OpKind k);
+
+// out = f(in, scalar). Grad forms take the forward input x and return f'(x).
+enum class UnaryOp {
+  Neg, Exp, Log, Sqrt, Rsqrt, Tanh, Sigmoid, Relu,
+  Step,          // 1 where x > 0 else 0 (relu's derivative)
+  GeluErf,       // x·Φ(x)
+  GeluTanh,      // 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
+  GeluErfGrad,   // d/dx GeluErf
+  GeluTanhGrad,  // d/dx GeluTanh
+  Abs, Square, Reciprocal,
+  AddScalar,     // x + s
+  MulScalar,     // x · s
+  PowScalar,     // x ^ s
+};
+enum class BinaryOp { Add, Sub, Mul, Div, Max, Min };
+enum class ReduceOp { Sum, Max };
+
+// Row-major batched GEMM:  C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i],  i < batch.
+// op(A) is m×k: stored m×k (lda ≥ k) or, with trans_a, k×m (lda ≥ m). Likewise op(B) k×n.
+// C is m×n with ldc ≥ n. A batch stride of 0 shares one matrix across the batch.
+// A, B, C have the same dtype; f32 accumulates in f32 (no TF32), bf16/f16 accumulate in f32.
+struct GemmBatch {
+  Device device;
+  DType dtype = DType::F32;
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0, batch = 1;
+  const void* a = nullptr;
+  int64_t lda = 0, stride_a = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0, stride_b = 0;
+  void* c = nullptr;
+  int64_t ldc = 0, stride_c = 0;
+  double alpha = 1.0, beta = 0.0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual bool supports(OpKind op, DType dtype) const = 0;
+
+  // ---- memory ------------------------------------------------------------
+  virtual void* allocate(size_t nbytes, int device_index) = 0;
+  virtual void deallocate(void* ptr, size_t nbytes, int device_index) = 0;
+  virtual void copy_from_host(void* dst, const void* src, size_t nbytes, int device_index) = 0;
+  virtual void copy_to_host(void* dst, const void* src, size_t nbytes, int device_index) = 0;
+  virtual void synchronize(int device_index) = 0;
+
+  // ---- kernels (all tensors on this backend's device) ------------------------
+  // dst[idx] = cast(src[idx]) for every index of dst.shape(); src.shape() == dst.shape();
+  // both may have any strides (0 included for src); dtypes may differ.
+  virtual void copy(const Tensor& dst, const Tensor& src) = 0;
+  // Every element of the contiguous dst set to value.
+  virtual void fill(const Tensor& dst, double value) = 0;
+  // out, in: contiguous, same shape and dtype.
+  virtual void unary(UnaryOp op, const Tensor& out, const Tensor& in, double scalar) = 0;
+  // out contiguous; a, b have out's shape and dtype with any strides (stride 0 = broadcast).
+  virtual void binary(BinaryOp op, const Tensor& out, const Tensor& a, const Tensor& b) = 0;
+  // in contiguous, viewed as [outer, n, inner]; out contiguous [outer, inner]; same dtype.
+  virtual void reduce(ReduceOp op, const Tensor& out, const Tensor& in, int64_t outer, int64_t n,
+                      int64_t inner) = 0;
+  virtual void gemm(const GemmBatch& g) = 0;
+  // Along the last dim of contiguous [rows, n]: out = softmax(in) or log_softmax(in);
+  // statistics (max, sum of exps) are accumulated in at least f32.
+  virtual void softmax(const Tensor& out, const Tensor& in, int64_t rows, int64_t n, bool log) = 0;
+};
+
+// The backend for a device; throws if loom was built without that device type.
+Backend& backend_for(Device device);
+// backend_for(device), after checking supports(kind, dtype); the error names op, device, dtype.
+Backend& backend_for(const char* op, OpKind kind, Device device, DType dtype);
+
+// Number of CUDA devices usable by this build (0 when built without CUDA or none present).
+int cuda_device_count();
+inline bool cuda_available() { return cuda_device_count() > 0; }
+
+}  // namespace loom

@@ -1,0 +1,44 @@
+// The one registration point for device backends: the only file that maps a
+// DeviceType to its Backend. The CUDA entry points come from tensor/cuda/
+// (the real backend, or cuda_stub.cpp when built without CUDA).
+#include "tensor/backend.h"
+#include "tensor/cpu/cpu_backend.h"
+#include "tensor/cuda/cuda_backend.h"
+
+namespace loom {
+
+const char* op_kind_name(OpKind k) {
+  switch (k) {
+    case OpKind::Copy: return "copy";
+    case OpKind::Fill: return "fill";
+    case OpKind::Unary: return "unary";
+    case OpKind::Binary: return "binary";
+    case OpKind::Reduce: return "reduce";
+    case OpKind::Gemm: return "gemm";
+    case OpKind::Softmax: return "softmax";
+  }
+  return "unknown";
+}
+
+int cuda_device_count() {
+  static const int count = cuda_runtime_device_count();
+  return count;
+}
+
+Backend& backend_for(Device device) {
+  if (device.is_cpu()) return *cpu_backend();
+  Backend* cuda = cuda_backend();
+  LOOM_CHECK(cuda != nullptr, "device ", device, ": loom was built without CUDA (no nvcc found at build time)");
+  LOOM_CHECK(device.index >= 0 && device.index < cuda_device_count(), "device ", device,
+             ": no such CUDA device (", cuda_device_count(), " present)");
+  return *cuda;
+}
+
+Backend& backend_for(const char* op, OpKind kind, Device device, DType dtype) {
+  Backend& b = backend_for(device);
+  LOOM_CHECK(b.supports(kind, dtype), op, ": not supported on device ", device, " for dtype ", dtype,
+             " (backend '", b.name(), "' has no ", op_kind_name(kind), " kernel for ", dtype, ")");
+  return b;
+}
+
+}  // namespace loom

@@ -1,0 +1,119 @@
+// Backend::gemm through cuBLAS.
+//
+// loom's GEMM is row-major, cuBLAS is column-major. A row-major m×n matrix C with
+// leading dim ldc is, read column-major, the n×m matrix Cᵀ with the same leading
+// dim. So C = op(A)·op(B) is computed as
+//     Cᵀ (n×m) = op(B)ᵀ (n×k) · op(A)ᵀ (k×m)
+// i.e. cuBLAS gets (B, A) swapped and (m, n) swapped; each operand keeps its own
+// transpose flag, since a row-major stored X read column-major is already Xᵀ.
+//
+// Precision: f32 runs with CUBLAS_DEFAULT_MATH (set explicitly: no TF32), f64 in
+// f64, bf16 and f16 through cublasGemmStridedBatchedEx with CUBLAS_COMPUTE_32F.
+//
+// One handle per device, created on first use and kept for the process (never
+// destroyed: the CUDA runtime may be gone by static destruction time). A handle
+// is used by one thread at a time: each call holds its device's mutex.
+#include <cublas_v2.h>
+
+#include <climits>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "tensor/cuda/cuda_common.h"
+
+namespace loom::cuda {
+namespace {
+
+struct HandleSlot {
+  std::mutex mu;  // held for the whole cuBLAS call
+  cublasHandle_t handle = nullptr;
+};
+
+// The slot for `device`, creating the handle on first use. The caller has
+// `device` current.
+HandleSlot& handle_slot(int device) {
+  static std::mutex* registry_mu = new std::mutex();
+  static auto* slots = new std::map<int, std::unique_ptr<HandleSlot>>();
+  std::lock_guard<std::mutex> lock(*registry_mu);
+  std::unique_ptr<HandleSlot>& slot = (*slots)[device];
+  if (!slot) {
+    auto fresh = std::make_unique<HandleSlot>();
+    LOOM_CUBLAS_CHECK(cublasCreate(&fresh->handle));
+    LOOM_CUBLAS_CHECK(cublasSetMathMode(fresh->handle, CUBLAS_DEFAULT_MATH));  // no TF32
+    LOOM_CUBLAS_CHECK(cublasSetPointerMode(fresh->handle, CUBLAS_POINTER_MODE_HOST));
+    LOOM_CUBLAS_CHECK(cublasSetStream(fresh->handle, nullptr));  // the legacy default stream
+    slot = std::move(fresh);
+  }
+  return *slot;
+}
+
+int checked_int(int64_t v, const char* what) {
+  LOOM_CHECK(v >= 0 && v <= INT_MAX, "cuda gemm: ", what, " = ", v, " does not fit cuBLAS's 32-bit int");
+  return int(v);
+}
+
+cublasOperation_t op_of(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+}  // namespace
+
+void launch_gemm(const GemmBatch& g) {
+  LOOM_CHECK(g.device.is_cuda(), "cuda gemm: device ", g.device, " is not a CUDA device");
+  LOOM_CHECK(g.m >= 0 && g.n >= 0 && g.k >= 0 && g.batch >= 0, "cuda gemm: negative size (m ", g.m, ", n ",
+             g.n, ", k ", g.k, ", batch ", g.batch, ")");
+  if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+  // Row-major leading-dim requirements (see backend.h).
+  LOOM_CHECK(g.lda >= (g.trans_a ? g.m : g.k) && g.ldb >= (g.trans_b ? g.k : g.n) && g.ldc >= g.n,
+             "cuda gemm: leading dims too small (lda ", g.lda, ", ldb ", g.ldb, ", ldc ", g.ldc, " for m ", g.m,
+             ", n ", g.n, ", k ", g.k, ", trans_a ", g.trans_a, ", trans_b ", g.trans_b, ")");
+  LOOM_CHECK(g.batch == 1 || g.stride_c != 0, "cuda gemm: a batch of ", g.batch,
+             " needs a non-zero C batch stride");
+
+  // Column-major problem: C' (m' × n') = op(A') · op(B') with A' = B, B' = A.
+  const int m = checked_int(g.n, "n"), n = checked_int(g.m, "m"), k = checked_int(g.k, "k");
+  const int batch = checked_int(g.batch, "batch");
+  // cuBLAS wants every leading dim ≥ 1 even where a matrix is empty (k == 0).
+  const int lda = checked_int(g.ldb > 0 ? g.ldb : 1, "ldb");
+  const int ldb = checked_int(g.lda > 0 ? g.lda : 1, "lda");
+  const int ldc = checked_int(g.ldc, "ldc");
+  const cublasOperation_t transa = op_of(g.trans_b), transb = op_of(g.trans_a);
+  const long long stride_a = g.stride_b, stride_b = g.stride_a, stride_c = g.stride_c;
+  const void* a = g.b;
+  const void* b = g.a;
+
+  DeviceGuard guard(g.device.index);
+  HandleSlot& slot = handle_slot(g.device.index);
+  std::lock_guard<std::mutex> lock(slot.mu);
+  cublasHandle_t h = slot.handle;
+
+  switch (g.dtype) {
+    case DType::F32: {
+      const float alpha = float(g.alpha), beta = float(g.beta);
+      LOOM_CUBLAS_CHECK(cublasSgemmStridedBatched(h, transa, transb, m, n, k, &alpha, static_cast<const float*>(a),
+                                                  lda, stride_a, static_cast<const float*>(b), ldb, stride_b,
+                                                  &beta, static_cast<float*>(g.c), ldc, stride_c, batch));
+      return;
+    }
+    case DType::F64: {
+      const double alpha = g.alpha, beta = g.beta;
+      LOOM_CUBLAS_CHECK(cublasDgemmStridedBatched(h, transa, transb, m, n, k, &alpha,
+                                                  static_cast<const double*>(a), lda, stride_a,
+                                                  static_cast<const double*>(b), ldb, stride_b, &beta,
+                                                  static_cast<double*>(g.c), ldc, stride_c, batch));
+      return;
+    }
+    case DType::BF16:
+    case DType::F16: {
+      const cudaDataType_t t = g.dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+      const float alpha = float(g.alpha), beta = float(g.beta);
+      LOOM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, transa, transb, m, n, k, &alpha, a, t, lda, stride_a, b, t,
+                                                   ldb, stride_b, &beta, g.c, t, ldc, stride_c, batch,
+                                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return;
+    }
+    case DType::I64: break;
+  }
+  LOOM_FAIL("cuda gemm: not supported by the cuda backend for dtype ", g.dtype);
+}
+
+}  // namespace loom::cuda

@@ -1,0 +1,588 @@
+// Kernels and launchers for the CUDA backend's elementwise, reduction and softmax
+// methods. Each launcher takes a plain parameter struct (cuda_common.h), picks the
+// device types for the dtype (float, double, __nv_bfloat16, __half, int64_t) and
+// the op as template arguments, and launches on the current device's legacy
+// default stream without synchronizing.
+//
+// Arithmetic: 16-bit types and f32 compute in float, f64 in double. Reductions
+// and softmax statistics accumulate in float (double for f64).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "tensor/cuda/cuda_common.h"
+
+namespace loom::cuda {
+namespace {
+
+// ---- types and conversions ----------------------------------------------------------
+
+// The type arithmetic is carried out in: float for f32/bf16/f16, double for f64
+// (and for i64 values on their way to another dtype).
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+template <> struct Compute<int64_t> { using type = double; };
+template <typename T> using compute_t = typename Compute<T>::type;
+
+constexpr double kTwo63 = 9223372036854775808.0;
+
+// Storage value -> its compute value (16-bit floats widen to float).
+template <typename T>
+__device__ __forceinline__ compute_t<T> widen(T x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(x);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(x);
+  } else {
+    return static_cast<compute_t<T>>(x);
+  }
+}
+
+// A compute value (float or double) -> storage type To, as the CPU backend does:
+// 16-bit floats round to nearest even from float (a double goes through float
+// first); I64 truncates toward zero, saturates out of range, and maps NaN to 0.
+template <typename To, typename W>
+__device__ __forceinline__ To narrow(W w) {
+  if constexpr (std::is_same_v<To, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(w));
+  } else if constexpr (std::is_same_v<To, __half>) {
+    return __float2half_rn(static_cast<float>(w));
+  } else if constexpr (std::is_same_v<To, int64_t>) {
+    const double v = static_cast<double>(w);
+    if (v != v) return 0;
+    if (v >= kTwo63) return INT64_MAX;
+    if (v <= -kTwo63) return INT64_MIN;
+    return static_cast<int64_t>(v);
+  } else {
+    return static_cast<To>(w);
+  }
+}
+
+// Storage Src -> storage Dst for copies: the value itself when the types agree
+// (exact for i64), otherwise through the compute types (i64 through double).
+template <typename Dst, typename Src>
+__device__ __forceinline__ Dst convert(Src x) {
+  if constexpr (std::is_same_v<Dst, Src>) {
+    return x;
+  } else {
+    return narrow<Dst>(widen(x));
+  }
+}
+
+// Calls f(T{}) with T the device type of `dtype`.
+template <typename F>
+void dispatch_all(DType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case DType::F32: f(float{}); return;
+    case DType::F64: f(double{}); return;
+    case DType::BF16: f(__nv_bfloat16{}); return;
+    case DType::F16: f(__half{}); return;
+    case DType::I64: f(int64_t{}); return;
+  }
+  LOOM_FAIL(what, ": unknown dtype ", int(dtype));
+}
+
+// As dispatch_all for the floating dtypes; I64 is an error naming the device and dtype.
+template <typename F>
+void dispatch_float(DType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case DType::F32: f(float{}); return;
+    case DType::F64: f(double{}); return;
+    case DType::BF16: f(__nv_bfloat16{}); return;
+    case DType::F16: f(__half{}); return;
+    case DType::I64: break;
+  }
+  LOOM_FAIL(what, ": not supported by the cuda backend for dtype ", dtype);
+}
+
+// ---- math wrappers (float and double overloads) --------------------------------------
+
+__device__ __forceinline__ float m_exp(float x) { return expf(x); }
+__device__ __forceinline__ double m_exp(double x) { return exp(x); }
+__device__ __forceinline__ float m_log(float x) { return logf(x); }
+__device__ __forceinline__ double m_log(double x) { return log(x); }
+__device__ __forceinline__ float m_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double m_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float m_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double m_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float m_erf(float x) { return erff(x); }
+__device__ __forceinline__ double m_erf(double x) { return erf(x); }
+__device__ __forceinline__ float m_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double m_abs(double x) { return fabs(x); }
+__device__ __forceinline__ float m_pow(float x, float y) { return powf(x, y); }
+__device__ __forceinline__ double m_pow(double x, double y) { return pow(x, y); }
+__device__ __forceinline__ bool m_isnan(float x) { return isnan(x); }
+__device__ __forceinline__ bool m_isnan(double x) { return isnan(x); }
+
+// ---- unary ---------------------------------------------------------------------------
+
+template <UnaryOp op, typename C>
+__device__ __forceinline__ C apply_unary(C x, C s) {
+  constexpr C kInvSqrt2 = C(0.70710678118654752440);      // 1/√2
+  constexpr C kInvSqrt2Pi = C(0.39894228040143267794);    // 1/√(2π)
+  constexpr C kSqrt2OverPi = C(0.79788456080286535588);   // √(2/π)
+  constexpr C kGeluA = C(0.044715);
+  if constexpr (op == UnaryOp::Neg) {
+    return -x;
+  } else if constexpr (op == UnaryOp::Exp) {
+    return m_exp(x);
+  } else if constexpr (op == UnaryOp::Log) {
+    return m_log(x);
+  } else if constexpr (op == UnaryOp::Sqrt) {
+    return m_sqrt(x);
+  } else if constexpr (op == UnaryOp::Rsqrt) {
+    return C(1) / m_sqrt(x);
+  } else if constexpr (op == UnaryOp::Tanh) {
+    return m_tanh(x);
+  } else if constexpr (op == UnaryOp::Sigmoid) {
+    // Stable on both sides: never exponentiates a large positive number.
+    if (x >= C(0)) return C(1) / (C(1) + m_exp(-x));
+    const C e = m_exp(x);
+    return e / (C(1) + e);
+  } else if constexpr (op == UnaryOp::Relu) {
+    return x < C(0) ? C(0) : x;  // NaN stays NaN, as on the CPU
+  } else if constexpr (op == UnaryOp::Step) {
+    return x > C(0) ? C(1) : C(0);
+  } else if constexpr (op == UnaryOp::GeluErf) {
+    return C(0.5) * x * (C(1) + m_erf(x * kInvSqrt2));
+  } else if constexpr (op == UnaryOp::GeluTanh) {
+    return C(0.5) * x * (C(1) + m_tanh(kSqrt2OverPi * (x + kGeluA * x * x * x)));
+  } else if constexpr (op == UnaryOp::GeluErfGrad) {
+    // Φ(x) + x·φ(x)
+    return C(0.5) * (C(1) + m_erf(x * kInvSqrt2)) + x * kInvSqrt2Pi * m_exp(C(-0.5) * x * x);
+  } else if constexpr (op == UnaryOp::GeluTanhGrad) {
+    // u = √(2/π)(x + a·x³), t = tanh(u): 0.5(1 + t) + 0.5·x·(1 − t²)·√(2/π)(1 + 3a·x²)
+    const C t = m_tanh(kSqrt2OverPi * (x + kGeluA * x * x * x));
+    return C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * kSqrt2OverPi * (C(1) + C(3) * kGeluA * x * x);
+  } else if constexpr (op == UnaryOp::Abs) {
+    return m_abs(x);
+  } else if constexpr (op == UnaryOp::Square) {
+    return x * x;
+  } else if constexpr (op == UnaryOp::Reciprocal) {
+    return C(1) / x;
+  } else if constexpr (op == UnaryOp::AddScalar) {
+    return x + s;
+  } else if constexpr (op == UnaryOp::MulScalar) {
+    return x * s;
+  } else {
+    static_assert(op == UnaryOp::PowScalar, "unhandled UnaryOp");
+    return m_pow(x, s);
+  }
+}
+
+// out[i] = op(in[i], s), i < n.
+template <typename T, UnaryOp op>
+__global__ void unary_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t n, double scalar) {
+  using C = compute_t<T>;
+  const C s = C(scalar);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = narrow<T>(apply_unary<op>(widen(in[i]), s));
+}
+
+template <UnaryOp op> using UnaryTag = std::integral_constant<UnaryOp, op>;
+
+template <typename F>
+void dispatch_unary_op(UnaryOp op, F&& f) {
+  switch (op) {
+    case UnaryOp::Neg: f(UnaryTag<UnaryOp::Neg>{}); return;
+    case UnaryOp::Exp: f(UnaryTag<UnaryOp::Exp>{}); return;
+    case UnaryOp::Log: f(UnaryTag<UnaryOp::Log>{}); return;
+    case UnaryOp::Sqrt: f(UnaryTag<UnaryOp::Sqrt>{}); return;
+    case UnaryOp::Rsqrt: f(UnaryTag<UnaryOp::Rsqrt>{}); return;
+    case UnaryOp::Tanh: f(UnaryTag<UnaryOp::Tanh>{}); return;
+    case UnaryOp::Sigmoid: f(UnaryTag<UnaryOp::Sigmoid>{}); return;
+    case UnaryOp::Relu: f(UnaryTag<UnaryOp::Relu>{}); return;
+    case UnaryOp::Step: f(UnaryTag<UnaryOp::Step>{}); return;
+    case UnaryOp::GeluErf: f(UnaryTag<UnaryOp::GeluErf>{}); return;
+    case UnaryOp::GeluTanh: f(UnaryTag<UnaryOp::GeluTanh>{}); return;
+    case UnaryOp::GeluErfGrad: f(UnaryTag<UnaryOp::GeluErfGrad>{}); return;
+    case UnaryOp::GeluTanhGrad: f(UnaryTag<UnaryOp::GeluTanhGrad>{}); return;
+    case UnaryOp::Abs: f(UnaryTag<UnaryOp::Abs>{}); return;
+    case UnaryOp::Square: f(UnaryTag<UnaryOp::Square>{}); return;
+    case UnaryOp::Reciprocal: f(UnaryTag<UnaryOp::Reciprocal>{}); return;
+    case UnaryOp::AddScalar: f(UnaryTag<UnaryOp::AddScalar>{}); return;
+    case UnaryOp::MulScalar: f(UnaryTag<UnaryOp::MulScalar>{}); return;
+    case UnaryOp::PowScalar: f(UnaryTag<UnaryOp::PowScalar>{}); return;
+  }
+  LOOM_FAIL("cuda unary: unknown UnaryOp ", int(op));
+}
+
+// ---- binary --------------------------------------------------------------------------
+
+template <BinaryOp op, typename C>
+__device__ __forceinline__ C apply_binary(C a, C b) {
+  if constexpr (op == BinaryOp::Add) {
+    return a + b;
+  } else if constexpr (op == BinaryOp::Sub) {
+    return a - b;
+  } else if constexpr (op == BinaryOp::Mul) {
+    return a * b;
+  } else if constexpr (op == BinaryOp::Div) {
+    return a / b;
+  } else if constexpr (op == BinaryOp::Max) {  // NaN in either operand gives NaN
+    return (a > b || m_isnan(a)) ? a : b;
+  } else {
+    static_assert(op == BinaryOp::Min, "unhandled BinaryOp");
+    return (a < b || m_isnan(a)) ? a : b;
+  }
+}
+
+// Element offsets of linear index i (row-major over shape) in two strided operands.
+__device__ __forceinline__ void strided_offsets(int64_t i, int ndim, const int64_t* shape, const int64_t* s0,
+                                                const int64_t* s1, int64_t& o0, int64_t& o1) {
+  o0 = 0;
+  o1 = 0;
+  for (int d = ndim - 1; d >= 0; --d) {
+    const int64_t idx = i % shape[d];
+    i /= shape[d];
+    o0 += idx * s0[d];
+    o1 += idx * s1[d];
+  }
+}
+
+// out[i] = op(a[·], b[·]); kContiguous: a and b are contiguous with out's shape.
+template <typename T, BinaryOp op, bool kContiguous>
+__global__ void binary_kernel(BinaryParams p) {
+  using C = compute_t<T>;
+  T* __restrict__ out = static_cast<T*>(p.out);
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t oa = i, ob = i;
+    if constexpr (!kContiguous) strided_offsets(i, p.ndim, p.shape, p.a_strides, p.b_strides, oa, ob);
+    out[i] = narrow<T>(apply_binary<op>(widen(a[oa]), widen(b[ob])));
+  }
+}
+
+template <BinaryOp op> using BinaryTag = std::integral_constant<BinaryOp, op>;
+
+template <typename F>
+void dispatch_binary_op(BinaryOp op, F&& f) {
+  switch (op) {
+    case BinaryOp::Add: f(BinaryTag<BinaryOp::Add>{}); return;
+    case BinaryOp::Sub: f(BinaryTag<BinaryOp::Sub>{}); return;
+    case BinaryOp::Mul: f(BinaryTag<BinaryOp::Mul>{}); return;
+    case BinaryOp::Div: f(BinaryTag<BinaryOp::Div>{}); return;
+    case BinaryOp::Max: f(BinaryTag<BinaryOp::Max>{}); return;
+    case BinaryOp::Min: f(BinaryTag<BinaryOp::Min>{}); return;
+  }
+  LOOM_FAIL("cuda binary: unknown BinaryOp ", int(op));
+}
+
+// ---- copy and fill -------------------------------------------------------------------
+
+// dst[i] = cast(src[i]), both contiguous.
+template <typename Dst, typename Src>
+__global__ void convert_kernel(Dst* __restrict__ dst, const Src* __restrict__ src, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = convert<Dst>(src[i]);
+}
+
+// dst[idx] = cast(src[idx]) over p.shape with both operands strided.
+template <typename Dst, typename Src>
+__global__ void strided_copy_kernel(CopyParams p) {
+  Dst* dst = static_cast<Dst*>(p.dst);
+  const Src* src = static_cast<const Src*>(p.src);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.numel;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t od, os;
+    strided_offsets(i, p.ndim, p.shape, p.dst_strides, p.src_strides, od, os);
+    dst[od] = convert<Dst>(src[os]);
+  }
+}
+
+// dst[i] = value (a bit pattern of the dtype's width), i < n.
+template <typename Word>
+__global__ void fill_kernel(Word* __restrict__ dst, Word value, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+
+template <typename Word>
+void launch_fill_words(void* dst, Word value, int64_t n) {
+  fill_kernel<Word><<<grid_for(n), kThreads>>>(static_cast<Word*>(dst), value, n);
+  check_last_launch("fill_kernel");
+}
+
+// ---- reductions ----------------------------------------------------------------------
+
+template <ReduceOp op, typename Acc>
+struct Reducer {
+  __device__ __forceinline__ static Acc identity() {
+    if constexpr (op == ReduceOp::Sum) return Acc(0);
+    else return -INFINITY;
+  }
+  __device__ __forceinline__ static Acc combine(Acc a, Acc b) {
+    if constexpr (op == ReduceOp::Sum) return a + b;
+    else return (b > a || m_isnan(b)) ? b : a;  // NaN, once seen, stays
+  }
+};
+
+// Reduces v over a group of kGroup consecutive threads (32: one warp; kThreads:
+// the whole block) and returns the result to every thread of the group. For the
+// block form, every thread of the block must call it (it synchronizes), and
+// `scratch` must hold kThreads / 32 values.
+template <int kGroup, typename R, typename Acc>
+__device__ __forceinline__ Acc group_reduce(Acc v, Acc* scratch) {
+  static_assert(kGroup == 32 || kGroup == kThreads, "a group is a warp or the block");
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = R::combine(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if constexpr (kGroup == kThreads) {
+    __syncthreads();  // the previous call's readers are done with scratch
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = scratch[0];
+#pragma unroll
+    for (int w = 1; w < kThreads / 32; ++w) v = R::combine(v, scratch[w]);
+  }
+  return v;
+}
+
+// inner == 1: out[r] = reduce(in[r, 0..n)), one group of kGroup threads per row.
+template <typename T, ReduceOp op, int kGroup>
+__global__ void reduce_rows_kernel(ReduceParams p) {
+  using Acc = compute_t<T>;
+  using R = Reducer<op, Acc>;
+  __shared__ Acc scratch[kThreads / 32];
+  constexpr int kRowsPerBlock = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const T* in = static_cast<const T*>(p.in);
+  T* out = static_cast<T*>(p.out);
+  // The row loop is uniform across a group (and across the block when kGroup == kThreads).
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < p.outer;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const T* x = in + row * p.n;
+    Acc acc = R::identity();
+    for (int64_t j = lane; j < p.n; j += kGroup) acc = R::combine(acc, widen(x[j]));
+    acc = group_reduce<kGroup, R>(acc, scratch);
+    if (lane == 0) out[row] = narrow<T>(acc);
+  }
+}
+
+// inner > 1: out[o, i] = reduce_j in[o, j, i]. Block (32, 8): threadIdx.x runs along
+// the contiguous inner dim (coalesced loads), threadIdx.y splits n eight ways, and
+// the eight partial results are combined through shared memory.
+constexpr int kColsX = 32, kColsY = 8;
+template <typename T, ReduceOp op>
+__global__ void reduce_cols_kernel(ReduceParams p) {
+  using Acc = compute_t<T>;
+  using R = Reducer<op, Acc>;
+  __shared__ Acc partial[kColsY][kColsX + 1];
+  const T* in = static_cast<const T*>(p.in);
+  T* out = static_cast<T*>(p.out);
+  // Both loops are uniform across the block (they depend on blockIdx only).
+  for (int64_t o = blockIdx.y; o < p.outer; o += gridDim.y) {
+    for (int64_t i0 = int64_t(blockIdx.x) * kColsX; i0 < p.inner; i0 += int64_t(gridDim.x) * kColsX) {
+      const int64_t i = i0 + threadIdx.x;
+      Acc acc = R::identity();
+      if (i < p.inner) {
+        const T* x = in + o * p.n * p.inner + i;
+        for (int64_t j = threadIdx.y; j < p.n; j += kColsY) acc = R::combine(acc, widen(x[j * p.inner]));
+      }
+      partial[threadIdx.y][threadIdx.x] = acc;
+      __syncthreads();
+      if (threadIdx.y == 0 && i < p.inner) {
+#pragma unroll
+        for (int y = 1; y < kColsY; ++y) acc = R::combine(acc, partial[y][threadIdx.x]);
+        out[o * p.inner + i] = narrow<T>(acc);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ---- softmax -------------------------------------------------------------------------
+
+// Along rows of contiguous [rows, n], one group of kGroup threads per row:
+//   m = max_j x_j, s = Σ_j exp(x_j − m); out = exp(x − m) / s  or  x − m − log(s).
+template <typename T, int kGroup, bool kLog>
+__global__ void softmax_kernel(SoftmaxParams p) {
+  using Acc = compute_t<T>;
+  using RMax = Reducer<ReduceOp::Max, Acc>;
+  using RSum = Reducer<ReduceOp::Sum, Acc>;
+  __shared__ Acc scratch[kThreads / 32];
+  constexpr int kRowsPerBlock = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const T* in = static_cast<const T*>(p.in);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const T* x = in + row * p.n;
+    T* y = out + row * p.n;
+    Acc m = RMax::identity();
+    for (int64_t j = lane; j < p.n; j += kGroup) m = RMax::combine(m, widen(x[j]));
+    m = group_reduce<kGroup, RMax>(m, scratch);
+    Acc s = Acc(0);
+    for (int64_t j = lane; j < p.n; j += kGroup) s += m_exp(widen(x[j]) - m);
+    s = group_reduce<kGroup, RSum>(s, scratch);
+    if constexpr (kLog) {
+      const Acc shift = m + m_log(s);
+      for (int64_t j = lane; j < p.n; j += kGroup) y[j] = narrow<T>(widen(x[j]) - shift);
+    } else {
+      const Acc inv = Acc(1) / s;
+      for (int64_t j = lane; j < p.n; j += kGroup) y[j] = narrow<T>(m_exp(widen(x[j]) - m) * inv);
+    }
+  }
+}
+
+// Rows of at most this length get one warp each; longer rows get a whole block.
+constexpr int64_t kWarpRowLimit = 1024;
+
+unsigned row_grid(int64_t rows, int group) { return grid_for(rows, kThreads / group); }
+
+}  // namespace
+
+// ---- launchers -------------------------------------------------------------------------
+
+void launch_copy(const CopyParams& p) {
+  if (p.numel == 0) return;
+  LOOM_CHECK(p.ndim >= 1 && p.ndim <= kMaxDims, "cuda copy: ", p.ndim, " dims after merging exceed the limit of ",
+             kMaxDims);
+  const bool contiguous = p.ndim == 1 && p.dst_strides[0] == 1 && p.src_strides[0] == 1;
+  if (contiguous && p.dst_dtype == p.src_dtype) {
+    LOOM_CUDA_CHECK(cudaMemcpyAsync(p.dst, p.src, size_t(p.numel) * itemsize(p.dst_dtype),
+                                    cudaMemcpyDeviceToDevice));
+    return;
+  }
+  dispatch_all(p.dst_dtype, "cuda copy", [&](auto dst_tag) {
+    using Dst = decltype(dst_tag);
+    dispatch_all(p.src_dtype, "cuda copy", [&](auto src_tag) {
+      using Src = decltype(src_tag);
+      if (contiguous) {
+        convert_kernel<Dst, Src><<<grid_for(p.numel), kThreads>>>(static_cast<Dst*>(p.dst),
+                                                                  static_cast<const Src*>(p.src), p.numel);
+        check_last_launch("convert_kernel");
+      } else {
+        strided_copy_kernel<Dst, Src><<<grid_for(p.numel), kThreads>>>(p);
+        check_last_launch("strided_copy_kernel");
+      }
+    });
+  });
+}
+
+void launch_fill(const FillParams& p) {
+  if (p.numel == 0) return;
+  const size_t nbytes = size_t(p.numel) * itemsize(p.dtype);
+  if (p.value == 0.0 && !std::signbit(p.value)) {  // +0 is all-zero bits in every dtype
+    LOOM_CUDA_CHECK(cudaMemsetAsync(p.dst, 0, nbytes));
+    return;
+  }
+  // The value is converted on the host with loom's own conversions, so a fill
+  // stores the same bits as on the CPU.
+  switch (p.dtype) {
+    case DType::F32: {
+      const float v = float(p.value);
+      uint32_t w;
+      std::memcpy(&w, &v, 4);
+      launch_fill_words<uint32_t>(p.dst, w, p.numel);
+      return;
+    }
+    case DType::F64: {
+      uint64_t w;
+      std::memcpy(&w, &p.value, 8);
+      launch_fill_words<uint64_t>(p.dst, w, p.numel);
+      return;
+    }
+    case DType::BF16: launch_fill_words<uint16_t>(p.dst, bf16(float(p.value)).bits, p.numel); return;
+    case DType::F16: launch_fill_words<uint16_t>(p.dst, f16(float(p.value)).bits, p.numel); return;
+    case DType::I64: {  // truncation, saturation, NaN -> 0, as on the CPU
+      const int64_t v = p.value != p.value ? 0
+                        : p.value >= kTwo63 ? INT64_MAX
+                        : p.value <= -kTwo63 ? INT64_MIN
+                                             : int64_t(p.value);
+      uint64_t w;
+      std::memcpy(&w, &v, 8);
+      launch_fill_words<uint64_t>(p.dst, w, p.numel);
+      return;
+    }
+  }
+  LOOM_FAIL("cuda fill: unknown dtype ", int(p.dtype));
+}
+
+void launch_unary(const UnaryParams& p) {
+  if (p.numel == 0) return;
+  dispatch_float(p.dtype, "cuda unary", [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_unary_op(p.op, [&](auto op_tag) {
+      constexpr UnaryOp op = decltype(op_tag)::value;
+      unary_kernel<T, op><<<grid_for(p.numel), kThreads>>>(static_cast<T*>(p.out), static_cast<const T*>(p.in),
+                                                           p.numel, p.scalar);
+      check_last_launch("unary_kernel");
+    });
+  });
+}
+
+void launch_binary(const BinaryParams& p) {
+  if (p.numel == 0) return;
+  LOOM_CHECK(p.ndim >= 1 && p.ndim <= kMaxDims, "cuda binary: ", p.ndim,
+             " dims after merging exceed the limit of ", kMaxDims);
+  const bool contiguous = p.ndim == 1 && p.a_strides[0] == 1 && p.b_strides[0] == 1;
+  dispatch_float(p.dtype, "cuda binary", [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_binary_op(p.op, [&](auto op_tag) {
+      constexpr BinaryOp op = decltype(op_tag)::value;
+      if (contiguous) {
+        binary_kernel<T, op, true><<<grid_for(p.numel), kThreads>>>(p);
+      } else {
+        binary_kernel<T, op, false><<<grid_for(p.numel), kThreads>>>(p);
+      }
+      check_last_launch("binary_kernel");
+    });
+  });
+}
+
+void launch_reduce(const ReduceParams& p) {
+  if (p.outer == 0 || p.inner == 0) return;
+  dispatch_float(p.dtype, "cuda reduce", [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto op_tag) {
+      constexpr ReduceOp op = decltype(op_tag)::value;
+      if (p.inner == 1) {
+        if (p.n <= kWarpRowLimit) {
+          reduce_rows_kernel<T, op, 32><<<row_grid(p.outer, 32), kThreads>>>(p);
+        } else {
+          reduce_rows_kernel<T, op, kThreads><<<row_grid(p.outer, kThreads), kThreads>>>(p);
+        }
+        check_last_launch("reduce_rows_kernel");
+      } else {
+        const dim3 block(kColsX, kColsY);
+        const dim3 grid(grid_for(p.inner, kColsX), grid_for(p.outer, 1));
+        reduce_cols_kernel<T, op><<<grid, block>>>(p);
+        check_last_launch("reduce_cols_kernel");
+      }
+    };
+    switch (p.op) {
+      case ReduceOp::Sum: run(std::integral_constant<ReduceOp, ReduceOp::Sum>{}); return;
+      case ReduceOp::Max: run(std::integral_constant<ReduceOp, ReduceOp::Max>{}); return;
+    }
+    LOOM_FAIL("cuda reduce: unknown ReduceOp ", int(p.op));
+  });
+}
+
+void launch_softmax(const SoftmaxParams& p) {
+  if (p.rows == 0 || p.n == 0) return;
+  dispatch_float(p.dtype, "cuda softmax", [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto log_tag) {
+      constexpr bool kLog = decltype(log_tag)::value;
+      if (p.n <= kWarpRowLimit) {
+        softmax_kernel<T, 32, kLog><<<row_grid(p.rows, 32), kThreads>>>(p);
+      } else {
+        softmax_kernel<T, kThreads, kLog><<<row_grid(p.rows, kThreads), kThreads>>>(p);
+      }
+      check_last_launch("softmax_kernel");
+    };
+    if (p.log) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  });
+}
+
+}  // namespace loom::cuda

@@ -1,0 +1,11 @@
+// Built instead of the CUDA backend when no nvcc was found (or LOOM_CUDA=OFF):
+// no CUDA backend, no devices, and an allocator that was never used.
+#include "tensor/cuda/cuda_allocator.h"
+#include "tensor/cuda/cuda_backend.h"
+
+namespace loom {
+Backend* cuda_backend() { return nullptr; }
+int cuda_runtime_device_count() { return 0; }
+CudaAllocatorStats cuda_allocator_stats(int) { return {}; }
+void cuda_empty_cache() {}
+}  // namespace loom

@@ -1,0 +1,26 @@
+#include "tensor/error.h"
+
+#include <cstdio>
+#include <cstdlib>
+
+namespace loom {
+
+std::ostream& operator<<(std::ostream& os, const std::vector<int64_t>& shape) {
+  os << '[';
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  return os << ']';
+}
+
+namespace detail {
+
+void throw_error(const std::string& msg, const char* func) {
+  (void)func;  // the message already starts with the op name
+  throw Error(msg);
+}
+
+void assert_fail(const char* cond, const char* file, int line) {
+  throw Error(concat("loom internal error: assertion '", cond, "' failed at ", file, ":", line));
+}
+
+}  // namespace detail
+}  // namespace loom
