@@ -61,34 +61,41 @@ void Loom_matmul(benchmark::State& state) {
 BENCHMARK(Eigen_GEMM)->Arg(512)->Arg(1024)->Arg(2048)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(Loom_matmul)->Arg(512)->Arg(1024)->Arg(2048)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// The console output as usual, plus the GFLOP/s of every (non-aggregate) run,
-// keyed "function/arg" (e.g. "Eigen_GEMM/2048"). Counters reach ReportRuns
-// already finished, i.e. as flop/s.
+// The console output as usual, plus the GFLOP/s of every run, keyed
+// "function/arg" (e.g. "Eigen_GEMM/2048"). Counters reach ReportRuns already
+// finished, i.e. as flop/s. Single runs are kept; of the aggregates only the
+// median, which is all there is under --benchmark_report_aggregates_only.
 class SummaryReporter : public benchmark::ConsoleReporter {
  public:
   using benchmark::ConsoleReporter::ConsoleReporter;
 
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& r : runs) {
-      if (r.run_type != Run::RT_Iteration) continue;  // aggregates repeat the runs
+      const bool single = r.run_type == Run::RT_Iteration;
+      if (!single && r.aggregate_name != "median") continue;
       const auto it = r.counters.find("GFLOPS");
-      if (it != r.counters.end())
-        gflops_[r.run_name.function_name + "/" + r.run_name.args].push_back(it->second.value / 1e9);
+      if (it == r.counters.end()) continue;
+      const std::string key = r.run_name.function_name + "/" + r.run_name.args;
+      (single ? singles_ : medians_)[key].push_back(it->second.value / 1e9);
     }
     benchmark::ConsoleReporter::ReportRuns(runs);
   }
 
-  // Median over repetitions; NaN when the benchmark did not run (e.g. filtered out).
+  // Median over the single runs (the reported median when only aggregates
+  // were reported); NaN when the benchmark did not run (e.g. filtered out).
   double gflops(const std::string& key) const {
-    const auto it = gflops_.find(key);
-    if (it == gflops_.end() || it->second.empty()) return std::numeric_limits<double>::quiet_NaN();
-    std::vector<double> v = it->second;
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    return v[v.size() / 2];
+    for (const auto* table : {&singles_, &medians_}) {
+      const auto it = table->find(key);
+      if (it == table->end() || it->second.empty()) continue;
+      std::vector<double> v = it->second;
+      std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+      return v[v.size() / 2];
+    }
+    return std::numeric_limits<double>::quiet_NaN();
   }
 
  private:
-  std::map<std::string, std::vector<double>> gflops_;
+  std::map<std::string, std::vector<double>> singles_, medians_;
 };
 
 benchmark::ConsoleReporter::OutputOptions console_options() {

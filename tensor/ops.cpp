@@ -186,6 +186,7 @@ Tensor amax(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
 
 Tensor mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
   check_defined("mean", x);
+  backend_for("mean", OpKind::Reduce, x.device(), x.dtype());
   int64_t n = 1;
   for (int64_t d : reduction_dims(dims, x.dim(), "mean")) n *= x.shape()[d];
   LOOM_CHECK(n > 0, "mean: mean over zero elements of ", x.str());
@@ -195,6 +196,7 @@ Tensor mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
 Tensor sum_to(const Tensor& x, const Shape& shape) {
   check_defined("sum_to", x);
   if (x.shape() == shape) return x;
+  backend_for("sum_to", OpKind::Reduce, x.device(), x.dtype());
   LOOM_CHECK(broadcast_shapes(shape, x.shape(), "sum_to") == x.shape(), "sum_to: ", x.shape(),
              " is not a broadcast of ", shape);
   const int64_t lead = x.dim() - int64_t(shape.size());
@@ -249,6 +251,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
 
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   check_same("linear", x, w);
+  backend_for("linear", OpKind::Gemm, x.device(), x.dtype());
   LOOM_CHECK(w.dim() == 2, "linear: weight must be 2-D (out, in), got ", w.shape());
   LOOM_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear: input ", x.shape(), " does not match weight ",
              w.shape(), " (in_features ", w.size(1), ")");
@@ -266,8 +269,8 @@ namespace {
 Tensor softmax_impl(const char* name, const Tensor& x, int64_t dim, bool log) {
   check_defined(name, x);
   Backend& be = backend_for(name, OpKind::Softmax, x.device(), x.dtype());
-  if (x.dim() == 0) return log ? Tensor::zeros({}, x.dtype(), x.device()) : Tensor::ones({}, x.dtype(), x.device());
   const int64_t d = wrap_dim(dim, x.dim(), name);
+  if (x.dim() == 0) return log ? Tensor::zeros({}, x.dtype(), x.device()) : Tensor::ones({}, x.dtype(), x.device());
   const int64_t last = x.dim() - 1;
   const Tensor src = (d == last ? x : x.transpose(d, last)).contiguous();  // softmax dim last
   Tensor out = Tensor::empty(src.shape(), x.dtype(), x.device());
@@ -282,6 +285,11 @@ Tensor log_softmax(const Tensor& x, int64_t dim) { return softmax_impl("log_soft
 
 Tensor logsumexp(const Tensor& x, int64_t dim, bool keepdim) {
   check_defined("logsumexp", x);
+  backend_for("logsumexp", OpKind::Reduce, x.device(), x.dtype());
+  if (x.dim() == 0) {
+    wrap_dim(dim, 0, "logsumexp");
+    return x.clone();  // log(exp(x)) of a single value
+  }
   const int64_t d = wrap_dim(dim, x.dim(), "logsumexp");
   // lse = m + log Σ exp(x − m), m = max (0 where the max is infinite, so ±inf rows stay finite-safe)
   Tensor m = amax(x, {d}, true);
@@ -302,6 +310,7 @@ Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
   LOOM_CHECK(!xs.empty(), "cat: no tensors given");
   const Tensor& first = xs.front();
   check_defined("cat", first);
+  LOOM_CHECK(first.dim() > 0, "cat: 0-d tensors cannot be concatenated (unsqueeze them first)");
   const int64_t d = wrap_dim(dim, first.dim(), "cat");
   Shape shape = first.shape();
   shape[d] = 0;

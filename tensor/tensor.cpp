@@ -1,6 +1,7 @@
 #include "tensor/tensor.h"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 #include "tensor/backend.h"
@@ -117,6 +118,19 @@ bool view_strides(const Shape& old_shape, const Shape& old_strides, const Shape&
   return view_d == -1;
 }
 
+// The value `v` takes once stored as `dtype` (f64 values are stored through f32
+// for the 16-bit types, as Tensor::to does).
+double round_to_dtype(double v, DType dtype) {
+  switch (dtype) {
+    case DType::F32: return double(float(v));
+    case DType::BF16: return double(float(bf16(float(v))));
+    case DType::F16: return double(float(f16(float(v))));
+    case DType::I64: return std::trunc(v);
+    case DType::F64: break;
+  }
+  return v;
+}
+
 }  // namespace
 
 // ---- factories -------------------------------------------------------------------
@@ -165,14 +179,22 @@ Tensor Tensor::randn(const Shape& shape, Generator& gen, DType dtype, Device dev
 
 Tensor Tensor::rand(const Shape& shape, Generator& gen, DType dtype, Device device, double low, double high) {
   check_shape_valid(shape, "rand");
+  LOOM_CHECK(low < high, "rand: empty range [", low, ", ", high, ")");
   std::vector<double> v(size_t(shape_numel(shape)));
-  for (double& x : v) x = low + (high - low) * gen.uniform();
+  for (double& x : v) {
+    do {  // redraw the rare value that rounds up to `high` in the target dtype
+      x = round_to_dtype(low + (high - low) * gen.uniform(), dtype);
+    } while (x >= high);
+  }
   return from_values(v, shape, dtype, device);
 }
 
 // ---- metadata --------------------------------------------------------------------
 
-int64_t Tensor::size(int64_t d) const { return shape_[wrap_dim(d, dim(), "size")]; }
+int64_t Tensor::size(int64_t d) const {
+  LOOM_CHECK(dim() > 0, "size: a 0-d tensor has no dims (asked for dim ", d, ")");
+  return shape_[wrap_dim(d, dim(), "size")];
+}
 
 Device Tensor::device() const {
   LOOM_CHECK(defined(), "device: undefined tensor");
@@ -244,6 +266,10 @@ Tensor Tensor::permute(const std::vector<int64_t>& dims) const {
 }
 
 Tensor Tensor::transpose(int64_t d0, int64_t d1) const {
+  if (dim() == 0) {  // as in PyTorch: dims 0 / -1 of a 0-d tensor name the tensor itself
+    wrap_dim(d0, 0, "transpose"), wrap_dim(d1, 0, "transpose");
+    return *this;
+  }
   d0 = wrap_dim(d0, dim(), "transpose");
   d1 = wrap_dim(d1, dim(), "transpose");
   Shape shape = shape_, strides = strides_;
@@ -253,6 +279,7 @@ Tensor Tensor::transpose(int64_t d0, int64_t d1) const {
 }
 
 Tensor Tensor::slice(int64_t d, int64_t start, int64_t end, int64_t step) const {
+  LOOM_CHECK(dim() > 0, "slice: cannot slice a 0-d tensor");
   d = wrap_dim(d, dim(), "slice");
   LOOM_CHECK(step > 0, "slice: step must be positive, got ", step);
   const int64_t n = shape_[d];
@@ -267,6 +294,7 @@ Tensor Tensor::slice(int64_t d, int64_t start, int64_t end, int64_t step) const 
 }
 
 Tensor Tensor::narrow(int64_t d, int64_t start, int64_t length) const {
+  LOOM_CHECK(dim() > 0, "narrow: cannot narrow a 0-d tensor");
   d = wrap_dim(d, dim(), "narrow");
   LOOM_CHECK(start >= 0 && length >= 0 && start + length <= shape_[d], "narrow: range [", start, ", ",
              start + length, ") out of bounds for dim ", d, " of size ", shape_[d]);
@@ -274,6 +302,7 @@ Tensor Tensor::narrow(int64_t d, int64_t start, int64_t length) const {
 }
 
 Tensor Tensor::select(int64_t d, int64_t index) const {
+  LOOM_CHECK(dim() > 0, "select: cannot select from a 0-d tensor");
   d = wrap_dim(d, dim(), "select");
   LOOM_CHECK(index >= -shape_[d] && index < shape_[d], "select: index ", index, " out of range for dim ", d,
              " of size ", shape_[d]);
@@ -315,6 +344,10 @@ Tensor Tensor::unsqueeze(int64_t d) const {
 }
 
 Tensor Tensor::squeeze(int64_t d) const {
+  if (dim() == 0) {
+    wrap_dim(d, 0, "squeeze");
+    return *this;
+  }
   d = wrap_dim(d, dim(), "squeeze");
   LOOM_CHECK(shape_[d] == 1, "squeeze: dim ", d, " has size ", shape_[d], " (shape ", shape_, "), not 1");
   Shape shape = shape_, strides = strides_;

@@ -453,8 +453,8 @@ void softmax_row(T* out, const T* in, int64_t n, bool log) {
   double s = 0.0;
   if (log) {
     for (int64_t j = 0; j < n; ++j) s += double(std::exp(in[j] - m));
-    const T shift = m + T(std::log(s));
-    for (int64_t j = 0; j < n; ++j) out[j] = in[j] - shift;
+    const T log_s = T(std::log(s));  // (x − m) − log s: rounding at the scale of x − m, not of m
+    for (int64_t j = 0; j < n; ++j) out[j] = (in[j] - m) - log_s;
     return;
   }
   for (int64_t j = 0; j < n; ++j) {

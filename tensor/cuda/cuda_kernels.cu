@@ -399,7 +399,7 @@ __global__ void reduce_cols_kernel(ReduceParams p) {
 // ---- softmax -------------------------------------------------------------------------
 
 // Along rows of contiguous [rows, n], one group of kGroup threads per row:
-//   m = max_j x_j, s = Σ_j exp(x_j − m); out = exp(x − m) / s  or  x − m − log(s).
+//   m = max_j x_j, s = Σ_j exp(x_j − m); out = exp(x − m) / s  or  (x − m) − log(s).
 template <typename T, int kGroup, bool kLog>
 __global__ void softmax_kernel(SoftmaxParams p) {
   using Acc = compute_t<T>;
@@ -421,8 +421,8 @@ __global__ void softmax_kernel(SoftmaxParams p) {
     for (int64_t j = lane; j < p.n; j += kGroup) s += m_exp(widen(x[j]) - m);
     s = group_reduce<kGroup, RSum>(s, scratch);
     if constexpr (kLog) {
-      const Acc shift = m + m_log(s);
-      for (int64_t j = lane; j < p.n; j += kGroup) y[j] = narrow<T>(widen(x[j]) - shift);
+      const Acc log_s = m_log(s);  // (x − m) − log s keeps precision when |m| is large
+      for (int64_t j = lane; j < p.n; j += kGroup) y[j] = narrow<T>((widen(x[j]) - m) - log_s);
     } else {
       const Acc inv = Acc(1) / s;
       for (int64_t j = lane; j < p.n; j += kGroup) y[j] = narrow<T>(m_exp(widen(x[j]) - m) * inv);
