@@ -1,0 +1,174 @@
+// The attention dispatcher: backend choice, checks, and the differentiable op.
+#include "attention/sdpa.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+
+#include "attention/sdpa_backends.h"
+#include "tensor/ops.h"
+
+namespace loom::attention {
+
+using detail::SdpaBackend;
+using detail::SdpaProblem;
+using detail::SdpaSaved;
+
+// ---- backend choice -------------------------------------------------------------
+
+const char* backend_name(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::Math: return "math";
+    case BackendKind::Flash: return "flash";
+    case BackendKind::Sliced: return "sliced";
+    case BackendKind::CudaFlash: return "cuda_flash";
+  }
+  return "unknown";
+}
+
+BackendKind parse_backend(const std::string& name, const std::string& what) {
+  for (BackendKind k : {BackendKind::Math, BackendKind::Flash, BackendKind::Sliced, BackendKind::CudaFlash})
+    if (name == backend_name(k)) return k;
+  LOOM_FAIL(what, ": unknown attention backend '", name, "' (expected math, flash, sliced or cuda_flash)");
+}
+
+namespace {
+
+std::mutex default_mutex;
+std::optional<BackendKind> process_default;
+thread_local std::optional<BackendKind> scoped_override;
+
+#ifdef NDEBUG
+constexpr bool kDebugBuild = false;
+#else
+constexpr bool kDebugBuild = true;
+#endif
+
+bool env_checks() {
+  const char* v = std::getenv("LOOM_ATTN_CHECKS");
+  return v && std::string(v) == "1";
+}
+bool scanning_checks = kDebugBuild || env_checks();
+
+}  // namespace
+
+BackendKind default_backend() {
+  std::lock_guard<std::mutex> lock(default_mutex);
+  if (!process_default) {
+    const char* env = std::getenv("LOOM_ATTENTION_BACKEND");
+    process_default = env && *env ? parse_backend(env, "LOOM_ATTENTION_BACKEND") : BackendKind::Flash;
+  }
+  return *process_default;
+}
+
+void set_default_backend(BackendKind kind) {
+  std::lock_guard<std::mutex> lock(default_mutex);
+  process_default = kind;
+}
+
+ScopedAttentionBackend::ScopedAttentionBackend(BackendKind kind) : previous_(scoped_override) {
+  scoped_override = kind;
+}
+ScopedAttentionBackend::~ScopedAttentionBackend() { scoped_override = previous_; }
+
+BackendKind resolve_backend(std::optional<BackendKind> layer_override) {
+  if (scoped_override) return *scoped_override;
+  if (layer_override) return *layer_override;
+  return default_backend();
+}
+
+bool scanning_checks_enabled() { return scanning_checks; }
+void set_scanning_checks(bool on) { scanning_checks = on; }
+
+// ---- checks ---------------------------------------------------------------------------
+
+namespace {
+
+const SdpaBackend& backend_of(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::Math: return detail::math_backend();
+    case BackendKind::Flash: return detail::flash_backend();
+    case BackendKind::Sliced: return detail::sliced_backend();
+    case BackendKind::CudaFlash: return detail::cuda_flash_backend();
+  }
+  LOOM_FAIL("attention: unknown backend code ", int(kind));
+}
+
+void check_inputs(const Variable& q, const Variable& k, const Variable& v, const SdpaOptions& o) {
+  LOOM_CHECK(q.defined() && k.defined() && v.defined(), "attention: undefined q, k or v");
+  LOOM_CHECK(q.device() == k.device() && q.device() == v.device(), "attention check: q, k, v on different devices (q ",
+             q.device(), ", k ", k.device(), ", v ", v.device(), ")");
+  LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype(), "attention check: q, k, v dtypes differ (q ", q.dtype(),
+             ", k ", k.dtype(), ", v ", v.dtype(), ")");
+  LOOM_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attention check: q, k, v must be [N, len, dim]; got q ",
+             q.shape(), ", k ", k.shape(), ", v ", v.shape());
+  LOOM_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0), "attention check: batch·heads differ: q ", q.shape(),
+             ", k ", k.shape(), ", v ", v.shape());
+  LOOM_CHECK(q.size(2) == k.size(2), "attention check: q.d != k.d: q ", q.shape(), " vs k ", k.shape());
+  LOOM_CHECK(k.size(1) == v.size(1), "attention check: k.len != v.len: k ", k.shape(), " vs v ", v.shape());
+  LOOM_CHECK(k.size(1) >= 1, "attention check: no keys (k ", k.shape(), ")");
+  LOOM_CHECK(o.heads >= 1 && q.size(0) % o.heads == 0, "attention check: batch·heads ", q.size(0),
+             " is not a multiple of heads ", o.heads);
+  LOOM_CHECK(!(o.mask.defined() && o.causal), "attention check: mask and causal given together (fold the causal "
+             "part into the mask)");
+  if (!o.mask.defined()) return;
+  const Tensor& m = o.mask;
+  LOOM_CHECK(m.device() == q.device(), "attention check: mask on ", m.device(), ", q on ", q.device());
+  LOOM_CHECK(m.dim() == 3, "attention check: mask must be [B or 1, Q or 1, K], got ", m.shape());
+  LOOM_CHECK(m.size(-1) == k.size(1), "attention check: mask.last != K: mask ", m.shape(), " vs ", k.size(1),
+             " keys (masks are not padded)");
+  const int64_t batches = q.size(0) / o.heads;
+  LOOM_CHECK(m.size(0) == 1 || m.size(0) == batches, "attention check: mask batch ", m.size(0), " is neither 1 nor ",
+             batches, " (mask ", m.shape(), ")");
+  LOOM_CHECK(m.size(1) == 1 || m.size(1) == q.size(1), "attention check: mask rows ", m.size(1),
+             " are neither 1 nor Q = ", q.size(1), " (mask ", m.shape(), ")");
+}
+
+void scan_finite(const Tensor& t, const char* name, bool allow_neg_inf) {
+  for (double x : t.to_vector()) {
+    LOOM_CHECK(!std::isnan(x), "attention check: ", name, " ", t.shape(), " contains NaN");
+    LOOM_CHECK(allow_neg_inf || std::isfinite(x), "attention check: ", name, " ", t.shape(), " contains inf");
+  }
+}
+
+SdpaProblem make_problem(const Variable& q, const Variable& k, const Variable& v, const SdpaOptions& o) {
+  SdpaProblem p;
+  p.q = q.tensor().contiguous();
+  p.k = k.tensor().contiguous();
+  p.v = v.tensor().contiguous();
+  if (o.mask.defined()) {
+    p.mask = o.mask.to(q.dtype()).contiguous();
+    p.mask_batches = p.mask.size(0);
+    p.mask_rows = p.mask.size(1);
+  }
+  p.n = q.size(0), p.q_len = q.size(1), p.k_len = k.size(1), p.d = q.size(2), p.dv = v.size(2);
+  p.heads = o.heads, p.slice_size = o.slice_size, p.scale = o.scale, p.causal = o.causal;
+  return p;
+}
+
+}  // namespace
+
+// ---- the differentiable op ----------------------------------------------------------------
+
+Variable scaled_dot_product_attention(const Variable& q, const Variable& k, const Variable& v, const SdpaOptions& o) {
+  check_inputs(q, k, v, o);
+  const SdpaBackend& backend = backend_of(resolve_backend(o.backend));
+  const SdpaProblem p = make_problem(q, k, v, o);
+  backend.check_supported(p);
+  if (scanning_checks_enabled()) {
+    scan_finite(p.q, "q", false), scan_finite(p.k, "k", false), scan_finite(p.v, "v", false);
+    if (p.mask.defined()) scan_finite(p.mask, "mask", true);
+  }
+  const bool need_grad = GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  auto saved = need_grad ? std::make_shared<SdpaSaved>() : nullptr;
+  const Tensor out = backend.forward(p, saved.get());
+  const SdpaBackend* be = &backend;
+  return record("scaled_dot_product_attention", out, {q, k, v},
+                [p, saved, be](const Tensor& g, const std::vector<bool>& needs) {
+                  const detail::SdpaGrads grads = be->backward(p, *saved, g.contiguous(), needs);
+                  return std::vector<Tensor>{needs[0] ? grads.dq : Tensor(), needs[1] ? grads.dk : Tensor(),
+                                             needs[2] ? grads.dv : Tensor()};
+                });
+}
+
+}  // namespace loom::attention

@@ -1,0 +1,79 @@
+// Scaled dot-product attention, softmax(scale·Q·Kᵀ + M)·V, forward and
+// backward, behind one dispatcher (SPEC §2).
+//
+// Shapes (N = batch·heads, rows n = b·heads + h):
+//   q [N, Q, d], k [N, K, d], v [N, K, dv]  ->  out [N, Q, dv]
+//   mask: undefined, or an additive bias [Bm, Qm, K] with Bm ∈ {1, N/heads} and
+//         Qm ∈ {1, Q}; row n of the problem reads mask batch n / heads.
+//
+// Backends:
+//   math    materialises P = softmax(S) ([N, Q, K]); the reference.
+//   flash   tiled online softmax (CPU, f32/f64): the forward keeps O and one
+//           log-sum-exp per query row; the backward recomputes P tile by tile.
+//           Nothing of size Q×K is ever allocated.
+//   sliced  the math algorithm over `slice_size` rows of N at a time (smaller
+//           peak memory, same numbers); the backward recomputes P per slice.
+//   cuda_flash  the slot for the CUDA flash kernel (not built yet: asking for
+//           it raises an error naming it).
+//
+// Choosing the backend, strongest first: a ScopedAttentionBackend guard (the
+// innermost one), then a per-call (per-layer) override, then the process
+// default, read once from LOOM_ATTENTION_BACKEND (math | flash | sliced |
+// cuda_flash; default flash). A backend asked for something it cannot do
+// throws an error naming the backend and the feature; there is no fallback.
+//
+// Checks: shape, dtype and device consistency are always checked (they are
+// O(1) and guard memory safety). With LOOM_ATTN_CHECKS=1, and always in builds
+// without NDEBUG, the inputs are also scanned for NaN (and q/k/v for ±inf).
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "autograd/variable.h"
+
+namespace loom::attention {
+
+enum class BackendKind { Math, Flash, Sliced, CudaFlash };
+
+const char* backend_name(BackendKind kind);
+// Parses "math", "flash", "sliced", "cuda_flash"; throws naming the bad value and `what`.
+BackendKind parse_backend(const std::string& name, const std::string& what = "attention backend");
+
+// The process default (LOOM_ATTENTION_BACKEND at first use; flash when unset).
+BackendKind default_backend();
+void set_default_backend(BackendKind kind);
+
+// Forces a backend for the current thread while alive; restores the previous state.
+class ScopedAttentionBackend {
+ public:
+  explicit ScopedAttentionBackend(BackendKind kind);
+  ~ScopedAttentionBackend();
+  ScopedAttentionBackend(const ScopedAttentionBackend&) = delete;
+  ScopedAttentionBackend& operator=(const ScopedAttentionBackend&) = delete;
+
+ private:
+  std::optional<BackendKind> previous_;
+};
+
+// The backend a call with this per-layer override would use.
+BackendKind resolve_backend(std::optional<BackendKind> layer_override = std::nullopt);
+
+// Whether the scanning checks run (LOOM_ATTN_CHECKS=1, or a build without NDEBUG).
+bool scanning_checks_enabled();
+void set_scanning_checks(bool on);  // for tests
+
+struct SdpaOptions {
+  Tensor mask;                 // additive bias [Bm, Qm, K], or undefined
+  int64_t heads = 1;           // N / batch: maps row n to mask batch n / heads
+  double scale = 1.0;
+  bool causal = false;         // mask key j > query i (top-left aligned)
+  std::optional<BackendKind> backend;  // per-layer override
+  int64_t slice_size = 0;      // rows of N per slice for `sliced` (0: heads)
+};
+
+// The differentiable attention op: gradients flow to q, k and v (not to the mask).
+Variable scaled_dot_product_attention(const Variable& q, const Variable& k, const Variable& v,
+                                      const SdpaOptions& options = {});
+
+}  // namespace loom::attention

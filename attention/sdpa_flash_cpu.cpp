@@ -1,0 +1,287 @@
+// The flash backend on the CPU (f32, f64): tiled attention with an online
+// softmax (SPEC §2). Eigen computes the tile products; OpenMP spreads work
+// units over threads.
+//
+// Forward, per (row n, query tile of kRows):  for each key tile of kCols
+//   S = scale·Q_i·K_jᵀ + M;  m' = max(m, rowmax S);  P = exp(S − m')
+//   l = l·exp(m − m') + rowsum P;  O = O·exp(m − m') + P·V_j
+// then O /= l and L = m + log l. Only O [N,Q,dv] and L [N,Q] are kept.
+//
+// Backward, with D = rowsum(dO∘O), per (row n, key range):  for each key tile j,
+// for each query tile i:  P = exp(scale·Q_i·K_jᵀ + M − L_i);  dV_j += Pᵀ·dO_i;
+//   dP = dO_i·V_jᵀ;  dS = P∘(dP − D_i);  dK_j += scale·dSᵀ·Q_i;  dQ_i += scale·dS·K_j.
+// When there are fewer rows n than threads, a row's keys are split into
+// several ranges, each with a private dQ accumulator summed at the end.
+// No buffer of size Q×K exists anywhere: the largest scratch is one tile.
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "attention/sdpa_backends.h"
+
+namespace loom::attention::detail {
+
+namespace {
+
+constexpr int64_t kRows = 64;   // query rows per tile
+constexpr int64_t kCols = 128;  // keys per tile
+
+template <typename T>
+using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using ConstMap = Eigen::Map<const Mat<T>>;
+template <typename T>
+using MutMap = Eigen::Map<Mat<T>>;
+template <typename T>
+using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Raw view of one problem.
+template <typename T>
+struct Flash {
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* mask;  // [Bm, Qm, K] or null
+  int64_t n, nq, nk, d, dv, heads, mask_batches, mask_rows;
+  T scale;
+  bool causal;
+
+  explicit Flash(const SdpaProblem& p)
+      : q(static_cast<const T*>(p.q.raw_data())),
+        k(static_cast<const T*>(p.k.raw_data())),
+        v(static_cast<const T*>(p.v.raw_data())),
+        mask(p.mask.defined() ? static_cast<const T*>(p.mask.raw_data()) : nullptr),
+        n(p.n), nq(p.q_len), nk(p.k_len), d(p.d), dv(p.dv), heads(p.heads),
+        mask_batches(p.mask_batches), mask_rows(p.mask_rows), scale(T(p.scale)), causal(p.causal) {}
+
+  ConstMap<T> q_rows(int64_t row, int64_t i0, int64_t cnt) const { return {q + (row * nq + i0) * d, cnt, d}; }
+  ConstMap<T> k_rows(int64_t row, int64_t j0, int64_t cnt) const { return {k + (row * nk + j0) * d, cnt, d}; }
+  ConstMap<T> v_rows(int64_t row, int64_t j0, int64_t cnt) const { return {v + (row * nk + j0) * dv, cnt, dv}; }
+
+  // Whether every key of [j0, ...) lies after every query of [i0, i1) (a tile the causal mask removes).
+  bool tile_masked_out(int64_t i1, int64_t j0) const { return causal && j0 > i1 - 1; }
+
+  // s(r, c) += M[b, i0 + r, j0 + c], and −inf where key j0 + c > query i0 + r when causal.
+  template <typename Block>
+  void add_bias(Block& s, int64_t row, int64_t i0, int64_t j0) const {
+    const int64_t rows = s.rows(), cols = s.cols();
+    if (mask) {
+      const int64_t b = mask_batches == 1 ? 0 : row / heads;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t mi = mask_rows == 1 ? 0 : i0 + r;
+        s.row(r) += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(mask + (b * mask_rows + mi) * nk + j0, cols);
+      }
+    }
+    if (causal) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t first = std::max<int64_t>(0, i0 + r + 1 - j0);  // first masked column
+        for (int64_t c = first; c < cols; ++c) s(r, c) = -std::numeric_limits<T>::infinity();
+      }
+    }
+  }
+};
+
+// Per-thread scratch, sized for one tile.
+template <typename T>
+struct ForwardScratch {
+  Mat<T> qs, s, o;
+  Vec<T> m, l;
+  ForwardScratch(int64_t d, int64_t dv) : qs(kRows, d), s(kRows, kCols), o(kRows, dv), m(kRows), l(kRows) {}
+};
+
+// One query tile [i0, i1) of row n: writes out rows and their log-sum-exp.
+template <typename T>
+void forward_tile(const Flash<T>& f, int64_t row, int64_t i0, int64_t i1, ForwardScratch<T>& w, T* out, T* lse) {
+  const int64_t br = i1 - i0;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  auto qs = w.qs.topRows(br);
+  auto o = w.o.topRows(br);
+  qs.noalias() = f.q_rows(row, i0, br) * f.scale;  // [br, d], scale folded into Q
+  o.setZero();
+  w.m.head(br).setConstant(neg_inf);
+  w.l.head(br).setZero();
+  for (int64_t j0 = 0; j0 < f.nk; j0 += kCols) {
+    if (f.tile_masked_out(i1, j0)) break;
+    const int64_t bc = std::min(kCols, f.nk - j0);
+    auto s = w.s.topLeftCorner(br, bc);
+    s.noalias() = qs * f.k_rows(row, j0, bc).transpose();  // [br, d] x [d, bc]
+    f.add_bias(s, row, i0, j0);
+    for (int64_t r = 0; r < br; ++r) {
+      const T m_new = std::max(w.m[r], s.row(r).maxCoeff());
+      const T shift = m_new == neg_inf ? T(0) : m_new;  // a row masked so far keeps P = 0
+      s.row(r) = (s.row(r).array() - shift).exp();
+      const T correction = std::exp(w.m[r] - shift);
+      w.l[r] = w.l[r] * correction + s.row(r).sum();
+      o.row(r) *= correction;
+      w.m[r] = m_new;
+    }
+    o.noalias() += s * f.v_rows(row, j0, bc);  // [br, bc] x [bc, dv]
+  }
+  for (int64_t r = 0; r < br; ++r) {
+    MutMap<T>(out + ((row * f.nq) + i0 + r) * f.dv, 1, f.dv) = o.row(r) / w.l[r];
+    lse[row * f.nq + i0 + r] = w.m[r] + std::log(w.l[r]);
+  }
+}
+
+template <typename T>
+void flash_forward(const SdpaProblem& p, Tensor& out, Tensor& lse) {
+  const Flash<T> f(p);
+  T* o = static_cast<T*>(out.raw_data());
+  T* l = static_cast<T*>(lse.raw_data());
+  const int64_t tiles = ceil_div(f.nq, kRows), units = f.n * tiles;
+#pragma omp parallel
+  {
+    ForwardScratch<T> w(f.d, f.dv);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t row = u / tiles, i0 = (u % tiles) * kRows;
+      forward_tile(f, row, i0, std::min(f.nq, i0 + kRows), w, o, l);
+    }
+  }
+}
+
+template <typename T>
+struct BackwardScratch {
+  Mat<T> s, dp, dk, dv;
+  BackwardScratch(int64_t d, int64_t dv_) : s(kRows, kCols), dp(kRows, kCols), dk(kCols, d), dv(kCols, dv_) {}
+};
+
+struct BackwardOut {
+  void* dq;  // [chunks, N, Q, d] accumulators (chunk c of row n owns slice c)
+  void* dk;
+  void* dv;
+};
+
+// Keys [j0, j1) of row n against every query: accumulates dQ, writes dK, dV.
+template <typename T>
+void backward_keys(const Flash<T>& f, int64_t row, int64_t ja, int64_t jb, const T* lse, const T* delta,
+                   const T* dout, T* dq, T* dk_out, T* dv_out, BackwardScratch<T>& w) {
+  for (int64_t j0 = ja; j0 < jb; j0 += kCols) {
+    const int64_t bc = std::min(kCols, jb - j0);
+    const ConstMap<T> kj = f.k_rows(row, j0, bc), vj = f.v_rows(row, j0, bc);
+    auto dk = w.dk.topRows(bc);
+    auto dv = w.dv.topRows(bc);
+    dk.setZero();
+    dv.setZero();
+    const int64_t first_i = f.causal ? (j0 / kRows) * kRows : 0;  // earlier query tiles see none of these keys
+    for (int64_t i0 = first_i; i0 < f.nq; i0 += kRows) {
+      const int64_t br = std::min(kRows, f.nq - i0);
+      const ConstMap<T> qi = f.q_rows(row, i0, br);
+      const ConstMap<T> doi(dout + (row * f.nq + i0) * f.dv, br, f.dv);
+      auto s = w.s.topLeftCorner(br, bc);
+      auto dp = w.dp.topLeftCorner(br, bc);
+      s.noalias() = (qi * kj.transpose()) * f.scale;
+      f.add_bias(s, row, i0, j0);
+      for (int64_t r = 0; r < br; ++r)  // P = exp(S − L)
+        s.row(r) = (s.row(r).array() - lse[row * f.nq + i0 + r]).exp();
+      dv.noalias() += s.transpose() * doi;      // Pᵀ·dO   [bc, dv]
+      dp.noalias() = doi * vj.transpose();     // dO·Vᵀ   [br, bc]
+      for (int64_t r = 0; r < br; ++r)         // dS = P∘(dP − D)
+        dp.row(r) = s.row(r).cwiseProduct((dp.row(r).array() - delta[row * f.nq + i0 + r]).matrix());
+      dk.noalias() += dp.transpose() * qi;     // dSᵀ·Q   [bc, d]
+      MutMap<T>(dq + (row * f.nq + i0) * f.d, br, f.d).noalias() += dp * kj;  // dS·K  [br, d]
+    }
+    MutMap<T>(dk_out + (row * f.nk + j0) * f.d, bc, f.d) = dk * f.scale;
+    MutMap<T>(dv_out + (row * f.nk + j0) * f.dv, bc, f.dv) = dv;
+  }
+}
+
+// D[n, i] = Σ_c dO[n, i, c]·O[n, i, c]
+template <typename T>
+void row_dots(const T* dout, const T* out, int64_t rows, int64_t dv, T* delta) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    delta[r] = Eigen::Map<const Vec<T>>(dout + r * dv, dv).dot(Eigen::Map<const Vec<T>>(out + r * dv, dv));
+  }
+}
+
+template <typename T>
+SdpaGrads flash_backward(const SdpaProblem& p, const SdpaSaved& saved, const Tensor& grad_out) {
+  const Flash<T> f(p);
+  const Device cpu = Device::cpu();
+  const DType dt = p.q.dtype();
+  Tensor delta = Tensor::empty({f.n, f.nq}, dt, cpu);
+  row_dots<T>(static_cast<const T*>(grad_out.raw_data()), static_cast<const T*>(saved.out.raw_data()), f.n * f.nq,
+              f.dv, static_cast<T*>(delta.raw_data()));
+
+  // Split each row's keys into `chunks` ranges when rows alone cannot keep every thread busy.
+  const int64_t key_tiles = ceil_div(f.nk, kCols);
+  const int64_t chunks = std::clamp<int64_t>(ceil_div(omp_get_max_threads(), f.n), 1, std::max<int64_t>(key_tiles, 1));
+  const int64_t tiles_per_chunk = ceil_div(key_tiles, chunks);
+  Tensor dq_parts = Tensor::zeros({chunks, f.n, f.nq, f.d}, dt, cpu);
+  SdpaGrads g;
+  g.dk = Tensor::empty(p.k.shape(), dt, cpu);
+  g.dv = Tensor::empty(p.v.shape(), dt, cpu);
+  T* dq_base = static_cast<T*>(dq_parts.raw_data());
+  const T* lse = static_cast<const T*>(saved.lse.raw_data());
+  const T* dlt = static_cast<const T*>(delta.raw_data());
+  const T* dout = static_cast<const T*>(grad_out.raw_data());
+  T* dk = static_cast<T*>(g.dk.raw_data());
+  T* dv = static_cast<T*>(g.dv.raw_data());
+  const int64_t units = f.n * chunks;
+#pragma omp parallel
+  {
+    BackwardScratch<T> w(f.d, f.dv);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t row = u / chunks, c = u % chunks;
+      const int64_t ja = std::min(f.nk, c * tiles_per_chunk * kCols);
+      const int64_t jb = std::min(f.nk, (c + 1) * tiles_per_chunk * kCols);
+      if (ja < jb) backward_keys(f, row, ja, jb, lse, dlt, dout, dq_base + c * f.n * f.nq * f.d, dk, dv, w);
+    }
+  }
+  // dQ = scale · Σ_chunks partial dQ
+  g.dq = Tensor::empty(p.q.shape(), dt, cpu);
+  MutMap<T> dq(static_cast<T*>(g.dq.raw_data()), f.n * f.nq, f.d);
+  dq = ConstMap<T>(dq_base, f.n * f.nq, f.d) * f.scale;
+  for (int64_t c = 1; c < chunks; ++c) dq += ConstMap<T>(dq_base + c * f.n * f.nq * f.d, f.n * f.nq, f.d) * f.scale;
+  return g;
+}
+
+class FlashCpuBackend final : public SdpaBackend {
+ public:
+  BackendKind kind() const override { return BackendKind::Flash; }
+
+  void check_supported(const SdpaProblem& p) const override {
+    LOOM_CHECK(p.q.device().is_cpu(), "attention backend 'flash' does not support device ", p.q.device(),
+               " (its CUDA kernel is the 'cuda_flash' slot, not built yet; use 'math' on CUDA tensors)");
+    LOOM_CHECK(p.q.dtype() == DType::F32 || p.q.dtype() == DType::F64, "attention backend 'flash' does not support dtype ",
+               p.q.dtype(), " on the cpu (f32 and f64 only)");
+  }
+
+  Tensor forward(const SdpaProblem& p, SdpaSaved* saved) const override {
+    Tensor out = Tensor::empty({p.n, p.q_len, p.dv}, p.q.dtype(), p.q.device());
+    Tensor lse = Tensor::empty({p.n, p.q_len}, p.q.dtype(), p.q.device());
+    if (out.numel() > 0) {
+      if (p.q.dtype() == DType::F32)
+        flash_forward<float>(p, out, lse);
+      else
+        flash_forward<double>(p, out, lse);
+    }
+    if (saved) {
+      saved->out = out;
+      saved->lse = lse;
+    }
+    return out;
+  }
+
+  SdpaGrads backward(const SdpaProblem& p, const SdpaSaved& saved, const Tensor& grad_out,
+                     const std::vector<bool>&) const override {
+    if (p.q.dtype() == DType::F32) return flash_backward<float>(p, saved, grad_out);
+    return flash_backward<double>(p, saved, grad_out);
+  }
+};
+
+}  // namespace
+
+const SdpaBackend& flash_backend() {
+  static const FlashCpuBackend backend;
+  return backend;
+}
+
+}  // namespace loom::attention::detail

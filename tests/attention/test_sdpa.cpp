@@ -1,0 +1,233 @@
+// Attention backends and the dispatcher (ctest -L attention): flash and sliced
+// against math, forward and every input gradient, on fresh random inputs.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+
+#include "attention/sdpa.h"
+#include "autograd/gradcheck.h"
+#include "autograd/ops.h"
+#include "tensor/ops.h"
+#include "tensor/backend.h"
+#include "tensor/random.h"
+
+namespace loom::attention {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+double rel_error(const Tensor& x, const Tensor& ref) {
+  const std::vector<double> a = x.to_vector(), b = ref.to_vector();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+  if (std::isnan(num)) return INFINITY;
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+uint64_t fresh_seed() { return ::testing::UnitTest::GetInstance()->random_seed() * 1000003ull + std::rand(); }
+
+struct Case {
+  int64_t batch, heads, q, k, d;
+  enum MaskKind { None, PerKey, PerQuery, Causal } mask;
+};
+
+struct Outputs {
+  Tensor out, dq, dk, dv;
+};
+
+// Runs one backend on the given inputs: output and all three input gradients.
+Outputs run(BackendKind kind, const Tensor& q, const Tensor& k, const Tensor& v, const SdpaOptions& base,
+            const Tensor& upstream) {
+  Variable vq(q.clone(), true), vk(k.clone(), true), vv(v.clone(), true);
+  SdpaOptions o = base;
+  o.backend = kind;
+  Variable out = scaled_dot_product_attention(vq, vk, vv, o);
+  out.backward(upstream);
+  return {out.tensor(), vq.grad(), vk.grad(), vv.grad()};
+}
+
+void compare_backends(const Case& c, DType dtype, BackendKind kind, double tol, int64_t slice_size = 0) {
+  Generator gen(fresh_seed());
+  const int64_t n = c.batch * c.heads;
+  const Tensor q = Tensor::randn({n, c.q, c.d}, gen, dtype), k = Tensor::randn({n, c.k, c.d}, gen, dtype);
+  const Tensor v = Tensor::randn({n, c.k, c.d}, gen, dtype);
+  SdpaOptions o;
+  o.heads = c.heads;
+  o.scale = 1.0 / std::sqrt(double(c.d));
+  o.slice_size = slice_size;
+  if (c.mask == Case::PerKey) o.mask = Tensor::randn({c.batch, 1, c.k}, gen, dtype, Device::cpu(), 0.0, 3.0);
+  if (c.mask == Case::PerQuery) o.mask = Tensor::randn({c.batch, c.q, c.k}, gen, dtype, Device::cpu(), 0.0, 3.0);
+  if (c.mask == Case::Causal) o.causal = true;
+  const Tensor up = Tensor::randn({n, c.q, c.d}, gen, dtype);
+  const Outputs ref = run(BackendKind::Math, q, k, v, o, up);
+  const Outputs got = run(kind, q, k, v, o, up);
+  const std::string what = std::string(backend_name(kind)) + " Q=" + std::to_string(c.q) + " K=" +
+                           std::to_string(c.k) + " d=" + std::to_string(c.d) + " mask=" + std::to_string(c.mask);
+  EXPECT_LE(rel_error(got.out, ref.out), tol) << what << " out";
+  EXPECT_LE(rel_error(got.dq, ref.dq), tol) << what << " dq";
+  EXPECT_LE(rel_error(got.dk, ref.dk), tol) << what << " dk";
+  EXPECT_LE(rel_error(got.dv, ref.dv), tol) << what << " dv";
+}
+
+class FlashVsMath : public ::testing::TestWithParam<int64_t> {};  // head dim
+
+TEST_P(FlashVsMath, F64AllLengthsAndMasks) {
+  const int64_t d = GetParam();
+  for (int64_t q : {1, 7, 77, 128, 333})
+    for (int64_t k : {1, 7, 77, 128, 333}) {
+      const Case::MaskKind mask = Case::MaskKind((q + k + d) % 4);
+      compare_backends({2, 2, q, k, d, mask}, DType::F64, BackendKind::Flash, 1e-10);
+    }
+}
+
+TEST_P(FlashVsMath, F32WithMasks) {
+  const int64_t d = GetParam();
+  for (Case::MaskKind mask : {Case::None, Case::PerKey, Case::PerQuery, Case::Causal})
+    compare_backends({2, 3, 77, 333, d, mask}, DType::F32, BackendKind::Flash, 1e-5);
+  compare_backends({1, 2, 333, 77, d, Case::PerKey}, DType::F32, BackendKind::Flash, 1e-5);  // cross-attention K = 77
+}
+
+INSTANTIATE_TEST_SUITE_P(HeadDims, FlashVsMath, ::testing::Values(40, 64, 72, 80, 96, 128, 160),
+                         [](const ::testing::TestParamInfo<int64_t>& i) { return "d" + std::to_string(i.param); });
+
+TEST(SlicedVsMath, SameNumbersIncludingTheRemainderRows) {
+  for (int64_t slice : {1, 3, 5})  // 2·3 = 6 rows: slices of 5 leave a remainder of 1
+    for (Case::MaskKind mask : {Case::None, Case::PerKey, Case::PerQuery, Case::Causal}) {
+      compare_backends({2, 3, 33, 77, 40, mask}, DType::F64, BackendKind::Sliced, 1e-10, slice);
+      compare_backends({2, 3, 33, 77, 40, mask}, DType::F32, BackendKind::Sliced, 1e-5, slice);
+    }
+}
+
+TEST(Flash, FullyMaskedRowGivesTheUnmaskedSoftmaxNotNaN) {
+  // A keep-mask of all zeros becomes a bias of −10000 on every key: the softmax is
+  // that of the unmasked row (exactly so in f64; within f32's resolution at 10⁴ in f32).
+  for (const auto& [dtype, tol] : {std::pair{DType::F64, 1e-10}, std::pair{DType::F32, 1e-3}}) {
+    Generator gen(fresh_seed());
+    const Tensor q = Tensor::randn({2, 5, 8}, gen, dtype), k = Tensor::randn({2, 9, 8}, gen, dtype);
+    const Tensor v = Tensor::randn({2, 9, 8}, gen, dtype);
+    SdpaOptions masked;
+    masked.mask = Tensor::full({2, 1, 9}, -10000.0, dtype);
+    for (BackendKind kind : {BackendKind::Flash, BackendKind::Math, BackendKind::Sliced}) {
+      masked.backend = kind;
+      SdpaOptions plain = masked;
+      plain.mask = Tensor();
+      const Tensor a = scaled_dot_product_attention(Variable(q), Variable(k), Variable(v), masked).tensor();
+      const Tensor b = scaled_dot_product_attention(Variable(q), Variable(k), Variable(v), plain).tensor();
+      for (double x : a.to_vector()) ASSERT_TRUE(std::isfinite(x)) << backend_name(kind);
+      EXPECT_LE(rel_error(a, b), tol) << backend_name(kind) << " " << dtype;
+    }
+  }
+}
+
+TEST(Flash, GradcheckF64) {
+  Generator gen(fresh_seed());
+  for (BackendKind kind : {BackendKind::Flash, BackendKind::Math, BackendKind::Sliced}) {
+    Variable q(Tensor::randn({2, 3, 4}, gen, DType::F64), true), k(Tensor::randn({2, 5, 4}, gen, DType::F64), true);
+    Variable v(Tensor::randn({2, 5, 3}, gen, DType::F64), true);
+    SdpaOptions o;
+    o.heads = 2, o.scale = 0.5, o.backend = kind, o.slice_size = 1;
+    o.mask = Tensor::randn({1, 3, 5}, gen, DType::F64);
+    const GradcheckResult r =
+        gradcheck([&](const std::vector<Variable>& x) { return scaled_dot_product_attention(x[0], x[1], x[2], o); },
+                  {q, k, v});
+    EXPECT_TRUE(r.ok) << backend_name(kind) << ": " << r.message;
+  }
+}
+
+// ---- dispatcher ------------------------------------------------------------------------
+
+TEST(Dispatcher, ScopedOverrideWinsAndRestores) {
+  const BackendKind before = resolve_backend();
+  {
+    ScopedAttentionBackend outer(BackendKind::Math);
+    EXPECT_EQ(resolve_backend(BackendKind::Flash), BackendKind::Math);
+    {
+      ScopedAttentionBackend inner(BackendKind::Sliced);
+      EXPECT_EQ(resolve_backend(), BackendKind::Sliced);
+    }
+    EXPECT_EQ(resolve_backend(), BackendKind::Math);
+  }
+  EXPECT_EQ(resolve_backend(), before);
+  EXPECT_EQ(resolve_backend(BackendKind::Sliced), BackendKind::Sliced);  // the per-layer override
+}
+
+TEST(Dispatcher, DefaultIsFlashOrTheEnvironmentChoice) {
+  const char* env = std::getenv("LOOM_ATTENTION_BACKEND");
+  EXPECT_EQ(default_backend(), env && *env ? parse_backend(env) : BackendKind::Flash);
+  const BackendKind saved = default_backend();
+  set_default_backend(BackendKind::Sliced);
+  EXPECT_EQ(resolve_backend(), BackendKind::Sliced);
+  set_default_backend(saved);
+}
+
+TEST(Dispatcher, UnknownBackendNameIsAnError) {
+  EXPECT_THAT(error_of([] { parse_backend("fast", "LOOM_ATTENTION_BACKEND"); }),
+              HasSubstr("unknown attention backend 'fast'"));
+}
+
+class DispatcherChecks : public ::testing::Test {
+ protected:
+  Variable q{Tensor::zeros({4, 3, 8})}, k{Tensor::zeros({4, 5, 8})}, v{Tensor::zeros({4, 5, 6})};
+  SdpaOptions o;
+  std::string call(const Variable& a, const Variable& b, const Variable& c) {
+    return error_of([&] { scaled_dot_product_attention(a, b, c, o); });
+  }
+};
+
+TEST_F(DispatcherChecks, DtypeMismatch) {
+  EXPECT_THAT(call(q, Variable(Tensor::zeros({4, 5, 8}, DType::F64)), v), HasSubstr("dtypes differ"));
+}
+TEST_F(DispatcherChecks, HeadDimMismatch) {
+  EXPECT_THAT(call(q, Variable(Tensor::zeros({4, 5, 7})), v), HasSubstr("q.d != k.d"));
+}
+TEST_F(DispatcherChecks, KeyLengthMismatch) {
+  EXPECT_THAT(call(q, k, Variable(Tensor::zeros({4, 6, 6}))), HasSubstr("k.len != v.len"));
+}
+TEST_F(DispatcherChecks, MaskLastDimMustBeK) {
+  o.mask = Tensor::zeros({1, 1, 6});
+  EXPECT_THAT(call(q, k, v), HasSubstr("mask.last != K"));
+}
+TEST_F(DispatcherChecks, MaskAndCausalNotBoth) {
+  o.mask = Tensor::zeros({1, 1, 5});
+  o.causal = true;
+  EXPECT_THAT(call(q, k, v), HasSubstr("mask and causal"));
+}
+TEST_F(DispatcherChecks, DeviceMismatch) {
+  if (cuda_available()) {
+    EXPECT_THAT(call(q, Variable(Tensor::zeros({4, 5, 8}, DType::F32, Device::cuda(0))), v),
+                HasSubstr("different devices"));
+  } else {
+    EXPECT_THAT(error_of([] { Tensor::zeros({1}, DType::F32, Device::cuda(0)); }), HasSubstr("without CUDA"));
+  }
+}
+TEST_F(DispatcherChecks, FlashNamesAnUnsupportedDtype) {
+  o.backend = BackendKind::Flash;
+  const Variable h(Tensor::zeros({4, 3, 8}, DType::BF16));
+  EXPECT_THAT(call(h, Variable(Tensor::zeros({4, 5, 8}, DType::BF16)), Variable(Tensor::zeros({4, 5, 6}, DType::BF16))),
+              HasSubstr("attention backend 'flash' does not support dtype bf16"));
+}
+TEST_F(DispatcherChecks, CudaFlashSlotSaysItIsNotBuilt) {
+  o.backend = BackendKind::CudaFlash;
+  EXPECT_THAT(call(q, k, v), HasSubstr("attention backend 'cuda_flash'"));
+}
+TEST_F(DispatcherChecks, ScanningChecksFindNaN) {
+  const bool before = scanning_checks_enabled();
+  set_scanning_checks(true);
+  Variable bad(Tensor::full({4, 3, 8}, NAN));
+  EXPECT_THAT(call(bad, k, v), HasSubstr("q [4, 3, 8] contains NaN"));
+  set_scanning_checks(before);
+}
+
+}  // namespace
+}  // namespace loom::attention
