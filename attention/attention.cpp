@@ -1,0 +1,235 @@
+#include "attention/attention.h"
+
+#include <cmath>
+
+#include "autograd/ops.h"
+#include "nn/norm.h"
+#include "tensor/ops.h"
+
+namespace loom::attention {
+
+namespace {
+
+void check_options(AttentionOptions& o) {
+  LOOM_CHECK(o.query_dim > 0, "Attention: query_dim is required and must be positive (got ", o.query_dim, ")");
+  LOOM_CHECK(o.heads > 0 && o.dim_head > 0, "Attention: heads (", o.heads, ") and dim_head (", o.dim_head,
+             ") must be positive");
+  if (!o.cross_attention_dim) o.cross_attention_dim = o.query_dim;
+  LOOM_CHECK(*o.cross_attention_dim > 0, "Attention: cross_attention_dim must be positive");
+  LOOM_CHECK(o.cross_attention_norm.empty() || o.cross_attention_norm == "layer_norm" ||
+                 o.cross_attention_norm == "group_norm",
+             "Attention: unknown cross_attention_norm '", o.cross_attention_norm,
+             "' (expected none, layer_norm or group_norm)");
+  LOOM_CHECK(!o.only_cross_attention || o.added_kv_proj_dim,
+             "Attention: only_cross_attention can only be set together with added_kv_proj_dim");
+  LOOM_CHECK(!o.added_kv_proj_dim || o.norm_num_groups,
+             "Attention: added_kv_proj_dim needs norm_num_groups (the added-KV processor group-normalises x)");
+  LOOM_CHECK(o.rescale_output_factor != 0.0, "Attention: rescale_output_factor must not be 0");
+}
+
+// [B, S, C] -> norm over channels -> [B, S, C], for a module that normalises [B, C, *].
+Variable channels_first_norm(const nn::UnaryModule& norm, const Variable& x) {
+  return transpose(norm.forward(transpose(x, 1, 2)), 1, 2);
+}
+
+// 4-D [B, C, H, W] -> [B, H·W, C]; 3-D passes through.
+Variable to_sequence(const Variable& x, int64_t query_dim) {
+  LOOM_CHECK(x.defined(), "Attention: undefined input");
+  LOOM_CHECK(x.dim() == 3 || x.dim() == 4, "Attention: input must be [B, S, C] or [B, C, H, W], got ", x.shape());
+  const Variable seq = x.dim() == 4 ? transpose(reshape(x, {x.size(0), x.size(1), -1}), 1, 2) : x;
+  LOOM_CHECK(seq.size(-1) == query_dim, "Attention: input ", x.shape(), " has ", seq.size(-1),
+             " channels but query_dim is ", query_dim);
+  return seq;
+}
+
+// Back to the input's layout: [B, S, C] -> [B, C, H, W] when the input was 4-D.
+Variable from_sequence(const Variable& y, const Shape& input_shape) {
+  if (input_shape.size() == 3) return y;
+  return reshape(transpose(y, 1, 2), input_shape);
+}
+
+void check_context(const Attention& attn, const Variable& context, int64_t batch, int64_t channels) {
+  LOOM_CHECK(context.dim() == 3, "Attention: context must be [B, K, C], got ", context.shape());
+  LOOM_CHECK(context.size(0) == batch, "Attention: context batch ", context.size(0), " differs from input batch ",
+             batch);
+  LOOM_CHECK(context.size(2) == channels, "Attention: context ", context.shape(), " has ", context.size(2),
+             " channels, expected ", channels, attn.is_added_kv() ? " (added_kv_proj_dim)" : " (cross_attention_dim)");
+}
+
+}  // namespace
+
+// ---- construction --------------------------------------------------------------------
+
+Attention::Attention(const AttentionOptions& options, Generator& gen) : options_(options) {
+  check_options(options_);
+  const AttentionOptions& o = options_;
+  const int64_t inner = inner_dim(), cross = *o.cross_attention_dim;
+  if (o.norm_num_groups)
+    register_module("group_norm", std::make_shared<nn::GroupNorm>(*o.norm_num_groups, o.query_dim, o.eps, true,
+                                                                  o.dtype, o.device));
+  if (o.cross_attention_norm == "layer_norm")
+    register_module("norm_cross", std::make_shared<nn::LayerNorm>(cross, 1e-5, true, o.dtype, o.device));
+  if (o.cross_attention_norm == "group_norm")
+    register_module("norm_cross", std::make_shared<nn::GroupNorm>(o.cross_attention_norm_num_groups,
+                                                                  o.added_kv_proj_dim.value_or(cross), 1e-5, true,
+                                                                  o.dtype, o.device));
+  auto linear = [&](int64_t in, int64_t out, bool bias) {
+    return std::make_shared<nn::Linear>(in, out, bias, gen, o.dtype, o.device);
+  };
+  register_module("to_q", linear(o.query_dim, inner, o.bias));
+  if (!o.only_cross_attention) {
+    register_module("to_k", linear(cross, inner, o.bias));
+    register_module("to_v", linear(cross, inner, o.bias));
+  }
+  if (o.added_kv_proj_dim) {
+    register_module("add_k_proj", linear(*o.added_kv_proj_dim, inner, true));
+    register_module("add_v_proj", linear(*o.added_kv_proj_dim, inner, true));
+  }
+  auto to_out = std::make_shared<nn::ModuleList>();
+  to_out->push_back(linear(inner, o.query_dim, o.out_bias));
+  to_out->push_back(std::make_shared<nn::Dropout>(o.dropout));
+  register_module("to_out", to_out);
+  std::shared_ptr<AttentionProcessor> processor;
+  if (o.added_kv_proj_dim)
+    processor = std::make_shared<AddedKVProcessor>();
+  else
+    processor = std::make_shared<DefaultProcessor>();
+  processor_ = register_module("processor", processor);  // no parameters: adds no keys
+}
+
+void Attention::set_processor(std::shared_ptr<AttentionProcessor> processor) {
+  LOOM_CHECK(processor != nullptr, "Attention::set_processor: null processor");
+  replace_module("processor", processor);
+}
+
+void Attention::on_replace_module(const std::string& name, const std::shared_ptr<Module>& module) {
+  if (name != "processor") return;
+  auto processor = std::dynamic_pointer_cast<AttentionProcessor>(module);
+  LOOM_CHECK(processor != nullptr, "Attention: the 'processor' child must be an AttentionProcessor, got ",
+             module ? module->type_name() : "null");
+  processor_ = processor;
+}
+
+void Attention::set_attention_slice(int64_t slice_size) {
+  LOOM_CHECK(slice_size >= 0, "Attention::set_attention_slice: slice_size must be ≥ 0, got ", slice_size);
+  slice_size_ = slice_size;
+}
+
+Variable Attention::forward(const Variable& x, const Variable& context, const Tensor& mask) const {
+  return processor_->process(*this, x, context, mask);
+}
+
+// ---- building blocks -----------------------------------------------------------------------
+
+std::shared_ptr<nn::Linear> Attention::projection(const std::string& name) const {
+  auto linear = std::dynamic_pointer_cast<nn::Linear>(find_module(name));
+  LOOM_CHECK(linear != nullptr, "Attention: no projection '", name, "' in this layer");
+  return linear;
+}
+
+bool Attention::has_projection(const std::string& name) const {
+  return std::dynamic_pointer_cast<nn::Linear>(find_module(name)) != nullptr;
+}
+
+Variable Attention::head_to_batch(const Variable& x) const {
+  const int64_t b = x.size(0), s = x.size(1), h = options_.heads;
+  // [B, S, h·d] -> [B, S, h, d] -> [B, h, S, d] -> [B·h, S, d]
+  return reshape(permute(reshape(x, {b, s, h, -1}), {0, 2, 1, 3}), {b * h, s, -1});
+}
+
+Variable Attention::batch_to_head(const Variable& x) const {
+  const int64_t h = options_.heads, b = x.size(0) / h, s = x.size(1);
+  // [B·h, S, d] -> [B, h, S, d] -> [B, S, h, d] -> [B, S, h·d]
+  return reshape(permute(reshape(x, {b, h, s, -1}), {0, 2, 1, 3}), {b, s, -1});
+}
+
+Variable Attention::apply_group_norm(const Variable& x) const {
+  const auto norm = std::dynamic_pointer_cast<nn::UnaryModule>(find_module("group_norm"));
+  return norm ? channels_first_norm(*norm, x) : x;
+}
+
+Variable Attention::apply_norm_cross(const Variable& context) const {
+  if (options_.cross_attention_norm.empty()) return context;
+  const auto norm = child_as<nn::UnaryModule>("norm_cross");
+  return options_.cross_attention_norm == "layer_norm" ? norm->forward(context) : channels_first_norm(*norm, context);
+}
+
+Tensor Attention::prepare_mask(const Tensor& mask, int64_t batch, int64_t queries, int64_t keys) const {
+  if (!mask.defined()) return mask;
+  LOOM_CHECK(mask.dim() == 2 || mask.dim() == 3, "Attention: mask must be (B, K), (B, 1, K) or (B, Q, K), got ",
+             mask.shape());
+  const Tensor m = mask.dim() == 2 ? mask.unsqueeze(1) : mask;  // (B, K) -> (B, 1, K)
+  LOOM_CHECK(m.size(-1) == keys, "Attention: mask ", mask.shape(), " has last dim ", m.size(-1), " but there are ",
+             keys, " keys (masks are not padded)");
+  LOOM_CHECK(m.size(0) == 1 || m.size(0) == batch, "Attention: mask ", mask.shape(), " has batch ", m.size(0),
+             ", expected 1 or ", batch);
+  LOOM_CHECK(m.size(1) == 1 || m.size(1) == queries, "Attention: mask ", mask.shape(), " has ", m.size(1),
+             " query rows, expected 1 or ", queries);
+  return m;
+}
+
+Variable Attention::attend(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const {
+  SdpaOptions o;
+  o.mask = mask;
+  o.heads = options_.heads;
+  o.scale = scale();
+  o.backend = slice_size_ > 0 ? std::optional<BackendKind>(BackendKind::Sliced) : backend_;
+  o.slice_size = slice_size_;
+  return scaled_dot_product_attention(q, k, v, o);
+}
+
+Variable Attention::project_out(const Variable& x) const {
+  const auto to_out = child_as<nn::ModuleList>("to_out");
+  return to_out->at_as<nn::UnaryModule>(1)->forward(to_out->at_as<nn::Linear>(0)->forward(x));
+}
+
+// ---- processors ------------------------------------------------------------------------------
+
+Variable DefaultProcessor::process(const Attention& attn, const Variable& x, const Variable& context,
+                                   const Tensor& mask) const {
+  const AttentionOptions& o = attn.options();
+  const Variable seq = to_sequence(x, o.query_dim);  // [B, Q, C]
+  const Variable h = attn.apply_group_norm(seq);
+  Variable ctx = h;  // self-attention: keys and values read the normalised x
+  if (context.defined()) {
+    check_context(attn, context, seq.size(0), attn.cross_attention_dim());
+    ctx = attn.apply_norm_cross(context);
+  }
+  const Variable q = attn.head_to_batch(attn.projection("to_q")->forward(h));
+  const Variable k = attn.head_to_batch(attn.projection("to_k")->forward(ctx));
+  const Variable v = attn.head_to_batch(attn.projection("to_v")->forward(ctx));
+  const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), ctx.size(1));
+  Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));  // [B, Q, C]
+  out = from_sequence(out, x.shape());
+  if (o.residual_connection) out = out + x;
+  return o.rescale_output_factor == 1.0 ? out : out / o.rescale_output_factor;
+}
+
+Variable AddedKVProcessor::process(const Attention& attn, const Variable& x, const Variable& context,
+                                   const Tensor& mask) const {
+  const AttentionOptions& o = attn.options();
+  const Variable seq = to_sequence(x, o.query_dim);  // [B, S, C]
+  Variable ctx = seq;
+  if (context.defined()) {
+    check_context(attn, context, seq.size(0), *o.added_kv_proj_dim);
+    ctx = attn.apply_norm_cross(context);
+  }
+  const Variable h = attn.apply_group_norm(seq);
+  const Variable q = attn.head_to_batch(attn.projection("to_q")->forward(h));
+  Variable k = attn.head_to_batch(attn.projection("add_k_proj")->forward(ctx));
+  Variable v = attn.head_to_batch(attn.projection("add_v_proj")->forward(ctx));
+  if (!o.only_cross_attention) {  // keys: context tokens first, then the layer's own
+    k = cat({k, attn.head_to_batch(attn.projection("to_k")->forward(h))}, 1);
+    v = cat({v, attn.head_to_batch(attn.projection("to_v")->forward(h))}, 1);
+  }
+  const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), k.size(1));
+  const Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));
+  return from_sequence(out, x.shape()) + x;  // the residual is always added
+}
+
+Tensor keep_mask_to_bias(const Tensor& keep_mask, DType dtype) {
+  LOOM_CHECK(keep_mask.defined(), "keep_mask_to_bias: undefined mask");
+  return ops::mul_scalar(ops::add_scalar(ops::neg(keep_mask.to(dtype)), 1.0), -10000.0);
+}
+
+}  // namespace loom::attention

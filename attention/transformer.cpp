@@ -1,0 +1,217 @@
+#include "attention/transformer.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "autograd/ops.h"
+#include "nn/feedforward.h"
+#include "nn/norm.h"
+
+namespace loom::attention {
+
+// ---- BasicTransformerBlock --------------------------------------------------------------
+
+BasicTransformerBlock::BasicTransformerBlock(const BasicTransformerBlockOptions& options, Generator& gen)
+    : options_(options) {
+  const auto& o = options_;
+  LOOM_CHECK(o.dim > 0 && o.dim == o.heads * o.dim_head, "BasicTransformerBlock: dim ", o.dim,
+             " must equal heads·dim_head = ", o.heads, "·", o.dim_head);
+  auto attention = [&](std::optional<int64_t> cross) {
+    AttentionOptions a;
+    a.query_dim = o.dim, a.heads = o.heads, a.dim_head = o.dim_head, a.dropout = o.dropout;
+    a.bias = o.attention_bias, a.upcast_attention = o.upcast_attention, a.cross_attention_dim = cross;
+    a.dtype = o.dtype, a.device = o.device;
+    return std::make_shared<Attention>(a, gen);
+  };
+  auto layer_norm = [&] {
+    return std::make_shared<nn::LayerNorm>(o.dim, o.norm_eps, o.norm_elementwise_affine, o.dtype, o.device);
+  };
+  LOOM_CHECK(!o.only_cross_attention || o.cross_attention_dim,
+             "BasicTransformerBlock: only_cross_attention needs cross_attention_dim");
+  register_module("norm1", layer_norm());
+  register_module("attn1", attention(o.only_cross_attention ? o.cross_attention_dim : std::nullopt));
+  has_attn2_ = o.cross_attention_dim.has_value() || o.double_self_attention;
+  if (has_attn2_) {
+    register_module("norm2", layer_norm());
+    register_module("attn2", attention(o.double_self_attention ? std::nullopt : o.cross_attention_dim));
+  }
+  register_module("norm3", layer_norm());
+  nn::FeedForwardOptions ff;
+  ff.dim = o.dim, ff.activation = o.activation_fn, ff.dropout = o.dropout;
+  register_module("ff", std::make_shared<nn::FeedForward>(ff, gen, o.dtype, o.device));
+}
+
+Variable BasicTransformerBlock::forward(const Variable& x, const Variable& context, const Tensor& attention_mask,
+                                        const Tensor& encoder_attention_mask) const {
+  auto norm = [&](const char* name, const Variable& h) { return child_as<nn::UnaryModule>(name)->forward(h); };
+  Variable h = x;
+  const Variable self_context = options_.only_cross_attention ? context : Variable();
+  h = child_as<Attention>("attn1")->forward(norm("norm1", h), self_context, attention_mask) + h;
+  if (has_attn2_) {
+    const Variable ctx = options_.double_self_attention ? Variable() : context;
+    h = child_as<Attention>("attn2")->forward(norm("norm2", h), ctx, encoder_attention_mask) + h;
+  }
+  return child_as<nn::UnaryModule>("ff")->forward(norm("norm3", h)) + h;
+}
+
+// ---- Transformer2DConfig -------------------------------------------------------------------
+
+namespace {
+
+using nlohmann::json;
+
+template <typename T>
+T json_value(const json& j, const std::string& key, const std::string& source) {
+  try {
+    return j.at(key).get<T>();
+  } catch (const json::exception&) {
+    LOOM_FAIL(source, ": key '", key, "' has the wrong type (", j.at(key).type_name(), ": ", j.at(key).dump(), ")");
+  }
+}
+
+template <typename T>
+void read_optional(const json& j, const std::string& key, const std::string& source, T& field) {
+  if (j.contains(key) && !j.at(key).is_null()) field = json_value<T>(j, key, source);
+}
+
+template <typename T>
+void read_optional(const json& j, const std::string& key, const std::string& source, std::optional<T>& field) {
+  if (j.contains(key) && !j.at(key).is_null()) field = json_value<T>(j, key, source);
+}
+
+int64_t read_required(const json& j, const std::string& key, const std::string& source) {
+  LOOM_CHECK(j.contains(key) && !j.at(key).is_null(), source, ": required key '", key, "' is missing");
+  const int64_t v = json_value<int64_t>(j, key, source);
+  LOOM_CHECK(v > 0, source, ": key '", key, "' must be positive, got ", v);
+  return v;
+}
+
+}  // namespace
+
+Transformer2DConfig Transformer2DConfig::from_json_text(const std::string& text, const std::string& source) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    LOOM_FAIL(source, ": not valid JSON (", e.what(), ")");
+  }
+  LOOM_CHECK(j.is_object(), source, ": expected a JSON object, got ", j.type_name());
+  Transformer2DConfig c;
+  c.in_channels = read_required(j, "in_channels", source);
+  c.num_attention_heads = read_required(j, "num_attention_heads", source);
+  c.attention_head_dim = read_required(j, "attention_head_dim", source);
+  read_optional(j, "out_channels", source, c.out_channels);
+  read_optional(j, "num_layers", source, c.num_layers);
+  read_optional(j, "cross_attention_dim", source, c.cross_attention_dim);
+  read_optional(j, "norm_num_groups", source, c.norm_num_groups);
+  read_optional(j, "use_linear_projection", source, c.use_linear_projection);
+  read_optional(j, "attention_bias", source, c.attention_bias);
+  read_optional(j, "only_cross_attention", source, c.only_cross_attention);
+  read_optional(j, "double_self_attention", source, c.double_self_attention);
+  read_optional(j, "upcast_attention", source, c.upcast_attention);
+  read_optional(j, "activation_fn", source, c.activation_fn);
+  read_optional(j, "norm_elementwise_affine", source, c.norm_elementwise_affine);
+  read_optional(j, "norm_eps", source, c.norm_eps);
+  read_optional(j, "dropout", source, c.dropout);
+  std::string norm_type = "layer_norm";
+  read_optional(j, "norm_type", source, norm_type);
+  LOOM_CHECK(norm_type == "layer_norm", source, ": norm_type '", norm_type, "' is not supported (layer_norm only)");
+  LOOM_CHECK(c.num_layers >= 1, source, ": num_layers must be ≥ 1, got ", c.num_layers);
+  LOOM_CHECK(c.norm_num_groups > 0 && c.in_channels % c.norm_num_groups == 0, source, ": in_channels ",
+             c.in_channels, " is not divisible by norm_num_groups ", c.norm_num_groups);
+
+  static const std::set<std::string> known = {
+      "in_channels", "num_attention_heads", "attention_head_dim", "out_channels", "num_layers",
+      "cross_attention_dim", "norm_num_groups", "use_linear_projection", "attention_bias", "only_cross_attention",
+      "double_self_attention", "upcast_attention", "activation_fn", "norm_elementwise_affine", "norm_eps",
+      "dropout", "norm_type"};
+  for (const auto& [key, value] : j.items()) {
+    if (known.count(key) || key.rfind("_", 0) == 0) continue;  // "_class_name", "_diffusers_version": metadata
+    c.notes.push_back(source + ": ignoring key '" + key + "' (" + value.dump() + ")");
+  }
+  return c;
+}
+
+Transformer2DConfig Transformer2DConfig::from_file(const std::string& path) {
+  std::ifstream in(path);
+  LOOM_CHECK(in.good(), path, ": cannot open the config file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return from_json_text(ss.str(), path);
+}
+
+// ---- Transformer2DModel ----------------------------------------------------------------------
+
+Transformer2DModel::Transformer2DModel(const Transformer2DConfig& config, Generator& gen, DType dtype, Device device)
+    : config_(config) {
+  const auto& c = config_;
+  const int64_t inner = c.inner_dim(), out_channels = c.out_channels.value_or(c.in_channels);
+  register_module("norm", std::make_shared<nn::GroupNorm>(c.norm_num_groups, c.in_channels, 1e-6, true, dtype, device));
+  if (c.use_linear_projection)
+    register_module("proj_in", std::make_shared<nn::Linear>(c.in_channels, inner, true, gen, dtype, device));
+  else
+    register_module("proj_in", std::make_shared<nn::Conv1x1>(c.in_channels, inner, true, gen, dtype, device));
+  auto blocks = std::make_shared<nn::ModuleList>();
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    BasicTransformerBlockOptions b;
+    b.dim = inner, b.heads = c.num_attention_heads, b.dim_head = c.attention_head_dim, b.dropout = c.dropout;
+    b.cross_attention_dim = c.cross_attention_dim, b.activation_fn = c.activation_fn;
+    b.attention_bias = c.attention_bias, b.only_cross_attention = c.only_cross_attention;
+    b.double_self_attention = c.double_self_attention, b.upcast_attention = c.upcast_attention;
+    b.norm_elementwise_affine = c.norm_elementwise_affine, b.norm_eps = c.norm_eps;
+    b.dtype = dtype, b.device = device;
+    blocks->push_back(std::make_shared<BasicTransformerBlock>(b, gen));
+  }
+  register_module("transformer_blocks", blocks);
+  if (c.use_linear_projection)
+    register_module("proj_out", std::make_shared<nn::Linear>(inner, out_channels, true, gen, dtype, device));
+  else
+    register_module("proj_out", std::make_shared<nn::Conv1x1>(inner, out_channels, true, gen, dtype, device));
+}
+
+namespace {
+// 2-D keep-mask -> (B, 1, K) additive bias; 3-D masks are biases already.
+Tensor mask_as_bias(const Tensor& mask, DType dtype) {
+  if (!mask.defined() || mask.dim() != 2) return mask;
+  return keep_mask_to_bias(mask, dtype).unsqueeze(1);
+}
+}  // namespace
+
+Variable Transformer2DModel::forward(const Variable& x, const Variable& context, const Tensor& encoder_attention_mask,
+                                     const Tensor& attention_mask) const {
+  LOOM_CHECK(x.defined() && x.dim() == 4, "Transformer2DModel: input must be [B, C, H, W], got ",
+             x.defined() ? x.shape() : Shape{});
+  LOOM_CHECK(x.size(1) == config_.in_channels, "Transformer2DModel: input ", x.shape(), " has ", x.size(1),
+             " channels, in_channels is ", config_.in_channels);
+  const int64_t b = x.size(0), height = x.size(2), width = x.size(3), inner = config_.inner_dim();
+  const Tensor enc_bias = mask_as_bias(encoder_attention_mask, x.dtype());
+  const Tensor self_bias = mask_as_bias(attention_mask, x.dtype());
+  Variable h = child_as<nn::UnaryModule>("norm")->forward(x);
+  const auto proj_in = child_as<nn::UnaryModule>("proj_in");
+  if (config_.use_linear_projection) {  // [B, C, H, W] -> [B, H·W, C] -> Linear
+    h = proj_in->forward(reshape(permute(h, {0, 2, 3, 1}), {b, height * width, -1}));
+  } else {  // 1×1 conv, then [B, inner, H, W] -> [B, H·W, inner]
+    h = reshape(permute(proj_in->forward(h), {0, 2, 3, 1}), {b, height * width, inner});
+  }
+  const auto blocks = child_as<nn::ModuleList>("transformer_blocks");
+  for (int64_t i = 0; i < blocks->size(); ++i)
+    h = blocks->at_as<BasicTransformerBlock>(i)->forward(h, context, self_bias, enc_bias);
+  const auto proj_out = child_as<nn::UnaryModule>("proj_out");
+  if (config_.use_linear_projection) {  // Linear, then [B, H·W, C] -> [B, C, H, W]
+    h = permute(reshape(proj_out->forward(h), {b, height, width, -1}), {0, 3, 1, 2});
+  } else {  // [B, H·W, inner] -> [B, inner, H, W], then 1×1 conv
+    h = proj_out->forward(permute(reshape(h, {b, height, width, inner}), {0, 3, 1, 2}));
+  }
+  return h + x;
+}
+
+std::vector<std::pair<std::string, std::shared_ptr<Attention>>> Transformer2DModel::attention_layers() const {
+  std::vector<std::pair<std::string, std::shared_ptr<Attention>>> layers;
+  for (const auto& [name, module] : named_modules())
+    if (auto attn = std::dynamic_pointer_cast<Attention>(module)) layers.emplace_back(name, attn);
+  return layers;
+}
+
+}  // namespace loom::attention
