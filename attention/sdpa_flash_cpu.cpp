@@ -10,8 +10,11 @@
 // Backward, with D = rowsum(dO∘O), per (row n, key range):  for each key tile j,
 // for each query tile i:  P = exp(scale·Q_i·K_jᵀ + M − L_i);  dV_j += Pᵀ·dO_i;
 //   dP = dO_i·V_jᵀ;  dS = P∘(dP − D_i);  dK_j += scale·dSᵀ·Q_i;  dQ_i += scale·dS·K_j.
-// When there are fewer rows n than threads, a row's keys are split into
-// several ranges, each with a private dQ accumulator summed at the end.
+// With at least as many rows n as threads, one pass per row does all of it
+// (the row's dQ belongs to one thread). With fewer rows, a first pass over
+// (row, key tile) computes dK, dV and a second over (row, query tile)
+// recomputes P and dS for dQ: two more tile products, but every thread busy
+// and no per-thread copies of dQ.
 // No buffer of size Q×K exists anywhere: the largest scratch is one tile.
 #include <omp.h>
 
@@ -151,19 +154,38 @@ struct BackwardScratch {
   BackwardScratch(int64_t d, int64_t dv_) : s(kRows, kCols), dp(kRows, kCols), dk(kCols, d), dv(kCols, dv_) {}
 };
 
-struct BackwardOut {
-  void* dq;  // [chunks, N, Q, d] accumulators (chunk c of row n owns slice c)
-  void* dk;
-  void* dv;
+// Inputs of the backward of one problem, as raw pointers.
+template <typename T>
+struct BackwardArgs {
+  const T* lse;    // [N, Q]
+  const T* delta;  // [N, Q] rowsum(dO∘O)
+  const T* dout;   // [N, Q, dv]
+  T* dq;           // [N, Q, d] (unscaled Σ dS·K until the end)
+  T* dk;           // [N, K, d]
+  T* dv;           // [N, K, dv]
 };
 
-// Keys [j0, j1) of row n against every query: accumulates dQ, writes dK, dV.
+// s = P = exp(scale·Q_i·K_jᵀ + M − L_i), dp = dS = P∘(dO_i·V_jᵀ − D_i), for one (query tile, key tile).
+template <typename T, typename Block>
+void recompute_tile(const Flash<T>& f, const BackwardArgs<T>& a, int64_t row, int64_t i0, int64_t j0, Block& s,
+                    Block& dp) {
+  const int64_t br = s.rows(), bc = s.cols();
+  const ConstMap<T> qi = f.q_rows(row, i0, br), kj = f.k_rows(row, j0, bc), vj = f.v_rows(row, j0, bc);
+  const ConstMap<T> doi(a.dout + (row * f.nq + i0) * f.dv, br, f.dv);
+  s.noalias() = (qi * kj.transpose()) * f.scale;
+  f.add_bias(s, row, i0, j0);
+  for (int64_t r = 0; r < br; ++r) s.row(r) = (s.row(r).array() - a.lse[row * f.nq + i0 + r]).exp();
+  dp.noalias() = doi * vj.transpose();  // dO·Vᵀ  [br, bc]
+  for (int64_t r = 0; r < br; ++r)
+    dp.row(r) = s.row(r).cwiseProduct((dp.row(r).array() - a.delta[row * f.nq + i0 + r]).matrix());
+}
+
+// Keys [ja, jb) of row n against every query: writes dK, dV; adds dS·K into dQ when with_dq.
 template <typename T>
-void backward_keys(const Flash<T>& f, int64_t row, int64_t ja, int64_t jb, const T* lse, const T* delta,
-                   const T* dout, T* dq, T* dk_out, T* dv_out, BackwardScratch<T>& w) {
+void backward_keys(const Flash<T>& f, const BackwardArgs<T>& a, int64_t row, int64_t ja, int64_t jb, bool with_dq,
+                   BackwardScratch<T>& w) {
   for (int64_t j0 = ja; j0 < jb; j0 += kCols) {
     const int64_t bc = std::min(kCols, jb - j0);
-    const ConstMap<T> kj = f.k_rows(row, j0, bc), vj = f.v_rows(row, j0, bc);
     auto dk = w.dk.topRows(bc);
     auto dv = w.dv.topRows(bc);
     dk.setZero();
@@ -171,23 +193,32 @@ void backward_keys(const Flash<T>& f, int64_t row, int64_t ja, int64_t jb, const
     const int64_t first_i = f.causal ? (j0 / kRows) * kRows : 0;  // earlier query tiles see none of these keys
     for (int64_t i0 = first_i; i0 < f.nq; i0 += kRows) {
       const int64_t br = std::min(kRows, f.nq - i0);
-      const ConstMap<T> qi = f.q_rows(row, i0, br);
-      const ConstMap<T> doi(dout + (row * f.nq + i0) * f.dv, br, f.dv);
       auto s = w.s.topLeftCorner(br, bc);
-      auto dp = w.dp.topLeftCorner(br, bc);
-      s.noalias() = (qi * kj.transpose()) * f.scale;
-      f.add_bias(s, row, i0, j0);
-      for (int64_t r = 0; r < br; ++r)  // P = exp(S − L)
-        s.row(r) = (s.row(r).array() - lse[row * f.nq + i0 + r]).exp();
-      dv.noalias() += s.transpose() * doi;      // Pᵀ·dO   [bc, dv]
-      dp.noalias() = doi * vj.transpose();     // dO·Vᵀ   [br, bc]
-      for (int64_t r = 0; r < br; ++r)         // dS = P∘(dP − D)
-        dp.row(r) = s.row(r).cwiseProduct((dp.row(r).array() - delta[row * f.nq + i0 + r]).matrix());
-      dk.noalias() += dp.transpose() * qi;     // dSᵀ·Q   [bc, d]
-      MutMap<T>(dq + (row * f.nq + i0) * f.d, br, f.d).noalias() += dp * kj;  // dS·K  [br, d]
+      auto ds = w.dp.topLeftCorner(br, bc);
+      recompute_tile(f, a, row, i0, j0, s, ds);
+      const ConstMap<T> doi(a.dout + (row * f.nq + i0) * f.dv, br, f.dv);
+      dv.noalias() += s.transpose() * doi;                  // Pᵀ·dO  [bc, dv]
+      dk.noalias() += ds.transpose() * f.q_rows(row, i0, br);  // dSᵀ·Q  [bc, d]
+      if (with_dq) MutMap<T>(a.dq + (row * f.nq + i0) * f.d, br, f.d).noalias() += ds * f.k_rows(row, j0, bc);
     }
-    MutMap<T>(dk_out + (row * f.nk + j0) * f.d, bc, f.d) = dk * f.scale;
-    MutMap<T>(dv_out + (row * f.nk + j0) * f.dv, bc, f.dv) = dv;
+    MutMap<T>(a.dk + (row * f.nk + j0) * f.d, bc, f.d) = dk * f.scale;
+    MutMap<T>(a.dv + (row * f.nk + j0) * f.dv, bc, f.dv) = dv;
+  }
+}
+
+// Queries [i0, i1) of row n against every key: dQ rows (unscaled).
+template <typename T>
+void backward_queries(const Flash<T>& f, const BackwardArgs<T>& a, int64_t row, int64_t i0, int64_t i1,
+                      BackwardScratch<T>& w) {
+  const int64_t br = i1 - i0;
+  MutMap<T> dq(a.dq + (row * f.nq + i0) * f.d, br, f.d);
+  for (int64_t j0 = 0; j0 < f.nk; j0 += kCols) {
+    if (f.tile_masked_out(i1, j0)) break;
+    const int64_t bc = std::min(kCols, f.nk - j0);
+    auto s = w.s.topLeftCorner(br, bc);
+    auto ds = w.dp.topLeftCorner(br, bc);
+    recompute_tile(f, a, row, i0, j0, s, ds);
+    dq.noalias() += ds * f.k_rows(row, j0, bc);  // dS·K  [br, d]
   }
 }
 
@@ -209,37 +240,35 @@ SdpaGrads flash_backward(const SdpaProblem& p, const SdpaSaved& saved, const Ten
   row_dots<T>(static_cast<const T*>(grad_out.raw_data()), static_cast<const T*>(saved.out.raw_data()), f.n * f.nq,
               f.dv, static_cast<T*>(delta.raw_data()));
 
-  // Split each row's keys into `chunks` ranges when rows alone cannot keep every thread busy.
-  const int64_t key_tiles = ceil_div(f.nk, kCols);
-  const int64_t chunks = std::clamp<int64_t>(ceil_div(omp_get_max_threads(), f.n), 1, std::max<int64_t>(key_tiles, 1));
-  const int64_t tiles_per_chunk = ceil_div(key_tiles, chunks);
-  Tensor dq_parts = Tensor::zeros({chunks, f.n, f.nq, f.d}, dt, cpu);
   SdpaGrads g;
+  g.dq = Tensor::zeros(p.q.shape(), dt, cpu);
   g.dk = Tensor::empty(p.k.shape(), dt, cpu);
   g.dv = Tensor::empty(p.v.shape(), dt, cpu);
-  T* dq_base = static_cast<T*>(dq_parts.raw_data());
-  const T* lse = static_cast<const T*>(saved.lse.raw_data());
-  const T* dlt = static_cast<const T*>(delta.raw_data());
-  const T* dout = static_cast<const T*>(grad_out.raw_data());
-  T* dk = static_cast<T*>(g.dk.raw_data());
-  T* dv = static_cast<T*>(g.dv.raw_data());
-  const int64_t units = f.n * chunks;
+  const BackwardArgs<T> a{static_cast<const T*>(saved.lse.raw_data()), static_cast<const T*>(delta.raw_data()),
+                          static_cast<const T*>(grad_out.raw_data()), static_cast<T*>(g.dq.raw_data()),
+                          static_cast<T*>(g.dk.raw_data()), static_cast<T*>(g.dv.raw_data())};
+  const int64_t key_tiles = ceil_div(f.nk, kCols), query_tiles = ceil_div(f.nq, kRows);
+  const bool one_pass = f.n >= omp_get_max_threads();
 #pragma omp parallel
   {
     BackwardScratch<T> w(f.d, f.dv);
+    if (one_pass) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t row = u / chunks, c = u % chunks;
-      const int64_t ja = std::min(f.nk, c * tiles_per_chunk * kCols);
-      const int64_t jb = std::min(f.nk, (c + 1) * tiles_per_chunk * kCols);
-      if (ja < jb) backward_keys(f, row, ja, jb, lse, dlt, dout, dq_base + c * f.n * f.nq * f.d, dk, dv, w);
+      for (int64_t row = 0; row < f.n; ++row) backward_keys(f, a, row, 0, f.nk, true, w);
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < f.n * key_tiles; ++u) {
+        const int64_t row = u / key_tiles, j0 = (u % key_tiles) * kCols;
+        backward_keys(f, a, row, j0, std::min(f.nk, j0 + kCols), false, w);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < f.n * query_tiles; ++u) {
+        const int64_t row = u / query_tiles, i0 = (u % query_tiles) * kRows;
+        backward_queries(f, a, row, i0, std::min(f.nq, i0 + kRows), w);
+      }
     }
   }
-  // dQ = scale · Σ_chunks partial dQ
-  g.dq = Tensor::empty(p.q.shape(), dt, cpu);
-  MutMap<T> dq(static_cast<T*>(g.dq.raw_data()), f.n * f.nq, f.d);
-  dq = ConstMap<T>(dq_base, f.n * f.nq, f.d) * f.scale;
-  for (int64_t c = 1; c < chunks; ++c) dq += ConstMap<T>(dq_base + c * f.n * f.nq * f.d, f.n * f.nq, f.d) * f.scale;
+  MutMap<T>(a.dq, f.n * f.nq, f.d) *= f.scale;  // dQ = scale·Σ dS·K
   return g;
 }
 

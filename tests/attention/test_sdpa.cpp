@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdlib>
 
@@ -96,6 +98,21 @@ TEST_P(FlashVsMath, F32WithMasks) {
   for (Case::MaskKind mask : {Case::None, Case::PerKey, Case::PerQuery, Case::Causal})
     compare_backends({2, 3, 77, 333, d, mask}, DType::F32, BackendKind::Flash, 1e-5);
   compare_backends({1, 2, 333, 77, d, Case::PerKey}, DType::F32, BackendKind::Flash, 1e-5);  // cross-attention K = 77
+}
+
+// The flash backward has two schedules: one pass per row when rows ≥ threads, and
+// separate key and query passes when there are fewer rows than threads.
+TEST(FlashVsMath, BothBackwardSchedules) {
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 3, 8}) {
+    omp_set_num_threads(threads);
+    for (Case::MaskKind mask : {Case::None, Case::PerQuery, Case::Causal}) {
+      compare_backends({1, 1, 130, 200, 64, mask}, DType::F64, BackendKind::Flash, 1e-10);
+      compare_backends({1, 2, 77, 129, 40, mask}, DType::F64, BackendKind::Flash, 1e-10);
+      compare_backends({1, 2, 200, 77, 72, mask}, DType::F32, BackendKind::Flash, 1e-5);
+    }
+  }
+  omp_set_num_threads(saved);
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, FlashVsMath, ::testing::Values(40, 64, 72, 80, 96, 128, 160),
