@@ -32,30 +32,6 @@ Variable channels_first_norm(const nn::UnaryModule& norm, const Variable& x) {
   return transpose(norm.forward(transpose(x, 1, 2)), 1, 2);
 }
 
-// 4-D [B, C, H, W] -> [B, H·W, C]; 3-D passes through.
-Variable to_sequence(const Variable& x, int64_t query_dim) {
-  LOOM_CHECK(x.defined(), "Attention: undefined input");
-  LOOM_CHECK(x.dim() == 3 || x.dim() == 4, "Attention: input must be [B, S, C] or [B, C, H, W], got ", x.shape());
-  const Variable seq = x.dim() == 4 ? transpose(reshape(x, {x.size(0), x.size(1), -1}), 1, 2) : x;
-  LOOM_CHECK(seq.size(-1) == query_dim, "Attention: input ", x.shape(), " has ", seq.size(-1),
-             " channels but query_dim is ", query_dim);
-  return seq;
-}
-
-// Back to the input's layout: [B, S, C] -> [B, C, H, W] when the input was 4-D.
-Variable from_sequence(const Variable& y, const Shape& input_shape) {
-  if (input_shape.size() == 3) return y;
-  return reshape(transpose(y, 1, 2), input_shape);
-}
-
-void check_context(const Attention& attn, const Variable& context, int64_t batch, int64_t channels) {
-  LOOM_CHECK(context.dim() == 3, "Attention: context must be [B, K, C], got ", context.shape());
-  LOOM_CHECK(context.size(0) == batch, "Attention: context batch ", context.size(0), " differs from input batch ",
-             batch);
-  LOOM_CHECK(context.size(2) == channels, "Attention: context ", context.shape(), " has ", context.size(2),
-             " channels, expected ", channels, attn.is_added_kv() ? " (added_kv_proj_dim)" : " (cross_attention_dim)");
-}
-
 }  // namespace
 
 // ---- construction --------------------------------------------------------------------
@@ -120,6 +96,34 @@ Variable Attention::forward(const Variable& x, const Variable& context, const Te
 }
 
 // ---- building blocks -----------------------------------------------------------------------
+
+Variable Attention::to_sequence(const Variable& x) const {
+  LOOM_CHECK(x.defined(), "Attention: undefined input");
+  LOOM_CHECK(x.dim() == 3 || x.dim() == 4, "Attention: input must be [B, S, C] or [B, C, H, W], got ", x.shape());
+  // [B, C, H, W] -> [B, C, H·W] -> [B, H·W, C]
+  const Variable seq = x.dim() == 4 ? transpose(reshape(x, {x.size(0), x.size(1), -1}), 1, 2) : x;
+  LOOM_CHECK(seq.size(-1) == options_.query_dim, "Attention: input ", x.shape(), " has ", seq.size(-1),
+             " channels but query_dim is ", options_.query_dim);
+  return seq;
+}
+
+Variable Attention::from_sequence(const Variable& y, const Shape& input_shape) {
+  if (input_shape.size() == 3) return y;
+  return reshape(transpose(y, 1, 2), input_shape);  // [B, S, C] -> [B, C, S] -> [B, C, H, W]
+}
+
+void Attention::check_context(const Variable& context, int64_t batch, int64_t channels) const {
+  LOOM_CHECK(context.dim() == 3, "Attention: context must be [B, K, C], got ", context.shape());
+  LOOM_CHECK(context.size(0) == batch, "Attention: context batch ", context.size(0), " differs from input batch ",
+             batch);
+  LOOM_CHECK(context.size(2) == channels, "Attention: context ", context.shape(), " has ", context.size(2),
+             " channels, expected ", channels, is_added_kv() ? " (added_kv_proj_dim)" : " (cross_attention_dim)");
+}
+
+Variable Attention::finish_output(const Variable& out, const Variable& x) const {
+  const Variable y = options_.residual_connection ? out + x : out;
+  return options_.rescale_output_factor == 1.0 ? y : y / options_.rescale_output_factor;
+}
 
 std::shared_ptr<nn::Linear> Attention::projection(const std::string& name) const {
   auto linear = std::dynamic_pointer_cast<nn::Linear>(find_module(name));
@@ -187,31 +191,28 @@ Variable Attention::project_out(const Variable& x) const {
 
 Variable DefaultProcessor::process(const Attention& attn, const Variable& x, const Variable& context,
                                    const Tensor& mask) const {
-  const AttentionOptions& o = attn.options();
-  const Variable seq = to_sequence(x, o.query_dim);  // [B, Q, C]
+  const Variable seq = attn.to_sequence(x);  // [B, Q, C]
   const Variable h = attn.apply_group_norm(seq);
   Variable ctx = h;  // self-attention: keys and values read the normalised x
   if (context.defined()) {
-    check_context(attn, context, seq.size(0), attn.cross_attention_dim());
+    attn.check_context(context, seq.size(0), attn.cross_attention_dim());
     ctx = attn.apply_norm_cross(context);
   }
   const Variable q = attn.head_to_batch(attn.projection("to_q")->forward(h));
   const Variable k = attn.head_to_batch(attn.projection("to_k")->forward(ctx));
   const Variable v = attn.head_to_batch(attn.projection("to_v")->forward(ctx));
   const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), ctx.size(1));
-  Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));  // [B, Q, C]
-  out = from_sequence(out, x.shape());
-  if (o.residual_connection) out = out + x;
-  return o.rescale_output_factor == 1.0 ? out : out / o.rescale_output_factor;
+  const Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));  // [B, Q, C]
+  return attn.finish_output(Attention::from_sequence(out, x.shape()), x);
 }
 
 Variable AddedKVProcessor::process(const Attention& attn, const Variable& x, const Variable& context,
                                    const Tensor& mask) const {
   const AttentionOptions& o = attn.options();
-  const Variable seq = to_sequence(x, o.query_dim);  // [B, S, C]
+  const Variable seq = attn.to_sequence(x);  // [B, S, C]
   Variable ctx = seq;
   if (context.defined()) {
-    check_context(attn, context, seq.size(0), *o.added_kv_proj_dim);
+    attn.check_context(context, seq.size(0), *o.added_kv_proj_dim);
     ctx = attn.apply_norm_cross(context);
   }
   const Variable h = attn.apply_group_norm(seq);
@@ -224,7 +225,7 @@ Variable AddedKVProcessor::process(const Attention& attn, const Variable& x, con
   }
   const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), k.size(1));
   const Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));
-  return from_sequence(out, x.shape()) + x;  // the residual is always added
+  return Attention::from_sequence(out, x.shape()) + x;  // the residual is always added
 }
 
 Tensor keep_mask_to_bias(const Tensor& keep_mask, DType dtype) {

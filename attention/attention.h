@@ -99,6 +99,14 @@ class Attention : public nn::Module {
   const std::shared_ptr<AttentionProcessor>& processor() const { return processor_; }
 
   // ---- building blocks shared by processors --------------------------------------------
+  // x [B, S, C] as is, or [B, C, H, W] -> [B, H·W, C]; checks C == query_dim.
+  Variable to_sequence(const Variable& x) const;
+  // y [B, S, C] back to the layout of an input of shape `input_shape`.
+  static Variable from_sequence(const Variable& y, const Shape& input_shape);
+  // Checks a context [B, K, channels] against the input batch.
+  void check_context(const Variable& context, int64_t batch, int64_t channels) const;
+  // residual_connection and rescale_output_factor of the classic processor.
+  Variable finish_output(const Variable& out, const Variable& x) const;
   std::shared_ptr<nn::Linear> projection(const std::string& name) const;  // "to_q", "add_k_proj", "to_out.0", ...
   bool has_projection(const std::string& name) const;
   // [B, S, heads·dim_head] -> [B·heads, S, dim_head]

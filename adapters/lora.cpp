@@ -1,0 +1,289 @@
+#include "adapters/lora.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "autograd/ops.h"
+#include "tensor/ops.h"
+
+namespace loom::adapters {
+
+namespace {
+
+bool path_matches(const std::string& path, const std::string& target) {
+  if (path == target) return true;
+  return path.size() > target.size() && path.compare(path.size() - target.size(), target.size(), target) == 0 &&
+         path[path.size() - target.size() - 1] == '.';
+}
+
+// The value of the longest key of `patterns` matching `path`, if any.
+template <typename V>
+std::optional<V> longest_match(const std::map<std::string, V>& patterns, const std::string& path) {
+  std::optional<V> found;
+  size_t best = 0;
+  for (const auto& [key, value] : patterns)
+    if (path_matches(path, key) && key.size() >= best) found = value, best = key.size();
+  return found;
+}
+
+}  // namespace
+
+const std::vector<std::string>& default_lora_targets() {
+  static const std::vector<std::string> targets = {"to_q", "to_k", "to_v", "to_out.0"};
+  return targets;
+}
+
+double LoraModule::scale() const {
+  if (!alpha) return 1.0;
+  return use_rslora ? *alpha / std::sqrt(double(rank)) : *alpha / double(rank);
+}
+
+// ---- LoraAdapter --------------------------------------------------------------------
+
+LoraModule& LoraAdapter::module(const std::string& path) {
+  auto it = modules_.find(path);
+  LOOM_CHECK(it != modules_.end(), "LoRA '", name_, "': no module '", path, "'");
+  return it->second;
+}
+
+std::vector<std::pair<std::string, Variable>> LoraAdapter::named_parameters() const {
+  std::vector<std::pair<std::string, Variable>> params;
+  for (const auto& [path, m] : modules_) {
+    params.emplace_back(path + ".lora_A.weight", m.down);
+    params.emplace_back(path + ".lora_B.weight", m.up);
+  }
+  return params;
+}
+
+std::vector<Variable> LoraAdapter::parameters() const {
+  std::vector<Variable> params;
+  for (const auto& [name, v] : named_parameters()) params.push_back(v);
+  return params;
+}
+
+double LoraAdapter::effective_weight(const std::string& path) const {
+  double block = 1.0;
+  size_t best = 0;
+  for (const auto& [pattern, w] : block_weights_)
+    if (path.find(pattern) != std::string::npos && pattern.size() >= best) block = w, best = pattern.size();
+  return weight_ * block;
+}
+
+// ---- the choke point -------------------------------------------------------------------
+
+Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
+                      const std::string& path) {
+  Variable y = base.base_forward(x);  // W·x + b
+  for (const LoraAdapter* a : adapters) {
+    if (!a->enabled()) continue;
+    const double w = a->effective_weight(path);
+    if (w == 0.0) continue;  // skipped: the base output stays bit for bit
+    const LoraModule& m = a->modules().at(path);
+    // [..., in] -> [..., r] -> [..., out], scaled by w·s
+    y = y + linear(linear(x, m.down), m.up) * (w * m.scale());
+  }
+  return y;
+}
+
+namespace {
+
+// Installed on each adapted projection: routes its forward through lora_forward.
+class LoraExtension final : public nn::LinearExtension {
+ public:
+  LoraExtension(const LoraSet* set, std::string path, std::vector<const LoraAdapter*> adapters)
+      : set_(set), path_(std::move(path)), adapters_(std::move(adapters)) {}
+  Variable forward(const nn::Linear& base, const Variable& x) const override {
+    if (set_->fused()) return base.base_forward(x);  // the adapters are inside W already
+    return lora_forward(base, x, adapters_, path_);
+  }
+  const LoraSet* owner() const { return set_; }
+
+ private:
+  const LoraSet* set_;
+  std::string path_;
+  std::vector<const LoraAdapter*> adapters_;
+};
+
+}  // namespace
+
+// ---- LoraSet ------------------------------------------------------------------------------
+
+LoraSet::LoraSet(std::shared_ptr<nn::Module> model) : model_(std::move(model)) {
+  LOOM_CHECK(model_ != nullptr, "LoraSet: null model");
+  for (const auto& [path, module] : model_->named_modules())
+    if (auto linear = std::dynamic_pointer_cast<nn::Linear>(module)) linears_[path] = linear;
+}
+
+LoraSet::~LoraSet() {
+  try {
+    if (fused_) unfuse();
+    adapters_.clear();
+    refresh_extensions();
+  } catch (...) {  // leave the model as it is rather than throw from a destructor
+  }
+}
+
+LoraAdapter& LoraSet::insert(std::unique_ptr<LoraAdapter> adapter) {
+  adapters_.push_back(std::move(adapter));
+  refresh_extensions();
+  return *adapters_.back();
+}
+
+LoraAdapter& LoraSet::add(const std::string& name, const LoraConfig& config, Generator& gen) {
+  check_not_fused("add");
+  LOOM_CHECK(!name.empty() && !has(name), "LoRA: adapter name '", name, "' is empty or already in use");
+  auto adapter = std::make_unique<LoraAdapter>(name);
+  for (const auto& [path, linear] : linears_) {
+    const bool targeted = std::any_of(config.targets.begin(), config.targets.end(),
+                                      [&](const std::string& t) { return path_matches(path, t); });
+    if (!targeted) continue;
+    LoraModule m;
+    m.rank = longest_match(config.rank_pattern, path).value_or(config.rank);
+    LOOM_CHECK(m.rank > 0, "LoRA '", name, "': rank of '", path, "' must be positive, got ", m.rank);
+    m.alpha = longest_match(config.alpha_pattern, path);
+    if (!m.alpha) m.alpha = config.alpha;
+    m.use_rslora = config.use_rslora;
+    const Tensor& w = linear->weight().tensor();
+    // A ~ N(0, 1/r), B = 0: the adapter starts as the identity change.
+    m.down = Variable(Tensor::randn({m.rank, linear->in_features()}, gen, w.dtype(), w.device(), 0.0,
+                                    1.0 / double(m.rank)), true);
+    m.up = Variable(Tensor::zeros({linear->out_features(), m.rank}, w.dtype(), w.device()), true);
+    adapter->add_module(path, std::move(m));
+  }
+  LOOM_CHECK(!adapter->modules().empty(), "LoRA '", name, "': no Linear of the model matches the targets ",
+             [&] {
+               std::string t;
+               for (const auto& s : config.targets) t += (t.empty() ? "" : ", ") + s;
+               return t;
+             }());
+  model_->set_requires_grad(false);  // only adapter parameters train
+  return insert(std::move(adapter));
+}
+
+LoraAdapter& LoraSet::add_from_weights(const std::string& name, std::map<std::string, LoraModule> modules) {
+  check_not_fused("add_from_weights");
+  LOOM_CHECK(!name.empty() && !has(name), "LoRA: adapter name '", name, "' is empty or already in use");
+  LOOM_CHECK(!modules.empty(), "LoRA '", name, "': no modules given");
+  auto adapter = std::make_unique<LoraAdapter>(name);
+  for (auto& [path, m] : modules) {
+    auto it = linears_.find(path);
+    LOOM_CHECK(it != linears_.end(), "LoRA '", name, "': the model has no Linear '", path, "' (wrong base model?)");
+    const auto& linear = it->second;
+    LOOM_CHECK(m.down.defined() && m.up.defined(), "LoRA '", name, "': '", path, "' lacks its down or up weight");
+    const Shape want_down{m.down.size(0), linear->in_features()}, want_up{linear->out_features(), m.down.size(0)};
+    LOOM_CHECK(m.down.shape() == want_down, "LoRA '", name, "': '", path, ".lora_A.weight' has shape ",
+               m.down.shape(), ", the model needs ", want_down, " (wrong base model?)");
+    LOOM_CHECK(m.up.shape() == want_up, "LoRA '", name, "': '", path, ".lora_B.weight' has shape ", m.up.shape(),
+               ", the model needs ", want_up, " (wrong base model?)");
+    const Tensor& w = linear->weight().tensor();
+    m.rank = m.down.size(0);
+    m.down = Variable(m.down.tensor().to(w.dtype()).to(w.device()), true);
+    m.up = Variable(m.up.tensor().to(w.dtype()).to(w.device()), true);
+    adapter->add_module(path, std::move(m));
+  }
+  model_->set_requires_grad(false);
+  return insert(std::move(adapter));
+}
+
+bool LoraSet::has(const std::string& name) const {
+  return std::any_of(adapters_.begin(), adapters_.end(), [&](const auto& a) { return a->name() == name; });
+}
+
+LoraAdapter& LoraSet::adapter(const std::string& name) {
+  for (auto& a : adapters_)
+    if (a->name() == name) return *a;
+  LOOM_FAIL("LoRA: no adapter named '", name, "' (have: ", [&] {
+    std::string all;
+    for (const auto& n : names()) all += (all.empty() ? "" : ", ") + n;
+    return all.empty() ? std::string("none") : all;
+  }(), ")");
+}
+
+std::vector<std::string> LoraSet::names() const {
+  std::vector<std::string> n;
+  for (const auto& a : adapters_) n.push_back(a->name());
+  return n;
+}
+
+void LoraSet::remove(const std::string& name) {
+  check_not_fused("remove");
+  adapter(name);  // throws when absent
+  adapters_.erase(std::remove_if(adapters_.begin(), adapters_.end(), [&](const auto& a) { return a->name() == name; }),
+                  adapters_.end());
+  refresh_extensions();
+}
+
+void LoraSet::set_weight(const std::string& name, double weight) {
+  check_not_fused("set_weight");
+  adapter(name).weight_ = weight;
+}
+
+void LoraSet::set_block_weight(const std::string& name, const std::string& pattern, double weight) {
+  check_not_fused("set_block_weight");
+  LOOM_CHECK(!pattern.empty(), "LoRA '", name, "': empty block pattern");
+  adapter(name).block_weights_[pattern] = weight;
+}
+
+void LoraSet::enable(const std::string& name, bool on) {
+  check_not_fused(on ? "enable" : "disable");
+  adapter(name).enabled_ = on;
+}
+
+void LoraSet::check_not_fused(const char* op) const {
+  LOOM_CHECK(!fused_, "LoRA ", op, ": the adapters are fused into the base weights; unfuse() first");
+}
+
+void LoraSet::refresh_extensions() {
+  for (const auto& [path, linear] : linears_) {
+    std::vector<const LoraAdapter*> here;
+    for (const auto& a : adapters_)
+      if (a->modules().count(path)) here.push_back(a.get());
+    auto current = std::dynamic_pointer_cast<const LoraExtension>(linear->extension());
+    const bool ours = current && current->owner() == this;
+    if (!here.empty())
+      linear->set_extension(std::make_shared<LoraExtension>(this, path, here));
+    else if (ours)
+      linear->set_extension(nullptr);
+  }
+}
+
+void LoraSet::fuse() {
+  check_not_fused("fuse");
+  NoGradGuard no_grad;
+  for (const auto& [path, linear] : linears_) {
+    const Tensor base = linear->weight().tensor();
+    Tensor delta;  // Σ w·s·B·A in f64, [out, in]
+    for (const auto& a : adapters_) {
+      if (!a->enabled() || !a->modules().count(path)) continue;
+      const double w = a->effective_weight(path);
+      if (w == 0.0) continue;
+      const LoraModule& m = a->modules().at(path);
+      const Tensor term = ops::mul_scalar(
+          ops::matmul(m.up.tensor().to(DType::F64), m.down.tensor().to(DType::F64)), w * m.scale());
+      delta = delta.defined() ? ops::add(delta, term) : term;
+    }
+    if (!delta.defined()) continue;
+    const Tensor fused = ops::add(base.to(DType::F64).reshape(delta.shape()), delta);
+    fused_base_[path] = base;  // the untouched tensor itself: unfuse puts it back
+    model_->set_parameter_data(path + ".weight", fused.to(base.dtype()).reshape(base.shape()));
+  }
+  fused_ = true;
+}
+
+void LoraSet::unfuse() {
+  LOOM_CHECK(fused_, "LoRA unfuse: the adapters are not fused");
+  for (const auto& [path, base] : fused_base_) model_->set_parameter_data(path + ".weight", base);
+  fused_base_.clear();
+  fused_ = false;
+}
+
+std::vector<std::pair<std::string, Variable>> LoraSet::trainable_parameters() const {
+  std::vector<std::pair<std::string, Variable>> params;
+  for (const auto& a : adapters_) {
+    if (!a->enabled()) continue;
+    for (auto& [name, v] : a->named_parameters()) params.emplace_back(a->name() + "." + name, v);
+  }
+  return params;
+}
+
+}  // namespace loom::adapters

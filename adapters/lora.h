@@ -1,0 +1,134 @@
+// LoRA adapters (SPEC §4) over any model whose projections are nn::Linear
+// (Conv1x1 included).
+//
+// Every adapted projection computes, at one choke point (lora_forward):
+//
+//   y = W·x + b + Σ_adapters w·s·B·(A·x)      A = down (r, in), B = up (out, r)
+//
+// with s = alpha/r (alpha/√r with rsLoRA; 1 when no alpha is given) and w the
+// user weight of the adapter (times a per-block weight when one matches). An
+// adapter with effective weight 0, or disabled, is skipped: the output is then
+// the base output bit for bit. The base weight is never modified in place,
+// except by fuse(), which keeps an untouched copy that unfuse() restores.
+//
+// Parameter names of an adapter are "<module path>.lora_A.weight" and
+// "<module path>.lora_B.weight" (module path as in the model's
+// named_parameters, e.g. "transformer_blocks.0.attn1.to_q").
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "nn/linear.h"
+#include "nn/module.h"
+#include "tensor/random.h"
+
+namespace loom::adapters {
+
+// The default LoRA targets of an attention layer.
+const std::vector<std::string>& default_lora_targets();  // to_q, to_k, to_v, to_out.0
+
+struct LoraConfig {
+  int64_t rank = 4;
+  std::optional<double> alpha;  // network_alpha / lora_alpha; none: scale 1
+  bool use_rslora = false;      // s = alpha / √r
+  // A module is adapted when its path equals a target or ends with "." + target.
+  std::vector<std::string> targets = default_lora_targets();
+  // Per-module overrides, keyed like targets (the longest matching key wins).
+  std::map<std::string, int64_t> rank_pattern;
+  std::map<std::string, double> alpha_pattern;
+};
+
+// One adapted projection of one adapter.
+struct LoraModule {
+  Variable down;  // A (r, in)
+  Variable up;    // B (out, r)
+  int64_t rank = 0;
+  std::optional<double> alpha;
+  bool use_rslora = false;
+  double scale() const;  // alpha/r, alpha/√r, or 1
+};
+
+class LoraAdapter {
+ public:
+  explicit LoraAdapter(std::string name) : name_(std::move(name)) {}
+  const std::string& name() const { return name_; }
+
+  const std::map<std::string, LoraModule>& modules() const { return modules_; }
+  LoraModule& module(const std::string& path);  // throws naming the path when absent
+  void add_module(const std::string& path, LoraModule m) { modules_[path] = std::move(m); }
+
+  std::vector<std::pair<std::string, Variable>> named_parameters() const;
+  std::vector<Variable> parameters() const;
+
+  double weight() const { return weight_; }
+  bool enabled() const { return enabled_; }
+  // The weight applied to `path`: weight() × the block weight of the longest matching pattern.
+  double effective_weight(const std::string& path) const;
+
+ private:
+  friend class LoraSet;
+  std::string name_;
+  std::map<std::string, LoraModule> modules_;
+  double weight_ = 1.0;
+  std::map<std::string, double> block_weights_;  // pattern (substring of the path) -> weight
+  bool enabled_ = true;
+};
+
+// y = base(x) + Σ w·s·B(A·x) over the given adapters of one projection: the choke point.
+Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
+                      const std::string& path);
+
+// The adapters attached to one model. Attaching installs one LinearExtension per
+// adapted projection; detaching (remove / destruction) restores plain Linears.
+class LoraSet {
+ public:
+  explicit LoraSet(std::shared_ptr<nn::Module> model);
+  ~LoraSet();
+  LoraSet(const LoraSet&) = delete;
+  LoraSet& operator=(const LoraSet&) = delete;
+
+  // New adapter on every Linear matching config.targets: A ~ N(0, 1/r), B = 0, in the
+  // base weight's dtype and device. Freezes the base model. Throws when nothing matches.
+  LoraAdapter& add(const std::string& name, const LoraConfig& config, Generator& gen = default_generator());
+  // An adapter from given weights (e.g. a file): path -> LoraModule. Every path must be a
+  // Linear of the model and the shapes must fit it; errors name the path and both shapes.
+  LoraAdapter& add_from_weights(const std::string& name, std::map<std::string, LoraModule> modules);
+
+  bool has(const std::string& name) const;
+  LoraAdapter& adapter(const std::string& name);
+  std::vector<std::string> names() const;
+  void remove(const std::string& name);
+
+  void set_weight(const std::string& name, double weight);
+  // Weight for the projections whose path contains `pattern` ("attn2", "transformer_blocks.0").
+  void set_block_weight(const std::string& name, const std::string& pattern, double weight);
+  void enable(const std::string& name, bool on = true);
+  void disable(const std::string& name) { enable(name, false); }
+
+  // W' = W + Σ w·s·B·A in f64 from an untouched copy of W; the adapter terms are then
+  // skipped at run time. unfuse() restores the copy bit for bit.
+  void fuse();
+  void unfuse();
+  bool fused() const { return fused_; }
+
+  // Trainable parameters of all enabled adapters, named "<adapter>.<path>.lora_A.weight".
+  std::vector<std::pair<std::string, Variable>> trainable_parameters() const;
+  nn::Module& model() { return *model_; }
+
+ private:
+  std::shared_ptr<nn::Module> model_;
+  std::vector<std::unique_ptr<LoraAdapter>> adapters_;
+  std::map<std::string, std::shared_ptr<nn::Linear>> linears_;  // every Linear of the model, by path
+  std::map<std::string, Tensor> fused_base_;                    // path -> untouched W while fused
+  bool fused_ = false;
+
+  LoraAdapter& insert(std::unique_ptr<LoraAdapter> adapter);
+  void refresh_extensions();  // (re)installs the extension of every projection with adapters
+  void check_not_fused(const char* op) const;
+};
+
+}  // namespace loom::adapters
