@@ -209,7 +209,12 @@ Variable DefaultProcessor::process(const Attention& attn, const Variable& x, con
 Variable AddedKVProcessor::process(const Attention& attn, const Variable& x, const Variable& context,
                                    const Tensor& mask) const {
   const AttentionOptions& o = attn.options();
-  const Variable seq = attn.to_sequence(x);  // [B, S, C]
+  // As diffusers' AttnAddedKVProcessor: any input is channels first, [B, C, *] -> [B, C, S] -> [B, S, C].
+  LOOM_CHECK(x.defined() && x.dim() >= 3, "Attention (added-KV): input must be [B, C, *], got ",
+             x.defined() ? x.shape() : Shape{});
+  LOOM_CHECK(x.size(1) == o.query_dim, "Attention (added-KV): input ", x.shape(), " has ", x.size(1),
+             " channels but query_dim is ", o.query_dim);
+  const Variable seq = transpose(reshape(x, {x.size(0), x.size(1), -1}), 1, 2);
   Variable ctx = seq;
   if (context.defined()) {
     attn.check_context(context, seq.size(0), *o.added_kv_proj_dim);
@@ -224,8 +229,8 @@ Variable AddedKVProcessor::process(const Attention& attn, const Variable& x, con
     v = cat({v, attn.head_to_batch(attn.projection("to_v")->forward(h))}, 1);
   }
   const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), k.size(1));
-  const Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));
-  return Attention::from_sequence(out, x.shape()) + x;  // the residual is always added
+  const Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));  // [B, S, C]
+  return reshape(transpose(out, 1, 2), x.shape()) + x;  // back to [B, C, *]; the residual is always added
 }
 
 Tensor keep_mask_to_bias(const Tensor& keep_mask, DType dtype) {

@@ -64,7 +64,8 @@ class DefaultProcessor : public AttentionProcessor {
                    const Tensor& mask) const override;
 };
 
-// AttnAddedKVProcessor: keys/values = [add_k_proj(ctx); to_k(x)] (context first).
+// AttnAddedKVProcessor: keys/values = [add_k_proj(ctx); to_k(x)] (context first). As in
+// diffusers, its input is always channels first: [B, C, H, W] or [B, C, L].
 class AddedKVProcessor : public AttentionProcessor {
  public:
   std::string type_name() const override { return "AttnAddedKVProcessor"; }

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include "autograd/ops.h"
 #include "nn/feedforward.h"
@@ -64,6 +65,9 @@ using nlohmann::json;
 
 template <typename T>
 T json_value(const json& j, const std::string& key, const std::string& source) {
+  if constexpr (std::is_same_v<T, int64_t>) {  // nlohmann would truncate 4.5 to 4
+    LOOM_CHECK(j.at(key).is_number_integer(), source, ": key '", key, "' must be an integer, got ", j.at(key).dump());
+  }
   try {
     return j.at(key).get<T>();
   } catch (const json::exception&) {
