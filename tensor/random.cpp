@@ -1,6 +1,9 @@
 #include "tensor/random.h"
 
 #include <cmath>
+#include <cstring>
+
+#include "tensor/error.h"
 
 namespace loom {
 
@@ -47,6 +50,20 @@ double Generator::normal() {
   spare_ = r * std::sin(theta);
   has_spare_ = true;
   return r * std::cos(theta);
+}
+
+std::vector<uint64_t> Generator::state() const {
+  uint64_t spare_bits;
+  std::memcpy(&spare_bits, &spare_, sizeof spare_bits);
+  return {s_[0], s_[1], s_[2], s_[3], uint64_t(has_spare_), spare_bits};
+}
+
+void Generator::set_state(const std::vector<uint64_t>& state) {
+  LOOM_CHECK(state.size() == 6, "Generator::set_state: expected 6 words, got ", state.size());
+  LOOM_CHECK(state[0] | state[1] | state[2] | state[3], "Generator::set_state: an all-zero state is invalid");
+  for (int i = 0; i < 4; ++i) s_[i] = state[size_t(i)];
+  has_spare_ = state[4] != 0;
+  std::memcpy(&spare_, &state[5], sizeof spare_);
 }
 
 Generator& default_generator() {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace loom {
 
@@ -15,6 +16,11 @@ class Generator {
   uint64_t next_u64();
   double uniform();  // [0, 1), 53 random bits
   double normal();   // standard normal (Box–Muller)
+
+  // The complete state (6 words: the xoshiro state, whether a spare normal is
+  // cached, and its bits), so a checkpoint can resume the exact stream.
+  std::vector<uint64_t> state() const;
+  void set_state(const std::vector<uint64_t>& state);  // throws on a wrong size
 
  private:
   uint64_t s_[4];
