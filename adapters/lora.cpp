@@ -61,11 +61,23 @@ std::vector<Variable> LoraAdapter::parameters() const {
   return params;
 }
 
+namespace {
+// Whether `pattern` occurs in `path` as whole dotted components ("transformer_blocks.1" matches
+// "transformer_blocks.1.attn2.to_q" but not "transformer_blocks.10.attn2.to_q").
+bool contains_components(const std::string& path, const std::string& pattern) {
+  for (size_t pos = path.find(pattern); pos != std::string::npos; pos = path.find(pattern, pos + 1)) {
+    const size_t end = pos + pattern.size();
+    if ((pos == 0 || path[pos - 1] == '.') && (end == path.size() || path[end] == '.')) return true;
+  }
+  return false;
+}
+}  // namespace
+
 double LoraAdapter::effective_weight(const std::string& path) const {
   double block = 1.0;
   size_t best = 0;
   for (const auto& [pattern, w] : block_weights_)
-    if (path.find(pattern) != std::string::npos && pattern.size() >= best) block = w, best = pattern.size();
+    if (contains_components(path, pattern) && pattern.size() >= best) block = w, best = pattern.size();
   return weight_ * block;
 }
 
@@ -110,8 +122,14 @@ class LoraExtension final : public nn::LinearExtension {
 
 LoraSet::LoraSet(std::shared_ptr<nn::Module> model) : model_(std::move(model)) {
   LOOM_CHECK(model_ != nullptr, "LoraSet: null model");
-  for (const auto& [path, module] : model_->named_modules())
-    if (auto linear = std::dynamic_pointer_cast<nn::Linear>(module)) linears_[path] = linear;
+  for (const auto& [path, module] : model_->named_modules()) {
+    auto linear = std::dynamic_pointer_cast<nn::Linear>(module);
+    if (!linear) continue;
+    LOOM_CHECK(!linear->extension(), "LoraSet: '", path,
+               "' already carries adapters of another LoraSet; a model holds one LoraSet at a time "
+               "(add several adapters to the same set)");
+    linears_[path] = linear;
+  }
 }
 
 LoraSet::~LoraSet() {

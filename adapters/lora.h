@@ -66,7 +66,8 @@ class LoraAdapter {
 
   double weight() const { return weight_; }
   bool enabled() const { return enabled_; }
-  // The weight applied to `path`: weight() × the block weight of the longest matching pattern.
+  // The weight applied to `path`: weight() × the block weight of the longest pattern found
+  // in the path as whole dotted components.
   double effective_weight(const std::string& path) const;
 
  private:
@@ -82,8 +83,9 @@ class LoraAdapter {
 Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
                       const std::string& path);
 
-// The adapters attached to one model. Attaching installs one LinearExtension per
-// adapted projection; detaching (remove / destruction) restores plain Linears.
+// The adapters attached to one model (a model holds one LoraSet at a time; a set holds
+// any number of adapters). Attaching installs one LinearExtension per adapted
+// projection; detaching (remove / destruction) restores plain Linears.
 class LoraSet {
  public:
   explicit LoraSet(std::shared_ptr<nn::Module> model);
@@ -104,7 +106,8 @@ class LoraSet {
   void remove(const std::string& name);
 
   void set_weight(const std::string& name, double weight);
-  // Weight for the projections whose path contains `pattern` ("attn2", "transformer_blocks.0").
+  // Weight for the projections whose path contains `pattern` as whole dotted components
+  // ("attn2", "transformer_blocks.0" — which does not match transformer_blocks.10).
   void set_block_weight(const std::string& name, const std::string& pattern, double weight);
   void enable(const std::string& name, bool on = true);
   void disable(const std::string& name) { enable(name, false); }

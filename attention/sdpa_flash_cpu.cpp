@@ -31,6 +31,12 @@ namespace {
 
 constexpr int64_t kRows = 64;   // query rows per tile
 constexpr int64_t kCols = 128;  // keys per tile
+// Multiply-adds (N·Q·K·d) below which one thread does the whole problem: a team costs more.
+constexpr double kParallelWork = double(1 << 20);
+
+bool worth_a_team(const SdpaProblem& p) {
+  return double(p.n) * double(p.q_len) * double(p.k_len) * double(std::max(p.d, p.dv)) >= kParallelWork;
+}
 
 template <typename T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -137,7 +143,7 @@ void flash_forward(const SdpaProblem& p, Tensor& out, Tensor& lse) {
   T* o = static_cast<T*>(out.raw_data());
   T* l = static_cast<T*>(lse.raw_data());
   const int64_t tiles = ceil_div(f.nq, kRows), units = f.n * tiles;
-#pragma omp parallel
+#pragma omp parallel if (worth_a_team(p))
   {
     ForwardScratch<T> w(f.d, f.dv);
 #pragma omp for schedule(dynamic, 1)
@@ -248,8 +254,9 @@ SdpaGrads flash_backward(const SdpaProblem& p, const SdpaSaved& saved, const Ten
                           static_cast<const T*>(grad_out.raw_data()), static_cast<T*>(g.dq.raw_data()),
                           static_cast<T*>(g.dk.raw_data()), static_cast<T*>(g.dv.raw_data())};
   const int64_t key_tiles = ceil_div(f.nk, kCols), query_tiles = ceil_div(f.nq, kRows);
-  const bool one_pass = f.n >= omp_get_max_threads();
-#pragma omp parallel
+  const bool team = worth_a_team(p);
+  const bool one_pass = !team || f.n >= omp_get_max_threads();
+#pragma omp parallel if (team)
   {
     BackwardScratch<T> w(f.d, f.dv);
     if (one_pass) {

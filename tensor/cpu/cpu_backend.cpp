@@ -520,7 +520,9 @@ void gemm_one(const GemmBatch& g, int64_t i) {
 // one after another and Eigen threads each. A shared C (stride_c 0) stays serial.
 template <typename T>
 void gemm_batch(const GemmBatch& g) {
-  if (g.batch > 1 && g.stride_c != 0 && g.batch >= omp_get_max_threads()) {
+  // A team only pays off for enough work (multiply-adds); tiny batched products stay serial.
+  const bool large = double(g.m) * double(g.n) * double(g.k) * double(g.batch) >= double(1 << 18);
+  if (large && g.batch > 1 && g.stride_c != 0 && g.batch >= omp_get_max_threads()) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < g.batch; ++i) gemm_one<T>(g, i);
     return;

@@ -7,10 +7,11 @@
 #include <set>
 
 #include "autograd/gradcheck.h"
-#include "op_cases.h"
+#include "autograd/op_cases.h"
 #include "tensor/ops.h"
 
 namespace loom::test {
+using namespace loom::cases;
 namespace {
 
 class OpGradcheck : public ::testing::TestWithParam<size_t> {};

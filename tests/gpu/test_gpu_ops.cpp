@@ -6,10 +6,11 @@
 
 #include <cmath>
 
-#include "../autograd/op_cases.h"
+#include "autograd/op_cases.h"
 #include "tensor/backend.h"
 
 namespace loom::test {
+using namespace loom::cases;
 namespace {
 
 double rel_error(const Tensor& x, const Tensor& ref) {

@@ -1,6 +1,6 @@
-// The op test harness: every differentiable op described once, as a function
+// The op catalogue: every differentiable op described once, as a function
 // of its input Variables plus the shapes and value domains of those inputs.
-// test_gradcheck.cpp runs each case through the f64 gradient check;
+// tests/autograd/test_gradcheck.cpp and `loom gradcheck` run each case through the f64 gradient check;
 // tests/gpu/test_gpu_ops.cpp runs each on CUDA and compares with the CPU in f64.
 #pragma once
 
@@ -11,7 +11,7 @@
 #include "autograd/ops.h"
 #include "tensor/random.h"
 
-namespace loom::test {
+namespace loom::cases {
 
 enum class Domain {
   Any,           // standard normal
@@ -41,4 +41,4 @@ const std::vector<OpCase>& op_cases();
 // whatever dtype and device are asked for (values drawn in f64 on the host).
 std::vector<Variable> make_inputs(const OpCase& c, Generator& gen, DType dtype, Device device);
 
-}  // namespace loom::test
+}  // namespace loom::cases

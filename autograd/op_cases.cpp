@@ -1,8 +1,8 @@
-#include "op_cases.h"
+#include "autograd/op_cases.h"
 
 #include <cmath>
 
-namespace loom::test {
+namespace loom::cases {
 
 namespace {
 
@@ -151,4 +151,4 @@ std::vector<Variable> make_inputs(const OpCase& c, Generator& gen, DType dtype, 
   return vars;
 }
 
-}  // namespace loom::test
+}  // namespace loom::cases

@@ -1,0 +1,306 @@
+// The `loom` command line (SPEC §6): train, run, inspect, convert, gradcheck.
+// Exit codes: 0 ok, 1 a self-check of the built-in task failed, 2 usage,
+// 3 bad or missing input file, 4 numerical failure (non-finite loss or output).
+#include <CLI/CLI.hpp>
+
+#include <cmath>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "adapters/custom_diffusion.h"
+#include "autograd/gradcheck.h"
+#include "autograd/op_cases.h"
+#include "io/adapter_io.h"
+#include "trainer/builtin_task.h"
+#include "trainer/run.h"
+#include "trainer/trainer.h"
+
+namespace {
+
+using namespace loom;
+
+// A command-line mistake found after parsing (exit code 2).
+struct UsageError : Error {
+  using Error::Error;
+};
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// ---- train -------------------------------------------------------------------------------------
+
+struct TrainArgs {
+  std::string model, data, resume, targets = "to_q,to_k,to_v,to_out.0";
+  trainer::TrainOptions options;
+  double alpha = 0;
+  bool builtin_flags_only() const { return model.empty() && data.empty() && resume.empty(); }
+};
+
+void add_train(CLI::App& app, TrainArgs& a) {
+  auto* t = app.add_subcommand("train", "Fine-tune a LoRA or Custom Diffusion adapter (no arguments: the built-in task)");
+  t->add_option("--model", a.model, "Model directory: config.json + model.safetensors / model.h5");
+  t->add_option("--data", a.data, "Data file (safetensors or HDF5): hidden_states, encoder_hidden_states, target");
+  t->add_option("--adapter", a.options.adapter, "lora | custom_diffusion")->capture_default_str();
+  t->add_option("--rank", a.options.rank, "LoRA rank")->capture_default_str();
+  t->add_option("--alpha", a.alpha, "LoRA network_alpha (scale alpha/rank; default: none, scale 1)");
+  t->add_option("--targets", a.targets, "Comma-separated LoRA target modules")->capture_default_str();
+  t->add_flag("--train-q-out", a.options.train_q_out, "Custom Diffusion: also train to_q and to_out (crossattn)");
+  t->add_option("--lr", a.options.lr, "Learning rate")->capture_default_str();
+  t->add_option("--optimizer", a.options.optimizer, "sgd | adam | adamw")->capture_default_str();
+  t->add_option("--steps", a.options.steps, "Optimizer steps")->capture_default_str();
+  t->add_option("--batch-size", a.options.batch_size, "Samples per step")->capture_default_str();
+  t->add_option("--grad-accum", a.options.grad_accum, "Micro-batches accumulated per step")->capture_default_str();
+  t->add_option("--seed", a.options.seed, "Seed (adapter init, shuffling)")->capture_default_str();
+  t->add_option("--scheduler", a.options.scheduler, "constant | constant_with_warmup | linear | cosine")
+      ->capture_default_str();
+  t->add_option("--warmup-steps", a.options.warmup_steps, "LR warm-up steps")->capture_default_str();
+  t->add_option("--max-grad-norm", a.options.max_grad_norm, "Clip the gradient norm (0: off)")->capture_default_str();
+  t->add_option("--checkpoint-every", a.options.checkpoint_every, "Checkpoint every N steps (0: at the end)")
+      ->capture_default_str();
+  t->add_option("--init-adapter", a.options.init_adapter, "Start from this adapter file");
+  t->add_option("--prefix", a.options.prefix, "Block of a full-UNet file, e.g. down_blocks.0.attentions.0");
+  t->add_option("--out", a.options.out_dir, "Output directory")->capture_default_str();
+  t->add_option("--resume", a.resume, "Resume from the checkpoint.h5 in this directory");
+  t->add_flag("--quiet", a.options.quiet, "No progress on stderr");
+}
+
+int run_train(TrainArgs& a, const CLI::App& cmd) {
+  if (a.builtin_flags_only()) {
+    trainer::BuiltinOptions b;
+    b.adapter = a.options.adapter, b.quiet = a.options.quiet, b.seed = a.options.seed;
+    b.out_dir = cmd.count("--out") ? a.options.out_dir : "loom-builtin";
+    b.steps = cmd.count("--steps") ? a.options.steps : 0;
+    if (b.adapter != "lora" && b.adapter != "custom_diffusion")
+      throw UsageError("--adapter must be lora or custom_diffusion, got '" + b.adapter + "'");
+    const trainer::BuiltinReport r = trainer::run_builtin_task(b, std::cout, std::cerr);
+    std::cout << (r.passed ? "built-in task: PASSED" : "built-in task: FAILED") << "\n"
+              << "try: loom run --model " << r.model_dir << " --input " << r.data_path << " --adapter "
+              << r.adapter_path << " --output " << b.out_dir << "/output.safetensors\n";
+    return r.passed ? 0 : 1;
+  }
+  if (a.resume.empty() && (a.model.empty() || a.data.empty()))
+    throw UsageError("train: --model and --data go together (or give neither for the built-in task)");
+  if (a.model.empty()) throw UsageError("train: --resume needs --model and --data too");
+  a.options.targets = split_list(a.targets);
+  if (cmd.count("--alpha")) a.options.alpha = a.alpha;
+  if (!a.resume.empty() && !cmd.count("--out")) a.options.out_dir = a.resume;
+  try {
+    a.options.validate();
+  } catch (const Error& e) {
+    throw UsageError(e.what());
+  }
+  auto model = io::load_model_dir(a.model, a.options.prefix);
+  const trainer::DataSet data = trainer::DataSet::load(a.data, true);
+  const trainer::TrainResult r = trainer::train(model, data, a.options, std::cerr, a.resume);
+  std::cout << "trained " << r.steps << " steps: loss " << r.losses.front() << " -> " << r.losses.back() << "\n"
+            << "adapter: " << r.adapter_path << "\ncheckpoint: " << r.checkpoint_path << "\n";
+  return 0;
+}
+
+// ---- run ---------------------------------------------------------------------------------------
+
+struct RunArgs {
+  std::string model, input, output, prefix, backend;
+  std::vector<std::string> adapters;
+  bool fuse = false;
+  int64_t batch_size = 8;
+};
+
+void add_run(CLI::App& app, RunArgs& a) {
+  auto* r = app.add_subcommand("run", "Run a model (with adapters) on every sample of a data file");
+  r->add_option("--model", a.model, "Model directory")->required();
+  r->add_option("--input", a.input, "Data file with hidden_states (+ encoder_hidden_states, mask)")->required();
+  r->add_option("--output", a.output, "Output file (.safetensors, or .h5 for HDF5) holding 'output'")->required();
+  r->add_option("--adapter", a.adapters, "Adapter file, optionally FILE:WEIGHT; repeatable");
+  r->add_option("--prefix", a.prefix, "Block of a full-UNet file, e.g. down_blocks.0.attentions.0");
+  r->add_option("--backend", a.backend, "Attention backend: math | flash | sliced");
+  r->add_flag("--fuse", a.fuse, "Fuse the LoRA adapters into the weights before running");
+  r->add_option("--batch-size", a.batch_size, "Samples per forward")->capture_default_str();
+}
+
+int run_run(const RunArgs& a) {
+  trainer::RunOptions o;
+  try {
+    o.model_dir = a.model, o.prefix = a.prefix, o.fuse = a.fuse, o.batch_size = a.batch_size;
+    for (const auto& s : a.adapters) o.adapters.push_back(trainer::AdapterSpec::parse(s));
+    if (!a.backend.empty()) o.backend = attention::parse_backend(a.backend, "--backend");
+    if (a.batch_size <= 0) throw Error("--batch-size must be positive");
+  } catch (const Error& e) {
+    throw UsageError(e.what());
+  }
+  const trainer::DataSet inputs = trainer::DataSet::load(a.input, false);
+  const trainer::RunResult r = trainer::run_model(o, inputs);
+  for (const auto& rep : r.reports) std::cerr << rep.summary() << "\n";
+  const bool h5 = a.output.size() > 3 && (a.output.rfind(".h5") == a.output.size() - 3);
+  if (h5)
+    io::write_hdf5(a.output, {{"output", r.output}}, {{"format", std::string("loom")}, {"kind", std::string("output")}});
+  else
+    io::write_safetensors(a.output, {{"output", r.output}});
+  std::cout << "wrote " << a.output << ": output " << r.output.shape() << "\n";
+  return 0;
+}
+
+// ---- inspect -------------------------------------------------------------------------------------
+
+std::string attr_text(const io::AttrValue& v) {
+  std::ostringstream os;
+  std::visit([&](const auto& x) { os << x; }, v);
+  return os.str();
+}
+
+int run_inspect(const std::string& path) {
+  const io::FileFormat format = io::detect_format(path);
+  const io::TensorFile f = io::read_tensor_file(path);
+  std::cout << path << "\n  format   " << io::format_name(format) << "\n  tensors  " << f.tensors.size() << "\n";
+  for (const auto& [k, v] : f.attributes) std::cout << "  attr     " << k << " = " << attr_text(v) << "\n";
+  for (const auto& [k, v] : f.metadata) {
+    std::string shown = v.size() > 200 ? v.substr(0, 200) + "…" : v;
+    std::replace(shown.begin(), shown.end(), '\n', ' ');
+    std::cout << "  metadata " << k << " = " << shown << "\n";
+  }
+  if (io::is_custom_diffusion_file(f)) {
+    std::cout << "  family   custom-diffusion\n";
+  } else {
+    const io::RawLora lora = io::read_raw_lora(f, path);
+    if (!lora.modules.empty()) {
+      std::cout << "  family  ";
+      for (auto fam : lora.families) std::cout << " " << io::family_name(fam);
+      std::cout << "\n  modules  " << lora.modules.size() << " (rank, alpha, scale)\n";
+      for (const auto& [p, m] : lora.modules)
+        std::cout << "    " << p << "  r=" << m.rank() << "  alpha=" << (m.alpha ? std::to_string(*m.alpha) : "none")
+                  << "  scale=" << m.scale() << (m.use_rslora ? " (rsLoRA)" : "") << "\n";
+    }
+  }
+  std::cout << "  tensors (name, dtype, shape):\n";
+  for (const auto& [k, t] : f.tensors) std::cout << "    " << k << "  " << t.dtype() << "  " << t.shape() << "\n";
+  return 0;
+}
+
+// ---- gradcheck -------------------------------------------------------------------------------------
+
+int run_gradcheck(const std::string& filter) {
+  struct Row {
+    std::string name;
+    GradcheckResult r;
+  };
+  std::vector<Row> rows;
+  Generator gen(2024);
+  for (const cases::OpCase& c : cases::op_cases()) {
+    if (!filter.empty() && c.name().find(filter) == std::string::npos) continue;
+    rows.push_back({c.name(), gradcheck(c.fn, cases::make_inputs(c, gen, DType::F64, Device::cpu()))});
+  }
+  // Layers: an attention layer (self, cross with mask, added-KV), a LoRA-adapted one, Custom Diffusion.
+  auto layer_case = [&](const std::string& name, attention::AttentionOptions o, bool context, bool lora, bool cd) {
+    if (!filter.empty() && name.find(filter) == std::string::npos) return;
+    o.dtype = DType::F64;
+    auto attn = std::make_shared<attention::Attention>(o, gen);
+    std::unique_ptr<adapters::LoraSet> set;
+    std::vector<Variable> inputs{Variable(Tensor::randn({2, 3, o.query_dim}, gen, DType::F64), true)};
+    if (o.added_kv_proj_dim) inputs[0] = Variable(Tensor::randn({2, o.query_dim, 3}, gen, DType::F64), true);
+    if (context) inputs.emplace_back(Tensor::randn({2, 4, o.added_kv_proj_dim.value_or(o.query_dim)}, gen, DType::F64), true);
+    if (lora) {
+      set = std::make_unique<adapters::LoraSet>(attn);
+      adapters::LoraConfig cfg;
+      cfg.rank = 2, cfg.alpha = 4.0;
+      for (const auto& [n, m] : set->add("l", cfg, gen).modules()) {
+        m.up.tensor().copy_(Tensor::randn(m.up.shape(), gen, DType::F64));
+        inputs.push_back(m.down), inputs.push_back(m.up);
+      }
+    }
+    if (cd) {
+      attn->set_processor(std::make_shared<adapters::CustomDiffusionProcessor>(*attn, adapters::CustomDiffusionOptions{}));
+      for (const auto& [n, p] : attn->named_parameters())
+        if (n.find("_custom_diffusion") != std::string::npos && n.find("to_q") != std::string::npos) {
+          Variable v = p;
+          inputs.push_back(v.set_requires_grad(true));
+        }
+    }
+    rows.push_back({name, gradcheck([&](const std::vector<Variable>& v) {
+                      return attn->forward(v[0], context ? v[1] : Variable());
+                    }, inputs)});
+  };
+  attention::AttentionOptions base;
+  base.query_dim = 4, base.heads = 2, base.dim_head = 2;
+  layer_case("layer_attention_self", base, false, false, false);
+  layer_case("layer_attention_cross", base, true, false, false);
+  auto added = base;
+  added.added_kv_proj_dim = 3, added.norm_num_groups = 2;
+  layer_case("layer_attention_added_kv", added, true, false, false);
+  layer_case("layer_attention_lora", base, true, true, false);
+  layer_case("layer_custom_diffusion", base, true, false, true);
+
+  int failed = 0;
+  std::cout << std::left << std::setw(34) << "check" << std::setw(8) << "result" << std::setw(12) << "entries"
+            << "max |analytic - numeric|\n";
+  for (const Row& r : rows) {
+    failed += !r.r.ok;
+    std::cout << std::setw(34) << r.name << std::setw(8) << (r.r.ok ? "ok" : "FAIL") << std::setw(12)
+              << r.r.entries_checked << std::scientific << std::setprecision(2) << r.r.max_abs_error
+              << std::defaultfloat << (r.r.ok ? "" : "   " + r.r.message) << "\n";
+  }
+  std::cout << rows.size() - size_t(failed) << "/" << rows.size()
+            << " gradient checks passed (f64 central differences, eps 1e-6, atol 1e-5, rtol 1e-3)\n";
+  return failed ? 4 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"loom: train and run attention adapters (LoRA, Custom Diffusion) for diffusion models"};
+  app.require_subcommand(1);
+  TrainArgs train;
+  RunArgs run;
+  std::string inspect_file, convert_in, convert_out, convert_to = "peft", grad_filter;
+  add_train(app, train);
+  add_run(app, run);
+  auto* inspect = app.add_subcommand("inspect", "Show a weight file: format, key family, tensors, ranks, alphas");
+  inspect->add_option("file", inspect_file, "safetensors or HDF5 file")->required();
+  auto* convert = app.add_subcommand("convert", "Convert an adapter file between key families");
+  convert->add_option("in", convert_in, "Input adapter file")->required();
+  convert->add_option("out", convert_out, "Output file")->required();
+  convert->add_option("--to", convert_to, "diffusers | peft | kohya | loom")->capture_default_str();
+  auto* gradcheck_cmd = app.add_subcommand("gradcheck", "Run the f64 gradient checks of the ops and layers");
+  gradcheck_cmd->add_option("--filter", grad_filter, "Only checks whose name contains this");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
+  try {
+    if (app.got_subcommand("train")) return run_train(train, *app.get_subcommand("train"));
+    if (app.got_subcommand("run")) return run_run(run);
+    if (app.got_subcommand("inspect")) return run_inspect(inspect_file);
+    if (app.got_subcommand("convert")) {
+      io::KeyFamily family;
+      try {
+        family = io::parse_family(convert_to);
+      } catch (const Error& e) {
+        throw UsageError(std::string("--to: ") + e.what());
+      }
+      io::convert_adapter_file(convert_in, convert_out, family);
+      std::cout << "wrote " << convert_out << " (" << convert_to << ")\n";
+      return 0;
+    }
+    if (app.got_subcommand("gradcheck")) return run_gradcheck(grad_filter);
+  } catch (const UsageError& e) {
+    std::cerr << "loom: " << e.what() << "\n(see loom --help)\n";
+    return 2;
+  } catch (const io::FileError& e) {
+    std::cerr << "loom: " << e.what() << "\n";
+    return 3;
+  } catch (const trainer::NumericalError& e) {
+    std::cerr << "loom: " << e.what() << "\n";
+    return 4;
+  } catch (const Error& e) {
+    std::cerr << "loom: " << e.what() << "\n";
+    return 3;
+  }
+  return 2;
+}

@@ -1,0 +1,132 @@
+// Adapter files: every LoRA key family of SPEC §5 in, diffusers/PEFT, kohya,
+// diffusers-legacy-free "diffusers" and loom HDF5 out; Custom Diffusion keys;
+// model directories; load reports.
+//
+// Key families (one `to_q` of `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1`):
+//   diffusers legacy  …attn1.processor.to_q_lora.down.weight   (to_out_lora = to_out.0)
+//   diffusers         …attn1.to_q.lora.down.weight / .lora.up.weight
+//   PEFT              …attn1.to_q.lora_A.weight / .lora_B.weight (+ lora_adapter_metadata JSON)
+//   kohya             lora_unet_down_blocks_0_…_attn1_to_q.lora_down.weight / .lora_up.weight / .alpha
+//   Custom Diffusion  down_blocks.0.…attn2.processor.to_k_custom_diffusion.weight (no `unet.`)
+// A file may mix spellings. Keys are read relative to an optional prefix
+// (e.g. "down_blocks.0.attentions.0"): keys under other blocks are counted as
+// outside the prefix, not as unmatched.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "adapters/lora.h"
+#include "attention/transformer.h"
+#include "io/tensor_file.h"
+#include "nn/module.h"
+
+namespace loom::io {
+
+enum class KeyFamily { DiffusersLegacy, Diffusers, Peft, Kohya, CustomDiffusion, Loom };
+const char* family_name(KeyFamily f);
+// "diffusers" (written as PEFT spelling), "peft", "kohya", "loom", "diffusers-legacy-free" names.
+KeyFamily parse_family(const std::string& name);
+
+struct KeyShapeMismatch {
+  std::string key;
+  Shape expected, got;
+};
+
+struct AdapterLoadReport {
+  std::string file;
+  std::set<KeyFamily> families;
+  std::vector<std::string> matched;         // file keys used
+  std::vector<std::string> unmatched;       // keys (inside the prefix) that fit no module of the model
+  std::vector<std::string> outside_prefix;  // keys of other blocks, skipped
+  std::vector<KeyShapeMismatch> shape_mismatches;
+  std::map<std::string, double> alphas_found;  // module path -> alpha (from .alpha keys or metadata)
+  std::vector<std::string> alphas_defaulted;   // module paths without alpha (scale 1)
+  std::vector<std::string> non_finite;         // keys holding NaN or Inf
+  std::vector<std::string> notes;              // e.g. a base fingerprint that differs
+  bool clean() const { return unmatched.empty() && shape_mismatches.empty() && non_finite.empty(); }
+  std::string summary() const;  // one paragraph for humans
+};
+
+struct AdapterLoadOptions {
+  bool strict = true;  // anything unmatched, mismatched or non-finite is an error
+  std::string prefix;  // block of a full-UNet file, e.g. "down_blocks.0.attentions.0"
+};
+
+// LoRA modules read from a tensor file, keyed by module path in the model.
+struct LoraWeights {
+  std::map<std::string, adapters::LoraModule> modules;
+  AdapterLoadReport report;
+};
+
+// Parses every LoRA key of `file` against the model's Linear layers (shapes checked).
+// Throws FileError when nothing matches, or (strict) when anything is off; the message
+// names the key, both shapes and the hint "wrong base model or prefix?".
+LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn::Module& model,
+                       const AdapterLoadOptions& options = {});
+
+// Reads `path` (safetensors or loom HDF5) and adds it to `set` as adapter `name`.
+AdapterLoadReport load_lora(adapters::LoraSet& set, const std::string& name, const std::string& path,
+                            const AdapterLoadOptions& options = {});
+
+// Writes one adapter in `family` (Peft, Diffusers, Kohya: safetensors; Loom: HDF5), atomically.
+// `prefix` is prepended to module paths (the block of a full UNet the model stands for).
+void save_lora(const adapters::LoraAdapter& adapter, const nn::Module& model, const std::string& path,
+               KeyFamily family = KeyFamily::Peft, const std::string& prefix = "");
+
+// The key → tensor map save_lora would write (for conversion and inspection).
+std::vector<std::pair<std::string, Tensor>> lora_tensors(const adapters::LoraAdapter& adapter, const nn::Module& model,
+                                                         KeyFamily family, const std::string& prefix,
+                                                         std::map<std::string, std::string>* metadata);
+
+// ---- model-free reading (inspect, convert) -------------------------------------------------
+// One LoRA module as stored: tensors as in the file (2-D, or 4-D for 1×1 convs).
+struct RawLoraModule {
+  Tensor down, up;
+  std::optional<double> alpha;
+  bool use_rslora = false;
+  int64_t rank() const { return down.size(0); }
+  double scale() const;
+};
+struct RawLora {
+  std::map<std::string, RawLoraModule> modules;  // full module path (no "unet.")
+  std::set<KeyFamily> families;
+  std::vector<std::string> skipped;  // keys that are not LoRA weights of the UNet
+};
+// Reads every LoRA module of a file without a model; kohya names are split back into
+// diffusers paths with the UNet's vocabulary (down_blocks, transformer_blocks, to_q, ...).
+RawLora read_raw_lora(const TensorFile& file, const std::string& path);
+// The tensors (and metadata) of `lora` in `family` spelling.
+std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora, KeyFamily family,
+                                                             std::map<std::string, std::string>* metadata);
+// Converts an adapter file (LoRA of any family, or Custom Diffusion) to `family`.
+void convert_adapter_file(const std::string& in, const std::string& out, KeyFamily family);
+// The diffusers path of a kohya module name ("lora_unet_down_blocks_0_…_to_q"), or "" when it is not one.
+std::string kohya_to_path(const std::string& kohya_name);
+
+// ---- Custom Diffusion -------------------------------------------------------------------------
+bool is_custom_diffusion_file(const TensorFile& file);
+// Installs Custom Diffusion processors matching the file (to_q_custom_diffusion present:
+// "crossattn", else "crossattn_kv") unless present, and loads the weights.
+AdapterLoadReport load_custom_diffusion(nn::Module& model, const std::string& path,
+                                        const AdapterLoadOptions& options = {});
+// Writes the processor parameters (safetensors unless the path ends with .h5/.hdf5).
+void save_custom_diffusion(const nn::Module& model, const std::string& path, const std::string& prefix = "");
+
+// ---- models ----------------------------------------------------------------------------------
+// A model directory: config.json plus model.safetensors, diffusion_pytorch_model.safetensors
+// or model.h5. With a prefix, only the keys under it are loaded (one block of a full UNet).
+std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string& dir, const std::string& prefix = "",
+                                                              DType dtype = DType::F32);
+// A hex digest of the model's parameters at `paths` (".weight" of each adapted module): the
+// base fingerprint stored with adapters.
+std::string base_fingerprint(const nn::Module& model, const std::vector<std::string>& module_paths);
+
+// True when every element is finite.
+bool all_finite(const Tensor& t);
+
+}  // namespace loom::io

@@ -1,0 +1,176 @@
+// The format-independent parts of io/tensor_file.h: FileError, TensorFile::find, detect_format,
+// read_tensor_file, format_name and the atomic writer shared by both formats.
+#include "io/tensor_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <functional>
+
+namespace loom::io {
+
+FileError::FileError(const std::string& path, const std::string& problem)
+    : Error(path + ": " + problem), path_(path) {}
+
+const Tensor* TensorFile::find(const std::string& name) const {
+  for (const auto& [n, t] : tensors)
+    if (n == name) return &t;
+  return nullptr;
+}
+
+namespace {
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+// Reads up to `n` bytes at `offset`; returns how many were read.
+size_t read_at(int fd, unsigned char* buf, size_t n, off_t offset) {
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::pread(fd, buf + got, n - got, offset + off_t(got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;
+    got += size_t(r);
+  }
+  return got;
+}
+
+constexpr unsigned char kHdf5Signature[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
+constexpr uint64_t kMaxSafetensorsHeader = 100u * 1000u * 1000u;  // SPEC §5: 100 MB
+
+}  // namespace
+
+FileFormat detect_format(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw FileError(path, "cannot open (" + errno_text(errno) + ")");
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw FileError(path, "cannot stat (" + errno_text(err) + ")");
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw FileError(path, S_ISDIR(st.st_mode) ? "is a directory, not a file" : "not a regular file");
+  }
+  unsigned char head[9] = {};
+  const size_t got = read_at(fd, head, sizeof head, 0);
+  // HDF5: the superblock signature is at 0, or at 512, 1024, 2048, ... when there is a user block.
+  bool hdf5 = got >= 8 && std::memcmp(head, kHdf5Signature, 8) == 0;
+  for (off_t off = 512; !hdf5 && off + 8 <= off_t(st.st_size); off *= 2) {
+    unsigned char sig[8];
+    if (read_at(fd, sig, 8, off) == 8 && std::memcmp(sig, kHdf5Signature, 8) == 0) hdf5 = true;
+  }
+  ::close(fd);
+  if (hdf5) return FileFormat::Hdf5;
+  if (got == 9 && head[8] == '{') {
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | head[i];
+    // A plausible header length; read_safetensors reports a truncated file precisely.
+    if (n >= 2 && n <= kMaxSafetensorsHeader) return FileFormat::Safetensors;
+  }
+  throw FileError(path, "not a safetensors or HDF5 file");
+}
+
+TensorFile read_tensor_file(const std::string& path) {
+  switch (detect_format(path)) {
+    case FileFormat::Safetensors: return read_safetensors(path);
+    case FileFormat::Hdf5: return read_hdf5(path);
+  }
+  throw FileError(path, "unknown file format");
+}
+
+const char* format_name(FileFormat f) {
+  switch (f) {
+    case FileFormat::Safetensors: return "safetensors";
+    case FileFormat::Hdf5: return "HDF5";
+  }
+  return "unknown";
+}
+
+// ---- atomic writes --------------------------------------------------------------------------
+
+namespace detail {
+
+// Writes a file atomically: `produce` is handed a function that appends bytes to a temporary file
+// `.<name>.tmp.<pid>` in the target's directory; the file is then fsync'ed and renamed over `path`.
+// On any failure (including an exception from `produce`) the temporary file is removed, the
+// target is left untouched and FileError is thrown. Declared again in io/safetensors.cpp.
+void write_file_atomic_with(const std::string& path,
+                            const std::function<void(const std::function<void(const void*, size_t)>&)>& produce) {
+  if (path.empty()) throw FileError(path, "empty file name");
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (base.empty() || base == "." || base == "..") throw FileError(path, "not a file name");
+  const std::string prefix = (slash == std::string::npos ? "" : path.substr(0, slash + 1)) + "." + base + ".tmp." +
+                             std::to_string(::getpid());
+
+  // Unique within this process too (two threads saving the same path get different names).
+  static std::atomic<unsigned> counter{0};
+  std::string tmp = prefix;
+  int fd = -1;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd >= 0 || errno != EEXIST) break;
+    tmp = prefix + "." + std::to_string(counter.fetch_add(1) + 1);
+  }
+  if (fd < 0)
+    throw FileError(path, "cannot create a temporary file in directory '" + dir + "' (" + errno_text(errno) + ")");
+
+  // Keep the permissions of a file being replaced.
+  struct stat old {};
+  if (::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode)) ::fchmod(fd, old.st_mode & 07777);
+
+  std::string problem;
+  auto fail = [&](const std::string& what) {
+    if (problem.empty()) problem = what;
+  };
+  try {
+    produce([&](const void* data, size_t n) {
+      if (!problem.empty()) return;
+      const char* p = static_cast<const char*>(data);
+      while (n > 0) {
+        const ssize_t w = ::write(fd, p, n > (size_t(1) << 30) ? (size_t(1) << 30) : n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+          fail("cannot write (" + errno_text(w < 0 ? errno : EIO) + ")");
+          return;
+        }
+        p += w;
+        n -= size_t(w);
+      }
+    });
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (problem.empty() && ::fsync(fd) != 0) fail("cannot flush to disk (" + errno_text(errno) + ")");
+  if (::close(fd) != 0) fail("cannot write (" + errno_text(errno) + ")");
+  if (problem.empty() && ::rename(tmp.c_str(), path.c_str()) != 0)
+    fail("cannot rename the temporary file over it (" + errno_text(errno) + ")");
+  if (!problem.empty()) {
+    ::unlink(tmp.c_str());
+    throw FileError(path, problem);
+  }
+  // Make the rename itself durable (best effort: some file systems refuse fsync on directories).
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+}  // namespace detail
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  detail::write_file_atomic_with(path, [&](const std::function<void(const void*, size_t)>& write) {
+    write(bytes.data(), bytes.size());
+  });
+}
+
+}  // namespace loom::io

@@ -1,0 +1,499 @@
+// Adapter files: every key family in and out, conversions that keep outputs,
+// load reports, strict errors, prefixes, Custom Diffusion, model directories,
+// checkpoints that resume exactly (ctest -L io).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "adapters/custom_diffusion.h"
+#include "adapters/lora.h"
+#include "io/adapter_io.h"
+#include "io/checkpoint.h"
+#include "autograd/ops.h"
+#include "optim/optim.h"
+#include "tensor/ops.h"
+
+namespace loom::io {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+double rel_error(const Tensor& x, const Tensor& ref) {
+  const std::vector<double> a = x.to_vector(), b = ref.to_vector();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+  return std::sqrt(num / den);
+}
+
+class TempDir {
+ public:
+  TempDir() : path_(fs::temp_directory_path() / ("loom_io_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  fs::path path_;
+  static inline int counter_ = 0;
+};
+
+attention::Transformer2DConfig tiny_config(bool linear_projection = false) {
+  attention::Transformer2DConfig c;
+  c.in_channels = 4, c.num_attention_heads = 2, c.attention_head_dim = 3, c.num_layers = 2;
+  c.cross_attention_dim = 5, c.norm_num_groups = 2, c.use_linear_projection = linear_projection;
+  return c;
+}
+
+std::shared_ptr<attention::Transformer2DModel> tiny_model(DType dtype = DType::F32, bool linear_projection = false) {
+  Generator gen(11);
+  auto m = std::make_shared<attention::Transformer2DModel>(tiny_config(linear_projection), gen, dtype);
+  m->eval();
+  return m;
+}
+
+struct Inputs {
+  Variable x, ctx;
+};
+Inputs tiny_inputs(DType dtype) {
+  Generator gen(5);
+  return {Variable(Tensor::randn({2, 4, 3, 3}, gen, dtype)), Variable(Tensor::randn({2, 4, 5}, gen, dtype))};
+}
+
+// A LoRA with non-zero up weights (so it changes the output), per-module ranks and alphas.
+adapters::LoraAdapter& trained_like(adapters::LoraSet& set, const std::string& name, uint64_t seed,
+                                    std::vector<std::string> targets = adapters::default_lora_targets()) {
+  adapters::LoraConfig cfg;
+  cfg.rank = 2, cfg.alpha = 3.0, cfg.targets = std::move(targets);
+  cfg.rank_pattern["attn2.to_k"] = 3;
+  cfg.alpha_pattern["attn1.to_v"] = 1.5;
+  Generator gen(seed);
+  adapters::LoraAdapter& a = set.add(name, cfg, gen);
+  for (const auto& [path, m] : a.modules()) {
+    const Tensor& up = m.up.tensor();
+    m.up.tensor().copy_(Tensor::randn(up.shape(), gen, up.dtype(), up.device(), 0.0, 0.5));
+  }
+  return a;
+}
+
+Tensor run(const attention::Transformer2DModel& m, const Inputs& in) {
+  NoGradGuard ng;
+  return m.forward(in.x, in.ctx).tensor();
+}
+
+// ---- LoRA families ---------------------------------------------------------------------
+
+class LoraFamilies : public ::testing::TestWithParam<KeyFamily> {};
+
+TEST_P(LoraFamilies, SaveLoadKeepsTheOutput) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  Tensor want;
+  {
+    adapters::LoraSet set(model);
+    adapters::LoraAdapter& a = trained_like(set, "a", 3, {"to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"});
+    want = run(*model, in);
+    save_lora(a, *model, dir.file("a.bin"), GetParam());
+  }
+  auto fresh = tiny_model();
+  adapters::LoraSet set(fresh);
+  const AdapterLoadReport r = load_lora(set, "a", dir.file("a.bin"));
+  EXPECT_TRUE(r.clean()) << r.summary();
+  EXPECT_TRUE(r.families.count(GetParam())) << r.summary();
+  EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << family_name(GetParam());
+  EXPECT_NE(run(*fresh, in).to_vector(), run(*tiny_model(), in).to_vector());  // the adapter does something
+}
+
+INSTANTIATE_TEST_SUITE_P(Io, LoraFamilies,
+                         ::testing::Values(KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom),
+                         [](const auto& info) { return std::string(family_name(info.param)) == "diffusers" ? "diffusers" : family_name(info.param); });
+
+TEST(LoraConvert, EveryPairOfFamiliesRoundTripsTheOutput) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  trained_like(set, "src", 9);
+  const Tensor want = run(*model, in);
+  const std::vector<KeyFamily> families{KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom};
+  for (KeyFamily from : families)
+    for (KeyFamily to : families) {
+      save_lora(set.adapter("src"), *model, dir.file("from"), from);
+      auto m1 = tiny_model();
+      adapters::LoraSet s1(m1);
+      load_lora(s1, "x", dir.file("from"));
+      save_lora(s1.adapter("x"), *m1, dir.file("to"), to);
+      auto m2 = tiny_model();
+      adapters::LoraSet s2(m2);
+      load_lora(s2, "y", dir.file("to"));
+      EXPECT_LE(rel_error(run(*m2, in), want), 1e-6) << family_name(from) << " -> " << family_name(to);
+    }
+}
+
+TEST(LoraConvert, FileConversionWithoutAModelKeepsTheOutput) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  trained_like(set, "src", 13, {"to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj"});
+  const Tensor want = run(*model, in);
+  const std::vector<KeyFamily> families{KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom};
+  for (KeyFamily from : families)
+    for (KeyFamily to : families) {
+      save_lora(set.adapter("src"), *model, dir.file("in"), from, "down_blocks.2.attentions.1");
+      convert_adapter_file(dir.file("in"), dir.file("out"), to);
+      auto fresh = tiny_model();
+      adapters::LoraSet s(fresh);
+      AdapterLoadOptions o;
+      o.prefix = "down_blocks.2.attentions.1";
+      const AdapterLoadReport r = load_lora(s, "c", dir.file("out"), o);
+      EXPECT_TRUE(r.families.count(to)) << r.summary();
+      EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << family_name(from) << " -> " << family_name(to);
+    }
+}
+
+TEST(LoraRead, KohyaNamesSplitBackIntoDiffusersPaths) {
+  EXPECT_EQ(kohya_to_path("lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_out_0"),
+            "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0");
+  EXPECT_EQ(kohya_to_path("lora_unet_mid_block_attentions_0_proj_in"), "mid_block.attentions.0.proj_in");
+  EXPECT_EQ(kohya_to_path("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj"),
+            "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj");
+  EXPECT_EQ(kohya_to_path("lora_te_text_model_encoder_layers_0_mlp_fc1"), "");
+}
+
+TEST(LoraRead, LegacyDiffusersAndMixedSpellingsInOneFile) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraConfig cfg;
+  cfg.rank = 2;  // no alpha: scale 1
+  Generator gen(4);
+  adapters::LoraAdapter& a = set.add("a", cfg, gen);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  int i = 0;
+  for (const auto& [path, m] : a.modules()) {
+    m.up.tensor().copy_(Tensor::randn(m.up.shape(), gen, DType::F32, Device::cpu(), 0.0, 0.5));
+    const std::string proc = path.substr(0, path.rfind(".to_"));
+    std::string proj = path.substr(path.rfind(".to_") + 1);
+    switch (i++ % 3) {
+      case 0:  // legacy: …attn1.processor.to_q_lora.down.weight, to_out_lora for to_out.0
+        if (proj == "to_out.0") proj = "to_out";
+        tensors.emplace_back("unet." + proc + ".processor." + proj + "_lora.down.weight", m.down.tensor());
+        tensors.emplace_back("unet." + proc + ".processor." + proj + "_lora.up.weight", m.up.tensor());
+        break;
+      case 1:
+        tensors.emplace_back("unet." + path + ".lora.down.weight", m.down.tensor());
+        tensors.emplace_back("unet." + path + ".lora.up.weight", m.up.tensor());
+        break;
+      default:
+        tensors.emplace_back("unet." + path + ".lora_A.weight", m.down.tensor());
+        tensors.emplace_back("unet." + path + ".lora_B.weight", m.up.tensor());
+    }
+  }
+  const Tensor want = run(*model, in);
+  write_safetensors(dir.file("mixed.safetensors"), tensors);
+  auto fresh = tiny_model();
+  adapters::LoraSet s(fresh);
+  const AdapterLoadReport r = load_lora(s, "m", dir.file("mixed.safetensors"));
+  EXPECT_EQ(r.families.size(), 3u) << r.summary();
+  EXPECT_EQ(r.alphas_defaulted.size(), a.modules().size());
+  EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6);
+}
+
+TEST(LoraRead, KohyaAlphaOfAnyDtypeAndPeftMetadata) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 21);
+  std::map<std::string, std::string> meta;
+  auto tensors = lora_tensors(a, *model, KeyFamily::Kohya, "", &meta);
+  for (auto& [key, t] : tensors)  // alphas as i64 or f16, as kohya files have them
+    if (key.size() > 6 && key.substr(key.size() - 6) == ".alpha")
+      t = t.item() == std::round(t.item()) ? Tensor::from_vector(std::vector<int64_t>{int64_t(t.item())}, {})
+                                           : t.to(DType::F16);
+  write_safetensors(dir.file("k.safetensors"), tensors, meta);
+  auto fresh = tiny_model();
+  adapters::LoraSet s(fresh);
+  const AdapterLoadReport r = load_lora(s, "k", dir.file("k.safetensors"));
+  EXPECT_EQ(r.alphas_found.size(), a.modules().size());
+  for (const auto& [path, m] : a.modules())
+    EXPECT_NEAR(s.adapter("k").modules().at(path).scale(), m.scale(), 1e-3) << path;
+
+  save_lora(a, *model, dir.file("p.safetensors"), KeyFamily::Peft);  // alphas only in lora_adapter_metadata
+  auto fresh2 = tiny_model();
+  adapters::LoraSet s2(fresh2);
+  const AdapterLoadReport r2 = load_lora(s2, "p", dir.file("p.safetensors"));
+  for (const auto& [path, m] : a.modules()) {
+    EXPECT_EQ(s2.adapter("p").modules().at(path).rank, m.rank) << path;
+    EXPECT_DOUBLE_EQ(s2.adapter("p").modules().at(path).scale(), m.scale()) << path;
+  }
+}
+
+TEST(LoraRead, StrictErrorsNameTheKeyAndBothShapes) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 2);
+  auto tensors = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
+  tensors[0].second = Tensor::zeros({2, 7});  // wrong in_features
+  write_safetensors(dir.file("bad.safetensors"), tensors);
+  auto fresh = tiny_model();
+  adapters::LoraSet s(fresh);
+  const std::string err = error_of([&] { load_lora(s, "b", dir.file("bad.safetensors")); });
+  EXPECT_THAT(err, HasSubstr(tensors[0].first));
+  EXPECT_THAT(err, HasSubstr("[2, 7]"));
+  EXPECT_THAT(err, HasSubstr("wrong base model or prefix?"));
+  EXPECT_FALSE(s.has("b"));  // nothing partly loaded
+
+  AdapterLoadOptions lenient;
+  lenient.strict = false;
+  const AdapterLoadReport r = load_lora(s, "b", dir.file("bad.safetensors"), lenient);
+  EXPECT_EQ(r.shape_mismatches.size(), 1u);
+
+  auto extra = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
+  extra.emplace_back("unet.transformer_blocks.7.attn1.to_q.lora_A.weight", Tensor::zeros({2, 6}));
+  write_safetensors(dir.file("extra.safetensors"), extra);
+  EXPECT_THAT(error_of([&] { load_lora(s, "c", dir.file("extra.safetensors")); }),
+              HasSubstr("transformer_blocks.7.attn1.to_q.lora_A.weight"));
+}
+
+TEST(LoraRead, AFileThatMatchesNothingIsAnError) {
+  TempDir dir;
+  write_safetensors(dir.file("other.safetensors"), {{"some.unrelated.weight", Tensor::zeros({2, 2})}});
+  auto model = tiny_model();
+  adapters::LoraSet s(model);
+  AdapterLoadOptions lenient;
+  lenient.strict = false;
+  EXPECT_THAT(error_of([&] { load_lora(s, "x", dir.file("other.safetensors"), lenient); }),
+              HasSubstr("no LoRA key matches"));
+}
+
+TEST(LoraRead, NonFiniteWeightsAreReportedAndRefusedByStrictLoads) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 8);
+  auto tensors = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
+  std::vector<double> v = tensors[1].second.to_vector();
+  v[0] = NAN;
+  tensors[1].second = Tensor::from_values(v, tensors[1].second.shape());
+  write_safetensors(dir.file("nan.safetensors"), tensors);
+  auto fresh = tiny_model();
+  adapters::LoraSet s(fresh);
+  EXPECT_THAT(error_of([&] { load_lora(s, "n", dir.file("nan.safetensors")); }), HasSubstr("NaN"));
+  AdapterLoadOptions lenient;
+  lenient.strict = false;
+  EXPECT_EQ(load_lora(s, "n", dir.file("nan.safetensors"), lenient).non_finite.size(), 1u);
+}
+
+TEST(LoraRead, PrefixSelectsOneBlockOfAFullUnetFile) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 5);
+  const Tensor want = run(*model, in);
+  for (KeyFamily family : {KeyFamily::Peft, KeyFamily::Kohya}) {
+    // The same adapter as block down_blocks.1.attentions.0 of a UNet, plus another block's keys.
+    std::map<std::string, std::string> meta;  // PEFT keeps its alphas in the metadata
+    auto tensors = lora_tensors(a, *model, family, "down_blocks.1.attentions.0", &meta);
+    auto other = lora_tensors(a, *model, family, "up_blocks.2.attentions.1", nullptr);
+    tensors.insert(tensors.end(), other.begin(), other.end());
+    write_safetensors(dir.file("unet.safetensors"), tensors, meta);
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    AdapterLoadOptions o;
+    o.prefix = "down_blocks.1.attentions.0";
+    const AdapterLoadReport r = load_lora(s, "u", dir.file("unet.safetensors"), o);
+    EXPECT_EQ(r.outside_prefix.size(), other.size()) << family_name(family);
+    EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << family_name(family);
+    auto fresh2 = tiny_model();
+    adapters::LoraSet s2(fresh2);
+    o.prefix = "mid_block.attentions.0";
+    EXPECT_THAT(error_of([&] { load_lora(s2, "u", dir.file("unet.safetensors"), o); }), HasSubstr("prefix"));
+  }
+}
+
+TEST(LoraWrite, RefusesNonFiniteWeightsAndKeepsThePreviousFile) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 1);
+  save_lora(a, *model, dir.file("a.safetensors"));
+  const auto before = read_safetensors(dir.file("a.safetensors")).tensors.size();
+  a.modules().begin()->second.down.tensor().fill_(INFINITY);
+  EXPECT_THAT(error_of([&] { save_lora(a, *model, dir.file("a.safetensors")); }), HasSubstr("NaN or Inf"));
+  EXPECT_EQ(read_safetensors(dir.file("a.safetensors")).tensors.size(), before);
+}
+
+TEST(LoraWrite, LoomHdf5CarriesRankAlphaConventionTargetsAndFingerprint) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 1);
+  save_lora(a, *model, dir.file("a.h5"), KeyFamily::Loom);
+  const TensorFile f = read_hdf5(dir.file("a.h5"));
+  EXPECT_EQ(std::get<std::string>(f.attributes.at("format")), "loom");
+  EXPECT_EQ(std::get<std::string>(f.attributes.at("kind")), "lora");
+  EXPECT_THAT(std::get<std::string>(f.attributes.at("targets")), HasSubstr("to_q"));
+  EXPECT_FALSE(std::get<std::string>(f.attributes.at("base_fingerprint")).empty());
+  const Attributes& k = f.group_attributes.at("transformer_blocks.0.attn2.to_k");
+  EXPECT_EQ(std::get<int64_t>(k.at("rank")), 3);
+  EXPECT_DOUBLE_EQ(std::get<double>(k.at("alpha")), 3.0);
+  EXPECT_EQ(std::get<std::string>(k.at("scaling")), "alpha/r");
+
+  // A different base: the load works and notes the fingerprint.
+  Generator gen(99);
+  auto other = std::make_shared<attention::Transformer2DModel>(tiny_config(), gen);
+  adapters::LoraSet s(other);
+  const AdapterLoadReport r = load_lora(s, "a", dir.file("a.h5"));
+  ASSERT_FALSE(r.notes.empty());
+  EXPECT_THAT(r.notes[0], HasSubstr("different base weights"));
+}
+
+// ---- Custom Diffusion -------------------------------------------------------------------
+
+TEST(CustomDiffusionFiles, SaveLoadKeepsTheOutputInBothFormats) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  for (const std::string recipe : {"crossattn_kv", "crossattn"})
+    for (const std::string file : {"cd.safetensors", "cd.h5"}) {
+      auto model = tiny_model();
+      const auto params = adapters::apply_custom_diffusion(*model, recipe);
+      Generator gen(3);
+      for (const auto& [name, p] : params)
+        p.tensor().copy_(ops::add(p.tensor(), Tensor::randn(p.shape(), gen, DType::F32, Device::cpu(), 0.0, 0.1)));
+      const Tensor want = run(*model, in);
+      save_custom_diffusion(*model, dir.file(file), "down_blocks.0.attentions.1");
+      const TensorFile f = read_tensor_file(dir.file(file));
+      EXPECT_EQ(f.tensors.front().first.rfind("down_blocks.0.attentions.1.transformer_blocks.0.attn2.processor.", 0), 0u)
+          << f.tensors.front().first;
+      auto fresh = tiny_model();
+      AdapterLoadOptions o;
+      o.prefix = "down_blocks.0.attentions.1";
+      const AdapterLoadReport r = load_custom_diffusion(*fresh, dir.file(file), o);
+      EXPECT_TRUE(r.clean()) << r.summary();
+      EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << recipe << " " << file;
+    }
+}
+
+// ---- model directories --------------------------------------------------------------------------
+
+TEST(ModelDir, LoadsConfigAndWeightsAndABlockOfAFullUnetFile) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  {
+    std::ofstream cfg(dir.file("config.json"));
+    cfg << R"({"_class_name": "Transformer2DModel", "in_channels": 4, "num_attention_heads": 2,
+              "attention_head_dim": 3, "num_layers": 2, "cross_attention_dim": 5, "norm_num_groups": 2})";
+  }
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& [k, t] : model->state_dict()) tensors.emplace_back("mid_block.attentions.0." + k, t);
+  tensors.emplace_back("conv_in.weight", Tensor::zeros({3}));
+  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), tensors);
+  const auto loaded = load_model_dir(dir.file(""), "mid_block.attentions.0");
+  EXPECT_EQ(run(*loaded, in).to_vector(), run(*model, in).to_vector());
+  EXPECT_THAT(error_of([&] { load_model_dir(dir.file("")); }), HasSubstr("diffusion_pytorch_model.safetensors"));
+  EXPECT_THAT(error_of([&] { load_model_dir(dir.file("nowhere")); }), HasSubstr("config.json"));
+}
+
+// ---- checkpoints ---------------------------------------------------------------------------------
+
+// N steps of Adam on a LoRA, with batches drawn from `gen`; from a checkpoint when given.
+struct TrainingRun {
+  std::shared_ptr<attention::Transformer2DModel> model = tiny_model(DType::F32);
+  std::unique_ptr<adapters::LoraSet> set = std::make_unique<adapters::LoraSet>(model);
+  std::unique_ptr<optim::Optimizer> opt;
+  Generator gen{1234};
+  int64_t step = 0;
+
+  TrainingRun() {
+    adapters::LoraConfig cfg;
+    cfg.rank = 2, cfg.alpha = 2.0;
+    Generator init(7);
+    set->add("default", cfg, init);
+    opt = optim::make_optimizer("adamw", set->trainable_parameters(), 1e-2);
+  }
+  void train(int64_t steps) {
+    Generator data(42);
+    const Tensor xs = Tensor::randn({6, 4, 3, 3}, data), ctx = Tensor::randn({6, 4, 5}, data);
+    const Tensor target = Tensor::randn({6, 4, 3, 3}, data);
+    for (int64_t i = 0; i < steps; ++i, ++step) {
+      const int64_t b = int64_t(gen.uniform() * 5);  // a random batch of 2 from the stream
+      opt->zero_grad();
+      const Variable y = model->forward(Variable(xs.narrow(0, b, 2)), Variable(ctx.narrow(0, b, 2)));
+      loom::mse_loss(y, Variable(target.narrow(0, b, 2))).backward();
+      opt->step();
+    }
+  }
+  Checkpoint checkpoint() const {
+    Checkpoint c;
+    c.adapter_kind = "lora";
+    for (const auto& [n, v] : set->trainable_parameters()) c.adapter.emplace_back(n, v.tensor());
+    c.optimizer = opt->state_dict();
+    c.step = step;
+    c.rng_state = gen.state();
+    c.options_json = R"({"optimizer": "adamw", "lr": 0.01})";
+    return c;
+  }
+  void restore(const Checkpoint& c) {
+    const auto params = set->trainable_parameters();
+    ASSERT_EQ(c.adapter.size(), params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      ASSERT_EQ(c.adapter[i].first, params[i].first);
+      params[i].second.tensor().copy_(c.adapter[i].second);
+    }
+    opt->load_state_dict(c.optimizer);
+    gen.set_state(c.rng_state);
+    step = c.step;
+  }
+  std::vector<double> weights() const {
+    std::vector<double> all;
+    for (const auto& [n, v] : set->trainable_parameters()) {
+      const auto w = v.tensor().to_vector();
+      all.insert(all.end(), w.begin(), w.end());
+    }
+    return all;
+  }
+};
+
+TEST(Checkpoint, ResumingGivesTheUninterruptedRunBitForBit) {
+  TempDir dir;
+  TrainingRun straight;
+  straight.train(7);
+  TrainingRun first;
+  first.train(3);
+  save_checkpoint(dir.file("ckpt.h5"), first.checkpoint());
+  TrainingRun resumed;
+  resumed.restore(load_checkpoint(dir.file("ckpt.h5")));
+  EXPECT_EQ(resumed.step, 3);
+  resumed.train(4);
+  EXPECT_EQ(resumed.weights(), straight.weights());
+  EXPECT_NE(first.weights(), straight.weights());
+}
+
+TEST(Checkpoint, AForeignFileIsRefused) {
+  TempDir dir;
+  write_hdf5(dir.file("x.h5"), {{"a", Tensor::zeros({2})}}, {{"format", std::string("loom")}, {"kind", std::string("lora")}});
+  EXPECT_THAT(error_of([&] { load_checkpoint(dir.file("x.h5")); }), HasSubstr("not a loom checkpoint"));
+}
+
+}  // namespace
+}  // namespace loom::io

@@ -1,0 +1,74 @@
+#include "trainer/run.h"
+
+#include <cmath>
+#include <cstdlib>
+
+#include "adapters/lora.h"
+#include "tensor/ops.h"
+
+namespace loom::trainer {
+
+AdapterSpec AdapterSpec::parse(const std::string& text) {
+  AdapterSpec spec{text, 1.0};
+  const size_t colon = text.rfind(':');
+  if (colon == std::string::npos || colon + 1 == text.size()) return spec;
+  const std::string tail = text.substr(colon + 1);
+  char* end = nullptr;
+  const double w = std::strtod(tail.c_str(), &end);
+  if (end && *end == '\0' && std::isfinite(w)) {
+    spec.path = text.substr(0, colon);
+    spec.weight = w;
+  }
+  LOOM_CHECK(!spec.path.empty(), "--adapter '", text, "': no file name");
+  return spec;
+}
+
+namespace {
+
+// Runs the model over the samples in batches (no graph), returning (N, C, H, W).
+Tensor forward_all(const attention::Transformer2DModel& model, const DataSet& data, int64_t batch) {
+  NoGradGuard no_grad;
+  std::vector<Tensor> outs;
+  for (int64_t i = 0; i < data.size(); i += batch) {
+    const int64_t n = std::min(batch, data.size() - i);
+    auto slice = [&](const Tensor& t) { return t.defined() ? t.narrow(0, i, n) : t; };
+    const Variable ctx = data.encoder_hidden_states.defined() ? Variable(slice(data.encoder_hidden_states)) : Variable();
+    outs.push_back(model.forward(Variable(slice(data.hidden_states)), ctx, slice(data.encoder_attention_mask)).tensor());
+  }
+  return outs.size() == 1 ? outs[0] : ops::cat(outs, 0);
+}
+
+}  // namespace
+
+RunResult run_model(const RunOptions& o, const DataSet& inputs) {
+  LOOM_CHECK(o.batch_size > 0, "run: batch size must be positive");
+  auto model = io::load_model_dir(o.model_dir, o.prefix);
+  model->eval();
+  std::optional<attention::ScopedAttentionBackend> scoped;
+  if (o.backend) scoped.emplace(*o.backend);
+  RunResult result;
+  std::unique_ptr<adapters::LoraSet> lora;
+  io::AdapterLoadOptions lo;
+  lo.prefix = o.prefix;
+  lo.strict = o.strict;
+  for (size_t i = 0; i < o.adapters.size(); ++i) {
+    const AdapterSpec& spec = o.adapters[i];
+    if (io::is_custom_diffusion_file(io::read_tensor_file(spec.path))) {
+      LOOM_CHECK(spec.weight == 1.0, "--adapter ", spec.path, ":", spec.weight,
+                 ": Custom Diffusion adapters take no weight (they replace projections)");
+      result.reports.push_back(io::load_custom_diffusion(*model, spec.path, lo));
+      continue;
+    }
+    if (!lora) lora = std::make_unique<adapters::LoraSet>(model);
+    const std::string name = "adapter" + std::to_string(i);
+    result.reports.push_back(io::load_lora(*lora, name, spec.path, lo));
+    lora->set_weight(name, spec.weight);
+  }
+  if (o.fuse && lora) lora->fuse();
+  result.output = forward_all(*model, inputs, o.batch_size);
+  for (double v : result.output.to_vector())
+    if (!std::isfinite(v)) throw NumericalError("run: the output holds NaN or Inf");
+  return result;
+}
+
+}  // namespace loom::trainer

@@ -1,0 +1,41 @@
+// Inference with adapters: what `loom run` does. Loads a model directory, attaches
+// any number of adapter files (LoRA of any key family, each with a weight; or a
+// Custom Diffusion file), optionally fuses, and runs every sample of a data file.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "attention/sdpa.h"
+#include "io/adapter_io.h"
+#include "trainer/trainer.h"
+
+namespace loom::trainer {
+
+struct AdapterSpec {
+  std::string path;
+  double weight = 1.0;
+  // "FILE" or "FILE:WEIGHT" (the last ':' followed by a number); throws naming the text.
+  static AdapterSpec parse(const std::string& text);
+};
+
+struct RunOptions {
+  std::string model_dir;
+  std::string prefix;  // block of a full-UNet weight file (model and adapters)
+  std::vector<AdapterSpec> adapters;
+  std::optional<attention::BackendKind> backend;
+  bool fuse = false;
+  int64_t batch_size = 8;  // samples per forward
+  bool strict = true;
+};
+
+struct RunResult {
+  Tensor output;  // (N, C, H, W)
+  std::vector<io::AdapterLoadReport> reports;
+};
+
+// Throws io::FileError for bad inputs, NumericalError when an output is not finite.
+RunResult run_model(const RunOptions& options, const DataSet& inputs);
+
+}  // namespace loom::trainer

@@ -1,0 +1,351 @@
+#include "trainer/trainer.h"
+
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <chrono>
+#include <cmath>
+#include <iomanip>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <sstream>
+
+#include "adapters/custom_diffusion.h"
+#include "adapters/lora.h"
+#include "autograd/ops.h"
+#include "io/adapter_io.h"
+#include "io/checkpoint.h"
+#include "nn/norm.h"
+#include "optim/optim.h"
+#include "tensor/ops.h"
+#include "trainer/plot.h"
+
+namespace loom::trainer {
+
+using nlohmann::json;
+
+// ---- data -----------------------------------------------------------------------------------
+
+namespace {
+
+Tensor take(const io::TensorFile& f, const std::string& path, const std::string& key, int64_t rank, bool required,
+            DType dtype) {
+  const Tensor* t = f.find(key);
+  if (!t) {
+    if (required) throw io::FileError(path, "missing tensor '" + key + "'");
+    return Tensor();
+  }
+  if (t->dim() != rank) {
+    std::ostringstream os;
+    os << "tensor '" << key << "' has shape " << t->shape() << ", expected " << rank << " dims";
+    throw io::FileError(path, os.str());
+  }
+  if (!io::all_finite(*t)) throw io::FileError(path, "tensor '" + key + "' holds NaN or Inf values");
+  return t->to(dtype);
+}
+
+void check_rows(const std::string& path, const std::string& key, const Tensor& t, int64_t n) {
+  if (t.defined() && t.size(0) != n) {
+    std::ostringstream os;
+    os << "tensor '" << key << "' has " << t.size(0) << " samples, hidden_states has " << n;
+    throw io::FileError(path, os.str());
+  }
+}
+
+Tensor gather(const Tensor& t, const std::vector<int64_t>& indices) {
+  if (!t.defined()) return t;
+  std::vector<Tensor> rows;
+  for (int64_t i : indices) rows.push_back(t.narrow(0, i, 1));
+  return ops::cat(rows, 0);
+}
+
+}  // namespace
+
+DataSet DataSet::load(const std::string& path, bool need_target, DType dtype) {
+  const io::TensorFile f = io::read_tensor_file(path);
+  DataSet d;
+  d.hidden_states = take(f, path, "hidden_states", 4, true, dtype);
+  d.encoder_hidden_states = take(f, path, "encoder_hidden_states", 3, false, dtype);
+  d.encoder_attention_mask = take(f, path, "encoder_attention_mask", 2, false, dtype);
+  d.target = take(f, path, "target", 4, need_target, dtype);
+  const int64_t n = d.size();
+  if (n == 0) throw io::FileError(path, "hidden_states holds no samples");
+  check_rows(path, "encoder_hidden_states", d.encoder_hidden_states, n);
+  check_rows(path, "encoder_attention_mask", d.encoder_attention_mask, n);
+  check_rows(path, "target", d.target, n);
+  if (d.target.defined() && d.target.shape() != d.hidden_states.shape()) {
+    std::ostringstream os;
+    os << "target " << d.target.shape() << " differs in shape from hidden_states " << d.hidden_states.shape();
+    throw io::FileError(path, os.str());
+  }
+  if (d.encoder_attention_mask.defined() &&
+      (!d.encoder_hidden_states.defined() || d.encoder_attention_mask.size(1) != d.encoder_hidden_states.size(1)))
+    throw io::FileError(path, "encoder_attention_mask must be (N, K) with K the length of encoder_hidden_states");
+  return d;
+}
+
+DataSet DataSet::rows(const std::vector<int64_t>& indices) const {
+  return {gather(hidden_states, indices), gather(encoder_hidden_states, indices),
+          gather(encoder_attention_mask, indices), gather(target, indices)};
+}
+
+// ---- options --------------------------------------------------------------------------------
+
+std::string TrainOptions::to_json() const {
+  json j{{"adapter", adapter},     {"rank", rank},         {"targets", targets},
+         {"train_q_out", train_q_out}, {"optimizer", optimizer}, {"lr", lr},
+         {"steps", steps},         {"batch_size", batch_size}, {"grad_accum", grad_accum},
+         {"seed", seed},           {"scheduler", scheduler}, {"warmup_steps", warmup_steps},
+         {"max_grad_norm", max_grad_norm}, {"checkpoint_every", checkpoint_every},
+         {"init_adapter", init_adapter}, {"prefix", prefix}, {"out_dir", out_dir}};
+  j["alpha"] = alpha ? json(*alpha) : json(nullptr);
+  j["weight_decay"] = weight_decay ? json(*weight_decay) : json(nullptr);
+  return j.dump(2);
+}
+
+TrainOptions TrainOptions::from_json(const std::string& text) {
+  TrainOptions o;
+  try {
+    const json j = json::parse(text);
+    o.adapter = j.at("adapter"), o.rank = j.at("rank"), o.targets = j.at("targets").get<std::vector<std::string>>();
+    o.train_q_out = j.at("train_q_out"), o.optimizer = j.at("optimizer"), o.lr = j.at("lr");
+    o.steps = j.at("steps"), o.batch_size = j.at("batch_size"), o.grad_accum = j.at("grad_accum");
+    o.seed = j.at("seed"), o.scheduler = j.at("scheduler"), o.warmup_steps = j.at("warmup_steps");
+    o.max_grad_norm = j.at("max_grad_norm"), o.checkpoint_every = j.at("checkpoint_every");
+    o.init_adapter = j.at("init_adapter"), o.prefix = j.at("prefix"), o.out_dir = j.at("out_dir");
+    if (!j.at("alpha").is_null()) o.alpha = j.at("alpha").get<double>();
+    if (!j.at("weight_decay").is_null()) o.weight_decay = j.at("weight_decay").get<double>();
+  } catch (const json::exception& e) {
+    LOOM_FAIL("training options: ", e.what());
+  }
+  return o;
+}
+
+void TrainOptions::validate() const {
+  LOOM_CHECK(adapter == "lora" || adapter == "custom_diffusion", "--adapter must be lora or custom_diffusion, got '",
+             adapter, "'");
+  LOOM_CHECK(rank > 0, "--rank must be positive, got ", rank);
+  LOOM_CHECK(!alpha || (std::isfinite(*alpha) && *alpha > 0), "--alpha must be a positive number");
+  LOOM_CHECK(std::isfinite(lr) && lr > 0, "--lr must be a positive number, got ", lr);
+  LOOM_CHECK(steps > 0, "--steps must be positive, got ", steps);
+  LOOM_CHECK(batch_size > 0, "--batch-size must be positive, got ", batch_size);
+  LOOM_CHECK(grad_accum > 0, "--grad-accum must be positive, got ", grad_accum);
+  LOOM_CHECK(warmup_steps >= 0, "--warmup-steps must be ≥ 0, got ", warmup_steps);
+  LOOM_CHECK(max_grad_norm >= 0, "--max-grad-norm must be ≥ 0, got ", max_grad_norm);
+  LOOM_CHECK(checkpoint_every >= 0, "--checkpoint-every must be ≥ 0, got ", checkpoint_every);
+  LOOM_CHECK(!targets.empty(), "--targets must name at least one module");
+  optim::make_schedule(scheduler, warmup_steps, steps);  // throws naming an unknown scheduler
+  bool known = false;
+  for (const auto& n : optim::optimizer_names()) known = known || n == optimizer;
+  LOOM_CHECK(known, "--optimizer must be sgd, adam or adamw, got '", optimizer, "'");
+}
+
+// ---- files ----------------------------------------------------------------------------------
+
+void write_loss_files(const std::string& dir, const std::vector<double>& losses) {
+  std::ostringstream csv;
+  csv << "step,loss\n" << std::setprecision(17);
+  for (size_t i = 0; i < losses.size(); ++i) csv << i + 1 << "," << losses[i] << "\n";
+  io::write_file_atomic(dir + "/loss.csv", csv.str());
+  io::write_file_atomic(dir + "/loss.png", render_loss_png(losses));
+}
+
+void make_dirs(const std::string& dir) {
+  std::string partial;
+  std::stringstream ss(dir);
+  if (!dir.empty() && dir[0] == '/') partial = "/";
+  for (std::string part; std::getline(ss, part, '/');) {
+    if (part.empty()) continue;
+    partial += part + "/";
+    if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
+      throw io::FileError(dir, std::string("cannot create the output directory (") + std::strerror(errno) + ")");
+  }
+}
+
+namespace {
+
+// The adapter under training and its named parameters.
+struct Adapter {
+  std::shared_ptr<adapters::LoraSet> lora;
+  std::vector<std::pair<std::string, Variable>> params;
+};
+
+Adapter make_adapter(const std::shared_ptr<attention::Transformer2DModel>& model, const TrainOptions& o,
+                     bool load_init) {
+  Adapter a;
+  io::AdapterLoadOptions lo;
+  lo.prefix = o.prefix;
+  if (o.adapter == "lora") {
+    a.lora = std::make_shared<adapters::LoraSet>(model);
+    if (load_init && !o.init_adapter.empty()) {
+      io::load_lora(*a.lora, "default", o.init_adapter, lo);
+    } else {
+      adapters::LoraConfig cfg;
+      cfg.rank = o.rank, cfg.alpha = o.alpha, cfg.targets = o.targets;
+      Generator init(o.seed * 0x9e3779b97f4a7c15ull + 1);
+      a.lora->add("default", cfg, init);
+    }
+    a.params = a.lora->trainable_parameters();
+  } else {
+    if (load_init && !o.init_adapter.empty()) {
+      io::load_custom_diffusion(*model, o.init_adapter, lo);
+      for (const auto& [name, p] : model->named_parameters())
+        if (name.find("_custom_diffusion") != std::string::npos) a.params.emplace_back(name, p);
+    } else {
+      a.params = adapters::apply_custom_diffusion(*model, o.train_q_out ? "crossattn" : "crossattn_kv");
+    }
+  }
+  return a;
+}
+
+// Sample indices of optimizer micro-batch `micro`: epochs are seeded permutations of the data,
+// so the order depends only on (seed, step), never on earlier runs of the process.
+class Sampler {
+ public:
+  Sampler(int64_t n, int64_t batch, uint64_t seed) : n_(n), batch_(batch), seed_(seed) {}
+  std::vector<int64_t> batch(int64_t micro) {
+    std::vector<int64_t> out;
+    for (int64_t c = micro * batch_; c < (micro + 1) * batch_; ++c) out.push_back(permutation(c / n_)[size_t(c % n_)]);
+    return out;
+  }
+
+ private:
+  const std::vector<int64_t>& permutation(int64_t epoch) {
+    if (epoch != epoch_) {
+      Generator g(seed_ * 0xbf58476d1ce4e5b9ull + uint64_t(epoch) + 17);
+      perm_.resize(size_t(n_));
+      for (int64_t i = 0; i < n_; ++i) perm_[size_t(i)] = i;
+      for (int64_t i = n_ - 1; i > 0; --i) std::swap(perm_[size_t(i)], perm_[size_t(g.uniform() * double(i + 1))]);
+      epoch_ = epoch;
+    }
+    return perm_;
+  }
+  int64_t n_, batch_;
+  uint64_t seed_;
+  int64_t epoch_ = -1;
+  std::vector<int64_t> perm_;
+};
+
+std::string format_eta(double seconds) {
+  const int64_t s = int64_t(std::max(0.0, seconds) + 0.5);
+  std::ostringstream os;
+  os << s / 60 << ":" << std::setw(2) << std::setfill('0') << s % 60;
+  return os.str();
+}
+
+}  // namespace
+
+// ---- the loop ----------------------------------------------------------------------------------
+
+TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, const DataSet& data,
+                  const TrainOptions& given, std::ostream& log, const std::string& resume_dir) {
+  using Clock = std::chrono::steady_clock;
+  TrainOptions o = given;
+  io::Checkpoint resume;
+  if (!resume_dir.empty()) {
+    resume = io::load_checkpoint(resume_dir + "/checkpoint.h5");
+    o = TrainOptions::from_json(resume.options_json);
+    o.steps = given.steps, o.out_dir = given.out_dir, o.quiet = given.quiet;
+  }
+  o.validate();
+  LOOM_CHECK(data.target.defined(), "train: the data has no 'target'");
+  make_dirs(o.out_dir);
+  Adapter adapter = make_adapter(model, o, resume_dir.empty());
+  Generator rng(o.seed);
+  nn::set_dropout_generator(*model, rng);
+  model->train();
+
+  optim::OptimizerConfig oc;
+  oc.lr = o.lr, oc.weight_decay = o.weight_decay;
+  auto opt = optim::make_optimizer(o.optimizer, adapter.params, oc);
+  const optim::LRSchedule schedule = optim::make_schedule(o.scheduler, o.warmup_steps, o.steps);
+  std::vector<Variable> params;
+  for (const auto& [n, v] : adapter.params) params.push_back(v);
+
+  TrainResult result;
+  int64_t step = 0;
+  if (!resume_dir.empty()) {  // weights, optimizer, RNG, step and losses exactly as saved
+    std::map<std::string, Tensor> saved(resume.adapter.begin(), resume.adapter.end());
+    for (const auto& [name, v] : adapter.params) {
+      auto it = saved.find(name);
+      if (it == saved.end()) throw io::FileError(resume_dir + "/checkpoint.h5", "lacks adapter tensor '" + name + "'");
+      v.tensor().copy_(it->second);
+    }
+    opt->load_state_dict(resume.optimizer);
+    rng.set_state(resume.rng_state);
+    step = resume.step;
+    result.losses = resume.losses;
+  }
+
+  result.adapter_path = o.out_dir + "/adapter.safetensors";
+  result.checkpoint_path = o.out_dir + "/checkpoint.h5";
+  auto save_all = [&] {
+    if (adapter.lora)
+      io::save_lora(adapter.lora->adapter("default"), *model, result.adapter_path, io::KeyFamily::Peft, o.prefix);
+    else
+      io::save_custom_diffusion(*model, result.adapter_path, o.prefix);
+    io::Checkpoint c;
+    c.adapter_kind = o.adapter;
+    for (const auto& [n, v] : adapter.params) c.adapter.emplace_back(n, v.tensor());
+    c.optimizer = opt->state_dict();
+    c.step = step;
+    c.rng_state = rng.state();
+    c.options_json = o.to_json();
+    c.losses = result.losses;
+    io::save_checkpoint(result.checkpoint_path, c);
+    write_loss_files(o.out_dir, result.losses);
+  };
+
+  Sampler sampler(data.size(), o.batch_size, o.seed);
+  const auto start = Clock::now();
+  auto last_print = start;
+  const int64_t first_step = step;
+  for (; step < o.steps;) {
+    schedule.apply(*opt, step, o.lr);
+    opt->zero_grad();
+    double loss_sum = 0.0;
+    for (int64_t a = 0; a < o.grad_accum; ++a) {
+      const DataSet b = data.rows(sampler.batch(step * o.grad_accum + a));
+      const Variable ctx = b.encoder_hidden_states.defined() ? Variable(b.encoder_hidden_states) : Variable();
+      const Variable y = model->forward(Variable(b.hidden_states), ctx, b.encoder_attention_mask);
+      Variable loss = mse_loss(y, Variable(b.target));
+      if (o.grad_accum > 1) loss = loss * (1.0 / double(o.grad_accum));
+      loss.backward();
+      loss_sum += loss.tensor().item();
+    }
+    if (!std::isfinite(loss_sum))
+      throw NumericalError("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_sum) +
+                           "); stopped, the last checkpoint in " + o.out_dir + " is unchanged");
+    const double norm = optim::clip_grad_norm(params, o.max_grad_norm > 0 ? o.max_grad_norm
+                                                                           : std::numeric_limits<double>::infinity());
+    if (!std::isfinite(norm))
+      throw NumericalError("step " + std::to_string(step + 1) +
+                           ": the gradients hold NaN or Inf; stopped, the last checkpoint in " + o.out_dir +
+                           " is unchanged");
+    opt->step();
+    ++step;
+    result.losses.push_back(loss_sum);
+    const auto now = Clock::now();
+    if (!o.quiet && (std::chrono::duration<double>(now - last_print).count() >= 1.0 || step == o.steps ||
+                     step == first_step + 1)) {
+      const double elapsed = std::chrono::duration<double>(now - start).count();
+      const double rate = double(step - first_step) / std::max(elapsed, 1e-9);
+      log << "step " << step << "/" << o.steps << "  loss " << std::scientific << std::setprecision(4) << loss_sum
+          << std::defaultfloat << "  " << std::fixed << std::setprecision(1) << rate << " it/s  ETA "
+          << format_eta(double(o.steps - step) / rate) << std::defaultfloat << "\n";
+      last_print = now;
+    }
+    if (o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step < o.steps) save_all();
+  }
+  save_all();
+  model->eval();
+  result.lora = adapter.lora;
+  result.steps = step;
+  result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return result;
+}
+
+}  // namespace loom::trainer

@@ -1,0 +1,92 @@
+// The trainer: fits a LoRA or Custom Diffusion adapter of a Transformer2DModel
+// to a data file (SPEC §5: hidden_states, encoder_hidden_states, optional
+// encoder_attention_mask, target), with seeded shuffling, gradient
+// accumulation, an LR schedule, grad-norm clipping, checkpoints and exact
+// resumes. Used by the `loom` command line and the examples.
+//
+// Output directory: adapter.safetensors (PEFT/diffusers keys; Custom Diffusion
+// keys for that adapter), checkpoint.h5, loss.csv, loss.png. Nothing is
+// written for a step whose loss or gradients are not finite: training stops
+// with NumericalError naming the step, and the last good files stay as they were.
+#pragma once
+
+#include <iosfwd>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "adapters/lora.h"
+#include "attention/transformer.h"
+
+namespace loom::trainer {
+
+// A non-finite loss, gradient or output (the command line's exit code 4).
+class NumericalError : public Error {
+ public:
+  explicit NumericalError(const std::string& msg) : Error(msg) {}
+};
+
+// A data file held in memory; every tensor in the model's dtype.
+struct DataSet {
+  Tensor hidden_states;           // (N, C, H, W)
+  Tensor encoder_hidden_states;   // (N, K, Cc), or undefined
+  Tensor encoder_attention_mask;  // (N, K) keep-mask, or undefined
+  Tensor target;                  // (N, C, H, W), or undefined when not training
+  int64_t size() const { return hidden_states.size(0); }
+  // Reads a safetensors or HDF5 data file; errors (FileError) name the file and the key.
+  static DataSet load(const std::string& path, bool need_target, DType dtype = DType::F32);
+  // The rows `indices` of every tensor.
+  DataSet rows(const std::vector<int64_t>& indices) const;
+};
+
+struct TrainOptions {
+  std::string adapter = "lora";  // lora | custom_diffusion
+  int64_t rank = 4;
+  std::optional<double> alpha;   // LoRA network_alpha (none: scale 1)
+  std::vector<std::string> targets = {"to_q", "to_k", "to_v", "to_out.0"};
+  bool train_q_out = false;      // Custom Diffusion: "crossattn" instead of "crossattn_kv"
+  std::string optimizer = "adamw";
+  double lr = 1e-3;
+  std::optional<double> weight_decay;
+  int64_t steps = 100;
+  int64_t batch_size = 1;
+  int64_t grad_accum = 1;
+  uint64_t seed = 0;
+  std::string scheduler = "constant";
+  int64_t warmup_steps = 0;
+  double max_grad_norm = 0.0;    // 0: no clipping
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  std::string init_adapter;      // start from this adapter file
+  std::string prefix;            // block prefix written into adapter keys
+  std::string out_dir = "loom-out";
+  bool quiet = false;
+
+  std::string to_json() const;
+  static TrainOptions from_json(const std::string& text);
+  void validate() const;  // throws naming the bad option
+};
+
+struct TrainResult {
+  std::vector<double> losses;  // one per optimizer step, from step 1
+  // Keeps a trained LoRA attached to the model after train() returns (Custom Diffusion
+  // lives in the model's processors and needs no handle).
+  std::shared_ptr<adapters::LoraSet> lora;
+  int64_t steps = 0;
+  std::string adapter_path, checkpoint_path;
+  double seconds = 0.0;
+};
+
+// Trains on `model` (its base weights are frozen and never modified). `resume_dir`,
+// when given, holds the checkpoint.h5 to continue from (its options are used, except
+// steps, out_dir and quiet, which come from `options`). Progress goes to `log`.
+TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, const DataSet& data,
+                  const TrainOptions& options, std::ostream& log, const std::string& resume_dir = "");
+
+// mkdir -p; throws io::FileError naming the directory.
+void make_dirs(const std::string& dir);
+
+// Writes loss.csv (step,loss) and loss.png into `dir`, atomically.
+void write_loss_files(const std::string& dir, const std::vector<double>& losses);
+
+}  // namespace loom::trainer
