@@ -54,22 +54,41 @@ using ojson = nlohmann::ordered_json;
 constexpr uint64_t kMaxHeader = 100u * 1000u * 1000u;  // SPEC §5: 100 MB
 constexpr int kMaxDepth = 16;                          // a valid header nests 3 levels deep
 
+// How stored elements become loom elements: as they are, or widened to i64 (integer
+// dtypes loom has no type for: kohya stores alphas in them).
+enum class Widen { None, Signed, Unsigned };
+
 struct DtypeInfo {
   const char* name;
   size_t itemsize;
   bool supported;
   DType dtype;
+  Widen widen = Widen::None;
 };
 
 // Dtypes of the format with a whole number of bytes per element.
 constexpr DtypeInfo kDtypes[] = {
     {"F32", 4, true, DType::F32},       {"F64", 8, true, DType::F64},      {"F16", 2, true, DType::F16},
-    {"BF16", 2, true, DType::BF16},     {"I64", 8, true, DType::I64},      {"I32", 4, false, DType::F32},
-    {"I16", 2, false, DType::F32},      {"I8", 1, false, DType::F32},      {"U8", 1, false, DType::F32},
-    {"BOOL", 1, false, DType::F32},     {"U16", 2, false, DType::F32},     {"U32", 4, false, DType::F32},
-    {"U64", 8, false, DType::F32},      {"F8_E5M2", 1, false, DType::F32}, {"F8_E4M3", 1, false, DType::F32},
+    {"BF16", 2, true, DType::BF16},     {"I64", 8, true, DType::I64},
+    {"I32", 4, true, DType::I64, Widen::Signed},   {"I16", 2, true, DType::I64, Widen::Signed},
+    {"I8", 1, true, DType::I64, Widen::Signed},    {"U8", 1, true, DType::I64, Widen::Unsigned},
+    {"BOOL", 1, true, DType::I64, Widen::Unsigned}, {"U16", 2, true, DType::I64, Widen::Unsigned},
+    {"U32", 4, true, DType::I64, Widen::Unsigned},  {"U64", 8, false, DType::F32},      {"F8_E5M2", 1, false, DType::F32}, {"F8_E4M3", 1, false, DType::F32},
     {"F8_E8M0", 1, false, DType::F32},  {"C64", 8, false, DType::F32},
 };
+
+// Little-endian integers of `d` -> an i64 tensor.
+Tensor widened(const uint8_t* data, const Shape& shape, const DtypeInfo& d) {
+  std::vector<int64_t> values(size_t(shape_numel(shape)));
+  for (size_t i = 0; i < values.size(); ++i) {
+    uint64_t u = 0;
+    for (size_t b = 0; b < d.itemsize; ++b) u |= uint64_t(data[i * d.itemsize + b]) << (8 * b);
+    const unsigned bits = unsigned(8 * d.itemsize);
+    if (d.widen == Widen::Signed && bits < 64 && (u >> (bits - 1)) & 1u) u |= ~uint64_t(0) << bits;  // sign-extend
+    values[i] = int64_t(u);
+  }
+  return Tensor::from_vector(values, shape);
+}
 
 const DtypeInfo* find_dtype(const std::string& s) {
   for (const DtypeInfo& d : kDtypes)
@@ -286,12 +305,15 @@ TensorFile parse_safetensors(const uint8_t* data, size_t size, const std::string
   for (const Entry& e : entries)
     if (!e.dtype->supported)
       fail("entry " + q(e.name) + " has dtype " + e.dtype->name +
-           ", which loom cannot read (supported: F32, F64, F16, BF16, I64)");
+           ", which loom cannot read (supported: F32, F64, F16, BF16, I64, and I32/I16/I8/U32/U16/U8/BOOL "
+           "widened to I64)");
 
   // ---- everything is valid: copy the tensors out ----
   out.tensors.reserve(entries.size());
   for (const Entry& e : entries)
-    out.tensors.emplace_back(e.name, Tensor::from_host(data_start + e.begin, e.shape, e.dtype->dtype));
+    out.tensors.emplace_back(e.name, e.dtype->widen == Widen::None
+                                         ? Tensor::from_host(data_start + e.begin, e.shape, e.dtype->dtype)
+                                         : widened(data_start + e.begin, e.shape, *e.dtype));
   return out;
 }
 
