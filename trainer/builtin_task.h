@@ -9,6 +9,7 @@
 // the checkpoint and the loss files.
 #pragma once
 
+#include <cstdint>
 #include <iosfwd>
 #include <string>
 
