@@ -87,6 +87,19 @@ DataSet DataSet::load(const std::string& path, bool need_target, DType dtype) {
   return d;
 }
 
+void DataSet::check_fits(const attention::Transformer2DConfig& config, const std::string& path) const {
+  auto fail = [&](const std::string& what) { throw io::FileError(path, what); };
+  if (hidden_states.size(1) != config.in_channels)
+    fail("tensor 'hidden_states' has " + std::to_string(hidden_states.size(1)) + " channels, the model's in_channels is " +
+         std::to_string(config.in_channels));
+  if (encoder_hidden_states.defined() && config.cross_attention_dim &&
+      encoder_hidden_states.size(2) != *config.cross_attention_dim)
+    fail("tensor 'encoder_hidden_states' has width " + std::to_string(encoder_hidden_states.size(2)) +
+         ", the model's cross_attention_dim is " + std::to_string(*config.cross_attention_dim));
+  if (encoder_hidden_states.defined() && !config.cross_attention_dim)
+    fail("tensor 'encoder_hidden_states' is given but the model has no cross-attention (no cross_attention_dim)");
+}
+
 DataSet DataSet::rows(const std::vector<int64_t>& indices) const {
   return {gather(hidden_states, indices), gather(encoder_hidden_states, indices),
           gather(encoder_attention_mask, indices), gather(target, indices)};
@@ -136,6 +149,7 @@ void TrainOptions::validate() const {
   LOOM_CHECK(warmup_steps >= 0, "--warmup-steps must be ≥ 0, got ", warmup_steps);
   LOOM_CHECK(max_grad_norm >= 0, "--max-grad-norm must be ≥ 0, got ", max_grad_norm);
   LOOM_CHECK(checkpoint_every >= 0, "--checkpoint-every must be ≥ 0, got ", checkpoint_every);
+  LOOM_CHECK(!out_dir.empty(), "--out must not be empty");
   LOOM_CHECK(!targets.empty(), "--targets must name at least one module");
   optim::make_schedule(scheduler, warmup_steps, steps);  // throws naming an unknown scheduler
   bool known = false;
@@ -318,13 +332,14 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
     }
     if (!std::isfinite(loss_sum))
       throw NumericalError("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_sum) +
-                           "); stopped, the last checkpoint in " + o.out_dir + " is unchanged");
+                           "); stopped: nothing was written for this step, the files in " + o.out_dir +
+                           " (if any) are unchanged");
     const double norm = optim::clip_grad_norm(params, o.max_grad_norm > 0 ? o.max_grad_norm
                                                                            : std::numeric_limits<double>::infinity());
     if (!std::isfinite(norm))
       throw NumericalError("step " + std::to_string(step + 1) +
-                           ": the gradients hold NaN or Inf; stopped, the last checkpoint in " + o.out_dir +
-                           " is unchanged");
+                           ": the gradients hold NaN or Inf; stopped: nothing was written for this step, the files in " +
+                           o.out_dir + " (if any) are unchanged");
     opt->step();
     ++step;
     result.losses.push_back(loss_sum);

@@ -36,6 +36,8 @@ struct DataSet {
   int64_t size() const { return hidden_states.size(0); }
   // Reads a safetensors or HDF5 data file; errors (FileError) name the file and the key.
   static DataSet load(const std::string& path, bool need_target, DType dtype = DType::F32);
+  // Throws io::FileError naming `path` and the tensor when the data does not fit the model.
+  void check_fits(const attention::Transformer2DConfig& config, const std::string& path) const;
   // The rows `indices` of every tensor.
   DataSet rows(const std::vector<int64_t>& indices) const;
 };
