@@ -49,7 +49,7 @@ def main(path):
 
         expected = {
             Q + "/lora/down/weight": ("<f4", (2, 4), np.arange(8) * 0.5 - 1.0),
-            Q + "/lora/up/weight": ("<f8", (3, 2), np.arange(6) * 0.1 + 1.0 / 3.0),
+            Q + "/lora/up/weight": ("<f8", (3, 2), np.arange(6) * 0.375 + 0.0625),
             "scalar": ("<f4", (), np.array(2.5)),
             "empty": ("<f4", (0, 3), np.zeros((0, 3))),
             "steps": ("<i8", (3,), np.array([1, -2, 9007199254740993], dtype=np.int64)),

@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   try {
     std::vector<double> down, up;
     for (int i = 0; i < 8; ++i) down.push_back(0.5 * i - 1.0);
-    for (int i = 0; i < 6; ++i) up.push_back(0.1 * i + 1.0 / 3.0);
+    for (int i = 0; i < 6; ++i) up.push_back(0.375 * i + 0.0625);  // exact in binary: no FMA-dependent rounding
     const std::string q = "unet.down_blocks.0.attn1.to_q";
     std::vector<std::pair<std::string, Tensor>> tensors = {
         {q + ".lora.down.weight", Tensor::from_values(down, {2, 4}, DType::F32)},
