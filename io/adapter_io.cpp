@@ -195,6 +195,33 @@ std::optional<V> pattern_value(const std::map<std::string, V>& patterns, const s
   return found;
 }
 
+// Whether the file says it is loom's own HDF5 format.
+bool is_loom_file(const TensorFile& file) {
+  auto it = file.attributes.find("format");
+  const std::string* format = it == file.attributes.end() ? nullptr : std::get_if<std::string>(&it->second);
+  return format && *format == "loom";
+}
+
+// The alpha and scaling convention of the module at `full` (prefix included), from the first
+// source that has them: loom's per-module group attributes, a `.alpha` key, PEFT's metadata.
+void resolve_alpha(const TensorFile& file, const PeftConfig& peft, const std::string& full,
+                   const std::optional<double>& key_alpha, std::optional<double>& alpha, bool& use_rslora) {
+  alpha.reset();
+  use_rslora = false;
+  if (is_loom_file(file) && file.group_attributes.count(full)) {
+    const Attributes& a = file.group_attributes.at(full);
+    if (a.count("alpha") && std::get_if<double>(&a.at("alpha"))) alpha = std::get<double>(a.at("alpha"));
+    if (a.count("scaling") && std::get_if<std::string>(&a.at("scaling")))
+      use_rslora = std::get<std::string>(a.at("scaling")) == "alpha/sqrt(r)";
+  }
+  if (!alpha) alpha = key_alpha;
+  if (!alpha && peft.present) {
+    alpha = pattern_value(peft.alpha_pattern, full);
+    if (!alpha) alpha = peft.lora_alpha;
+    use_rslora = peft.use_rslora;
+  }
+}
+
 // A 2-D LoRA matrix from a 2-D or (·, ·, 1, 1) tensor.
 std::optional<Tensor> as_matrix(const Tensor& t) {
   if (t.dim() == 2) return t;
@@ -241,9 +268,7 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
   std::map<std::string, std::string> kohya_names;  // lora_unet_<full path> -> model path
   for (const auto& [p, l] : linears) kohya_names["lora_unet_" + underscored(join_path(options.prefix, p))] = p;
   const std::string kohya_prefix = options.prefix.empty() ? "lora_unet_" : "lora_unet_" + underscored(options.prefix) + "_";
-  const bool loom_file = file.attributes.count("format") &&
-                         std::get_if<std::string>(&file.attributes.at("format")) &&
-                         *std::get_if<std::string>(&file.attributes.at("format")) == "loom";
+  const bool loom_file = is_loom_file(file);
 
   std::map<std::string, Pieces> pieces;
   for (const auto& [key, tensor] : file.tensors) {
@@ -309,19 +334,7 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
     m.down = Variable(*down);
     m.up = Variable(*up);
     m.rank = rank;
-    const std::string full = join_path(options.prefix, module);
-    if (loom_file && file.group_attributes.count(full)) {  // loom HDF5: rank, alpha and convention per module
-      const Attributes& a = file.group_attributes.at(full);
-      if (a.count("alpha") && std::get_if<double>(&a.at("alpha"))) m.alpha = std::get<double>(a.at("alpha"));
-      if (a.count("scaling") && std::get_if<std::string>(&a.at("scaling")))
-        m.use_rslora = std::get<std::string>(a.at("scaling")) == "alpha/sqrt(r)";
-    }
-    if (!m.alpha) m.alpha = p.alpha;
-    if (!m.alpha && peft.present) {
-      m.alpha = pattern_value(peft.alpha_pattern, full);
-      if (!m.alpha) m.alpha = peft.lora_alpha;
-      m.use_rslora = peft.use_rslora;
-    }
+    resolve_alpha(file, peft, join_path(options.prefix, module), p.alpha, m.alpha, m.use_rslora);
     if (m.alpha)
       report.alphas_found[module] = *m.alpha;
     else
@@ -391,8 +404,7 @@ std::string kohya_to_path(const std::string& kohya_name) {
 RawLora read_raw_lora(const TensorFile& file, const std::string& path) {
   RawLora raw;
   const PeftConfig peft = peft_config(file, path);
-  const bool loom_file = file.attributes.count("format") && std::get_if<std::string>(&file.attributes.at("format")) &&
-                         *std::get_if<std::string>(&file.attributes.at("format")) == "loom";
+  const bool loom_file = is_loom_file(file);
   std::map<std::string, Pieces> pieces;
   for (const auto& [key, tensor] : file.tensors) {
     std::optional<LoraKey> k;
@@ -423,18 +435,8 @@ RawLora read_raw_lora(const TensorFile& file, const std::string& path) {
         if (!k->empty()) raw.skipped.push_back(*k);
       continue;
     }
-    RawLoraModule m{p.down, p.up, p.alpha, false};
-    if (loom_file && file.group_attributes.count(module)) {
-      const Attributes& a = file.group_attributes.at(module);
-      if (a.count("alpha") && std::get_if<double>(&a.at("alpha"))) m.alpha = std::get<double>(a.at("alpha"));
-      if (a.count("scaling") && std::get_if<std::string>(&a.at("scaling")))
-        m.use_rslora = std::get<std::string>(a.at("scaling")) == "alpha/sqrt(r)";
-    }
-    if (!m.alpha && peft.present) {
-      m.alpha = pattern_value(peft.alpha_pattern, module);
-      if (!m.alpha) m.alpha = peft.lora_alpha;
-      m.use_rslora = peft.use_rslora;
-    }
+    RawLoraModule m{p.down, p.up, std::nullopt, false};
+    resolve_alpha(file, peft, module, p.alpha, m.alpha, m.use_rslora);
     raw.modules[module] = m;
   }
   return raw;

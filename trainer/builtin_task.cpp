@@ -132,12 +132,9 @@ BuiltinReport run_builtin_task(const BuiltinOptions& opt, std::ostream& out, std
   for (const auto& [path, delta] : deltas) {
     Tensor learned;
     total += squared_norm(delta);
-    if (lora) {
-      // ΔW_learned = s·B·A of the trained adapter (reloaded from its file below is the same tensor)
-      const io::TensorFile f = io::read_tensor_file(r.adapter_path);
-      const Tensor* a = f.find("unet." + path + ".lora_A.weight");
-      const Tensor* b = f.find("unet." + path + ".lora_B.weight");
-      learned = (a && b) ? ops::matmul(b->to(DType::F64), a->to(DType::F64)) : Tensor::zeros(delta.shape(), DType::F64);
+    if (lora) {  // ΔW_learned = s·B·A of the trained adapter, still attached to the model
+      const adapters::LoraModule& m = r.lora->adapter("default").modules().at(path);
+      learned = ops::mul_scalar(ops::matmul(m.up.tensor().to(DType::F64), m.down.tensor().to(DType::F64)), m.scale());
     } else {
       const std::string layer = path.substr(0, path.rfind('.'));
       const std::string proj = path.substr(path.rfind('.') + 1);
