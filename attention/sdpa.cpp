@@ -3,9 +3,12 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <iostream>
 #include <mutex>
+#include <set>
 
 #include "attention/sdpa_backends.h"
+#include "tensor/backend.h"
 #include "tensor/ops.h"
 
 namespace loom::attention {
@@ -21,15 +24,15 @@ const char* backend_name(BackendKind kind) {
     case BackendKind::Math: return "math";
     case BackendKind::Flash: return "flash";
     case BackendKind::Sliced: return "sliced";
-    case BackendKind::CudaFlash: return "cuda_flash";
+    case BackendKind::Auto: return "auto";
   }
   return "unknown";
 }
 
 BackendKind parse_backend(const std::string& name, const std::string& what) {
-  for (BackendKind k : {BackendKind::Math, BackendKind::Flash, BackendKind::Sliced, BackendKind::CudaFlash})
+  for (BackendKind k : {BackendKind::Math, BackendKind::Flash, BackendKind::Sliced, BackendKind::Auto})
     if (name == backend_name(k)) return k;
-  LOOM_FAIL(what, ": unknown attention backend '", name, "' (expected math, flash, sliced or cuda_flash)");
+  LOOM_FAIL(what, ": unknown attention backend '", name, "' (expected math, flash, sliced or auto)");
 }
 
 namespace {
@@ -56,7 +59,7 @@ BackendKind default_backend() {
   std::lock_guard<std::mutex> lock(default_mutex);
   if (!process_default) {
     const char* env = std::getenv("LOOM_ATTENTION_BACKEND");
-    process_default = env && *env ? parse_backend(env, "LOOM_ATTENTION_BACKEND") : BackendKind::Flash;
+    process_default = env && *env ? parse_backend(env, "LOOM_ATTENTION_BACKEND") : BackendKind::Auto;
   }
   return *process_default;
 }
@@ -77,6 +80,35 @@ BackendKind resolve_backend(std::optional<BackendKind> layer_override) {
   return default_backend();
 }
 
+namespace {
+// Says `note` on stderr the first time it comes up in this process.
+void note_once(const std::string& note) {
+  static std::mutex m;
+  static std::set<std::string> said;
+  std::lock_guard<std::mutex> lock(m);
+  if (said.insert(note).second) std::cerr << "loom: note: " << note << "\n";
+}
+}  // namespace
+
+BackendKind auto_backend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, int64_t heads) {
+  const Device dev = q.device();
+  const DType dt = q.dtype();
+  if (dev.is_cuda() && (dt == DType::F32 || dt == DType::F64)) {
+    note_once(std::string("attention on ") + dev.str() + " in " + dtype_name(dt) +
+              ": auto uses 'math' (cuBLAS; the exact flash kernel is slower there); --backend flash to insist");
+    return BackendKind::Math;
+  }
+  FlashAttentionArgs a;
+  a.q = q, a.k = k, a.v = v, a.mask = mask, a.heads = heads;
+  try {
+    backend_for(dev).flash_attention_check(a);
+    return BackendKind::Flash;
+  } catch (const Error& e) {
+    note_once(std::string("auto attention uses 'math' for this call: ") + e.what());
+    return BackendKind::Math;
+  }
+}
+
 bool scanning_checks_enabled() { return scanning_checks; }
 void set_scanning_checks(bool on) { scanning_checks = on; }
 
@@ -89,7 +121,7 @@ const SdpaBackend& backend_of(BackendKind kind) {
     case BackendKind::Math: return detail::math_backend();
     case BackendKind::Flash: return detail::flash_backend();
     case BackendKind::Sliced: return detail::sliced_backend();
-    case BackendKind::CudaFlash: return detail::cuda_flash_backend();
+    case BackendKind::Auto: break;
   }
   LOOM_FAIL("attention: unknown backend code ", int(kind));
 }
@@ -152,8 +184,10 @@ SdpaProblem make_problem(const Variable& q, const Variable& k, const Variable& v
 
 Variable scaled_dot_product_attention(const Variable& q, const Variable& k, const Variable& v, const SdpaOptions& o) {
   check_inputs(q, k, v, o);
-  const SdpaBackend& backend = backend_of(resolve_backend(o.backend));
   const SdpaProblem p = make_problem(q, k, v, o);
+  BackendKind kind = resolve_backend(o.backend);
+  if (kind == BackendKind::Auto) kind = auto_backend(p.q, p.k, p.v, p.mask, p.heads);
+  const SdpaBackend& backend = backend_of(kind);
   backend.check_supported(p);
   if (scanning_checks_enabled()) {
     scan_finite(p.q, "q", false), scan_finite(p.k, "k", false), scan_finite(p.v, "v", false);

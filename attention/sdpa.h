@@ -8,19 +8,24 @@
 //
 // Backends:
 //   math    materialises P = softmax(S) ([N, Q, K]); the reference.
-//   flash   tiled online softmax (CPU, f32/f64): the forward keeps O and one
-//           log-sum-exp per query row; the backward recomputes P tile by tile.
-//           Nothing of size Q×K is ever allocated.
+//   flash   the device's flash kernel (Backend::flash_attention_*: CPU f32/f64,
+//           bf16/f16 through f32; CUDA bf16/f16 on tensor cores, f32/f64 exact):
+//           tiled online softmax; the forward keeps O and one log-sum-exp per
+//           query row; the backward recomputes P tile by tile. Nothing of size
+//           Q×K is ever allocated.
 //   sliced  the math algorithm over `slice_size` rows of N at a time (smaller
 //           peak memory, same numbers); the backward recomputes P per slice.
-//   cuda_flash  the slot for the CUDA flash kernel (not built yet: asking for
-//           it raises an error naming it).
+//   auto    the default: flash where the device's flash kernel is the fast path
+//           and can run the call (the CPU; CUDA in bf16/f16), math otherwise
+//           (CUDA in f32/f64, where cuBLAS beats the exact flash kernel, or a
+//           head dim the kernel lacks); the first such choice of math is said
+//           once on stderr.
 //
 // Choosing the backend, strongest first: a ScopedAttentionBackend guard (the
 // innermost one), then a per-call (per-layer) override, then the process
-// default, read once from LOOM_ATTENTION_BACKEND (math | flash | sliced |
-// cuda_flash; default flash). A backend asked for something it cannot do
-// throws an error naming the backend and the feature; there is no fallback.
+// default, read once from LOOM_ATTENTION_BACKEND (math | flash | sliced | auto;
+// default auto). A backend asked for explicitly that cannot do a call throws an
+// error naming the backend and the feature; there is no silent fallback.
 //
 // Checks: shape, dtype and device consistency are always checked (they are
 // O(1) and guard memory safety). With LOOM_ATTN_CHECKS=1, and always in builds
@@ -34,13 +39,13 @@
 
 namespace loom::attention {
 
-enum class BackendKind { Math, Flash, Sliced, CudaFlash };
+enum class BackendKind { Math, Flash, Sliced, Auto };
 
 const char* backend_name(BackendKind kind);
-// Parses "math", "flash", "sliced", "cuda_flash"; throws naming the bad value and `what`.
+// Parses "math", "flash", "sliced", "auto"; throws naming the bad value and `what`.
 BackendKind parse_backend(const std::string& name, const std::string& what = "attention backend");
 
-// The process default (LOOM_ATTENTION_BACKEND at first use; flash when unset).
+// The process default (LOOM_ATTENTION_BACKEND at first use; auto when unset).
 BackendKind default_backend();
 void set_default_backend(BackendKind kind);
 
@@ -56,8 +61,10 @@ class ScopedAttentionBackend {
   std::optional<BackendKind> previous_;
 };
 
-// The backend a call with this per-layer override would use.
+// The backend a call with this per-layer override would use (Auto is resolved per call).
 BackendKind resolve_backend(std::optional<BackendKind> layer_override = std::nullopt);
+// What Auto picks for q [N, Q, d] (dtype, device) with values of head dim dv, masked or not.
+BackendKind auto_backend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, int64_t heads);
 
 // Whether the scanning checks run (LOOM_ATTN_CHECKS=1, or a build without NDEBUG).
 bool scanning_checks_enabled();

@@ -43,9 +43,9 @@ class SdpaBackend {
 };
 
 const SdpaBackend& math_backend();
+// The device's flash kernel (Backend::flash_attention_*), whatever the device.
 const SdpaBackend& flash_backend();
 const SdpaBackend& sliced_backend();
-const SdpaBackend& cuda_flash_backend();
 
 // Additive bias for rows [n0, n1) of the problem, broadcastable to [n1−n0, Q, K]
 // (mask and causal parts), or undefined when there is none.

@@ -123,23 +123,6 @@ class SlicedBackend final : public SdpaBackend {
   }
 };
 
-class CudaFlashSlot final : public SdpaBackend {
- public:
-  BackendKind kind() const override { return BackendKind::CudaFlash; }
-  void check_supported(const SdpaProblem&) const override {
-    LOOM_FAIL("attention backend 'cuda_flash' does not support any call yet: the CUDA flash kernel is not built "
-              "(use 'math' on CUDA tensors, or 'flash' on the CPU)");
-  }
-  Tensor forward(const SdpaProblem& p, SdpaSaved*) const override {
-    check_supported(p);
-    return Tensor();
-  }
-  SdpaGrads backward(const SdpaProblem& p, const SdpaSaved&, const Tensor&, const std::vector<bool>&) const override {
-    check_supported(p);
-    return {};
-  }
-};
-
 }  // namespace
 
 const SdpaBackend& math_backend() {
@@ -148,10 +131,6 @@ const SdpaBackend& math_backend() {
 }
 const SdpaBackend& sliced_backend() {
   static const SlicedBackend backend;
-  return backend;
-}
-const SdpaBackend& cuda_flash_backend() {
-  static const CudaFlashSlot backend;
   return backend;
 }
 

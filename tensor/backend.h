@@ -15,7 +15,7 @@
 
 namespace loom {
 
-enum class OpKind { Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax };
+enum class OpKind { Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax, FlashAttention };
 const char* op_kind_name(OpKind k);
 
 // out = f(in, scalar). Grad forms take the forward input x and return f'(x).
@@ -52,6 +52,23 @@ struct GemmBatch {
   double alpha = 1.0, beta = 0.0;
 };
 
+// Flash attention (SPEC §2), the arguments shared by forward and backward.
+//   q [N, Q, d], k [N, K, d], v [N, K, dv]: contiguous, one dtype and device.
+//   mask: undefined, or a contiguous additive bias [Bm, Qm, K] in q's dtype with Bm ∈ {1, N/heads},
+//         Qm ∈ {1, Q}; problem row n reads mask batch n / heads (0 when Bm == 1).
+//   causal: key j > query i is masked (top-left aligned); never together with a mask.
+// Row statistics (the log-sum-exp `lse` [N, Q] of the scaled, masked scores) are f64 for f64
+// inputs and f32 otherwise. Nothing of size Q×K is allocated by either pass.
+struct FlashAttentionArgs {
+  Tensor q, k, v, mask;
+  int64_t heads = 1;
+  double scale = 1.0;
+  bool causal = false;
+};
+
+// The dtype of the row statistics of flash attention over inputs of `dtype`.
+inline DType flash_stats_dtype(DType dtype) { return dtype == DType::F64 ? DType::F64 : DType::F32; }
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -82,6 +99,19 @@ class Backend {
   // Along the last dim of contiguous [rows, n]: out = softmax(in) or log_softmax(in);
   // statistics (max, sum of exps) are accumulated in at least f32.
   virtual void softmax(const Tensor& out, const Tensor& in, int64_t rows, int64_t n, bool log) = 0;
+
+  // ---- fused ops: attention (flash family) --------------------------------------------------
+  // Throws "attention backend 'flash' does not support <feature> on <device>" when this device's
+  // kernel cannot run `a` (a dtype, a head dim, a size); returns normally otherwise.
+  virtual void flash_attention_check(const FlashAttentionArgs& a) const;
+  // out [N, Q, dv] (q's dtype) and lse [N, Q] (flash_stats_dtype), both contiguous.
+  virtual void flash_attention_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse);
+  // Recomputes P tile by tile from lse: D = rowsum(dO∘O), dV = Pᵀ·dO, dS = P∘(dO·Vᵀ − D),
+  // dQ = scale·dS·K, dK = scale·dSᵀ·Q. grad_out [N, Q, dv] contiguous; dq / dk / dv are
+  // contiguous outputs shaped like q / k / v, or undefined when not needed.
+  virtual void flash_attention_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse,
+                                        const Tensor& grad_out, const Tensor& dq, const Tensor& dk,
+                                        const Tensor& dv);
 };
 
 // The backend for a device; throws if loom was built without that device type.

@@ -16,8 +16,23 @@ const char* op_kind_name(OpKind k) {
     case OpKind::Reduce: return "reduce";
     case OpKind::Gemm: return "gemm";
     case OpKind::Softmax: return "softmax";
+    case OpKind::FlashAttention: return "flash attention";
   }
   return "unknown";
+}
+
+// ---- default slots of the fused ops: a backend that lacks a kernel says so ----------------
+
+void Backend::flash_attention_check(const FlashAttentionArgs& a) const {
+  LOOM_FAIL("attention backend 'flash' does not support device ", a.q.device(), " (backend '", name(),
+            "' has no flash attention kernel)");
+}
+void Backend::flash_attention_forward(const FlashAttentionArgs& a, const Tensor&, const Tensor&) {
+  flash_attention_check(a);
+}
+void Backend::flash_attention_backward(const FlashAttentionArgs& a, const Tensor&, const Tensor&, const Tensor&,
+                                       const Tensor&, const Tensor&, const Tensor&) {
+  flash_attention_check(a);
 }
 
 int cuda_device_count() {

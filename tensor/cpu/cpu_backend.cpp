@@ -7,6 +7,7 @@
 //   kernels by family: copy & fill, unary, binary, reduce, softmax, gemm
 //   the CpuBackend class and cpu_backend()
 #include "tensor/cpu/cpu_backend.h"
+#include "tensor/cpu/cpu_flash.h"
 
 #include <omp.h>
 
@@ -623,6 +624,16 @@ class CpuBackend final : public Backend {
     visit_float(out.dtype(), log ? "log_softmax" : "softmax", [&](auto tag) {
       softmax_typed<typename decltype(tag)::type>(out, in, rows, n, log);
     });
+  }
+
+  // ---- fused ops: attention (tensor/cpu/cpu_flash.cpp) ----
+  void flash_attention_check(const FlashAttentionArgs& a) const override { cpu::flash_check(a); }
+  void flash_attention_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse) override {
+    cpu::flash_forward(a, out, lse);
+  }
+  void flash_attention_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse,
+                                const Tensor& grad_out, const Tensor& dq, const Tensor& dk, const Tensor& dv) override {
+    cpu::flash_backward(a, out, lse, grad_out, dq, dk, dv);
   }
 };
 

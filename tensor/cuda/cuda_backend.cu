@@ -17,6 +17,7 @@
 #include "tensor/cuda/cuda_allocator.h"
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_common.h"
+#include "tensor/cuda/cuda_flash.h"
 
 namespace loom {
 namespace {
@@ -98,6 +99,7 @@ class CudaBackend final : public Backend {
       case OpKind::Reduce:
       case OpKind::Gemm:
       case OpKind::Softmax:
+      case OpKind::FlashAttention:
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
     }
     return false;
@@ -248,6 +250,16 @@ class CudaBackend final : public Backend {
     p.log = log;
     DeviceGuard guard(device);
     cuda::launch_softmax(p);
+  }
+
+  // ---- fused ops: attention (cuda_flash_host.cu, cuda_flash.cu) ----
+  void flash_attention_check(const FlashAttentionArgs& a) const override { cuda::flash_check(a); }
+  void flash_attention_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse) override {
+    cuda::flash_forward(a, out, lse);
+  }
+  void flash_attention_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse,
+                                const Tensor& grad_out, const Tensor& dq, const Tensor& dk, const Tensor& dv) override {
+    cuda::flash_backward(a, out, lse, grad_out, dq, dk, dv);
   }
 };
 

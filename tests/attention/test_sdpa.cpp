@@ -179,9 +179,9 @@ TEST(Dispatcher, ScopedOverrideWinsAndRestores) {
   EXPECT_EQ(resolve_backend(BackendKind::Sliced), BackendKind::Sliced);  // the per-layer override
 }
 
-TEST(Dispatcher, DefaultIsFlashOrTheEnvironmentChoice) {
+TEST(Dispatcher, DefaultIsAutoOrTheEnvironmentChoice) {
   const char* env = std::getenv("LOOM_ATTENTION_BACKEND");
-  EXPECT_EQ(default_backend(), env && *env ? parse_backend(env) : BackendKind::Flash);
+  EXPECT_EQ(default_backend(), env && *env ? parse_backend(env) : BackendKind::Auto);
   const BackendKind saved = default_backend();
   set_default_backend(BackendKind::Sliced);
   EXPECT_EQ(resolve_backend(), BackendKind::Sliced);
@@ -230,13 +230,37 @@ TEST_F(DispatcherChecks, DeviceMismatch) {
 }
 TEST_F(DispatcherChecks, FlashNamesAnUnsupportedDtype) {
   o.backend = BackendKind::Flash;
-  const Variable h(Tensor::zeros({4, 3, 8}, DType::BF16));
-  EXPECT_THAT(call(h, Variable(Tensor::zeros({4, 5, 8}, DType::BF16)), Variable(Tensor::zeros({4, 5, 6}, DType::BF16))),
-              HasSubstr("attention backend 'flash' does not support dtype bf16"));
+  const Variable h(Tensor::zeros({4, 3, 8}, DType::I64));
+  EXPECT_THAT(call(h, Variable(Tensor::zeros({4, 5, 8}, DType::I64)), Variable(Tensor::zeros({4, 5, 6}, DType::I64))),
+              HasSubstr("attention backend 'flash' does not support dtype i64"));
 }
-TEST_F(DispatcherChecks, CudaFlashSlotSaysItIsNotBuilt) {
-  o.backend = BackendKind::CudaFlash;
-  EXPECT_THAT(call(q, k, v), HasSubstr("attention backend 'cuda_flash'"));
+// bf16 storage on the CPU is computed in f32: the result is the f32 result rounded to bf16.
+TEST(FlashCpu, Bf16StorageComputesInF32) {
+  Generator gen(5);
+  const Tensor q = Tensor::randn({3, 17, 40}, gen), k = Tensor::randn({3, 77, 40}, gen), v = Tensor::randn({3, 77, 40}, gen);
+  SdpaOptions o;
+  o.scale = 1.0 / std::sqrt(40.0);
+  o.backend = BackendKind::Flash;
+  auto run = [&](DType t) {
+    return scaled_dot_product_attention(Variable(q.to(t)), Variable(k.to(t)), Variable(v.to(t)), o).tensor();
+  };
+  const Tensor ref = run(DType::F32);
+  const Tensor half = run(DType::BF16);
+  EXPECT_EQ(half.dtype(), DType::BF16);
+  const Tensor from_bf16_inputs = scaled_dot_product_attention(Variable(q.to(DType::BF16).to(DType::F32)),
+      Variable(k.to(DType::BF16).to(DType::F32)), Variable(v.to(DType::BF16).to(DType::F32)), o).tensor();
+  EXPECT_EQ(half.to(DType::F32).to_vector(), from_bf16_inputs.to(DType::BF16).to(DType::F32).to_vector());
+  const std::vector<double> a = half.to(DType::F32).to_vector(), b = ref.to_vector();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+  EXPECT_LE(std::sqrt(num / den), 2e-2);
+}
+// Auto takes flash on the CPU for every float dtype.
+TEST(FlashCpu, AutoPicksFlashOnTheCpu) {
+  Generator gen(6);
+  for (DType t : {DType::F32, DType::F64, DType::BF16})
+    EXPECT_EQ(auto_backend(Tensor::randn({2, 3, 8}, gen, t), Tensor::randn({2, 5, 8}, gen, t),
+                           Tensor::randn({2, 5, 8}, gen, t), Tensor(), 1), BackendKind::Flash);
 }
 TEST_F(DispatcherChecks, ScanningChecksFindNaN) {
   const bool before = scanning_checks_enabled();

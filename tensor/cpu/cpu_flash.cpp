@@ -23,9 +23,9 @@
 #include <cmath>
 #include <limits>
 
-#include "attention/sdpa_backends.h"
+#include "tensor/cpu/cpu_flash.h"
 
-namespace loom::attention::detail {
+namespace loom::cpu {
 
 namespace {
 
@@ -34,8 +34,9 @@ constexpr int64_t kCols = 128;  // keys per tile
 // Multiply-adds (N·Q·K·d) below which one thread does the whole problem: a team costs more.
 constexpr double kParallelWork = double(1 << 20);
 
-bool worth_a_team(const SdpaProblem& p) {
-  return double(p.n) * double(p.q_len) * double(p.k_len) * double(std::max(p.d, p.dv)) >= kParallelWork;
+bool worth_a_team(const FlashAttentionArgs& a) {
+  return double(a.q.size(0)) * double(a.q.size(1)) * double(a.k.size(1)) *
+             double(std::max(a.q.size(2), a.v.size(2))) >= kParallelWork;
 }
 
 template <typename T>
@@ -60,13 +61,14 @@ struct Flash {
   T scale;
   bool causal;
 
-  explicit Flash(const SdpaProblem& p)
-      : q(static_cast<const T*>(p.q.raw_data())),
-        k(static_cast<const T*>(p.k.raw_data())),
-        v(static_cast<const T*>(p.v.raw_data())),
-        mask(p.mask.defined() ? static_cast<const T*>(p.mask.raw_data()) : nullptr),
-        n(p.n), nq(p.q_len), nk(p.k_len), d(p.d), dv(p.dv), heads(p.heads),
-        mask_batches(p.mask_batches), mask_rows(p.mask_rows), scale(T(p.scale)), causal(p.causal) {}
+  explicit Flash(const FlashAttentionArgs& a)
+      : q(static_cast<const T*>(a.q.raw_data())),
+        k(static_cast<const T*>(a.k.raw_data())),
+        v(static_cast<const T*>(a.v.raw_data())),
+        mask(a.mask.defined() ? static_cast<const T*>(a.mask.raw_data()) : nullptr),
+        n(a.q.size(0)), nq(a.q.size(1)), nk(a.k.size(1)), d(a.q.size(2)), dv(a.v.size(2)), heads(a.heads),
+        mask_batches(a.mask.defined() ? a.mask.size(0) : 0), mask_rows(a.mask.defined() ? a.mask.size(1) : 0),
+        scale(T(a.scale)), causal(a.causal) {}
 
   ConstMap<T> q_rows(int64_t row, int64_t i0, int64_t cnt) const { return {q + (row * nq + i0) * d, cnt, d}; }
   ConstMap<T> k_rows(int64_t row, int64_t j0, int64_t cnt) const { return {k + (row * nk + j0) * d, cnt, d}; }
@@ -138,7 +140,7 @@ void forward_tile(const Flash<T>& f, int64_t row, int64_t i0, int64_t i1, Forwar
 }
 
 template <typename T>
-void flash_forward(const SdpaProblem& p, Tensor& out, Tensor& lse) {
+void flash_forward(const FlashAttentionArgs& p, const Tensor& out, const Tensor& lse) {
   const Flash<T> f(p);
   T* o = static_cast<T*>(out.raw_data());
   T* l = static_cast<T*>(lse.raw_data());
@@ -237,22 +239,23 @@ void row_dots(const T* dout, const T* out, int64_t rows, int64_t dv, T* delta) {
   }
 }
 
+// dq, dk, dv: contiguous outputs (scratch is used for the ones not asked for).
 template <typename T>
-SdpaGrads flash_backward(const SdpaProblem& p, const SdpaSaved& saved, const Tensor& grad_out) {
+void flash_backward(const FlashAttentionArgs& p, const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                    Tensor dq, Tensor dk, Tensor dv) {
   const Flash<T> f(p);
   const Device cpu = Device::cpu();
   const DType dt = p.q.dtype();
   Tensor delta = Tensor::empty({f.n, f.nq}, dt, cpu);
-  row_dots<T>(static_cast<const T*>(grad_out.raw_data()), static_cast<const T*>(saved.out.raw_data()), f.n * f.nq,
+  row_dots<T>(static_cast<const T*>(grad_out.raw_data()), static_cast<const T*>(out.raw_data()), f.n * f.nq,
               f.dv, static_cast<T*>(delta.raw_data()));
-
-  SdpaGrads g;
-  g.dq = Tensor::zeros(p.q.shape(), dt, cpu);
-  g.dk = Tensor::empty(p.k.shape(), dt, cpu);
-  g.dv = Tensor::empty(p.v.shape(), dt, cpu);
-  const BackwardArgs<T> a{static_cast<const T*>(saved.lse.raw_data()), static_cast<const T*>(delta.raw_data()),
-                          static_cast<const T*>(grad_out.raw_data()), static_cast<T*>(g.dq.raw_data()),
-                          static_cast<T*>(g.dk.raw_data()), static_cast<T*>(g.dv.raw_data())};
+  if (!dq.defined()) dq = Tensor::empty(p.q.shape(), dt, cpu);
+  if (!dk.defined()) dk = Tensor::empty(p.k.shape(), dt, cpu);
+  if (!dv.defined()) dv = Tensor::empty(p.v.shape(), dt, cpu);
+  dq.fill_(0.0);
+  const BackwardArgs<T> a{static_cast<const T*>(lse.raw_data()), static_cast<const T*>(delta.raw_data()),
+                          static_cast<const T*>(grad_out.raw_data()), static_cast<T*>(dq.raw_data()),
+                          static_cast<T*>(dk.raw_data()), static_cast<T*>(dv.raw_data())};
   const int64_t key_tiles = ceil_div(f.nk, kCols), query_tiles = ceil_div(f.nq, kRows);
   const bool team = worth_a_team(p);
   const bool one_pass = !team || f.n >= omp_get_max_threads();
@@ -276,48 +279,56 @@ SdpaGrads flash_backward(const SdpaProblem& p, const SdpaSaved& saved, const Ten
     }
   }
   MutMap<T>(a.dq, f.n * f.nq, f.d) *= f.scale;  // dQ = scale·Σ dS·K
-  return g;
 }
-
-class FlashCpuBackend final : public SdpaBackend {
- public:
-  BackendKind kind() const override { return BackendKind::Flash; }
-
-  void check_supported(const SdpaProblem& p) const override {
-    LOOM_CHECK(p.q.device().is_cpu(), "attention backend 'flash' does not support device ", p.q.device(),
-               " (its CUDA kernel is the 'cuda_flash' slot, not built yet; use 'math' on CUDA tensors)");
-    LOOM_CHECK(p.q.dtype() == DType::F32 || p.q.dtype() == DType::F64, "attention backend 'flash' does not support dtype ",
-               p.q.dtype(), " on the cpu (f32 and f64 only)");
-  }
-
-  Tensor forward(const SdpaProblem& p, SdpaSaved* saved) const override {
-    Tensor out = Tensor::empty({p.n, p.q_len, p.dv}, p.q.dtype(), p.q.device());
-    Tensor lse = Tensor::empty({p.n, p.q_len}, p.q.dtype(), p.q.device());
-    if (out.numel() > 0) {
-      if (p.q.dtype() == DType::F32)
-        flash_forward<float>(p, out, lse);
-      else
-        flash_forward<double>(p, out, lse);
-    }
-    if (saved) {
-      saved->out = out;
-      saved->lse = lse;
-    }
-    return out;
-  }
-
-  SdpaGrads backward(const SdpaProblem& p, const SdpaSaved& saved, const Tensor& grad_out,
-                     const std::vector<bool>&) const override {
-    if (p.q.dtype() == DType::F32) return flash_backward<float>(p, saved, grad_out);
-    return flash_backward<double>(p, saved, grad_out);
-  }
-};
 
 }  // namespace
 
-const SdpaBackend& flash_backend() {
-  static const FlashCpuBackend backend;
-  return backend;
+namespace {
+bool is_half(DType t) { return t == DType::BF16 || t == DType::F16; }
+
+// The arguments with q, k, v and mask as f32 copies (bf16 / f16 storage, f32 compute).
+FlashAttentionArgs as_f32(const FlashAttentionArgs& a) {
+  FlashAttentionArgs b = a;
+  b.q = a.q.to(DType::F32), b.k = a.k.to(DType::F32), b.v = a.v.to(DType::F32);
+  if (a.mask.defined()) b.mask = a.mask.to(DType::F32);
+  return b;
+}
+Tensor f32_like(const Tensor& t) { return t.defined() ? Tensor::empty(t.shape(), DType::F32, t.device()) : Tensor(); }
+}  // namespace
+
+void flash_check(const FlashAttentionArgs& a) {
+  const DType t = a.q.dtype();
+  LOOM_CHECK(t == DType::F32 || t == DType::F64 || is_half(t), "attention backend 'flash' does not support dtype ", t,
+             " on the cpu (f32, f64; bf16 and f16 are computed in f32)");
 }
 
-}  // namespace loom::attention::detail
+void flash_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse) {
+  flash_check(a);
+  if (out.numel() == 0) return;
+  if (is_half(a.q.dtype())) {
+    const Tensor out32 = f32_like(out);
+    flash_forward<float>(as_f32(a), out32, lse);
+    out.copy_(out32);
+  } else if (a.q.dtype() == DType::F32) {
+    flash_forward<float>(a, out, lse);
+  } else {
+    flash_forward<double>(a, out, lse);
+  }
+}
+
+void flash_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                    const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  flash_check(a);
+  if (is_half(a.q.dtype())) {
+    const Tensor dq32 = f32_like(dq), dk32 = f32_like(dk), dv32 = f32_like(dv);
+    flash_backward<float>(as_f32(a), out.to(DType::F32), lse, grad_out.to(DType::F32), dq32, dk32, dv32);
+    for (auto [dst, src] : {std::pair{dq, dq32}, std::pair{dk, dk32}, std::pair{dv, dv32}})
+      if (dst.defined()) dst.copy_(src);
+  } else if (a.q.dtype() == DType::F32) {
+    flash_backward<float>(a, out, lse, grad_out, dq, dk, dv);
+  } else {
+    flash_backward<double>(a, out, lse, grad_out, dq, dk, dv);
+  }
+}
+
+}  // namespace loom::cpu

@@ -1,0 +1,62 @@
+// Internal to tensor/cuda/: the flash attention launchers behind Backend::flash_attention_*
+// (tensor/backend.h, SPEC §2) and their plain parameter struct. Host checks live in
+// cuda_flash_host.cu; kernels in cuda_flash.cu.
+//
+// Two kernel families:
+//   tensor-core  bf16 / f16 inputs, f32 accumulation (mma.sync m16n8k16), head dims
+//                40, 64, 72, 80, 96, 128, 160 (d == dv), any Q and K;
+//   exact        f32 / f64 inputs, plain FMA in the input precision, head dims up to 256.
+// Both: forward saves O and one log-sum-exp per query row; the backward computes
+// D = rowsum(dO∘O) first, then recomputes P tile by tile from the log-sum-exp; no buffer
+// of size Q×K exists. The tensor-core backward accumulates dQ, dK, dV in f32 buffers
+// with atomics (any split of the work adds into them), then converts them once.
+#pragma once
+
+#include <cstdint>
+
+#include "tensor/backend.h"
+
+namespace loom::cuda {
+
+// Host side (cuda_flash_host.cu): checks the arguments, allocates the scratch, fills
+// FlashParams and launches on the operands' device. Errors name the feature.
+void flash_check(const FlashAttentionArgs& a);
+void flash_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse);
+void flash_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                    const Tensor& dq, const Tensor& dk, const Tensor& dv);
+
+// Pointers to device memory at element (0,...,0); every tensor contiguous.
+struct FlashParams {
+  DType dtype = DType::BF16;     // of q, k, v, mask, out, grad_out, dq, dk, dv
+  const void* q = nullptr;       // [n, q_len, d]
+  const void* k = nullptr;       // [n, k_len, d]
+  const void* v = nullptr;       // [n, k_len, dv]
+  const void* mask = nullptr;    // [mask_batches, mask_rows, k_len] additive, or null
+  int64_t n = 0, q_len = 0, k_len = 0, d = 0, dv = 0;
+  int64_t heads = 1, mask_batches = 0, mask_rows = 0;
+  double scale = 1.0;
+  bool causal = false;
+  // forward outputs / backward inputs
+  void* out = nullptr;           // [n, q_len, dv]
+  void* lse = nullptr;           // [n, q_len]: f64 for f64 inputs, f32 otherwise (natural log)
+  // backward
+  const void* grad_out = nullptr;  // [n, q_len, dv]
+  void* dq = nullptr;            // [n, q_len, d], or null when not needed
+  void* dk = nullptr;            // [n, k_len, d], or null
+  void* dv_out = nullptr;        // [n, k_len, dv], or null
+  void* delta = nullptr;         // scratch [n, q_len] in the lse dtype
+  float* dq_accum = nullptr;     // scratch [n, q_len, d] f32 (tensor-core path)
+  float* dk_accum = nullptr;     // scratch [n, k_len, d] f32 (tensor-core path)
+  float* dv_accum = nullptr;     // scratch [n, k_len, dv] f32 (tensor-core path)
+};
+
+// Whether the tensor-core kernels cover head dim d (== dv).
+bool flash_tensor_core_head_dim(int64_t d);
+// The largest head dim of the exact (f32 / f64) kernels.
+constexpr int64_t kFlashExactMaxHeadDim = 256;
+
+void launch_flash_forward(const FlashParams& p);
+// Needs delta (and the three f32 accumulators on the tensor-core path) allocated by the caller.
+void launch_flash_backward(const FlashParams& p);
+
+}  // namespace loom::cuda
