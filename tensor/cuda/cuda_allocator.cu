@@ -7,6 +7,7 @@
 // freed during static destruction may still return blocks after main() ends,
 // when the CUDA runtime may already be shutting down.
 #include <map>
+#include <algorithm>
 #include <mutex>
 #include <unordered_map>
 
@@ -94,6 +95,12 @@ class CachingAllocator {
     return it == pools_.end() ? CudaAllocatorStats{} : it->second.stats;
   }
 
+  void reset_peak(int device) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = pools_.find(device);
+    if (it != pools_.end()) it->second.stats.peak_bytes_in_use = it->second.stats.bytes_in_use;
+  }
+
   void empty_cache() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [device, pool] : pools_) {
@@ -108,6 +115,7 @@ class CachingAllocator {
     pool.live_blocks.emplace(ptr, block);
     pool.stats.bytes_in_use += block;
     ++pool.stats.blocks_in_use;
+    pool.stats.peak_bytes_in_use = std::max(pool.stats.peak_bytes_in_use, pool.stats.bytes_in_use);
   }
 
   // cudaFree of every cached block (caller holds mu_ and has the device current).
@@ -146,6 +154,8 @@ void cached_free(void* ptr, size_t nbytes, int device_index) {
 }  // namespace cuda
 
 CudaAllocatorStats cuda_allocator_stats(int device_index) { return cuda::allocator().stats(device_index); }
+
+void cuda_reset_peak_stats(int device_index) { cuda::allocator().reset_peak(device_index); }
 
 void cuda_empty_cache() { cuda::allocator().empty_cache(); }
 

@@ -29,10 +29,13 @@ struct CudaAllocatorStats {
   size_t cuda_free_calls = 0;    // cumulative cudaFree calls
   size_t allocations = 0;        // cumulative non-empty allocation requests
   size_t cache_hits = 0;         // of which served from the free list
+  size_t peak_bytes_in_use = 0;  // the largest bytes_in_use since the start or the last reset
 };
 
 // Statistics of one device's pool (all zero for a device never used).
 CudaAllocatorStats cuda_allocator_stats(int device_index);
+// Sets the peak of one device's pool to its current bytes in use.
+void cuda_reset_peak_stats(int device_index);
 // Returns every cached (free) block of every device to the driver. Blocks in use are untouched.
 void cuda_empty_cache();
 

@@ -9,4 +9,10 @@ Backend* cuda_backend();
 // Number of CUDA devices the runtime reports (0 when built without CUDA, when
 // no driver is present, or when the runtime reports an error).
 int cuda_runtime_device_count();
+// A pair of CUDA events on `device` (tensor/device_timer.h uses them): record(which = 0 start,
+// 1 stop) on the device's stream; elapsed_ms synchronizes on the stop event.
+void* cuda_timer_create(int device);
+void cuda_timer_record(void* timer, int which);
+double cuda_timer_elapsed_ms(void* timer);
+void cuda_timer_destroy(void* timer);
 }  // namespace loom

@@ -8,4 +8,9 @@ Backend* cuda_backend() { return nullptr; }
 int cuda_runtime_device_count() { return 0; }
 CudaAllocatorStats cuda_allocator_stats(int) { return {}; }
 void cuda_empty_cache() {}
+void cuda_reset_peak_stats(int) {}
+void* cuda_timer_create(int) { return nullptr; }
+void cuda_timer_record(void*, int) {}
+double cuda_timer_elapsed_ms(void*) { return 0.0; }
+void cuda_timer_destroy(void*) {}
 }  // namespace loom

@@ -1,0 +1,117 @@
+// Attention on a CUDA device: loom's flash (and math) backends, bf16 (or --dtype), forward and
+// forward+backward, at Stable Diffusion's shapes. Median of --reps (default 30) after 5 warm-up
+// calls, each call timed with CUDA events; peak device memory of the timed calls (loom's caching
+// allocator) next to the bytes the inputs, outputs and gradients need. Not a test.
+//
+//   loom_bench_flash [--dtype bf16|f16|f32] [--backend flash|math] [--reps N] [--json]
+//
+// TFLOP/s counts the forward as 4·B·H·Q·K·d and forward+backward as 3.5 times that, as the
+// PyTorch figures in docs/gpu-bench.md do (bench/gpu/torch_attention.py prints the same table).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "attention/sdpa.h"
+#include "tensor/backend.h"
+#include "tensor/device_timer.h"
+#include "tensor/random.h"
+
+using namespace loom;
+
+namespace {
+
+struct Shape4 {
+  int64_t b, h, q, k, d;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+template <typename F>
+double time_ms(Device dev, int reps, F&& f) {
+  for (int i = 0; i < 5; ++i) f();
+  std::vector<double> ms;
+  DeviceTimer timer(dev);
+  for (int i = 0; i < reps; ++i) {
+    timer.start();
+    f();
+    timer.stop();
+    ms.push_back(timer.elapsed_ms());
+  }
+  return median(ms);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string dtype_name_arg = "bf16", backend = "flash";
+  int reps = 30;
+  bool json = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--dtype" && i + 1 < argc) dtype_name_arg = argv[++i];
+    else if (a == "--backend" && i + 1 < argc) backend = argv[++i];
+    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (a == "--json") json = true;
+    else {
+      std::fprintf(stderr, "usage: loom_bench_flash [--dtype bf16|f16|f32] [--backend flash|math] [--reps N] [--json]\n");
+      return 2;
+    }
+  }
+  if (!cuda_available()) {
+    std::fprintf(stderr, "loom_bench_flash: no CUDA device\n");
+    return 2;
+  }
+  const DType dt = dtype_name_arg == "f16" ? DType::F16 : dtype_name_arg == "f32" ? DType::F32 : DType::BF16;
+  const Device dev = Device::cuda(0);
+  std::vector<Shape4> shapes = {{2, 8, 4096, 4096, 40}, {2, 8, 4096, 4096, 64}, {2, 10, 4096, 4096, 64},
+                                {2, 20, 1024, 1024, 64}, {2, 8, 1024, 1024, 80}, {2, 8, 256, 256, 160},
+                                {2, 8, 4096, 77, 40},    {1, 8, 16384, 16384, 64}};
+  Generator gen(1);
+  if (!json) std::printf("%-6s %-24s %-7s %10s %9s %10s %10s\n", "dtype", "B,H,Q,K,d", "pass", "ms", "TFLOP/s", "peak MB", "needed MB");
+  for (const Shape4& s : shapes) {
+    if (backend == "math" && s.q * s.k > 4096 * 4096) continue;  // the score matrix alone would be > 2 GB per head batch
+    const int64_t n = s.b * s.h;
+    const Tensor q = Tensor::randn({n, s.q, s.d}, gen, dt, dev), k = Tensor::randn({n, s.k, s.d}, gen, dt, dev),
+                 v = Tensor::randn({n, s.k, s.d}, gen, dt, dev), dout = Tensor::randn({n, s.q, s.d}, gen, dt, dev);
+    attention::SdpaOptions o;
+    o.scale = 1.0 / std::sqrt(double(s.d));
+    o.backend = attention::parse_backend(backend);
+    const double fwd_flops = 4.0 * double(n) * double(s.q) * double(s.k) * double(s.d);
+    const double io_bytes = double(itemsize(dt)) * double(n) * double(2 * s.q + 2 * s.k) * double(s.d);
+    for (const char* pass : {"fwd", "fwdbwd"}) {
+      const bool bwd = std::strcmp(pass, "fwdbwd") == 0;
+      reset_peak_device_memory(dev);
+      const size_t base = device_memory(dev).in_use;
+      const double ms = time_ms(dev, reps, [&] {
+        if (!bwd) {
+          NoGradGuard ng;
+          attention::scaled_dot_product_attention(Variable(q), Variable(k), Variable(v), o);
+          return;
+        }
+        Variable vq(q, true), vk(k, true), vv(v, true);
+        attention::scaled_dot_product_attention(vq, vk, vv, o).backward(dout);
+      });
+      const double peak_mb = double(device_memory(dev).peak - base) / 1e6 + io_bytes / 1e6;
+      const double needed_mb = io_bytes * (bwd ? 2.0 : 1.0) / 1e6;
+      const double tflops = fwd_flops * (bwd ? 3.5 : 1.0) / (ms * 1e-3) / 1e12;
+      char shape[64];
+      std::snprintf(shape, sizeof shape, "%lld,%lld,%lld,%lld,%lld", (long long)s.b, (long long)s.h, (long long)s.q,
+                    (long long)s.k, (long long)s.d);
+      if (json)
+        std::printf("{\"impl\":\"loom_%s\",\"dtype\":\"%s\",\"shape\":\"%s\",\"pass\":\"%s\",\"ms\":%.4f,\"tflops\":%.1f,"
+                    "\"peak_mb\":%.1f,\"needed_mb\":%.1f}\n",
+                    backend.c_str(), dtype_name(dt), shape, pass, ms, tflops, peak_mb, needed_mb);
+      else
+        std::printf("%-6s %-24s %-7s %10.3f %9.1f %10.1f %10.1f\n", dtype_name(dt), shape, pass, ms, tflops, peak_mb,
+                    needed_mb);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,67 @@
+"""PyTorch's SDPA backends at the shapes of bench/gpu/bench_flash.cpp, in the same call on the
+same GPU: flash (FA2), cuDNN, efficient, default; bf16 forward and forward+backward; median of
+--reps after 5 warm-ups, CUDA events; peak memory (torch.cuda.max_memory_allocated) of the
+timed calls. One JSON line per row (--json) or a table."""
+import argparse, json, math, torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F
+
+SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 4096, 64), (2, 10, 4096, 4096, 64), (2, 20, 1024, 1024, 64),
+          (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160), (2, 8, 4096, 77, 40), (1, 8, 16384, 16384, 64)]
+BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
+            "efficient": [SDPBackend.EFFICIENT_ATTENTION], "default": None}
+
+
+def time_ms(fn, reps):
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    dt = torch.bfloat16
+    for (b, h, q, k, d) in SHAPES:
+        Q = torch.randn(b, h, q, d, device="cuda", dtype=dt)
+        K = torch.randn(b, h, k, d, device="cuda", dtype=dt)
+        V = torch.randn(b, h, k, d, device="cuda", dtype=dt)
+        dO = torch.randn(b, h, q, d, device="cuda", dtype=dt)
+        flops = 4.0 * b * h * q * k * d
+        for name, be in BACKENDS.items():
+            for bwd in (False, True):
+                def run():
+                    if not bwd:
+                        with torch.no_grad():
+                            F.scaled_dot_product_attention(Q, K, V)
+                        return
+                    q_, k_, v_ = (t.detach().requires_grad_() for t in (Q, K, V))
+                    F.scaled_dot_product_attention(q_, k_, v_).backward(dO)
+                try:
+                    ctx = sdpa_kernel(be) if be else torch.enable_grad()
+                    with ctx:
+                        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        ms = time_ms(run, args.reps)
+                        peak = (torch.cuda.max_memory_allocated() - base) / 1e6 + 4 * b * h * (q + k) * d * 2 / 1e6
+                except Exception as e:  # a backend that refuses the shape
+                    ms, peak = float("nan"), float("nan")
+                row = dict(impl="torch_" + name, dtype="bf16", shape=f"{b},{h},{q},{k},{d}",
+                           **{"pass": "fwdbwd" if bwd else "fwd"}, ms=round(ms, 4),
+                           tflops=round(flops * (3.5 if bwd else 1) / (ms * 1e-3) / 1e12, 1) if ms == ms else None,
+                           peak_mb=round(peak, 1))
+                print(json.dumps(row) if args.json else
+                      f"{row['impl']:<16} {row['shape']:<22} {row['pass']:<7} {ms:9.3f} ms {row['tflops']} TFLOP/s {peak:9.1f} MB",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One call on the H200 machine (../shared/GPU.md): build the named targets, run the GPU tests and
+# the GPU benchmarks (loom and PyTorch in the same call). Logs go to $OUT (or ./out).
+#   STEPS="tests bench torch model" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-out}
+mkdir -p "$out"
+steps=${STEPS:-"tests bench torch"}
+targets=${TARGETS:-"test_gpu loom_bench_flash loom"}
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvcc --version | tail -1
+  python3 -c 'import torch; print("torch", torch.__version__)' 2>/dev/null
+} | tee "$out/env.txt"
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/configure.log" 2>&1 \
+  || { tail -30 "$out/configure.log"; exit 1; }
+cmake --build build-gpu -j16 --target $targets -- -k 0 >"$out/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; grep -E "error|FAILED" -A3 "$out/build.log" | head -40; }
+echo "build: $(( $(date +%s) - t0 )) s"
+for s in $steps; do
+  case $s in
+    tests)
+      ./build-gpu/tests/test_gpu ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} >"$out/test_gpu.log" 2>&1
+      echo "test_gpu rc=$?"; grep -E "^\[  (PASSED|FAILED) |tests ran|Failure|error" "$out/test_gpu.log" | head -40 ;;
+    ctest)
+      ctest --test-dir build-gpu -L gpu --output-on-failure >"$out/ctest-gpu.log" 2>&1
+      echo "ctest -L gpu rc=$?"; grep -E "tests passed|tests failed|Failed" "$out/ctest-gpu.log" | head -30 ;;
+    bench)
+      ./build-gpu/bench/loom_bench_flash --reps 30 | tee "$out/bench_flash.txt" ;;
+    benchmath)
+      ./build-gpu/bench/loom_bench_flash --backend math --reps 20 | tee "$out/bench_math.txt" ;;
+    torch)
+      python3 bench/gpu/torch_attention.py --reps 30 | tee "$out/torch_attention.txt" ;;
+    model)
+      bash bench/gpu/run_model_bench.sh "$out" ;;
+  esac
+done
