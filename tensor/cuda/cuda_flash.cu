@@ -756,6 +756,10 @@ template <typename T, int MAXD>
 void exact_run(const FlashParams& p, bool backward) {
   const size_t stage = size_t(kExactTile) * size_t(p.d + p.dv) * sizeof(T);
   const dim3 qgrid(unsigned((p.q_len + kExactThreads - 1) / kExactThreads), unsigned(p.n));
+  const int kv_smem = int(stage + 2 * kExactTile * sizeof(T));
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_exact_kernel<T, MAXD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stage)));
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_q_exact_kernel<T, MAXD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stage)));
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_kv_exact_kernel<T, MAXD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_smem));
   if (!backward) {
     flash_fwd_exact_kernel<T, MAXD><<<qgrid, kExactThreads, stage>>>(p);
     check_last_launch("flash_fwd_exact_kernel");
@@ -768,7 +772,7 @@ void exact_run(const FlashParams& p, bool backward) {
   check_last_launch("flash_delta_kernel");
   if (p.dk || p.dv_out) {
     const dim3 kgrid(unsigned((p.k_len + kExactThreads - 1) / kExactThreads), unsigned(p.n));
-    flash_bwd_kv_exact_kernel<T, MAXD><<<kgrid, kExactThreads, stage + 2 * kExactTile * sizeof(T)>>>(p);
+    flash_bwd_kv_exact_kernel<T, MAXD><<<kgrid, kExactThreads, size_t(kv_smem)>>>(p);
     check_last_launch("flash_bwd_kv_exact_kernel");
   }
   if (p.dq) {

@@ -3,7 +3,8 @@
 // kernels, odd lengths, masks of every accepted shape, causal, batch > 1, cross-attention (K = 77).
 // Tolerances: f64 ≤ 1e-10 and f32 ≤ 1e-5 relative; bf16 / f16 as flash-attention's own tests set
 // them: the kernel's largest error against f64 at most twice that of the math backend run in the
-// same dtype on the same GPU (plus a floor of 1e-4 of the largest reference value).
+// same dtype on the same GPU (plus a floor of 1e-4 of the largest reference value, at least 1e-4:
+// with K = 1 the math backend's dQ and dK are exactly 0 and flash's are rounding-sized).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -132,7 +133,9 @@ void check_case(const FlashCase& c) {
   const char* names[] = {"out", "dq", "dk", "dv"};
   const Tensor Result::*fields[] = {&Result::out, &Result::dq, &Result::dk, &Result::dv};
   if (c.dtype == DType::F64 || c.dtype == DType::F32) {
-    const double tol = c.dtype == DType::F64 ? 1e-10 : 1e-5;
+    // f32 with diffusers' −10000 keep-mask: s − 10000 keeps only ~1e-3 of s in f32 (its spacing
+    // there), so no f32 computation of those rows gets closer to f64 than that.
+    const double tol = c.dtype == DType::F64 ? 1e-10 : (c.mask == MaskKind::KeepMaskFullyMasked ? 2e-3 : 1e-5);
     for (int i = 0; i < 4; ++i) EXPECT_LE(rel_error(got.*fields[i], ref.*fields[i]), tol) << names[i];
     EXPECT_LE(rel_error(got.lse, ref.lse), tol) << "lse";
     return;
@@ -141,7 +144,7 @@ void check_case(const FlashCase& c) {
   for (int i = 0; i < 4; ++i) {
     const double err = max_abs_diff(got.*fields[i], ref.*fields[i]);
     const double err_math = max_abs_diff(math.*fields[i], ref.*fields[i]);
-    EXPECT_LE(err, 2 * err_math + 1e-4 * max_abs(ref.*fields[i]))
+    EXPECT_LE(err, 2 * err_math + 1e-4 * std::max(1.0, max_abs(ref.*fields[i])))
         << names[i] << ": flash max error " << err << ", math in " << dtype_name(c.dtype) << " " << err_math;
   }
   EXPECT_LE(max_abs_diff(got.lse, ref.lse), 1e-3 * std::max(1.0, max_abs(ref.lse))) << "lse";
