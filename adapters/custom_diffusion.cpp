@@ -1,4 +1,5 @@
 #include "adapters/custom_diffusion.h"
+#include "tensor/precision.h"
 
 #include "autograd/ops.h"
 #include "nn/norm.h"
@@ -14,14 +15,15 @@ std::shared_ptr<nn::Linear> copy_projection(const attention::Attention& attn, co
   LOOM_CHECK(bias || !base->bias().defined(), "Custom Diffusion: ", name,
              " has a bias but its Custom Diffusion copy has none (diffusers' layout)");
   Generator unused(0);
-  auto copy = std::make_shared<nn::Linear>(base->in_features(), base->out_features(), bias, unused, w.dtype(),
+  const DType master = master_dtype(w.dtype());  // trains in f32 over bf16 / f16 base weights
+  auto copy = std::make_shared<nn::Linear>(base->in_features(), base->out_features(), bias, unused, master,
                                            w.device());
-  copy->set_parameter_data("weight", w.clone());
+  copy->set_parameter_data("weight", w.to(master).clone());
   if (bias) {
     if (base->bias().defined())
-      copy->set_parameter_data("bias", base->bias().tensor().clone());
+      copy->set_parameter_data("bias", base->bias().tensor().to(master).clone());
     else
-      copy->set_parameter_data("bias", Tensor::zeros({base->out_features()}, w.dtype(), w.device()));
+      copy->set_parameter_data("bias", Tensor::zeros({base->out_features()}, master, w.device()));
   }
   return copy;
 }

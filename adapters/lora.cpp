@@ -1,4 +1,5 @@
 #include "adapters/lora.h"
+#include "tensor/precision.h"
 
 #include <algorithm>
 #include <cmath>
@@ -91,8 +92,9 @@ Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vect
     const double w = a->effective_weight(path);
     if (w == 0.0) continue;  // skipped: the base output stays bit for bit
     const LoraModule& m = a->modules().at(path);
-    // [..., in] -> [..., r] -> [..., out], scaled by w·s
-    y = y + linear(linear(x, m.down), m.up) * (w * m.scale());
+    // [..., in] -> [..., r] -> [..., out], scaled by w·s; f32 masters are cast to the
+    // activations' dtype (mixed precision, tensor/precision.h), gradients flow back in f32.
+    y = y + linear(linear(x, to_dtype(m.down, x.dtype())), to_dtype(m.up, x.dtype())) * (w * m.scale());
   }
   return y;
 }
@@ -162,10 +164,11 @@ LoraAdapter& LoraSet::add(const std::string& name, const LoraConfig& config, Gen
     if (!m.alpha) m.alpha = config.alpha;
     m.use_rslora = config.use_rslora;
     const Tensor& w = linear->weight().tensor();
+    const DType master = master_dtype(w.dtype());  // f32 masters over bf16 / f16 base weights
     // A ~ N(0, 1/r), B = 0: the adapter starts as the identity change.
-    m.down = Variable(Tensor::randn({m.rank, linear->in_features()}, gen, w.dtype(), w.device(), 0.0,
+    m.down = Variable(Tensor::randn({m.rank, linear->in_features()}, gen, master, w.device(), 0.0,
                                     1.0 / double(m.rank)), true);
-    m.up = Variable(Tensor::zeros({linear->out_features(), m.rank}, w.dtype(), w.device()), true);
+    m.up = Variable(Tensor::zeros({linear->out_features(), m.rank}, master, w.device()), true);
     adapter->add_module(path, std::move(m));
   }
   LOOM_CHECK(!adapter->modules().empty(), "LoRA '", name, "': no Linear of the model matches the targets ",
@@ -195,8 +198,8 @@ LoraAdapter& LoraSet::add_from_weights(const std::string& name, std::map<std::st
                ", the model needs ", want_up, " (wrong base model?)");
     const Tensor& w = linear->weight().tensor();
     m.rank = m.down.size(0);
-    m.down = Variable(m.down.tensor().to(w.dtype()).to(w.device()), true);
-    m.up = Variable(m.up.tensor().to(w.dtype()).to(w.device()), true);
+    m.down = Variable(m.down.tensor().to(master_dtype(w.dtype())).to(w.device()), true);
+    m.up = Variable(m.up.tensor().to(master_dtype(w.dtype())).to(w.device()), true);
     adapter->add_module(path, std::move(m));
   }
   model_->set_requires_grad(false);

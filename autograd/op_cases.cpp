@@ -64,6 +64,8 @@ std::vector<OpCase> build_cases() {
            [](const Vars& v) { return linear(v[0], v[1], v[2]); });
 
   // ---- shape ----
+  add_case("to_dtype", "roundtrip", {nc({3, 4})},
+           [](const Vars& v) { return to_dtype(to_dtype(v[0], DType::F64), v[0].dtype()) * 1.5; });
   add_case("reshape", "same", {nc({3, 4})}, [](const Vars& v) { return reshape(v[0], {2, -1}) * 1.5; });
   add_case("permute", "same", {any({2, 3, 4})}, [](const Vars& v) { return permute(v[0], {2, 0, 1}) * 2.0; });
   add_case("transpose", "same", {any({2, 3, 4})},

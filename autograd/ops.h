@@ -69,6 +69,9 @@ Variable slice(const Variable& x, int64_t dim, int64_t start, int64_t end, int64
 Variable unsqueeze(const Variable& x, int64_t dim);
 Variable squeeze(const Variable& x, int64_t dim);
 Variable cat(const std::vector<Variable>& xs, int64_t dim);
+// x converted to `dtype` (rounded to nearest); the gradient is converted back to x's dtype. The
+// differentiable cast of mixed precision: f32 master weights cast to bf16 for the forward.
+Variable to_dtype(const Variable& x, DType dtype);
 // `chunks` pieces along dim (the last may be smaller, as in PyTorch).
 std::vector<Variable> chunk(const Variable& x, int64_t chunks, int64_t dim);
 // Pieces of the given sizes along dim (sizes must add up to x.size(dim)).

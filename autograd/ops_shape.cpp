@@ -15,6 +15,13 @@ Variable reshape(const Variable& x, const Shape& shape) {
                 [in_shape](const Tensor& g, const Needs&) { return GradList{g.reshape(in_shape)}; });
 }
 
+Variable to_dtype(const Variable& x, DType dtype) {
+  if (x.dtype() == dtype) return x;
+  const DType from = x.dtype();
+  return record("to_dtype", x.tensor().to(dtype), {x},
+                [from](const Tensor& g, const Needs&) { return GradList{g.to(from)}; });
+}
+
 Variable permute(const Variable& x, const std::vector<int64_t>& dims) {
   const Tensor out = x.tensor().permute(dims);  // validates dims
   std::vector<int64_t> inverse(dims.size());

@@ -33,6 +33,30 @@ std::vector<std::string> split_list(const std::string& s) {
   return out;
 }
 
+// ---- device and precision (SPEC §7) -------------------------------------------------------------
+
+void add_placement_flags(CLI::App* cmd, std::string& device, std::string& precision) {
+  device = "auto";
+  cmd->add_option("--device", device, "cpu | cuda | cuda:N | auto (cuda:0 when a GPU is usable, else cpu)")
+      ->capture_default_str();
+  cmd->add_option("--precision", precision,
+                  "f32 | tf32 | bf16 | f16 (default: bf16 on CUDA, f32 on the CPU; bf16/f16 keep the adapter, "
+                  "its gradients and the optimizer state in f32)");
+}
+
+// Checks --device / --precision (a usage error names the flag) and says the choice on stderr,
+// as the run's first line.
+trainer::Placement announce_placement(const std::string& device, const std::string& precision) {
+  trainer::Placement p;
+  try {
+    p = trainer::placement_of(device, precision);
+  } catch (const Error& e) {
+    throw UsageError(e.what());
+  }
+  std::cerr << "loom: " << p.describe() << "\n";
+  return p;
+}
+
 // ---- train -------------------------------------------------------------------------------------
 
 struct TrainArgs {
@@ -68,6 +92,7 @@ void add_train(CLI::App& app, TrainArgs& a) {
   t->add_option("--out", a.options.out_dir, "Output directory")->capture_default_str();
   t->add_option("--resume", a.resume, "Resume from the checkpoint.h5 in this directory");
   t->add_flag("--quiet", a.options.quiet, "No progress on stderr");
+  add_placement_flags(t, a.options.device, a.options.precision);
 }
 
 int run_train(TrainArgs& a, const CLI::App& cmd) {
@@ -76,6 +101,8 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
     b.adapter = a.options.adapter, b.quiet = a.options.quiet, b.seed = a.options.seed;
     b.out_dir = cmd.count("--out") ? a.options.out_dir : "loom-builtin";
     b.steps = cmd.count("--steps") ? a.options.steps : 0;
+    announce_placement(a.options.device, a.options.precision);
+    b.device = a.options.device, b.precision = a.options.precision;
     if (b.adapter != "lora" && b.adapter != "custom_diffusion")
       throw UsageError("--adapter must be lora or custom_diffusion, got '" + b.adapter + "'");
     const trainer::BuiltinReport r = trainer::run_builtin_task(b, std::cout, std::cerr);
@@ -95,10 +122,14 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
   } catch (const Error& e) {
     throw UsageError(e.what());
   }
+  announce_placement(a.options.device, a.options.precision);
   auto model = io::load_model_dir(a.model, a.options.prefix);
   const trainer::DataSet data = trainer::DataSet::load(a.data, true);
   data.check_fits(model->config(), a.data);
   const trainer::TrainResult r = trainer::train(model, data, a.options, std::cerr, a.resume);
+  if (r.peak_device_bytes)
+    std::cerr << "loom: peak device memory " << std::fixed << std::setprecision(1) << double(r.peak_device_bytes) / 1e6
+              << " MB (tensors held by loom's caching allocator)\n" << std::defaultfloat;
   std::cout << "trained " << r.steps << (r.steps == 1 ? " step" : " steps") << ": loss " << r.losses.front() << " -> " << r.losses.back() << "\n"
             << "adapter: " << r.adapter_path << "\ncheckpoint: " << r.checkpoint_path << "\n";
   return 0;
@@ -111,6 +142,7 @@ struct RunArgs {
   std::vector<std::string> adapters;
   bool fuse = false;
   int64_t batch_size = 8;
+  std::string device, precision;
 };
 
 void add_run(CLI::App& app, RunArgs& a) {
@@ -123,6 +155,7 @@ void add_run(CLI::App& app, RunArgs& a) {
   r->add_option("--backend", a.backend, "Attention backend: math | flash | sliced");
   r->add_flag("--fuse", a.fuse, "Fuse the LoRA adapters into the weights before running");
   r->add_option("--batch-size", a.batch_size, "Samples per forward")->capture_default_str();
+  add_placement_flags(r, a.device, a.precision);
 }
 
 int run_run(const RunArgs& a) {
@@ -135,6 +168,8 @@ int run_run(const RunArgs& a) {
   } catch (const Error& e) {
     throw UsageError(e.what());
   }
+  announce_placement(a.device, a.precision);
+  o.device = a.device, o.precision = a.precision;
   const trainer::DataSet inputs = trainer::DataSet::load(a.input, false);
   inputs.check_fits(attention::Transformer2DConfig::from_file(a.model + "/config.json"), a.input);
   const trainer::RunResult r = trainer::run_model(o, inputs);

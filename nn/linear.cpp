@@ -32,7 +32,10 @@ Variable Linear::weight_matrix() const {
 
 Variable Linear::base_forward(const Variable& x) const {
   check_input_features(x, -1, "Linear");
-  return linear(x, weight_matrix(), bias_);  // [..., in] x [in, out] -> [..., out]
+  // [..., in] x [in, out] -> [..., out]. Weights kept in another dtype than the activations
+  // (f32 masters that train under bf16 storage) are cast for the product (tensor/precision.h).
+  const Variable b = bias_.defined() ? to_dtype(bias_, x.dtype()) : bias_;
+  return linear(x, to_dtype(weight_matrix(), x.dtype()), b);
 }
 
 Variable Linear::forward(const Variable& x) const {

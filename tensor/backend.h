@@ -122,5 +122,7 @@ Backend& backend_for(const char* op, OpKind kind, Device device, DType dtype);
 // Number of CUDA devices usable by this build (0 when built without CUDA or none present).
 int cuda_device_count();
 inline bool cuda_available() { return cuda_device_count() > 0; }
+// Whether this build has the CUDA backend (nvcc was found at build time).
+bool cuda_backend_built();
 
 }  // namespace loom

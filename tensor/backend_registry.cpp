@@ -40,6 +40,8 @@ int cuda_device_count() {
   return count;
 }
 
+bool cuda_backend_built() { return cuda_backend() != nullptr; }
+
 Backend& backend_for(Device device) {
   if (device.is_cpu()) return *cpu_backend();
   Backend* cuda = cuda_backend();

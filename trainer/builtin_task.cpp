@@ -95,6 +95,9 @@ BuiltinReport run_builtin_task(const BuiltinOptions& opt, std::ostream& out, std
   }
   TrainOptions t;
   t.out_dir = dir, t.quiet = opt.quiet, t.seed = opt.seed, t.adapter = opt.adapter;
+  t.device = opt.device, t.precision = opt.precision;
+  const Placement where = placement_of(opt.device, opt.precision);
+  const bool low = where.precision == Precision::BF16 || where.precision == Precision::F16;
   // Full-batch steps: the targets are exact, so the gradient vanishes at the optimum and Adam settles.
   t.rank = kHiddenRank, t.alpha = double(kHiddenRank), t.batch_size = kSamples;
   t.targets = {"to_v"};  // the LoRA adapts the projections the teacher changed
@@ -141,13 +144,14 @@ BuiltinReport run_builtin_task(const BuiltinOptions& opt, std::ostream& out, std
       const Tensor w_cd = base->find_parameter(layer + ".processor." + proj + "_custom_diffusion.weight").tensor();
       learned = ops::sub(w_cd.to(DType::F64), base->find_parameter(path + ".weight").tensor().to(DType::F64));
     }
-    err += squared_norm(ops::sub(learned, delta.to(DType::F64)));
+    err += squared_norm(ops::sub(learned.to(Device::cpu()), delta.to(DType::F64)));
   }
   report.recovered = 1.0 - err / total;
 
   // Reload: the base model directory plus the saved adapter, through run_model (what `loom run` does).
   RunOptions ro;
   ro.model_dir = report.model_dir;
+  ro.device = opt.device, ro.precision = opt.precision;
   ro.adapters.push_back({r.adapter_path, 1.0});
   DataSet inputs = data;
   inputs.target = Tensor();
@@ -155,24 +159,33 @@ BuiltinReport run_builtin_task(const BuiltinOptions& opt, std::ostream& out, std
   Tensor trained;
   {
     NoGradGuard ng;
-    trained = base->forward(Variable(data.hidden_states), Variable(data.encoder_hidden_states)).tensor();
+    const DType act = storage_dtype(where.precision);
+    trained = base->forward(Variable(data.hidden_states.to(where.device).to(act)),
+                            Variable(data.encoder_hidden_states.to(where.device).to(act)))
+                  .tensor()
+                  .to(DType::F32)
+                  .to(Device::cpu());
   }
   report.reload_error = std::sqrt(squared_norm(ops::sub(reloaded, trained)) / squared_norm(trained));
-  const bool converged = report.final_loss <= 0.01 * report.start_loss;
-  report.passed = converged && report.reload_error <= 1e-5;
+  const double loss_target = low ? 0.10 : 0.01, reload_tol = low ? 1e-2 : 1e-5;
+  const bool converged = report.final_loss <= loss_target * report.start_loss;
+  report.passed = converged && report.reload_error <= reload_tol;
 
   out << std::scientific << std::setprecision(3);
   out << "  start loss      " << report.start_loss << "\n";
   out << "  final loss      " << report.final_loss << "  (" << std::fixed << std::setprecision(2)
-      << 100.0 * report.final_loss / report.start_loss << "% of start; target ≤ 1%: " << (converged ? "met" : "MISSED")
+      << 100.0 * report.final_loss / report.start_loss << "% of start; target ≤ " << 100 * loss_target
+      << "%: " << (converged ? "met" : "MISSED")
       << ")\n";
   out << "  recovered       " << std::setprecision(1) << 100.0 * report.recovered
       << "% of the hidden change (1 − ‖learned − hidden‖² / ‖hidden‖²)\n";
   out << "  reload check    " << std::scientific << std::setprecision(2) << report.reload_error
       << " relative error, saved adapter loaded again on " << report.model_dir << ": "
-      << (report.reload_error <= 1e-5 ? "ok" : "FAILED") << "\n";
+      << (report.reload_error <= reload_tol ? "ok" : "FAILED") << "\n";
   out << std::defaultfloat << "  time            " << std::fixed << std::setprecision(1) << r.seconds
-      << " s training\n  files           " << r.adapter_path << ", " << r.checkpoint_path << ", " << dir
+      << " s training on " << where.device.str() << " (" << precision_name(where.precision) << ")";
+  if (r.peak_device_bytes) out << ", peak device memory " << std::setprecision(1) << double(r.peak_device_bytes) / 1e6 << " MB";
+  out << "\n  files           " << r.adapter_path << ", " << r.checkpoint_path << ", " << dir
       << "/loss.csv, " << dir << "/loss.png\n" << std::defaultfloat;
   return report;
 }

@@ -26,14 +26,20 @@ AdapterSpec AdapterSpec::parse(const std::string& text) {
 namespace {
 
 // Runs the model over the samples in batches (no graph), returning (N, C, H, W).
-Tensor forward_all(const attention::Transformer2DModel& model, const DataSet& data, int64_t batch) {
+// Inputs go to the model's device in its activation dtype; the output comes back f32 on the CPU.
+Tensor forward_all(const attention::Transformer2DModel& model, const DataSet& data, int64_t batch,
+                   const Placement& where) {
   NoGradGuard no_grad;
+  const DType act = storage_dtype(where.precision);
   std::vector<Tensor> outs;
   for (int64_t i = 0; i < data.size(); i += batch) {
     const int64_t n = std::min(batch, data.size() - i);
-    auto slice = [&](const Tensor& t) { return t.defined() ? t.narrow(0, i, n) : t; };
+    auto slice = [&](const Tensor& t) { return t.defined() ? t.narrow(0, i, n).to(where.device).to(act) : t; };
     const Variable ctx = data.encoder_hidden_states.defined() ? Variable(slice(data.encoder_hidden_states)) : Variable();
-    outs.push_back(model.forward(Variable(slice(data.hidden_states)), ctx, slice(data.encoder_attention_mask)).tensor());
+    outs.push_back(model.forward(Variable(slice(data.hidden_states)), ctx, slice(data.encoder_attention_mask))
+                       .tensor()
+                       .to(DType::F32)
+                       .to(Device::cpu()));
   }
   return outs.size() == 1 ? outs[0] : ops::cat(outs, 0);
 }
@@ -42,8 +48,10 @@ Tensor forward_all(const attention::Transformer2DModel& model, const DataSet& da
 
 RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   LOOM_CHECK(o.batch_size > 0, "run: batch size must be positive");
+  const Placement where = placement_of(o.device, o.precision);
   auto model = io::load_model_dir(o.model_dir, o.prefix);
   model->eval();
+  place_model(*model, where);  // adapters loaded next are made on the device (f32 masters)
   std::optional<attention::ScopedAttentionBackend> scoped;
   if (o.backend) scoped.emplace(*o.backend);
   RunResult result;
@@ -65,7 +73,7 @@ RunResult run_model(const RunOptions& o, const DataSet& inputs) {
     lora->set_weight(name, spec.weight);
   }
   if (o.fuse && lora) lora->fuse();
-  result.output = forward_all(*model, inputs, o.batch_size);
+  result.output = forward_all(*model, inputs, o.batch_size, where);
   for (double v : result.output.to_vector())
     if (!std::isfinite(v)) throw NumericalError("run: the output holds NaN or Inf");
   return result;

@@ -28,6 +28,8 @@ struct RunOptions {
   bool fuse = false;
   int64_t batch_size = 8;  // samples per forward
   bool strict = true;
+  std::string device = "cpu";  // cpu | cuda | cuda:N | auto
+  std::string precision;       // empty: the device's default (SPEC §7)
 };
 
 struct RunResult {

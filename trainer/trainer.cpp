@@ -21,6 +21,7 @@
 #include "nn/norm.h"
 #include "optim/optim.h"
 #include "tensor/ops.h"
+#include "tensor/device_timer.h"
 #include "trainer/plot.h"
 
 namespace loom::trainer {
@@ -115,6 +116,8 @@ std::string TrainOptions::to_json() const {
          {"max_grad_norm", max_grad_norm}, {"checkpoint_every", checkpoint_every},
          {"init_adapter", init_adapter}, {"prefix", prefix}, {"out_dir", out_dir}};
   j["alpha"] = alpha ? json(*alpha) : json(nullptr);
+  j["device"] = device;
+  j["precision"] = precision;
   j["weight_decay"] = weight_decay ? json(*weight_decay) : json(nullptr);
   return j.dump(2);
 }
@@ -130,6 +133,8 @@ TrainOptions TrainOptions::from_json(const std::string& text) {
     o.max_grad_norm = j.at("max_grad_norm"), o.checkpoint_every = j.at("checkpoint_every");
     o.init_adapter = j.at("init_adapter"), o.prefix = j.at("prefix"), o.out_dir = j.at("out_dir");
     if (!j.at("alpha").is_null()) o.alpha = j.at("alpha").get<double>();
+    o.device = j.value("device", std::string("cpu"));  // checkpoints of earlier versions: the CPU in f32
+    o.precision = j.value("precision", std::string("f32"));
     if (!j.at("weight_decay").is_null()) o.weight_decay = j.at("weight_decay").get<double>();
   } catch (const json::exception& e) {
     LOOM_FAIL("training options: ", e.what());
@@ -155,6 +160,33 @@ void TrainOptions::validate() const {
   bool known = false;
   for (const auto& n : optim::optimizer_names()) known = known || n == optimizer;
   LOOM_CHECK(known, "--optimizer must be sgd, adam or adamw, got '", optimizer, "'");
+}
+
+// ---- device and precision ---------------------------------------------------------------------
+
+std::string Placement::describe() const {
+  std::string s = std::string("device ") + device.str() + ", precision " + precision_name(precision);
+  switch (precision) {
+    case Precision::BF16:
+    case Precision::F16:
+      return s + " (weights and activations " + precision_name(precision) +
+             "; adapter weights, gradients and optimizer state f32)";
+    case Precision::TF32: return s + " (f32 storage, TF32 tensor-core GEMMs)";
+    default: return s;
+  }
+}
+
+Placement placement_of(const std::string& device, const std::string& precision) {
+  Placement p;
+  p.device = parse_device(device.empty() ? "auto" : device);
+  p.precision = precision.empty() ? default_precision(p.device) : parse_precision(precision);
+  return p;
+}
+
+void place_model(nn::Module& model, const Placement& where) {
+  model.to(where.device);
+  model.to(storage_dtype(where.precision));
+  set_allow_tf32(where.precision == Precision::TF32);
 }
 
 // ---- files ----------------------------------------------------------------------------------
@@ -263,10 +295,15 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
     resume = io::load_checkpoint(resume_dir + "/checkpoint.h5");
     o = TrainOptions::from_json(resume.options_json);
     o.steps = given.steps, o.out_dir = given.out_dir, o.quiet = given.quiet;
+    o.device = given.device, o.precision = given.precision;  // a run may continue on another device
   }
   o.validate();
   LOOM_CHECK(data.target.defined(), "train: the data has no 'target'");
+  const Placement where = placement_of(o.device, o.precision);
   make_dirs(o.out_dir);
+  place_model(*model, where);  // before the adapter, so that it is made on the device (f32 masters)
+  const DType act = storage_dtype(where.precision);
+  reset_peak_device_memory(where.device);
   Adapter adapter = make_adapter(model, o, resume_dir.empty());
   Generator rng(o.seed);
   nn::set_dropout_generator(*model, rng);
@@ -288,7 +325,9 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
       if (it == saved.end()) throw io::FileError(resume_dir + "/checkpoint.h5", "lacks adapter tensor '" + name + "'");
       v.tensor().copy_(it->second);
     }
-    opt->load_state_dict(resume.optimizer);
+    std::map<std::string, Tensor> state;
+    for (const auto& [k, t] : resume.optimizer) state[k] = t.to(where.device);
+    opt->load_state_dict(state);
     rng.set_state(resume.rng_state);
     step = resume.step;
     result.losses = resume.losses;
@@ -303,8 +342,8 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
       io::save_custom_diffusion(*model, result.adapter_path, o.prefix);
     io::Checkpoint c;
     c.adapter_kind = o.adapter;
-    for (const auto& [n, v] : adapter.params) c.adapter.emplace_back(n, v.tensor());
-    c.optimizer = opt->state_dict();
+    for (const auto& [n, v] : adapter.params) c.adapter.emplace_back(n, v.tensor().to(Device::cpu()));
+    for (const auto& [k, t] : opt->state_dict()) c.optimizer[k] = t.to(Device::cpu());
     c.step = step;
     c.rng_state = rng.state();
     c.options_json = o.to_json();
@@ -317,46 +356,70 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
   const auto start = Clock::now();
   auto last_print = start;
   const int64_t first_step = step;
+  // The losses stay on the device (f32, 0-d) and are read in one go at each log interval,
+  // checkpoint and the end: no host round trip inside a step. A non-finite loss found then
+  // names its step; nothing is written after it (the checks run before every save).
+  std::vector<Tensor> pending_losses;
+  auto read_losses = [&] {
+    if (pending_losses.empty()) return;
+    const Tensor all = ops::cat(pending_losses, 0).to(Device::cpu());
+    const int64_t first = int64_t(result.losses.size());
+    const std::vector<double> values = all.to_vector();
+    pending_losses.clear();
+    for (size_t i = 0; i < values.size(); ++i) {
+      if (!std::isfinite(values[i]))
+        throw NumericalError("step " + std::to_string(first + int64_t(i) + 1) + ": the loss is not finite (" +
+                             std::to_string(values[i]) + "); stopped: nothing was written after it, the files in " +
+                             o.out_dir + " (if any) are unchanged");
+      result.losses.push_back(values[i]);
+    }
+  };
+  auto to_device = [&](const Tensor& t) { return t.defined() ? t.to(where.device).to(act) : t; };
   for (; step < o.steps;) {
     schedule.apply(*opt, step, o.lr);
     opt->zero_grad();
-    double loss_sum = 0.0;
+    Tensor loss_sum;
     for (int64_t a = 0; a < o.grad_accum; ++a) {
       const DataSet b = data.rows(sampler.batch(step * o.grad_accum + a));
-      const Variable ctx = b.encoder_hidden_states.defined() ? Variable(b.encoder_hidden_states) : Variable();
-      const Variable y = model->forward(Variable(b.hidden_states), ctx, b.encoder_attention_mask);
-      Variable loss = mse_loss(y, Variable(b.target));
+      const Variable ctx = b.encoder_hidden_states.defined() ? Variable(to_device(b.encoder_hidden_states)) : Variable();
+      const Variable y = model->forward(Variable(to_device(b.hidden_states)), ctx, to_device(b.encoder_attention_mask));
+      // the loss in f32 whatever the precision (SPEC §7)
+      Variable loss = mse_loss(to_dtype(y, DType::F32), Variable(b.target.to(where.device).to(DType::F32)));
       if (o.grad_accum > 1) loss = loss * (1.0 / double(o.grad_accum));
       loss.backward();
-      loss_sum += loss.tensor().item();
+      loss_sum = loss_sum.defined() ? ops::add(loss_sum, loss.tensor()) : loss.tensor();
     }
-    if (!std::isfinite(loss_sum))
-      throw NumericalError("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_sum) +
-                           "); stopped: nothing was written for this step, the files in " + o.out_dir +
-                           " (if any) are unchanged");
-    const double norm = optim::clip_grad_norm(params, o.max_grad_norm > 0 ? o.max_grad_norm
-                                                                           : std::numeric_limits<double>::infinity());
-    if (!std::isfinite(norm))
-      throw NumericalError("step " + std::to_string(step + 1) +
-                           ": the gradients hold NaN or Inf; stopped: nothing was written for this step, the files in " +
-                           o.out_dir + " (if any) are unchanged");
+    pending_losses.push_back(loss_sum.reshape({1}));
+    if (o.max_grad_norm > 0) {  // the norm is read on the host: one small read per step, only when clipping
+      const double norm = optim::clip_grad_norm(params, o.max_grad_norm);
+      if (!std::isfinite(norm)) {
+        read_losses();  // a non-finite loss is the better message when there is one
+        throw NumericalError("step " + std::to_string(step + 1) +
+                             ": the gradients hold NaN or Inf; stopped: nothing was written for this step, the files in " +
+                             o.out_dir + " (if any) are unchanged");
+      }
+    }
     opt->step();
     ++step;
-    result.losses.push_back(loss_sum);
     const auto now = Clock::now();
-    if (!o.quiet && (std::chrono::duration<double>(now - last_print).count() >= 1.0 || step == o.steps ||
-                     step == first_step + 1)) {
+    const bool log_now = !o.quiet && (std::chrono::duration<double>(now - last_print).count() >= 1.0 ||
+                                      step == o.steps || step == first_step + 1);
+    if (log_now || step == o.steps || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)) read_losses();
+    if (log_now) {
+      const double loss_now = result.losses.back();
       const double elapsed = std::chrono::duration<double>(now - start).count();
       const double rate = double(step - first_step) / std::max(elapsed, 1e-9);
-      log << "step " << step << "/" << o.steps << "  loss " << std::scientific << std::setprecision(4) << loss_sum
+      log << "step " << step << "/" << o.steps << "  loss " << std::scientific << std::setprecision(4) << loss_now
           << std::defaultfloat << "  " << std::fixed << std::setprecision(1) << rate << " it/s  ETA "
           << format_eta(double(o.steps - step) / rate) << std::defaultfloat << "\n";
       last_print = now;
     }
     if (o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step < o.steps) save_all();
   }
+  read_losses();
   save_all();
   model->eval();
+  result.peak_device_bytes = device_memory(where.device).peak;
   result.lora = adapter.lora;
   result.steps = step;
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -18,6 +18,7 @@
 
 #include "adapters/lora.h"
 #include "attention/transformer.h"
+#include "tensor/precision.h"
 
 namespace loom::trainer {
 
@@ -63,6 +64,8 @@ struct TrainOptions {
   std::string prefix;            // block prefix written into adapter keys
   std::string out_dir = "loom-out";
   bool quiet = false;
+  std::string device = "cpu";    // cpu | cuda | cuda:N | auto (SPEC §7)
+  std::string precision;         // f32 | tf32 | bf16 | f16; empty: the device's default
 
   std::string to_json() const;
   static TrainOptions from_json(const std::string& text);
@@ -77,7 +80,19 @@ struct TrainResult {
   int64_t steps = 0;
   std::string adapter_path, checkpoint_path;
   double seconds = 0.0;
+  size_t peak_device_bytes = 0;  // the caching allocator's peak during training (CUDA; 0 on the CPU)
 };
+
+// The device and precision a run with these options uses (parses and checks both; the
+// errors name --device / --precision).
+struct Placement {
+  Device device;
+  Precision precision;
+  std::string describe() const;  // "device cuda:0, precision bf16 (…)"
+};
+Placement placement_of(const std::string& device, const std::string& precision);
+// Moves `model` to the placement: its weights to the device, in the precision's storage dtype.
+void place_model(nn::Module& model, const Placement& where);
 
 // Trains on `model` (its base weights are frozen and never modified). `resume_dir`,
 // when given, holds the checkpoint.h5 to continue from (its options are used, except

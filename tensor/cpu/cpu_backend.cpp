@@ -531,6 +531,37 @@ void gemm_batch(const GemmBatch& g) {
   for (int64_t i = 0; i < g.batch; ++i) gemm_one<T>(g, i);
 }
 
+// ---- bf16 / f16 storage, f32 compute -------------------------------------------------
+
+bool is_half_dtype(DType t) { return t == DType::BF16 || t == DType::F16; }
+
+// A contiguous f32 copy of `t` (any strides; broadcast views are materialised).
+Tensor widened(const Tensor& t) { return t.to(DType::F32).contiguous(); }
+
+// Elements [0, count) of a raw bf16 / f16 buffer as f32, and back.
+std::vector<float> widen_span(const void* p, DType t, int64_t count) {
+  std::vector<float> out(size_t(std::max<int64_t>(count, 0)));
+  visit_any(t, "gemm", [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    const S* src = static_cast<const S*>(p);
+    for (int64_t i = 0; i < count; ++i) out[size_t(i)] = convert<float>(src[i]);
+  });
+  return out;
+}
+void narrow_span(void* p, DType t, const std::vector<float>& v) {
+  visit_any(t, "gemm", [&](auto tag) {
+    using D = typename decltype(tag)::type;
+    D* dst = static_cast<D*>(p);
+    for (size_t i = 0; i < v.size(); ++i) dst[i] = convert<D>(v[i]);
+  });
+}
+
+// Elements a strided batch of rows×cols matrices (leading dim ld, batch stride) spans.
+int64_t span_of(int64_t batch, int64_t stride, int64_t rows, int64_t cols, int64_t ld) {
+  if (rows == 0 || cols == 0 || batch == 0) return 0;
+  return (batch - 1) * stride + (rows - 1) * ld + cols;
+}
+
 // ---- the backend ---------------------------------------------------------------------
 
 class CpuBackend final : public Backend {
@@ -539,9 +570,10 @@ class CpuBackend final : public Backend {
 
   const char* name() const override { return "cpu"; }
 
+  // bf16 / f16: stored in the low precision, computed in f32 (converted on the way in and out).
   bool supports(OpKind op, DType dtype) const override {
     if (op == OpKind::Copy || op == OpKind::Fill) return true;  // every dtype
-    return dtype == DType::F32 || dtype == DType::F64;
+    return dtype == DType::F32 || dtype == DType::F64 || is_half_dtype(dtype);
   }
 
   // 64-byte aligned; nbytes 0 still yields a distinct pointer that deallocate frees.
@@ -587,6 +619,11 @@ class CpuBackend final : public Backend {
   }
 
   void unary(UnaryOp op, const Tensor& out, const Tensor& in, double scalar) override {
+    if (is_half_dtype(out.dtype())) {
+      const Tensor o = Tensor::empty(out.shape(), DType::F32);
+      unary(op, o, widened(in), scalar);
+      return out.copy_(o);
+    }
     visit_float(out.dtype(), "unary", [&](auto tag) {
       using T = typename decltype(tag)::type;
       unary_typed<T>(op, static_cast<T*>(out.raw_data()), static_cast<const T*>(in.raw_data()),
@@ -598,6 +635,11 @@ class CpuBackend final : public Backend {
     LOOM_CHECK(a.shape() == out.shape() && b.shape() == out.shape(), "cpu binary: shapes differ: ",
                a.shape(), ", ", b.shape(), " -> ", out.shape());
     if (out.numel() == 0) return;
+    if (is_half_dtype(out.dtype())) {
+      const Tensor o = Tensor::empty(out.shape(), DType::F32);
+      binary(op, o, widened(a), widened(b));
+      return out.copy_(o);
+    }
     visit_float(out.dtype(), "binary",
                 [&](auto tag) { binary_dispatch<typename decltype(tag)::type>(op, out, a, b); });
   }
@@ -605,6 +647,11 @@ class CpuBackend final : public Backend {
   void reduce(ReduceOp op, const Tensor& out, const Tensor& in, int64_t outer, int64_t n,
               int64_t inner) override {
     if (outer == 0 || inner == 0) return;
+    if (is_half_dtype(out.dtype())) {
+      const Tensor o = Tensor::empty(out.shape(), DType::F32);
+      reduce(op, o, widened(in), outer, n, inner);
+      return out.copy_(o);
+    }
     visit_float(out.dtype(), "reduce", [&](auto tag) {
       using T = typename decltype(tag)::type;
       T* o = static_cast<T*>(out.raw_data());
@@ -616,14 +663,35 @@ class CpuBackend final : public Backend {
 
   void gemm(const GemmBatch& g) override {
     if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+    if (is_half_dtype(g.dtype)) return gemm_through_f32(g);
     visit_float(g.dtype, "gemm", [&](auto tag) { gemm_batch<typename decltype(tag)::type>(g); });
   }
 
   void softmax(const Tensor& out, const Tensor& in, int64_t rows, int64_t n, bool log) override {
     if (rows == 0 || n == 0) return;
+    if (is_half_dtype(out.dtype())) {
+      const Tensor o = Tensor::empty(out.shape(), DType::F32);
+      softmax(o, widened(in), rows, n, log);
+      return out.copy_(o);
+    }
     visit_float(out.dtype(), log ? "log_softmax" : "softmax", [&](auto tag) {
       softmax_typed<typename decltype(tag)::type>(out, in, rows, n, log);
     });
+  }
+
+  // bf16 / f16 GEMM: the spans of A, B (and C when beta ≠ 0) widened to f32, the f32 GEMM, C
+  // narrowed back (elements between rows round-trip exactly).
+  void gemm_through_f32(const GemmBatch& g) {
+    const int64_t span_a = span_of(g.stride_a ? g.batch : 1, g.stride_a, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda);
+    const int64_t span_b = span_of(g.stride_b ? g.batch : 1, g.stride_b, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb);
+    const int64_t span_c = span_of(g.stride_c ? g.batch : 1, g.stride_c, g.m, g.n, g.ldc);
+    const std::vector<float> a = widen_span(g.a, g.dtype, span_a), b = widen_span(g.b, g.dtype, span_b);
+    std::vector<float> c = g.beta != 0.0 ? widen_span(g.c, g.dtype, span_c) : std::vector<float>(size_t(span_c), 0.f);
+    GemmBatch w = g;
+    w.dtype = DType::F32;
+    w.a = a.data(), w.b = b.data(), w.c = c.data();
+    gemm_batch<float>(w);
+    narrow_span(g.c, g.dtype, c);
   }
 
   // ---- fused ops: attention (tensor/cpu/cpu_flash.cpp) ----

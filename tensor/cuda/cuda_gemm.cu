@@ -21,6 +21,7 @@
 #include <mutex>
 
 #include "tensor/cuda/cuda_common.h"
+#include "tensor/precision.h"
 
 namespace loom::cuda {
 namespace {
@@ -89,6 +90,12 @@ void launch_gemm(const GemmBatch& g) {
   switch (g.dtype) {
     case DType::F32: {
       const float alpha = float(g.alpha), beta = float(g.beta);
+      if (allow_tf32()) {  // --precision tf32: f32 storage, TF32 tensor cores, f32 accumulation
+        LOOM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, transa, transb, m, n, k, &alpha, a, CUDA_R_32F, lda, stride_a,
+                                                     b, CUDA_R_32F, ldb, stride_b, &beta, g.c, CUDA_R_32F, ldc,
+                                                     stride_c, batch, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+        return;
+      }
       LOOM_CUBLAS_CHECK(cublasSgemmStridedBatched(h, transa, transb, m, n, k, &alpha, static_cast<const float*>(a),
                                                   lda, stride_a, static_cast<const float*>(b), ldb, stride_b,
                                                   &beta, static_cast<float*>(g.c), ldc, stride_c, batch));

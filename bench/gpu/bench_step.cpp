@@ -1,0 +1,120 @@
+// A LoRA training step and the inference forward of one spatial-transformer block on a device,
+// at Stable Diffusion 1.5's first block (320 channels, 8 heads × 40, x (2,320,64,64), context
+// (2,77,768)) and SDXL's first attention block (640 channels, 10 heads × 64, two transformer
+// layers, linear projections, context (2,77,2048)). LoRA r4 α4 on to_q/to_k/to_v/to_out.0 of
+// every attention, AdamW, MSE loss. Median of --reps (default 20) after 5 warm-ups, CUDA events;
+// peak device memory of the timed steps. bench/gpu/diffusers_step.py times diffusers + PEFT on the
+// same shapes; run both in one call. Not a test.
+//
+//   loom_bench_step [--precision bf16|f32|tf32] [--backend auto|flash|math] [--reps N] [--config sd15|sdxl]
+#include <algorithm>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "adapters/lora.h"
+#include "attention/sdpa.h"
+#include "attention/transformer.h"
+#include "autograd/ops.h"
+#include "optim/optim.h"
+#include "tensor/backend.h"
+#include "tensor/device_timer.h"
+#include "tensor/precision.h"
+#include "tensor/random.h"
+
+using namespace loom;
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+template <typename F>
+double time_ms(Device dev, int reps, F&& f) {
+  for (int i = 0; i < 5; ++i) f();
+  std::vector<double> ms;
+  DeviceTimer timer(dev);
+  for (int i = 0; i < reps; ++i) {
+    timer.start();
+    f();
+    timer.stop();
+    ms.push_back(timer.elapsed_ms());
+  }
+  return median(ms);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string precision = "bf16", backend = "auto", which = "sd15";
+  int reps = 20;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--precision" && i + 1 < argc) precision = argv[++i];
+    else if (a == "--backend" && i + 1 < argc) backend = argv[++i];
+    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (a == "--config" && i + 1 < argc) which = argv[++i];
+    else {
+      std::fprintf(stderr, "usage: loom_bench_step [--precision bf16|f32|tf32] [--backend auto|flash|math] [--reps N] [--config sd15|sdxl]\n");
+      return 2;
+    }
+  }
+  if (!cuda_available()) {
+    std::fprintf(stderr, "loom_bench_step: no CUDA device\n");
+    return 2;
+  }
+  const Device dev = Device::cuda(0);
+  const Precision prec = parse_precision(precision);
+  set_allow_tf32(prec == Precision::TF32);
+  attention::set_default_backend(attention::parse_backend(backend, "--backend"));
+
+  attention::Transformer2DConfig c;
+  int64_t side = 64;
+  if (which == "sdxl") {
+    c.in_channels = 640, c.num_attention_heads = 10, c.attention_head_dim = 64, c.num_layers = 2;
+    c.cross_attention_dim = 2048, c.use_linear_projection = true;
+  } else {
+    c.in_channels = 320, c.num_attention_heads = 8, c.attention_head_dim = 40, c.cross_attention_dim = 768;
+  }
+  Generator gen(0);
+  auto model = std::make_shared<attention::Transformer2DModel>(c, gen);
+  model->to(dev);
+  model->to(storage_dtype(prec));
+  adapters::LoraSet lora(model);
+  adapters::LoraConfig lc;
+  lc.rank = 4, lc.alpha = 4.0, lc.targets = {"to_q", "to_k", "to_v", "to_out.0"};
+  lora.add("default", lc, gen);
+  optim::OptimizerConfig oc;
+  oc.lr = 1e-4;
+  auto opt = optim::make_optimizer("adamw", lora.trainable_parameters(), oc);
+
+  const DType act = storage_dtype(prec);
+  const Tensor x = Tensor::randn({2, c.in_channels, side, side}, gen, act, dev);
+  const Tensor ctx = Tensor::randn({2, 77, *c.cross_attention_dim}, gen, act, dev);
+  const Tensor target = Tensor::randn({2, c.in_channels, side, side}, gen, DType::F32, dev);
+
+  model->train();
+  reset_peak_device_memory(dev);
+  const size_t base = device_memory(dev).in_use;
+  const double step_ms = time_ms(dev, reps, [&] {
+    opt->zero_grad();
+    const Variable y = model->forward(Variable(x), Variable(ctx));
+    Variable loss = mse_loss(to_dtype(y, DType::F32), Variable(target));
+    loss.backward();
+    opt->step();
+  });
+  const double step_peak = double(device_memory(dev).peak) / 1e9;
+  model->eval();
+  reset_peak_device_memory(dev);
+  const double fwd_ms = time_ms(dev, reps, [&] {
+    NoGradGuard ng;
+    model->forward(Variable(x), Variable(ctx));
+  });
+  const double fwd_peak = double(device_memory(dev).peak) / 1e9;
+  std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"precision\":\"%s\",\"backend\":\"%s\",\"step_ms\":%.3f,"
+              "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"weights_gb\":%.3f}\n",
+              which.c_str(), precision.c_str(), backend.c_str(), step_ms, step_peak, fwd_ms, fwd_peak, double(base) / 1e9);
+  return 0;
+}
