@@ -30,6 +30,7 @@
 #include "io/tensor_file.h"
 #include "tensor/random.h"
 #include "tensor/tensor.h"
+#include "tests/test_helpers.h"
 
 extern char** environ;
 
@@ -40,22 +41,15 @@ using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::Not;
 namespace fs = std::filesystem;
+using loom::testing::read_bytes;
+using loom::testing::rel_error;
+using loom::testing::write_bytes;
 
 #ifndef LOOM_BIN
 #error "LOOM_BIN (the path of the built loom executable) must be defined by CMake"
 #endif
 
 // ---- running the executable -------------------------------------------------------------------
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-void spit(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << bytes;
-}
 
 bool exists(const std::string& path) { return fs::exists(path); }
 
@@ -99,21 +93,12 @@ Result run_loom(const std::vector<std::string>& args, const std::string& scratch
   }
   if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
   else if (WIFSIGNALED(status)) r.code = 128 + WTERMSIG(status);
-  r.out = slurp(out_path), r.err = slurp(err_path);
+  r.out = read_bytes(out_path), r.err = read_bytes(err_path);
   fs::remove(out_path), fs::remove(err_path);
   return r;
 }
 
 // ---- numbers ------------------------------------------------------------------------------------
-
-// ‖a − b‖ / ‖b‖.
-double rel_error(const Tensor& a, const Tensor& b) {
-  const std::vector<double> x = a.to_vector(), y = b.to_vector();
-  if (x.size() != y.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < x.size(); ++i) num += (x[i] - y[i]) * (x[i] - y[i]), den += y[i] * y[i];
-  return std::sqrt(num / den);
-}
 
 // The 'output' tensor of a `loom run` output file (safetensors or HDF5).
 Tensor read_output(const std::string& path) {
@@ -142,7 +127,7 @@ std::string config_json(const ModelSpec& s) {
 // unrelated key, as in a full-UNet file).
 void write_model_dir(const std::string& dir, const ModelSpec& s = {}, const std::string& prefix = "") {
   fs::create_directories(dir);
-  spit(dir + "/config.json", config_json(s));
+  write_bytes(dir + "/config.json", config_json(s));
   attention::Transformer2DConfig c;
   c.in_channels = s.in_channels, c.num_attention_heads = s.heads, c.attention_head_dim = s.head_dim;
   c.num_layers = 1, c.cross_attention_dim = s.cross_attention_dim, c.norm_num_groups = s.norm_num_groups;
@@ -333,11 +318,11 @@ TEST_F(Cli, TrainWritesAdapterCheckpointAndLossFiles) {
 
   ASSERT_TRUE(exists(path("out/adapter.safetensors")));
   ASSERT_TRUE(exists(path("out/checkpoint.h5")));
-  const std::string csv = slurp(path("out/loss.csv"));
+  const std::string csv = read_bytes(path("out/loss.csv"));
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 6) << csv;  // header + one line per step
   EXPECT_EQ(csv.rfind("step,loss\n", 0), 0u) << csv;
   EXPECT_THAT(csv, HasSubstr("\n5,"));
-  const std::string png = slurp(path("out/loss.png"));
+  const std::string png = read_bytes(path("out/loss.png"));
   ASSERT_GE(png.size(), 8u);
   EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
 
@@ -365,11 +350,11 @@ TEST_F(Cli, TrainIsDeterministicForASeed) {
   ASSERT_EQ(train("a", {"--seed", "3"}).code, 0);
   ASSERT_EQ(train("b", {"--seed", "3"}).code, 0);
   ASSERT_EQ(train("c", {"--seed", "4"}).code, 0);
-  const std::string a = slurp(path("a/loss.csv")), b = slurp(path("b/loss.csv")), c = slurp(path("c/loss.csv"));
+  const std::string a = read_bytes(path("a/loss.csv")), b = read_bytes(path("b/loss.csv")), c = read_bytes(path("c/loss.csv"));
   ASSERT_FALSE(a.empty());
   EXPECT_EQ(a, b) << "same seed, different loss curves";
   EXPECT_NE(a, c) << "different seeds, same loss curve";
-  EXPECT_EQ(slurp(path("a/adapter.safetensors")), slurp(path("b/adapter.safetensors")));
+  EXPECT_EQ(read_bytes(path("a/adapter.safetensors")), read_bytes(path("b/adapter.safetensors")));
 }
 
 TEST_F(Cli, TrainOnBadInputFilesExitsWithCode3) {
@@ -381,14 +366,14 @@ TEST_F(Cli, TrainOnBadInputFilesExitsWithCode3) {
   Generator gen(99);
   std::string noise(4096, '\0');
   for (char& ch : noise) ch = char(gen.next_u64() & 0xff);
-  spit(path("noise.safetensors"), noise);
+  write_bytes(path("noise.safetensors"), noise);
   const Result corrupt = train("o", {}, "model", "noise.safetensors");
   EXPECT_EQ(corrupt.code, 3) << corrupt;
   EXPECT_THAT(corrupt.err, HasSubstr("noise.safetensors"));
 
   // A safetensors file cut short.
-  const std::string good = slurp(path("data.safetensors"));
-  spit(path("cut.safetensors"), good.substr(0, good.size() / 2));
+  const std::string good = read_bytes(path("data.safetensors"));
+  write_bytes(path("cut.safetensors"), good.substr(0, good.size() / 2));
   const Result cut = train("o", {}, "model", "cut.safetensors");
   EXPECT_EQ(cut.code, 3) << cut;
   EXPECT_THAT(cut.err, HasSubstr("cut.safetensors"));
@@ -420,7 +405,7 @@ TEST_F(Cli, TrainOnBadInputFilesExitsWithCode3) {
 
   fs::create_directories(path("badconfig"));
   fs::copy_file(path("model/model.safetensors"), path("badconfig/model.safetensors"));
-  spit(path("badconfig/config.json"), R"({"in_channels": 8, "num_attention_heads": 2})");
+  write_bytes(path("badconfig/config.json"), R"({"in_channels": 8, "num_attention_heads": 2})");
   const Result bad_config = train("o", {}, "badconfig");
   EXPECT_EQ(bad_config.code, 3) << bad_config;
   EXPECT_THAT(bad_config.err, AllOf(HasSubstr("config.json"), HasSubstr("attention_head_dim")));
@@ -451,7 +436,7 @@ TEST_F(Cli, ResumeEqualsAnUninterruptedRun) {
   ASSERT_EQ(rest.code, 0) << rest;
   EXPECT_THAT(rest.out, HasSubstr(path("split") + "/adapter.safetensors"));
 
-  EXPECT_EQ(slurp(path("split/loss.csv")), slurp(path("straight/loss.csv")));
+  EXPECT_EQ(read_bytes(path("split/loss.csv")), read_bytes(path("straight/loss.csv")));
   const io::TensorFile a = io::read_safetensors(path("split/adapter.safetensors"));
   const io::TensorFile b = io::read_safetensors(path("straight/adapter.safetensors"));
   ASSERT_EQ(a.tensors.size(), b.tensors.size());
@@ -497,8 +482,8 @@ TEST_F(Cli, NonFiniteLossOnResumeLeavesTheLastCheckpointIntact) {
   const Result good = loom({"train", "--model", path("model"), "--data", path("data.safetensors"), "--out",
                             path("run"), "--steps", "3", "--batch-size", "2", "--quiet"});
   ASSERT_EQ(good.code, 0) << good;
-  const std::string ckpt = slurp(path("run/checkpoint.h5")), adapter = slurp(path("run/adapter.safetensors"));
-  const std::string csv = slurp(path("run/loss.csv")), png = slurp(path("run/loss.png"));
+  const std::string ckpt = read_bytes(path("run/checkpoint.h5")), adapter = read_bytes(path("run/adapter.safetensors"));
+  const std::string csv = read_bytes(path("run/loss.csv")), png = read_bytes(path("run/loss.png"));
   ASSERT_FALSE(ckpt.empty());
   ASSERT_FALSE(adapter.empty());
 
@@ -506,10 +491,10 @@ TEST_F(Cli, NonFiniteLossOnResumeLeavesTheLastCheckpointIntact) {
                            path("run"), "--steps", "6", "--quiet"});
   EXPECT_EQ(bad.code, 4) << bad;
   EXPECT_THAT(bad.err, HasSubstr("step 4"));
-  EXPECT_EQ(slurp(path("run/checkpoint.h5")), ckpt) << "checkpoint.h5 changed by the failed run";
-  EXPECT_EQ(slurp(path("run/adapter.safetensors")), adapter) << "adapter.safetensors changed by the failed run";
-  EXPECT_EQ(slurp(path("run/loss.csv")), csv);
-  EXPECT_EQ(slurp(path("run/loss.png")), png);
+  EXPECT_EQ(read_bytes(path("run/checkpoint.h5")), ckpt) << "checkpoint.h5 changed by the failed run";
+  EXPECT_EQ(read_bytes(path("run/adapter.safetensors")), adapter) << "adapter.safetensors changed by the failed run";
+  EXPECT_EQ(read_bytes(path("run/loss.csv")), csv);
+  EXPECT_EQ(read_bytes(path("run/loss.png")), png);
   // No temporary files left behind by the atomic writers.
   for (const auto& e : fs::directory_iterator(path("run")))
     EXPECT_THAT(e.path().filename().string(),
@@ -528,7 +513,7 @@ TEST_F(Cli, TrainFromAnInitAdapter) {
   const Result fresh = train("fresh");
   ASSERT_EQ(fresh.code, 0) << fresh;
   // Starting from a trained adapter, the first loss is not the base model's.
-  const std::string a = slurp(path("second/loss.csv")), b = slurp(path("fresh/loss.csv"));
+  const std::string a = read_bytes(path("second/loss.csv")), b = read_bytes(path("fresh/loss.csv"));
   EXPECT_NE(a.substr(0, a.find('\n', 10)), b.substr(0, b.find('\n', 10)));
 
   const Result missing = train("third", {"--init-adapter", path("none.safetensors")});
@@ -546,7 +531,7 @@ TEST_F(Cli, TrainCustomDiffusion) {
   EXPECT_NE(f.find("transformer_blocks.0.attn2.processor.to_k_custom_diffusion.weight"), nullptr);
   EXPECT_EQ(f.find("transformer_blocks.0.attn2.processor.to_q_custom_diffusion.weight"), nullptr);  // crossattn_kv
   EXPECT_EQ(io::load_checkpoint(path("cd/checkpoint.h5")).adapter_kind, "custom_diffusion");
-  EXPECT_EQ(slurp(path("cd/loss.csv")).size() > 0, true);
+  EXPECT_EQ(read_bytes(path("cd/loss.csv")).size() > 0, true);
 
   const Result q = train("cdq", {"--adapter", "custom_diffusion", "--train-q-out"});
   ASSERT_EQ(q.code, 0) << q;
@@ -577,7 +562,7 @@ TEST_F(Cli, BuiltinTaskLora) {
   EXPECT_THAT(r.out, HasSubstr(": ok"));  // the reloaded adapter reproduces the outputs at any step count
   EXPECT_TRUE(exists(path("builtin/adapter.safetensors")));
   EXPECT_TRUE(exists(path("builtin/checkpoint.h5")));
-  const std::string csv = slurp(path("builtin/loss.csv"));
+  const std::string csv = read_bytes(path("builtin/loss.csv"));
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 61);
   // What it says to try next works.
   const std::string hint = r.out.substr(r.out.find("try: loom run"));
@@ -690,12 +675,12 @@ TEST_F(Cli, RunOnBadInputsExitsWithCode3) {
   Generator gen(3);
   std::string noise(1000, '\0');
   for (char& ch : noise) ch = char(gen.next_u64() & 0xff);
-  spit(path("noise.safetensors"), noise);
+  write_bytes(path("noise.safetensors"), noise);
   const Result corrupt = run_args({"--adapter", path("noise.safetensors")});
   EXPECT_EQ(corrupt.code, 3) << corrupt;
   EXPECT_THAT(corrupt.err, HasSubstr("noise.safetensors"));
-  const std::string bytes = slurp(adapter);
-  spit(path("cut.safetensors"), bytes.substr(0, bytes.size() - 20));
+  const std::string bytes = read_bytes(adapter);
+  write_bytes(path("cut.safetensors"), bytes.substr(0, bytes.size() - 20));
   const Result cut = run_args({"--adapter", path("cut.safetensors")});
   EXPECT_EQ(cut.code, 3) << cut;
   EXPECT_THAT(cut.err, HasSubstr("cut.safetensors"));
@@ -813,12 +798,12 @@ TEST_F(Cli, InspectAdaptersCheckpointsAndDataFiles) {
   EXPECT_EQ(missing.code, 3) << missing;
   EXPECT_THAT(missing.err, HasSubstr("nowhere.safetensors"));
 
-  spit(path("notes.txt"), "these are not tensors\n");
+  write_bytes(path("notes.txt"), "these are not tensors\n");
   const Result text = loom({"inspect", path("notes.txt")});
   EXPECT_EQ(text.code, 3) << text;
   EXPECT_THAT(text.err, HasSubstr("notes.txt"));
 
-  spit(path("empty.safetensors"), "");
+  write_bytes(path("empty.safetensors"), "");
   const Result empty = loom({"inspect", path("empty.safetensors")});
   EXPECT_EQ(empty.code, 3) << empty;
   EXPECT_THAT(empty.err, HasSubstr("empty.safetensors"));
