@@ -20,6 +20,7 @@
 namespace loom::attention {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -266,6 +267,41 @@ TEST(Transformer2DConfig, NullMeansDefaultAndBadJsonOrFileIsAnError) {
   EXPECT_THAT(any_error_of([] { Transformer2DConfig::from_json_text("[1, 2]", "cfg.json"); }), HasSubstr("cfg.json"));
   EXPECT_THAT(any_error_of([] { Transformer2DConfig::from_file("/nonexistent/dir/config.json"); }),
               HasSubstr("/nonexistent/dir/config.json"));
+}
+
+TEST(Transformer2DConfig, OutOfRangeValuesAreErrorsNamingTheKey) {
+  const std::vector<std::pair<std::string, json>> bad = {
+      {"out_channels", 0},         {"out_channels", -2},       {"cross_attention_dim", 0},
+      {"activation_fn", "relu"},   {"norm_eps", 0.0},          {"norm_eps", -1e-5},
+      {"dropout", 1.0},            {"dropout", -0.5},          {"norm_num_groups", -4},
+      {"num_attention_heads", int64_t(1) << 31}, {"attention_head_dim", int64_t(1) << 31},
+      {"in_channels", int64_t(1) << 40}};
+  for (const auto& [key, value] : bad) {
+    json j = json::parse(kMinimalConfig);
+    j[key] = value;
+    EXPECT_THAT(any_error_of([&] { Transformer2DConfig::from_json_text(j.dump(), "my/config.json"); }),
+                AllOf(HasSubstr("my/config.json"), HasSubstr("'" + key + "'")))
+        << key << " = " << value.dump();
+  }
+}
+
+TEST(Transformer2DConfig, AModelTooLargeToAllocateIsRefusedBeforeAllocation) {
+  json j = json::parse(kMinimalConfig);
+  j["num_attention_heads"] = 65536;  // inner dim 262144: about 1.2e12 parameters
+  const std::string err = any_error_of([&] { Transformer2DConfig::from_json_text(j.dump(), "my/config.json"); });
+  EXPECT_THAT(err, AllOf(HasSubstr("my/config.json"), HasSubstr("parameters"), HasSubstr("num_attention_heads")));
+  // The bound is computed without overflow and covers what the model really holds.
+  Transformer2DConfig c = Transformer2DConfig::from_json_text(kMinimalConfig);
+  Generator gen(0);
+  Transformer2DModel m(c, gen);
+  int64_t n = 0;
+  for (const auto& [name, p] : m.named_parameters()) n += p.tensor().numel();
+  EXPECT_GE(c.parameter_count_bound(), (long double)n);
+  EXPECT_LE(c.parameter_count_bound(), 2.0L * (long double)n);
+}
+
+TEST(Transformer2DConfig, AConfigThatIsADirectoryIsReportedAsSuch) {
+  EXPECT_THAT(any_error_of([] { Transformer2DConfig::from_file(::testing::TempDir()); }), HasSubstr("is a directory"));
 }
 
 TEST(Transformer2DConfig, FromFileReadsTheFixtureConfig) {
