@@ -158,9 +158,6 @@ LoraAdapter& LoraSet::add(const std::string& name, const LoraConfig& config, Gen
     LoraModule m;
     m.rank = longest_match(config.rank_pattern, path).value_or(config.rank);
     LOOM_CHECK(m.rank > 0, "LoRA '", name, "': rank of '", path, "' must be positive, got ", m.rank);
-    LOOM_CHECK(m.rank <= std::min(linear->in_features(), linear->out_features()), "LoRA '", name, "': rank ", m.rank,
-               " of '", path, "' exceeds min(in_features, out_features) = ",
-               std::min(linear->in_features(), linear->out_features()));
     m.alpha = longest_match(config.alpha_pattern, path);
     if (!m.alpha) m.alpha = config.alpha;
     m.use_rslora = config.use_rslora;
