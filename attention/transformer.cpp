@@ -1,5 +1,10 @@
 #include "attention/transformer.h"
 
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -123,8 +128,10 @@ Transformer2DConfig Transformer2DConfig::from_json_text(const std::string& text,
   read_optional(j, "norm_type", source, norm_type);
   LOOM_CHECK(norm_type == "layer_norm", source, ": norm_type '", norm_type, "' is not supported (layer_norm only)");
   LOOM_CHECK(c.num_layers >= 1, source, ": num_layers must be ≥ 1, got ", c.num_layers);
-  LOOM_CHECK(c.norm_num_groups > 0 && c.in_channels % c.norm_num_groups == 0, source, ": in_channels ",
+  LOOM_CHECK(c.norm_num_groups > 0, source, ": key 'norm_num_groups' must be positive, got ", c.norm_num_groups);
+  LOOM_CHECK(c.in_channels % c.norm_num_groups == 0, source, ": in_channels ",
              c.in_channels, " is not divisible by norm_num_groups ", c.norm_num_groups);
+  c.check_values(source);
 
   static const std::set<std::string> known = {
       "in_channels", "num_attention_heads", "attention_head_dim", "out_channels", "num_layers",
@@ -138,7 +145,47 @@ Transformer2DConfig Transformer2DConfig::from_json_text(const std::string& text,
   return c;
 }
 
+void Transformer2DConfig::check_values(const std::string& source) const {
+  LOOM_CHECK(!out_channels || *out_channels > 0, source, ": key 'out_channels' must be positive, got ", *out_channels);
+  LOOM_CHECK(!cross_attention_dim || *cross_attention_dim > 0, source,
+             ": key 'cross_attention_dim' must be positive (or null for no cross-attention), got ", *cross_attention_dim);
+  LOOM_CHECK(activation_fn == "geglu" || activation_fn == "gelu" || activation_fn == "gelu-approximate", source,
+             ": key 'activation_fn' is '", activation_fn, "' (supported: geglu, gelu, gelu-approximate)");
+  LOOM_CHECK(std::isfinite(norm_eps) && norm_eps > 0, source, ": key 'norm_eps' must be a positive number, got ",
+             norm_eps);
+  LOOM_CHECK(std::isfinite(dropout) && dropout >= 0 && dropout < 1, source,
+             ": key 'dropout' must be in [0, 1), got ", dropout);
+  // Sizes: each one bounded first, then the parameter count in long double (no int64 overflow),
+  // so that a nonsense config is refused before anything is allocated.
+  const std::pair<const char*, int64_t> sizes[] = {
+      {"in_channels", in_channels}, {"num_attention_heads", num_attention_heads},
+      {"attention_head_dim", attention_head_dim}, {"out_channels", out_channels.value_or(1)},
+      {"cross_attention_dim", cross_attention_dim.value_or(1)}, {"num_layers", num_layers}};
+  for (const auto& [key, v] : sizes)
+    LOOM_CHECK(v <= kMaxConfigSize, source, ": key '", key, "' is ", v, ", larger than loom accepts (", kMaxConfigSize,
+               ")");
+  const long double params = parameter_count_bound();
+  LOOM_CHECK(params <= (long double)kMaxParameters, source, ": the model would hold about ", double(params),
+             " parameters (", double(params * 4 / 1e9), " GB in f32; num_attention_heads ", num_attention_heads,
+             " x attention_head_dim ", attention_head_dim, " = inner dim ", double((long double)num_attention_heads *
+             attention_head_dim), ", num_layers ", num_layers, "), more than loom's limit of ", double(kMaxParameters),
+             ": check num_attention_heads and attention_head_dim");
+}
+
+long double Transformer2DConfig::parameter_count_bound() const {
+  // Per block (inner dim d, context width k): norms 6d, attn1 4d² + 4d, attn2 2d² + 2dk + 4d,
+  // GEGLU feed-forward 12d² + 9d; around the blocks: norm 2C, proj_in Cd + d, proj_out d·out + out.
+  const long double d = (long double)num_attention_heads * (long double)attention_head_dim;
+  const long double ctx = cross_attention_dim ? (long double)*cross_attention_dim : d;
+  const long double C = (long double)in_channels, out = (long double)out_channels.value_or(in_channels);
+  const long double block = 18 * d * d + 2 * d * ctx + 23 * d;
+  return (long double)num_layers * block + 2 * C + C * d + d + d * out + out;
+}
+
 Transformer2DConfig Transformer2DConfig::from_file(const std::string& path) {
+  struct stat st {};
+  LOOM_CHECK(::stat(path.c_str(), &st) == 0, path, ": cannot open the config file (", std::strerror(errno), ")");
+  LOOM_CHECK(!S_ISDIR(st.st_mode), path, ": is a directory, not a config file (expected a JSON file)");
   std::ifstream in(path);
   LOOM_CHECK(in.good(), path, ": cannot open the config file");
   std::stringstream ss;

@@ -70,6 +70,14 @@ struct Transformer2DConfig {
   std::vector<std::string> notes;  // keys that were ignored, one note each
 
   int64_t inner_dim() const { return num_attention_heads * attention_head_dim; }
+  // Largest accepted value of any one size key, and of the model's parameter count (16 GB in f32).
+  static constexpr int64_t kMaxConfigSize = int64_t(1) << 24;
+  static constexpr int64_t kMaxParameters = int64_t(1) << 32;
+  // Throws naming `source` and the key when a value is out of range (sizes, activation_fn,
+  // norm_eps, dropout) or the model would exceed kMaxParameters; nothing is allocated.
+  void check_values(const std::string& source) const;
+  // An upper bound on the parameter count, computed without integer overflow.
+  long double parameter_count_bound() const;
   // Parses a config.json text / file. A missing required key or a value of the wrong
   // type is an error naming the key (and the file); unknown keys are ignored with a note.
   static Transformer2DConfig from_json_text(const std::string& text, const std::string& source = "config.json");

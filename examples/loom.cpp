@@ -1,17 +1,24 @@
 // The `loom` command line (SPEC §6): train, run, inspect, convert, gradcheck.
-// Exit codes: 0 ok, 1 a self-check of the built-in task failed, 2 usage,
-// 3 bad or missing input file, 4 numerical failure (non-finite loss or output).
+// Exit codes: 0 ok, 1 a self-check of the built-in task failed, 2 usage (a bad flag, or an
+// --out in use by another run), 3 bad or missing input file (also: out of memory, any other
+// unexpected error), 4 numerical failure (non-finite loss, weights or output).
 #include <CLI/CLI.hpp>
+#include <sys/stat.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <iomanip>
 #include <iostream>
+#include <new>
 #include <sstream>
+#include <stdexcept>
 
 #include "adapters/custom_diffusion.h"
 #include "autograd/gradcheck.h"
 #include "autograd/op_cases.h"
 #include "io/adapter_io.h"
+#include "io/checkpoint.h"
+#include "io/temp_files.h"
 #include "trainer/builtin_task.h"
 #include "trainer/run.h"
 #include "trainer/trainer.h"
@@ -24,6 +31,43 @@ using namespace loom;
 struct UsageError : Error {
   using Error::Error;
 };
+
+// What the program is doing, for the message of an out-of-memory error ("while …").
+std::string g_doing = "starting";
+
+// Sets g_doing for its scope. Test hook: LOOM_TEST_FAULT=bad_alloc | logic_error makes the
+// first phase throw that exception, so tests can check how main reports it.
+class Doing {
+ public:
+  explicit Doing(std::string what) : previous_(g_doing) {
+    g_doing = std::move(what);
+    if (const char* fault = std::getenv("LOOM_TEST_FAULT"); fault && !fault_raised_) {
+      fault_raised_ = true;
+      if (std::string(fault) == "bad_alloc") throw std::bad_alloc();
+      if (std::string(fault) == "logic_error") throw std::logic_error("test fault (LOOM_TEST_FAULT)");
+    }
+  }
+  ~Doing() { g_doing = previous_; }
+
+ private:
+  std::string previous_;
+  static inline bool fault_raised_ = false;
+};
+
+// True when both paths name the same existing file (compared by device and inode, so that
+// different spellings of one path match).
+bool same_file(const std::string& a, const std::string& b) {
+  struct stat sa {}, sb {};
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+// A config.json that is a directory is reported as such (io::load_model_dir would call it missing).
+void check_config_is_a_file(const std::string& model_dir) {
+  struct stat st {};
+  const std::string path = model_dir + "/config.json";
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    throw io::FileError(path, "is a directory, not a config file (expected diffusers' config.json)");
+}
 
 std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
@@ -77,10 +121,17 @@ void add_train(CLI::App& app, TrainArgs& a) {
   t->add_flag("--train-q-out", a.options.train_q_out, "Custom Diffusion: also train to_q and to_out (crossattn)");
   t->add_option("--lr", a.options.lr, "Learning rate")->capture_default_str();
   t->add_option("--optimizer", a.options.optimizer, "sgd | adam | adamw")->capture_default_str();
-  t->add_option("--steps", a.options.steps, "Optimizer steps")->capture_default_str();
+  t->add_option("--steps", a.options.steps, "Optimizer steps (with --resume: the run's new total; default: its planned length)")
+      ->capture_default_str();
   t->add_option("--batch-size", a.options.batch_size, "Samples per step")->capture_default_str();
   t->add_option("--grad-accum", a.options.grad_accum, "Micro-batches accumulated per step")->capture_default_str();
-  t->add_option("--seed", a.options.seed, "Seed (adapter init, shuffling)")->capture_default_str();
+  t->add_option("--seed", a.options.seed, "Seed (adapter init, shuffling), ≥ 0")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            return v.find('-') != std::string::npos ? std::string("must be a number ≥ 0, got " + v) : std::string();
+          },
+          "SEED ≥ 0", "non-negative seed"));
   t->add_option("--scheduler", a.options.scheduler, "constant | constant_with_warmup | linear | cosine")
       ->capture_default_str();
   t->add_option("--warmup-steps", a.options.warmup_steps, "LR warm-up steps")->capture_default_str();
@@ -90,42 +141,89 @@ void add_train(CLI::App& app, TrainArgs& a) {
   t->add_option("--init-adapter", a.options.init_adapter, "Start from this adapter file");
   t->add_option("--prefix", a.options.prefix, "Block of a full-UNet file, e.g. down_blocks.0.attentions.0");
   t->add_option("--out", a.options.out_dir, "Output directory")->capture_default_str();
-  t->add_option("--resume", a.resume, "Resume from the checkpoint.h5 in this directory");
+  t->add_option("--resume", a.resume,
+                "Continue the run whose checkpoint.h5 is in this directory, to its planned --steps (or to a given "
+                "--steps: a larger total extends the run; constant schedules continue, linear/cosine hold their final "
+                "LR). Training options cannot change on a resume");
   t->add_flag("--quiet", a.options.quiet, "No progress on stderr");
   add_placement_flags(t, a.options.device, a.options.precision);
 }
 
-int run_train(TrainArgs& a, const CLI::App& cmd) {
-  if (a.builtin_flags_only()) {
-    trainer::BuiltinOptions b;
-    b.adapter = a.options.adapter, b.quiet = a.options.quiet, b.seed = a.options.seed;
-    b.out_dir = cmd.count("--out") ? a.options.out_dir : "loom-builtin";
-    b.steps = cmd.count("--steps") ? a.options.steps : 0;
-    announce_placement(a.options.device, a.options.precision);
-    b.device = a.options.device, b.precision = a.options.precision;
-    if (b.adapter != "lora" && b.adapter != "custom_diffusion")
-      throw UsageError("--adapter must be lora or custom_diffusion, got '" + b.adapter + "'");
-    const trainer::BuiltinReport r = trainer::run_builtin_task(b, std::cout, std::cerr);
+// Flags of a real run that the built-in task (its own model, data and recipe) cannot use.
+const char* const kNotForBuiltin[] = {"--alpha", "--targets", "--train-q-out", "--batch-size", "--grad-accum",
+                                      "--scheduler", "--warmup-steps", "--max-grad-norm", "--checkpoint-every",
+                                      "--init-adapter", "--prefix"};
+// Flags that change what a run computes: a resume continues with the saved ones.
+const char* const kFixedOnResume[] = {"--adapter", "--rank", "--alpha", "--targets", "--train-q-out", "--lr",
+                                      "--optimizer", "--batch-size", "--grad-accum", "--seed", "--scheduler",
+                                      "--warmup-steps", "--max-grad-norm", "--checkpoint-every", "--init-adapter",
+                                      "--prefix"};
+
+void validate_options(const trainer::TrainOptions& o) {
+  try {
+    o.validate();
+  } catch (const Error& e) {
+    throw UsageError(e.what());
+  }
+}
+
+int run_builtin(TrainArgs& a, const CLI::App& cmd) {
+  for (const char* flag : kNotForBuiltin)
+    if (cmd.count(flag))
+      throw UsageError(std::string("the built-in task (train without --model and --data) cannot use ") + flag +
+                       ": it trains with its own recipe; give --model and --data for a real run");
+  validate_options(a.options);  // the same checks as a real run (--steps 0, --lr nan, --optimizer foo, …)
+  trainer::BuiltinOptions b;
+  b.adapter = a.options.adapter, b.quiet = a.options.quiet, b.seed = a.options.seed;
+  b.out_dir = cmd.count("--out") ? a.options.out_dir : "loom-builtin";
+  b.steps = cmd.count("--steps") ? a.options.steps : 0;
+  if (cmd.count("--rank")) b.rank = a.options.rank;
+  if (cmd.count("--lr")) b.lr = a.options.lr;
+  if (cmd.count("--optimizer")) b.optimizer = a.options.optimizer;
+  announce_placement(a.options.device, a.options.precision);
+  b.device = a.options.device, b.precision = a.options.precision;
+  const trainer::BuiltinReport r = trainer::run_builtin_task(b, std::cout, std::cerr);
     std::cout << (r.passed ? "built-in task: PASSED" : "built-in task: FAILED") << "\n"
               << "try: loom run --model " << r.model_dir << " --input " << r.data_path << " --adapter "
               << r.adapter_path << " --output " << b.out_dir << "/output.safetensors\n";
-    return r.passed ? 0 : 1;
-  }
+  return r.passed ? 0 : 1;
+}
+
+int run_train(TrainArgs& a, const CLI::App& cmd) {
+  if (a.builtin_flags_only()) return run_builtin(a, cmd);
   if (a.resume.empty() && (a.model.empty() || a.data.empty()))
     throw UsageError("train: --model and --data go together (or give neither for the built-in task)");
   if (a.model.empty() || a.data.empty()) throw UsageError("train: --resume needs --model and --data too");
   a.options.targets = split_list(a.targets);
   if (cmd.count("--alpha")) a.options.alpha = a.alpha;
-  if (!a.resume.empty() && !cmd.count("--out")) a.options.out_dir = a.resume;
-  try {
-    a.options.validate();
-  } catch (const Error& e) {
-    throw UsageError(e.what());
+  if (!a.resume.empty()) {
+    for (const char* flag : kFixedOnResume)
+      if (cmd.count(flag))
+        throw UsageError(std::string(flag) + " cannot be given with --resume: a resume continues the run with its "
+                         "saved options (see them with: loom inspect " + a.resume + "/checkpoint.h5); to train on "
+                         "with other options start a new run from the adapter (--init-adapter " + a.resume +
+                         "/adapter.safetensors)");
+    if (!cmd.count("--out")) a.options.out_dir = a.resume;
+    if (cmd.count("--steps") && a.options.steps <= 0)
+      throw UsageError("--steps must be positive, got " + std::to_string(a.options.steps));
+    if (!cmd.count("--steps")) a.options.steps = 0;  // the run's planned length
+  } else {
+    validate_options(a.options);
   }
   announce_placement(a.options.device, a.options.precision);
-  auto model = io::load_model_dir(a.model, a.options.prefix);
-  const trainer::DataSet data = trainer::DataSet::load(a.data, true);
+  std::shared_ptr<attention::Transformer2DModel> model;
+  {
+    Doing doing("loading the model directory " + a.model);
+    check_config_is_a_file(a.model);
+    model = io::load_model_dir(a.model, a.options.prefix);
+  }
+  trainer::DataSet data;
+  {
+    Doing doing("reading the data file " + a.data);
+    data = trainer::DataSet::load(a.data, true);
+  }
   data.check_fits(model->config(), a.data);
+  Doing doing("training");
   const trainer::TrainResult r = trainer::train(model, data, a.options, std::cerr, a.resume);
   if (r.peak_device_bytes)
     std::cerr << "loom: peak device memory " << std::fixed << std::setprecision(1) << double(r.peak_device_bytes) / 1e6
@@ -170,8 +268,18 @@ int run_run(const RunArgs& a) {
   }
   announce_placement(a.device, a.precision);
   o.device = a.device, o.precision = a.precision;
-  const trainer::DataSet inputs = trainer::DataSet::load(a.input, false);
+  if (same_file(a.output, a.input))
+    throw UsageError("--output " + a.output + " is the --input file " + a.input + ": it would be replaced by the output");
+  for (const auto& spec : o.adapters)
+    if (same_file(a.output, spec.path))
+      throw UsageError("--output " + a.output + " is the --adapter file " + spec.path + ": it would be replaced");
+  trainer::DataSet inputs;
+  {
+    Doing doing("reading the data file " + a.input);
+    inputs = trainer::DataSet::load(a.input, false);
+  }
   inputs.check_fits(attention::Transformer2DConfig::from_file(a.model + "/config.json"), a.input);
+  Doing doing("running the model " + a.model);
   const trainer::RunResult r = trainer::run_model(o, inputs);
   for (const auto& rep : r.reports) std::cerr << rep.summary() << "\n";
   const bool h5 = a.output.size() > 3 && (a.output.rfind(".h5") == a.output.size() - 3);
@@ -201,7 +309,21 @@ int run_inspect(const std::string& path) {
     std::replace(shown.begin(), shown.end(), '\n', ' ');
     std::cout << "  metadata " << k << " = " << shown << "\n";
   }
-  if (io::is_custom_diffusion_file(f)) {
+  const auto kind = f.attributes.find("kind");
+  if (kind != f.attributes.end() && attr_text(kind->second) == "checkpoint") {
+    const io::Checkpoint c = io::load_checkpoint(path);
+    const trainer::TrainOptions o = trainer::TrainOptions::from_json(c.options_json);
+    std::cout << "  kind     training checkpoint (resume with: loom train --model DIR --data FILE --resume DIR)\n"
+              << "  step     " << c.step << " of " << o.steps << " planned\n"
+              << "  adapter  " << c.adapter_kind << ", " << c.adapter.size() << " tensors"
+              << (c.adapter_kind == "lora" ? ", rank " + std::to_string(o.rank) : std::string()) << "\n"
+              << "  options  optimizer " << o.optimizer << ", lr " << o.lr << ", scheduler " << o.scheduler
+              << " (warm-up " << o.warmup_steps << "), batch size " << o.batch_size << " x " << o.grad_accum
+              << ", seed " << o.seed << "\n"
+              << "  losses   " << c.losses.size();
+    if (!c.losses.empty()) std::cout << " (first " << c.losses.front() << ", last " << c.losses.back() << ")";
+    std::cout << "\n";
+  } else if (io::is_custom_diffusion_file(f)) {
     std::cout << "  family   custom-diffusion\n";
   } else {
     const io::RawLora lora = io::read_raw_lora(f, path);
@@ -275,6 +397,7 @@ int run_gradcheck(const std::string& filter) {
   layer_case("layer_attention_lora", base, true, true, false);
   layer_case("layer_custom_diffusion", base, true, false, true);
 
+  if (rows.empty()) throw UsageError("gradcheck: --filter '" + filter + "' selects no check");
   int failed = 0;
   std::cout << std::left << std::setw(34) << "check" << std::setw(8) << "result" << std::setw(12) << "entries"
             << "max |analytic - numeric|\n";
@@ -307,6 +430,7 @@ int main(int argc, char** argv) {
   convert->add_option("--to", convert_to, "diffusers | peft | kohya | loom")->capture_default_str();
   auto* gradcheck_cmd = app.add_subcommand("gradcheck", "Run the f64 gradient checks of the ops and layers");
   gradcheck_cmd->add_option("--filter", grad_filter, "Only checks whose name contains this");
+  io::remove_temp_files_on_signals();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -316,7 +440,10 @@ int main(int argc, char** argv) {
   try {
     if (app.got_subcommand("train")) return run_train(train, *app.get_subcommand("train"));
     if (app.got_subcommand("run")) return run_run(run);
-    if (app.got_subcommand("inspect")) return run_inspect(inspect_file);
+    if (app.got_subcommand("inspect")) {
+      Doing doing("reading " + inspect_file);
+      return run_inspect(inspect_file);
+    }
     if (app.got_subcommand("convert")) {
       io::KeyFamily family;
       try {
@@ -324,6 +451,9 @@ int main(int argc, char** argv) {
       } catch (const Error& e) {
         throw UsageError(std::string("--to: ") + e.what());
       }
+      if (same_file(convert_in, convert_out))
+        throw UsageError("the output " + convert_out + " is the input file " + convert_in + ": it would be replaced");
+      Doing doing("converting " + convert_in);
       io::convert_adapter_file(convert_in, convert_out, family);
       std::cout << "wrote " << convert_out << " (" << convert_to << ")\n";
       return 0;
@@ -331,6 +461,9 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("gradcheck")) return run_gradcheck(grad_filter);
   } catch (const UsageError& e) {
     std::cerr << "loom: " << e.what() << "\n(see loom --help)\n";
+    return 2;
+  } catch (const trainer::OptionError& e) {
+    std::cerr << "loom: " << e.what() << "\n";
     return 2;
   } catch (const io::FileError& e) {
     std::cerr << "loom: " << e.what() << "\n";
@@ -340,6 +473,18 @@ int main(int argc, char** argv) {
     return 4;
   } catch (const Error& e) {
     std::cerr << "loom: " << e.what() << "\n";
+    return 3;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "loom: out of memory while " << g_doing << "\n";
+    return 3;
+  } catch (const std::length_error& e) {  // a size beyond what a container can hold
+    std::cerr << "loom: out of memory while " << g_doing << " (" << e.what() << ")\n";
+    return 3;
+  } catch (const std::exception& e) {
+    std::cerr << "loom: unexpected error while " << g_doing << ": " << e.what() << "\n";
+    return 3;
+  } catch (...) {
+    std::cerr << "loom: unexpected error while " << g_doing << "\n";
     return 3;
   }
   return 2;

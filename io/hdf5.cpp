@@ -40,9 +40,11 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <new>
 #include <set>
 
+#include "io/temp_files.h"
 #include "io/tensor_file.h"
 
 namespace loom::io {
@@ -740,14 +742,17 @@ void write_hdf5(const std::string& path, const std::vector<std::pair<std::string
   static unsigned counter = 0;
   std::string tmp;
   bool created = false;
+  std::optional<detail::TempFileRegistration> registration;
   try {
     {
       Hdf5Session session;
       tmp = prefix;
       for (int attempt = 0; attempt < 100 && ::access(tmp.c_str(), F_OK) == 0; ++attempt)
         tmp = prefix + "." + std::to_string(++counter);
+      registration.emplace(tmp);  // removed by SIGTERM/SIGINT until renamed
       write_contents(c, tmp, created, tensors, root_attributes, group_attributes);
     }
+    temp_file_created(tmp);
     // Keep the permissions of a file being replaced.
     struct stat old {};
     if (::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode)) ::chmod(tmp.c_str(), old.st_mode & 07777);

@@ -1,6 +1,7 @@
 // The format-independent parts of io/tensor_file.h: FileError, TensorFile::find, detect_format,
 // read_tensor_file, format_name and the atomic writer shared by both formats.
 #include "io/tensor_file.h"
+#include "io/temp_files.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -95,6 +96,9 @@ const char* format_name(FileFormat f) {
 
 namespace detail {
 
+TempFileRegistration::TempFileRegistration(const std::string& tmp) : slot_(register_temp_file(tmp)) {}
+TempFileRegistration::~TempFileRegistration() { unregister_temp_file(slot_); }
+
 // Writes a file atomically: `produce` is handed a function that appends bytes to a temporary file
 // `.<name>.tmp.<pid>` in the target's directory; the file is then fsync'ed and renamed over `path`.
 // On any failure (including an exception from `produce`) the temporary file is removed, the
@@ -120,6 +124,8 @@ void write_file_atomic_with(const std::string& path,
   }
   if (fd < 0)
     throw FileError(path, "cannot create a temporary file in directory '" + dir + "' (" + errno_text(errno) + ")");
+  const TempFileRegistration registration(tmp);  // removed by SIGTERM/SIGINT until renamed
+  temp_file_created(tmp);
 
   // Keep the permissions of a file being replaced.
   struct stat old {};

@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   cmake ninja-build g++ pkg-config
-  libeigen3-dev libhdf5-dev nlohmann-json3-dev libcli11-dev
+  libeigen3-dev libhdf5-dev nlohmann-json3-dev libcli11-dev libpng-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

@@ -99,11 +99,12 @@ BuiltinReport run_builtin_task(const BuiltinOptions& opt, std::ostream& out, std
   const Placement where = placement_of(opt.device, opt.precision);
   const bool low = where.precision == Precision::BF16 || where.precision == Precision::F16;
   // Full-batch steps: the targets are exact, so the gradient vanishes at the optimum and Adam settles.
-  t.rank = kHiddenRank, t.alpha = double(kHiddenRank), t.batch_size = kSamples;
+  t.rank = opt.rank.value_or(kHiddenRank), t.alpha = double(t.rank), t.batch_size = kSamples;
   t.targets = {"to_v"};  // the LoRA adapts the projections the teacher changed
-  t.optimizer = "adam", t.lr = lora ? 2e-2 : 5e-3;
+  t.optimizer = opt.optimizer.value_or("adam"), t.lr = opt.lr.value_or(lora ? 2e-2 : 5e-3);
   t.steps = opt.steps > 0 ? opt.steps : (lora ? 600 : 300);
   t.scheduler = "cosine", t.warmup_steps = 10;
+  t.validate();  // before any file is written
   // Files first, so `loom run` can be pointed at them.
   {
     std::vector<std::pair<std::string, Tensor>> weights;

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <optional>
 #include <string>
 
 namespace loom::trainer {
@@ -20,6 +21,9 @@ struct BuiltinOptions {
   std::string out_dir = "loom-builtin";
   uint64_t seed = 0;
   int64_t steps = 0;  // 0: the task's own default
+  std::optional<int64_t> rank;        // LoRA rank (default: the hidden change's rank, 4)
+  std::optional<double> lr;           // default: 2e-2 (LoRA), 5e-3 (Custom Diffusion)
+  std::optional<std::string> optimizer;  // default: adam
   bool quiet = false;
   std::string device = "cpu";  // cpu | cuda | cuda:N | auto
   std::string precision;       // empty: the device's default

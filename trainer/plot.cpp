@@ -1,13 +1,16 @@
 // Loss-curve PNG writer: see plot.h. Three parts, top to bottom: the y scale
 // (linear or log10, with "nice" ticks), a small raster (grid, axes, ticks,
-// 3x5 pixel labels, the curve) and the PNG encoder (stored deflate blocks).
+// 3x5 pixel labels and axis titles, the curve) and the PNG encoding (libpng).
 #include "trainer/plot.h"
 
+#include <png.h>
+
 #include <algorithm>
-#include <array>
 #include <cfloat>
+#include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 
 #include "tensor/error.h"
 
@@ -55,7 +58,8 @@ struct Rect {
 };
 
 // ---------------------------------------------------------------------------
-// 3x5 pixel font: digits, '.', '-', 'e' (enough for "%g" numbers).
+// 3x5 pixel font: digits, '.', '-', 'e' (enough for "%g" numbers) and the letters of the
+// axis titles ("step", "loss (log scale)").
 // ---------------------------------------------------------------------------
 
 // Five rows of three bits each (4 = left column, 1 = right column); null
@@ -67,10 +71,20 @@ const uint8_t* glyph(char c) {
   static const uint8_t kDot[5] = {0, 0, 0, 0, 2};
   static const uint8_t kMinus[5] = {0, 0, 7, 0, 0};
   static const uint8_t kE[5] = {0, 7, 7, 4, 7};
+  struct Letter {
+    char c;
+    uint8_t rows[5];
+  };
+  static const Letter kLetters[] = {{'s', {0, 3, 4, 1, 6}}, {'t', {2, 7, 2, 2, 3}}, {'p', {0, 7, 5, 7, 4}},
+                                    {'l', {6, 2, 2, 2, 7}}, {'o', {0, 7, 5, 5, 7}}, {'g', {7, 4, 5, 5, 7}},
+                                    {'c', {0, 7, 4, 4, 7}}, {'a', {0, 6, 1, 7, 7}}, {'(', {1, 2, 2, 2, 1}},
+                                    {')', {4, 2, 2, 2, 4}}};
   if (c >= '0' && c <= '9') return kDigits[c - '0'];
   if (c == '.') return kDot;
   if (c == '-') return kMinus;
   if (c == 'e') return kE;
+  for (const Letter& l : kLetters)
+    if (l.c == c) return l.rows;
   return nullptr;
 }
 
@@ -186,8 +200,23 @@ struct Chart {
   int font = 1;          // font scale (pixels per font pixel)
   int tick = 3;          // tick mark length
   bool labels = false;   // whether the labels fit
-  std::string y_lo, y_hi, x_last;
+  std::vector<size_t> x_ticks;  // steps (1-based) with a tick mark on the x axis
 };
+
+// Steps with a tick on the x axis: 1, every nice step, and the last.
+std::vector<size_t> x_tick_steps(size_t n) {
+  if (n == 0) return {};
+  const size_t step = n > 1 ? size_t(std::max(1.0, nice_step(double(n - 1) / 5))) : 1;
+  std::vector<size_t> steps = {1};
+  for (size_t s = step; s < n && steps.size() < 64; s += step)
+    if (s > 1) steps.push_back(s);
+  if (n > 1) steps.push_back(n);
+  return steps;
+}
+
+std::string y_label(const Scale& s, double t) { return format_number(s.to_value(t)); }
+
+std::string y_title(const Scale& s) { return s.log ? "loss (log scale)" : "loss"; }
 
 // Places the plot area, leaving room for the labels when they fit (plot area
 // at least half the image each way), else thin margins and no labels.
@@ -196,12 +225,13 @@ Chart layout(const Scale& scale, size_t n, int width, int height) {
   c.scale = scale;
   c.font = (width >= 320 && height >= 200) ? 2 : 1;
   c.tick = 2 + c.font;
-  c.y_lo = format_number(scale.to_value(scale.lo));
-  c.y_hi = format_number(scale.to_value(scale.hi));
-  c.x_last = n > 0 ? std::to_string(n) : "";
-  const int label_w = std::max(text_width(c.y_lo, c.font), text_width(c.y_hi, c.font));
-  const int left = 2 + label_w + 2 + c.tick + 1, right = 8;
-  const int top = (5 * c.font) / 2 + 3, bottom = 1 + c.tick + 2 + 5 * c.font + 2;
+  c.x_ticks = x_tick_steps(n);
+  int label_w = 0;
+  for (double t : scale.ticks) label_w = std::max(label_w, text_width(y_label(scale, t), c.font));
+  const int text_h = 5 * c.font;
+  // Left: y labels; top: the y title above the axis; bottom: x labels, then the x title.
+  const int left = 2 + label_w + 2 + c.tick + 1, right = 8 + text_width(std::to_string(n), c.font) / 2;
+  const int top = 3 + text_h + 3 + text_h / 2, bottom = 1 + c.tick + 2 + text_h + 3 + text_h + 2;
   c.labels = width - left - right >= width / 2 && height - top - bottom >= height / 2;
   if (c.labels)
     c.area = {left, top, width - left - right, height - top - bottom};
@@ -233,25 +263,39 @@ void draw_frame(Image& img, const Chart& c, size_t n) {
     img.hline(a.left, a.right(), y, kPlotGrid);
     img.hline(a.left - 1 - c.tick, a.left - 2, y, kPlotAxis);
   }
-  if (n > 0) {
-    const size_t step = n > 1 ? size_t(std::max(1.0, nice_step(double(n - 1) / 5))) : 1;
-    std::vector<size_t> steps = {1, n};
-    for (size_t s = step; s < n && steps.size() < 64; s += step) steps.push_back(s);
-    for (size_t s : steps) img.vline(col_of(c, s - 1, n), a.top + a.h + 1, a.top + a.h + c.tick, kPlotAxis);
-  }
+  for (size_t s : c.x_ticks) img.vline(col_of(c, s - 1, n), a.top + a.h + 1, a.top + a.h + c.tick, kPlotAxis);
   img.vline(a.left - 1, a.top, a.top + a.h, kPlotAxis);
   img.hline(a.left - 1, a.right(), a.top + a.h, kPlotAxis);
 }
 
-// The min/max y values left of the y axis and the last step number under
-// the right end of the x axis.
-void draw_labels(Image& img, const Chart& c) {
+// The value of every y tick left of the y axis and the step of every x tick under the x axis
+// (a label that would touch the previous one is left out; the first and last always come), the
+// y title ("loss", "loss (log scale)") above the y axis and the x title ("step") under the labels.
+void draw_labels(Image& img, const Chart& c, size_t n) {
   if (!c.labels) return;
   const Rect& a = c.area;
-  const int f = c.font, x_end = a.left - 1 - c.tick - 2;
-  draw_text(img, x_end - text_width(c.y_hi, f), a.top - (5 * f) / 2, c.y_hi, f, kPlotAxis);
-  draw_text(img, x_end - text_width(c.y_lo, f), a.bottom() - (5 * f) / 2, c.y_lo, f, kPlotAxis);
-  draw_text(img, a.right() + 1 - text_width(c.x_last, f), a.top + a.h + 1 + c.tick + 2, c.x_last, f, kPlotAxis);
+  const int f = c.font, text_h = 5 * f, x_end = a.left - 1 - c.tick - 2;
+  int last_top = INT_MAX;  // y ticks run bottom to top
+  for (double t : c.scale.ticks) {
+    const int top = row_of(c, t) - text_h / 2;
+    if (top + text_h + f > last_top) continue;
+    const std::string label = y_label(c.scale, t);
+    draw_text(img, x_end - text_width(label, f), top, label, f, kPlotAxis);
+    last_top = top;
+  }
+  const int label_y = a.top + a.h + 1 + c.tick + 2;
+  int last_right = INT_MIN;
+  for (size_t i = 0; i < c.x_ticks.size(); ++i) {
+    const std::string label = std::to_string(c.x_ticks[i]);
+    const int w = text_width(label, f), x = col_of(c, c.x_ticks[i] - 1, n) - w / 2;
+    const bool last = i + 1 == c.x_ticks.size();
+    if (x < last_right + 3 * f && !last) continue;
+    draw_text(img, x, label_y, label, f, kPlotAxis);
+    last_right = x + w;
+  }
+  const std::string x_title = "step";
+  draw_text(img, a.left + (a.w - text_width(x_title, f)) / 2, label_y + text_h + 3, x_title, f, kPlotAxis);
+  draw_text(img, 2, 3, y_title(c.scale), f, kPlotAxis);
 }
 
 // A 2x2 pixel dot with its top-left at (x, y), moved inside the plot area.
@@ -296,87 +340,20 @@ void draw_curve(Image& img, const Chart& c, const std::vector<double>& losses) {
 // PNG encoding
 // ---------------------------------------------------------------------------
 
-// CRC-32 (IEEE, reflected, polynomial 0xEDB88320) with a 256-entry table.
-uint32_t crc32(const uint8_t* data, size_t n, uint32_t crc = 0) {
-  static const std::array<uint32_t, 256> table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  crc = ~crc;
-  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
-  return ~crc;
-}
-
-// Adler-32 of the uncompressed data (zlib trailer), reduced every 5552
-// bytes, the most that cannot overflow 32 bits.
-uint32_t adler32(const std::vector<uint8_t>& data) {
-  uint32_t a = 1, b = 0;
-  for (size_t i = 0; i < data.size();) {
-    const size_t end = std::min(data.size(), i + 5552);
-    for (; i < end; ++i) {
-      a += data[i];
-      b += a;
-    }
-    a %= 65521;
-    b %= 65521;
-  }
-  return (b << 16) | a;
-}
-
-void put_u32(std::string& out, uint32_t v) {
-  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(char((v >> shift) & 0xFF));
-}
-
-// Appends one chunk: length, type, data, CRC-32 of type + data.
-void put_chunk(std::string& out, const char type[4], const std::string& data) {
-  put_u32(out, uint32_t(data.size()));
-  const size_t start = out.size();
-  out.append(type, 4);
-  out += data;
-  put_u32(out, crc32(reinterpret_cast<const uint8_t*>(out.data() + start), out.size() - start));
-}
-
-// A zlib stream of stored (uncompressed) deflate blocks of at most 65535
-// bytes each: header 78 01, blocks, Adler-32 (big-endian).
-std::string zlib_stored(const std::vector<uint8_t>& raw) {
-  std::string z = {char(0x78), char(0x01)};
-  size_t pos = 0;
-  do {
-    const size_t len = std::min<size_t>(raw.size() - pos, 65535);
-    const bool final_block = pos + len == raw.size();
-    z.push_back(char(final_block ? 1 : 0));  // BFINAL, BTYPE = 00 (stored)
-    const uint16_t l = uint16_t(len), nl = uint16_t(~l);
-    z += {char(l & 0xFF), char(l >> 8), char(nl & 0xFF), char(nl >> 8)};
-    z.append(reinterpret_cast<const char*>(raw.data() + pos), len);
-    pos += len;
-  } while (pos < raw.size());
-  put_u32(z, adler32(raw));
-  return z;
-}
-
-// PNG file bytes of `img`: signature, IHDR (8-bit RGB), one IDAT (filter
-// byte 0 before each row), IEND.
+// PNG file bytes of `img` (8-bit RGB), compressed by libpng / zlib.
 std::string encode_png(const Image& img) {
-  std::string ihdr;
-  put_u32(ihdr, uint32_t(img.w));
-  put_u32(ihdr, uint32_t(img.h));
-  ihdr += {char(8), char(2), char(0), char(0), char(0)};  // depth, RGB, deflate, filter, no interlace
-  std::vector<uint8_t> raw;
-  const size_t row = size_t(img.w) * 3;
-  raw.reserve(size_t(img.h) * (row + 1));
-  for (int y = 0; y < img.h; ++y) {
-    raw.push_back(0);  // filter type None
-    raw.insert(raw.end(), img.px.begin() + y * row, img.px.begin() + (y + 1) * row);
-  }
-  std::string png = "\x89PNG\r\n\x1a\n";
-  put_chunk(png, "IHDR", ihdr);
-  put_chunk(png, "IDAT", zlib_stored(raw));
-  put_chunk(png, "IEND", "");
+  png_image image{};
+  image.version = PNG_IMAGE_VERSION;
+  image.width = png_uint_32(img.w);
+  image.height = png_uint_32(img.h);
+  image.format = PNG_FORMAT_RGB;
+  png_alloc_size_t size = 0;
+  LOOM_CHECK(png_image_write_get_memory_size(image, size, 0, img.px.data(), 0, nullptr),
+             "render_loss_png: libpng: ", image.message);
+  std::string png(size, '\0');
+  LOOM_CHECK(png_image_write_to_memory(&image, png.data(), &size, 0, img.px.data(), 0, nullptr),
+             "render_loss_png: libpng: ", image.message);
+  png.resize(size);
   return png;
 }
 
@@ -388,7 +365,7 @@ std::string render_loss_png(const std::vector<double>& losses, int width, int he
   const Chart chart = layout(choose_scale(losses), losses.size(), width, height);
   Image img(width, height, kPlotBackground);
   draw_frame(img, chart, losses.size());
-  draw_labels(img, chart);
+  draw_labels(img, chart, losses.size());
   draw_curve(img, chart, losses);
   return encode_png(img);
 }

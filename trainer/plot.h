@@ -1,7 +1,6 @@
-// Loss-curve plots as PNG files, with no dependencies: a tiny raster (grid,
-// axes, tick marks, a 3x5 pixel digit font for a few labels, a 2-px polyline)
-// and a PNG encoder that stores the image uncompressed (zlib "stored" deflate
-// blocks), so that any PNG reader can open it.
+// Loss-curve plots as PNG files: a tiny raster (grid, axes, tick marks, a 3x5
+// pixel font for the tick labels and axis titles, a 2-px polyline), encoded
+// and compressed by libpng (Debian's libpng-dev, found through CMake's FindPNG).
 #pragma once
 
 #include <cstdint>
@@ -25,8 +24,9 @@ inline constexpr Rgb kPlotCurve{24, 48, 160};         // the loss curve (dark bl
 // when every finite loss is > 0 and max/min > 10, else linear) as an RGB PNG
 // of width x height pixels and returns the PNG file's bytes: white
 // background, light grey grid lines at the y ticks, axes with small tick
-// marks, the min/max y tick values and the last step number in a 3x5 pixel
-// font (when there is room), and the curve as a 2-px dark blue polyline.
+// marks, when there is room: the value of every y tick and the step of the x
+// ticks (1, nice steps, the last), the axis titles "step" and "loss" ("loss
+// (log scale)" on a log scale), and the curve as a 2-px dark blue polyline.
 // NaN/Inf losses are skipped (the line breaks there). An empty vector gives a
 // valid blank chart. Throws loom::Error unless 16 <= width, height <= 16384.
 std::string render_loss_png(const std::vector<double>& losses, int width = 640, int height = 360);

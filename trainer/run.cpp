@@ -1,5 +1,7 @@
 #include "trainer/run.h"
 
+#include <sys/stat.h>
+
 #include <cmath>
 #include <cstdlib>
 
@@ -9,16 +11,20 @@
 namespace loom::trainer {
 
 AdapterSpec AdapterSpec::parse(const std::string& text) {
-  AdapterSpec spec{text, 1.0};
+  AdapterSpec spec{text, 1.0, false};
+  LOOM_CHECK(!text.empty(), "--adapter: empty file name");
   const size_t colon = text.rfind(':');
-  if (colon == std::string::npos || colon + 1 == text.size()) return spec;
+  struct stat st {};
+  // A name that exists as given is a file, even with a ':' in it; otherwise FILE:WEIGHT.
+  if (colon == std::string::npos || ::stat(text.c_str(), &st) == 0) return spec;
   const std::string tail = text.substr(colon + 1);
   char* end = nullptr;
   const double w = std::strtod(tail.c_str(), &end);
-  if (end && *end == '\0' && std::isfinite(w)) {
-    spec.path = text.substr(0, colon);
-    spec.weight = w;
-  }
+  LOOM_CHECK(!tail.empty() && end && *end == '\0' && std::isfinite(w), "--adapter '", text, "': the weight '", tail,
+             "' is not a finite number (FILE or FILE:WEIGHT, e.g. style.safetensors:0.7)");
+  spec.path = text.substr(0, colon);
+  spec.weight = w;
+  spec.weight_given = true;
   LOOM_CHECK(!spec.path.empty(), "--adapter '", text, "': no file name");
   return spec;
 }
@@ -62,8 +68,9 @@ RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   for (size_t i = 0; i < o.adapters.size(); ++i) {
     const AdapterSpec& spec = o.adapters[i];
     if (io::is_custom_diffusion_file(io::read_tensor_file(spec.path))) {
-      LOOM_CHECK(spec.weight == 1.0, "--adapter ", spec.path, ":", spec.weight,
-                 ": Custom Diffusion adapters take no weight (they replace projections)");
+      if (spec.weight_given)
+        throw OptionError("--adapter " + spec.path + ":" + std::to_string(spec.weight) +
+                          ": Custom Diffusion adapters take no weight (they replace projections); give the file alone");
       result.reports.push_back(io::load_custom_diffusion(*model, spec.path, lo));
       continue;
     }

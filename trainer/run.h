@@ -16,7 +16,9 @@ namespace loom::trainer {
 struct AdapterSpec {
   std::string path;
   double weight = 1.0;
-  // "FILE" or "FILE:WEIGHT" (the last ':' followed by a number); throws naming the text.
+  bool weight_given = false;
+  // "FILE" or "FILE:WEIGHT": a text naming an existing file is a FILE; otherwise what follows
+  // the last ':' must be a finite number. Throws naming the text and the weight.
   static AdapterSpec parse(const std::string& text);
 };
 

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <iomanip>
@@ -21,7 +22,9 @@
 #include "nn/norm.h"
 #include "optim/optim.h"
 #include "tensor/ops.h"
+#include "nn/linear.h"
 #include "tensor/device_timer.h"
+#include "trainer/out_dir.h"
 #include "trainer/plot.h"
 
 namespace loom::trainer {
@@ -97,6 +100,9 @@ void DataSet::check_fits(const attention::Transformer2DConfig& config, const std
       encoder_hidden_states.size(2) != *config.cross_attention_dim)
     fail("tensor 'encoder_hidden_states' has width " + std::to_string(encoder_hidden_states.size(2)) +
          ", the model's cross_attention_dim is " + std::to_string(*config.cross_attention_dim));
+  if (!encoder_hidden_states.defined() && config.cross_attention_dim && *config.cross_attention_dim != config.inner_dim())
+    fail("missing tensor 'encoder_hidden_states': the model has cross-attention (cross_attention_dim " +
+         std::to_string(*config.cross_attention_dim) + ")");
   if (encoder_hidden_states.defined() && !config.cross_attention_dim)
     fail("tensor 'encoder_hidden_states' is given but the model has no cross-attention (no cross_attention_dim)");
 }
@@ -111,7 +117,8 @@ DataSet DataSet::rows(const std::vector<int64_t>& indices) const {
 std::string TrainOptions::to_json() const {
   json j{{"adapter", adapter},     {"rank", rank},         {"targets", targets},
          {"train_q_out", train_q_out}, {"optimizer", optimizer}, {"lr", lr},
-         {"steps", steps},         {"batch_size", batch_size}, {"grad_accum", grad_accum},
+         {"steps", steps},         {"schedule_steps", schedule_steps}, {"batch_size", batch_size},
+         {"grad_accum", grad_accum},
          {"seed", seed},           {"scheduler", scheduler}, {"warmup_steps", warmup_steps},
          {"max_grad_norm", max_grad_norm}, {"checkpoint_every", checkpoint_every},
          {"init_adapter", init_adapter}, {"prefix", prefix}, {"out_dir", out_dir}};
@@ -132,6 +139,7 @@ TrainOptions TrainOptions::from_json(const std::string& text) {
     o.seed = j.at("seed"), o.scheduler = j.at("scheduler"), o.warmup_steps = j.at("warmup_steps");
     o.max_grad_norm = j.at("max_grad_norm"), o.checkpoint_every = j.at("checkpoint_every");
     o.init_adapter = j.at("init_adapter"), o.prefix = j.at("prefix"), o.out_dir = j.at("out_dir");
+    if (j.contains("schedule_steps")) o.schedule_steps = j.at("schedule_steps");  // absent before 0.1.1
     if (!j.at("alpha").is_null()) o.alpha = j.at("alpha").get<double>();
     o.device = j.value("device", std::string("cpu"));  // checkpoints of earlier versions: the CPU in f32
     o.precision = j.value("precision", std::string("f32"));
@@ -156,6 +164,7 @@ void TrainOptions::validate() const {
   LOOM_CHECK(checkpoint_every >= 0, "--checkpoint-every must be ≥ 0, got ", checkpoint_every);
   LOOM_CHECK(!out_dir.empty(), "--out must not be empty");
   LOOM_CHECK(!targets.empty(), "--targets must name at least one module");
+  LOOM_CHECK(schedule_steps >= 0, "schedule_steps must be ≥ 0, got ", schedule_steps);
   optim::make_schedule(scheduler, warmup_steps, steps);  // throws naming an unknown scheduler
   bool known = false;
   for (const auto& n : optim::optimizer_names()) known = known || n == optimizer;
@@ -282,6 +291,48 @@ std::string format_eta(double seconds) {
   return os.str();
 }
 
+// Every LoRA target module must allow the rank: rank ≤ min(in_features, out_features). The
+// message names the module with the smallest limit.
+void check_rank_fits(const attention::Transformer2DModel& model, const TrainOptions& o) {
+  std::string tightest;
+  int64_t limit = std::numeric_limits<int64_t>::max(), in = 0, out = 0;
+  for (const auto& [path, module] : model.named_modules()) {
+    const auto linear = std::dynamic_pointer_cast<nn::Linear>(module);
+    if (!linear) continue;
+    const bool targeted = std::any_of(o.targets.begin(), o.targets.end(), [&, p = path](const std::string& t) {
+      return p == t || (p.size() > t.size() && p.compare(p.size() - t.size(), t.size(), t) == 0 &&
+                        p[p.size() - t.size() - 1] == '.');
+    });
+    if (targeted && std::min(linear->in_features(), linear->out_features()) < limit) {
+      limit = std::min(linear->in_features(), linear->out_features());
+      tightest = path, in = linear->in_features(), out = linear->out_features();
+    }
+  }
+  if (!tightest.empty() && o.rank > limit)
+    throw OptionError("--rank " + std::to_string(o.rank) + " is larger than the module '" + tightest + "' allows (" +
+                      std::to_string(out) + "x" + std::to_string(in) + ": rank ≤ " + std::to_string(limit) + ")");
+}
+
+// A resume continues the planned run (see train() in trainer.h): sets o.steps from `steps`
+// (0: the plan) and keeps the schedule's planned length.
+void continue_plan(TrainOptions& o, int64_t steps, int64_t done, const std::string& dir, std::ostream& log) {
+  const int64_t planned = o.steps;
+  if (o.schedule_steps == 0) o.schedule_steps = planned;
+  if (steps > 0) o.steps = steps;
+  if (o.steps <= done)
+    throw OptionError("--steps " + std::to_string(o.steps) + ": the run in " + dir + " is at step " +
+                      std::to_string(done) + " already (planned: " + std::to_string(planned) +
+                      " steps); give a larger --steps to extend it");
+  if (o.steps > planned) {
+    log << "loom: extending the run in " << dir << " from " << planned << " to " << o.steps << " steps: ";
+    if (o.scheduler == "linear" || o.scheduler == "cosine")
+      log << "the " << o.scheduler << " schedule keeps its planned length of " << o.schedule_steps
+          << " steps; steps " << o.schedule_steps + 1 << ".." << o.steps << " hold its final learning rate\n";
+    else
+      log << "the " << o.scheduler << " schedule continues (the LR of a run planned for " << o.steps << " steps)\n";
+  }
+}
+
 }  // namespace
 
 // ---- the loop ----------------------------------------------------------------------------------
@@ -294,13 +345,16 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
   if (!resume_dir.empty()) {
     resume = io::load_checkpoint(resume_dir + "/checkpoint.h5");
     o = TrainOptions::from_json(resume.options_json);
-    o.steps = given.steps, o.out_dir = given.out_dir, o.quiet = given.quiet;
+    o.out_dir = given.out_dir, o.quiet = given.quiet;
     o.device = given.device, o.precision = given.precision;  // a run may continue on another device
+    continue_plan(o, given.steps, resume.step, resume_dir, log);
   }
   o.validate();
   LOOM_CHECK(data.target.defined(), "train: the data has no 'target'");
   const Placement where = placement_of(o.device, o.precision);
+  if (o.adapter == "lora" && (!resume_dir.empty() || o.init_adapter.empty())) check_rank_fits(*model, o);
   make_dirs(o.out_dir);
+  const OutputDirLock lock(o.out_dir, log);
   place_model(*model, where);  // before the adapter, so that it is made on the device (f32 masters)
   const DType act = storage_dtype(where.precision);
   reset_peak_device_memory(where.device);
@@ -312,7 +366,11 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
   optim::OptimizerConfig oc;
   oc.lr = o.lr, oc.weight_decay = o.weight_decay;
   auto opt = optim::make_optimizer(o.optimizer, adapter.params, oc);
-  const optim::LRSchedule schedule = optim::make_schedule(o.scheduler, o.warmup_steps, o.steps);
+  const optim::LRSchedule schedule =
+      optim::make_schedule(o.scheduler, o.warmup_steps, o.schedule_steps > 0 ? o.schedule_steps : o.steps);
+  // Past its length a decaying schedule holds the LR of its last step (a resume that extends a run).
+  const bool decays = schedule.kind() == optim::ScheduleKind::Linear || schedule.kind() == optim::ScheduleKind::Cosine;
+  auto schedule_step = [&](int64_t s) { return decays ? std::min(s, schedule.total_steps() - 1) : s; };
   std::vector<Variable> params;
   for (const auto& [n, v] : adapter.params) params.push_back(v);
 
@@ -374,9 +432,18 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
       result.losses.push_back(values[i]);
     }
   };
+  auto check_weights = [&] {
+    read_losses();
+    for (const auto& [name, v] : adapter.params)
+      if (!io::all_finite(v.tensor()))
+        throw NumericalError("step " + std::to_string(step) + ": the loss was finite (" +
+                             std::to_string(result.losses.back()) + ") but the optimizer step left NaN or Inf in '" +
+                             name + "' (learning rate too large?); stopped: nothing was written for this step, the files in " +
+                             o.out_dir + " (if any) are unchanged");
+  };
   auto to_device = [&](const Tensor& t) { return t.defined() ? t.to(where.device).to(act) : t; };
   for (; step < o.steps;) {
-    schedule.apply(*opt, step, o.lr);
+    schedule.apply(*opt, schedule_step(step), o.lr);
     opt->zero_grad();
     Tensor loss_sum;
     for (int64_t a = 0; a < o.grad_accum; ++a) {
@@ -401,10 +468,13 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
     }
     opt->step();
     ++step;
+    // Non-finite adapter weights after a finite loss: checked every step on the CPU, and on a GPU
+    // wherever the losses are read (no host round trip inside a step there).
+    if (where.device.is_cpu()) check_weights();
     const auto now = Clock::now();
     const bool log_now = !o.quiet && (std::chrono::duration<double>(now - last_print).count() >= 1.0 ||
                                       step == o.steps || step == first_step + 1);
-    if (log_now || step == o.steps || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)) read_losses();
+    if (log_now || step == o.steps || (o.checkpoint_every > 0 && step % o.checkpoint_every == 0)) check_weights();
     if (log_now) {
       const double loss_now = result.losses.back();
       const double elapsed = std::chrono::duration<double>(now - start).count();
@@ -416,7 +486,7 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
     }
     if (o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step < o.steps) save_all();
   }
-  read_losses();
+  check_weights();
   save_all();
   model->eval();
   result.peak_device_bytes = device_memory(where.device).peak;

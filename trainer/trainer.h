@@ -28,6 +28,13 @@ class NumericalError : public Error {
   explicit NumericalError(const std::string& msg) : Error(msg) {}
 };
 
+// An option that does not fit the run (the command line's exit code 2): a rank larger than a
+// target module allows, a resume asked to go backwards, an output directory in use.
+class OptionError : public Error {
+ public:
+  explicit OptionError(const std::string& msg) : Error(msg) {}
+};
+
 // A data file held in memory; every tensor in the model's dtype.
 struct DataSet {
   Tensor hidden_states;           // (N, C, H, W)
@@ -53,6 +60,9 @@ struct TrainOptions {
   double lr = 1e-3;
   std::optional<double> weight_decay;
   int64_t steps = 100;
+  // Length of the LR schedule (0: steps). A resume that extends a run keeps the planned length
+  // here: linear and cosine schedules then hold their final LR after it (see train()).
+  int64_t schedule_steps = 0;
   int64_t batch_size = 1;
   int64_t grad_accum = 1;
   uint64_t seed = 0;
@@ -95,8 +105,14 @@ Placement placement_of(const std::string& device, const std::string& precision);
 void place_model(nn::Module& model, const Placement& where);
 
 // Trains on `model` (its base weights are frozen and never modified). `resume_dir`,
-// when given, holds the checkpoint.h5 to continue from (its options are used, except
-// steps, out_dir and quiet, which come from `options`). Progress goes to `log`.
+// when given, holds the checkpoint.h5 to continue from: its saved options are used, except
+// out_dir and quiet (from `options`) and steps: options.steps == 0 continues to the run's
+// planned length; a smaller total stops early on the planned schedule; a larger one extends
+// the run (constant schedules continue as if planned that long; linear and cosine keep their
+// planned length and hold their final LR; the log says which). Takes the output directory's
+// lock (OutputDirLock). Throws OptionError for a rank above min(in, out) of a target module
+// or a total at or below the checkpoint's step; NumericalError naming the step when the loss,
+// the gradients or the updated adapter weights are not finite. Progress goes to `log`.
 TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, const DataSet& data,
                   const TrainOptions& options, std::ostream& log, const std::string& resume_dir = "");
 

@@ -14,28 +14,14 @@
 #include "tensor/ops.h"
 #include "tensor/backend.h"
 #include "tensor/random.h"
+#include "tests/test_helpers.h"
 
 namespace loom::attention {
 namespace {
 
+using loom::testing::error_of;
+using loom::testing::rel_error;
 using ::testing::HasSubstr;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-double rel_error(const Tensor& x, const Tensor& ref) {
-  const std::vector<double> a = x.to_vector(), b = ref.to_vector();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
-  if (std::isnan(num)) return INFINITY;
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 uint64_t fresh_seed() { return ::testing::UnitTest::GetInstance()->random_seed() * 1000003ull + std::rand(); }
 

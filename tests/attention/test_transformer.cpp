@@ -20,6 +20,7 @@
 namespace loom::attention {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -214,7 +215,7 @@ TEST(Transformer2DConfig, MissingRequiredKeyIsAnErrorNamingIt) {
   for (const char* key : {"in_channels", "num_attention_heads", "attention_head_dim"}) {
     json j = json::parse(kMinimalConfig);
     j.erase(key);
-    const std::string err = error_of([&] { Transformer2DConfig::from_json_text(j.dump(), "my/config.json"); });
+    const std::string err = any_error_of([&] { Transformer2DConfig::from_json_text(j.dump(), "my/config.json"); });
     EXPECT_THAT(err, HasSubstr(key));
     EXPECT_THAT(err, HasSubstr("my/config.json"));
   }
@@ -241,7 +242,7 @@ TEST(Transformer2DConfig, WrongTypeIsAnErrorNamingTheKey) {
   for (const auto& [key, value] : bad) {
     json j = json::parse(kMinimalConfig);
     j[key] = value;
-    EXPECT_THAT(error_of([&] { Transformer2DConfig::from_json_text(j.dump()); }), HasSubstr(key))
+    EXPECT_THAT(any_error_of([&] { Transformer2DConfig::from_json_text(j.dump()); }), HasSubstr(key))
         << key << " = " << value.dump();
   }
 }
@@ -251,7 +252,7 @@ TEST(Transformer2DConfig, FractionalIntegerIsAnError) {
   for (const char* key : {"in_channels", "num_layers", "norm_num_groups", "cross_attention_dim"}) {
     json j = json::parse(kMinimalConfig);
     j[key] = 4.5;
-    EXPECT_THAT(error_of([&] { Transformer2DConfig::from_json_text(j.dump()); }), HasSubstr(key)) << key << " = 4.5";
+    EXPECT_THAT(any_error_of([&] { Transformer2DConfig::from_json_text(j.dump()); }), HasSubstr(key)) << key << " = 4.5";
   }
 }
 
@@ -262,10 +263,45 @@ TEST(Transformer2DConfig, NullMeansDefaultAndBadJsonOrFileIsAnError) {
   const Transformer2DConfig c = Transformer2DConfig::from_json_text(j.dump());
   EXPECT_FALSE(c.out_channels.has_value());
   EXPECT_FALSE(c.cross_attention_dim.has_value());
-  EXPECT_THAT(error_of([] { Transformer2DConfig::from_json_text("{not json", "cfg.json"); }), HasSubstr("cfg.json"));
-  EXPECT_THAT(error_of([] { Transformer2DConfig::from_json_text("[1, 2]", "cfg.json"); }), HasSubstr("cfg.json"));
-  EXPECT_THAT(error_of([] { Transformer2DConfig::from_file("/nonexistent/dir/config.json"); }),
+  EXPECT_THAT(any_error_of([] { Transformer2DConfig::from_json_text("{not json", "cfg.json"); }), HasSubstr("cfg.json"));
+  EXPECT_THAT(any_error_of([] { Transformer2DConfig::from_json_text("[1, 2]", "cfg.json"); }), HasSubstr("cfg.json"));
+  EXPECT_THAT(any_error_of([] { Transformer2DConfig::from_file("/nonexistent/dir/config.json"); }),
               HasSubstr("/nonexistent/dir/config.json"));
+}
+
+TEST(Transformer2DConfig, OutOfRangeValuesAreErrorsNamingTheKey) {
+  const std::vector<std::pair<std::string, json>> bad = {
+      {"out_channels", 0},         {"out_channels", -2},       {"cross_attention_dim", 0},
+      {"activation_fn", "relu"},   {"norm_eps", 0.0},          {"norm_eps", -1e-5},
+      {"dropout", 1.0},            {"dropout", -0.5},          {"norm_num_groups", -4},
+      {"num_attention_heads", int64_t(1) << 31}, {"attention_head_dim", int64_t(1) << 31},
+      {"in_channels", int64_t(1) << 40}};
+  for (const auto& [key, value] : bad) {
+    json j = json::parse(kMinimalConfig);
+    j[key] = value;
+    EXPECT_THAT(any_error_of([&] { Transformer2DConfig::from_json_text(j.dump(), "my/config.json"); }),
+                AllOf(HasSubstr("my/config.json"), HasSubstr("'" + key + "'")))
+        << key << " = " << value.dump();
+  }
+}
+
+TEST(Transformer2DConfig, AModelTooLargeToAllocateIsRefusedBeforeAllocation) {
+  json j = json::parse(kMinimalConfig);
+  j["num_attention_heads"] = 65536;  // inner dim 262144: about 1.2e12 parameters
+  const std::string err = any_error_of([&] { Transformer2DConfig::from_json_text(j.dump(), "my/config.json"); });
+  EXPECT_THAT(err, AllOf(HasSubstr("my/config.json"), HasSubstr("parameters"), HasSubstr("num_attention_heads")));
+  // The bound is computed without overflow and covers what the model really holds.
+  Transformer2DConfig c = Transformer2DConfig::from_json_text(kMinimalConfig);
+  Generator gen(0);
+  Transformer2DModel m(c, gen);
+  int64_t n = 0;
+  for (const auto& [name, p] : m.named_parameters()) n += p.tensor().numel();
+  EXPECT_GE(c.parameter_count_bound(), (long double)n);
+  EXPECT_LE(c.parameter_count_bound(), 2.0L * (long double)n);
+}
+
+TEST(Transformer2DConfig, AConfigThatIsADirectoryIsReportedAsSuch) {
+  EXPECT_THAT(any_error_of([] { Transformer2DConfig::from_file(::testing::TempDir()); }), HasSubstr("is a directory"));
 }
 
 TEST(Transformer2DConfig, FromFileReadsTheFixtureConfig) {
@@ -347,15 +383,15 @@ TEST(Transformer2DModel, KeepMaskEqualsItsBias) {
   for (double v : out.to_vector()) ASSERT_TRUE(std::isfinite(v));
   EXPECT_LE(rel_error_of_item(out, model.forward(x, ctx).tensor(), 1), 1e-10);
   // a keep-mask whose length is not the context length is an error naming the mask
-  EXPECT_THAT(error_of([&] { model.forward(x, ctx, Tensor::ones({2, 4}, F64)); }), HasSubstr("mask"));
+  EXPECT_THAT(any_error_of([&] { model.forward(x, ctx, Tensor::ones({2, 4}, F64)); }), HasSubstr("mask"));
 }
 
 TEST(Transformer2DModel, WrongInputIsAnError) {
   Generator gen(23);
   const Transformer2DModel model(tiny_config(), gen, F64);
   const Variable ctx(Tensor::randn({1, 3, 5}, gen, F64));
-  EXPECT_NE(error_of([&] { model.forward(Variable(Tensor::randn({1, 6, 3, 3}, gen, F64)), ctx); }), "<no error>");
-  EXPECT_NE(error_of([&] { model.forward(Variable(Tensor::randn({1, 9, 4}, gen, F64)), ctx); }), "<no error>");
+  EXPECT_NE(any_error_of([&] { model.forward(Variable(Tensor::randn({1, 6, 3, 3}, gen, F64)), ctx); }), "<no error>");
+  EXPECT_NE(any_error_of([&] { model.forward(Variable(Tensor::randn({1, 9, 4}, gen, F64)), ctx); }), "<no error>");
 }
 
 TEST(Transformer2DModel, StrictLoadOfAnotherShapeNamesTheKey) {
@@ -364,7 +400,7 @@ TEST(Transformer2DModel, StrictLoadOfAnotherShapeNamesTheKey) {
   c.cross_attention_dim = 10;  // to_k / to_v of attn2 are (16, 10), not (16, 12)
   Transformer2DModel model(c);
   model.to(F64);
-  EXPECT_THAT(error_of([&] { model.load_state_dict(state_dict(f)); }), HasSubstr("attn2.to_k.weight"));
+  EXPECT_THAT(any_error_of([&] { model.load_state_dict(state_dict(f)); }), HasSubstr("attn2.to_k.weight"));
 }
 
 // ---- f64 gradient checks ------------------------------------------------------------------------

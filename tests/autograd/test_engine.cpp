@@ -6,20 +6,13 @@
 #include "autograd/ops.h"
 #include "tensor/ops.h"
 #include "tensor/random.h"
+#include "tests/test_helpers.h"
 
 namespace loom {
 namespace {
 
+using loom::testing::error_of;
 using ::testing::HasSubstr;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 Variable leaf(const std::vector<double>& v, const Shape& s, bool grad = true) {
   return Variable(Tensor::from_values(v, s, DType::F64), grad);

@@ -7,217 +7,10 @@
 // Exit codes: 0 ok, 1 built-in self-check failed, 2 usage, 3 bad or missing input
 // file, 4 numerical failure. Fixtures (model directories, data files) are written with
 // the library; adapters are made by `loom train` itself.
-#include <fcntl.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <algorithm>
-#include <cerrno>
-#include <cmath>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
-#include <iterator>
-#include <sstream>
-#include <string>
-#include <vector>
-
-#include "attention/transformer.h"
-#include "io/checkpoint.h"
-#include "io/tensor_file.h"
-#include "tensor/random.h"
-#include "tensor/tensor.h"
-
-extern char** environ;
+#include "tests/cli/cli_fixture.h"
 
 namespace loom {
 namespace {
-
-using ::testing::AllOf;
-using ::testing::HasSubstr;
-using ::testing::Not;
-namespace fs = std::filesystem;
-
-#ifndef LOOM_BIN
-#error "LOOM_BIN (the path of the built loom executable) must be defined by CMake"
-#endif
-
-// ---- running the executable -------------------------------------------------------------------
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-void spit(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << bytes;
-}
-
-bool exists(const std::string& path) { return fs::exists(path); }
-
-struct Result {
-  int code = -1;  // exit status; 128 + signal when killed by one
-  std::string out, err;
-  std::string all() const { return out + err; }
-};
-
-std::ostream& operator<<(std::ostream& os, const Result& r) {
-  return os << "[exit " << r.code << "]\n--- stdout ---\n" << r.out << "--- stderr ---\n" << r.err;
-}
-
-// Runs LOOM_BIN with `args` (no shell: arguments are passed as they are), capturing
-// stdout and stderr into files next to `scratch`.
-Result run_loom(const std::vector<std::string>& args, const std::string& scratch) {
-  static int counter = 0;
-  const std::string stem = scratch + "/.loom_call_" + std::to_string(counter++);
-  const std::string out_path = stem + ".out", err_path = stem + ".err";
-  std::vector<std::string> all{LOOM_BIN};
-  all.insert(all.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : all) argv.push_back(a.data());
-  argv.push_back(nullptr);
-
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  pid_t pid = 0;
-  Result r;
-  const int rc = posix_spawn(&pid, LOOM_BIN, &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  if (rc != 0) {
-    r.err = "posix_spawn failed: " + std::string(std::strerror(rc));
-    return r;
-  }
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
-  else if (WIFSIGNALED(status)) r.code = 128 + WTERMSIG(status);
-  r.out = slurp(out_path), r.err = slurp(err_path);
-  fs::remove(out_path), fs::remove(err_path);
-  return r;
-}
-
-// ---- numbers ------------------------------------------------------------------------------------
-
-// ‖a − b‖ / ‖b‖.
-double rel_error(const Tensor& a, const Tensor& b) {
-  const std::vector<double> x = a.to_vector(), y = b.to_vector();
-  if (x.size() != y.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < x.size(); ++i) num += (x[i] - y[i]) * (x[i] - y[i]), den += y[i] * y[i];
-  return std::sqrt(num / den);
-}
-
-// The 'output' tensor of a `loom run` output file (safetensors or HDF5).
-Tensor read_output(const std::string& path) {
-  const io::TensorFile f = io::read_tensor_file(path);
-  const Tensor* t = f.find("output");
-  return t ? *t : Tensor();
-}
-
-// ---- fixtures -----------------------------------------------------------------------------------
-
-struct ModelSpec {
-  int64_t in_channels = 8, heads = 2, head_dim = 4, cross_attention_dim = 6, norm_num_groups = 2;
-  uint64_t seed = 1;
-};
-
-std::string config_json(const ModelSpec& s) {
-  std::ostringstream os;
-  os << R"({"_class_name": "Transformer2DModel", "in_channels": )" << s.in_channels
-     << R"(, "num_attention_heads": )" << s.heads << R"(, "attention_head_dim": )" << s.head_dim
-     << R"(, "num_layers": 1, "cross_attention_dim": )" << s.cross_attention_dim
-     << R"(, "norm_num_groups": )" << s.norm_num_groups << "}";
-  return os.str();
-}
-
-// A model directory: config.json + model.safetensors (keys under `prefix.` when given, plus an
-// unrelated key, as in a full-UNet file).
-void write_model_dir(const std::string& dir, const ModelSpec& s = {}, const std::string& prefix = "") {
-  fs::create_directories(dir);
-  spit(dir + "/config.json", config_json(s));
-  attention::Transformer2DConfig c;
-  c.in_channels = s.in_channels, c.num_attention_heads = s.heads, c.attention_head_dim = s.head_dim;
-  c.num_layers = 1, c.cross_attention_dim = s.cross_attention_dim, c.norm_num_groups = s.norm_num_groups;
-  Generator gen(s.seed);
-  attention::Transformer2DModel model(c, gen);
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const auto& [k, t] : model.state_dict()) tensors.emplace_back(prefix.empty() ? k : prefix + "." + k, t);
-  if (!prefix.empty()) tensors.emplace_back("conv_in.weight", Tensor::zeros({3, 3}));
-  io::write_safetensors(dir + "/model.safetensors", tensors);
-}
-
-enum class Target { Random, Missing, Overflow };
-
-// A data file of 6 samples: hidden_states (6,C,4,4), encoder_hidden_states (6,5,Cc), target.
-void write_data(const std::string& path, const ModelSpec& s = {}, Target target = Target::Random,
-                uint64_t seed = 7) {
-  Generator gen(seed);
-  const Shape hs{6, s.in_channels, 4, 4};
-  std::vector<std::pair<std::string, Tensor>> t{{"hidden_states", Tensor::randn(hs, gen)},
-                                                {"encoder_hidden_states", Tensor::randn({6, 5, s.cross_attention_dim}, gen)}};
-  if (target == Target::Random) t.emplace_back("target", Tensor::randn(hs, gen));
-  // Finite in the file, but (y − 1e30)² overflows the f32 loss.
-  if (target == Target::Overflow) t.emplace_back("target", Tensor::full(hs, 1e30));
-  io::write_safetensors(path, t);
-}
-
-class Cli : public ::testing::Test {
- protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = (fs::temp_directory_path() /
-            ("loom_cli_" + std::to_string(::getpid()) + "_" + info->test_suite_name() + "_" + info->name()))
-               .string();
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    if (HasFailure())
-      std::cerr << "(files of the failed test kept in " << dir_ << ")\n";
-    else
-      fs::remove_all(dir_);
-  }
-
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
-  Result loom(const std::vector<std::string>& args) const { return run_loom(args, dir_); }
-
-  // The standard model directory "model" and data file "data.safetensors".
-  void standard_fixtures() {
-    write_model_dir(path("model"));
-    write_data(path("data.safetensors"));
-  }
-
-  // `loom train` on the standard fixtures into `out` with a few steps; extra flags appended.
-  Result train(const std::string& out, std::vector<std::string> extra = {}, const std::string& model = "model",
-               const std::string& data = "data.safetensors") const {
-    std::vector<std::string> args{"train", "--model", path(model), "--data", path(data), "--out", path(out),
-                                  "--steps", "6", "--batch-size", "2", "--quiet"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    return loom(args);
-  }
-
-  // `loom run` on the standard fixtures; returns the output tensor (undefined on failure).
-  Tensor run(const std::string& output, std::vector<std::string> extra = {}, const std::string& model = "model",
-             const std::string& input = "data.safetensors") const {
-    std::vector<std::string> args{"run", "--model", path(model), "--input", path(input), "--output", path(output)};
-    args.insert(args.end(), extra.begin(), extra.end());
-    const Result r = loom(args);
-    EXPECT_EQ(r.code, 0) << r;
-    if (r.code != 0) return Tensor();
-    EXPECT_THAT(r.out, HasSubstr("wrote " + path(output)));
-    return read_output(path(output));
-  }
-
-  std::string dir_;
-};
 
 // ---- usage and help ---------------------------------------------------------------------------
 
@@ -333,11 +126,11 @@ TEST_F(Cli, TrainWritesAdapterCheckpointAndLossFiles) {
 
   ASSERT_TRUE(exists(path("out/adapter.safetensors")));
   ASSERT_TRUE(exists(path("out/checkpoint.h5")));
-  const std::string csv = slurp(path("out/loss.csv"));
+  const std::string csv = read_bytes(path("out/loss.csv"));
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 6) << csv;  // header + one line per step
   EXPECT_EQ(csv.rfind("step,loss\n", 0), 0u) << csv;
   EXPECT_THAT(csv, HasSubstr("\n5,"));
-  const std::string png = slurp(path("out/loss.png"));
+  const std::string png = read_bytes(path("out/loss.png"));
   ASSERT_GE(png.size(), 8u);
   EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
 
@@ -365,11 +158,11 @@ TEST_F(Cli, TrainIsDeterministicForASeed) {
   ASSERT_EQ(train("a", {"--seed", "3"}).code, 0);
   ASSERT_EQ(train("b", {"--seed", "3"}).code, 0);
   ASSERT_EQ(train("c", {"--seed", "4"}).code, 0);
-  const std::string a = slurp(path("a/loss.csv")), b = slurp(path("b/loss.csv")), c = slurp(path("c/loss.csv"));
+  const std::string a = read_bytes(path("a/loss.csv")), b = read_bytes(path("b/loss.csv")), c = read_bytes(path("c/loss.csv"));
   ASSERT_FALSE(a.empty());
   EXPECT_EQ(a, b) << "same seed, different loss curves";
   EXPECT_NE(a, c) << "different seeds, same loss curve";
-  EXPECT_EQ(slurp(path("a/adapter.safetensors")), slurp(path("b/adapter.safetensors")));
+  EXPECT_EQ(read_bytes(path("a/adapter.safetensors")), read_bytes(path("b/adapter.safetensors")));
 }
 
 TEST_F(Cli, TrainOnBadInputFilesExitsWithCode3) {
@@ -381,14 +174,14 @@ TEST_F(Cli, TrainOnBadInputFilesExitsWithCode3) {
   Generator gen(99);
   std::string noise(4096, '\0');
   for (char& ch : noise) ch = char(gen.next_u64() & 0xff);
-  spit(path("noise.safetensors"), noise);
+  write_bytes(path("noise.safetensors"), noise);
   const Result corrupt = train("o", {}, "model", "noise.safetensors");
   EXPECT_EQ(corrupt.code, 3) << corrupt;
   EXPECT_THAT(corrupt.err, HasSubstr("noise.safetensors"));
 
   // A safetensors file cut short.
-  const std::string good = slurp(path("data.safetensors"));
-  spit(path("cut.safetensors"), good.substr(0, good.size() / 2));
+  const std::string good = read_bytes(path("data.safetensors"));
+  write_bytes(path("cut.safetensors"), good.substr(0, good.size() / 2));
   const Result cut = train("o", {}, "model", "cut.safetensors");
   EXPECT_EQ(cut.code, 3) << cut;
   EXPECT_THAT(cut.err, HasSubstr("cut.safetensors"));
@@ -420,12 +213,13 @@ TEST_F(Cli, TrainOnBadInputFilesExitsWithCode3) {
 
   fs::create_directories(path("badconfig"));
   fs::copy_file(path("model/model.safetensors"), path("badconfig/model.safetensors"));
-  spit(path("badconfig/config.json"), R"({"in_channels": 8, "num_attention_heads": 2})");
+  write_bytes(path("badconfig/config.json"), R"({"in_channels": 8, "num_attention_heads": 2})");
   const Result bad_config = train("o", {}, "badconfig");
   EXPECT_EQ(bad_config.code, 3) << bad_config;
   EXPECT_THAT(bad_config.err, AllOf(HasSubstr("config.json"), HasSubstr("attention_head_dim")));
 
-  const Result no_ckpt = train("o", {"--resume", path("nothing-here")});
+  const Result no_ckpt =
+      loom({"train", "--model", path("model"), "--data", path("data.safetensors"), "--resume", path("nothing-here")});
   EXPECT_EQ(no_ckpt.code, 3) << no_ckpt;
   EXPECT_THAT(no_ckpt.err, HasSubstr("checkpoint.h5"));
 
@@ -451,7 +245,7 @@ TEST_F(Cli, ResumeEqualsAnUninterruptedRun) {
   ASSERT_EQ(rest.code, 0) << rest;
   EXPECT_THAT(rest.out, HasSubstr(path("split") + "/adapter.safetensors"));
 
-  EXPECT_EQ(slurp(path("split/loss.csv")), slurp(path("straight/loss.csv")));
+  EXPECT_EQ(read_bytes(path("split/loss.csv")), read_bytes(path("straight/loss.csv")));
   const io::TensorFile a = io::read_safetensors(path("split/adapter.safetensors"));
   const io::TensorFile b = io::read_safetensors(path("straight/adapter.safetensors"));
   ASSERT_EQ(a.tensors.size(), b.tensors.size());
@@ -497,8 +291,8 @@ TEST_F(Cli, NonFiniteLossOnResumeLeavesTheLastCheckpointIntact) {
   const Result good = loom({"train", "--model", path("model"), "--data", path("data.safetensors"), "--out",
                             path("run"), "--steps", "3", "--batch-size", "2", "--quiet"});
   ASSERT_EQ(good.code, 0) << good;
-  const std::string ckpt = slurp(path("run/checkpoint.h5")), adapter = slurp(path("run/adapter.safetensors"));
-  const std::string csv = slurp(path("run/loss.csv")), png = slurp(path("run/loss.png"));
+  const std::string ckpt = read_bytes(path("run/checkpoint.h5")), adapter = read_bytes(path("run/adapter.safetensors"));
+  const std::string csv = read_bytes(path("run/loss.csv")), png = read_bytes(path("run/loss.png"));
   ASSERT_FALSE(ckpt.empty());
   ASSERT_FALSE(adapter.empty());
 
@@ -506,14 +300,14 @@ TEST_F(Cli, NonFiniteLossOnResumeLeavesTheLastCheckpointIntact) {
                            path("run"), "--steps", "6", "--quiet"});
   EXPECT_EQ(bad.code, 4) << bad;
   EXPECT_THAT(bad.err, HasSubstr("step 4"));
-  EXPECT_EQ(slurp(path("run/checkpoint.h5")), ckpt) << "checkpoint.h5 changed by the failed run";
-  EXPECT_EQ(slurp(path("run/adapter.safetensors")), adapter) << "adapter.safetensors changed by the failed run";
-  EXPECT_EQ(slurp(path("run/loss.csv")), csv);
-  EXPECT_EQ(slurp(path("run/loss.png")), png);
-  // No temporary files left behind by the atomic writers.
+  EXPECT_EQ(read_bytes(path("run/checkpoint.h5")), ckpt) << "checkpoint.h5 changed by the failed run";
+  EXPECT_EQ(read_bytes(path("run/adapter.safetensors")), adapter) << "adapter.safetensors changed by the failed run";
+  EXPECT_EQ(read_bytes(path("run/loss.csv")), csv);
+  EXPECT_EQ(read_bytes(path("run/loss.png")), png);
+  // No temporary files left behind by the atomic writers (.lock is the output directory's lock).
   for (const auto& e : fs::directory_iterator(path("run")))
     EXPECT_THAT(e.path().filename().string(),
-                ::testing::AnyOf("checkpoint.h5", "adapter.safetensors", "loss.csv", "loss.png"));
+                ::testing::AnyOf("checkpoint.h5", "adapter.safetensors", "loss.csv", "loss.png", ".lock"));
   // The checkpoint still resumes.
   const Result again = loom({"train", "--model", path("model"), "--data", path("data.safetensors"), "--resume",
                              path("run"), "--steps", "4", "--quiet"});
@@ -528,7 +322,7 @@ TEST_F(Cli, TrainFromAnInitAdapter) {
   const Result fresh = train("fresh");
   ASSERT_EQ(fresh.code, 0) << fresh;
   // Starting from a trained adapter, the first loss is not the base model's.
-  const std::string a = slurp(path("second/loss.csv")), b = slurp(path("fresh/loss.csv"));
+  const std::string a = read_bytes(path("second/loss.csv")), b = read_bytes(path("fresh/loss.csv"));
   EXPECT_NE(a.substr(0, a.find('\n', 10)), b.substr(0, b.find('\n', 10)));
 
   const Result missing = train("third", {"--init-adapter", path("none.safetensors")});
@@ -546,7 +340,7 @@ TEST_F(Cli, TrainCustomDiffusion) {
   EXPECT_NE(f.find("transformer_blocks.0.attn2.processor.to_k_custom_diffusion.weight"), nullptr);
   EXPECT_EQ(f.find("transformer_blocks.0.attn2.processor.to_q_custom_diffusion.weight"), nullptr);  // crossattn_kv
   EXPECT_EQ(io::load_checkpoint(path("cd/checkpoint.h5")).adapter_kind, "custom_diffusion");
-  EXPECT_EQ(slurp(path("cd/loss.csv")).size() > 0, true);
+  EXPECT_EQ(read_bytes(path("cd/loss.csv")).size() > 0, true);
 
   const Result q = train("cdq", {"--adapter", "custom_diffusion", "--train-q-out"});
   ASSERT_EQ(q.code, 0) << q;
@@ -577,7 +371,7 @@ TEST_F(Cli, BuiltinTaskLora) {
   EXPECT_THAT(r.out, HasSubstr(": ok"));  // the reloaded adapter reproduces the outputs at any step count
   EXPECT_TRUE(exists(path("builtin/adapter.safetensors")));
   EXPECT_TRUE(exists(path("builtin/checkpoint.h5")));
-  const std::string csv = slurp(path("builtin/loss.csv"));
+  const std::string csv = read_bytes(path("builtin/loss.csv"));
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 61);
   // What it says to try next works.
   const std::string hint = r.out.substr(r.out.find("try: loom run"));
@@ -690,12 +484,12 @@ TEST_F(Cli, RunOnBadInputsExitsWithCode3) {
   Generator gen(3);
   std::string noise(1000, '\0');
   for (char& ch : noise) ch = char(gen.next_u64() & 0xff);
-  spit(path("noise.safetensors"), noise);
+  write_bytes(path("noise.safetensors"), noise);
   const Result corrupt = run_args({"--adapter", path("noise.safetensors")});
   EXPECT_EQ(corrupt.code, 3) << corrupt;
   EXPECT_THAT(corrupt.err, HasSubstr("noise.safetensors"));
-  const std::string bytes = slurp(adapter);
-  spit(path("cut.safetensors"), bytes.substr(0, bytes.size() - 20));
+  const std::string bytes = read_bytes(adapter);
+  write_bytes(path("cut.safetensors"), bytes.substr(0, bytes.size() - 20));
   const Result cut = run_args({"--adapter", path("cut.safetensors")});
   EXPECT_EQ(cut.code, 3) << cut;
   EXPECT_THAT(cut.err, HasSubstr("cut.safetensors"));
@@ -813,12 +607,12 @@ TEST_F(Cli, InspectAdaptersCheckpointsAndDataFiles) {
   EXPECT_EQ(missing.code, 3) << missing;
   EXPECT_THAT(missing.err, HasSubstr("nowhere.safetensors"));
 
-  spit(path("notes.txt"), "these are not tensors\n");
+  write_bytes(path("notes.txt"), "these are not tensors\n");
   const Result text = loom({"inspect", path("notes.txt")});
   EXPECT_EQ(text.code, 3) << text;
   EXPECT_THAT(text.err, HasSubstr("notes.txt"));
 
-  spit(path("empty.safetensors"), "");
+  write_bytes(path("empty.safetensors"), "");
   const Result empty = loom({"inspect", path("empty.safetensors")});
   EXPECT_EQ(empty.code, 3) << empty;
   EXPECT_THAT(empty.err, HasSubstr("empty.safetensors"));
@@ -932,9 +726,10 @@ TEST_F(Cli, GradcheckFilter) {
   ASSERT_EQ(lora.code, 0) << lora;
   EXPECT_THAT(lora.out, AllOf(HasSubstr("\nlayer_attention_lora "), HasSubstr("1/1 gradient checks passed")));
 
+  // A filter that selects nothing is a usage error (it used to print "0/0 passed" and exit 0).
   const Result nothing = loom({"gradcheck", "--filter", "no-such-check"});
-  EXPECT_EQ(nothing.code, 0) << nothing;
-  EXPECT_THAT(nothing.out, HasSubstr("0/0"));
+  EXPECT_EQ(nothing.code, 2) << nothing;
+  EXPECT_THAT(nothing.err, HasSubstr("no-such-check"));
 }
 
 }  // namespace

@@ -8,23 +8,13 @@
 
 #include "autograd/op_cases.h"
 #include "tensor/backend.h"
+#include "tests/test_helpers.h"
 
 namespace loom::test {
 using namespace loom::cases;
 namespace {
 
-double rel_error(const Tensor& x, const Tensor& ref) {
-  const std::vector<double> a = x.to_vector(), b = ref.to_vector();
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  if (!std::isfinite(num)) return INFINITY;
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
+using loom::testing::rel_error;
 struct RunResult {
   Tensor out;
   std::vector<Tensor> grads;

@@ -16,41 +16,16 @@
 #include "autograd/ops.h"
 #include "optim/optim.h"
 #include "tensor/ops.h"
+#include "tests/test_helpers.h"
 
 namespace loom::io {
 namespace {
 
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-double rel_error(const Tensor& x, const Tensor& ref) {
-  const std::vector<double> a = x.to_vector(), b = ref.to_vector();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
-  return std::sqrt(num / den);
-}
-
-class TempDir {
- public:
-  TempDir() : path_(fs::temp_directory_path() / ("loom_io_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-  static inline int counter_ = 0;
-};
+using loom::testing::error_of;
+using loom::testing::rel_error;
+using loom::testing::TempDir;
 
 attention::Transformer2DConfig tiny_config(bool linear_projection = false) {
   attention::Transformer2DConfig c;

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "io/tensor_file.h"
+#include "tests/test_helpers.h"
 
 // HDF5 1.10 leaks a few hundred bytes when an object header fails its checksum (the corruption
 // test below): not loom's allocations, so LeakSanitizer (LOOM_SANITIZE=ON) ignores leaks whose
@@ -26,6 +27,8 @@ namespace fs = std::filesystem;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
+using loom::testing::read_bytes;
+using loom::testing::write_bytes;
 
 const std::string kFixtures = std::string(LOOM_SOURCE_DIR) + "/tests/io/fixtures/";
 
@@ -251,15 +254,6 @@ TEST_F(Hdf5Test, Hdf5ErrorsMissingForeignAndEmptyFiles) {
   // A safetensors file is foreign too.
   write_safetensors(file("st.h5"), {{"x", Tensor::ones({2})}});
   expect_file_error([&] { read_hdf5(file("st.h5")); }, file("st.h5"), "not an HDF5 file");
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), std::streamsize(bytes.size()));
 }
 
 // A loom file with nested groups, every dtype and attributes everywhere; returns its tensor count.

@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "io/tensor_file.h"
+#include "tests/test_helpers.h"
 
 #ifndef LOOM_IO_TEST_DIR
 #error "LOOM_IO_TEST_DIR must point at tests/io"
@@ -24,50 +25,11 @@
 namespace loom::io {
 namespace {
 
+using loom::testing::read_bytes;
+using loom::testing::TempDir;
+using loom::testing::write_bytes;
+
 // ---- helpers ---------------------------------------------------------------------------------
-
-// A fresh directory under the test temp dir, removed (with its files) at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "loom_io_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    if (!::mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = buf.data();
-  }
-  ~TempDir() {
-    for (const std::string& f : files()) ::unlink((path_ + "/" + f).c_str());
-    ::rmdir(path_.c_str());
-  }
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
-  std::vector<std::string> files() const {
-    std::vector<std::string> out;
-    if (DIR* d = ::opendir(path_.c_str())) {
-      while (dirent* e = ::readdir(d))
-        if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) out.push_back(e->d_name);
-      ::closedir(d);
-    }
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-
- private:
-  std::string path_;
-};
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(bytes.data(), std::streamsize(bytes.size()));
-}
 
 std::string le64(uint64_t n) {
   std::string s(8, '\0');

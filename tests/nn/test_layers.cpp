@@ -11,23 +11,16 @@
 #include "nn/feedforward.h"
 #include "nn/linear.h"
 #include "nn/norm.h"
+#include "tests/test_helpers.h"
 
 namespace loom::nn {
 namespace {
 
+using loom::testing::error_of;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 constexpr DType F64 = DType::F64;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 Variable randn(const Shape& shape, Generator& gen, bool requires_grad = false) {
   return Variable(Tensor::randn(shape, gen, F64), requires_grad);

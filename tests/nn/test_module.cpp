@@ -7,21 +7,14 @@
 #include "nn/feedforward.h"
 #include "nn/linear.h"
 #include "nn/norm.h"
+#include "tests/test_helpers.h"
 
 namespace loom::nn {
 namespace {
 
+using loom::testing::error_of;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 std::vector<std::string> keys_of(const std::vector<std::pair<std::string, Variable>>& named) {
   std::vector<std::string> keys;

@@ -11,21 +11,14 @@
 #include "nn/linear.h"
 #include "optim/optim.h"
 #include "tensor/ops.h"
+#include "tests/test_helpers.h"
 
 namespace loom::optim {
 namespace {
 
+using loom::testing::error_of;
 using ::testing::HasSubstr;
 using Vec = std::vector<double>;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 Variable param(const Vec& v) { return Variable(Tensor::from_values(v, {int64_t(v.size())}, DType::F64), true); }
 Tensor t64(const Vec& v) { return Tensor::from_values(v, {int64_t(v.size())}, DType::F64); }

@@ -23,6 +23,7 @@
 #include "tensor/ops.h"
 #include "tensor/random.h"
 #include "tensor/tensor.h"
+#include "tests/test_helpers.h"
 
 namespace {
 
@@ -32,24 +33,12 @@ using loom::Generator;
 using loom::Shape;
 using loom::Tensor;
 using testing::HasSubstr;
+using loom::testing::error_of;
 namespace ops = loom::ops;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // ---- helpers -------------------------------------------------------------------------
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const loom::Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<not a loom::Error: ") + e.what() + ">";
-  } catch (...) {
-    return "<not a loom::Error: unknown exception>";
-  }
-  return "<no exception thrown>";
-}
 
 #define LOOM_EXPECT_CHILD_EXITS_0(body)             \
   do {                                               \

@@ -23,6 +23,7 @@
 #include "tensor/error.h"
 #include "tensor/random.h"
 #include "tensor/tensor.h"
+#include "tests/test_helpers.h"
 
 namespace {
 
@@ -32,21 +33,7 @@ using loom::Generator;
 using loom::Shape;
 using loom::Tensor;
 using testing::HasSubstr;
-
-// The message of the loom::Error that f throws; a marker string when it throws
-// nothing or something else (so that HasSubstr checks then fail visibly).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const loom::Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<not a loom::Error: ") + e.what() + ">";
-  } catch (...) {
-    return "<not a loom::Error: unknown exception>";
-  }
-  return "<no exception thrown>";
-}
+using loom::testing::error_of;
 
 // 0, 1, 2, ... n-1 as doubles.
 std::vector<double> iota(int64_t n, double start = 0.0) {

@@ -1,0 +1,122 @@
+// Helpers shared by the test executables (one copy, not one per file): error capture,
+// relative error, scratch directories, whole-file reads and writes.
+#pragma once
+
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "tensor/error.h"
+#include "tensor/tensor.h"
+
+namespace loom::testing {
+
+// What error_of / any_error_of return when `f` throws nothing.
+inline const std::string kNoError = "<no error>";
+
+// The message of the loom::Error that `f` throws. Anything else that escapes is itself a
+// defect (loom reports every error as loom::Error): it comes back as "<not a loom::Error: …>",
+// which no expected message matches. kNoError when `f` throws nothing.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const loom::Error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("<not a loom::Error: ") + e.what() + ">";
+  } catch (...) {
+    return "<not a loom::Error: unknown exception>";
+  }
+  return kNoError;
+}
+
+// The message of any std::exception that `f` throws (loom::Error or not): for checks that
+// only care that a call is refused. kNoError when `f` throws nothing.
+inline std::string any_error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return kNoError;
+}
+
+// ‖x − ref‖ / ‖ref‖ over all elements (‖x − ref‖ when ref is all zeros); INFINITY when the
+// shapes differ or the difference is not finite, so a comparison against a tolerance fails.
+inline double rel_error(const Tensor& x, const Tensor& ref) {
+  if (x.shape() != ref.shape()) return INFINITY;
+  const std::vector<double> a = x.to_vector(), b = ref.to_vector();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+  if (!std::isfinite(num)) return INFINITY;
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// A fresh directory under the test temp dir (mkdtemp), removed with its files at the end.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& stem = "loom_test_") {
+    std::string tmpl = ::testing::TempDir() + stem + "XXXXXX";
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    if (!::mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed for " + tmpl);
+    path_ = buf.data();
+  }
+  ~TempDir() { remove_tree(path_); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  std::string operator/(const std::string& name) const { return file(name); }
+  // Names in the directory (not recursive), sorted.
+  std::vector<std::string> files() const {
+    std::vector<std::string> out;
+    if (DIR* d = ::opendir(path_.c_str())) {
+      while (dirent* e = ::readdir(d))
+        if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) out.push_back(e->d_name);
+      ::closedir(d);
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+ private:
+  static void remove_tree(const std::string& path) {
+    if (DIR* d = ::opendir(path.c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        if (std::strcmp(e->d_name, ".") == 0 || std::strcmp(e->d_name, "..") == 0) continue;
+        const std::string child = path + "/" + e->d_name;
+        if (::unlink(child.c_str()) != 0) remove_tree(child);
+      }
+      ::closedir(d);
+    }
+    ::rmdir(path.c_str());
+  }
+  std::string path_;
+};
+
+// The whole file as bytes ("" when it cannot be read).
+inline std::string read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+// Replaces the file with `bytes`.
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f << bytes;
+}
+
+}  // namespace loom::testing
