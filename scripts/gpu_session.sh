@@ -37,5 +37,7 @@ for s in $steps; do
       python3 bench/gpu/torch_attention.py --reps 30 | tee "$out/torch_attention.txt" ;;
     model)
       bash bench/gpu/run_model_bench.sh "$out" ;;
+    cli)
+      bash bench/gpu/cli_gpu_check.sh "$out" 2>&1 | tee "$out/cli_gpu.txt" ;;
   esac
 done
