@@ -7,6 +7,7 @@
 // same shapes; run both in one call. Not a test.
 //
 //   loom_bench_step [--precision bf16|f32|tf32] [--backend auto|flash|math] [--reps N] [--config sd15|sdxl]
+//                   [--losses N]   (print the losses of N steps instead of timing)
 #include <algorithm>
 #include <cstdio>
 #include <string>
@@ -49,13 +50,14 @@ double time_ms(Device dev, int reps, F&& f) {
 
 int main(int argc, char** argv) {
   std::string precision = "bf16", backend = "auto", which = "sd15";
-  int reps = 20;
+  int reps = 20, loss_steps = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--precision" && i + 1 < argc) precision = argv[++i];
     else if (a == "--backend" && i + 1 < argc) backend = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--config" && i + 1 < argc) which = argv[++i];
+    else if (a == "--losses" && i + 1 < argc) loss_steps = std::atoi(argv[++i]);
     else {
       std::fprintf(stderr, "usage: loom_bench_step [--precision bf16|f32|tf32] [--backend auto|flash|math] [--reps N] [--config sd15|sdxl]\n");
       return 2;
@@ -96,6 +98,18 @@ int main(int argc, char** argv) {
   const Tensor target = Tensor::randn({2, c.in_channels, side, side}, gen, DType::F32, dev);
 
   model->train();
+  if (loss_steps > 0) {  // the losses of that many steps from this seed (flash vs math comparisons)
+    std::printf("{\"backend\":\"%s\",\"precision\":\"%s\",\"losses\":[", backend.c_str(), precision.c_str());
+    for (int s = 0; s < loss_steps; ++s) {
+      opt->zero_grad();
+      Variable loss = mse_loss(to_dtype(model->forward(Variable(x), Variable(ctx)), DType::F32), Variable(target));
+      loss.backward();
+      opt->step();
+      std::printf("%s%.9g", s ? "," : "", loss.tensor().item());
+    }
+    std::printf("]}\n");
+    return 0;
+  }
   reset_peak_device_memory(dev);
   const size_t base = device_memory(dev).in_use;
   const double step_ms = time_ms(dev, reps, [&] {

@@ -4,7 +4,7 @@ Transformer2DModel, f32 and bf16 (autocast, LoRA f32, as diffusers' training scr
 Median of --reps after 5 warm-ups, CUDA events; peak memory. One JSON line per row."""
 import argparse, json, torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 
 def time_ms(fn, reps):
@@ -30,8 +30,8 @@ def run(config, precision, reps):
     m.requires_grad_(False)
     wdt = torch.bfloat16 if precision == "bf16" else torch.float32
     m.to("cuda", dtype=wdt)
-    m.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    m = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]), m)
     params = [p for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
