@@ -8,6 +8,8 @@
 //   the CpuBackend class and cpu_backend()
 #include "tensor/cpu/cpu_backend.h"
 
+#include "tensor/cpu/cpu_conv.h"
+
 #include <omp.h>
 
 #include <Eigen/Core>
@@ -623,6 +625,14 @@ class CpuBackend final : public Backend {
     visit_float(out.dtype(), log ? "log_softmax" : "softmax", [&](auto tag) {
       softmax_typed<typename decltype(tag)::type>(out, in, rows, n, log);
     });
+  }
+
+  // ---- convolution (cpu_conv.cpp) ----
+  void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) override {
+    cpu::im2col(cols, image, args);
+  }
+  void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) override {
+    cpu::col2im(image, cols, args);
   }
 };
 
