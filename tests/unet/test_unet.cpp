@@ -17,6 +17,7 @@
 #include "autograd/gradcheck.h"
 #include "autograd/ops.h"
 #include "io/tensor_file.h"
+#include "unet/ldm_checkpoint.h"
 #include "unet/unet_io.h"
 
 #ifndef LOOM_UNET_FIXTURE_DIR
@@ -207,6 +208,29 @@ TEST(UNetLoad, MissingOrForeignWeightsAreFileErrors) {
   } catch (const io::FileError& e) {
     EXPECT_THAT(e.what(), HasSubstr(all.tensors.front().first));
   }
+}
+
+TEST(UNetLoad, SingleFileOriginalCheckpointsGiveDiffusersNumbers) {
+  for (const std::string name : {"sd2", "sdxl"}) {
+    const std::string dir = fixture(name);
+    const LoadedUNet u = load_unet_single_file(dir + "/ldm_unet.safetensors", dir + "/config.json", in_dtype(F64));
+    const Golden g{io::read_safetensors(dir + "/golden.safetensors")};
+    EXPECT_LE(rel_error(run_golden(*u.model, g, F64), g.get("output_f64", F64)), 1e-10) << name;
+    EXPECT_TRUE(std::any_of(u.notes.begin(), u.notes.end(),
+                            [](const std::string& n) { return n.find("skipped 1 keys") != std::string::npos; }))
+        << name;
+  }
+  EXPECT_EQ(ldm_names(*load_unet_dir(fixture("sd2"), in_dtype(F64)).model).at("down_blocks.0.resnets.1.conv1.weight"),
+            "input_blocks.2.0.in_layers.2.weight");
+  // a checkpoint read with the wrong config: an error naming a key, not garbage
+  try {
+    load_unet_single_file(fixture("sd2/ldm_unet.safetensors"), fixture("sdxl/config.json"));
+    ADD_FAILURE() << "loaded with the wrong config";
+  } catch (const io::FileError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("model.diffusion_model."));
+  }
+  EXPECT_THROW(load_unet_single_file(fixture("sd2/diffusion_pytorch_model.safetensors"), fixture("sd2/config.json")),
+               io::FileError);  // diffusers names: not an original checkpoint
 }
 
 // ---- f64 gradient checks of the layers ----------------------------------------------------------
