@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 
 #include "autograd/ops.h"
 #include "tensor/backend.h"
@@ -58,7 +59,13 @@ INSTANTIATE_TEST_SUITE_P(OddSizes, GpuConv,
                          ::testing::Values(Geo{{3, 5, 13, 11}, {7, 5, 3, 3}, 1, 1},
                                            Geo{{2, 6, 17, 9}, {5, 6, 3, 3}, 2, 1},
                                            Geo{{1, 3, 10, 7}, {4, 3, 1, 1}, 1, 0},
-                                           Geo{{2, 3, 9, 9}, {2, 3, 5, 5}, 3, 2}));
+                                           Geo{{2, 3, 9, 9}, {2, 3, 5, 5}, 3, 2}),
+                         [](const ::testing::TestParamInfo<Geo>& info) {
+                           const Geo& g = info.param;
+                           return "x" + std::to_string(g.x[2]) + "x" + std::to_string(g.x[3]) + "_k" +
+                                  std::to_string(g.w[2]) + "_s" + std::to_string(g.stride) + "_p" +
+                                  std::to_string(g.pad);
+                         });
 
 }  // namespace
 }  // namespace loom::test
