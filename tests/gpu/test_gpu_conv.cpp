@@ -27,6 +27,11 @@ struct Geo {
   int64_t stride, pad;
 };
 
+void PrintTo(const Geo& g, std::ostream* os) {
+  *os << "x " << ::testing::PrintToString(g.x) << ", w " << ::testing::PrintToString(g.w) << ", stride " << g.stride
+      << ", padding " << g.pad;
+}
+
 class GpuConv : public ::testing::TestWithParam<Geo> {};
 
 TEST_P(GpuConv, MatchesCpuF64ForwardAndBackward) {
