@@ -99,7 +99,38 @@ Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vect
   return y;
 }
 
+Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
+                           const std::string& path) {
+  Variable y = base.base_forward(x);  // conv(x, W) + b
+  for (const LoraAdapter* a : adapters) {
+    if (!a->enabled()) continue;
+    const double w = a->effective_weight(path);
+    if (w == 0.0) continue;
+    const LoraModule& m = a->modules().at(path);
+    // [N, in, H, W] -> conv A (base stride/padding) [N, r, oh, ow] -> 1×1 conv B [N, out, oh, ow], scaled by w·s
+    y = y + conv2d(conv2d(x, m.down, Variable(), base.params()), m.up) * (w * m.scale());
+  }
+  return y;
+}
+
 namespace {
+
+// Installed on each adapted Conv2d: routes its forward through lora_conv_forward.
+class LoraConvExtension final : public nn::Conv2dExtension {
+ public:
+  LoraConvExtension(const LoraSet* set, std::string path, std::vector<const LoraAdapter*> adapters)
+      : set_(set), path_(std::move(path)), adapters_(std::move(adapters)) {}
+  Variable forward(const nn::Conv2d& base, const Variable& x) const override {
+    if (set_->fused()) return base.base_forward(x);
+    return lora_conv_forward(base, x, adapters_, path_);
+  }
+  const LoraSet* owner() const { return set_; }
+
+ private:
+  const LoraSet* set_;
+  std::string path_;
+  std::vector<const LoraAdapter*> adapters_;
+};
 
 // Installed on each adapted projection: routes its forward through lora_forward.
 class LoraExtension final : public nn::LinearExtension {
@@ -125,6 +156,11 @@ class LoraExtension final : public nn::LinearExtension {
 LoraSet::LoraSet(std::shared_ptr<nn::Module> model) : model_(std::move(model)) {
   LOOM_CHECK(model_ != nullptr, "LoraSet: null model");
   for (const auto& [path, module] : model_->named_modules()) {
+    if (auto conv = std::dynamic_pointer_cast<nn::Conv2d>(module)) {
+      LOOM_CHECK(!conv->extension(), "LoraSet: '", path, "' already carries adapters of another LoraSet");
+      convs_[path] = conv;
+      continue;
+    }
     auto linear = std::dynamic_pointer_cast<nn::Linear>(module);
     if (!linear) continue;
     LOOM_CHECK(!linear->extension(), "LoraSet: '", path,
@@ -171,7 +207,23 @@ LoraAdapter& LoraSet::add(const std::string& name, const LoraConfig& config, Gen
     m.up = Variable(Tensor::zeros({linear->out_features(), m.rank}, master, w.device()), true);
     adapter->add_module(path, std::move(m));
   }
-  LOOM_CHECK(!adapter->modules().empty(), "LoRA '", name, "': no Linear of the model matches the targets ",
+  for (const auto& [path, conv] : convs_) {
+    const bool targeted = std::any_of(config.targets.begin(), config.targets.end(),
+                                      [&](const std::string& t) { return path_matches(path, t); });
+    if (!targeted) continue;
+    LoraModule m;
+    m.rank = longest_match(config.rank_pattern, path).value_or(config.rank);
+    LOOM_CHECK(m.rank > 0, "LoRA '", name, "': rank of '", path, "' must be positive, got ", m.rank);
+    m.alpha = longest_match(config.alpha_pattern, path);
+    if (!m.alpha) m.alpha = config.alpha;
+    m.use_rslora = config.use_rslora;
+    const Tensor& w = conv->weight().tensor();  // (out, in, kh, kw)
+    m.down = Variable(Tensor::randn({m.rank, w.size(1), w.size(2), w.size(3)}, gen, w.dtype(), w.device(), 0.0,
+                                    1.0 / double(m.rank)), true);
+    m.up = Variable(Tensor::zeros({w.size(0), m.rank, 1, 1}, w.dtype(), w.device()), true);
+    adapter->add_module(path, std::move(m));
+  }
+  LOOM_CHECK(!adapter->modules().empty(), "LoRA '", name, "': no Linear or Conv2d of the model matches the targets ",
              [&] {
                std::string t;
                for (const auto& s : config.targets) t += (t.empty() ? "" : ", ") + s;
@@ -187,8 +239,24 @@ LoraAdapter& LoraSet::add_from_weights(const std::string& name, std::map<std::st
   LOOM_CHECK(!modules.empty(), "LoRA '", name, "': no modules given");
   auto adapter = std::make_unique<LoraAdapter>(name);
   for (auto& [path, m] : modules) {
+    if (auto conv = convs_.find(path); conv != convs_.end()) {
+      LOOM_CHECK(m.down.defined() && m.up.defined(), "LoRA '", name, "': '", path, "' lacks its down or up weight");
+      const Tensor& w = conv->second->weight().tensor();  // (out, in, kh, kw)
+      const int64_t r = m.down.size(0);
+      const Shape want_down{r, w.size(1), w.size(2), w.size(3)}, want_up{w.size(0), r, 1, 1};
+      LOOM_CHECK(m.down.shape() == want_down, "LoRA '", name, "': '", path, ".lora_A.weight' has shape ",
+                 m.down.shape(), ", the model's Conv2d needs ", want_down, " (wrong base model?)");
+      LOOM_CHECK(m.up.shape() == want_up, "LoRA '", name, "': '", path, ".lora_B.weight' has shape ", m.up.shape(),
+                 ", the model's Conv2d needs ", want_up, " (wrong base model?)");
+      m.rank = r;
+      m.down = Variable(m.down.tensor().to(w.dtype()).to(w.device()), true);
+      m.up = Variable(m.up.tensor().to(w.dtype()).to(w.device()), true);
+      adapter->add_module(path, std::move(m));
+      continue;
+    }
     auto it = linears_.find(path);
-    LOOM_CHECK(it != linears_.end(), "LoRA '", name, "': the model has no Linear '", path, "' (wrong base model?)");
+    LOOM_CHECK(it != linears_.end(), "LoRA '", name, "': the model has no Linear or Conv2d '", path,
+               "' (wrong base model?)");
     const auto& linear = it->second;
     LOOM_CHECK(m.down.defined() && m.up.defined(), "LoRA '", name, "': '", path, "' lacks its down or up weight");
     const Shape want_down{m.down.size(0), linear->in_features()}, want_up{linear->out_features(), m.down.size(0)};
@@ -254,11 +322,24 @@ void LoraSet::check_not_fused(const char* op) const {
   LOOM_CHECK(!fused_, "LoRA ", op, ": the adapters are fused into the base weights; unfuse() first");
 }
 
+std::vector<const LoraAdapter*> LoraSet::adapters_at(const std::string& path) const {
+  std::vector<const LoraAdapter*> here;
+  for (const auto& a : adapters_)
+    if (a->modules().count(path)) here.push_back(a.get());
+  return here;
+}
+
 void LoraSet::refresh_extensions() {
+  for (const auto& [path, conv] : convs_) {
+    const std::vector<const LoraAdapter*> here = adapters_at(path);
+    auto current = std::dynamic_pointer_cast<const LoraConvExtension>(conv->extension());
+    if (!here.empty())
+      conv->set_extension(std::make_shared<LoraConvExtension>(this, path, here));
+    else if (current && current->owner() == this)
+      conv->set_extension(nullptr);
+  }
   for (const auto& [path, linear] : linears_) {
-    std::vector<const LoraAdapter*> here;
-    for (const auto& a : adapters_)
-      if (a->modules().count(path)) here.push_back(a.get());
+    const std::vector<const LoraAdapter*> here = adapters_at(path);
     auto current = std::dynamic_pointer_cast<const LoraExtension>(linear->extension());
     const bool ours = current && current->owner() == this;
     if (!here.empty())
@@ -268,25 +349,33 @@ void LoraSet::refresh_extensions() {
   }
 }
 
+Tensor LoraSet::fused_delta(const std::string& path, const Tensor& base) const {
+  Tensor delta;  // Σ w·s·B·A in f64, [out, in] (a conv's A flattened to [r, in·kh·kw], B to [out, r])
+  for (const auto& a : adapters_) {
+    if (!a->enabled() || !a->modules().count(path)) continue;
+    const double w = a->effective_weight(path);
+    if (w == 0.0) continue;
+    const LoraModule& m = a->modules().at(path);
+    const Tensor up = m.up.tensor().to(DType::F64), down = m.down.tensor().to(DType::F64);
+    const Tensor term = ops::mul_scalar(ops::matmul(up.reshape({up.size(0), -1}), down.reshape({down.size(0), -1})),
+                                        w * m.scale());
+    delta = delta.defined() ? ops::add(delta, term) : term;
+  }
+  return delta.defined() ? delta.reshape(base.shape()) : delta;
+}
+
 void LoraSet::fuse() {
   check_not_fused("fuse");
   NoGradGuard no_grad;
-  for (const auto& [path, linear] : linears_) {
-    const Tensor base = linear->weight().tensor();
-    Tensor delta;  // Σ w·s·B·A in f64, [out, in]
-    for (const auto& a : adapters_) {
-      if (!a->enabled() || !a->modules().count(path)) continue;
-      const double w = a->effective_weight(path);
-      if (w == 0.0) continue;
-      const LoraModule& m = a->modules().at(path);
-      const Tensor term = ops::mul_scalar(
-          ops::matmul(m.up.tensor().to(DType::F64), m.down.tensor().to(DType::F64)), w * m.scale());
-      delta = delta.defined() ? ops::add(delta, term) : term;
-    }
+  std::vector<std::pair<std::string, Tensor>> bases;  // every adaptable weight, Linear and Conv2d
+  for (const auto& [path, linear] : linears_) bases.emplace_back(path, linear->weight().tensor());
+  for (const auto& [path, conv] : convs_) bases.emplace_back(path, conv->weight().tensor());
+  for (const auto& [path, base] : bases) {
+    const Tensor delta = fused_delta(path, base);
     if (!delta.defined()) continue;
-    const Tensor fused = ops::add(base.to(DType::F64).reshape(delta.shape()), delta);
+    const Tensor fused = ops::add(base.to(DType::F64), delta);
     fused_base_[path] = base;  // the untouched tensor itself: unfuse puts it back
-    model_->set_parameter_data(path + ".weight", fused.to(base.dtype()).reshape(base.shape()));
+    model_->set_parameter_data(path + ".weight", fused.to(base.dtype()));
   }
   fused_ = true;
 }

@@ -1,5 +1,5 @@
 // LoRA adapters (SPEC §4) over any model whose projections are nn::Linear
-// (Conv1x1 included).
+// (Conv1x1 included) or nn::Conv2d (kohya's LoCon / PEFT's Conv2d LoRA).
 //
 // Every adapted projection computes, at one choke point (lora_forward):
 //
@@ -10,6 +10,10 @@
 // adapter with effective weight 0, or disabled, is skipped: the output is then
 // the base output bit for bit. The base weight is never modified in place,
 // except by fuse(), which keeps an untouched copy that unfuse() restores.
+//
+// On a k×k Conv2d (W (out, in, kh, kw)) the adapter is A = down (r, in, kh, kw),
+// a conv with the base's stride and padding, then B = up (out, r, 1, 1), a 1×1
+// conv: y = conv(x, W) + b + Σ w·s·conv1x1(conv(x, A), B) (lora_conv_forward).
 //
 // Parameter names of an adapter are "<module path>.lora_A.weight" and
 // "<module path>.lora_B.weight" (module path as in the model's
@@ -22,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "nn/conv.h"
 #include "nn/linear.h"
 #include "nn/module.h"
 #include "tensor/random.h"
@@ -44,8 +49,8 @@ struct LoraConfig {
 
 // One adapted projection of one adapter.
 struct LoraModule {
-  Variable down;  // A (r, in)
-  Variable up;    // B (out, r)
+  Variable down;  // A (r, in); on a Conv2d (r, in, kh, kw)
+  Variable up;    // B (out, r); on a Conv2d (out, r, 1, 1)
   int64_t rank = 0;
   std::optional<double> alpha;
   bool use_rslora = false;
@@ -82,6 +87,9 @@ class LoraAdapter {
 // y = base(x) + Σ w·s·B(A·x) over the given adapters of one projection: the choke point.
 Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
                       const std::string& path);
+// The same for a Conv2d: y = conv(x, W) + b + Σ w·s·conv1x1(conv(x, A), B) (LoCon).
+Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
+                           const std::string& path);
 
 // The adapters attached to one model (a model holds one LoraSet at a time; a set holds
 // any number of adapters). Attaching installs one LinearExtension per adapted
@@ -93,11 +101,11 @@ class LoraSet {
   LoraSet(const LoraSet&) = delete;
   LoraSet& operator=(const LoraSet&) = delete;
 
-  // New adapter on every Linear matching config.targets: A ~ N(0, 1/r), B = 0, in the
+  // New adapter on every Linear (and Conv2d) matching config.targets: A ~ N(0, 1/r), B = 0, in the
   // base weight's dtype and device. Freezes the base model. Throws when nothing matches.
   LoraAdapter& add(const std::string& name, const LoraConfig& config, Generator& gen = default_generator());
   // An adapter from given weights (e.g. a file): path -> LoraModule. Every path must be a
-  // Linear of the model and the shapes must fit it; errors name the path and both shapes.
+  // Linear or Conv2d of the model and the shapes must fit it; errors name the path and both shapes.
   LoraAdapter& add_from_weights(const std::string& name, std::map<std::string, LoraModule> modules);
 
   bool has(const std::string& name) const;
@@ -126,11 +134,15 @@ class LoraSet {
   std::shared_ptr<nn::Module> model_;
   std::vector<std::unique_ptr<LoraAdapter>> adapters_;
   std::map<std::string, std::shared_ptr<nn::Linear>> linears_;  // every Linear of the model, by path
+  std::map<std::string, std::shared_ptr<nn::Conv2d>> convs_;    // every Conv2d of the model, by path
   std::map<std::string, Tensor> fused_base_;                    // path -> untouched W while fused
   bool fused_ = false;
 
   LoraAdapter& insert(std::unique_ptr<LoraAdapter> adapter);
   void refresh_extensions();  // (re)installs the extension of every projection with adapters
+  std::vector<const LoraAdapter*> adapters_at(const std::string& path) const;
+  // Σ w·s·B·A in f64 over the enabled adapters at `path`, shaped like `base`; undefined when none.
+  Tensor fused_delta(const std::string& path, const Tensor& base) const;
   void check_not_fused(const char* op) const;
 };
 

@@ -110,6 +110,23 @@ std::vector<OpCase> build_cases() {
   add_case("mse_loss", "both", {any({3, 4}), any({3, 4})}, [](const Vars& v) { return mse_loss(v[0], v[1]); });
   add_case("mse_loss", "target_fixed", {nc({3, 4}), fixed({3, 4})},
            [](const Vars& v) { return mse_loss(v[0], v[1]); });
+
+  // ---- image ops (ops_conv.cpp): odd sizes, strides, padding, pointwise ----
+  add_case("conv2d", "k3_pad1", {any({2, 3, 5, 4}), any({4, 3, 3, 3}), any({4})},
+           [](const Vars& v) { return conv2d(v[0], v[1], v[2], 1, 1); });
+  add_case("conv2d", "k3_stride2", {any({1, 2, 7, 6}), any({3, 2, 3, 3}), any({3})},
+           [](const Vars& v) { return conv2d(v[0], v[1], v[2], 2, 1); });
+  add_case("conv2d", "k2x3_nopad_nobias", {nc({2, 2, 4, 5}), any({3, 2, 2, 3})},
+           [](const Vars& v) { return conv2d(v[0], v[1], Variable(), ops::Conv2dParams{1, 2, 0, 1}); });
+  add_case("conv2d", "pointwise", {any({2, 3, 3, 2}), any({5, 3, 1, 1}), any({5})},
+           [](const Vars& v) { return conv2d(v[0], v[1], v[2]); });
+  add_case("conv2d", "frozen_w", {any({1, 2, 4, 4}), fixed({2, 2, 3, 3}), any({2})},
+           [](const Vars& v) { return conv2d(v[0], v[1], v[2], 1, 1); });
+  add_case("interpolate_nearest", "double", {any({2, 3, 2, 3})},
+           [](const Vars& v) { return interpolate_nearest(v[0], 4, 6) * 1.5; });
+  add_case("interpolate_nearest", "to_size", {any({1, 2, 3, 2})},
+           [](const Vars& v) { return interpolate_nearest(v[0], 5, 3) * 1.5; });
+  add_case("silu", "same", {any({3, 4})}, [](const Vars& v) { return silu(v[0]); });
   return c;
 }
 

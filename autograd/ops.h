@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "autograd/ops_conv.h"  // conv2d, interpolate_nearest, silu
 #include "autograd/variable.h"
 
 namespace loom {

@@ -69,6 +69,17 @@ struct FlashAttentionArgs {
 // The dtype of the row statistics of flash attention over inputs of `dtype`.
 inline DType flash_stats_dtype(DType dtype) { return dtype == DType::F64 ? DType::F64 : DType::F32; }
 
+// Geometry of im2col / col2im (see Backend::im2col). out_h, out_w follow from the others:
+// out = (in + 2·pad − dilation·(k − 1) − 1) / stride + 1 (tensor/conv.h computes them).
+struct Im2ColArgs {
+  int64_t batch = 0, channels = 0, height = 0, width = 0;
+  int64_t kernel_h = 1, kernel_w = 1;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t dilation_h = 1, dilation_w = 1;
+  int64_t out_h = 0, out_w = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -112,6 +123,14 @@ class Backend {
   virtual void flash_attention_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse,
                                         const Tensor& grad_out, const Tensor& dq, const Tensor& dk,
                                         const Tensor& dv);
+
+  // ---- convolution: im2col / col2im (cpu/cpu_conv.cpp, cuda/cuda_conv.cu) ------------------
+  // image [N, C, H, W] and cols [N, C·kh·kw, oh·ow], both contiguous, same dtype (f32/f64 on the
+  // CPU; f32/f64/bf16/f16 on CUDA). Row (c·kh + i)·kw + j of cols holds, at column oy·ow + ox,
+  // image[c, oy·stride_h − pad_h + i·dilation_h, ox·stride_w − pad_w + j·dilation_w], 0 outside.
+  // im2col fills cols; col2im is its adjoint: image = Σ of cols scattered back (overwrites image).
+  virtual void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) = 0;
+  virtual void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) = 0;
 };
 
 // The backend for a device; throws if loom was built without that device type.

@@ -9,6 +9,8 @@
 #include "tensor/cpu/cpu_backend.h"
 #include "tensor/cpu/cpu_flash.h"
 
+#include "tensor/cpu/cpu_conv.h"
+
 #include <omp.h>
 
 #include <Eigen/Core>
@@ -702,6 +704,14 @@ class CpuBackend final : public Backend {
   void flash_attention_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse,
                                 const Tensor& grad_out, const Tensor& dq, const Tensor& dk, const Tensor& dv) override {
     cpu::flash_backward(a, out, lse, grad_out, dq, dk, dv);
+  }
+
+  // ---- convolution (cpu_conv.cpp) ----
+  void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) override {
+    cpu::im2col(cols, image, args);
+  }
+  void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) override {
+    cpu::col2im(image, cols, args);
   }
 };
 

@@ -18,6 +18,7 @@
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
+#include "tensor/cuda/cuda_conv.h"
 
 namespace loom {
 namespace {
@@ -260,6 +261,37 @@ class CudaBackend final : public Backend {
   void flash_attention_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse,
                                 const Tensor& grad_out, const Tensor& dq, const Tensor& dk, const Tensor& dv) override {
     cuda::flash_backward(a, out, lse, grad_out, dq, dk, dv);
+  }
+
+  // ---- convolution (cuda_conv.cu) ----
+  void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) override {
+    launch_conv_copy("cuda im2col", cols, image, args, true);
+  }
+  void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) override {
+    launch_conv_copy("cuda col2im", cols, image, args, false);
+  }
+
+ private:
+  static void launch_conv_copy(const char* op, const Tensor& cols, const Tensor& image, const Im2ColArgs& args,
+                               bool to_cols) {
+    const int device = common_device(op, {&cols, &image});
+    check_floating(op, image.dtype());
+    LOOM_CHECK(cols.dtype() == image.dtype(), op, ": dtypes differ (cols ", cols.dtype(), ", image ",
+               image.dtype(), ")");
+    LOOM_CHECK(cols.is_contiguous() && image.is_contiguous(), op, ": operands must be contiguous (", cols.str(),
+               ", ", image.str(), ")");
+    LOOM_CHECK(image.numel() == args.batch * args.channels * args.height * args.width &&
+                   cols.numel() == args.batch * args.channels * args.kernel_h * args.kernel_w * args.out_h *
+                                       args.out_w,
+               op, ": geometry does not match image ", image.str(), " and cols ", cols.str());
+    cuda::Im2ColParams p;
+    p.dtype = image.dtype();
+    p.image = image.raw_data();
+    p.cols = cols.raw_data();
+    p.geo = args;
+    DeviceGuard guard(device);
+    if (to_cols) cuda::launch_im2col(p);
+    else cuda::launch_col2im(p);
   }
 };
 

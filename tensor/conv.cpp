@@ -1,0 +1,102 @@
+#include "tensor/conv.h"
+
+#include "tensor/ops.h"
+
+namespace loom::ops {
+
+namespace {
+bool pointwise(const Im2ColArgs& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+}
+}  // namespace
+
+Im2ColArgs conv2d_geometry(const Shape& x, int64_t kh, int64_t kw, const Conv2dParams& p) {
+  LOOM_CHECK(x.size() == 4, "conv2d: input must be [N, C, H, W], got ", x);
+  LOOM_CHECK(kh >= 1 && kw >= 1, "conv2d: kernel size must be positive, got ", kh, "x", kw);
+  LOOM_CHECK(p.stride_h >= 1 && p.stride_w >= 1, "conv2d: stride must be positive, got ", p.stride_h, ",",
+             p.stride_w);
+  LOOM_CHECK(p.pad_h >= 0 && p.pad_w >= 0, "conv2d: padding must be non-negative, got ", p.pad_h, ",", p.pad_w);
+  Im2ColArgs g;
+  g.batch = x[0], g.channels = x[1], g.height = x[2], g.width = x[3];
+  g.kernel_h = kh, g.kernel_w = kw;
+  g.stride_h = p.stride_h, g.stride_w = p.stride_w;
+  g.pad_h = p.pad_h, g.pad_w = p.pad_w;
+  const int64_t eh = g.height + 2 * p.pad_h - kh, ew = g.width + 2 * p.pad_w - kw;
+  LOOM_CHECK(eh >= 0 && ew >= 0, "conv2d: kernel ", kh, "x", kw, " is larger than the padded input ", x,
+             " (padding ", p.pad_h, ",", p.pad_w, ")");
+  g.out_h = eh / p.stride_h + 1;
+  g.out_w = ew / p.stride_w + 1;
+  return g;
+}
+
+Tensor im2col(const Tensor& x, const Im2ColArgs& g) {
+  LOOM_CHECK(x.defined() && x.shape() == Shape({g.batch, g.channels, g.height, g.width}), "im2col: input ",
+             x.defined() ? x.str() : std::string("undefined"), " does not match the geometry [", g.batch, ", ",
+             g.channels, ", ", g.height, ", ", g.width, "]");
+  const int64_t rows = g.channels * g.kernel_h * g.kernel_w, L = g.out_h * g.out_w;
+  if (pointwise(g)) return x.reshape({g.batch, rows, L});
+  Backend& be = backend_for("im2col", OpKind::Binary, x.device(), x.dtype());
+  const Tensor src = x.contiguous();
+  Tensor cols = Tensor::empty({g.batch, rows, L}, x.dtype(), x.device());
+  if (cols.numel()) be.im2col(cols, src, g);
+  return cols;
+}
+
+Tensor col2im(const Tensor& cols, const Im2ColArgs& g) {
+  const int64_t rows = g.channels * g.kernel_h * g.kernel_w, L = g.out_h * g.out_w;
+  LOOM_CHECK(cols.defined() && cols.shape() == Shape({g.batch, rows, L}), "col2im: columns ",
+             cols.defined() ? cols.str() : std::string("undefined"), " do not match the geometry [", g.batch, ", ",
+             rows, ", ", L, "]");
+  const Shape image_shape{g.batch, g.channels, g.height, g.width};
+  if (pointwise(g)) return cols.reshape(image_shape);
+  Backend& be = backend_for("col2im", OpKind::Binary, cols.device(), cols.dtype());
+  const Tensor src = cols.contiguous();
+  Tensor image = Tensor::empty(image_shape, cols.dtype(), cols.device());
+  if (image.numel()) be.col2im(image, src, g);
+  return image;
+}
+
+namespace {
+void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  LOOM_CHECK(x.defined() && w.defined(), "conv2d: undefined input or weight");
+  LOOM_CHECK(x.device() == w.device() && x.dtype() == w.dtype(), "conv2d: input ", x.str(), " and weight ",
+             w.str(), " differ in device or dtype");
+  LOOM_CHECK(x.dim() == 4, "conv2d: input must be [N, C, H, W], got ", x.shape());
+  LOOM_CHECK(w.dim() == 4, "conv2d: weight must be [out, in, kh, kw], got ", w.shape());
+  LOOM_CHECK(w.size(1) == x.size(1), "conv2d: weight ", w.shape(), " expects ", w.size(1),
+             " input channels, input ", x.shape(), " has ", x.size(1), " (groups other than 1 are not supported)");
+  LOOM_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == w.size(0)), "conv2d: bias ",
+             bias.defined() ? bias.str() : std::string(), " does not match weight ", w.shape());
+}
+}  // namespace
+
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2dParams& p) {
+  check_conv(x, w, bias);
+  const Im2ColArgs g = conv2d_geometry(x.shape(), w.size(2), w.size(3), p);
+  const int64_t O = w.size(0);
+  const Tensor cols = im2col(x, g);                                      // [N, C·kk, L]
+  Tensor y = matmul(w.reshape({O, -1}), cols);                           // [O, C·kk] x [N, C·kk, L] -> [N, O, L]
+  if (bias.defined()) y = add(y, bias.reshape({O, 1}));
+  return y.reshape({g.batch, O, g.out_h, g.out_w});
+}
+
+Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape, const Conv2dParams& p) {
+  const Im2ColArgs geo = conv2d_geometry(x_shape, w.size(2), w.size(3), p);
+  const int64_t O = w.size(0);
+  LOOM_CHECK(g.shape() == Shape({geo.batch, O, geo.out_h, geo.out_w}), "conv2d backward: gradient ", g.shape(),
+             " does not match the output [", geo.batch, ", ", O, ", ", geo.out_h, ", ", geo.out_w, "]");
+  // [C·kk, O] x [N, O, L] -> [N, C·kk, L]
+  const Tensor dcols = matmul(w.reshape({O, -1}).transpose(0, 1), g.reshape({geo.batch, O, -1}));
+  return col2im(dcols, geo);
+}
+
+Tensor conv2d_weight_grad(const Tensor& g, const Tensor& x, const Shape& w_shape, const Conv2dParams& p) {
+  const Im2ColArgs geo = conv2d_geometry(x.shape(), w_shape[2], w_shape[3], p);
+  const int64_t O = w_shape[0];
+  const Tensor cols = im2col(x, geo);  // [N, C·kk, L]
+  // [N, O, L] x [N, L, C·kk] -> [N, O, C·kk], summed over N
+  const Tensor per_sample = matmul(g.reshape({geo.batch, O, -1}), cols.transpose(-1, -2));
+  return sum(per_sample, {0}).reshape(w_shape);
+}
+
+}  // namespace loom::ops

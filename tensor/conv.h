@@ -1,0 +1,35 @@
+// 2-D convolution on tensors (namespace loom::ops), non-differentiable: the
+// forward and the two products its gradient needs. Written as im2col (a Backend
+// method, tensor/cpu/cpu_conv.cpp and tensor/cuda/cuda_conv.cu) followed by one
+// batched GEMM; a 1×1 convolution with stride 1 and no padding skips im2col.
+//
+//   x [N, C, H, W], w [O, C, kh, kw] (PyTorch's layout), bias [O] (optional)
+//   y [N, O, oh, ow],  oh = (H + 2·pad_h − kh) / stride_h + 1 (likewise ow)
+//
+// groups = 1 and dilation = 1 only. Errors name the op and the shapes.
+#pragma once
+
+#include "tensor/backend.h"
+#include "tensor/tensor.h"
+
+namespace loom::ops {
+
+struct Conv2dParams {
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+};
+
+// The im2col geometry of x_shape [N, C, H, W] under a kh×kw kernel; checks the sizes.
+Im2ColArgs conv2d_geometry(const Shape& x_shape, int64_t kh, int64_t kw, const Conv2dParams& p);
+// x [N, C, H, W] -> cols [N, C·kh·kw, oh·ow] (a view of x when the conv is pointwise).
+Tensor im2col(const Tensor& x, const Im2ColArgs& g);
+// cols [N, C·kh·kw, oh·ow] -> [N, C, H, W]: the adjoint of im2col (overlaps summed).
+Tensor col2im(const Tensor& cols, const Im2ColArgs& g);
+
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2dParams& p);
+// dL/dx for dL/dy = g [N, O, oh, ow]: col2im(Wᵀ·g), shaped like x_shape.
+Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape, const Conv2dParams& p);
+// dL/dw for dL/dy = g: Σ_n g[n]·cols(x)[n]ᵀ, shaped like w_shape [O, C, kh, kw].
+Tensor conv2d_weight_grad(const Tensor& g, const Tensor& x, const Shape& w_shape, const Conv2dParams& p);
+
+}  // namespace loom::ops

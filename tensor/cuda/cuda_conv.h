@@ -1,0 +1,23 @@
+// Internal to tensor/cuda/: parameters and launchers of the im2col / col2im
+// kernels (cuda_conv.cu). Contract: Backend::im2col / col2im in tensor/backend.h.
+#pragma once
+
+#include "tensor/backend.h"
+
+namespace loom::cuda {
+
+// image [N, C, H, W] and cols [N, C·kh·kw, oh·ow], contiguous, one dtype (f32, f64, bf16, f16).
+struct Im2ColParams {
+  DType dtype = DType::F32;
+  void* image = nullptr;  // read by im2col, written by col2im
+  void* cols = nullptr;   // written by im2col, read by col2im
+  Im2ColArgs geo;
+};
+
+// Both run on the current device's legacy default stream and return without synchronizing.
+void launch_im2col(const Im2ColParams& p);
+// A gather: each image element sums the column entries that read it (in float; double for
+// f64), so the result is deterministic and needs no atomics.
+void launch_col2im(const Im2ColParams& p);
+
+}  // namespace loom::cuda

@@ -1,0 +1,89 @@
+// conv2d through im2col + GEMM against a direct six-loop convolution, in f64, at
+// odd sizes, strides and paddings; col2im against its definition as im2col's adjoint.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "tensor/conv.h"
+#include "tensor/ops.h"
+#include "tensor/random.h"
+
+namespace loom::test {
+namespace {
+
+// y[n,o,oy,ox] = b[o] + Σ_{c,i,j} w[o,c,i,j]·x[n,c,oy·s−p+i, ox·s−p+j] (zero outside).
+std::vector<double> direct_conv(const Tensor& x, const Tensor& w, const Tensor& b, const ops::Conv2dParams& p,
+                                int64_t oh, int64_t ow) {
+  const auto xv = x.to_vector(), wv = w.to_vector(), bv = b.to_vector();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t O = w.size(0), kh = w.size(2), kw = w.size(3);
+  std::vector<double> y(size_t(N * O * oh * ow));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          double s = bv[size_t(o)];
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t i = 0; i < kh; ++i)
+              for (int64_t j = 0; j < kw; ++j) {
+                const int64_t yy = oy * p.stride_h - p.pad_h + i, xx = ox * p.stride_w - p.pad_w + j;
+                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+                s += wv[size_t(((o * C + c) * kh + i) * kw + j)] * xv[size_t(((n * C + c) * H + yy) * W + xx)];
+              }
+          y[size_t(((n * O + o) * oh + oy) * ow + ox)] = s;
+        }
+  return y;
+}
+
+struct ConvCase {
+  Shape x, w;
+  ops::Conv2dParams p;
+};
+
+class ConvVsDirect : public ::testing::TestWithParam<ConvCase> {};
+
+TEST_P(ConvVsDirect, MatchesDirectLoopsInF64) {
+  const ConvCase c = GetParam();
+  Generator gen(::testing::UnitTest::GetInstance()->random_seed() + 17);
+  const Tensor x = Tensor::randn(c.x, gen, DType::F64), w = Tensor::randn(c.w, gen, DType::F64);
+  const Tensor b = Tensor::randn({c.w[0]}, gen, DType::F64);
+  const Tensor y = ops::conv2d(x, w, b, c.p);
+  const Im2ColArgs g = ops::conv2d_geometry(c.x, c.w[2], c.w[3], c.p);
+  ASSERT_EQ(y.shape(), Shape({c.x[0], c.w[0], g.out_h, g.out_w}));
+  const auto ref = direct_conv(x, w, b, c.p, g.out_h, g.out_w);
+  const auto got = y.to_vector();
+  for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-12 * (1 + std::abs(ref[i]))) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ConvVsDirect,
+                         ::testing::Values(ConvCase{{2, 3, 7, 5}, {4, 3, 3, 3}, {1, 1, 1, 1}},
+                                           ConvCase{{1, 2, 9, 8}, {3, 2, 3, 3}, {2, 2, 1, 1}},
+                                           ConvCase{{2, 3, 6, 7}, {2, 3, 2, 3}, {1, 2, 0, 2}},
+                                           ConvCase{{3, 4, 5, 3}, {5, 4, 1, 1}, {1, 1, 0, 0}},
+                                           ConvCase{{1, 1, 4, 4}, {1, 1, 4, 4}, {3, 3, 0, 0}}));
+
+// <col2im(c), x> == <c, im2col(x)> for random c and x (the adjoint identity).
+TEST(Col2Im, IsTheAdjointOfIm2Col) {
+  Generator gen(5);
+  const Im2ColArgs g = ops::conv2d_geometry({2, 3, 7, 6}, 3, 2, {2, 1, 1, 2});
+  const Tensor x = Tensor::randn({2, 3, 7, 6}, gen, DType::F64);
+  const Tensor cols = ops::im2col(x, g);
+  const Tensor c = Tensor::randn(cols.shape(), gen, DType::F64);
+  const double lhs = ops::sum(ops::mul(ops::col2im(c, g), x)).item();
+  const double rhs = ops::sum(ops::mul(c, cols)).item();
+  EXPECT_NEAR(lhs, rhs, 1e-10 * (1 + std::abs(rhs)));
+}
+
+TEST(Conv2d, ErrorsNameTheShapes) {
+  const Tensor x = Tensor::zeros({1, 3, 4, 4}), w = Tensor::zeros({2, 4, 3, 3});
+  try {
+    ops::conv2d(x, w, Tensor(), {});
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("[2, 4, 3, 3]"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(ops::conv2d(Tensor::zeros({1, 4, 2, 2}), w, Tensor(), {}), Error);  // kernel larger than input
+}
+
+}  // namespace
+}  // namespace loom::test

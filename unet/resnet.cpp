@@ -1,0 +1,96 @@
+#include "unet/resnet.h"
+
+#include "nn/linear.h"
+#include "unet/embeddings.h"
+
+namespace loom::unet {
+
+ResnetBlock2D::ResnetBlock2D(const ResnetBlock2DOptions& o, Generator& gen, DType dtype, Device device)
+    : options_(o) {
+  auto& opt = options_;
+  if (opt.out_channels == 0) opt.out_channels = opt.in_channels;
+  if (opt.groups_out == 0) opt.groups_out = opt.groups;
+  LOOM_CHECK(opt.time_embedding_norm == "default" || opt.time_embedding_norm == "scale_shift",
+             "ResnetBlock2D: time_embedding_norm \"", opt.time_embedding_norm,
+             "\" is not supported (default, scale_shift)");
+  check_activation(opt.non_linearity, "ResnetBlock2D non_linearity");
+  LOOM_CHECK(opt.output_scale_factor != 0.0, "ResnetBlock2D: output_scale_factor must not be 0");
+  const int64_t in = opt.in_channels, out = opt.out_channels;
+  register_module("norm1", std::make_shared<nn::GroupNorm>(opt.groups, in, opt.eps, true, dtype, device));
+  register_module("conv1", std::make_shared<nn::Conv2d>(in, out, 3, 1, 1, true, gen, dtype, device));
+  if (opt.temb_channels > 0) {
+    const int64_t proj = opt.time_embedding_norm == "scale_shift" ? 2 * out : out;
+    register_module("time_emb_proj", std::make_shared<nn::Linear>(opt.temb_channels, proj, true, gen, dtype, device));
+  }
+  register_module("norm2", std::make_shared<nn::GroupNorm>(opt.groups_out, out, opt.eps, true, dtype, device));
+  register_module("dropout", std::make_shared<nn::Dropout>(opt.dropout));
+  register_module("conv2", std::make_shared<nn::Conv2d>(out, out, 3, 1, 1, true, gen, dtype, device));
+  if (opt.use_in_shortcut.value_or(in != out))
+    register_module("conv_shortcut",
+                    std::make_shared<nn::Conv2d>(in, out, 1, 1, 0, opt.conv_shortcut_bias, gen, dtype, device));
+}
+
+Variable ResnetBlock2D::forward(const Variable& x, const Variable& temb) const {
+  const auto& o = options_;
+  LOOM_CHECK(x.defined() && x.dim() == 4 && x.size(1) == o.in_channels, "ResnetBlock2D: expected input [N, ",
+             o.in_channels, ", H, W], got ", x.defined() ? x.shape() : Shape{});
+  Variable h = activation(o.non_linearity, child_as<nn::UnaryModule>("norm1")->forward(x));
+  h = child_as<nn::UnaryModule>("conv1")->forward(h);
+  Variable t;
+  if (temb.defined() && find_module("time_emb_proj")) {
+    t = child_as<nn::Linear>("time_emb_proj")->forward(activation(o.non_linearity, temb));
+    t = reshape(t, {t.size(0), t.size(1), 1, 1});  // [N, C] -> [N, C, 1, 1]
+  }
+  const auto norm2 = child_as<nn::UnaryModule>("norm2");
+  if (o.time_embedding_norm == "default") {
+    if (t.defined()) h = add(h, t);
+    h = norm2->forward(h);
+  } else {
+    h = norm2->forward(h);
+    if (t.defined()) {
+      const auto parts = chunk(t, 2, 1);  // scale, shift
+      h = add(mul(h, add_scalar(parts[0], 1.0)), parts[1]);
+    }
+  }
+  h = activation(o.non_linearity, h);
+  h = child_as<nn::UnaryModule>("dropout")->forward(h);
+  h = child_as<nn::UnaryModule>("conv2")->forward(h);
+  const Variable shortcut = find_module("conv_shortcut") ? child_as<nn::UnaryModule>("conv_shortcut")->forward(x) : x;
+  Variable out = add(shortcut, h);
+  if (o.output_scale_factor != 1.0) out = mul_scalar(out, 1.0 / o.output_scale_factor);
+  return out;
+}
+
+Downsample2D::Downsample2D(int64_t channels, int64_t out_channels, int64_t padding, Generator& gen, DType dtype,
+                           Device device)
+    : padding_(padding) {
+  LOOM_CHECK(padding == 0 || padding == 1, "Downsample2D: padding ", padding, " is not supported (0 or 1)");
+  register_module("conv", std::make_shared<nn::Conv2d>(channels, out_channels, 3, 2, padding, true, gen, dtype, device));
+}
+
+Variable Downsample2D::forward(const Variable& x) const {
+  Variable h = x;
+  if (padding_ == 0) {  // diffusers: F.pad(x, (0, 1, 0, 1)) — one zero column right, one zero row below
+    LOOM_CHECK(x.defined() && x.dim() == 4, "Downsample2D: expected [N, C, H, W], got ",
+               x.defined() ? x.shape() : Shape{});
+    const int64_t n = x.size(0), c = x.size(1), hh = x.size(2), w = x.size(3);
+    const Variable col(Tensor::zeros({n, c, hh, 1}, x.dtype(), x.device()));
+    h = cat({h, col}, 3);
+    const Variable row(Tensor::zeros({n, c, 1, w + 1}, x.dtype(), x.device()));
+    h = cat({h, row}, 2);
+  }
+  return child_as<nn::UnaryModule>("conv")->forward(h);
+}
+
+Upsample2D::Upsample2D(int64_t channels, int64_t out_channels, Generator& gen, DType dtype, Device device) {
+  register_module("conv", std::make_shared<nn::Conv2d>(channels, out_channels, 3, 1, 1, true, gen, dtype, device));
+}
+
+Variable Upsample2D::forward(const Variable& x, int64_t out_h, int64_t out_w) const {
+  LOOM_CHECK(x.defined() && x.dim() == 4, "Upsample2D: expected [N, C, H, W], got ", x.defined() ? x.shape() : Shape{});
+  if (out_h == 0) out_h = 2 * x.size(2);
+  if (out_w == 0) out_w = 2 * x.size(3);
+  return child_as<nn::UnaryModule>("conv")->forward(interpolate_nearest(x, out_h, out_w));
+}
+
+}  // namespace loom::unet

@@ -1,0 +1,124 @@
+#include "unet/unet_io.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "io/tensor_file.h"
+
+namespace loom::unet {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  if (!in.good()) throw io::FileError(path, "cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    return json::parse(ss.str());
+  } catch (const json::exception& e) {
+    throw io::FileError(path, std::string("not valid JSON (") + e.what() + ")");
+  }
+}
+
+void add_tensors(const std::string& path, std::map<std::string, Tensor>& out) {
+  io::TensorFile f = io::read_tensor_file(path);
+  for (auto& [name, t] : f.tensors) {
+    if (out.count(name)) throw io::FileError(path, "tensor '" + name + "' also appears in another weight file");
+    out.emplace(name, t);
+  }
+}
+
+// A sharded checkpoint: the index's weight_map names the shard of every tensor.
+void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& out, std::vector<std::string>& files) {
+  const json idx = read_json(index_path);
+  if (!idx.is_object() || !idx.contains("weight_map") || !idx.at("weight_map").is_object())
+    throw io::FileError(index_path, "no \"weight_map\" object");
+  std::set<std::string> shards;
+  for (const auto& [key, shard] : idx.at("weight_map").items()) {
+    if (!shard.is_string()) throw io::FileError(index_path, "weight_map entry '" + key + "' is not a file name");
+    shards.insert(shard.get<std::string>());
+  }
+  const fs::path dir = fs::path(index_path).parent_path();
+  for (const std::string& s : shards) {
+    const std::string p = (dir / s).string();
+    add_tensors(p, out);
+    files.push_back(p);
+  }
+  for (const auto& [key, shard] : idx.at("weight_map").items())
+    if (!out.count(key))
+      throw io::FileError(index_path, "tensor '" + key + "' is listed for shard " + shard.get<std::string>() +
+                                          " but that shard does not hold it");
+}
+
+}  // namespace
+
+bool is_unet_dir(const std::string& dir) {
+  const fs::path p = fs::path(dir) / "config.json";
+  if (!fs::is_regular_file(p)) return false;
+  try {
+    const json j = read_json(p.string());
+    return j.is_object() && j.contains("_class_name") && j.at("_class_name") == "UNet2DConditionModel";
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const std::string& variant,
+                                                std::vector<std::string>& files_read) {
+  LOOM_CHECK(variant.empty() || variant == "fp16", "UNet weights: variant \"", variant, "\" is not supported (fp16)");
+  const fs::path d(dir);
+  std::vector<std::string> order = {"diffusion_pytorch_model.safetensors",
+                                    "diffusion_pytorch_model.safetensors.index.json",
+                                    "diffusion_pytorch_model.fp16.safetensors",
+                                    "diffusion_pytorch_model.fp16.safetensors.index.json", "model.safetensors",
+                                    "model.h5"};
+  if (variant == "fp16") std::swap_ranges(order.begin(), order.begin() + 2, order.begin() + 2);
+  std::map<std::string, Tensor> out;
+  for (const std::string& name : order) {
+    const fs::path p = d / name;
+    if (!fs::is_regular_file(p)) continue;
+    if (name.size() > 11 && name.substr(name.size() - 11) == ".index.json") {
+      read_sharded(p.string(), out, files_read);
+    } else {
+      add_tensors(p.string(), out);
+      files_read.push_back(p.string());
+    }
+    return out;
+  }
+  std::string tried;
+  for (const std::string& n : order) tried += (tried.empty() ? "" : ", ") + n;
+  throw io::FileError(dir, "no UNet weights found (looked for " + tried + ")");
+}
+
+LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options) {
+  const fs::path config_path = fs::path(dir) / "config.json";
+  if (!fs::is_regular_file(config_path)) throw io::FileError(config_path.string(), "missing (a UNet directory holds config.json)");
+  LoadedUNet r;
+  UNet2DConditionConfig config;
+  try {
+    config = UNet2DConditionConfig::from_file(config_path.string());
+  } catch (const io::FileError&) {
+    throw;
+  } catch (const Error& e) {
+    throw io::FileError(config_path.string(), e.what());
+  }
+  r.notes = config.notes;
+  Generator gen(0);  // the initial values are overwritten by the load
+  r.model = std::make_shared<UNet2DConditionModel>(config, gen, options.dtype, options.device);
+  const auto weights = read_unet_weights(dir, options.variant, r.weight_files);
+  try {
+    r.model->load_state_dict(weights, true);
+  } catch (const Error& e) {
+    throw io::FileError(r.weight_files.empty() ? dir : r.weight_files.front(), e.what());
+  }
+  return r;
+}
+
+}  // namespace loom::unet

@@ -1,0 +1,40 @@
+// Loading a diffusers UNet2DConditionModel directory (SPEC §8):
+//   config.json (UNet2DConditionModel fields) and the weights, the first found of
+//     diffusion_pytorch_model.safetensors
+//     diffusion_pytorch_model.safetensors.index.json (sharded; every shard it names)
+//     diffusion_pytorch_model.fp16.safetensors / .fp16.safetensors.index.json
+//     model.safetensors, model.h5 (loom's native names)
+//   (with variant "fp16" the .fp16 files are looked for first).
+// The load is strict: a missing, unexpected or mis-shaped key is an error that
+// names it (and both shapes). Weights are converted to the requested dtype.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "unet/unet.h"
+
+namespace loom::unet {
+
+struct UNetLoadOptions {
+  DType dtype = DType::F32;
+  Device device = Device::cpu();
+  std::string variant;  // "" or "fp16"
+};
+
+struct LoadedUNet {
+  std::shared_ptr<UNet2DConditionModel> model;
+  std::vector<std::string> weight_files;  // the files read
+  std::vector<std::string> notes;         // config keys ignored, variant fallbacks
+};
+
+// True when dir/config.json says `"_class_name": "UNet2DConditionModel"`.
+bool is_unet_dir(const std::string& dir);
+// The weights of a model directory as one name -> tensor map (CPU, file dtypes); see above.
+std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const std::string& variant,
+                                                std::vector<std::string>& files_read);
+LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options = {});
+
+}  // namespace loom::unet
