@@ -1,16 +1,19 @@
-// Adapter files: every LoRA key family of SPEC §5 in, diffusers/PEFT, kohya,
-// diffusers-legacy-free "diffusers" and loom HDF5 out; Custom Diffusion keys;
-// model directories; load reports.
+// Adapter files: every LoRA key family of SPEC §5 read (also mixed in one file), PEFT,
+// diffusers, kohya and loom HDF5 written; Custom Diffusion files; model directories; load reports.
 //
 // Key families (one `to_q` of `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1`):
-//   diffusers legacy  …attn1.processor.to_q_lora.down.weight   (to_out_lora = to_out.0)
-//   diffusers         …attn1.to_q.lora.down.weight / .lora.up.weight
-//   PEFT              …attn1.to_q.lora_A.weight / .lora_B.weight (+ lora_adapter_metadata JSON)
+//   diffusers legacy  unet.….attn1.processor.to_q_lora.down.weight / .up.weight (to_out_lora = to_out.0)
+//   diffusers         unet.….attn1.to_q.lora.down.weight / .lora.up.weight (+ unet.….to_q.alpha)
+//   PEFT              unet.….attn1.to_q.lora_A.weight / .lora_B.weight (+ lora_adapter_metadata JSON)
 //   kohya             lora_unet_down_blocks_0_…_attn1_to_q.lora_down.weight / .lora_up.weight / .alpha
 //   Custom Diffusion  down_blocks.0.…attn2.processor.to_k_custom_diffusion.weight (no `unet.`)
-// A file may mix spellings. Keys are read relative to an optional prefix
-// (e.g. "down_blocks.0.attentions.0"): keys under other blocks are counted as
-// outside the prefix, not as unmatched.
+// Keys are read relative to an optional prefix (e.g. "down_blocks.0.attentions.0"): keys
+// under other blocks are counted as outside the prefix, not as unmatched.
+//
+// Implementation, by concern: key families io/adapter_keys.cpp, alphas io/adapter_alpha.cpp,
+// reports io/adapter_report.cpp, reading io/lora_read.cpp, writing io/lora_write.cpp,
+// conversion io/adapter_convert.cpp, Custom Diffusion io/custom_diffusion_io.cpp, model
+// directories io/model_dir.cpp; shared internals in io/adapter_detail.h.
 #pragma once
 
 #include <map>
@@ -29,7 +32,7 @@ namespace loom::io {
 
 enum class KeyFamily { DiffusersLegacy, Diffusers, Peft, Kohya, CustomDiffusion, Loom };
 const char* family_name(KeyFamily f);
-// "diffusers" (written as PEFT spelling), "peft", "kohya", "loom", "diffusers-legacy-free" names.
+// The family a `--to` name asks for: "diffusers", "peft", "kohya" or "loom" (others: Error).
 KeyFamily parse_family(const std::string& name);
 
 struct KeyShapeMismatch {

@@ -1,0 +1,134 @@
+// Writing LoRA files in every family (safetensors: PEFT, diffusers, kohya; HDF5: loom).
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "io/adapter_detail.h"
+
+namespace loom::io {
+
+using adapters::LoraAdapter;
+using nlohmann::json;
+using namespace detail;
+
+namespace {
+
+std::string peft_metadata(const RawLora& lora) {
+  const RawLoraModule& first = lora.modules.begin()->second;
+  // lora_alpha giving each module its scale under PEFT's convention (alpha/r, or alpha/√r with rsLoRA)
+  auto peft_alpha = [&](const RawLoraModule& m) {
+    return m.scale() * (first.use_rslora ? std::sqrt(double(m.rank())) : double(m.rank()));
+  };
+  json j;
+  j["unet.r"] = first.rank();
+  j["unet.lora_alpha"] = peft_alpha(first);
+  j["unet.use_rslora"] = first.use_rslora;
+  json ranks = json::object(), alphas = json::object(), targets = json::array();
+  std::set<std::string> names;
+  for (const auto& [path, m] : lora.modules) {
+    if (m.rank() != first.rank()) ranks[path] = m.rank();
+    if (peft_alpha(m) != peft_alpha(first)) alphas[path] = peft_alpha(m);
+    const std::string last = path.substr(path.rfind('.') + 1);
+    names.insert(last == "0" && path.size() > 9 && ends_with(path, "to_out.0") ? "to_out.0" : last);
+  }
+  for (const auto& n : names) targets.push_back(n);
+  j["unet.rank_pattern"] = ranks;
+  j["unet.alpha_pattern"] = alphas;
+  j["unet.target_modules"] = targets;
+  return j.dump(2);
+}
+
+// The raw form of an adapter of `model`: full paths, 4-D tensors for 1×1 convs.
+RawLora raw_from_adapter(const LoraAdapter& adapter, const nn::Module& model, const std::string& prefix) {
+  LOOM_CHECK(!adapter.modules().empty(), "save_lora: adapter '", adapter.name(), "' has no modules");
+  RawLora raw;
+  for (const auto& [path, m] : adapter.modules()) {
+    const bool conv = std::dynamic_pointer_cast<nn::Conv1x1>(model.find_module(path)) != nullptr;
+    auto host = [&](const Variable& v) {
+      const Tensor t = v.tensor().to(Device::cpu()).contiguous();
+      return conv ? t.reshape({t.size(0), t.size(1), 1, 1}) : t;
+    };
+    raw.modules[join_path(prefix, path)] = RawLoraModule{host(m.down), host(m.up), m.alpha, m.use_rslora};
+  }
+  return raw;
+}
+
+}  // namespace
+
+void detail::write_raw_lora(const std::string& path, const RawLora& lora, KeyFamily family, Attributes root) {
+  std::map<std::string, std::string> metadata;
+  const auto tensors = raw_lora_tensors(lora, family, &metadata);
+  if (family != KeyFamily::Loom) {
+    write_safetensors(path, tensors, metadata);
+    return;
+  }
+  std::map<std::string, Attributes> groups;
+  std::set<std::string> targets;
+  for (const auto& [p, m] : lora.modules) {
+    Attributes a{{"rank", m.rank()}, {"scaling", std::string(!m.alpha ? "1" : m.use_rslora ? "alpha/sqrt(r)" : "alpha/r")}};
+    if (m.alpha) a["alpha"] = *m.alpha;
+    groups[p] = a;
+    targets.insert(ends_with(p, "to_out.0") ? "to_out.0" : p.substr(p.find_last_of('.') + 1));
+  }
+  std::string target_list;
+  for (const auto& t : targets) target_list += (target_list.empty() ? "" : ",") + t;
+  root["format"] = std::string("loom");
+  root["format_version"] = int64_t(1);
+  root["kind"] = std::string("lora");
+  root["targets"] = target_list;
+  write_hdf5(path, tensors, root, groups);
+}
+
+std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora, KeyFamily family,
+                                                             std::map<std::string, std::string>* metadata) {
+  LOOM_CHECK(!lora.modules.empty(), "LoRA writer: no modules to write");
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& [full, m] : lora.modules) {
+    // alpha such that alpha / r is the module's scale: the kohya and diffusers convention
+    const Tensor alpha = Tensor::scalar(m.scale() * double(m.rank()), DType::F32);
+    switch (family) {
+      case KeyFamily::Peft:
+        out.emplace_back("unet." + full + ".lora_A.weight", m.down);
+        out.emplace_back("unet." + full + ".lora_B.weight", m.up);
+        break;
+      case KeyFamily::Loom:
+        out.emplace_back(full + ".lora_A.weight", m.down);
+        out.emplace_back(full + ".lora_B.weight", m.up);
+        break;
+      case KeyFamily::Diffusers:
+        out.emplace_back("unet." + full + ".lora.down.weight", m.down);
+        out.emplace_back("unet." + full + ".lora.up.weight", m.up);
+        out.emplace_back("unet." + full + ".alpha", alpha);
+        break;
+      case KeyFamily::Kohya:
+        out.emplace_back("lora_unet_" + underscored(full) + ".lora_down.weight", m.down);
+        out.emplace_back("lora_unet_" + underscored(full) + ".lora_up.weight", m.up);
+        out.emplace_back("lora_unet_" + underscored(full) + ".alpha", alpha);
+        break;
+      default:
+        LOOM_FAIL("LoRA writer: cannot write LoRA weights as ", family_name(family));
+    }
+  }
+  if (metadata) {
+    (*metadata)["format"] = "pt";
+    if (family == KeyFamily::Peft) (*metadata)["lora_adapter_metadata"] = peft_metadata(lora);
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, Tensor>> lora_tensors(const LoraAdapter& adapter, const nn::Module& model,
+                                                         KeyFamily family, const std::string& prefix,
+                                                         std::map<std::string, std::string>* metadata) {
+  return raw_lora_tensors(raw_from_adapter(adapter, model, prefix), family, metadata);
+}
+
+void save_lora(const LoraAdapter& adapter, const nn::Module& model, const std::string& path, KeyFamily family,
+               const std::string& prefix) {
+  for (const auto& [name, v] : adapter.named_parameters())
+    LOOM_CHECK(all_finite(v.tensor()), "save_lora: '", name, "' holds NaN or Inf; refusing to write ", path);
+  std::vector<std::string> paths;
+  for (const auto& [p, m] : adapter.modules()) paths.push_back(p);
+  write_raw_lora(path, raw_from_adapter(adapter, model, prefix), family,
+                 {{"adapter", adapter.name()}, {"prefix", prefix}, {"base_fingerprint", base_fingerprint(model, paths)}});
+}
+
+}  // namespace loom::io
