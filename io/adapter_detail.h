@@ -63,8 +63,17 @@ bool is_loom_file(const TensorFile& file);
 
 // The alpha and scaling convention of the module at `full` (prefix included), from the first
 // source that has them: loom's per-module group attributes, a `.alpha` key, PEFT's metadata.
-void resolve_alpha(const TensorFile& file, const PeftConfig& peft, const std::string& full,
+// An alpha that is not a finite number is a FileError naming `path` and the module.
+void resolve_alpha(const TensorFile& file, const std::string& path, const PeftConfig& peft, const std::string& full,
                    const std::optional<double>& key_alpha, std::optional<double>& alpha, bool& use_rslora);
+
+// The value of an `.alpha` key: one finite number (0-d, or a 1-element vector), else a FileError
+// naming `path` and `key` (empty, several values, NaN, Inf).
+double alpha_value(const Tensor& t, const std::string& path, const std::string& key);
+
+// Throws (naming `out`) unless every module of `lora` has finite weights and a finite alpha and
+// scale: writers never write what readers would refuse.
+void check_writable(const RawLora& lora, const std::string& out);
 
 // ---- collecting a module's tensors ----------------------------------------------------------
 // A 2-D LoRA matrix from a 2-D or (·, ·, 1, 1) tensor.
@@ -79,7 +88,8 @@ struct Pieces {
 
 // ---- writing (io/lora_write.cpp) --------------------------------------------------------------
 // Writes `lora` in `family` (safetensors, or loom HDF5 with per-module attributes and `root`).
-void write_raw_lora(const std::string& path, const RawLora& lora, KeyFamily family, Attributes root);
+void write_raw_lora(const std::string& path, const RawLora& lora, KeyFamily family, Attributes root,
+                    const WriteOptions& options = {});
 
 // ---- load reports (io/adapter_report.cpp) ------------------------------------------------------
 [[noreturn]] void strict_fail(const std::string& path, const std::string& problem);

@@ -103,13 +103,37 @@ struct RawLora {
 // Reads every LoRA module of a file without a model; kohya names are split back into
 // diffusers paths with the UNet's vocabulary (down_blocks, transformer_blocks, to_q, ...).
 RawLora read_raw_lora(const TensorFile& file, const std::string& path);
+// How a family is spelled on writing.
+struct WriteOptions {
+  bool sgm_names = false;  // kohya: the SGM/LDM block numbering (input_blocks_4_1_…), as sd-scripts writes SDXL
+};
 // The tensors (and metadata) of `lora` in `family` spelling.
 std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora, KeyFamily family,
-                                                             std::map<std::string, std::string>* metadata);
+                                                             std::map<std::string, std::string>* metadata,
+                                                             const WriteOptions& options = {});
+// What a conversion wrote.
+struct ConvertReport {
+  size_t unet_modules = 0;          // LoRA modules of the UNet (or Custom Diffusion tensors)
+  size_t text_encoder_modules = 0;  // LoRA modules of text encoders, carried through renamed
+  std::vector<std::string> skipped;  // keys not converted (neither LoRA nor Custom Diffusion weights)
+  std::string summary() const;
+};
 // Converts an adapter file (LoRA of any family, or Custom Diffusion) to `family`.
-void convert_adapter_file(const std::string& in, const std::string& out, KeyFamily family);
-// The diffusers path of a kohya module name ("lora_unet_down_blocks_0_…_to_q"), or "" when it is not one.
+ConvertReport convert_adapter_file(const std::string& in, const std::string& out, KeyFamily family,
+                                   const WriteOptions& options = {});
+// The diffusers path of a kohya module name ("lora_unet_down_blocks_0_…_to_q", or in the SGM/LDM
+// numbering "lora_unet_input_blocks_4_1_…_to_q"), or "" when it is not one.
 std::string kohya_to_path(const std::string& kohya_name);
+
+// ---- kohya's SGM/LDM block numbering (io/kohya_sgm.cpp; table in docs/io.md) ----------------
+// "input_blocks.4.1.transformer_blocks.0.attn1.to_q" -> "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+// (as diffusers' loader maps them, layers_per_block = 2: SD 1.x, 2.x, SDXL); "" when not an SGM path.
+std::string sgm_to_path(const std::string& sgm_path);
+// The inverse; `up_blocks_without_attention` (SD 1.x: {0}) puts those blocks' upsampler at
+// sub-index 1 instead of 2. "" for a path with no SGM name.
+std::string path_to_sgm(const std::string& path, const std::set<int>& up_blocks_without_attention = {});
+// Whether a kohya module name uses the SGM numbering (input_blocks, middle_block, output_blocks, ...).
+bool is_sgm_kohya_name(const std::string& kohya_name);
 
 // ---- Custom Diffusion -------------------------------------------------------------------------
 bool is_custom_diffusion_file(const TensorFile& file);

@@ -105,14 +105,13 @@ std::optional<Tensor> as_matrix(const Tensor& t) {
 
 using namespace detail;
 
-std::string kohya_to_path(const std::string& kohya_name) {
-  if (!starts_with(kohya_name, "lora_unet_")) return "";
-  // Words of diffusers UNet paths that contain underscores, longest first.
-  static const std::vector<std::string> words = {
-      "transformer_blocks", "down_blocks", "up_blocks", "mid_block", "add_k_proj", "add_v_proj", "to_out",
-      "proj_in",            "proj_out",    "to_q",      "to_k",      "to_v",       "norm_cross", "group_norm"};
+namespace {
+
+// Splits a flattened name back into a dotted path: '_' is a dot except inside the words of
+// `words` (module names that contain underscores).
+std::string split_flattened(const std::string& flat, const std::vector<std::string>& words) {
   std::vector<std::string> tokens;
-  std::stringstream ss(kohya_name.substr(10));
+  std::stringstream ss(flat);
   for (std::string t; std::getline(ss, t, '_');) tokens.push_back(t);
   std::string path;
   for (size_t i = 0; i < tokens.size();) {
@@ -129,6 +128,21 @@ std::string kohya_to_path(const std::string& kohya_name) {
     i += used;
   }
   return path;
+}
+
+}  // namespace
+
+std::string kohya_to_path(const std::string& kohya_name) {
+  if (!starts_with(kohya_name, "lora_unet_")) return "";
+  // Words of diffusers UNet paths (and of the SGM/LDM numbering) that contain underscores.
+  static const std::vector<std::string> words = {
+      "transformer_blocks", "down_blocks", "up_blocks", "mid_block", "add_k_proj", "add_v_proj", "to_out",
+      "proj_in", "proj_out", "to_q", "to_k", "to_v", "norm_cross", "group_norm", "time_emb_proj", "conv_shortcut",
+      "time_embedding", "add_embedding", "linear_1", "linear_2", "conv_in", "conv_out", "conv_norm_out",
+      "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+      "time_embed", "label_emb"};
+  const std::string path = split_flattened(kohya_name.substr(10), words);
+  return is_sgm_kohya_name(kohya_name) ? sgm_to_path(path) : path;
 }
 
 }  // namespace loom::io

@@ -10,14 +10,20 @@ using adapters::LoraModule;
 using namespace detail;
 
 namespace {
-double scalar_value(const Tensor& t) { return t.numel() == 1 ? t.item() : NAN; }
 
 // Kohya names flatten dots to underscores; with a model they are resolved against its paths
 // (module "" when the name is no module of the model).
-std::optional<LoraKey> parse_kohya(const std::string& key, const std::map<std::string, std::string>& kohya_names) {
+// `name` receives the module name in diffusers' numbering.
+std::optional<LoraKey> parse_kohya(const std::string& key, const std::map<std::string, std::string>& kohya_names,
+                                   std::string& name) {
   const auto split = split_kohya_key(key);
   if (!split) return std::nullopt;
-  auto it = kohya_names.find(split->first);
+  name = split->first;
+  if (is_sgm_kohya_name(name)) {  // SGM/LDM numbering (SDXL files of sd-scripts): diffusers' numbering
+    const std::string path = kohya_to_path(name);
+    if (!path.empty()) name = "lora_unet_" + underscored(path);
+  }
+  auto it = kohya_names.find(name);
   return LoraKey{it == kohya_names.end() ? "" : it->second, split->second, KeyFamily::Kohya};
 }
 }  // namespace
@@ -40,7 +46,8 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
       report.outside_prefix.push_back(key);  // another component of the pipeline
       continue;
     }
-    std::optional<LoraKey> k = kohya ? parse_kohya(key, kohya_names) : parse_non_kohya(key);
+    std::string kohya_name;
+    std::optional<LoraKey> k = kohya ? parse_kohya(key, kohya_names, kohya_name) : parse_non_kohya(key);
     if (!k) {
       report.unmatched.push_back(key);
       continue;
@@ -48,7 +55,7 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
     std::string module;
     if (kohya) {
       if (k->module.empty()) {
-        (starts_with(key, kohya_prefix) ? report.unmatched : report.outside_prefix).push_back(key);
+        (starts_with(kohya_name + "_", kohya_prefix) ? report.unmatched : report.outside_prefix).push_back(key);
         continue;
       }
       module = k->module;
@@ -67,7 +74,7 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
     report.families.insert(loom_file ? KeyFamily::Loom : k->family);
     Pieces& p = pieces[module];
     if (k->role == Role::Alpha) {
-      p.alpha = scalar_value(tensor);
+      p.alpha = alpha_value(tensor, path, key);
       report.matched.push_back(key);
       continue;
     }
@@ -97,7 +104,7 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
     m.down = Variable(*down);
     m.up = Variable(*up);
     m.rank = rank;
-    resolve_alpha(file, peft, join_path(options.prefix, module), p.alpha, m.alpha, m.use_rslora);
+    resolve_alpha(file, path, peft, join_path(options.prefix, module), p.alpha, m.alpha, m.use_rslora);
     if (m.alpha)
       report.alphas_found[module] = *m.alpha;
     else
@@ -162,7 +169,7 @@ RawLora read_raw_lora(const TensorFile& file, const std::string& path) {
     raw.families.insert(loom_file ? KeyFamily::Loom : k->family);
     Pieces& p = pieces[k->module];
     if (k->role == Role::Alpha)
-      p.alpha = scalar_value(tensor);
+      p.alpha = alpha_value(tensor, path, key);
     else
       (k->role == Role::Down ? p.down : p.up) = tensor, (k->role == Role::Down ? p.down_key : p.up_key) = key;
   }
@@ -173,7 +180,7 @@ RawLora read_raw_lora(const TensorFile& file, const std::string& path) {
       continue;
     }
     RawLoraModule m{p.down, p.up, std::nullopt, false};
-    resolve_alpha(file, peft, module, p.alpha, m.alpha, m.use_rslora);
+    resolve_alpha(file, path, peft, module, p.alpha, m.alpha, m.use_rslora);
     raw.modules[module] = m;
   }
   return raw;

@@ -1,5 +1,6 @@
 // Writing LoRA files in every family (safetensors: PEFT, diffusers, kohya; HDF5: loom).
 #include <cmath>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "io/adapter_detail.h"
@@ -54,9 +55,11 @@ RawLora raw_from_adapter(const LoraAdapter& adapter, const nn::Module& model, co
 
 }  // namespace
 
-void detail::write_raw_lora(const std::string& path, const RawLora& lora, KeyFamily family, Attributes root) {
+void detail::write_raw_lora(const std::string& path, const RawLora& lora, KeyFamily family, Attributes root,
+                            const WriteOptions& options) {
+  check_writable(lora, path);
   std::map<std::string, std::string> metadata;
-  const auto tensors = raw_lora_tensors(lora, family, &metadata);
+  const auto tensors = raw_lora_tensors(lora, family, &metadata, options);
   if (family != KeyFamily::Loom) {
     write_safetensors(path, tensors, metadata);
     return;
@@ -78,9 +81,43 @@ void detail::write_raw_lora(const std::string& path, const RawLora& lora, KeyFam
   write_hdf5(path, tensors, root, groups);
 }
 
+namespace {
+
+// The up blocks of `lora` that have an upsampler but no attention (SD 1.x up_blocks.0): their
+// upsampler is sub-index 1 of the SGM numbering.
+std::set<int> up_blocks_without_attention(const RawLora& lora) {
+  std::set<int> with_upsampler, with_attention;
+  for (const auto& [path, m] : lora.modules) {
+    int b = 0;
+    char kind[32] = {};
+    if (std::sscanf(path.c_str(), "up_blocks.%d.%31[a-z]", &b, kind) != 2) continue;
+    if (std::string(kind) == "upsamplers") with_upsampler.insert(b);
+    if (std::string(kind) == "attentions") with_attention.insert(b);
+  }
+  std::set<int> out;
+  for (int b : with_upsampler)
+    if (!with_attention.count(b)) out.insert(b);
+  return out;
+}
+
+// kohya's module name of a UNet path (SGM numbering on request, where the path has one).
+std::string kohya_name(const std::string& full, const WriteOptions& options, const std::set<int>& no_attention) {
+  if (options.sgm_names) {
+    const std::string sgm = path_to_sgm(full, no_attention);
+    if (!sgm.empty()) return "lora_unet_" + underscored(sgm);
+  }
+  return "lora_unet_" + underscored(full);
+}
+
+}  // namespace
+
 std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora, KeyFamily family,
-                                                             std::map<std::string, std::string>* metadata) {
+                                                             std::map<std::string, std::string>* metadata,
+                                                             const WriteOptions& options) {
   LOOM_CHECK(!lora.modules.empty(), "LoRA writer: no modules to write");
+  LOOM_CHECK(!options.sgm_names || family == KeyFamily::Kohya, "LoRA writer: SGM block names are a kohya spelling, not ",
+             family_name(family));
+  const std::set<int> no_attention = up_blocks_without_attention(lora);
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& [full, m] : lora.modules) {
     // alpha such that alpha / r is the module's scale: the kohya and diffusers convention
@@ -100,9 +137,9 @@ std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora
         out.emplace_back("unet." + full + ".alpha", alpha);
         break;
       case KeyFamily::Kohya:
-        out.emplace_back("lora_unet_" + underscored(full) + ".lora_down.weight", m.down);
-        out.emplace_back("lora_unet_" + underscored(full) + ".lora_up.weight", m.up);
-        out.emplace_back("lora_unet_" + underscored(full) + ".alpha", alpha);
+        out.emplace_back(kohya_name(full, options, no_attention) + ".lora_down.weight", m.down);
+        out.emplace_back(kohya_name(full, options, no_attention) + ".lora_up.weight", m.up);
+        out.emplace_back(kohya_name(full, options, no_attention) + ".alpha", alpha);
         break;
       default:
         LOOM_FAIL("LoRA writer: cannot write LoRA weights as ", family_name(family));

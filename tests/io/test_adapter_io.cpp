@@ -5,9 +5,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
 
 #include "adapters/custom_diffusion.h"
 #include "adapters/lora.h"
@@ -176,6 +179,80 @@ TEST(LoraRead, KohyaNamesSplitBackIntoDiffusersPaths) {
   EXPECT_EQ(kohya_to_path("lora_te_text_model_encoder_layers_0_mlp_fc1"), "");
 }
 
+// kohya's SGM/LDM numbering: every name sd-scripts writes for SD 1.x and SDXL, mapped as diffusers'
+// own loader maps it (golden: tests/io/fixtures/make_sgm_names.py runs diffusers' conversion).
+TEST(LoraRead, KohyaSgmNamesMapAsDiffusersMapsThemBothWays) {
+  std::ifstream in(std::string(LOOM_IO_FIXTURES) + "/sgm_names.json");
+  ASSERT_TRUE(in.good());
+  const nlohmann::json golden = nlohmann::json::parse(in);
+  for (const std::string layout : {"sd15", "sdxl"}) {
+    ASSERT_GT(golden.at(layout).size(), 250u);
+    const std::set<int> no_attention = layout == "sd15" ? std::set<int>{0} : std::set<int>{};
+    for (const auto& [kohya, path] : golden.at(layout).items()) {
+      EXPECT_TRUE(is_sgm_kohya_name(kohya)) << kohya;
+      EXPECT_EQ(kohya_to_path(kohya), path.get<std::string>()) << layout << " " << kohya;
+      std::string sgm = path_to_sgm(path.get<std::string>(), no_attention);
+      std::replace(sgm.begin(), sgm.end(), '.', '_');
+      EXPECT_EQ("lora_unet_" + sgm, kohya) << layout << " " << path;
+    }
+  }
+  // SD 1.x's first up block has no attention: its Upsample is sub-index 1 (diffusers maps every
+  // sub-index 1 to an attention that block does not have; loom maps it to the upsampler).
+  EXPECT_EQ(kohya_to_path("lora_unet_output_blocks_2_1_conv"), "up_blocks.0.upsamplers.0.conv");
+  EXPECT_EQ(path_to_sgm("up_blocks.0.upsamplers.0.conv", {0}), "output_blocks.2.1.conv");
+  EXPECT_EQ(sgm_to_path("time_embed.0"), "time_embedding.linear_1");
+  EXPECT_EQ(path_to_sgm("add_embedding.linear_2"), "label_emb.0.2");
+  EXPECT_EQ(sgm_to_path("down_blocks.0.attentions.0.proj_in"), "");
+  EXPECT_EQ(path_to_sgm("down_blocks.0.attentions.0.weird.0"), "input_blocks.1.1.weird.0");
+  EXPECT_EQ(path_to_sgm("mid_block.attentions.1.proj_in"), "");
+}
+
+TEST(LoraConvert, KohyaSgmFilesLoadIntoTheirBlockAndConvertBothWays) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 31, {"to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"});
+  const Tensor want = run(*model, in);
+  // The adapter as SDXL's down_blocks.1.attentions.0 (= input_blocks.4.1), plus the same weights
+  // as the middle block (middle_block.1) and an up block (output_blocks.1.1).
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const std::string block : {"down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.1"}) {
+    const auto t = lora_tensors(a, *model, KeyFamily::Kohya, block, nullptr);
+    tensors.insert(tensors.end(), t.begin(), t.end());
+  }
+  write_safetensors(dir.file("diffusers_numbering.safetensors"), tensors);
+  const ConvertReport cr = convert_adapter_file(dir.file("diffusers_numbering.safetensors"), dir.file("sgm.safetensors"),
+                                                KeyFamily::Kohya, WriteOptions{true});
+  EXPECT_EQ(cr.unet_modules, 3 * a.modules().size());
+  const TensorFile sgm = read_safetensors(dir.file("sgm.safetensors"));
+  std::set<std::string> heads;
+  for (const auto& [key, t] : sgm.tensors) {
+    EXPECT_TRUE(is_sgm_kohya_name(key.substr(0, key.find('.')))) << key;
+    heads.insert(key.substr(0, key.find("_transformer_blocks") == std::string::npos ? key.find("_proj") : key.find("_transformer_blocks")));
+  }
+  EXPECT_EQ(heads, (std::set<std::string>{"lora_unet_input_blocks_4_1", "lora_unet_middle_block_1", "lora_unet_output_blocks_1_1"}));
+  for (const std::string block : {"down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.1"}) {
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    AdapterLoadOptions o;
+    o.prefix = block;
+    const AdapterLoadReport r = load_lora(s, "sgm", dir.file("sgm.safetensors"), o);
+    EXPECT_EQ(r.outside_prefix.size(), 2 * tensors.size() / 3) << block << ": " << r.summary();
+    EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << block;
+  }
+  // Back to diffusers' numbering without a model, then PEFT: same keys as written at first.
+  convert_adapter_file(dir.file("sgm.safetensors"), dir.file("peft.safetensors"), KeyFamily::Peft);
+  const TensorFile peft = read_safetensors(dir.file("peft.safetensors"));
+  EXPECT_EQ(peft.tensors.size(), 2 * sgm.tensors.size() / 3);
+  EXPECT_TRUE(peft.find("unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0.lora_A.weight"));
+  EXPECT_TRUE(peft.find("unet.up_blocks.0.attentions.1.proj_in.lora_B.weight"));
+  EXPECT_THAT(error_of([&] {
+                convert_adapter_file(dir.file("sgm.safetensors"), dir.file("x.safetensors"), KeyFamily::Peft, WriteOptions{true});
+              }),
+              HasSubstr("SGM"));
+}
+
 TEST(LoraRead, LegacyDiffusersAndMixedSpellingsInOneFile) {
   TempDir dir;
   const Inputs in = tiny_inputs(DType::F32);
@@ -243,6 +320,106 @@ TEST(LoraRead, KohyaAlphaOfAnyDtypeAndPeftMetadata) {
     EXPECT_EQ(s2.adapter("p").modules().at(path).rank, m.rank) << path;
     EXPECT_DOUBLE_EQ(s2.adapter("p").modules().at(path).scale(), m.scale()) << path;
   }
+}
+
+// A bad alpha is a bad file (exit 3 at load time), never a NaN output at run time.
+TEST(LoraRead, BadKohyaAlphasAreFileErrorsNamingTheKey) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 21);
+  const std::vector<std::pair<std::string, Tensor>> bad_alphas{
+      {"two values", Tensor::from_values({1.0, 2.0}, {2})},
+      {"empty", Tensor::zeros({0})},
+      {"a matrix", Tensor::from_values({4.0}, {1, 1})},
+      {"NaN", Tensor::scalar(NAN, DType::F32)},
+      {"Inf", Tensor::scalar(INFINITY, DType::F32)},
+      {"-Inf in f16", Tensor::scalar(-INFINITY, DType::F32).to(DType::F16)}};
+  for (const auto& [what, bad] : bad_alphas) {
+    auto tensors = lora_tensors(a, *model, KeyFamily::Kohya, "", nullptr);
+    std::string alpha_key;
+    for (auto& [key, t] : tensors)
+      if (alpha_key.empty() && key.size() > 6 && key.substr(key.size() - 6) == ".alpha") alpha_key = key, t = bad;
+    write_safetensors(dir.file("k.safetensors"), tensors);
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    for (bool strict : {true, false}) {
+      AdapterLoadOptions o;
+      o.strict = strict;
+      bool file_error = false;
+      std::string err;
+      try {
+        load_lora(s, "k", dir.file("k.safetensors"), o);
+      } catch (const FileError& e) {
+        file_error = true, err = e.what();
+      }
+      EXPECT_TRUE(file_error) << what;
+      EXPECT_THAT(err, HasSubstr(alpha_key)) << what;
+      EXPECT_THAT(err, HasSubstr("k.safetensors")) << what;
+    }
+    EXPECT_FALSE(s.has("k"));
+    // Without a model (inspect, convert): the same error, and no output file.
+    EXPECT_THAT(error_of([&] { convert_adapter_file(dir.file("k.safetensors"), dir.file("out.safetensors"), KeyFamily::Peft); }),
+                HasSubstr(alpha_key)) << what;
+    EXPECT_FALSE(fs::exists(dir.file("out.safetensors"))) << what;
+  }
+}
+
+TEST(LoraRead, NullOrNonFiniteAlphasInPeftMetadataAreFileErrors) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 22);
+  const auto tensors = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
+  for (const std::string meta : {R"({"unet.r": 2, "unet.lora_alpha": null})", R"({"r": 2, "lora_alpha": 3, "alpha_pattern": {"to_v": null}})",
+                                 R"({"r": null, "lora_alpha": 3})"}) {
+    write_safetensors(dir.file("p.safetensors"), tensors, {{"lora_adapter_metadata", meta}});
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    const std::string err = error_of([&] { load_lora(s, "p", dir.file("p.safetensors")); });
+    EXPECT_THAT(err, HasSubstr("lora_adapter_metadata")) << meta;
+    EXPECT_THAT(err, HasSubstr("null")) << meta;
+  }
+  // A loom HDF5 file whose module attribute says alpha = NaN.
+  std::map<std::string, Attributes> groups{{"transformer_blocks.0.attn1.to_q", {{"alpha", double(NAN)}, {"rank", int64_t(2)}}}};
+  write_hdf5(dir.file("l.h5"), lora_tensors(a, *model, KeyFamily::Loom, "", nullptr),
+             {{"format", std::string("loom")}, {"kind", std::string("lora")}}, groups);
+  auto fresh = tiny_model();
+  adapters::LoraSet s(fresh);
+  const std::string err = error_of([&] { load_lora(s, "l", dir.file("l.h5")); });
+  EXPECT_THAT(err, HasSubstr("transformer_blocks.0.attn1.to_q"));
+  EXPECT_THAT(err, HasSubstr("NaN"));
+}
+
+TEST(LoraWrite, WritersRefuseNonFiniteAlphasAndConvertRefusesNonFiniteCustomDiffusion) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraConfig cfg;
+  cfg.rank = 2, cfg.alpha = NAN;
+  Generator gen(23);
+  adapters::LoraAdapter& a = set.add("a", cfg, gen);
+  for (KeyFamily f : {KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom}) {
+    EXPECT_THAT(error_of([&] { save_lora(a, *model, dir.file("a.out"), f); }), HasSubstr("non-finite alpha")) << family_name(f);
+    EXPECT_FALSE(fs::exists(dir.file("a.out")));
+  }
+  auto cd = tiny_model();
+  const auto params = adapters::apply_custom_diffusion(*cd, "crossattn");
+  save_custom_diffusion(*cd, dir.file("cd.safetensors"));
+  auto tensors = read_safetensors(dir.file("cd.safetensors")).tensors;
+  std::vector<double> v = tensors[0].second.to_vector();
+  v[1] = NAN;
+  tensors[0].second = Tensor::from_values(v, tensors[0].second.shape());
+  write_safetensors(dir.file("cd_nan.safetensors"), tensors);
+  bool file_error = false;
+  try {
+    convert_adapter_file(dir.file("cd_nan.safetensors"), dir.file("cd.h5"), KeyFamily::Loom);
+  } catch (const FileError& e) {
+    file_error = true;
+    EXPECT_THAT(e.what(), HasSubstr(tensors[0].first));
+  }
+  EXPECT_TRUE(file_error);
+  EXPECT_FALSE(fs::exists(dir.file("cd.h5")));
 }
 
 TEST(LoraRead, StrictErrorsNameTheKeyAndBothShapes) {
