@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/adapter_detail.h"
+#include "tensor/ops.h"
 
 namespace loom::io {
 
@@ -109,6 +110,22 @@ std::string kohya_name(const std::string& full, const WriteOptions& options, con
   return "lora_unet_" + underscored(full);
 }
 
+// up · factor, computed in f64 and stored in the up weights' dtype.
+Tensor folded_up(const RawLoraModule& m, double factor) {
+  return ops::mul_scalar(m.up.to(DType::F64), factor).to(m.up.dtype());
+}
+
+// The alpha (alpha / r = scale) most modules of `lora` have.
+double most_common_alpha(const RawLora& lora) {
+  std::map<double, size_t> count;
+  for (const auto& [path, m] : lora.modules) ++count[m.scale() * double(m.rank())];
+  double best = 0;
+  size_t most = 0;
+  for (const auto& [a, n] : count)
+    if (n > most) best = a, most = n;
+  return best;
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora, KeyFamily family,
@@ -118,10 +135,18 @@ std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora
   LOOM_CHECK(!options.sgm_names || family == KeyFamily::Kohya, "LoRA writer: SGM block names are a kohya spelling, not ",
              family_name(family));
   const std::set<int> no_attention = up_blocks_without_attention(lora);
+  // kohya files hold one alpha per module, but diffusers' kohya loader drops per-module alphas
+  // of attention layers (it names them by its legacy processor keys, which match no module) and
+  // applies the most common one: so every module is written with the most common alpha, and a
+  // module whose own alpha differs has the ratio folded into its up weights (same ΔW for every
+  // reader: loom, sd-scripts, diffusers).
+  const double common_alpha = most_common_alpha(lora);
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& [full, m] : lora.modules) {
     // alpha such that alpha / r is the module's scale: the kohya and diffusers convention
-    const Tensor alpha = Tensor::scalar(m.scale() * double(m.rank()), DType::F32);
+    const double own_alpha = m.scale() * double(m.rank());
+    const bool fold_alpha = own_alpha != common_alpha && common_alpha != 0;
+    const Tensor alpha = Tensor::scalar(fold_alpha ? common_alpha : own_alpha, DType::F32);
     switch (family) {
       case KeyFamily::Peft:
         out.emplace_back("unet." + full + ".lora_A.weight", m.down);
@@ -132,13 +157,15 @@ std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora
         out.emplace_back(full + ".lora_B.weight", m.up);
         break;
       case KeyFamily::Diffusers:
+        // What diffusers' load_lora_weights accepts: no `.alpha` keys (it rejects them), so the
+        // scale is folded into the up weights and diffusers' default scale 1 reproduces ours.
         out.emplace_back("unet." + full + ".lora.down.weight", m.down);
-        out.emplace_back("unet." + full + ".lora.up.weight", m.up);
-        out.emplace_back("unet." + full + ".alpha", alpha);
+        out.emplace_back("unet." + full + ".lora.up.weight", m.scale() == 1.0 ? m.up : folded_up(m, m.scale()));
         break;
       case KeyFamily::Kohya:
         out.emplace_back(kohya_name(full, options, no_attention) + ".lora_down.weight", m.down);
-        out.emplace_back(kohya_name(full, options, no_attention) + ".lora_up.weight", m.up);
+        out.emplace_back(kohya_name(full, options, no_attention) + ".lora_up.weight",
+                         fold_alpha ? folded_up(m, own_alpha / common_alpha) : m.up);
         out.emplace_back(kohya_name(full, options, no_attention) + ".alpha", alpha);
         break;
       default:

@@ -126,6 +126,44 @@ INSTANTIATE_TEST_SUITE_P(Io, LoraFamilies,
                          ::testing::Values(KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom),
                          [](const auto& info) { return std::string(family_name(info.param)) == "diffusers" ? "diffusers" : family_name(info.param); });
 
+// What diffusers' load_lora_weights accepts (it rejects any key without "lora", e.g. `.alpha`):
+// the scale alpha/r is folded into the up weights. (diffusers itself loads it: io_diffusers_interop.)
+TEST(LoraWrite, DiffusersFilesHaveNoAlphaKeysAndTheScaleFoldedIntoUp) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 41);
+  save_lora(a, *model, dir.file("d.safetensors"), KeyFamily::Diffusers);
+  const TensorFile f = read_safetensors(dir.file("d.safetensors"));
+  EXPECT_EQ(f.tensors.size(), 2 * a.modules().size());
+  for (const auto& [key, t] : f.tensors) EXPECT_THAT(key, HasSubstr("lora")) << key;
+  for (const auto& [path, m] : a.modules()) {
+    const Tensor* up = f.find("unet." + path + ".lora.up.weight");
+    ASSERT_TRUE(up) << path;
+    EXPECT_LE(rel_error(*up, ops::mul_scalar(m.up.tensor(), m.scale())), 1e-7) << path;
+  }
+}
+
+// kohya: one alpha for every module (diffusers' kohya loader applies the most common alpha to
+// attention modules); a module whose alpha differs has the ratio folded into its up weights.
+TEST(LoraWrite, KohyaFilesCarryOneAlphaAndFoldTheRest) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 42);  // alpha 3, attn1.to_v 1.5; attn2.to_k rank 3
+  save_lora(a, *model, dir.file("k.safetensors"), KeyFamily::Kohya);
+  const TensorFile f = read_safetensors(dir.file("k.safetensors"));
+  for (const auto& [key, t] : f.tensors) {
+    if (key.size() > 6 && key.substr(key.size() - 6) == ".alpha") EXPECT_EQ(t.item(), 3.0) << key;
+  }
+  const std::string v = "transformer_blocks.0.attn1.to_v", k = "transformer_blocks.0.attn2.to_k";
+  const Tensor* up_v = f.find("lora_unet_" + std::string("transformer_blocks_0_attn1_to_v") + ".lora_up.weight");
+  const Tensor* up_k = f.find("lora_unet_" + std::string("transformer_blocks_0_attn2_to_k") + ".lora_up.weight");
+  ASSERT_TRUE(up_v && up_k);
+  EXPECT_LE(rel_error(*up_v, ops::mul_scalar(a.modules().at(v).up.tensor(), 0.5)), 1e-7);  // 1.5 / 3
+  EXPECT_EQ(up_k->to_vector(), a.modules().at(k).up.tensor().to_vector());  // alpha 3 (scale 1): untouched
+}
+
 TEST(LoraConvert, EveryPairOfFamiliesRoundTripsTheOutput) {
   TempDir dir;
   const Inputs in = tiny_inputs(DType::F32);
@@ -309,8 +347,13 @@ TEST(LoraRead, KohyaAlphaOfAnyDtypeAndPeftMetadata) {
   adapters::LoraSet s(fresh);
   const AdapterLoadReport r = load_lora(s, "k", dir.file("k.safetensors"));
   EXPECT_EQ(r.alphas_found.size(), a.modules().size());
-  for (const auto& [path, m] : a.modules())
-    EXPECT_NEAR(s.adapter("k").modules().at(path).scale(), m.scale(), 1e-3) << path;
+  for (const auto& [path, m] : a.modules()) {  // the same ΔW = scale·B·A (an alpha may be folded into B)
+    const auto& got = s.adapter("k").modules().at(path);
+    EXPECT_LE(rel_error(ops::mul_scalar(ops::matmul(got.up.tensor(), got.down.tensor()), got.scale()),
+                        ops::mul_scalar(ops::matmul(m.up.tensor(), m.down.tensor()), m.scale())),
+              1e-3)
+        << path;
+  }
 
   save_lora(a, *model, dir.file("p.safetensors"), KeyFamily::Peft);  // alphas only in lora_adapter_metadata
   auto fresh2 = tiny_model();
