@@ -37,7 +37,7 @@ ConvertReport convert_adapter_file(const std::string& in, const std::string& out
     for (const Tensor* t : {&m.down, &m.up})
       if (!all_finite(*t)) throw FileError(in, "module '" + p + "' holds NaN or Inf values (not converted)");
   write_raw_lora(out, raw, family, {}, options);
-  report.unet_modules = raw.modules.size();
+  for (const auto& [p, m] : raw.modules) ++(is_text_encoder_path(p) ? report.text_encoder_modules : report.unet_modules);
   report.skipped = raw.skipped;
   return report;
 }

@@ -46,6 +46,7 @@ struct AdapterLoadReport {
   std::vector<std::string> matched;         // file keys used
   std::vector<std::string> unmatched;       // keys (inside the prefix) that fit no module of the model
   std::vector<std::string> outside_prefix;  // keys of other blocks, skipped
+  std::vector<std::string> text_encoder;    // text-encoder keys (lora_te…, text_encoder…): not for this model
   std::vector<KeyShapeMismatch> shape_mismatches;
   std::map<std::string, double> alphas_found;  // module path -> alpha (from .alpha keys or metadata)
   std::vector<std::string> alphas_defaulted;   // module paths without alpha (scale 1)
@@ -96,7 +97,9 @@ struct RawLoraModule {
   double scale() const;
 };
 struct RawLora {
-  std::map<std::string, RawLoraModule> modules;  // full module path (no "unet.")
+  // Full module path: UNet modules without "unet."; text-encoder modules with their component,
+  // "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" ("text_encoder_2." for SDXL's second).
+  std::map<std::string, RawLoraModule> modules;
   std::set<KeyFamily> families;
   std::vector<std::string> skipped;  // keys that are not LoRA weights of the UNet
 };
@@ -124,6 +127,12 @@ ConvertReport convert_adapter_file(const std::string& in, const std::string& out
 // The diffusers path of a kohya module name ("lora_unet_down_blocks_0_…_to_q", or in the SGM/LDM
 // numbering "lora_unet_input_blocks_4_1_…_to_q"), or "" when it is not one.
 std::string kohya_to_path(const std::string& kohya_name);
+
+// The path of a kohya text-encoder module name with its component ("lora_te_text_model_…_q_proj" and
+// "lora_te1_…" -> "text_encoder.text_model.….q_proj", "lora_te2_…" -> "text_encoder_2.…"), or "".
+std::string kohya_text_encoder_path(const std::string& kohya_name);
+// Whether a module path (as in RawLora) belongs to a text encoder.
+bool is_text_encoder_path(const std::string& path);
 
 // ---- kohya's SGM/LDM block numbering (io/kohya_sgm.cpp; table in docs/io.md) ----------------
 // "input_blocks.4.1.transformer_blocks.0.attn1.to_q" -> "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -73,6 +73,16 @@ std::optional<LoraKey> parse_non_kohya(const std::string& raw) {
     if (proj == "to_out") proj = "to_out.0";
     return LoraKey{key.substr(0, proc) + "." + proj, down ? Role::Down : Role::Up, KeyFamily::DiffusersLegacy};
   }
+  if (starts_with(key, "text_encoder")) {  // diffusers' text-encoder spellings: to_q_lora, lora_linear_layer
+    static const std::vector<std::pair<std::string, std::string>> legacy = {
+        {".to_q_lora.", ".q_proj"}, {".to_k_lora.", ".k_proj"}, {".to_v_lora.", ".v_proj"}, {".to_out_lora.", ".out_proj"},
+        {".lora_linear_layer.", ""}};
+    for (const auto& [spelled, proj] : legacy)
+      for (const char* role : {"down.weight", "up.weight"})
+        if (ends_with(key, spelled + role))
+          return LoraKey{key.substr(0, key.size() - spelled.size() - std::string(role).size()) + proj,
+                         role[0] == 'd' ? Role::Down : Role::Up, KeyFamily::DiffusersLegacy};
+  }
   if (ends_with(key, ".lora.down.weight")) return LoraKey{cut(".lora.down.weight"), Role::Down, KeyFamily::Diffusers};
   if (ends_with(key, ".lora.up.weight")) return LoraKey{cut(".lora.up.weight"), Role::Up, KeyFamily::Diffusers};
   if (ends_with(key, ".alpha")) return LoraKey{cut(".alpha"), Role::Alpha, KeyFamily::Diffusers};
@@ -131,6 +141,20 @@ std::string split_flattened(const std::string& flat, const std::vector<std::stri
 }
 
 }  // namespace
+
+std::string kohya_text_encoder_path(const std::string& kohya_name) {
+  // CLIP text-model words that contain underscores.
+  static const std::vector<std::string> words = {
+      "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection", "final_layer_norm",
+      "layer_norm1", "layer_norm2", "token_embedding", "position_embedding"};
+  for (const auto& [head, component] : {std::pair<std::string, std::string>{"lora_te_", "text_encoder."},
+                                        {"lora_te1_", "text_encoder."}, {"lora_te2_", "text_encoder_2."}})
+    if (starts_with(kohya_name, head) && kohya_name.size() > head.size())
+      return component + split_flattened(kohya_name.substr(head.size()), words);
+  return "";
+}
+
+bool is_text_encoder_path(const std::string& path) { return starts_with(path, "text_encoder"); }
 
 std::string kohya_to_path(const std::string& kohya_name) {
   if (!starts_with(kohya_name, "lora_unet_")) return "";

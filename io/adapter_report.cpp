@@ -18,6 +18,7 @@ std::string AdapterLoadReport::summary() const {
   os << ", " << unmatched.size() << " unmatched, " << shape_mismatches.size() << " shape mismatches, "
      << outside_prefix.size() << " outside the prefix, " << alphas_found.size() << " alphas found, "
      << alphas_defaulted.size() << " defaulted (scale 1)";
+  if (!text_encoder.empty()) os << ", " << text_encoder.size() << " text-encoder keys (not for this model)";
   if (!non_finite.empty()) os << ", " << non_finite.size() << " with NaN/Inf";
   for (const auto& n : notes) os << "; " << n;
   return os.str();

@@ -43,7 +43,7 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
   for (const auto& [key, tensor] : file.tensors) {
     const bool kohya = starts_with(key, "lora_unet_");
     if (is_text_encoder_key(key)) {
-      report.outside_prefix.push_back(key);  // another component of the pipeline
+      report.text_encoder.push_back(key);  // another component of the pipeline: not for this model
       continue;
     }
     std::string kohya_name;
@@ -152,14 +152,15 @@ RawLora read_raw_lora(const TensorFile& file, const std::string& path) {
   std::map<std::string, Pieces> pieces;
   for (const auto& [key, tensor] : file.tensors) {
     std::optional<LoraKey> k;
-    if (starts_with(key, "lora_unet_")) {
+    if (starts_with(key, "lora_unet_") || starts_with(key, "lora_te")) {
       const size_t dot = key.find('.');
-      const std::string module = kohya_to_path(key.substr(0, dot));
+      const std::string name = key.substr(0, dot);
+      const std::string module = starts_with(key, "lora_unet_") ? kohya_to_path(name) : kohya_text_encoder_path(name);
       const std::string rest = dot == std::string::npos ? "" : key.substr(dot + 1);
       if (!module.empty() && (rest == "lora_down.weight" || rest == "lora_up.weight" || rest == "alpha"))
         k = LoraKey{module, rest == "alpha" ? Role::Alpha : rest == "lora_down.weight" ? Role::Down : Role::Up,
                     KeyFamily::Kohya};
-    } else if (!is_text_encoder_key(key)) {
+    } else {
       k = parse_non_kohya(key);
     }
     if (!k) {

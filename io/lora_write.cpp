@@ -110,6 +110,14 @@ std::string kohya_name(const std::string& full, const WriteOptions& options, con
   return "lora_unet_" + underscored(full);
 }
 
+// kohya's module name of a text-encoder path ("text_encoder.text_model.….q_proj"): lora_te_ in a
+// file with one text encoder, lora_te1_ / lora_te2_ with two (SDXL).
+std::string kohya_text_encoder_name(const std::string& full, bool two_encoders) {
+  const bool second = starts_with(full, "text_encoder_2.");
+  const std::string rest = full.substr(full.find('.') + 1);
+  return (second ? "lora_te2_" : two_encoders ? "lora_te1_" : "lora_te_") + underscored(rest);
+}
+
 // up · factor, computed in f64 and stored in the up weights' dtype.
 Tensor folded_up(const RawLoraModule& m, double factor) {
   return ops::mul_scalar(m.up.to(DType::F64), factor).to(m.up.dtype());
@@ -141,16 +149,22 @@ std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora
   // module whose own alpha differs has the ratio folded into its up weights (same ΔW for every
   // reader: loom, sd-scripts, diffusers).
   const double common_alpha = most_common_alpha(lora);
+  bool two_encoders = false;
+  for (const auto& [full, m] : lora.modules) two_encoders = two_encoders || starts_with(full, "text_encoder_2.");
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& [full, m] : lora.modules) {
     // alpha such that alpha / r is the module's scale: the kohya and diffusers convention
     const double own_alpha = m.scale() * double(m.rank());
     const bool fold_alpha = own_alpha != common_alpha && common_alpha != 0;
     const Tensor alpha = Tensor::scalar(fold_alpha ? common_alpha : own_alpha, DType::F32);
+    // UNet keys carry "unet." (diffusers, PEFT); text-encoder paths already name their component.
+    const std::string component = is_text_encoder_path(full) ? full : "unet." + full;
+    const std::string kohya = is_text_encoder_path(full) ? kohya_text_encoder_name(full, two_encoders)
+                                                         : kohya_name(full, options, no_attention);
     switch (family) {
       case KeyFamily::Peft:
-        out.emplace_back("unet." + full + ".lora_A.weight", m.down);
-        out.emplace_back("unet." + full + ".lora_B.weight", m.up);
+        out.emplace_back(component + ".lora_A.weight", m.down);
+        out.emplace_back(component + ".lora_B.weight", m.up);
         break;
       case KeyFamily::Loom:
         out.emplace_back(full + ".lora_A.weight", m.down);
@@ -159,14 +173,13 @@ std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora
       case KeyFamily::Diffusers:
         // What diffusers' load_lora_weights accepts: no `.alpha` keys (it rejects them), so the
         // scale is folded into the up weights and diffusers' default scale 1 reproduces ours.
-        out.emplace_back("unet." + full + ".lora.down.weight", m.down);
-        out.emplace_back("unet." + full + ".lora.up.weight", m.scale() == 1.0 ? m.up : folded_up(m, m.scale()));
+        out.emplace_back(component + ".lora.down.weight", m.down);
+        out.emplace_back(component + ".lora.up.weight", m.scale() == 1.0 ? m.up : folded_up(m, m.scale()));
         break;
       case KeyFamily::Kohya:
-        out.emplace_back(kohya_name(full, options, no_attention) + ".lora_down.weight", m.down);
-        out.emplace_back(kohya_name(full, options, no_attention) + ".lora_up.weight",
-                         fold_alpha ? folded_up(m, own_alpha / common_alpha) : m.up);
-        out.emplace_back(kohya_name(full, options, no_attention) + ".alpha", alpha);
+        out.emplace_back(kohya + ".lora_down.weight", m.down);
+        out.emplace_back(kohya + ".lora_up.weight", fold_alpha ? folded_up(m, own_alpha / common_alpha) : m.up);
+        out.emplace_back(kohya + ".alpha", alpha);
         break;
       default:
         LOOM_FAIL("LoRA writer: cannot write LoRA weights as ", family_name(family));

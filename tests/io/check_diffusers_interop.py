@@ -4,12 +4,13 @@ Usage: check_diffusers_interop.py LOOM_BINARY WORK_DIR
 
 A tiny UNet2DConditionModel (random weights, SD-like block types) is the base. Its block
 down_blocks.0.attentions.0 is saved as a loom model directory; a PEFT-format LoRA for that block
-(per-module rank and alpha, a 1x1-conv proj_in) is written here. loom runs the block with the LoRA
+(per-module rank and alpha, a 1x1-conv proj_in, three text-encoder modules) is written here. loom runs the block with the LoRA
 (`loom run --prefix`), then converts the LoRA with `--to diffusers`, `--to kohya` and
 `--to kohya --sgm`. Each converted file is loaded by diffusers' own loader
 (StableDiffusionLoraLoaderMixin.lora_state_dict + load_lora_into_unet, what load_lora_weights does)
 into a copy of the UNet, whose block then runs in f64 on the CPU: its output must equal loom's (f32)
-within 1e-5 relative, and differ from the base output (the LoRA does something).
+within 1e-5 relative, and differ from the base output (the LoRA does something); diffusers must
+find the three text-encoder modules in each file too.
 Prints 'N passed, M failed' and exits non-zero on any failure.
 """
 import copy
@@ -59,6 +60,10 @@ def peft_lora(block, gen):
         up = torch.randn((w.shape[0], r) + tuple(w.shape[2:]), generator=gen) * 0.5
         tensors[f"unet.{full}.lora_A.weight"] = down.float().contiguous()
         tensors[f"unet.{full}.lora_B.weight"] = up.float().contiguous()
+    for name in ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1"):  # text-encoder modules ride along
+        te = f"text_encoder.text_model.encoder.layers.0.{name}"
+        tensors[f"{te}.lora_A.weight"] = (torch.randn(2, 8, generator=gen) * 0.5).float()
+        tensors[f"{te}.lora_B.weight"] = (torch.randn(8, 2, generator=gen) * 0.5).float()
     meta = {"unet.r": 2, "unet.lora_alpha": 3.0, "unet.rank_pattern": ranks, "unet.alpha_pattern": alphas,
             "unet.use_rslora": False}
     return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(meta)}
@@ -115,6 +120,9 @@ def main():
         try:
             u = copy.deepcopy(unet)
             state, alphas = Loader.lora_state_dict(path, unet_config=u.config)
+            te_keys = [k for k in state if k.startswith("text_encoder.") and k.endswith(("down.weight", "lora_A.weight"))]
+            if len(te_keys) != 3:
+                raise RuntimeError(f"diffusers found {len(te_keys)} text-encoder LoRA modules, not 3: {te_keys}")
             Loader.load_lora_into_unet(state, alphas, unet=u)
             got = block_output(u, x, ctx)
             err = np.linalg.norm(got - loom_out) / np.linalg.norm(loom_out)

@@ -154,7 +154,9 @@ TEST(LoraWrite, KohyaFilesCarryOneAlphaAndFoldTheRest) {
   save_lora(a, *model, dir.file("k.safetensors"), KeyFamily::Kohya);
   const TensorFile f = read_safetensors(dir.file("k.safetensors"));
   for (const auto& [key, t] : f.tensors) {
-    if (key.size() > 6 && key.substr(key.size() - 6) == ".alpha") EXPECT_EQ(t.item(), 3.0) << key;
+    if (key.size() > 6 && key.substr(key.size() - 6) == ".alpha") {
+      EXPECT_EQ(t.item(), 3.0) << key;
+    }
   }
   const std::string v = "transformer_blocks.0.attn1.to_v", k = "transformer_blocks.0.attn2.to_k";
   const Tensor* up_v = f.find("lora_unet_" + std::string("transformer_blocks_0_attn1_to_v") + ".lora_up.weight");
@@ -289,6 +291,78 @@ TEST(LoraConvert, KohyaSgmFilesLoadIntoTheirBlockAndConvertBothWays) {
                 convert_adapter_file(dir.file("sgm.safetensors"), dir.file("x.safetensors"), KeyFamily::Peft, WriteOptions{true});
               }),
               HasSubstr("SGM"));
+}
+
+// Text-encoder modules are never dropped: convert carries them through in every family (renamed),
+// and reports the count; a run on a UNet block reports them as not for this model.
+TEST(LoraConvert, TextEncoderKeysAreCarriedThroughEveryFamilyAndCounted) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 51);
+  const Tensor want = run(*model, in);
+  auto tensors = lora_tensors(a, *model, KeyFamily::Kohya, "down_blocks.1.attentions.0", nullptr);
+  // SDXL's two text encoders as sd-scripts names them, with alphas.
+  Generator gen(52);
+  const std::vector<std::string> te_names{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                          "lora_te1_text_model_encoder_layers_11_mlp_fc2",
+                                          "lora_te2_text_model_encoder_layers_3_self_attn_out_proj"};
+  std::map<std::string, Tensor> te_delta;  // ΔW = (alpha / r)·up·down of each text-encoder module
+  for (const std::string& n : te_names) {
+    tensors.emplace_back(n + ".lora_down.weight", Tensor::randn({2, 6}, gen));
+    tensors.emplace_back(n + ".lora_up.weight", Tensor::randn({6, 2}, gen));
+    tensors.emplace_back(n + ".alpha", Tensor::scalar(2.0, DType::F32));  // scale 1: nothing folded
+    te_delta[n] = ops::matmul(tensors[tensors.size() - 2].second, tensors[tensors.size() - 3].second);
+  }
+  write_safetensors(dir.file("sdxl_kohya.safetensors"), tensors);
+
+  const std::map<KeyFamily, std::string> q_proj_key{
+      {KeyFamily::Peft, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"},
+      {KeyFamily::Diffusers, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight"},
+      {KeyFamily::Loom, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"},
+      {KeyFamily::Kohya, "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"}};
+  for (const auto& [family, key] : q_proj_key) {
+    const std::string out = dir.file(std::string("out_") + family_name(family));
+    const ConvertReport r = convert_adapter_file(dir.file("sdxl_kohya.safetensors"), out, family);
+    EXPECT_EQ(r.text_encoder_modules, 3u) << family_name(family);
+    EXPECT_EQ(r.unet_modules, a.modules().size()) << family_name(family);
+    EXPECT_THAT(r.summary(), HasSubstr("3 text-encoder modules"));
+    const TensorFile f = read_tensor_file(out);
+    EXPECT_TRUE(f.find(key)) << family_name(family) << ": " << key;
+    // Back to kohya: the names sd-scripts wrote, the same ΔW (an alpha may be folded into up).
+    convert_adapter_file(out, dir.file("back.safetensors"), KeyFamily::Kohya);
+    const TensorFile back = read_safetensors(dir.file("back.safetensors"));
+    for (const std::string& n : te_names) {
+      const Tensor *up = back.find(n + ".lora_up.weight"), *down = back.find(n + ".lora_down.weight"),
+                   *alpha = back.find(n + ".alpha");
+      ASSERT_TRUE(up && down && alpha) << family_name(family) << ": " << n;
+      EXPECT_LE(rel_error(ops::mul_scalar(ops::matmul(*up, *down), alpha->item() / 2), te_delta[n]), 1e-6)
+          << family_name(family) << ": " << n;
+    }
+    // A run on the UNet block: the UNet part loads; the text-encoder keys are counted, not unmatched.
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    AdapterLoadOptions o;
+    o.prefix = "down_blocks.1.attentions.0";
+    const AdapterLoadReport lr = load_lora(s, "x", out, o);
+    EXPECT_EQ(lr.text_encoder.size(), family == KeyFamily::Kohya ? 9u : 6u) << family_name(family) << ": " << lr.summary();
+    EXPECT_THAT(lr.summary(), HasSubstr("text-encoder keys (not for this model)"));
+    EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << family_name(family);
+  }
+  // diffusers' own text-encoder spellings (to_q_lora, lora_linear_layer) are read too.
+  write_safetensors(dir.file("te_legacy.safetensors"),
+                    {{"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight", Tensor::randn({2, 6}, gen)},
+                     {"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight", Tensor::randn({6, 2}, gen)},
+                     {"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight", Tensor::randn({2, 6}, gen)},
+                     {"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight", Tensor::randn({6, 2}, gen)}});
+  const RawLora legacy = read_raw_lora(read_safetensors(dir.file("te_legacy.safetensors")), "te_legacy.safetensors");
+  EXPECT_TRUE(legacy.skipped.empty());
+  EXPECT_TRUE(legacy.modules.count("text_encoder.text_model.encoder.layers.0.self_attn.q_proj"));
+  EXPECT_TRUE(legacy.modules.count("text_encoder.text_model.encoder.layers.0.mlp.fc1"));
+  EXPECT_EQ(kohya_text_encoder_path("lora_te_text_model_encoder_layers_10_self_attn_k_proj"),
+            "text_encoder.text_model.encoder.layers.10.self_attn.k_proj");
+  EXPECT_EQ(kohya_text_encoder_path("lora_te2_text_projection"), "text_encoder_2.text_projection");
 }
 
 TEST(LoraRead, LegacyDiffusersAndMixedSpellingsInOneFile) {
