@@ -155,7 +155,9 @@ void save_custom_diffusion(const nn::Module& model, const std::string& path, con
 
 // ---- models ----------------------------------------------------------------------------------
 // A model directory: config.json plus model.safetensors, diffusion_pytorch_model.safetensors
-// or model.h5. With a prefix, only the keys under it are loaded (one block of a full UNet).
+// or model.h5. With a prefix, only the keys under it are loaded (one block of a full UNet); a
+// file holding one block with bare keys (transformer_blocks.0.…, proj_in.weight: save_pretrained
+// of a Transformer2DModel) is loaded whole, the prefix then selecting only the adapters' keys.
 std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string& dir, const std::string& prefix = "",
                                                               DType dtype = DType::F32);
 // A hex digest of the model's parameters at `paths` (".weight" of each adapted module): the

@@ -41,7 +41,14 @@ std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string&
       state[key.substr(prefix.size() + 1)] = t;
     }
   }
-  if (state.empty()) throw FileError(weights, "no key under the prefix '" + prefix + "'");
+  if (state.empty() && file.find("proj_in.weight") && file.find("norm.weight")) {
+    // One block with bare keys (what save_pretrained of a Transformer2DModel writes): the prefix
+    // then names where the block sits in the UNet, and only selects the adapters' keys (SPEC §9).
+    for (const auto& [key, t] : file.tensors) state[key] = t;
+  }
+  if (state.empty())
+    throw FileError(weights, "no key under the prefix '" + prefix +
+                                 "' (and not one block with bare keys such as proj_in.weight, norm.weight)");
   Generator gen(0);
   auto model = std::make_shared<attention::Transformer2DModel>(config, gen, dtype);
   try {

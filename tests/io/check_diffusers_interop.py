@@ -88,15 +88,10 @@ def main():
     unet = tiny_unet()
     block = unet.down_blocks[0].attentions[0]
 
-    # The block as a loom model directory (the whole UNet's key names, selected with --prefix).
+    # The block as a loom model directory, as diffusers' save_pretrained writes it (config.json and
+    # bare keys: transformer_blocks.0.…); --prefix then places it in the UNet for the adapter's keys.
     model_dir = os.path.join(work, "model")
-    os.makedirs(model_dir, exist_ok=True)
-    config = {k: v for k, v in dict(block.config).items() if not k.startswith("_")}
-    config["_class_name"] = "Transformer2DModel"
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(config, f)
-    save_file({f"{BLOCK}.{k}": v.float().contiguous() for k, v in block.state_dict().items()},
-              os.path.join(model_dir, "diffusion_pytorch_model.safetensors"))
+    block.save_pretrained(model_dir, safe_serialization=True)
 
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(2, 8, 4, 4, generator=gen)).numpy().astype(np.float32)

@@ -708,6 +708,42 @@ TEST(ModelDir, LoadsConfigAndWeightsAndABlockOfAFullUnetFile) {
   EXPECT_THAT(error_of([&] { load_model_dir(dir.file("nowhere")); }), HasSubstr("config.json"));
 }
 
+// A directory holding one block with bare keys (save_pretrained of a Transformer2DModel) and a LoRA
+// for the whole UNet: --prefix then selects the adapter's keys only.
+TEST(ModelDir, ABareBlockWithAPrefixSelectsOnlyTheAdaptersKeys) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  {
+    std::ofstream cfg(dir.file("config.json"));
+    cfg << R"({"_class_name": "Transformer2DModel", "in_channels": 4, "num_attention_heads": 2,
+              "attention_head_dim": 3, "num_layers": 2, "cross_attention_dim": 5, "norm_num_groups": 2})";
+  }
+  std::vector<std::pair<std::string, Tensor>> bare;
+  for (const auto& [k, t] : model->state_dict()) bare.emplace_back(k, t);
+  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), bare);
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 61);
+  const Tensor want = run(*model, in);
+  auto unet_lora = lora_tensors(a, *model, KeyFamily::Kohya, "down_blocks.1.attentions.0", nullptr);
+  const auto other = lora_tensors(a, *model, KeyFamily::Kohya, "up_blocks.1.attentions.2", nullptr);
+  unet_lora.insert(unet_lora.end(), other.begin(), other.end());
+  write_safetensors(dir.file("unet_lora.safetensors"), unet_lora);
+
+  const std::string prefix = "down_blocks.1.attentions.0";
+  const auto loaded = load_model_dir(dir.file(""), prefix);
+  adapters::LoraSet s(loaded);
+  AdapterLoadOptions o;
+  o.prefix = prefix;
+  const AdapterLoadReport r = load_lora(s, "u", dir.file("unet_lora.safetensors"), o);
+  EXPECT_EQ(r.outside_prefix.size(), other.size()) << r.summary();
+  EXPECT_LE(rel_error(run(*loaded, in), want), 1e-6);
+  // Without a prefix the bare block loads as before; a file of neither kind is a named error.
+  EXPECT_NO_THROW(load_model_dir(dir.file("")));
+  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), {{"conv_in.weight", Tensor::zeros({2})}});
+  EXPECT_THAT(error_of([&] { load_model_dir(dir.file(""), prefix); }), HasSubstr("no key under the prefix"));
+}
+
 // ---- checkpoints ---------------------------------------------------------------------------------
 
 // N steps of Adam on a LoRA, with batches drawn from `gen`; from a checkpoint when given.
