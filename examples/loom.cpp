@@ -428,6 +428,9 @@ int main(int argc, char** argv) {
   convert->add_option("in", convert_in, "Input adapter file")->required();
   convert->add_option("out", convert_out, "Output file")->required();
   convert->add_option("--to", convert_to, "diffusers | peft | kohya | loom")->capture_default_str();
+  io::WriteOptions convert_options;
+  convert->add_flag("--sgm", convert_options.sgm_names,
+                    "kohya: original SGM/LDM block names (input_blocks_4_1_…), as sd-scripts writes SDXL LoRAs");
   auto* gradcheck_cmd = app.add_subcommand("gradcheck", "Run the f64 gradient checks of the ops and layers");
   gradcheck_cmd->add_option("--filter", grad_filter, "Only checks whose name contains this");
   io::remove_temp_files_on_signals();
@@ -453,9 +456,11 @@ int main(int argc, char** argv) {
       }
       if (same_file(convert_in, convert_out))
         throw UsageError("the output " + convert_out + " is the input file " + convert_in + ": it would be replaced");
+      if (convert_options.sgm_names && family != io::KeyFamily::Kohya) throw UsageError("--sgm goes with --to kohya");
       Doing doing("converting " + convert_in);
-      io::convert_adapter_file(convert_in, convert_out, family);
-      std::cout << "wrote " << convert_out << " (" << convert_to << ")\n";
+      const io::ConvertReport r = io::convert_adapter_file(convert_in, convert_out, family, convert_options);
+      std::cout << "wrote " << convert_out << " (" << convert_to << (convert_options.sgm_names ? ", SGM names" : "")
+                << "): " << r.summary() << "\n";
       return 0;
     }
     if (app.got_subcommand("gradcheck")) return run_gradcheck(grad_filter);

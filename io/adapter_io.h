@@ -1,16 +1,19 @@
-// Adapter files: every LoRA key family of SPEC §5 in, diffusers/PEFT, kohya,
-// diffusers-legacy-free "diffusers" and loom HDF5 out; Custom Diffusion keys;
-// model directories; load reports.
+// Adapter files: every LoRA key family of SPEC §5 read (also mixed in one file), PEFT,
+// diffusers, kohya and loom HDF5 written; Custom Diffusion files; model directories; load reports.
 //
 // Key families (one `to_q` of `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1`):
-//   diffusers legacy  …attn1.processor.to_q_lora.down.weight   (to_out_lora = to_out.0)
-//   diffusers         …attn1.to_q.lora.down.weight / .lora.up.weight
-//   PEFT              …attn1.to_q.lora_A.weight / .lora_B.weight (+ lora_adapter_metadata JSON)
+//   diffusers legacy  unet.….attn1.processor.to_q_lora.down.weight / .up.weight (to_out_lora = to_out.0)
+//   diffusers         unet.….attn1.to_q.lora.down.weight / .lora.up.weight (+ unet.….to_q.alpha)
+//   PEFT              unet.….attn1.to_q.lora_A.weight / .lora_B.weight (+ lora_adapter_metadata JSON)
 //   kohya             lora_unet_down_blocks_0_…_attn1_to_q.lora_down.weight / .lora_up.weight / .alpha
 //   Custom Diffusion  down_blocks.0.…attn2.processor.to_k_custom_diffusion.weight (no `unet.`)
-// A file may mix spellings. Keys are read relative to an optional prefix
-// (e.g. "down_blocks.0.attentions.0"): keys under other blocks are counted as
-// outside the prefix, not as unmatched.
+// Keys are read relative to an optional prefix (e.g. "down_blocks.0.attentions.0"): keys
+// under other blocks are counted as outside the prefix, not as unmatched.
+//
+// Implementation, by concern: key families io/adapter_keys.cpp, alphas io/adapter_alpha.cpp,
+// reports io/adapter_report.cpp, reading io/lora_read.cpp, writing io/lora_write.cpp,
+// conversion io/adapter_convert.cpp, Custom Diffusion io/custom_diffusion_io.cpp, model
+// directories io/model_dir.cpp; shared internals in io/adapter_detail.h.
 #pragma once
 
 #include <map>
@@ -29,7 +32,7 @@ namespace loom::io {
 
 enum class KeyFamily { DiffusersLegacy, Diffusers, Peft, Kohya, CustomDiffusion, Loom };
 const char* family_name(KeyFamily f);
-// "diffusers" (written as PEFT spelling), "peft", "kohya", "loom", "diffusers-legacy-free" names.
+// The family a `--to` name asks for: "diffusers", "peft", "kohya" or "loom" (others: Error).
 KeyFamily parse_family(const std::string& name);
 
 struct KeyShapeMismatch {
@@ -43,6 +46,7 @@ struct AdapterLoadReport {
   std::vector<std::string> matched;         // file keys used
   std::vector<std::string> unmatched;       // keys (inside the prefix) that fit no module of the model
   std::vector<std::string> outside_prefix;  // keys of other blocks, skipped
+  std::vector<std::string> text_encoder;    // text-encoder keys (lora_te…, text_encoder…): not for this model
   std::vector<KeyShapeMismatch> shape_mismatches;
   std::map<std::string, double> alphas_found;  // module path -> alpha (from .alpha keys or metadata)
   std::vector<std::string> alphas_defaulted;   // module paths without alpha (scale 1)
@@ -93,20 +97,52 @@ struct RawLoraModule {
   double scale() const;
 };
 struct RawLora {
-  std::map<std::string, RawLoraModule> modules;  // full module path (no "unet.")
+  // Full module path: UNet modules without "unet."; text-encoder modules with their component,
+  // "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" ("text_encoder_2." for SDXL's second).
+  std::map<std::string, RawLoraModule> modules;
   std::set<KeyFamily> families;
   std::vector<std::string> skipped;  // keys that are not LoRA weights of the UNet
 };
 // Reads every LoRA module of a file without a model; kohya names are split back into
 // diffusers paths with the UNet's vocabulary (down_blocks, transformer_blocks, to_q, ...).
 RawLora read_raw_lora(const TensorFile& file, const std::string& path);
+// How a family is spelled on writing.
+struct WriteOptions {
+  bool sgm_names = false;  // kohya: the SGM/LDM block numbering (input_blocks_4_1_…), as sd-scripts writes SDXL
+};
 // The tensors (and metadata) of `lora` in `family` spelling.
 std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora, KeyFamily family,
-                                                             std::map<std::string, std::string>* metadata);
+                                                             std::map<std::string, std::string>* metadata,
+                                                             const WriteOptions& options = {});
+// What a conversion wrote.
+struct ConvertReport {
+  size_t unet_modules = 0;          // LoRA modules of the UNet (or Custom Diffusion tensors)
+  size_t text_encoder_modules = 0;  // LoRA modules of text encoders, carried through renamed
+  std::vector<std::string> skipped;  // keys not converted (neither LoRA nor Custom Diffusion weights)
+  std::string summary() const;
+};
 // Converts an adapter file (LoRA of any family, or Custom Diffusion) to `family`.
-void convert_adapter_file(const std::string& in, const std::string& out, KeyFamily family);
-// The diffusers path of a kohya module name ("lora_unet_down_blocks_0_…_to_q"), or "" when it is not one.
+ConvertReport convert_adapter_file(const std::string& in, const std::string& out, KeyFamily family,
+                                   const WriteOptions& options = {});
+// The diffusers path of a kohya module name ("lora_unet_down_blocks_0_…_to_q", or in the SGM/LDM
+// numbering "lora_unet_input_blocks_4_1_…_to_q"), or "" when it is not one.
 std::string kohya_to_path(const std::string& kohya_name);
+
+// The path of a kohya text-encoder module name with its component ("lora_te_text_model_…_q_proj" and
+// "lora_te1_…" -> "text_encoder.text_model.….q_proj", "lora_te2_…" -> "text_encoder_2.…"), or "".
+std::string kohya_text_encoder_path(const std::string& kohya_name);
+// Whether a module path (as in RawLora) belongs to a text encoder.
+bool is_text_encoder_path(const std::string& path);
+
+// ---- kohya's SGM/LDM block numbering (io/kohya_sgm.cpp; table in docs/io.md) ----------------
+// "input_blocks.4.1.transformer_blocks.0.attn1.to_q" -> "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+// (as diffusers' loader maps them, layers_per_block = 2: SD 1.x, 2.x, SDXL); "" when not an SGM path.
+std::string sgm_to_path(const std::string& sgm_path);
+// The inverse; `up_blocks_without_attention` (SD 1.x: {0}) puts those blocks' upsampler at
+// sub-index 1 instead of 2. "" for a path with no SGM name.
+std::string path_to_sgm(const std::string& path, const std::set<int>& up_blocks_without_attention = {});
+// Whether a kohya module name uses the SGM numbering (input_blocks, middle_block, output_blocks, ...).
+bool is_sgm_kohya_name(const std::string& kohya_name);
 
 // ---- Custom Diffusion -------------------------------------------------------------------------
 bool is_custom_diffusion_file(const TensorFile& file);
@@ -119,7 +155,9 @@ void save_custom_diffusion(const nn::Module& model, const std::string& path, con
 
 // ---- models ----------------------------------------------------------------------------------
 // A model directory: config.json plus model.safetensors, diffusion_pytorch_model.safetensors
-// or model.h5. With a prefix, only the keys under it are loaded (one block of a full UNet).
+// or model.h5. With a prefix, only the keys under it are loaded (one block of a full UNet); a
+// file holding one block with bare keys (transformer_blocks.0.…, proj_in.weight: save_pretrained
+// of a Transformer2DModel) is loaded whole, the prefix then selecting only the adapters' keys.
 std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string& dir, const std::string& prefix = "",
                                                               DType dtype = DType::F32);
 // A hex digest of the model's parameters at `paths` (".weight" of each adapted module): the

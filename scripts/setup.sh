@@ -25,12 +25,19 @@ else
 fi
 
 # Optional: the Python packages of the interop tests (files loom writes, read by the official
-# safetensors package and h5py). Without them those two tests are not registered; the build says so.
+# safetensors package and h5py; LoRA files loaded by diffusers itself, which needs torch and peft).
+# Without them those tests are not registered; the build says so.
 if command -v python3 >/dev/null 2>&1; then
   if python3 -c "import numpy, safetensors, h5py" 2>/dev/null; then
     echo "setup: numpy, safetensors and h5py are installed (interop tests on)"
   else
     python3 -m pip install --quiet numpy safetensors h5py 2>/dev/null \
       || echo "setup: could not install numpy/safetensors/h5py with pip: the Python interop tests will be skipped"
+  fi
+  if python3 -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'diffusers', 'peft')))" 2>/dev/null; then
+    echo "setup: torch, diffusers and peft are installed (io_diffusers_interop on)"
+  else
+    python3 -m pip install --quiet torch diffusers peft 2>/dev/null \
+      || echo "setup: could not install torch/diffusers/peft with pip: io_diffusers_interop will be skipped"
   fi
 fi

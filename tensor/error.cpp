@@ -14,7 +14,7 @@ std::ostream& operator<<(std::ostream& os, const std::vector<int64_t>& shape) {
 namespace detail {
 
 void throw_error(const std::string& msg, const char* func) {
-  (void)func;  // the message already starts with the op name
+  (void)func;  // not appended: messages start with the op name (see LOOM_CHECK in error.h)
   throw Error(msg);
 }
 

@@ -39,8 +39,9 @@ std::string concat(const Args&... args) {
 
 }  // namespace loom
 
-// Throws loom::Error("<message> (in <function>)") when cond is false.
-// The message should start with the op name: LOOM_CHECK(ok, "matmul: ...").
+// Throws loom::Error("<message>") when cond is false. The message is shown to users as it is
+// (the C++ function name is not appended: it means nothing to them), so it must start with the
+// op, layer or file at fault: LOOM_CHECK(ok, "matmul: inner dims differ: ", a, " vs ", b).
 #define LOOM_CHECK(cond, ...)                                                  \
   do {                                                                         \
     if (!(cond)) ::loom::detail::throw_error(::loom::detail::concat(__VA_ARGS__), __func__); \

@@ -5,9 +5,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
 
 #include "adapters/custom_diffusion.h"
 #include "adapters/lora.h"
@@ -98,6 +101,46 @@ INSTANTIATE_TEST_SUITE_P(Io, LoraFamilies,
                          ::testing::Values(KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom),
                          [](const auto& info) { return std::string(family_name(info.param)) == "diffusers" ? "diffusers" : family_name(info.param); });
 
+// What diffusers' load_lora_weights accepts (it rejects any key without "lora", e.g. `.alpha`):
+// the scale alpha/r is folded into the up weights. (diffusers itself loads it: io_diffusers_interop.)
+TEST(LoraWrite, DiffusersFilesHaveNoAlphaKeysAndTheScaleFoldedIntoUp) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 41);
+  save_lora(a, *model, dir.file("d.safetensors"), KeyFamily::Diffusers);
+  const TensorFile f = read_safetensors(dir.file("d.safetensors"));
+  EXPECT_EQ(f.tensors.size(), 2 * a.modules().size());
+  for (const auto& [key, t] : f.tensors) EXPECT_THAT(key, HasSubstr("lora")) << key;
+  for (const auto& [path, m] : a.modules()) {
+    const Tensor* up = f.find("unet." + path + ".lora.up.weight");
+    ASSERT_TRUE(up) << path;
+    EXPECT_LE(rel_error(*up, ops::mul_scalar(m.up.tensor(), m.scale())), 1e-7) << path;
+  }
+}
+
+// kohya: one alpha for every module (diffusers' kohya loader applies the most common alpha to
+// attention modules); a module whose alpha differs has the ratio folded into its up weights.
+TEST(LoraWrite, KohyaFilesCarryOneAlphaAndFoldTheRest) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 42);  // alpha 3, attn1.to_v 1.5; attn2.to_k rank 3
+  save_lora(a, *model, dir.file("k.safetensors"), KeyFamily::Kohya);
+  const TensorFile f = read_safetensors(dir.file("k.safetensors"));
+  for (const auto& [key, t] : f.tensors) {
+    if (key.size() > 6 && key.substr(key.size() - 6) == ".alpha") {
+      EXPECT_EQ(t.item(), 3.0) << key;
+    }
+  }
+  const std::string v = "transformer_blocks.0.attn1.to_v", k = "transformer_blocks.0.attn2.to_k";
+  const Tensor* up_v = f.find("lora_unet_" + std::string("transformer_blocks_0_attn1_to_v") + ".lora_up.weight");
+  const Tensor* up_k = f.find("lora_unet_" + std::string("transformer_blocks_0_attn2_to_k") + ".lora_up.weight");
+  ASSERT_TRUE(up_v && up_k);
+  EXPECT_LE(rel_error(*up_v, ops::mul_scalar(a.modules().at(v).up.tensor(), 0.5)), 1e-7);  // 1.5 / 3
+  EXPECT_EQ(up_k->to_vector(), a.modules().at(k).up.tensor().to_vector());  // alpha 3 (scale 1): untouched
+}
+
 TEST(LoraConvert, EveryPairOfFamiliesRoundTripsTheOutput) {
   TempDir dir;
   const Inputs in = tiny_inputs(DType::F32);
@@ -149,6 +192,152 @@ TEST(LoraRead, KohyaNamesSplitBackIntoDiffusersPaths) {
   EXPECT_EQ(kohya_to_path("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj"),
             "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj");
   EXPECT_EQ(kohya_to_path("lora_te_text_model_encoder_layers_0_mlp_fc1"), "");
+}
+
+// kohya's SGM/LDM numbering: every name sd-scripts writes for SD 1.x and SDXL, mapped as diffusers'
+// own loader maps it (golden: tests/io/fixtures/make_sgm_names.py runs diffusers' conversion).
+TEST(LoraRead, KohyaSgmNamesMapAsDiffusersMapsThemBothWays) {
+  std::ifstream in(std::string(LOOM_IO_FIXTURES) + "/sgm_names.json");
+  ASSERT_TRUE(in.good());
+  const nlohmann::json golden = nlohmann::json::parse(in);
+  for (const std::string layout : {"sd15", "sdxl"}) {
+    ASSERT_GT(golden.at(layout).size(), 250u);
+    const std::set<int> no_attention = layout == "sd15" ? std::set<int>{0} : std::set<int>{};
+    for (const auto& [kohya, path] : golden.at(layout).items()) {
+      EXPECT_TRUE(is_sgm_kohya_name(kohya)) << kohya;
+      EXPECT_EQ(kohya_to_path(kohya), path.get<std::string>()) << layout << " " << kohya;
+      std::string sgm = path_to_sgm(path.get<std::string>(), no_attention);
+      std::replace(sgm.begin(), sgm.end(), '.', '_');
+      EXPECT_EQ("lora_unet_" + sgm, kohya) << layout << " " << path;
+    }
+  }
+  // SD 1.x's first up block has no attention: its Upsample is sub-index 1 (diffusers maps every
+  // sub-index 1 to an attention that block does not have; loom maps it to the upsampler).
+  EXPECT_EQ(kohya_to_path("lora_unet_output_blocks_2_1_conv"), "up_blocks.0.upsamplers.0.conv");
+  EXPECT_EQ(path_to_sgm("up_blocks.0.upsamplers.0.conv", {0}), "output_blocks.2.1.conv");
+  EXPECT_EQ(sgm_to_path("time_embed.0"), "time_embedding.linear_1");
+  EXPECT_EQ(path_to_sgm("add_embedding.linear_2"), "label_emb.0.2");
+  EXPECT_EQ(sgm_to_path("down_blocks.0.attentions.0.proj_in"), "");
+  EXPECT_EQ(path_to_sgm("down_blocks.0.attentions.0.weird.0"), "input_blocks.1.1.weird.0");
+  EXPECT_EQ(path_to_sgm("mid_block.attentions.1.proj_in"), "");
+}
+
+TEST(LoraConvert, KohyaSgmFilesLoadIntoTheirBlockAndConvertBothWays) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 31, {"to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"});
+  const Tensor want = run(*model, in);
+  // The adapter as SDXL's down_blocks.1.attentions.0 (= input_blocks.4.1), plus the same weights
+  // as the middle block (middle_block.1) and an up block (output_blocks.1.1).
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const std::string block : {"down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.1"}) {
+    const auto t = lora_tensors(a, *model, KeyFamily::Kohya, block, nullptr);
+    tensors.insert(tensors.end(), t.begin(), t.end());
+  }
+  write_safetensors(dir.file("diffusers_numbering.safetensors"), tensors);
+  const ConvertReport cr = convert_adapter_file(dir.file("diffusers_numbering.safetensors"), dir.file("sgm.safetensors"),
+                                                KeyFamily::Kohya, WriteOptions{true});
+  EXPECT_EQ(cr.unet_modules, 3 * a.modules().size());
+  const TensorFile sgm = read_safetensors(dir.file("sgm.safetensors"));
+  std::set<std::string> heads;
+  for (const auto& [key, t] : sgm.tensors) {
+    EXPECT_TRUE(is_sgm_kohya_name(key.substr(0, key.find('.')))) << key;
+    heads.insert(key.substr(0, key.find("_transformer_blocks") == std::string::npos ? key.find("_proj") : key.find("_transformer_blocks")));
+  }
+  EXPECT_EQ(heads, (std::set<std::string>{"lora_unet_input_blocks_4_1", "lora_unet_middle_block_1", "lora_unet_output_blocks_1_1"}));
+  for (const std::string block : {"down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.1"}) {
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    AdapterLoadOptions o;
+    o.prefix = block;
+    const AdapterLoadReport r = load_lora(s, "sgm", dir.file("sgm.safetensors"), o);
+    EXPECT_EQ(r.outside_prefix.size(), 2 * tensors.size() / 3) << block << ": " << r.summary();
+    EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << block;
+  }
+  // Back to diffusers' numbering without a model, then PEFT: same keys as written at first.
+  convert_adapter_file(dir.file("sgm.safetensors"), dir.file("peft.safetensors"), KeyFamily::Peft);
+  const TensorFile peft = read_safetensors(dir.file("peft.safetensors"));
+  EXPECT_EQ(peft.tensors.size(), 2 * sgm.tensors.size() / 3);
+  EXPECT_TRUE(peft.find("unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0.lora_A.weight"));
+  EXPECT_TRUE(peft.find("unet.up_blocks.0.attentions.1.proj_in.lora_B.weight"));
+  EXPECT_THAT(error_of([&] {
+                convert_adapter_file(dir.file("sgm.safetensors"), dir.file("x.safetensors"), KeyFamily::Peft, WriteOptions{true});
+              }),
+              HasSubstr("SGM"));
+}
+
+// Text-encoder modules are never dropped: convert carries them through in every family (renamed),
+// and reports the count; a run on a UNet block reports them as not for this model.
+TEST(LoraConvert, TextEncoderKeysAreCarriedThroughEveryFamilyAndCounted) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 51);
+  const Tensor want = run(*model, in);
+  auto tensors = lora_tensors(a, *model, KeyFamily::Kohya, "down_blocks.1.attentions.0", nullptr);
+  // SDXL's two text encoders as sd-scripts names them, with alphas.
+  Generator gen(52);
+  const std::vector<std::string> te_names{"lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                          "lora_te1_text_model_encoder_layers_11_mlp_fc2",
+                                          "lora_te2_text_model_encoder_layers_3_self_attn_out_proj"};
+  std::map<std::string, Tensor> te_delta;  // ΔW = (alpha / r)·up·down of each text-encoder module
+  for (const std::string& n : te_names) {
+    tensors.emplace_back(n + ".lora_down.weight", Tensor::randn({2, 6}, gen));
+    tensors.emplace_back(n + ".lora_up.weight", Tensor::randn({6, 2}, gen));
+    tensors.emplace_back(n + ".alpha", Tensor::scalar(2.0, DType::F32));  // scale 1: nothing folded
+    te_delta[n] = ops::matmul(tensors[tensors.size() - 2].second, tensors[tensors.size() - 3].second);
+  }
+  write_safetensors(dir.file("sdxl_kohya.safetensors"), tensors);
+
+  const std::map<KeyFamily, std::string> q_proj_key{
+      {KeyFamily::Peft, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"},
+      {KeyFamily::Diffusers, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight"},
+      {KeyFamily::Loom, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"},
+      {KeyFamily::Kohya, "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"}};
+  for (const auto& [family, key] : q_proj_key) {
+    const std::string out = dir.file(std::string("out_") + family_name(family));
+    const ConvertReport r = convert_adapter_file(dir.file("sdxl_kohya.safetensors"), out, family);
+    EXPECT_EQ(r.text_encoder_modules, 3u) << family_name(family);
+    EXPECT_EQ(r.unet_modules, a.modules().size()) << family_name(family);
+    EXPECT_THAT(r.summary(), HasSubstr("3 text-encoder modules"));
+    const TensorFile f = read_tensor_file(out);
+    EXPECT_TRUE(f.find(key)) << family_name(family) << ": " << key;
+    // Back to kohya: the names sd-scripts wrote, the same ΔW (an alpha may be folded into up).
+    convert_adapter_file(out, dir.file("back.safetensors"), KeyFamily::Kohya);
+    const TensorFile back = read_safetensors(dir.file("back.safetensors"));
+    for (const std::string& n : te_names) {
+      const Tensor *up = back.find(n + ".lora_up.weight"), *down = back.find(n + ".lora_down.weight"),
+                   *alpha = back.find(n + ".alpha");
+      ASSERT_TRUE(up && down && alpha) << family_name(family) << ": " << n;
+      EXPECT_LE(rel_error(ops::mul_scalar(ops::matmul(*up, *down), alpha->item() / 2), te_delta[n]), 1e-6)
+          << family_name(family) << ": " << n;
+    }
+    // A run on the UNet block: the UNet part loads; the text-encoder keys are counted, not unmatched.
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    AdapterLoadOptions o;
+    o.prefix = "down_blocks.1.attentions.0";
+    const AdapterLoadReport lr = load_lora(s, "x", out, o);
+    EXPECT_EQ(lr.text_encoder.size(), family == KeyFamily::Kohya ? 9u : 6u) << family_name(family) << ": " << lr.summary();
+    EXPECT_THAT(lr.summary(), HasSubstr("text-encoder keys (not for this model)"));
+    EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << family_name(family);
+  }
+  // diffusers' own text-encoder spellings (to_q_lora, lora_linear_layer) are read too.
+  write_safetensors(dir.file("te_legacy.safetensors"),
+                    {{"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight", Tensor::randn({2, 6}, gen)},
+                     {"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight", Tensor::randn({6, 2}, gen)},
+                     {"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight", Tensor::randn({2, 6}, gen)},
+                     {"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight", Tensor::randn({6, 2}, gen)}});
+  const RawLora legacy = read_raw_lora(read_safetensors(dir.file("te_legacy.safetensors")), "te_legacy.safetensors");
+  EXPECT_TRUE(legacy.skipped.empty());
+  EXPECT_TRUE(legacy.modules.count("text_encoder.text_model.encoder.layers.0.self_attn.q_proj"));
+  EXPECT_TRUE(legacy.modules.count("text_encoder.text_model.encoder.layers.0.mlp.fc1"));
+  EXPECT_EQ(kohya_text_encoder_path("lora_te_text_model_encoder_layers_10_self_attn_k_proj"),
+            "text_encoder.text_model.encoder.layers.10.self_attn.k_proj");
+  EXPECT_EQ(kohya_text_encoder_path("lora_te2_text_projection"), "text_encoder_2.text_projection");
 }
 
 TEST(LoraRead, LegacyDiffusersAndMixedSpellingsInOneFile) {
@@ -207,8 +396,13 @@ TEST(LoraRead, KohyaAlphaOfAnyDtypeAndPeftMetadata) {
   adapters::LoraSet s(fresh);
   const AdapterLoadReport r = load_lora(s, "k", dir.file("k.safetensors"));
   EXPECT_EQ(r.alphas_found.size(), a.modules().size());
-  for (const auto& [path, m] : a.modules())
-    EXPECT_NEAR(s.adapter("k").modules().at(path).scale(), m.scale(), 1e-3) << path;
+  for (const auto& [path, m] : a.modules()) {  // the same ΔW = scale·B·A (an alpha may be folded into B)
+    const auto& got = s.adapter("k").modules().at(path);
+    EXPECT_LE(rel_error(ops::mul_scalar(ops::matmul(got.up.tensor(), got.down.tensor()), got.scale()),
+                        ops::mul_scalar(ops::matmul(m.up.tensor(), m.down.tensor()), m.scale())),
+              1e-3)
+        << path;
+  }
 
   save_lora(a, *model, dir.file("p.safetensors"), KeyFamily::Peft);  // alphas only in lora_adapter_metadata
   auto fresh2 = tiny_model();
@@ -218,6 +412,106 @@ TEST(LoraRead, KohyaAlphaOfAnyDtypeAndPeftMetadata) {
     EXPECT_EQ(s2.adapter("p").modules().at(path).rank, m.rank) << path;
     EXPECT_DOUBLE_EQ(s2.adapter("p").modules().at(path).scale(), m.scale()) << path;
   }
+}
+
+// A bad alpha is a bad file (exit 3 at load time), never a NaN output at run time.
+TEST(LoraRead, BadKohyaAlphasAreFileErrorsNamingTheKey) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 21);
+  const std::vector<std::pair<std::string, Tensor>> bad_alphas{
+      {"two values", Tensor::from_values({1.0, 2.0}, {2})},
+      {"empty", Tensor::zeros({0})},
+      {"a matrix", Tensor::from_values({4.0}, {1, 1})},
+      {"NaN", Tensor::scalar(NAN, DType::F32)},
+      {"Inf", Tensor::scalar(INFINITY, DType::F32)},
+      {"-Inf in f16", Tensor::scalar(-INFINITY, DType::F32).to(DType::F16)}};
+  for (const auto& [what, bad] : bad_alphas) {
+    auto tensors = lora_tensors(a, *model, KeyFamily::Kohya, "", nullptr);
+    std::string alpha_key;
+    for (auto& [key, t] : tensors)
+      if (alpha_key.empty() && key.size() > 6 && key.substr(key.size() - 6) == ".alpha") alpha_key = key, t = bad;
+    write_safetensors(dir.file("k.safetensors"), tensors);
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    for (bool strict : {true, false}) {
+      AdapterLoadOptions o;
+      o.strict = strict;
+      bool file_error = false;
+      std::string err;
+      try {
+        load_lora(s, "k", dir.file("k.safetensors"), o);
+      } catch (const FileError& e) {
+        file_error = true, err = e.what();
+      }
+      EXPECT_TRUE(file_error) << what;
+      EXPECT_THAT(err, HasSubstr(alpha_key)) << what;
+      EXPECT_THAT(err, HasSubstr("k.safetensors")) << what;
+    }
+    EXPECT_FALSE(s.has("k"));
+    // Without a model (inspect, convert): the same error, and no output file.
+    EXPECT_THAT(error_of([&] { convert_adapter_file(dir.file("k.safetensors"), dir.file("out.safetensors"), KeyFamily::Peft); }),
+                HasSubstr(alpha_key)) << what;
+    EXPECT_FALSE(fs::exists(dir.file("out.safetensors"))) << what;
+  }
+}
+
+TEST(LoraRead, NullOrNonFiniteAlphasInPeftMetadataAreFileErrors) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 22);
+  const auto tensors = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
+  for (const std::string meta : {R"({"unet.r": 2, "unet.lora_alpha": null})", R"({"r": 2, "lora_alpha": 3, "alpha_pattern": {"to_v": null}})",
+                                 R"({"r": null, "lora_alpha": 3})"}) {
+    write_safetensors(dir.file("p.safetensors"), tensors, {{"lora_adapter_metadata", meta}});
+    auto fresh = tiny_model();
+    adapters::LoraSet s(fresh);
+    const std::string err = error_of([&] { load_lora(s, "p", dir.file("p.safetensors")); });
+    EXPECT_THAT(err, HasSubstr("lora_adapter_metadata")) << meta;
+    EXPECT_THAT(err, HasSubstr("null")) << meta;
+  }
+  // A loom HDF5 file whose module attribute says alpha = NaN.
+  std::map<std::string, Attributes> groups{{"transformer_blocks.0.attn1.to_q", {{"alpha", double(NAN)}, {"rank", int64_t(2)}}}};
+  write_hdf5(dir.file("l.h5"), lora_tensors(a, *model, KeyFamily::Loom, "", nullptr),
+             {{"format", std::string("loom")}, {"kind", std::string("lora")}}, groups);
+  auto fresh = tiny_model();
+  adapters::LoraSet s(fresh);
+  const std::string err = error_of([&] { load_lora(s, "l", dir.file("l.h5")); });
+  EXPECT_THAT(err, HasSubstr("transformer_blocks.0.attn1.to_q"));
+  EXPECT_THAT(err, HasSubstr("NaN"));
+}
+
+TEST(LoraWrite, WritersRefuseNonFiniteAlphasAndConvertRefusesNonFiniteCustomDiffusion) {
+  TempDir dir;
+  auto model = tiny_model();
+  adapters::LoraSet set(model);
+  adapters::LoraConfig cfg;
+  cfg.rank = 2, cfg.alpha = NAN;
+  Generator gen(23);
+  adapters::LoraAdapter& a = set.add("a", cfg, gen);
+  for (KeyFamily f : {KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom}) {
+    EXPECT_THAT(error_of([&] { save_lora(a, *model, dir.file("a.out"), f); }), HasSubstr("non-finite alpha")) << family_name(f);
+    EXPECT_FALSE(fs::exists(dir.file("a.out")));
+  }
+  auto cd = tiny_model();
+  const auto params = adapters::apply_custom_diffusion(*cd, "crossattn");
+  save_custom_diffusion(*cd, dir.file("cd.safetensors"));
+  auto tensors = read_safetensors(dir.file("cd.safetensors")).tensors;
+  std::vector<double> v = tensors[0].second.to_vector();
+  v[1] = NAN;
+  tensors[0].second = Tensor::from_values(v, tensors[0].second.shape());
+  write_safetensors(dir.file("cd_nan.safetensors"), tensors);
+  bool file_error = false;
+  try {
+    convert_adapter_file(dir.file("cd_nan.safetensors"), dir.file("cd.h5"), KeyFamily::Loom);
+  } catch (const FileError& e) {
+    file_error = true;
+    EXPECT_THAT(e.what(), HasSubstr(tensors[0].first));
+  }
+  EXPECT_TRUE(file_error);
+  EXPECT_FALSE(fs::exists(dir.file("cd.h5")));
 }
 
 TEST(LoraRead, StrictErrorsNameTheKeyAndBothShapes) {
@@ -387,6 +681,42 @@ TEST(ModelDir, LoadsConfigAndWeightsAndABlockOfAFullUnetFile) {
   EXPECT_EQ(run(*loaded, in).to_vector(), run(*model, in).to_vector());
   EXPECT_THAT(error_of([&] { load_model_dir(dir.file("")); }), HasSubstr("diffusion_pytorch_model.safetensors"));
   EXPECT_THAT(error_of([&] { load_model_dir(dir.file("nowhere")); }), HasSubstr("config.json"));
+}
+
+// A directory holding one block with bare keys (save_pretrained of a Transformer2DModel) and a LoRA
+// for the whole UNet: --prefix then selects the adapter's keys only.
+TEST(ModelDir, ABareBlockWithAPrefixSelectsOnlyTheAdaptersKeys) {
+  TempDir dir;
+  const Inputs in = tiny_inputs(DType::F32);
+  auto model = tiny_model();
+  {
+    std::ofstream cfg(dir.file("config.json"));
+    cfg << R"({"_class_name": "Transformer2DModel", "in_channels": 4, "num_attention_heads": 2,
+              "attention_head_dim": 3, "num_layers": 2, "cross_attention_dim": 5, "norm_num_groups": 2})";
+  }
+  std::vector<std::pair<std::string, Tensor>> bare;
+  for (const auto& [k, t] : model->state_dict()) bare.emplace_back(k, t);
+  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), bare);
+  adapters::LoraSet set(model);
+  adapters::LoraAdapter& a = trained_like(set, "a", 61);
+  const Tensor want = run(*model, in);
+  auto unet_lora = lora_tensors(a, *model, KeyFamily::Kohya, "down_blocks.1.attentions.0", nullptr);
+  const auto other = lora_tensors(a, *model, KeyFamily::Kohya, "up_blocks.1.attentions.2", nullptr);
+  unet_lora.insert(unet_lora.end(), other.begin(), other.end());
+  write_safetensors(dir.file("unet_lora.safetensors"), unet_lora);
+
+  const std::string prefix = "down_blocks.1.attentions.0";
+  const auto loaded = load_model_dir(dir.file(""), prefix);
+  adapters::LoraSet s(loaded);
+  AdapterLoadOptions o;
+  o.prefix = prefix;
+  const AdapterLoadReport r = load_lora(s, "u", dir.file("unet_lora.safetensors"), o);
+  EXPECT_EQ(r.outside_prefix.size(), other.size()) << r.summary();
+  EXPECT_LE(rel_error(run(*loaded, in), want), 1e-6);
+  // Without a prefix the bare block loads as before; a file of neither kind is a named error.
+  EXPECT_NO_THROW(load_model_dir(dir.file("")));
+  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), {{"conv_in.weight", Tensor::zeros({2})}});
+  EXPECT_THAT(error_of([&] { load_model_dir(dir.file(""), prefix); }), HasSubstr("no key under the prefix"));
 }
 
 // ---- checkpoints ---------------------------------------------------------------------------------
