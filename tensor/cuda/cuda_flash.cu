@@ -90,6 +90,65 @@ __device__ __forceinline__ void ldmatrix_b_trans(uint32_t* b, const T* base, int
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
 }
 
+// ldmatrix.x4 forms (lane l gives the address of row l % 8 of matrix l / 8); each replaces
+// four 32-bit shared loads. Rows are 16-byte aligned and, with the (dp + 8) padding, the 8
+// rows of one matrix fall into 8 distinct 16-byte bank groups.
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// The A fragment (rows row0…row0+15, k0…k0+15) of a row-major [m][k] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_a(uint32_t* a, const T* base, int row0, int k0, int ld, int lane) {
+  ldsm_x4(a, base + (row0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+// Two B fragments (k0…k0+15; n-blocks n0…n0+7 → b[0..1], n0+8…n0+15 → b[2..3]) whose
+// transpose is a row-major [n][k] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_b_pair(uint32_t* b, const T* base, int n0, int k0, int ld, int lane) {
+  ldsm_x4(b, base + (n0 + (lane & 7) + ((lane >> 4) << 3)) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+// Two B fragments (k0…k0+15; n0…n0+7 → b[0..1], n0+8…n0+15 → b[2..3]) of a row-major [k][n] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_b_trans_pair(uint32_t* b, const T* base, int k0, int n0, int ld, int lane) {
+  ldsm_x4_trans(b, base + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
+}
+
+// 2^x (ex2.approx, ≤ 2 ulp; −inf → 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16-byte asynchronous global → shared copy (L2 only); zero-fills when !in.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(in ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// load_tile with cp.async: the copy lands after cp_async_wait_all + __syncthreads.
+template <typename T, int DP>
+__device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len,
+                                                int d, int tid, int threads) {
+  constexpr int kChunks = DP / 8;
+  for (int idx = tid; idx < rows * kChunks; idx += threads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const bool in = r0 + r < len && c < d;
+    cp_async16(tile + r * ld + c, in ? src + (r0 + r) * d + c : src, in);
+  }
+}
+
 // A fragment of a row-major [m][k] tile in shared memory: rows row0…row0+15, k columns k0…k0+15.
 template <typename T>
 __device__ __forceinline__ void load_a(uint32_t* a, const T* base, int row0, int k0, int ld, int g, int t) {
@@ -144,8 +203,8 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   constexpr int kDp = S::kDp, kLd = S::kLd, kRows = S::kRows, kCols = S::kCols;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kRows * kLd;
-  T* sV = sK + kCols * kLd;
+  T* sK0 = sQ + kRows * kLd;  // K and V, two buffers each: [buf][kCols][kLd]
+  T* sV0 = sK0 + 2 * kCols * kLd;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
@@ -155,11 +214,22 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
 
-  load_tile<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+  // key tiles [0, tiles): with causal, those whose first key is ≤ the tile's last query
+  int64_t tiles = (p.k_len + kCols - 1) / kCols;
+  if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kCols + 1);
+
+  // Q and the first K/V tile in one cp.async group; tile it + 1 is copied while tile it is used.
+  load_tile_async<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+  if (tiles > 0) {
+    load_tile_async<T, kDp>(sK0, kLd, k, 0, kCols, p.k_len, D, tid, S::kThreads);
+    load_tile_async<T, kDp>(sV0, kLd, v, 0, kCols, p.k_len, D, tid, S::kThreads);
+  }
+  cp_async_commit();
+  cp_async_wait_all();
   __syncthreads();
   uint32_t qf[kDp / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < kDp / 16; ++kk) load_a(qf[kk], sQ, warp * 16, kk * 16, kLd, g, t);
+  for (int kk = 0; kk < kDp / 16; ++kk) ldsm_a(qf[kk], sQ, warp * 16, kk * 16, kLd, lane);
 
   float o[D / 8][4];
 #pragma unroll
@@ -167,12 +237,18 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int64_t row_q[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
 
-  for (int64_t j0 = 0; j0 < p.k_len; j0 += kCols) {
-    if (p.causal && j0 > i0 + kRows - 1) break;  // every key of the tile lies after every query
-    __syncthreads();
-    load_tile<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
-    load_tile<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
-    __syncthreads();
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int64_t j0 = it * kCols;
+    const int buf = int(it & 1);
+    const T* sK = sK0 + buf * kCols * kLd;
+    const T* sV = sV0 + buf * kCols * kLd;
+    cp_async_wait_all();
+    __syncthreads();  // tile it landed for all threads; every warp is done with tile it − 1
+    if (it + 1 < tiles) {
+      load_tile_async<T, kDp>(sK0 + (buf ^ 1) * kCols * kLd, kLd, k, j0 + kCols, kCols, p.k_len, D, tid, S::kThreads);
+      load_tile_async<T, kDp>(sV0 + (buf ^ 1) * kCols * kLd, kLd, v, j0 + kCols, kCols, p.k_len, D, tid, S::kThreads);
+    }
+    cp_async_commit();
 
     float s[kCols / 8][4];
 #pragma unroll
@@ -180,25 +256,35 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) {
-        uint32_t b[2];
-        load_b(b, sK, j * 8, kk * 16, kLd, g, t);
+      for (int j = 0; j < kCols / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sK, j * 8, kk * 16, kLd, lane);
         mma16816(s[j], qf[kk], b, T());
+        mma16816(s[j + 1], qf[kk], b + 2, T());
       }
     }
-    // scale, mask, bounds; then the online softmax of rows g (h = 0) and g + 8 (h = 1)
+    // scale; on the last / diagonal tiles and with a mask also bounds, causal and mask
+    const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || j0 + kCols - 1 <= i0);
+    if (plain) {
 #pragma unroll
-    for (int j = 0; j < kCols / 8; ++j) {
+      for (int j = 0; j < kCols / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2;
-        const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[h];
-        float x = s[j][e] * sl2;
-        if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-        else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-        s[j][e] = x;
+        for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2;
+          const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[h];
+          float x = s[j][e] * sl2;
+          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+          s[j][e] = x;
+        }
       }
     }
+    // the online softmax of rows g (h = 0) and g + 8 (h = 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = -INFINITY;
@@ -208,12 +294,12 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[h], mx);
       const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
-      const float corr = exp2f(m[h] - shift);
+      const float corr = fast_exp2(m[h] - shift);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < kCols / 8; ++j) {
-        s[j][2 * h] = exp2f(s[j][2 * h] - shift);
-        s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - shift);
+        s[j][2 * h] = fast_exp2(s[j][2 * h] - shift);
+        s[j][2 * h + 1] = fast_exp2(s[j][2 * h + 1] - shift);
         sum += s[j][2 * h] + s[j][2 * h + 1];
       }
       l[h] = l[h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
@@ -230,10 +316,16 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
       a[2] = Half2<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       a[3] = Half2<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sV, kk * 16, j * 8, kLd, lane);
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sV, kk * 16, j * 8, kLd, lane);
         mma16816(o[j], a, b, T());
+        mma16816(o[j + 1], a, b + 2, T());
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, sV, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+        mma16816(o[D / 8 - 1], a, b, T());
       }
     }
   }
@@ -468,7 +560,7 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 template <int D>
 size_t tc_fwd_smem() {
   using S = TcShape<D>;
-  return size_t(S::kRows + 2 * S::kCols) * S::kLd * 2;
+  return size_t(S::kRows + 4 * S::kCols) * S::kLd * 2;  // Q, K and V double-buffered
 }
 template <int D>
 size_t tc_bwd_smem() {
