@@ -137,6 +137,22 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// 4-byte asynchronous copy; zero-fills when !in.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(src), "r"(in ? 4 : 0));
+}
+
+// p[0] += a, p[1] += b (one vector atomic on sm_90; p 8-byte aligned).
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
 // load_tile with cp.async: the copy lands after cp_async_wait_all + __syncthreads.
 template <typename T, int DP>
 __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len,
@@ -385,11 +401,11 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kCols * kLd;
-  T* sQ = sV + kCols * kLd;
-  T* sdO = sQ + kRows * kLd;
-  T* sdS = sdO + kRows * kLd;
-  float* sL = reinterpret_cast<float*>(sdS + kRows * kLdS);
-  float* sD = sL + kRows;
+  T* sQ0 = sV + kCols * kLd;        // Q and dO, two buffers each: [buf][kRows][kLd]
+  T* sdO0 = sQ0 + 2 * kRows * kLd;
+  T* sdS = sdO0 + 2 * kRows * kLd;
+  float* sL0 = reinterpret_cast<float*>(sdS + kRows * kLdS);  // [buf][kRows]: raw lse (natural log)
+  float* sD0 = sL0 + 2 * kRows;                               // [buf][kRows]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kCols;
@@ -401,9 +417,6 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   const float* delta = static_cast<const float*>(p.delta) + n * p.q_len;
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
-
-  load_tile<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
-  load_tile<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -419,17 +432,36 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   const int64_t last = min(all_tiles, first + query_tiles_per_block);
   if (p.causal) first = max(first, j0 / kRows);  // earlier query tiles see none of these keys
 
+  // Q, dO, lse, delta of query tile `it` into buffer `buf` (zero past q_len: such rows then
+  // have dO = 0 and D = 0, so whatever P they get adds nothing to dV, dK, and dQ skips them).
+  auto load_query_tile = [&](int64_t it, int buf) {
+    const int64_t i0 = it * kRows;
+    load_tile_async<T, kDp>(sQ0 + buf * kRows * kLd, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+    load_tile_async<T, kDp>(sdO0 + buf * kRows * kLd, kLd, dout, i0, kRows, p.q_len, D, tid, S::kThreads);
+    for (int r = tid; r < 2 * kRows; r += S::kThreads) {
+      const int rr = r % kRows;
+      const bool in = i0 + rr < p.q_len;
+      if (r < kRows) cp_async4(sL0 + buf * kRows + rr, in ? lse + i0 + rr : lse, in);
+      else cp_async4(sD0 + buf * kRows + rr, in ? delta + i0 + rr : delta, in);
+    }
+  };
+
+  load_tile_async<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
+  load_tile_async<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
+  if (first < last) load_query_tile(first, 0);
+  cp_async_commit();
+
   for (int64_t it = first; it < last; ++it) {
     const int64_t i0 = it * kRows;
-    __syncthreads();
-    load_tile<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
-    load_tile<T, kDp>(sdO, kLd, dout, i0, kRows, p.q_len, D, tid, S::kThreads);
-    for (int r = tid; r < kRows; r += S::kThreads) {
-      const bool in = i0 + r < p.q_len;
-      sL[r] = in ? lse[i0 + r] * kLog2e : INFINITY;  // P = 0 for rows past the end
-      sD[r] = in ? delta[i0 + r] : 0.f;
-    }
-    __syncthreads();
+    const int buf = int((it - first) & 1);
+    const T* sQ = sQ0 + buf * kRows * kLd;
+    const T* sdO = sdO0 + buf * kRows * kLd;
+    const float* sL = sL0 + buf * kRows;
+    const float* sD = sD0 + buf * kRows;
+    cp_async_wait_all();
+    __syncthreads();  // tile it landed; every warp is done with tile it − 1 (dS, the other buffer)
+    if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
+    cp_async_commit();
 
     // Sᵀ = K·Qᵀ: 16 keys × 64 queries per warp
     float st[kRows / 8][4];
@@ -438,25 +470,38 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
       uint32_t a[4];
-      load_a(a, sK, kr0, kk * 16, kLd, g, t);
+      ldsm_a(a, sK, kr0, kk * 16, kLd, lane);
 #pragma unroll
-      for (int j = 0; j < kRows / 8; ++j) {
-        uint32_t b[2];
-        load_b(b, sQ, j * 8, kk * 16, kLd, g, t);
+      for (int j = 0; j < kRows / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sQ, j * 8, kk * 16, kLd, lane);
         mma16816(st[j], a, b, T());
+        mma16816(st[j + 1], a, b + 2, T());
       }
     }
-    // Pᵀ = exp2(s2 − L2)
+    // Pᵀ = exp2(s2 − L2); bounds, causal and mask only on the last / diagonal tiles or with a mask
+    const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || i0 >= j0 + kCols - 1);
+    if (plain) {
 #pragma unroll
-    for (int j = 0; j < kRows / 8; ++j) {
+      for (int j = 0; j < kRows / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = j * 8 + 2 * t + (e & 1);
-        const int64_t qi = i0 + ql, kj = key[e / 2];
-        float x = st[j][e] * sl2;
-        if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-        else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-        st[j][e] = exp2f(x - sL[ql]);
+        for (int e = 0; e < 4; ++e) {
+          const int ql = j * 8 + 2 * t + (e & 1);
+          st[j][e] = fast_exp2(fmaf(st[j][e], sl2, -sL[ql] * kLog2e));
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ql = j * 8 + 2 * t + (e & 1);
+          const int64_t qi = i0 + ql, kj = key[e / 2];
+          float x = st[j][e] * sl2;
+          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+          st[j][e] = fast_exp2(x - sL[ql] * kLog2e);
+        }
       }
     }
     // dV += Pᵀ·dO
@@ -468,10 +513,16 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
       a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
       a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sdO, kk * 16, j * 8, kLd, lane);
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sdO, kk * 16, j * 8, kLd, lane);
         mma16816(dv[j], a, b, T());
+        mma16816(dv[j + 1], a, b + 2, T());
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, sdO, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+        mma16816(dv[D / 8 - 1], a, b, T());
       }
     }
     // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ∘(dPᵀ − D)
@@ -481,12 +532,13 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
       uint32_t a[4];
-      load_a(a, sV, kr0, kk * 16, kLd, g, t);
+      ldsm_a(a, sV, kr0, kk * 16, kLd, lane);
 #pragma unroll
-      for (int j = 0; j < kRows / 8; ++j) {
-        uint32_t b[2];
-        load_b(b, sdO, j * 8, kk * 16, kLd, g, t);
+      for (int j = 0; j < kRows / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sdO, j * 8, kk * 16, kLd, lane);
         mma16816(dpt[j], a, b, T());
+        mma16816(dpt[j + 1], a, b + 2, T());
       }
     }
 #pragma unroll
@@ -508,10 +560,16 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
       a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
       a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sQ, kk * 16, j * 8, kLd, lane);
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sQ, kk * 16, j * 8, kLd, lane);
         mma16816(dk[j], a, b, T());
+        mma16816(dk[j + 1], a, b + 2, T());
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, sQ, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+        mma16816(dk[D / 8 - 1], a, b, T());
       }
     }
     __syncthreads();  // dS complete in shared memory
@@ -524,35 +582,41 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 #pragma unroll
         for (int kk = 0; kk < kCols / 16; ++kk) {
           uint32_t a[4];
-          load_a(a, sdS, slice * 16, kk * 16, kLdS, g, t);
+          ldsm_a(a, sdS, slice * 16, kk * 16, kLdS, lane);
 #pragma unroll
-          for (int j = 0; j < D / 8; ++j) {
-            uint32_t b[2];
-            ldmatrix_b_trans(b, sK, kk * 16, j * 8, kLd, lane);
+          for (int j = 0; j + 1 < D / 8; j += 2) {
+            uint32_t b[4];
+            ldsm_b_trans_pair(b, sK, kk * 16, j * 8, kLd, lane);
             mma16816(acc[j], a, b, T());
+            mma16816(acc[j + 1], a, b + 2, T());
+          }
+          if constexpr (D / 8 % 2 == 1) {
+            uint32_t b[2];
+            ldmatrix_b_trans(b, sK, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+            mma16816(acc[D / 8 - 1], a, b, T());
           }
         }
         float* dq = p.dq_accum + (n * p.q_len + i0 + slice * 16) * D;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = g + (e / 2) * 8;
+        for (int h = 0; h < 2; ++h) {
+          const int r = g + h * 8;
           if (i0 + slice * 16 + r >= p.q_len) continue;
 #pragma unroll
-          for (int j = 0; j < D / 8; ++j) atomicAdd(dq + r * D + j * 8 + 2 * t + (e & 1), acc[j][e]);
+          for (int j = 0; j < D / 8; ++j) atomic_add2(dq + r * D + j * 8 + 2 * t, acc[j][2 * h], acc[j][2 * h + 1]);
         }
       }
     }
   }
   // dK, dV of this block's keys into the f32 buffers
 #pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int64_t kj = key[e / 2];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t kj = key[h];
     if (kj >= p.k_len) continue;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t + (e & 1);
-      if (p.dk_accum) atomicAdd(p.dk_accum + off, dk[j][e]);
-      if (p.dv_accum) atomicAdd(p.dv_accum + off, dv[j][e]);
+      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t;
+      if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[j][2 * h], dk[j][2 * h + 1]);
+      if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[j][2 * h], dv[j][2 * h + 1]);
     }
   }
 }
@@ -565,8 +629,9 @@ size_t tc_fwd_smem() {
 template <int D>
 size_t tc_bwd_smem() {
   using S = TcShape<D>;
-  return size_t(2 * S::kCols + 2 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (S::kCols + 8) * 2 +
-         2 * S::kRows * sizeof(float);
+  // K, V; Q and dO double-buffered; dS; lse and delta double-buffered
+  return size_t(2 * S::kCols + 4 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (S::kCols + 8) * 2 +
+         4 * S::kRows * sizeof(float);
 }
 
 int sm_count() {
