@@ -213,10 +213,20 @@ __device__ __forceinline__ float mask_log2(const FlashParams& p, const T* mask, 
   return Half2<T>::to_float(mask[(b * p.mask_rows + r) * p.k_len + kj]) * kLog2e;
 }
 
+// The forward's query tile: kAtoms 16-row slices per warp. Two for d ≤ 64 (each K/V fragment
+// read from shared memory feeds two mma: the loop is no longer bound by shared-memory
+// bandwidth), one above (registers).
+template <int D>
+struct TcFwdShape {
+  static constexpr int kAtoms = D <= 64 ? 2 : 1;
+  static constexpr int kRows = TcShape<D>::kWarps * 16 * kAtoms;
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(const FlashParams p) {
   using S = TcShape<D>;
-  constexpr int kDp = S::kDp, kLd = S::kLd, kRows = S::kRows, kCols = S::kCols;
+  constexpr int kDp = S::kDp, kLd = S::kLd, kCols = S::kCols;
+  constexpr int kAtoms = TcFwdShape<D>::kAtoms, kRows = TcFwdShape<D>::kRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK0 = sQ + kRows * kLd;  // K and V, two buffers each: [buf][kCols][kLd]
@@ -243,15 +253,25 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
-  uint32_t qf[kDp / 16][4];
+  // slice a of this warp: rows warp·16·kAtoms + 16a …
+  uint32_t qf[kAtoms][kDp / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < kDp / 16; ++kk) ldsm_a(qf[kk], sQ, warp * 16, kk * 16, kLd, lane);
+  for (int a = 0; a < kAtoms; ++a)
+#pragma unroll
+    for (int kk = 0; kk < kDp / 16; ++kk) ldsm_a(qf[a][kk], sQ, (warp * kAtoms + a) * 16, kk * 16, kLd, lane);
 
-  float o[D / 8][4];
+  float o[kAtoms][D / 8][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int64_t row_q[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  for (int a = 0; a < kAtoms; ++a)
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[a][j][0] = o[a][j][1] = o[a][j][2] = o[a][j][3] = 0.f;
+  float m[kAtoms][2], l[kAtoms][2];
+  int64_t row_q[kAtoms][2];
+#pragma unroll
+  for (int a = 0; a < kAtoms; ++a) {
+    m[a][0] = m[a][1] = -INFINITY, l[a][0] = l[a][1] = 0.f;
+    row_q[a][0] = i0 + (warp * kAtoms + a) * 16 + g, row_q[a][1] = row_q[a][0] + 8;
+  }
 
   for (int64_t it = 0; it < tiles; ++it) {
     const int64_t j0 = it * kCols;
@@ -266,82 +286,96 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
     }
     cp_async_commit();
 
-    float s[kCols / 8][4];
+    float s[kAtoms][kCols / 8][4];
 #pragma unroll
-    for (int j = 0; j < kCols / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int a = 0; a < kAtoms; ++a)
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j) s[a][j][0] = s[a][j][1] = s[a][j][2] = s[a][j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
 #pragma unroll
       for (int j = 0; j < kCols / 8; j += 2) {
         uint32_t b[4];
         ldsm_b_pair(b, sK, j * 8, kk * 16, kLd, lane);
-        mma16816(s[j], qf[kk], b, T());
-        mma16816(s[j + 1], qf[kk], b + 2, T());
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a) {
+          mma16816(s[a][j], qf[a][kk], b, T());
+          mma16816(s[a][j + 1], qf[a][kk], b + 2, T());
+        }
       }
     }
     // scale; on the last / diagonal tiles and with a mask also bounds, causal and mask
     const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || j0 + kCols - 1 <= i0);
-    if (plain) {
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j)
+    for (int a = 0; a < kAtoms; ++a) {
+      if (plain) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
-    } else {
+        for (int j = 0; j < kCols / 8; ++j)
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) {
+          for (int e = 0; e < 4; ++e) s[a][j][e] *= sl2;
+      } else {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2;
-          const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[h];
-          float x = s[j][e] * sl2;
-          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-          s[j][e] = x;
+        for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[a][e / 2];
+            float x = s[a][j][e] * sl2;
+            if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+            else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+            s[a][j][e] = x;
+          }
         }
       }
-    }
-    // the online softmax of rows g (h = 0) and g + 8 (h = 1)
+      // the online softmax of rows g (h = 0) and g + 8 (h = 1)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -INFINITY;
+      for (int h = 0; h < 2; ++h) {
+        float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
-      const float corr = fast_exp2(m[h] - shift);
-      float sum = 0.f;
+        for (int j = 0; j < kCols / 8; ++j) mx = fmaxf(mx, fmaxf(s[a][j][2 * h], s[a][j][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[a][h], mx);
+        const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
+        const float corr = fast_exp2(m[a][h] - shift);
+        float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) {
-        s[j][2 * h] = fast_exp2(s[j][2 * h] - shift);
-        s[j][2 * h + 1] = fast_exp2(s[j][2 * h + 1] - shift);
-        sum += s[j][2 * h] + s[j][2 * h + 1];
+        for (int j = 0; j < kCols / 8; ++j) {
+          s[a][j][2 * h] = fast_exp2(s[a][j][2 * h] - shift);
+          s[a][j][2 * h + 1] = fast_exp2(s[a][j][2 * h + 1] - shift);
+          sum += s[a][j][2 * h] + s[a][j][2 * h + 1];
+        }
+        l[a][h] = l[a][h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
+        m[a][h] = m_new;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) o[a][j][2 * h] *= corr, o[a][j][2 * h + 1] *= corr;
       }
-      l[h] = l[h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
-      m[h] = m_new;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) o[j][2 * h] *= corr, o[j][2 * h + 1] *= corr;
     }
     // O += P·V, P straight from the accumulators
 #pragma unroll
     for (int kk = 0; kk < kCols / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Half2<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Half2<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Half2<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Half2<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t pa[kAtoms][4];
+#pragma unroll
+      for (int a = 0; a < kAtoms; ++a) {
+        pa[a][0] = Half2<T>::pack(s[a][2 * kk][0], s[a][2 * kk][1]);
+        pa[a][1] = Half2<T>::pack(s[a][2 * kk][2], s[a][2 * kk][3]);
+        pa[a][2] = Half2<T>::pack(s[a][2 * kk + 1][0], s[a][2 * kk + 1][1]);
+        pa[a][3] = Half2<T>::pack(s[a][2 * kk + 1][2], s[a][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int j = 0; j + 1 < D / 8; j += 2) {
         uint32_t b[4];
         ldsm_b_trans_pair(b, sV, kk * 16, j * 8, kLd, lane);
-        mma16816(o[j], a, b, T());
-        mma16816(o[j + 1], a, b + 2, T());
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a) {
+          mma16816(o[a][j], pa[a], b, T());
+          mma16816(o[a][j + 1], pa[a], b + 2, T());
+        }
       }
       if constexpr (D / 8 % 2 == 1) {
         uint32_t b[2];
         ldmatrix_b_trans(b, sV, kk * 16, (D / 8 - 1) * 8, kLd, lane);
-        mma16816(o[D / 8 - 1], a, b, T());
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a) mma16816(o[a][D / 8 - 1], pa[a], b, T());
       }
     }
   }
@@ -349,18 +383,21 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   T* out = static_cast<T*>(p.out) + n * p.q_len * D;
   float* lse = static_cast<float*>(p.lse) + n * p.q_len;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    const int64_t qi = row_q[h];
-    if (qi >= p.q_len) continue;
-    const float inv = 1.f / l[h];
+  for (int a = 0; a < kAtoms; ++a) {
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const uint32_t packed = Half2<T>::pack(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
-      *reinterpret_cast<uint32_t*>(out + qi * D + j * 8 + 2 * t) = packed;
+    for (int h = 0; h < 2; ++h) {
+      l[a][h] += __shfl_xor_sync(0xffffffffu, l[a][h], 1);
+      l[a][h] += __shfl_xor_sync(0xffffffffu, l[a][h], 2);
+      const int64_t qi = row_q[a][h];
+      if (qi >= p.q_len) continue;
+      const float inv = 1.f / l[a][h];
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const uint32_t packed = Half2<T>::pack(o[a][j][2 * h] * inv, o[a][j][2 * h + 1] * inv);
+        *reinterpret_cast<uint32_t*>(out + qi * D + j * 8 + 2 * t) = packed;
+      }
+      if (t == 0) lse[qi] = (m[a][h] + log2f(l[a][h])) * kLn2;
     }
-    if (t == 0) lse[qi] = (m[h] + log2f(l[h])) * kLn2;
   }
 }
 
@@ -624,7 +661,7 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 template <int D>
 size_t tc_fwd_smem() {
   using S = TcShape<D>;
-  return size_t(S::kRows + 4 * S::kCols) * S::kLd * 2;  // Q, K and V double-buffered
+  return size_t(TcFwdShape<D>::kRows + 4 * S::kCols) * S::kLd * 2;  // Q, K and V double-buffered
 }
 template <int D>
 size_t tc_bwd_smem() {
@@ -649,7 +686,8 @@ void tc_forward(const FlashParams& p) {
   using S = TcShape<D>;
   const size_t smem = tc_fwd_smem<D>();
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
+  constexpr int kRows = TcFwdShape<D>::kRows;
+  const dim3 grid(unsigned((p.q_len + kRows - 1) / kRows), unsigned(p.n));
   flash_fwd_tc_kernel<T, D><<<grid, S::kThreads, smem>>>(p);
   check_last_launch("flash_fwd_tc_kernel");
 }
