@@ -1,22 +1,28 @@
 // Flash attention kernels (see cuda_flash.h for the contract).
 //
-// Tensor-core family (bf16 / f16), per warp a 16-row slice, mma.sync m16n8k16 with f32
+// Tensor-core family (bf16 / f16), per warp one or two 16-row slices, mma.sync m16n8k16 with f32
 // accumulators. Scores live in the log2 domain: s2 = (q·k·scale + mask)·log2(e), so that
 // P = exp2(s2 − m2) and the stored log-sum-exp (natural log) is (m2 + log2 l)·ln 2.
-//   forward   block = (64 queries, row n); loops over key tiles of 64; the head dim is padded
-//             with zeros to a multiple of 16 in shared memory only (QKᵀ's k-dim); P·V runs
-//             over the exact head dim in steps of 8.
-//   backward  block = (64 keys, row n, a share of the query tiles); per query tile:
+//   forward   block = (128 queries for d ≤ 64 — two 16-row slices per warp —, else 64; row n);
+//             loops over key tiles of 64, cp.async double-buffered (tile it + 1 is copied
+//             while tile it is used); the head dim is padded with zeros to a multiple of 16 in
+//             shared memory only (QKᵀ's k-dim); P·V runs over the exact head dim in steps of 8.
+//   backward  block = (64 keys, row n, a share of the query tiles); per query tile (Q, dO,
+//             lse, delta cp.async double-buffered):
 //             Sᵀ = K·Qᵀ, Pᵀ, dVᵀ += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q,
 //             dS to shared memory, dQ += dS·K; dQ, dK, dV added into f32 buffers (atomics).
+//   Interior tiles (no mask, every key in range, wholly below the causal diagonal) skip the
+//   per-element bounds / causal / mask code.
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane/4, t = lane%4):
 //   A 16×16 row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
 //   B 16×8 (k×n):      b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
 //   C 16×8:            c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
 // A C tile pair (columns 16kk..16kk+15) is exactly the A fragment of k-step kk, so P and dS
-// go from accumulators to the next product without shared memory.
-// Shared-memory rows are padded to (dp + 8) elements: 32-bit fragment loads and ldmatrix
-// rows of a warp then fall into distinct banks.
+// go from accumulators to the next product without shared memory. A and B fragments come
+// from shared memory through ldmatrix.x4 (.trans for the row-major [k][n] operands V, dO, Q,
+// K of P·V, dV, dK, dQ). Shared-memory rows are padded to (dp + 8) elements: the 8 rows of
+// one ldmatrix matrix then fall into distinct banks.
+// Performance notes and measurements: docs/flash-notes.md.
 //
 // Exact family (f32 / f64): one thread per query row (forward, dQ) or per key row (dK, dV),
 // tiles of the other side staged in shared memory; the CPU flash algorithm, in FMA.
@@ -74,11 +80,6 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t ld32(const T* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
 }
 
 // The B fragment (k 16 × n 8) of a row-major [k][n] tile in shared memory, rows `row0`…,
@@ -153,7 +154,9 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 #endif
 }
 
-// load_tile with cp.async: the copy lands after cp_async_wait_all + __syncthreads.
+// Copies rows [r0, r0 + rows) of a [len, d] matrix into a [rows][ld] tile with cp.async, zero
+// beyond len and in columns d…DP (16-byte chunks; d is a multiple of 8); the copy lands after
+// cp_async_commit, cp_async_wait_all and __syncthreads.
 template <typename T, int DP>
 __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len,
                                                 int d, int tid, int threads) {
@@ -162,36 +165,6 @@ __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, i
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
     const bool in = r0 + r < len && c < d;
     cp_async16(tile + r * ld + c, in ? src + (r0 + r) * d + c : src, in);
-  }
-}
-
-// A fragment of a row-major [m][k] tile in shared memory: rows row0…row0+15, k columns k0…k0+15.
-template <typename T>
-__device__ __forceinline__ void load_a(uint32_t* a, const T* base, int row0, int k0, int ld, int g, int t) {
-  a[0] = ld32(base + (row0 + g) * ld + k0 + 2 * t);
-  a[1] = ld32(base + (row0 + g + 8) * ld + k0 + 2 * t);
-  a[2] = ld32(base + (row0 + g) * ld + k0 + 8 + 2 * t);
-  a[3] = ld32(base + (row0 + g + 8) * ld + k0 + 8 + 2 * t);
-}
-
-// B fragment (k 16 × n 8) whose transpose is a row-major [n][k] tile: rows n0…n0+7, k0…k0+15.
-template <typename T>
-__device__ __forceinline__ void load_b(uint32_t* b, const T* base, int n0, int k0, int ld, int g, int t) {
-  b[0] = ld32(base + (n0 + g) * ld + k0 + 2 * t);
-  b[1] = ld32(base + (n0 + g) * ld + k0 + 8 + 2 * t);
-}
-
-// Copies rows [r0, r0 + rows) of a [len, d] matrix into a [rows][ld] tile, zero beyond len
-// and in columns d…dp (16-byte chunks; d is a multiple of 8).
-template <typename T, int DP>
-__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len, int d,
-                                          int tid, int threads) {
-  constexpr int kChunks = DP / 8;
-  for (int idx = tid; idx < rows * kChunks; idx += threads) {
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r0 + r < len && c < d) v = *reinterpret_cast<const uint4*>(src + (r0 + r) * d + c);
-    *reinterpret_cast<uint4*>(tile + r * ld + c) = v;
   }
 }
 
@@ -644,6 +617,7 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
       }
     }
   }
+  cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
   // dK, dV of this block's keys into the f32 buffers
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
