@@ -3,7 +3,7 @@
 // Tensor-core family (bf16 / f16), per warp one or two 16-row slices, mma.sync m16n8k16 with f32
 // accumulators. Scores live in the log2 domain: s2 = (q·k·scale + mask)·log2(e), so that
 // P = exp2(s2 − m2) and the stored log-sum-exp (natural log) is (m2 + log2 l)·ln 2.
-//   forward   block = (128 queries for d ≤ 64 — two 16-row slices per warp —, else 64; row n);
+//   forward   block = (128 queries for d ≤ 80 — two 16-row slices per warp —, else 64; row n);
 //             loops over key tiles of 64, cp.async double-buffered (tile it + 1 is copied
 //             while tile it is used); the head dim is padded with zeros to a multiple of 16 in
 //             shared memory only (QKᵀ's k-dim); P·V runs over the exact head dim in steps of 8.
@@ -186,13 +186,15 @@ __device__ __forceinline__ float mask_log2(const FlashParams& p, const T* mask, 
   return Half2<T>::to_float(mask[(b * p.mask_rows + r) * p.k_len + kj]) * kLog2e;
 }
 
-// The forward's query tile: kAtoms 16-row slices per warp. Two for d ≤ 64 (each K/V fragment
+// The forward's query tile: kAtoms 16-row slices per warp. Two for d ≤ 80 (each K/V fragment
 // read from shared memory feeds two mma: the loop is no longer bound by shared-memory
-// bandwidth), one above (registers).
+// bandwidth), one above (registers). Q's fragments stay in registers for d ≤ 64 and with one
+// slice; for d = 72, 80 they are re-read per key tile (else ptxas spills).
 template <int D>
 struct TcFwdShape {
-  static constexpr int kAtoms = D <= 64 ? 2 : 1;
+  static constexpr int kAtoms = D <= 80 ? 2 : 1;
   static constexpr int kRows = TcShape<D>::kWarps * 16 * kAtoms;
+  static constexpr bool kQInRegs = D <= 64 || kAtoms == 1;
 };
 
 template <typename T, int D>
@@ -226,12 +228,16 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
-  // slice a of this warp: rows warp·16·kAtoms + 16a …
-  uint32_t qf[kAtoms][kDp / 16][4];
+  // slice a of this warp: rows warp·16·kAtoms + 16a …; its Q fragments stay in registers
+  // when they fit (kQInRegs), else they are re-read from shared memory per tile
+  constexpr bool kQInRegs = TcFwdShape<D>::kQInRegs;
+  uint32_t qf[kQInRegs ? kAtoms : 1][kQInRegs ? kDp / 16 : 1][4];
+  if constexpr (kQInRegs) {
 #pragma unroll
-  for (int a = 0; a < kAtoms; ++a)
+    for (int a = 0; a < kAtoms; ++a)
 #pragma unroll
-    for (int kk = 0; kk < kDp / 16; ++kk) ldsm_a(qf[a][kk], sQ, (warp * kAtoms + a) * 16, kk * 16, kLd, lane);
+      for (int kk = 0; kk < kDp / 16; ++kk) ldsm_a(qf[a][kk], sQ, (warp * kAtoms + a) * 16, kk * 16, kLd, lane);
+  }
 
   float o[kAtoms][D / 8][4];
 #pragma unroll
@@ -266,14 +272,24 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
       for (int j = 0; j < kCols / 8; ++j) s[a][j][0] = s[a][j][1] = s[a][j][2] = s[a][j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
+      uint32_t qa[kAtoms][4];
+#pragma unroll
+      for (int a = 0; a < kAtoms; ++a) {
+        if constexpr (kQInRegs) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) qa[a][r] = qf[a][kk][r];
+        } else {
+          ldsm_a(qa[a], sQ, (warp * kAtoms + a) * 16, kk * 16, kLd, lane);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kCols / 8; j += 2) {
         uint32_t b[4];
         ldsm_b_pair(b, sK, j * 8, kk * 16, kLd, lane);
 #pragma unroll
         for (int a = 0; a < kAtoms; ++a) {
-          mma16816(s[a][j], qf[a][kk], b, T());
-          mma16816(s[a][j + 1], qf[a][kk], b + 2, T());
+          mma16816(s[a][j], qa[a], b, T());
+          mma16816(s[a][j + 1], qa[a], b + 2, T());
         }
       }
     }
