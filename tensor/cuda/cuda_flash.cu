@@ -1,22 +1,28 @@
 // Flash attention kernels (see cuda_flash.h for the contract).
 //
-// Tensor-core family (bf16 / f16), per warp a 16-row slice, mma.sync m16n8k16 with f32
+// Tensor-core family (bf16 / f16), per warp one or two 16-row slices, mma.sync m16n8k16 with f32
 // accumulators. Scores live in the log2 domain: s2 = (q·k·scale + mask)·log2(e), so that
 // P = exp2(s2 − m2) and the stored log-sum-exp (natural log) is (m2 + log2 l)·ln 2.
-//   forward   block = (64 queries, row n); loops over key tiles of 64; the head dim is padded
-//             with zeros to a multiple of 16 in shared memory only (QKᵀ's k-dim); P·V runs
-//             over the exact head dim in steps of 8.
-//   backward  block = (64 keys, row n, a share of the query tiles); per query tile:
+//   forward   block = (128 queries for d ≤ 80 — two 16-row slices per warp —, else 64; row n);
+//             loops over key tiles of 64, cp.async double-buffered (tile it + 1 is copied
+//             while tile it is used); the head dim is padded with zeros to a multiple of 16 in
+//             shared memory only (QKᵀ's k-dim); P·V runs over the exact head dim in steps of 8.
+//   backward  block = (64 keys, row n, a share of the query tiles); per query tile (Q, dO,
+//             lse, delta cp.async double-buffered):
 //             Sᵀ = K·Qᵀ, Pᵀ, dVᵀ += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q,
 //             dS to shared memory, dQ += dS·K; dQ, dK, dV added into f32 buffers (atomics).
+//   Interior tiles (no mask, every key in range, wholly below the causal diagonal) skip the
+//   per-element bounds / causal / mask code.
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane/4, t = lane%4):
 //   A 16×16 row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
 //   B 16×8 (k×n):      b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
 //   C 16×8:            c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
 // A C tile pair (columns 16kk..16kk+15) is exactly the A fragment of k-step kk, so P and dS
-// go from accumulators to the next product without shared memory.
-// Shared-memory rows are padded to (dp + 8) elements: 32-bit fragment loads and ldmatrix
-// rows of a warp then fall into distinct banks.
+// go from accumulators to the next product without shared memory. A and B fragments come
+// from shared memory through ldmatrix.x4 (.trans for the row-major [k][n] operands V, dO, Q,
+// K of P·V, dV, dK, dQ). Shared-memory rows are padded to (dp + 8) elements: the 8 rows of
+// one ldmatrix matrix then fall into distinct banks.
+// Performance notes and measurements: docs/flash-notes.md.
 //
 // Exact family (f32 / f64): one thread per query row (forward, dQ) or per key row (dK, dV),
 // tiles of the other side staged in shared memory; the CPU flash algorithm, in FMA.
@@ -76,11 +82,6 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t ld32(const T* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
 // The B fragment (k 16 × n 8) of a row-major [k][n] tile in shared memory, rows `row0`…,
 // columns `col0`…, row stride `ld`: ldmatrix.x2.trans (lanes 0–15 give the row addresses).
 template <typename T>
@@ -90,33 +91,80 @@ __device__ __forceinline__ void ldmatrix_b_trans(uint32_t* b, const T* base, int
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
 }
 
-// A fragment of a row-major [m][k] tile in shared memory: rows row0…row0+15, k columns k0…k0+15.
+// ldmatrix.x4 forms (lane l gives the address of row l % 8 of matrix l / 8); each replaces
+// four 32-bit shared loads. Rows are 16-byte aligned and, with the (dp + 8) padding, the 8
+// rows of one matrix fall into 8 distinct 16-byte bank groups.
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// The A fragment (rows row0…row0+15, k0…k0+15) of a row-major [m][k] tile.
 template <typename T>
-__device__ __forceinline__ void load_a(uint32_t* a, const T* base, int row0, int k0, int ld, int g, int t) {
-  a[0] = ld32(base + (row0 + g) * ld + k0 + 2 * t);
-  a[1] = ld32(base + (row0 + g + 8) * ld + k0 + 2 * t);
-  a[2] = ld32(base + (row0 + g) * ld + k0 + 8 + 2 * t);
-  a[3] = ld32(base + (row0 + g + 8) * ld + k0 + 8 + 2 * t);
+__device__ __forceinline__ void ldsm_a(uint32_t* a, const T* base, int row0, int k0, int ld, int lane) {
+  ldsm_x4(a, base + (row0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+// Two B fragments (k0…k0+15; n-blocks n0…n0+7 → b[0..1], n0+8…n0+15 → b[2..3]) whose
+// transpose is a row-major [n][k] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_b_pair(uint32_t* b, const T* base, int n0, int k0, int ld, int lane) {
+  ldsm_x4(b, base + (n0 + (lane & 7) + ((lane >> 4) << 3)) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+// Two B fragments (k0…k0+15; n0…n0+7 → b[0..1], n0+8…n0+15 → b[2..3]) of a row-major [k][n] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_b_trans_pair(uint32_t* b, const T* base, int k0, int n0, int ld, int lane) {
+  ldsm_x4_trans(b, base + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
 }
 
-// B fragment (k 16 × n 8) whose transpose is a row-major [n][k] tile: rows n0…n0+7, k0…k0+15.
-template <typename T>
-__device__ __forceinline__ void load_b(uint32_t* b, const T* base, int n0, int k0, int ld, int g, int t) {
-  b[0] = ld32(base + (n0 + g) * ld + k0 + 2 * t);
-  b[1] = ld32(base + (n0 + g) * ld + k0 + 8 + 2 * t);
+// 2^x (ex2.approx, ≤ 2 ulp; −inf → 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
-// Copies rows [r0, r0 + rows) of a [len, d] matrix into a [rows][ld] tile, zero beyond len
-// and in columns d…dp (16-byte chunks; d is a multiple of 8).
+// 16-byte asynchronous global → shared copy (L2 only); zero-fills when !in.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(in ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// 4-byte asynchronous copy; zero-fills when !in.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(src), "r"(in ? 4 : 0));
+}
+
+// p[0] += a, p[1] += b (one vector atomic on sm_90; p 8-byte aligned).
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
+// Copies rows [r0, r0 + rows) of a [len, d] matrix into a [rows][ld] tile with cp.async, zero
+// beyond len and in columns d…DP (16-byte chunks; d is a multiple of 8); the copy lands after
+// cp_async_commit, cp_async_wait_all and __syncthreads.
 template <typename T, int DP>
-__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len, int d,
-                                          int tid, int threads) {
+__device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len,
+                                                int d, int tid, int threads) {
   constexpr int kChunks = DP / 8;
   for (int idx = tid; idx < rows * kChunks; idx += threads) {
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r0 + r < len && c < d) v = *reinterpret_cast<const uint4*>(src + (r0 + r) * d + c);
-    *reinterpret_cast<uint4*>(tile + r * ld + c) = v;
+    const bool in = r0 + r < len && c < d;
+    cp_async16(tile + r * ld + c, in ? src + (r0 + r) * d + c : src, in);
   }
 }
 
@@ -138,14 +186,26 @@ __device__ __forceinline__ float mask_log2(const FlashParams& p, const T* mask, 
   return Half2<T>::to_float(mask[(b * p.mask_rows + r) * p.k_len + kj]) * kLog2e;
 }
 
+// The forward's query tile: kAtoms 16-row slices per warp. Two for d ≤ 80 (each K/V fragment
+// read from shared memory feeds two mma: the loop is no longer bound by shared-memory
+// bandwidth), one above (registers). Q's fragments stay in registers for d ≤ 64 and with one
+// slice; for d = 72, 80 they are re-read per key tile (else ptxas spills).
+template <int D>
+struct TcFwdShape {
+  static constexpr int kAtoms = D <= 80 ? 2 : 1;
+  static constexpr int kRows = TcShape<D>::kWarps * 16 * kAtoms;
+  static constexpr bool kQInRegs = D <= 64 || kAtoms == 1;
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(const FlashParams p) {
   using S = TcShape<D>;
-  constexpr int kDp = S::kDp, kLd = S::kLd, kRows = S::kRows, kCols = S::kCols;
+  constexpr int kDp = S::kDp, kLd = S::kLd, kCols = S::kCols;
+  constexpr int kAtoms = TcFwdShape<D>::kAtoms, kRows = TcFwdShape<D>::kRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kRows * kLd;
-  T* sV = sK + kCols * kLd;
+  T* sK0 = sQ + kRows * kLd;  // K and V, two buffers each: [buf][kCols][kLd]
+  T* sV0 = sK0 + 2 * kCols * kLd;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
@@ -155,85 +215,156 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
 
-  load_tile<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+  // key tiles [0, tiles): with causal, those whose first key is ≤ the tile's last query
+  int64_t tiles = (p.k_len + kCols - 1) / kCols;
+  if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kCols + 1);
+
+  // Q and the first K/V tile in one cp.async group; tile it + 1 is copied while tile it is used.
+  load_tile_async<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+  if (tiles > 0) {
+    load_tile_async<T, kDp>(sK0, kLd, k, 0, kCols, p.k_len, D, tid, S::kThreads);
+    load_tile_async<T, kDp>(sV0, kLd, v, 0, kCols, p.k_len, D, tid, S::kThreads);
+  }
+  cp_async_commit();
+  cp_async_wait_all();
   __syncthreads();
-  uint32_t qf[kDp / 16][4];
+  // slice a of this warp: rows warp·16·kAtoms + 16a …; its Q fragments stay in registers
+  // when they fit (kQInRegs), else they are re-read from shared memory per tile
+  constexpr bool kQInRegs = TcFwdShape<D>::kQInRegs;
+  uint32_t qf[kQInRegs ? kAtoms : 1][kQInRegs ? kDp / 16 : 1][4];
+  if constexpr (kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < kDp / 16; ++kk) load_a(qf[kk], sQ, warp * 16, kk * 16, kLd, g, t);
-
-  float o[D / 8][4];
+    for (int a = 0; a < kAtoms; ++a)
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int64_t row_q[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+      for (int kk = 0; kk < kDp / 16; ++kk) ldsm_a(qf[a][kk], sQ, (warp * kAtoms + a) * 16, kk * 16, kLd, lane);
+  }
 
-  for (int64_t j0 = 0; j0 < p.k_len; j0 += kCols) {
-    if (p.causal && j0 > i0 + kRows - 1) break;  // every key of the tile lies after every query
-    __syncthreads();
-    load_tile<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
-    load_tile<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
-    __syncthreads();
-
-    float s[kCols / 8][4];
+  float o[kAtoms][D / 8][4];
 #pragma unroll
-    for (int j = 0; j < kCols / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  for (int a = 0; a < kAtoms; ++a)
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[a][j][0] = o[a][j][1] = o[a][j][2] = o[a][j][3] = 0.f;
+  float m[kAtoms][2], l[kAtoms][2];
+  int64_t row_q[kAtoms][2];
+#pragma unroll
+  for (int a = 0; a < kAtoms; ++a) {
+    m[a][0] = m[a][1] = -INFINITY, l[a][0] = l[a][1] = 0.f;
+    row_q[a][0] = i0 + (warp * kAtoms + a) * 16 + g, row_q[a][1] = row_q[a][0] + 8;
+  }
+
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int64_t j0 = it * kCols;
+    const int buf = int(it & 1);
+    const T* sK = sK0 + buf * kCols * kLd;
+    const T* sV = sV0 + buf * kCols * kLd;
+    cp_async_wait_all();
+    __syncthreads();  // tile it landed for all threads; every warp is done with tile it − 1
+    if (it + 1 < tiles) {
+      load_tile_async<T, kDp>(sK0 + (buf ^ 1) * kCols * kLd, kLd, k, j0 + kCols, kCols, p.k_len, D, tid, S::kThreads);
+      load_tile_async<T, kDp>(sV0 + (buf ^ 1) * kCols * kLd, kLd, v, j0 + kCols, kCols, p.k_len, D, tid, S::kThreads);
+    }
+    cp_async_commit();
+
+    float s[kAtoms][kCols / 8][4];
+#pragma unroll
+    for (int a = 0; a < kAtoms; ++a)
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j) s[a][j][0] = s[a][j][1] = s[a][j][2] = s[a][j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
+      uint32_t qa[kAtoms][4];
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) {
-        uint32_t b[2];
-        load_b(b, sK, j * 8, kk * 16, kLd, g, t);
-        mma16816(s[j], qf[kk], b, T());
+      for (int a = 0; a < kAtoms; ++a) {
+        if constexpr (kQInRegs) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) qa[a][r] = qf[a][kk][r];
+        } else {
+          ldsm_a(qa[a], sQ, (warp * kAtoms + a) * 16, kk * 16, kLd, lane);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kCols / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sK, j * 8, kk * 16, kLd, lane);
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a) {
+          mma16816(s[a][j], qa[a], b, T());
+          mma16816(s[a][j + 1], qa[a], b + 2, T());
+        }
       }
     }
-    // scale, mask, bounds; then the online softmax of rows g (h = 0) and g + 8 (h = 1)
+    // scale; on the last / diagonal tiles and with a mask also bounds, causal and mask
+    const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || j0 + kCols - 1 <= i0);
 #pragma unroll
-    for (int j = 0; j < kCols / 8; ++j) {
+    for (int a = 0; a < kAtoms; ++a) {
+      if (plain) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2;
-        const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[h];
-        float x = s[j][e] * sl2;
-        if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-        else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-        s[j][e] = x;
+        for (int j = 0; j < kCols / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[a][j][e] *= sl2;
+      } else {
+#pragma unroll
+        for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[a][e / 2];
+            float x = s[a][j][e] * sl2;
+            if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+            else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+            s[a][j][e] = x;
+          }
+        }
       }
-    }
+      // the online softmax of rows g (h = 0) and g + 8 (h = 1)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -INFINITY;
+      for (int h = 0; h < 2; ++h) {
+        float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
-      const float corr = exp2f(m[h] - shift);
-      float sum = 0.f;
+        for (int j = 0; j < kCols / 8; ++j) mx = fmaxf(mx, fmaxf(s[a][j][2 * h], s[a][j][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[a][h], mx);
+        const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
+        const float corr = fast_exp2(m[a][h] - shift);
+        float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) {
-        s[j][2 * h] = exp2f(s[j][2 * h] - shift);
-        s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - shift);
-        sum += s[j][2 * h] + s[j][2 * h + 1];
+        for (int j = 0; j < kCols / 8; ++j) {
+          s[a][j][2 * h] = fast_exp2(s[a][j][2 * h] - shift);
+          s[a][j][2 * h + 1] = fast_exp2(s[a][j][2 * h + 1] - shift);
+          sum += s[a][j][2 * h] + s[a][j][2 * h + 1];
+        }
+        l[a][h] = l[a][h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
+        m[a][h] = m_new;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) o[a][j][2 * h] *= corr, o[a][j][2 * h + 1] *= corr;
       }
-      l[h] = l[h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
-      m[h] = m_new;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) o[j][2 * h] *= corr, o[j][2 * h + 1] *= corr;
     }
     // O += P·V, P straight from the accumulators
 #pragma unroll
     for (int kk = 0; kk < kCols / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Half2<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Half2<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Half2<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Half2<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t pa[kAtoms][4];
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
+      for (int a = 0; a < kAtoms; ++a) {
+        pa[a][0] = Half2<T>::pack(s[a][2 * kk][0], s[a][2 * kk][1]);
+        pa[a][1] = Half2<T>::pack(s[a][2 * kk][2], s[a][2 * kk][3]);
+        pa[a][2] = Half2<T>::pack(s[a][2 * kk + 1][0], s[a][2 * kk + 1][1]);
+        pa[a][3] = Half2<T>::pack(s[a][2 * kk + 1][2], s[a][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sV, kk * 16, j * 8, kLd, lane);
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a) {
+          mma16816(o[a][j], pa[a], b, T());
+          mma16816(o[a][j + 1], pa[a], b + 2, T());
+        }
+      }
+      if constexpr (D / 8 % 2 == 1) {
         uint32_t b[2];
-        ldmatrix_b_trans(b, sV, kk * 16, j * 8, kLd, lane);
-        mma16816(o[j], a, b, T());
+        ldmatrix_b_trans(b, sV, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a) mma16816(o[a][D / 8 - 1], pa[a], b, T());
       }
     }
   }
@@ -241,18 +372,21 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   T* out = static_cast<T*>(p.out) + n * p.q_len * D;
   float* lse = static_cast<float*>(p.lse) + n * p.q_len;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    const int64_t qi = row_q[h];
-    if (qi >= p.q_len) continue;
-    const float inv = 1.f / l[h];
+  for (int a = 0; a < kAtoms; ++a) {
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const uint32_t packed = Half2<T>::pack(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
-      *reinterpret_cast<uint32_t*>(out + qi * D + j * 8 + 2 * t) = packed;
+    for (int h = 0; h < 2; ++h) {
+      l[a][h] += __shfl_xor_sync(0xffffffffu, l[a][h], 1);
+      l[a][h] += __shfl_xor_sync(0xffffffffu, l[a][h], 2);
+      const int64_t qi = row_q[a][h];
+      if (qi >= p.q_len) continue;
+      const float inv = 1.f / l[a][h];
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const uint32_t packed = Half2<T>::pack(o[a][j][2 * h] * inv, o[a][j][2 * h + 1] * inv);
+        *reinterpret_cast<uint32_t*>(out + qi * D + j * 8 + 2 * t) = packed;
+      }
+      if (t == 0) lse[qi] = (m[a][h] + log2f(l[a][h])) * kLn2;
     }
-    if (t == 0) lse[qi] = (m[h] + log2f(l[h])) * kLn2;
   }
 }
 
@@ -293,11 +427,11 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kCols * kLd;
-  T* sQ = sV + kCols * kLd;
-  T* sdO = sQ + kRows * kLd;
-  T* sdS = sdO + kRows * kLd;
-  float* sL = reinterpret_cast<float*>(sdS + kRows * kLdS);
-  float* sD = sL + kRows;
+  T* sQ0 = sV + kCols * kLd;        // Q and dO, two buffers each: [buf][kRows][kLd]
+  T* sdO0 = sQ0 + 2 * kRows * kLd;
+  T* sdS = sdO0 + 2 * kRows * kLd;
+  float* sL0 = reinterpret_cast<float*>(sdS + kRows * kLdS);  // [buf][kRows]: raw lse (natural log)
+  float* sD0 = sL0 + 2 * kRows;                               // [buf][kRows]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kCols;
@@ -309,9 +443,6 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   const float* delta = static_cast<const float*>(p.delta) + n * p.q_len;
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
-
-  load_tile<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
-  load_tile<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -327,17 +458,36 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   const int64_t last = min(all_tiles, first + query_tiles_per_block);
   if (p.causal) first = max(first, j0 / kRows);  // earlier query tiles see none of these keys
 
+  // Q, dO, lse, delta of query tile `it` into buffer `buf` (zero past q_len: such rows then
+  // have dO = 0 and D = 0, so whatever P they get adds nothing to dV, dK, and dQ skips them).
+  auto load_query_tile = [&](int64_t it, int buf) {
+    const int64_t i0 = it * kRows;
+    load_tile_async<T, kDp>(sQ0 + buf * kRows * kLd, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+    load_tile_async<T, kDp>(sdO0 + buf * kRows * kLd, kLd, dout, i0, kRows, p.q_len, D, tid, S::kThreads);
+    for (int r = tid; r < 2 * kRows; r += S::kThreads) {
+      const int rr = r % kRows;
+      const bool in = i0 + rr < p.q_len;
+      if (r < kRows) cp_async4(sL0 + buf * kRows + rr, in ? lse + i0 + rr : lse, in);
+      else cp_async4(sD0 + buf * kRows + rr, in ? delta + i0 + rr : delta, in);
+    }
+  };
+
+  load_tile_async<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
+  load_tile_async<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
+  if (first < last) load_query_tile(first, 0);
+  cp_async_commit();
+
   for (int64_t it = first; it < last; ++it) {
     const int64_t i0 = it * kRows;
-    __syncthreads();
-    load_tile<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
-    load_tile<T, kDp>(sdO, kLd, dout, i0, kRows, p.q_len, D, tid, S::kThreads);
-    for (int r = tid; r < kRows; r += S::kThreads) {
-      const bool in = i0 + r < p.q_len;
-      sL[r] = in ? lse[i0 + r] * kLog2e : INFINITY;  // P = 0 for rows past the end
-      sD[r] = in ? delta[i0 + r] : 0.f;
-    }
-    __syncthreads();
+    const int buf = int((it - first) & 1);
+    const T* sQ = sQ0 + buf * kRows * kLd;
+    const T* sdO = sdO0 + buf * kRows * kLd;
+    const float* sL = sL0 + buf * kRows;
+    const float* sD = sD0 + buf * kRows;
+    cp_async_wait_all();
+    __syncthreads();  // tile it landed; every warp is done with tile it − 1 (dS, the other buffer)
+    if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
+    cp_async_commit();
 
     // Sᵀ = K·Qᵀ: 16 keys × 64 queries per warp
     float st[kRows / 8][4];
@@ -346,25 +496,38 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
       uint32_t a[4];
-      load_a(a, sK, kr0, kk * 16, kLd, g, t);
+      ldsm_a(a, sK, kr0, kk * 16, kLd, lane);
 #pragma unroll
-      for (int j = 0; j < kRows / 8; ++j) {
-        uint32_t b[2];
-        load_b(b, sQ, j * 8, kk * 16, kLd, g, t);
+      for (int j = 0; j < kRows / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sQ, j * 8, kk * 16, kLd, lane);
         mma16816(st[j], a, b, T());
+        mma16816(st[j + 1], a, b + 2, T());
       }
     }
-    // Pᵀ = exp2(s2 − L2)
+    // Pᵀ = exp2(s2 − L2); bounds, causal and mask only on the last / diagonal tiles or with a mask
+    const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || i0 >= j0 + kCols - 1);
+    if (plain) {
 #pragma unroll
-    for (int j = 0; j < kRows / 8; ++j) {
+      for (int j = 0; j < kRows / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = j * 8 + 2 * t + (e & 1);
-        const int64_t qi = i0 + ql, kj = key[e / 2];
-        float x = st[j][e] * sl2;
-        if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-        else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-        st[j][e] = exp2f(x - sL[ql]);
+        for (int e = 0; e < 4; ++e) {
+          const int ql = j * 8 + 2 * t + (e & 1);
+          st[j][e] = fast_exp2(fmaf(st[j][e], sl2, -sL[ql] * kLog2e));
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ql = j * 8 + 2 * t + (e & 1);
+          const int64_t qi = i0 + ql, kj = key[e / 2];
+          float x = st[j][e] * sl2;
+          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+          st[j][e] = fast_exp2(x - sL[ql] * kLog2e);
+        }
       }
     }
     // dV += Pᵀ·dO
@@ -376,10 +539,16 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
       a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
       a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sdO, kk * 16, j * 8, kLd, lane);
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sdO, kk * 16, j * 8, kLd, lane);
         mma16816(dv[j], a, b, T());
+        mma16816(dv[j + 1], a, b + 2, T());
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, sdO, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+        mma16816(dv[D / 8 - 1], a, b, T());
       }
     }
     // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ∘(dPᵀ − D)
@@ -389,12 +558,13 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
       uint32_t a[4];
-      load_a(a, sV, kr0, kk * 16, kLd, g, t);
+      ldsm_a(a, sV, kr0, kk * 16, kLd, lane);
 #pragma unroll
-      for (int j = 0; j < kRows / 8; ++j) {
-        uint32_t b[2];
-        load_b(b, sdO, j * 8, kk * 16, kLd, g, t);
+      for (int j = 0; j < kRows / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sdO, j * 8, kk * 16, kLd, lane);
         mma16816(dpt[j], a, b, T());
+        mma16816(dpt[j + 1], a, b + 2, T());
       }
     }
 #pragma unroll
@@ -416,10 +586,16 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
       a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
       a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sQ, kk * 16, j * 8, kLd, lane);
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sQ, kk * 16, j * 8, kLd, lane);
         mma16816(dk[j], a, b, T());
+        mma16816(dk[j + 1], a, b + 2, T());
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, sQ, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+        mma16816(dk[D / 8 - 1], a, b, T());
       }
     }
     __syncthreads();  // dS complete in shared memory
@@ -432,35 +608,42 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 #pragma unroll
         for (int kk = 0; kk < kCols / 16; ++kk) {
           uint32_t a[4];
-          load_a(a, sdS, slice * 16, kk * 16, kLdS, g, t);
+          ldsm_a(a, sdS, slice * 16, kk * 16, kLdS, lane);
 #pragma unroll
-          for (int j = 0; j < D / 8; ++j) {
-            uint32_t b[2];
-            ldmatrix_b_trans(b, sK, kk * 16, j * 8, kLd, lane);
+          for (int j = 0; j + 1 < D / 8; j += 2) {
+            uint32_t b[4];
+            ldsm_b_trans_pair(b, sK, kk * 16, j * 8, kLd, lane);
             mma16816(acc[j], a, b, T());
+            mma16816(acc[j + 1], a, b + 2, T());
+          }
+          if constexpr (D / 8 % 2 == 1) {
+            uint32_t b[2];
+            ldmatrix_b_trans(b, sK, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+            mma16816(acc[D / 8 - 1], a, b, T());
           }
         }
         float* dq = p.dq_accum + (n * p.q_len + i0 + slice * 16) * D;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = g + (e / 2) * 8;
+        for (int h = 0; h < 2; ++h) {
+          const int r = g + h * 8;
           if (i0 + slice * 16 + r >= p.q_len) continue;
 #pragma unroll
-          for (int j = 0; j < D / 8; ++j) atomicAdd(dq + r * D + j * 8 + 2 * t + (e & 1), acc[j][e]);
+          for (int j = 0; j < D / 8; ++j) atomic_add2(dq + r * D + j * 8 + 2 * t, acc[j][2 * h], acc[j][2 * h + 1]);
         }
       }
     }
   }
+  cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
   // dK, dV of this block's keys into the f32 buffers
 #pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int64_t kj = key[e / 2];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t kj = key[h];
     if (kj >= p.k_len) continue;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t + (e & 1);
-      if (p.dk_accum) atomicAdd(p.dk_accum + off, dk[j][e]);
-      if (p.dv_accum) atomicAdd(p.dv_accum + off, dv[j][e]);
+      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t;
+      if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[j][2 * h], dk[j][2 * h + 1]);
+      if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[j][2 * h], dv[j][2 * h + 1]);
     }
   }
 }
@@ -468,13 +651,14 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 template <int D>
 size_t tc_fwd_smem() {
   using S = TcShape<D>;
-  return size_t(S::kRows + 2 * S::kCols) * S::kLd * 2;
+  return size_t(TcFwdShape<D>::kRows + 4 * S::kCols) * S::kLd * 2;  // Q, K and V double-buffered
 }
 template <int D>
 size_t tc_bwd_smem() {
   using S = TcShape<D>;
-  return size_t(2 * S::kCols + 2 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (S::kCols + 8) * 2 +
-         2 * S::kRows * sizeof(float);
+  // K, V; Q and dO double-buffered; dS; lse and delta double-buffered
+  return size_t(2 * S::kCols + 4 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (S::kCols + 8) * 2 +
+         4 * S::kRows * sizeof(float);
 }
 
 int sm_count() {
@@ -492,7 +676,8 @@ void tc_forward(const FlashParams& p) {
   using S = TcShape<D>;
   const size_t smem = tc_fwd_smem<D>();
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
+  constexpr int kRows = TcFwdShape<D>::kRows;
+  const dim3 grid(unsigned((p.q_len + kRows - 1) / kRows), unsigned(p.n));
   flash_fwd_tc_kernel<T, D><<<grid, S::kThreads, smem>>>(p);
   check_last_launch("flash_fwd_tc_kernel");
 }
