@@ -1,7 +1,8 @@
 // The narrow interface every device backend implements (cpu/ through Eigen and
-// OpenMP, cuda/ through kernels and cuBLAS). tensor/ops.cpp is the only caller:
-// it checks shapes, dtypes and devices, makes operands contiguous where a
-// method's contract asks for it, and then calls exactly one backend method.
+// OpenMP, cuda/ through kernels and cuBLAS). tensor/ops.cpp (and, for the fused
+// slots, tensor/ops_fused.cpp) is the only caller: it checks shapes, dtypes and
+// devices, makes operands contiguous where a method's contract asks for it, and
+// then calls exactly one backend method.
 //
 // A backend that cannot run an op for a dtype reports it through supports();
 // the caller then throws an error naming op, device and dtype. No backend
@@ -11,11 +12,15 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "tensor/fused_args.h"
 #include "tensor/tensor.h"
 
 namespace loom {
 
-enum class OpKind { Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax };
+enum class OpKind {
+  Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax,
+  LayerNorm, GroupNorm, Geglu, OptimizerUpdate,  // fused family (tensor/ops_fused.h)
+};
 const char* op_kind_name(OpKind k);
 
 // out = f(in, scalar). Grad forms take the forward input x and return f'(x).
@@ -82,6 +87,22 @@ class Backend {
   // Along the last dim of contiguous [rows, n]: out = softmax(in) or log_softmax(in);
   // statistics (max, sum of exps) are accumulated in at least f32.
   virtual void softmax(const Tensor& out, const Tensor& in, int64_t rows, int64_t n, bool log) = 0;
+
+  // ---- fused ops: norms, GEGLU, optimizer update (fused family) ----
+  // Contracts: the parameter structs above. The defaults throw naming op and
+  // backend, so a backend without a kernel says so (supports() is false there).
+  virtual void layer_norm(const LayerNormArgs&) { missing_fused("layer_norm"); }
+  virtual void layer_norm_backward(const LayerNormGradArgs&) { missing_fused("layer_norm_backward"); }
+  virtual void group_norm(const GroupNormArgs&) { missing_fused("group_norm"); }
+  virtual void group_norm_backward(const GroupNormGradArgs&) { missing_fused("group_norm_backward"); }
+  virtual void geglu(const GegluArgs&) { missing_fused("geglu"); }
+  virtual void geglu_backward(const GegluGradArgs&) { missing_fused("geglu_backward"); }
+  virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused("optimizer_update"); }
+
+ private:
+  [[noreturn]] void missing_fused(const char* op) const {
+    LOOM_FAIL(op, ": backend '", name(), "' has no kernel for this fused op");
+  }
 };
 
 // The backend for a device; throws if loom was built without that device type.

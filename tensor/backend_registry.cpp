@@ -16,6 +16,10 @@ const char* op_kind_name(OpKind k) {
     case OpKind::Reduce: return "reduce";
     case OpKind::Gemm: return "gemm";
     case OpKind::Softmax: return "softmax";
+    case OpKind::LayerNorm: return "layer_norm";
+    case OpKind::GroupNorm: return "group_norm";
+    case OpKind::Geglu: return "geglu";
+    case OpKind::OptimizerUpdate: return "optimizer_update";
   }
   return "unknown";
 }

@@ -1,7 +1,9 @@
 // CudaBackend: the Backend interface (tensor/backend.h) on CUDA devices.
 //
 //   supports(): Copy and Fill for f32, f64, bf16, f16, i64;
-//               Unary, Binary, Reduce, Softmax, Gemm for f32, f64, bf16, f16.
+//               Unary, Binary, Reduce, Softmax, Gemm for f32, f64, bf16, f16;
+//               the fused LayerNorm, GroupNorm, Geglu for f32, f64, bf16, f16 and
+//               OptimizerUpdate for f32, f64 (cuda_fused.h).
 //
 // Each method checks its operands on the host (device, dtype, shape, layout),
 // fills a plain parameter struct (cuda_common.h), makes the operands' device
@@ -17,6 +19,7 @@
 #include "tensor/cuda/cuda_allocator.h"
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_common.h"
+#include "tensor/cuda/cuda_fused.h"
 
 namespace loom {
 namespace {
@@ -98,7 +101,12 @@ class CudaBackend final : public Backend {
       case OpKind::Reduce:
       case OpKind::Gemm:
       case OpKind::Softmax:
+      case OpKind::LayerNorm:
+      case OpKind::GroupNorm:
+      case OpKind::Geglu:
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
+      case OpKind::OptimizerUpdate:
+        return dtype == DType::F32 || dtype == DType::F64;
     }
     return false;
   }
@@ -249,6 +257,15 @@ class CudaBackend final : public Backend {
     DeviceGuard guard(device);
     cuda::launch_softmax(p);
   }
+
+  // ---- fused ops: norms, GEGLU, optimizer update (fused family; host checks in cuda_fused.cu) ----
+  void layer_norm(const LayerNormArgs& a) override { cuda::fused_layer_norm(a); }
+  void layer_norm_backward(const LayerNormGradArgs& a) override { cuda::fused_layer_norm_backward(a); }
+  void group_norm(const GroupNormArgs& a) override { cuda::fused_group_norm(a); }
+  void group_norm_backward(const GroupNormGradArgs& a) override { cuda::fused_group_norm_backward(a); }
+  void geglu(const GegluArgs& a) override { cuda::fused_geglu(a); }
+  void geglu_backward(const GegluGradArgs& a) override { cuda::fused_geglu_backward(a); }
+  void optimizer_update(const OptimizerUpdateArgs& a) override { cuda::fused_optimizer_update(a); }
 };
 
 }  // namespace
