@@ -3,6 +3,7 @@
 // has already checked shapes), allocates scratch, fills a parameter struct
 // (cuda_fused.h) and calls one launcher with the operands' device current.
 #include <algorithm>
+#include <initializer_list>
 
 #include "tensor/cuda/cuda_fused.h"
 
