@@ -91,8 +91,8 @@ Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vect
     const double w = a->effective_weight(path);
     if (w == 0.0) continue;  // skipped: the base output stays bit for bit
     const LoraModule& m = a->modules().at(path);
-    // [..., in] -> [..., r] -> [..., out], scaled by w·s
-    y = y + linear(linear(x, m.down), m.up) * (w * m.scale());
+    // [..., in] -> [..., r] -> [..., out], scaled by w·s and accumulated into y by the up GEMM itself
+    y = add_linear(y, linear(x, m.down), m.up, w * m.scale());
   }
   return y;
 }

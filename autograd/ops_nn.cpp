@@ -82,6 +82,20 @@ Variable geglu(const Variable& x, bool tanh_approx) {
   });
 }
 
+Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual) {
+  LOOM_CHECK(y.defined() && residual.defined(), "bias_residual: undefined input");
+  LOOM_CHECK(!bias.defined() || (bias.dim() == 1 && y.dim() >= 1 && bias.size(0) == y.size(-1)),
+             "bias_residual: bias ", bias.defined() ? bias.shape() : Shape{}, " does not match the last dim of ",
+             y.shape());
+  const int64_t n = y.dim() >= 1 ? y.size(-1) : 1;
+  return record("bias_residual", ops::bias_residual(y.tensor(), tensor_or_none(bias), residual.tensor()),
+                {y, bias, residual}, [n](const Tensor& g, const Needs& needs) {
+                  // dy = g, dresidual = g, dbias = Σ over the leading dims of g
+                  return GradList{needs[0] ? g : Tensor(), needs[1] ? ops::sum(g.reshape({-1, n}), {0}) : Tensor(),
+                                  needs[2] ? g : Tensor()};
+                });
+}
+
 Variable layer_norm_composed(const Variable& x, const Shape& normalized_shape, const Variable& weight,
                              const Variable& bias, double eps) {
   check_layer_norm(x, normalized_shape, weight, bias);

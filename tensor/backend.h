@@ -19,7 +19,7 @@ namespace loom {
 
 enum class OpKind {
   Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax,
-  LayerNorm, GroupNorm, Geglu, OptimizerUpdate,  // fused family (tensor/ops_fused.h)
+  LayerNorm, GroupNorm, Geglu, OptimizerUpdate, BiasResidual,  // fused family (tensor/ops_fused.h)
 };
 const char* op_kind_name(OpKind k);
 
@@ -98,6 +98,7 @@ class Backend {
   virtual void geglu(const GegluArgs&) { missing_fused("geglu"); }
   virtual void geglu_backward(const GegluGradArgs&) { missing_fused("geglu_backward"); }
   virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused("optimizer_update"); }
+  virtual void bias_residual(const BiasResidualArgs&) { missing_fused("bias_residual"); }
 
  private:
   [[noreturn]] void missing_fused(const char* op) const {

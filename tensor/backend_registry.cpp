@@ -20,6 +20,7 @@ const char* op_kind_name(OpKind k) {
     case OpKind::GroupNorm: return "group_norm";
     case OpKind::Geglu: return "geglu";
     case OpKind::OptimizerUpdate: return "optimizer_update";
+    case OpKind::BiasResidual: return "bias_residual";
   }
   return "unknown";
 }

@@ -70,6 +70,14 @@ struct GegluGradArgs {
   bool approximate = false;
 };
 
+// Bias + residual add after a projection: out[r,j] = y[r,j] + bias[j] + residual[r,j]
+// over [rows, n] (bias [n] or undefined), one pass instead of two; all of dtype T.
+struct BiasResidualArgs {
+  Tensor y, bias, residual;
+  Tensor out;  // output
+  int64_t rows = 0, n = 0;
+};
+
 // One optimizer step over many tensors at once (PyTorch's SGD / Adam / AdamW, as
 // optim/ documents them), in place. Every entry: param, grad and the state tensors
 // have one shape and the param's dtype (f32 master weights; f64 for checks).

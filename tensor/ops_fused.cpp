@@ -197,6 +197,57 @@ Tensor geglu_backward(const Tensor& dy, const Tensor& x, bool approximate) {
   return a.dx;
 }
 
+// ---- bias + residual ---------------------------------------------------------------------------
+
+Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual) {
+  const char* op = "bias_residual";
+  check_input(op, y);
+  LOOM_CHECK(residual.defined() && residual.shape() == y.shape() && residual.dtype() == y.dtype() &&
+                 residual.device() == y.device(),
+             op, ": residual ", residual.defined() ? residual.str() : "undefined", " does not match ", y.str());
+  LOOM_CHECK(y.dim() >= 1, op, ": 0-d input");
+  const int64_t n = y.size(-1);
+  Backend& be = backend_for(op, OpKind::BiasResidual, y.device(), y.dtype());
+  BiasResidualArgs a;
+  a.y = y.contiguous();
+  a.residual = residual.contiguous();
+  a.bias = check_vector(op, "bias", bias, y, n, y.dtype());
+  a.n = n;
+  a.rows = n == 0 ? 0 : y.numel() / n;
+  a.out = Tensor::empty(y.shape(), y.dtype(), y.device());
+  if (a.out.numel() > 0) be.bias_residual(a);
+  return a.out;
+}
+
+// ---- GEMM with accumulation into an addend ---------------------------------------------------
+
+Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alpha) {
+  const char* op = "add_linear";
+  LOOM_CHECK(y.defined() && x.defined() && w.defined(), op, ": undefined operand");
+  LOOM_CHECK(x.device() == y.device() && w.device() == y.device() && x.dtype() == y.dtype() &&
+                 w.dtype() == y.dtype(),
+             op, ": operands differ in device or dtype: ", y.str(), ", ", x.str(), ", ", w.str());
+  LOOM_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), op, ": input ", x.shape(),
+             " does not match weight ", w.shape());
+  Shape out_shape = x.shape();
+  out_shape.back() = w.size(0);
+  LOOM_CHECK(y.shape() == out_shape, op, ": addend ", y.shape(), " does not match x·wᵀ ", out_shape);
+  Backend& be = backend_for(op, OpKind::Gemm, y.device(), y.dtype());
+  Tensor out = y.clone();  // the GEMM accumulates into it
+  const Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t k = w.size(1), n = w.size(0), m = n == 0 ? 0 : out.numel() / n;
+  if (m == 0 || n == 0 || k == 0 || alpha == 0.0) return out;
+  GemmBatch g;
+  g.device = y.device(), g.dtype = y.dtype();
+  g.m = m, g.n = n, g.k = k, g.batch = 1;
+  g.a = xc.raw_data(), g.lda = k;                      // [m, k]
+  g.b = wc.raw_data(), g.ldb = k, g.trans_b = true;    // stored [n, k]
+  g.c = out.raw_data(), g.ldc = n;                     // [m, n]
+  g.alpha = alpha, g.beta = 1.0;
+  be.gemm(g);
+  return out;
+}
+
 // ---- optimizer update ----------------------------------------------------------------------
 
 namespace {

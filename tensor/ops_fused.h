@@ -41,6 +41,14 @@ NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups,
 Tensor geglu(const Tensor& x, bool approximate = false);
 Tensor geglu_backward(const Tensor& dy, const Tensor& x, bool approximate = false);
 
+// y + bias + residual in one pass: y, residual [..., n] (same shape), bias [n] or undefined.
+Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual);
+
+// y + alpha·(x·wᵀ) with x [..., in], w [out, in], y [..., out]: one GEMM whose
+// epilogue accumulates into (a copy of) y (beta = 1), so the product is never
+// materialised on its own: LoRA's scaled up-projection added to the base output.
+Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alpha);
+
 // One fused optimizer step over args.tensors (contract in tensor/fused_args.h).
 // Checks every entry (defined, contiguous, one device and dtype, matching
 // shapes, the state the kind needs) and calls the backend once per device.

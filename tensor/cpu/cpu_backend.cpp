@@ -520,7 +520,7 @@ class CpuBackend final : public Backend {
 
   bool supports(OpKind op, DType dtype) const override {
     if (op == OpKind::Copy || op == OpKind::Fill) return true;  // every dtype
-    if (op == OpKind::LayerNorm || op == OpKind::GroupNorm || op == OpKind::Geglu)
+    if (op == OpKind::LayerNorm || op == OpKind::GroupNorm || op == OpKind::Geglu || op == OpKind::BiasResidual)
       return dtype != DType::I64;  // f32, f64 and bf16/f16 storage (cpu_fused.h)
     return dtype == DType::F32 || dtype == DType::F64;
   }
@@ -615,6 +615,7 @@ class CpuBackend final : public Backend {
   void geglu(const GegluArgs& a) override { cpu::geglu(a); }
   void geglu_backward(const GegluGradArgs& a) override { cpu::geglu_backward(a); }
   void optimizer_update(const OptimizerUpdateArgs& a) override { cpu::optimizer_update(a); }
+  void bias_residual(const BiasResidualArgs& a) override { cpu::bias_residual(a); }
 };
 
 }  // namespace

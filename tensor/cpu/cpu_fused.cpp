@@ -343,7 +343,25 @@ void optimizer_update_typed(const OptimizerUpdateArgs& a) {
   }
 }
 
+// ---- bias + residual -------------------------------------------------------------------------
+
+template <typename T>
+void bias_residual_typed(const BiasResidualArgs& a) {
+  const T *y = in_ptr<T>(a.y), *b = in_ptr<T>(a.bias), *res = in_ptr<T>(a.residual);
+  T* out = out_ptr<T>(a.out);
+  const int64_t n = a.n;
+#pragma omp parallel for if (a.rows > 1 && a.rows * n > kParallelElems) schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r)
+    for (int64_t j = r * n; j < (r + 1) * n; ++j)
+      out[j] = st<T>((b ? ld(y[j]) + ld(b[j - r * n]) : ld(y[j])) + ld(res[j]));
+}
+
 }  // namespace
+
+void bias_residual(const BiasResidualArgs& a) {
+  visit_storage(a.y.dtype(), "bias_residual",
+                [&](auto tag) { bias_residual_typed<typename decltype(tag)::type>(a); });
+}
 
 void layer_norm(const LayerNormArgs& a) {
   visit_storage(a.x.dtype(), "layer_norm", [&](auto tag) { layer_norm_typed<typename decltype(tag)::type>(a); });

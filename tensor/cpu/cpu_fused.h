@@ -1,6 +1,6 @@
 // The CPU kernels of the Backend's fused slots (contracts in tensor/fused_args.h):
-// layer norm, group norm, GEGLU (forward and backward) and the multi-tensor
-// optimizer update. Storage dtypes f32, f64, bf16, f16 (the optimizer update: f32
+// layer norm, group norm, GEGLU (forward and backward), the multi-tensor
+// optimizer update and the bias + residual add. Storage dtypes f32, f64, bf16, f16 (the optimizer update: f32
 // and f64); bf16/f16 are computed in f32. Sums are accumulated in double; saved
 // statistics are f32 (f64 for f64). The optimizer update runs the composed
 // update's operations one by one in the parameter's dtype (this file is compiled
@@ -19,5 +19,6 @@ void group_norm_backward(const GroupNormGradArgs& a);
 void geglu(const GegluArgs& a);
 void geglu_backward(const GegluGradArgs& a);
 void optimizer_update(const OptimizerUpdateArgs& a);
+void bias_residual(const BiasResidualArgs& a);
 
 }  // namespace loom::cpu

@@ -104,6 +104,7 @@ class CudaBackend final : public Backend {
       case OpKind::LayerNorm:
       case OpKind::GroupNorm:
       case OpKind::Geglu:
+      case OpKind::BiasResidual:
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
       case OpKind::OptimizerUpdate:
         return dtype == DType::F32 || dtype == DType::F64;
@@ -266,6 +267,7 @@ class CudaBackend final : public Backend {
   void geglu(const GegluArgs& a) override { cuda::fused_geglu(a); }
   void geglu_backward(const GegluGradArgs& a) override { cuda::fused_geglu_backward(a); }
   void optimizer_update(const OptimizerUpdateArgs& a) override { cuda::fused_optimizer_update(a); }
+  void bias_residual(const BiasResidualArgs& a) override { cuda::fused_bias_residual(a); }
 };
 
 }  // namespace

@@ -107,6 +107,16 @@ void fused_geglu_backward(const GegluGradArgs& a) {
   launch_geglu_backward(p);
 }
 
+void fused_bias_residual(const BiasResidualArgs& a) {
+  const int device = fused_device("bias_residual", a.y, {&a.bias, &a.residual, &a.out});
+  BiasResidualParams p;
+  p.dtype = a.y.dtype();
+  p.y = cptr(a.y), p.bias = cptr(a.bias), p.residual = cptr(a.residual), p.out = mptr(a.out);
+  p.rows = a.rows, p.n = a.n;
+  DeviceGuard guard(device);
+  launch_bias_residual(p);
+}
+
 // The table is cut into launches of at most kMaxUpdateTensors tensors.
 void fused_optimizer_update(const OptimizerUpdateArgs& a) {
   if (a.tensors.empty()) return;

@@ -23,6 +23,7 @@ void fused_group_norm_backward(const GroupNormGradArgs& a);
 void fused_geglu(const GegluArgs& a);
 void fused_geglu_backward(const GegluGradArgs& a);
 void fused_optimizer_update(const OptimizerUpdateArgs& a);
+void fused_bias_residual(const BiasResidualArgs& a);
 
 // ---- norms (cuda_norm.cu) ----------------------------------------------------------
 
@@ -89,7 +90,7 @@ void launch_layer_norm_backward(const LayerNormGradParams& p);
 void launch_group_norm(const GroupNormParams& p);
 void launch_group_norm_backward(const GroupNormGradParams& p);
 
-// ---- GEGLU (cuda_geglu.cu) -----------------------------------------------------------
+// ---- GEGLU and the bias + residual add (cuda_geglu.cu: the elementwise family) -----------------------------------------------------------
 
 // Forward: in = x [rows, 2h], out = y [rows, h]. Backward: also dy [rows, h], out = dx.
 struct GegluParams {
@@ -103,6 +104,18 @@ struct GegluParams {
 
 void launch_geglu(const GegluParams& p);
 void launch_geglu_backward(const GegluParams& p);
+
+// out[r, j] = y[r, j] + bias[j] + residual[r, j] over [rows, n]; bias may be nullptr.
+struct BiasResidualParams {
+  DType dtype = DType::F32;
+  const void* y = nullptr;
+  const void* bias = nullptr;
+  const void* residual = nullptr;
+  void* out = nullptr;
+  int64_t rows = 0, n = 0;
+};
+
+void launch_bias_residual(const BiasResidualParams& p);
 
 // ---- optimizer update (cuda_optim.cu) ----------------------------------------------------
 

@@ -1,5 +1,6 @@
-// GEGLU forward and backward kernels (params in cuda_fused.h): elementwise over
-// [rows, h] with a grid-stride loop; x [rows, 2h] holds the halves h (first) and g.
+// The fused elementwise family (params in cuda_fused.h), grid-stride loops:
+// GEGLU forward and backward over [rows, h] (x [rows, 2h] holds the halves h,
+// first, and g), and the bias + residual add over [rows, n].
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_fused.h"
 
@@ -49,7 +50,31 @@ __global__ void geglu_backward_kernel(GegluParams p) {
   }
 }
 
+// out = (y + bias[j]) + residual, in the compute type.
+template <typename T>
+__global__ void bias_residual_kernel(BiasResidualParams p) {
+  const T* y = static_cast<const T*>(p.y);
+  const T* b = static_cast<const T*>(p.bias);
+  const T* res = static_cast<const T*>(p.residual);
+  T* out = static_cast<T*>(p.out);
+  const int64_t total = p.rows * p.n;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    auto v = widen(y[i]);
+    if (b) v = v + widen(b[i % p.n]);
+    out[i] = narrow<T>(v + widen(res[i]));
+  }
+}
+
 }  // namespace
+
+void launch_bias_residual(const BiasResidualParams& p) {
+  if (p.rows == 0 || p.n == 0) return;
+  dispatch_float(p.dtype, "cuda bias_residual", [&](auto tag) {
+    using T = decltype(tag);
+    bias_residual_kernel<T><<<grid_for(p.rows * p.n), kThreads>>>(p);
+    check_last_launch("bias_residual_kernel");
+  });
+}
 
 void launch_geglu(const GegluParams& p) {
   if (p.rows == 0 || p.h == 0) return;

@@ -158,6 +158,43 @@ TEST(FusedGeglu, F32MatchesTheF64Reference) {
                  {random_tensor({3, 11, 2 * 1283}, gen)}, DType::F32, 1e-6, "f32", gen);
 }
 
+// ---- bias + residual ------------------------------------------------------------------------
+
+TEST(FusedBiasResidual, MatchesComposedAtOddSizes) {
+  Generator gen = fresh_generator("bias_residual");
+  for (int64_t rows : kRows) {
+    for (int64_t n : kWidths) {
+      const std::string what = "rows " + std::to_string(rows) + ", n " + std::to_string(n);
+      const std::vector<Tensor> in = {random_tensor({rows, n}, gen), random_tensor({n}, gen),
+                                      random_tensor({rows, n}, gen)};
+      expect_matches([](const Vars& v) { return bias_residual(v[0], v[1], v[2]); },
+                     [](const Vars& v) { return (v[0] + v[1]) + v[2]; }, in, DType::F64, 1e-14, what, gen);
+      expect_matches([](const Vars& v) { return bias_residual(v[0], Variable(), v[1]); },
+                     [](const Vars& v) { return v[0] + v[1]; }, {in[0], in[2]}, DType::F32, 1e-7, what + " f32", gen);
+    }
+  }
+}
+
+// ---- add_linear: LoRA's scaled up-projection accumulated by the GEMM ------------------------
+
+TEST(FusedAddLinear, MatchesComposedAtOddSizes) {
+  Generator gen = fresh_generator("add_linear");
+  for (int64_t rows : kRows) {
+    for (int64_t out : {40, 333}) {
+      for (int64_t rank : {1, 4, 7}) {
+        const std::string what =
+            "rows " + std::to_string(rows) + ", out " + std::to_string(out) + ", rank " + std::to_string(rank);
+        const std::vector<Tensor> in = {random_tensor({2, rows, out}, gen), random_tensor({2, rows, rank}, gen),
+                                        random_tensor({out, rank}, gen)};
+        const Fn fused = [](const Vars& v) { return add_linear(v[0], v[1], v[2], 0.37); };
+        const Fn composed = [](const Vars& v) { return v[0] + linear(v[1], v[2]) * 0.37; };
+        expect_matches(fused, composed, in, DType::F64, 1e-12, what, gen);
+        expect_matches(fused, composed, in, DType::F32, 1e-5, what + " f32", gen);
+      }
+    }
+  }
+}
+
 // ---- bf16 / f16 storage on the CPU (f32 compute), at the tensor level ----------------------
 
 // Composed f64 forward and gradients of the rounded inputs, against the fused op in dtype.

@@ -124,6 +124,24 @@ TEST(GpuFused, GegluMatchesCpuF64) {
   }
 }
 
+TEST(GpuFused, BiasResidualAndAddLinearMatchCpuF64) {
+  SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_bias_residual");
+  for (DType dtype : kDtypes) {
+    const std::string what = dtype_name(dtype);
+    const Pair y = random_pair({333, 1283}, gen, dtype), b = random_pair({1283}, gen, dtype),
+               r = random_pair({333, 1283}, gen, dtype);
+    expect_close(ops::bias_residual(y.gpu, b.gpu, r.gpu), ops::bias_residual(y.cpu, b.cpu, r.cpu), dtype,
+                 what + " bias_residual");
+    expect_close(ops::bias_residual(y.gpu, Tensor(), r.gpu), ops::bias_residual(y.cpu, Tensor(), r.cpu), dtype,
+                 what + " residual only");
+    const Pair base = random_pair({2, 77, 320}, gen, dtype), h = random_pair({2, 77, 4}, gen, dtype),
+               up = random_pair({320, 4}, gen, dtype);
+    expect_close(ops::add_linear(base.gpu, h.gpu, up.gpu, 0.75), ops::add_linear(base.cpu, h.cpu, up.cpu, 0.75),
+                 dtype, what + " add_linear");
+  }
+}
+
 // Sizes of odd tensors, then enough small ones to need more than one launch's table.
 std::vector<int64_t> update_sizes() {
   std::vector<int64_t> s = {1, 7, 333, 1283, 40 * 33, 5000, 4096, 4097};
@@ -169,8 +187,12 @@ void check_update(OptimizerUpdateArgs cfg, DType dtype, const std::string& name)
       const std::string what = name + " " + dtype_name(dtype) + " step " + std::to_string(step) + " tensor " +
                                std::to_string(k) + " (" + std::to_string(sizes[k]) + " elements)";
       EXPECT_LE(rel_error(gpu[k].param.to(Device::cpu()), cpu[k].param), tol) << what;
-      if (cpu[k].state1.defined()) EXPECT_LE(rel_error(gpu[k].state1.to(Device::cpu()), cpu[k].state1), tol) << what;
-      if (cpu[k].state2.defined()) EXPECT_LE(rel_error(gpu[k].state2.to(Device::cpu()), cpu[k].state2), tol) << what;
+      if (cpu[k].state1.defined()) {
+        EXPECT_LE(rel_error(gpu[k].state1.to(Device::cpu()), cpu[k].state1), tol) << what;
+      }
+      if (cpu[k].state2.defined()) {
+        EXPECT_LE(rel_error(gpu[k].state2.to(Device::cpu()), cpu[k].state2), tol) << what;
+      }
     }
   }
 }

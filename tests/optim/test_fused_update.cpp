@@ -83,12 +83,20 @@ void run_config(const Config& cfg, DType dtype, double tol) {
                                std::to_string(k) + " (" + std::to_string(kSizes[k]) + " elements)";
       if (tol == 0) {
         EXPECT_EQ(fused[k].param.to_vector(), ref[k].param.to_vector()) << what;
-        if (ref[k].state1.defined()) EXPECT_EQ(fused[k].state1.to_vector(), ref[k].state1.to_vector()) << what;
-        if (ref[k].state2.defined()) EXPECT_EQ(fused[k].state2.to_vector(), ref[k].state2.to_vector()) << what;
+        if (ref[k].state1.defined()) {
+          EXPECT_EQ(fused[k].state1.to_vector(), ref[k].state1.to_vector()) << what;
+        }
+        if (ref[k].state2.defined()) {
+          EXPECT_EQ(fused[k].state2.to_vector(), ref[k].state2.to_vector()) << what;
+        }
       } else {
         EXPECT_LE(rel_error(fused[k].param, ref[k].param), tol) << what;
-        if (ref[k].state1.defined()) EXPECT_LE(rel_error(fused[k].state1, ref[k].state1), tol) << what;
-        if (ref[k].state2.defined()) EXPECT_LE(rel_error(fused[k].state2, ref[k].state2), tol) << what;
+        if (ref[k].state1.defined()) {
+          EXPECT_LE(rel_error(fused[k].state1, ref[k].state1), tol) << what;
+        }
+        if (ref[k].state2.defined()) {
+          EXPECT_LE(rel_error(fused[k].state2, ref[k].state2), tol) << what;
+        }
       }
     }
   }
