@@ -68,10 +68,12 @@ Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, c
   const Tensor xt = x.tensor(), wt = tensor_or_none(weight);
   const ops::NormForward f = ops::group_norm(xt, groups, wt, tensor_or_none(bias), eps);
   const Tensor mean = f.mean, rstd = f.rstd;
-  return record("group_norm", f.y, {x, weight, bias}, [xt, wt, mean, rstd, groups](const Tensor& g, const Needs& needs) {
-    const ops::NormGrads d = ops::group_norm_backward(g, xt, groups, wt, mean, rstd, {needs[0], needs[1], needs[2]});
-    return GradList{d.dx, d.dweight, d.dbias};
-  });
+  return record("group_norm", f.y, {x, weight, bias},
+                [xt, wt, mean, rstd, groups](const Tensor& g, const Needs& needs) {
+                  const ops::NormGrads d =
+                      ops::group_norm_backward(g, xt, groups, wt, mean, rstd, {needs[0], needs[1], needs[2]});
+                  return GradList{d.dx, d.dweight, d.dbias};
+                });
 }
 
 Variable geglu(const Variable& x, bool tanh_approx) {

@@ -57,6 +57,11 @@ struct GemmBatch {
   double alpha = 1.0, beta = 0.0;
 };
 
+// Thrown by the default of a fused slot: "<op>: backend '<name>' has no kernel for this fused op".
+[[noreturn]] inline void missing_fused_kernel(const char* op, const char* backend) {
+  LOOM_FAIL(op, ": backend '", backend, "' has no kernel for this fused op");
+}
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -89,21 +94,17 @@ class Backend {
   virtual void softmax(const Tensor& out, const Tensor& in, int64_t rows, int64_t n, bool log) = 0;
 
   // ---- fused ops: norms, GEGLU, optimizer update (fused family) ----
-  // Contracts: the parameter structs above. The defaults throw naming op and
-  // backend, so a backend without a kernel says so (supports() is false there).
-  virtual void layer_norm(const LayerNormArgs&) { missing_fused("layer_norm"); }
-  virtual void layer_norm_backward(const LayerNormGradArgs&) { missing_fused("layer_norm_backward"); }
-  virtual void group_norm(const GroupNormArgs&) { missing_fused("group_norm"); }
-  virtual void group_norm_backward(const GroupNormGradArgs&) { missing_fused("group_norm_backward"); }
-  virtual void geglu(const GegluArgs&) { missing_fused("geglu"); }
-  virtual void geglu_backward(const GegluGradArgs&) { missing_fused("geglu_backward"); }
-  virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused("optimizer_update"); }
-  virtual void bias_residual(const BiasResidualArgs&) { missing_fused("bias_residual"); }
-
- private:
-  [[noreturn]] void missing_fused(const char* op) const {
-    LOOM_FAIL(op, ": backend '", name(), "' has no kernel for this fused op");
-  }
+  // Contracts: the parameter structs of tensor/fused_args.h. The defaults throw
+  // naming op and backend, so a backend without a kernel says so (its supports()
+  // is false for the kind, and tensor/ops_fused.cpp checks that first).
+  virtual void layer_norm(const LayerNormArgs&) { missing_fused_kernel("layer_norm", name()); }
+  virtual void layer_norm_backward(const LayerNormGradArgs&) { missing_fused_kernel("layer_norm_backward", name()); }
+  virtual void group_norm(const GroupNormArgs&) { missing_fused_kernel("group_norm", name()); }
+  virtual void group_norm_backward(const GroupNormGradArgs&) { missing_fused_kernel("group_norm_backward", name()); }
+  virtual void geglu(const GegluArgs&) { missing_fused_kernel("geglu", name()); }
+  virtual void geglu_backward(const GegluGradArgs&) { missing_fused_kernel("geglu_backward", name()); }
+  virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused_kernel("optimizer_update", name()); }
+  virtual void bias_residual(const BiasResidualArgs&) { missing_fused_kernel("bias_residual", name()); }
 };
 
 // The backend for a device; throws if loom was built without that device type.

@@ -1,6 +1,6 @@
 // Parameter structs of the fused slots of the Backend interface (tensor/backend.h,
-// section "fused family"): layer norm, group norm, GEGLU (forward and backward) and
-// the multi-tensor optimizer update. Plain data: tensors plus scalars. The checks
+// section "fused family"): layer norm, group norm, GEGLU (forward and backward),
+// the bias + residual add and the multi-tensor optimizer update. Plain data: tensors plus scalars. The checks
 // (shapes, dtypes, devices, contiguity) and output allocation happen in
 // tensor/ops_fused.cpp before a backend sees a struct.
 #pragma once

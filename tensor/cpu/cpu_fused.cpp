@@ -22,6 +22,7 @@ namespace {
 constexpr int64_t kParallelElems = int64_t(1) << 15;  // below this an op stays on the calling thread
 constexpr int64_t kColumnBlock = 64;                  // columns per parameter-gradient work item
 constexpr int64_t kUpdateChunk = int64_t(1) << 14;    // elements per optimizer work item
+constexpr int64_t kSumBlock = 128;                    // values per block of a statistics sum
 
 // ---- dtype plumbing ----------------------------------------------------------------
 
@@ -57,18 +58,34 @@ template <typename T> const T* in_ptr(const Tensor& t) {
 }
 template <typename T> T* out_ptr(const Tensor& t) { return t.defined() ? static_cast<T*>(t.raw_data()) : nullptr; }
 
-// mean and 1/√(var + eps) of x[0..n) (biased variance, two passes in double).
-template <typename T>
-void moments(const T* x, int64_t n, double eps, double& mean, double& rstd) {
-  double s = 0.0;
-  for (int64_t j = 0; j < n; ++j) s += double(ld(x[j]));
-  mean = s / double(n);
-  double v = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double d = double(ld(x[j])) - mean;
-    v += d * d;
+// Σ f(x[j]) over j < n in the compute type C, block by block (each block of
+// kSumBlock values summed on its own, then the blocks): f32 statistics for f32 /
+// bf16 / f16 storage, as on CUDA (so an f32 overflow is an overflow on both), with
+// a rounding error that grows with the block count, not with n.
+template <typename T, typename F>
+compute_t<T> blocked_sum(const T* x, int64_t n, const F& f) {
+  using C = compute_t<T>;
+  C total = C(0);
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    C block = C(0);
+    for (int64_t j = j0; j < j1; ++j) block += f(ld(x[j]));
+    total += block;
   }
-  rstd = 1.0 / std::sqrt(v / double(n) + eps);
+  return total;
+}
+
+// mean and 1/√(var + eps) of x[0..n) (biased variance, two passes, in C).
+template <typename T>
+void moments(const T* x, int64_t n, double eps, compute_t<T>& mean, compute_t<T>& rstd) {
+  using C = compute_t<T>;
+  const C m = blocked_sum(x, n, [](C v) { return v; }) / C(n);
+  const C var = blocked_sum(x, n, [m](C v) {
+                  const C d = v - m;
+                  return d * d;
+                }) / C(n);
+  mean = m;
+  rstd = C(1) / std::sqrt(var + C(eps));
 }
 
 // ---- layer norm ----------------------------------------------------------------------
@@ -84,11 +101,10 @@ void layer_norm_typed(const LayerNormArgs& a) {
   for (int64_t r = 0; r < a.rows; ++r) {
     const T* xr = x + r * n;
     T* yr = y + r * n;
-    double m, rs;
-    moments(xr, n, a.eps, m, rs);
-    mean[r] = C(m);
-    rstd[r] = C(rs);
-    const C mc = C(m), rc = C(rs);
+    C mc, rc;
+    moments(xr, n, a.eps, mc, rc);
+    mean[r] = mc;
+    rstd[r] = rc;
     for (int64_t j = 0; j < n; ++j) {
       C v = (ld(xr[j]) - mc) * rc;
       if (w) v *= ld(w[j]);
@@ -165,12 +181,10 @@ void group_norm_typed(const GroupNormArgs& a) {
   for (int64_t item = 0; item < items; ++item) {  // item = (sample, group)
     const int64_t c0 = (item % a.groups) * cg;
     const int64_t base = (item / a.groups) * a.channels * S + c0 * S;
-    double m = 0.0, rs = 0.0;
-    if (cg * S > 0) moments(x + base, cg * S, a.eps, m, rs);
-    else rs = 1.0 / std::sqrt(a.eps);
-    mean[item] = C(m);
-    rstd[item] = C(rs);
-    const C mc = C(m), rc = C(rs);
+    C mc = C(0), rc = C(1) / std::sqrt(C(a.eps));
+    if (cg * S > 0) moments(x + base, cg * S, a.eps, mc, rc);
+    mean[item] = mc;
+    rstd[item] = rc;
     for (int64_t c = 0; c < cg; ++c) {
       const C wc = w ? ld(w[c0 + c]) : C(1), bc = b ? ld(b[c0 + c]) : C(0);
       const T* xc = x + base + c * S;

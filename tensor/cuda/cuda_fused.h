@@ -90,7 +90,7 @@ void launch_layer_norm_backward(const LayerNormGradParams& p);
 void launch_group_norm(const GroupNormParams& p);
 void launch_group_norm_backward(const GroupNormGradParams& p);
 
-// ---- GEGLU and the bias + residual add (cuda_geglu.cu: the elementwise family) -----------------------------------------------------------
+// ---- GEGLU and the bias + residual add (cuda_geglu.cu: the elementwise family) ----------
 
 // Forward: in = x [rows, 2h], out = y [rows, h]. Backward: also dy [rows, h], out = dx.
 struct GegluParams {
