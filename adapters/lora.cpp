@@ -92,9 +92,10 @@ Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vect
     const double w = a->effective_weight(path);
     if (w == 0.0) continue;  // skipped: the base output stays bit for bit
     const LoraModule& m = a->modules().at(path);
-    // [..., in] -> [..., r] -> [..., out], scaled by w·s; f32 masters are cast to the
-    // activations' dtype (mixed precision, tensor/precision.h), gradients flow back in f32.
-    y = y + linear(linear(x, to_dtype(m.down, x.dtype())), to_dtype(m.up, x.dtype())) * (w * m.scale());
+    // [..., in] -> [..., r] -> [..., out], scaled by w·s and accumulated into y by the up GEMM
+    // itself; f32 masters are cast to the activations' dtype (tensor/precision.h), gradients
+    // flow back in f32.
+    y = add_linear(y, linear(x, to_dtype(m.down, x.dtype())), to_dtype(m.up, x.dtype()), w * m.scale());
   }
   return y;
 }

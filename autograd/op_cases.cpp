@@ -60,6 +60,10 @@ std::vector<OpCase> build_cases() {
   add_case("linear", "bias", {any({2, 3, 5}), any({4, 5}), any({4})},
            [](const Vars& v) { return linear(v[0], v[1], v[2]); });
   add_case("linear", "nobias", {nc({3, 5}), any({4, 5})}, [](const Vars& v) { return linear(v[0], v[1]); });
+  add_case("add_linear", "lora", {any({2, 3, 4}), any({2, 3, 2}), any({4, 2})},
+           [](const Vars& v) { return add_linear(v[0], v[1], v[2], 0.75); });
+  add_case("add_linear", "frozen_x_noncontig", {any({5, 3}), fixed({5, 6}), nc({3, 6})},
+           [](const Vars& v) { return add_linear(v[0], v[1], v[2], -2.0); });
   add_case("linear", "frozen_w", {any({3, 5}), fixed({4, 5}), any({4})},
            [](const Vars& v) { return linear(v[0], v[1], v[2]); });
 
@@ -101,8 +105,26 @@ std::vector<OpCase> build_cases() {
   add_case("layer_norm", "affine", {any({2, 3, 5}), any({5}), any({5})},
            [](const Vars& v) { return layer_norm(v[0], {5}, v[1], v[2]); });
   add_case("layer_norm", "plain2d", {nc({3, 4})}, [](const Vars& v) { return layer_norm(v[0], {4}); });
+  add_case("layer_norm", "multidim_frozen_bias", {any({2, 3, 4}), any({3, 4}), fixed({3, 4})},
+           [](const Vars& v) { return layer_norm(v[0], {3, 4}, v[1], v[2]); });
+  add_case("layer_norm", "weight_only", {any({3, 7}), any({7})},
+           [](const Vars& v) { return layer_norm(v[0], {7}, v[1], Variable(), 1e-6); });
+  add_case("layer_norm_composed", "affine", {any({2, 3, 5}), any({5}), any({5})},
+           [](const Vars& v) { return layer_norm_composed(v[0], {5}, v[1], v[2]); });
   add_case("group_norm", "affine", {any({2, 6, 2, 2}), any({6}), any({6})},
            [](const Vars& v) { return group_norm(v[0], 3, v[1], v[2], 1e-6); });
+  add_case("group_norm", "plain3d", {nc({2, 4, 3})}, [](const Vars& v) { return group_norm(v[0], 2); });
+  add_case("group_norm", "frozen_weight", {any({1, 6, 5}), fixed({6}), any({6})},
+           [](const Vars& v) { return group_norm(v[0], 2, v[1], v[2], 1e-6); });
+  add_case("group_norm_composed", "affine", {any({2, 6, 2, 2}), any({6}), any({6})},
+           [](const Vars& v) { return group_norm_composed(v[0], 3, v[1], v[2], 1e-6); });
+  add_case("geglu", "erf", {any({3, 8})}, [](const Vars& v) { return geglu(v[0]); });
+  add_case("geglu", "tanh", {nc({2, 3, 6})}, [](const Vars& v) { return geglu(v[0], true); });
+  add_case("bias_residual", "broadcast", {any({2, 3, 5}), any({5}), nc({2, 3, 5})},
+           [](const Vars& v) { return bias_residual(v[0], v[1], v[2]); });
+  add_case("bias_residual", "nobias_frozen_residual", {any({4, 3}), fixed({4, 3})},
+           [](const Vars& v) { return bias_residual(v[0], Variable(), v[1]); });
+  add_case("geglu_composed", "erf", {any({3, 8})}, [](const Vars& v) { return geglu_composed(v[0]); });
   add_case("dropout", "train", {any({4, 5})}, [](const Vars& v) {
     Generator gen(1234);  // the same mask on every evaluation
     return dropout(v[0], 0.3, true, gen);

@@ -60,6 +60,9 @@ Variable log_softmax(const Variable& x, int64_t dim);
 Variable matmul(const Variable& a, const Variable& b);
 // x [..., in] · wᵀ + bias;  w [out, in], bias [out] or undefined.
 Variable linear(const Variable& x, const Variable& w, const Variable& bias = Variable());
+// y + alpha·(x·wᵀ) as one GEMM accumulating into y's copy (ops::add_linear): LoRA's
+// scaled low-rank term added to the base output; y [..., out], x [..., in], w [out, in].
+Variable add_linear(const Variable& y, const Variable& x, const Variable& w, double alpha);
 
 // ---- shape (ops_shape.cpp) ------------------------------------------------------------
 Variable reshape(const Variable& x, const Shape& shape);  // one -1 allowed
@@ -79,12 +82,25 @@ std::vector<Variable> chunk(const Variable& x, int64_t chunks, int64_t dim);
 std::vector<Variable> split(const Variable& x, const std::vector<int64_t>& sizes, int64_t dim);
 
 // ---- neural-network ops (ops_nn.cpp) ---------------------------------------------------------
+// layer_norm, group_norm and geglu run the device's fused kernels (tensor/ops_fused.h)
+// with a fused backward; statistics in f32 (f64 for f64), also for bf16/f16 inputs.
 // Normalises over the trailing `normalized_shape` dims; weight/bias (that shape) optional.
 Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Variable& weight = Variable(),
                     const Variable& bias = Variable(), double eps = 1e-5);
 // x [N, C, *]: normalises each of `groups` channel groups over (C/groups, *); weight/bias [C] optional.
 Variable group_norm(const Variable& x, int64_t groups, const Variable& weight = Variable(),
                     const Variable& bias = Variable(), double eps = 1e-5);
+// x [..., 2h] -> [..., h]: x[..., :h]·gelu(x[..., h:]) (exact erf gelu unless tanh_approx).
+Variable geglu(const Variable& x, bool tanh_approx = false);
+// y + bias + residual in one pass (the projection bias and the residual connection);
+// y, residual [..., n] of one shape, bias [n] or undefined.
+Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual);
+// The same three as compositions of primitive ops: the references for the fused ones.
+Variable layer_norm_composed(const Variable& x, const Shape& normalized_shape, const Variable& weight = Variable(),
+                             const Variable& bias = Variable(), double eps = 1e-5);
+Variable group_norm_composed(const Variable& x, int64_t groups, const Variable& weight = Variable(),
+                             const Variable& bias = Variable(), double eps = 1e-5);
+Variable geglu_composed(const Variable& x, bool tanh_approx = false);
 // Zeroes each element with probability p and scales the rest by 1/(1−p); identity when !training or p == 0.
 Variable dropout(const Variable& x, double p, bool training, Generator& gen);
 // Mean of (pred − target)² over all elements (PyTorch's default reduction).

@@ -1,6 +1,7 @@
 // Matrix products: forward and gradient rule side by side.
 #include "autograd/ops.h"
 #include "tensor/ops.h"
+#include "tensor/ops_fused.h"
 
 namespace loom {
 
@@ -38,6 +39,24 @@ Variable linear(const Variable& x, const Variable& w, const Variable& bias) {
     if (needs.size() > 2 && needs[2]) grads[2] = ops::sum(g.reshape({-1, out}), {0});  // [out]
     return grads;
   });
+}
+
+Variable add_linear(const Variable& y, const Variable& x, const Variable& w, double alpha) {
+  LOOM_CHECK(y.defined() && x.defined() && w.defined(), "add_linear: undefined variable");
+  const Tensor tx = x.tensor(), tw = w.tensor();
+  const Tensor save_x = w.requires_grad() ? tx : Tensor(), save_w = x.requires_grad() ? tw : Tensor();
+  return record("add_linear", ops::add_linear(y.tensor(), tx, tw, alpha), {y, x, w},
+                [save_x, save_w, alpha](const Tensor& g, const Needs& needs) {
+                  const int64_t out = g.size(-1);
+                  GradList grads(3);
+                  if (needs[0]) grads[0] = g;
+                  if (needs[1]) grads[1] = ops::mul_scalar(ops::matmul(g, save_w), alpha);  // [..., out]·[out, in]
+                  if (needs[2]) {  // α·[out, N] x [N, in] -> [out, in]
+                    const Tensor g2 = g.reshape({-1, out}), x2 = save_x.reshape({-1, save_x.size(-1)});
+                    grads[2] = ops::mul_scalar(ops::matmul(g2.transpose(0, 1), x2), alpha);
+                  }
+                  return grads;
+                });
 }
 
 }  // namespace loom

@@ -1,10 +1,13 @@
-// Neural-network ops. layer_norm and group_norm are compositions of the
-// primitive ops (their gradients follow by the chain rule); dropout and
-// mse_loss carry their own rules.
+// Neural-network ops. layer_norm, group_norm and geglu call the device's fused
+// slots (tensor/ops_fused.h) and record the fused backward; their *_composed
+// forms, built from primitive ops (gradients by the chain rule), are the
+// references the tests compare the fused ones with. dropout and mse_loss carry
+// their own rules.
 #include <vector>
 
 #include "autograd/ops.h"
 #include "tensor/ops.h"
+#include "tensor/ops_fused.h"
 #include "tensor/random.h"
 
 namespace loom {
@@ -21,8 +24,8 @@ Variable normalize(const Variable& x, const std::vector<int64_t>& dims, double e
 }
 }  // namespace
 
-Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Variable& weight, const Variable& bias,
-                    double eps) {
+namespace {
+void check_layer_norm(const Variable& x, const Shape& normalized_shape, const Variable& weight, const Variable& bias) {
   LOOM_CHECK(x.defined(), "layer_norm: undefined input");
   const int64_t k = int64_t(normalized_shape.size());
   LOOM_CHECK(k >= 1 && x.dim() >= k && Shape(x.shape().end() - k, x.shape().end()) == normalized_shape,
@@ -31,6 +34,74 @@ Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Vari
              " does not match normalized_shape ", normalized_shape);
   LOOM_CHECK(!bias.defined() || bias.shape() == normalized_shape, "layer_norm: bias ", bias.shape(),
              " does not match normalized_shape ", normalized_shape);
+}
+
+void check_group_norm(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias) {
+  LOOM_CHECK(x.defined(), "group_norm: undefined input");
+  LOOM_CHECK(x.dim() >= 2, "group_norm: input must be [N, C, *], got ", x.shape());
+  const int64_t c = x.size(1);
+  LOOM_CHECK(groups > 0 && c % groups == 0, "group_norm: ", c, " channels cannot be split into ", groups, " groups");
+  LOOM_CHECK(!weight.defined() || weight.shape() == Shape{c}, "group_norm: weight ", weight.shape(),
+             " does not match channels [", c, "]");
+  LOOM_CHECK(!bias.defined() || bias.shape() == Shape{c}, "group_norm: bias ", bias.shape(),
+             " does not match channels [", c, "]");
+}
+
+Tensor tensor_or_none(const Variable& v) { return v.defined() ? v.tensor() : Tensor(); }
+}  // namespace
+
+Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Variable& weight, const Variable& bias,
+                    double eps) {
+  check_layer_norm(x, normalized_shape, weight, bias);
+  const int64_t n = shape_numel(normalized_shape);
+  const Tensor xt = x.tensor(), wt = tensor_or_none(weight);
+  const ops::NormForward f = ops::layer_norm(xt, n, wt, tensor_or_none(bias), eps);
+  const Tensor mean = f.mean, rstd = f.rstd;
+  return record("layer_norm", f.y, {x, weight, bias}, [xt, wt, mean, rstd, n](const Tensor& g, const Needs& needs) {
+    const ops::NormGrads d = ops::layer_norm_backward(g, xt, n, wt, mean, rstd, {needs[0], needs[1], needs[2]});
+    return GradList{d.dx, d.dweight, d.dbias};
+  });
+}
+
+Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias, double eps) {
+  check_group_norm(x, groups, weight, bias);
+  const Tensor xt = x.tensor(), wt = tensor_or_none(weight);
+  const ops::NormForward f = ops::group_norm(xt, groups, wt, tensor_or_none(bias), eps);
+  const Tensor mean = f.mean, rstd = f.rstd;
+  return record("group_norm", f.y, {x, weight, bias},
+                [xt, wt, mean, rstd, groups](const Tensor& g, const Needs& needs) {
+                  const ops::NormGrads d =
+                      ops::group_norm_backward(g, xt, groups, wt, mean, rstd, {needs[0], needs[1], needs[2]});
+                  return GradList{d.dx, d.dweight, d.dbias};
+                });
+}
+
+Variable geglu(const Variable& x, bool tanh_approx) {
+  LOOM_CHECK(x.defined(), "geglu: undefined input");
+  const Tensor xt = x.tensor();
+  return record("geglu", ops::geglu(xt, tanh_approx), {x}, [xt, tanh_approx](const Tensor& g, const Needs&) {
+    return GradList{ops::geglu_backward(g, xt, tanh_approx)};
+  });
+}
+
+Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual) {
+  LOOM_CHECK(y.defined() && residual.defined(), "bias_residual: undefined input");
+  LOOM_CHECK(!bias.defined() || (bias.dim() == 1 && y.dim() >= 1 && bias.size(0) == y.size(-1)),
+             "bias_residual: bias ", bias.defined() ? bias.shape() : Shape{}, " does not match the last dim of ",
+             y.shape());
+  const int64_t n = y.dim() >= 1 ? y.size(-1) : 1;
+  return record("bias_residual", ops::bias_residual(y.tensor(), tensor_or_none(bias), residual.tensor()),
+                {y, bias, residual}, [n](const Tensor& g, const Needs& needs) {
+                  // dy = g, dresidual = g, dbias = Σ over the leading dims of g
+                  return GradList{needs[0] ? g : Tensor(), needs[1] ? ops::sum(g.reshape({-1, n}), {0}) : Tensor(),
+                                  needs[2] ? g : Tensor()};
+                });
+}
+
+Variable layer_norm_composed(const Variable& x, const Shape& normalized_shape, const Variable& weight,
+                             const Variable& bias, double eps) {
+  check_layer_norm(x, normalized_shape, weight, bias);
+  const int64_t k = int64_t(normalized_shape.size());
   std::vector<int64_t> dims;
   for (int64_t d = x.dim() - k; d < x.dim(); ++d) dims.push_back(d);
   Variable y = normalize(x, dims, eps);
@@ -39,15 +110,10 @@ Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Vari
   return y;
 }
 
-Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias, double eps) {
-  LOOM_CHECK(x.defined(), "group_norm: undefined input");
-  LOOM_CHECK(x.dim() >= 2, "group_norm: input must be [N, C, *], got ", x.shape());
+Variable group_norm_composed(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias,
+                             double eps) {
+  check_group_norm(x, groups, weight, bias);
   const int64_t n = x.size(0), c = x.size(1);
-  LOOM_CHECK(groups > 0 && c % groups == 0, "group_norm: ", c, " channels cannot be split into ", groups, " groups");
-  LOOM_CHECK(!weight.defined() || weight.shape() == Shape{c}, "group_norm: weight ", weight.shape(),
-             " does not match channels [", c, "]");
-  LOOM_CHECK(!bias.defined() || bias.shape() == Shape{c}, "group_norm: bias ", bias.shape(),
-             " does not match channels [", c, "]");
   // [N, C, *] -> [N, G, C/G · Π*], normalise the last dim, back to [N, C, *].
   Variable y = reshape(normalize(reshape(x, {n, groups, -1}), {2}, eps), x.shape());
   Shape per_channel(size_t(x.dim()), 1);  // [1, C, 1, ...] broadcasts over N and the spatial dims
@@ -55,6 +121,13 @@ Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, c
   if (weight.defined()) y = mul(y, reshape(weight, per_channel));
   if (bias.defined()) y = add(y, reshape(bias, per_channel));
   return y;
+}
+
+Variable geglu_composed(const Variable& x, bool tanh_approx) {
+  LOOM_CHECK(x.defined() && x.dim() >= 1 && x.size(-1) % 2 == 0, "geglu: the last dim of ",
+             x.defined() ? x.shape() : Shape{}, " must be even (the two halves h and g)");
+  const std::vector<Variable> hg = chunk(x, 2, -1);  // [..., 2h] -> 2 × [..., h]
+  return mul(hg[0], gelu(hg[1], tanh_approx));
 }
 
 Variable dropout(const Variable& x, double p, bool training, Generator& gen) {

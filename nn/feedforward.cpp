@@ -16,10 +16,8 @@ GEGLU::GEGLU(int64_t dim_in, int64_t dim_out, bool bias, Generator& gen, DType d
   register_module("proj", std::make_shared<Linear>(dim_in, 2 * dim_out, bias, gen, dtype, device));
 }
 
-Variable GEGLU::forward(const Variable& x) const {
-  const std::vector<Variable> hg = chunk(proj()->forward(x), 2, -1);  // [..., 2·out] -> 2 × [..., out]
-  return mul(hg[0], gelu(hg[1]));
-}
+// The fused op (autograd geglu): [..., 2·out] -> [..., out]; geglu_composed is its reference.
+Variable GEGLU::forward(const Variable& x) const { return geglu(proj()->forward(x)); }
 
 std::shared_ptr<UnaryModule> make_activation(const std::string& name, int64_t dim_in, int64_t dim_out, bool bias,
                                              Generator& gen, DType dtype, Device device) {

@@ -3,7 +3,6 @@
 
 #include <cmath>
 
-#include "tensor/ops.h"
 
 namespace loom::optim {
 
@@ -21,11 +20,6 @@ AdamOptions as_adam(const AdamWOptions& w) { return AdamOptions{w.lr, w.beta1, w
 const std::vector<std::string>& fields() {
   static const std::vector<std::string> f{"exp_avg", "exp_avg_sq", "step"};
   return f;
-}
-
-// x·a + y·b
-Tensor lerp2(const Tensor& x, double a, const Tensor& y, double b) {
-  return ops::add(ops::mul_scalar(x, a), ops::mul_scalar(y, b));
 }
 
 // A step counter from a state tensor: one element, a whole number >= 0.
@@ -63,32 +57,43 @@ int64_t Adam::step_count(const std::string& name) const {
   LOOM_FAIL(who(), ".step_count: no parameter named '", name, "'");
 }
 
-void Adam::update(size_t i, const Variable& param) {
-  const AdamOptions& o = options_;
-  State& s = state_[i];
-  Tensor p = param.tensor();
-  Tensor g = param.grad();
-  if (o.weight_decay != 0 && decoupled_) p = ops::mul_scalar(p, 1.0 - lr() * o.weight_decay);
-  if (o.weight_decay != 0 && !decoupled_) g = ops::add(g, ops::mul_scalar(p, o.weight_decay));
-  if (!s.exp_avg.defined()) {
-    s.exp_avg = Tensor::zeros(p.shape(), p.dtype(), p.device());
-    s.exp_avg_sq = Tensor::zeros(p.shape(), p.dtype(), p.device());
-  }
-  s.step += 1;
-  s.exp_avg = lerp2(s.exp_avg, o.beta1, g, 1.0 - o.beta1);
-  s.exp_avg_sq = lerp2(s.exp_avg_sq, o.beta2, ops::square(g), 1.0 - o.beta2);
-  const double bias1 = 1.0 - std::pow(o.beta1, double(s.step));
-  const double bias2_sqrt = std::sqrt(1.0 - std::pow(o.beta2, double(s.step)));
-  // denom = √v / √(1 − β2ᵗ) + eps;  p ← p − (lr / (1 − β1ᵗ))·m / denom
-  const Tensor denom = ops::add_scalar(ops::mul_scalar(ops::sqrt(s.exp_avg_sq), 1.0 / bias2_sqrt), o.eps);
-  assign(param, ops::sub(p, ops::mul_scalar(ops::div(s.exp_avg, denom), lr() / bias1)));
-}
-
+// One fused update of every parameter with a gradient (formulas in adam.h); the
+// bias corrections use each parameter's own step count.
 void Adam::step() {
   NoGradGuard no_grad;
+  const AdamOptions& o = options_;
+  OptimizerUpdateArgs args;
+  args.kind = decoupled_ ? OptimizerKind::AdamW : OptimizerKind::Adam;
+  args.lr = lr();
+  args.weight_decay = o.weight_decay;
+  args.beta1 = o.beta1;
+  args.beta2 = o.beta2;
+  args.eps = o.eps;
+  std::vector<Variable> owners;
   const auto& params = named_parameters();
-  for (size_t i = 0; i < params.size(); ++i)
-    if (params[i].second.grad().defined()) update(i, params[i].second);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Variable& v = params[i].second;
+    if (!v.grad().defined()) continue;
+    State& s = state_[i];
+    const Tensor& p = v.tensor();
+    if (!s.exp_avg.defined()) {
+      s.exp_avg = Tensor::zeros(p.shape(), p.dtype(), p.device());
+      s.exp_avg_sq = Tensor::zeros(p.shape(), p.dtype(), p.device());
+    }
+    s.step += 1;
+    const double bias1 = 1.0 - std::pow(o.beta1, double(s.step));
+    const double bias2_sqrt = std::sqrt(1.0 - std::pow(o.beta2, double(s.step)));
+    OptimizerTensor e;
+    e.param = p;
+    e.grad = v.grad();
+    e.state1 = s.exp_avg;
+    e.state2 = s.exp_avg_sq;
+    e.step_size = lr() / bias1;
+    e.inv_bias2_sqrt = 1.0 / bias2_sqrt;
+    args.tensors.push_back(e);
+    owners.push_back(v);
+  }
+  run_update(std::move(args), owners);
 }
 
 std::map<std::string, Tensor> Adam::state_dict() const {
@@ -97,8 +102,8 @@ std::map<std::string, Tensor> Adam::state_dict() const {
   for (size_t i = 0; i < params.size(); ++i) {
     if (!state_[i].exp_avg.defined()) continue;
     const std::string& n = params[i].first;
-    out[n + ".exp_avg"] = state_[i].exp_avg;
-    out[n + ".exp_avg_sq"] = state_[i].exp_avg_sq;
+    out[n + ".exp_avg"] = state_[i].exp_avg.clone();
+    out[n + ".exp_avg_sq"] = state_[i].exp_avg_sq.clone();
     out[n + ".step"] = Tensor::scalar(double(state_[i].step), DType::F64);
   }
   return out;

@@ -68,8 +68,6 @@ class Adam : public Optimizer {
   AdamOptions options_;
   bool decoupled_;
   std::vector<State> state_;
-
-  void update(size_t i, const Variable& param);
 };
 
 class AdamW : public Adam {

@@ -9,6 +9,7 @@
 #include "nn/module.h"
 #include "optim/adam.h"
 #include "optim/sgd.h"
+#include "tensor/ops_fused.h"
 
 namespace loom::optim {
 
@@ -77,6 +78,21 @@ void Optimizer::set_lr(double lr) {
 }
 
 void Optimizer::assign(const Variable& param, const Tensor& value) { param.tensor().copy_(value); }
+
+void Optimizer::run_update(OptimizerUpdateArgs args, const std::vector<Variable>& owners) {
+  LOOM_ASSERT(args.tensors.size() == owners.size());
+  std::vector<size_t> copied;  // entries updated through a contiguous copy
+  for (size_t k = 0; k < args.tensors.size(); ++k) {
+    OptimizerTensor& e = args.tensors[k];
+    e.grad = e.grad.contiguous();
+    if (!e.param.is_contiguous()) {
+      e.param = e.param.contiguous();
+      copied.push_back(k);
+    }
+  }
+  ops::optimizer_update(args);
+  for (size_t k : copied) assign(owners[k], args.tensors[k].param);
+}
 
 std::vector<Variable> Optimizer::parameters() const {
   std::vector<Variable> out;

@@ -15,10 +15,12 @@
 //     same VariableImpl, same storage), so modules holding the handle see the
 //     update. Parameters with an undefined grad are skipped: value and state
 //     untouched (Adam's step counter not advanced). No graph is recorded.
+//   * The update is one call of the device's fused optimizer slot
+//     (ops::optimizer_update, tensor/ops_fused.h) for all parameters with a
+//     gradient: one kernel launch on CUDA, no per-tensor op chains.
 //   * State tensors have the parameter's shape, dtype and device; they are
-//     created lazily on a parameter's first update and replaced (never
-//     written in place) by later steps, so tensors handed out by state_dict()
-//     are snapshots.
+//     created lazily on a parameter's first update and updated in place by
+//     later steps; state_dict() hands out copies (snapshots).
 //   * load_state_dict() is all-or-nothing: every entry is checked before any
 //     state changes, and an error names the offending key.
 #pragma once
@@ -31,6 +33,7 @@
 #include <vector>
 
 #include "autograd/variable.h"
+#include "tensor/fused_args.h"
 
 namespace loom::nn {
 class Module;
@@ -92,6 +95,10 @@ class Optimizer {
   // Writes `value` into the parameter's existing tensor (same Variable, same
   // storage); `value` has the parameter's shape.
   static void assign(const Variable& param, const Tensor& value);
+  // Runs the fused update `args`, whose entry k belongs to owners[k] (param =
+  // owners[k]'s tensor, grad its gradient): gradients are made contiguous, and a
+  // non-contiguous parameter is updated through a contiguous copy written back.
+  static void run_update(OptimizerUpdateArgs args, const std::vector<Variable>& owners);
 
  private:
   NamedParameters params_;

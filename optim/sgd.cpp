@@ -3,7 +3,6 @@
 
 #include <cmath>
 
-#include "tensor/ops.h"
 
 namespace loom::optim {
 
@@ -32,35 +31,41 @@ SGDOptions SGD::options() const {
   return o;
 }
 
-Tensor SGD::direction(size_t i, const Tensor& param, const Tensor& grad) {
-  Tensor d = grad;
-  if (options_.weight_decay != 0) d = ops::add(d, ops::mul_scalar(param, options_.weight_decay));
-  if (options_.momentum == 0) return d;
-  Tensor& buf = momentum_buffer_[i];
-  if (!buf.defined()) {
-    buf = d.clone();
-  } else {
-    buf = ops::add(ops::mul_scalar(buf, options_.momentum), ops::mul_scalar(d, 1.0 - options_.dampening));
-  }
-  return options_.nesterov ? ops::add(d, ops::mul_scalar(buf, options_.momentum)) : buf;
-}
-
+// One fused update of every parameter with a gradient (formulas in sgd.h).
 void SGD::step() {
   NoGradGuard no_grad;
+  OptimizerUpdateArgs args;
+  args.kind = OptimizerKind::Sgd;
+  args.lr = lr();
+  args.weight_decay = options_.weight_decay;
+  args.momentum = options_.momentum;
+  args.dampening = options_.dampening;
+  args.nesterov = options_.nesterov;
+  std::vector<Variable> owners;
   const auto& params = named_parameters();
   for (size_t i = 0; i < params.size(); ++i) {
     const Variable& v = params[i].second;
     if (!v.grad().defined()) continue;
-    const Tensor d = direction(i, v.tensor(), v.grad());
-    assign(v, ops::sub(v.tensor(), ops::mul_scalar(d, lr())));
+    OptimizerTensor e;
+    e.param = v.tensor();
+    e.grad = v.grad();
+    if (options_.momentum != 0) {
+      Tensor& buf = momentum_buffer_[i];
+      e.first = !buf.defined();  // the buffer starts as this step's direction
+      if (e.first) buf = Tensor::empty(e.param.shape(), e.param.dtype(), e.param.device());
+      e.state1 = buf;
+    }
+    args.tensors.push_back(e);
+    owners.push_back(v);
   }
+  run_update(std::move(args), owners);
 }
 
 std::map<std::string, Tensor> SGD::state_dict() const {
   std::map<std::string, Tensor> out;
   const auto& params = named_parameters();
   for (size_t i = 0; i < params.size(); ++i)
-    if (momentum_buffer_[i].defined()) out[params[i].first + ".momentum_buffer"] = momentum_buffer_[i];
+    if (momentum_buffer_[i].defined()) out[params[i].first + ".momentum_buffer"] = momentum_buffer_[i].clone();
   return out;
 }
 

@@ -44,9 +44,6 @@ class SGD : public Optimizer {
  private:
   SGDOptions options_;
   std::vector<Tensor> momentum_buffer_;  // per parameter; undefined until its first update
-
-  // The update direction d for parameter i given its gradient (updates the buffer).
-  Tensor direction(size_t i, const Tensor& param, const Tensor& grad);
 };
 
 }  // namespace loom::optim

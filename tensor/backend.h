@@ -1,7 +1,8 @@
 // The narrow interface every device backend implements (cpu/ through Eigen and
-// OpenMP, cuda/ through kernels and cuBLAS). tensor/ops.cpp is the only caller:
-// it checks shapes, dtypes and devices, makes operands contiguous where a
-// method's contract asks for it, and then calls exactly one backend method.
+// OpenMP, cuda/ through kernels and cuBLAS). tensor/ops.cpp (and, for the fused
+// slots, tensor/ops_fused.cpp) is the only caller: it checks shapes, dtypes and
+// devices, makes operands contiguous where a method's contract asks for it, and
+// then calls exactly one backend method.
 //
 // A backend that cannot run an op for a dtype reports it through supports();
 // the caller then throws an error naming op, device and dtype. No backend
@@ -11,11 +12,16 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "tensor/fused_args.h"
 #include "tensor/tensor.h"
 
 namespace loom {
 
-enum class OpKind { Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax, FlashAttention };
+enum class OpKind {
+  Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax,
+  FlashAttention,                                               // attention (flash family)
+  LayerNorm, GroupNorm, Geglu, OptimizerUpdate, BiasResidual,  // fused family (tensor/ops_fused.h)
+};
 const char* op_kind_name(OpKind k);
 
 // out = f(in, scalar). Grad forms take the forward input x and return f'(x).
@@ -79,6 +85,10 @@ struct Im2ColArgs {
   int64_t dilation_h = 1, dilation_w = 1;
   int64_t out_h = 0, out_w = 0;
 };
+// Thrown by the default of a fused slot: "<op>: backend '<name>' has no kernel for this fused op".
+[[noreturn]] inline void missing_fused_kernel(const char* op, const char* backend) {
+  LOOM_FAIL(op, ": backend '", backend, "' has no kernel for this fused op");
+}
 
 class Backend {
  public:
@@ -131,6 +141,18 @@ class Backend {
   // im2col fills cols; col2im is its adjoint: image = Σ of cols scattered back (overwrites image).
   virtual void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) = 0;
   virtual void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) = 0;
+  // ---- fused ops: norms, GEGLU, optimizer update (fused family) ----
+  // Contracts: the parameter structs of tensor/fused_args.h. The defaults throw
+  // naming op and backend, so a backend without a kernel says so (its supports()
+  // is false for the kind, and tensor/ops_fused.cpp checks that first).
+  virtual void layer_norm(const LayerNormArgs&) { missing_fused_kernel("layer_norm", name()); }
+  virtual void layer_norm_backward(const LayerNormGradArgs&) { missing_fused_kernel("layer_norm_backward", name()); }
+  virtual void group_norm(const GroupNormArgs&) { missing_fused_kernel("group_norm", name()); }
+  virtual void group_norm_backward(const GroupNormGradArgs&) { missing_fused_kernel("group_norm_backward", name()); }
+  virtual void geglu(const GegluArgs&) { missing_fused_kernel("geglu", name()); }
+  virtual void geglu_backward(const GegluGradArgs&) { missing_fused_kernel("geglu_backward", name()); }
+  virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused_kernel("optimizer_update", name()); }
+  virtual void bias_residual(const BiasResidualArgs&) { missing_fused_kernel("bias_residual", name()); }
 };
 
 // The backend for a device; throws if loom was built without that device type.

@@ -17,6 +17,11 @@ const char* op_kind_name(OpKind k) {
     case OpKind::Gemm: return "gemm";
     case OpKind::Softmax: return "softmax";
     case OpKind::FlashAttention: return "flash attention";
+    case OpKind::LayerNorm: return "layer_norm";
+    case OpKind::GroupNorm: return "group_norm";
+    case OpKind::Geglu: return "geglu";
+    case OpKind::OptimizerUpdate: return "optimizer_update";
+    case OpKind::BiasResidual: return "bias_residual";
   }
   return "unknown";
 }

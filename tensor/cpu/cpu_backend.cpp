@@ -10,6 +10,8 @@
 #include "tensor/cpu/cpu_flash.h"
 
 #include "tensor/cpu/cpu_conv.h"
+#include "tensor/cpu/cpu_fused.h"
+#include "tensor/cpu/cpu_math.h"
 
 #include <omp.h>
 
@@ -26,6 +28,11 @@
 namespace loom {
 namespace {
 
+using cpu::gelu_erf;
+using cpu::gelu_erf_grad;
+using cpu::gelu_tanh;
+using cpu::gelu_tanh_grad;
+
 // Element counts above which a kernel runs an OpenMP team; smaller ops stay on
 // the calling thread, where a team would cost more than it saves.
 constexpr int64_t kParallelElems = int64_t(1) << 15;  // unary, binary, reduce, softmax
@@ -35,11 +42,6 @@ constexpr int64_t kRunChunk = int64_t(1) << 14;
 // Widest column block of the [outer, n, inner] reduction (accumulators on the stack).
 constexpr int64_t kColumnBlock = 256;
 constexpr size_t kAlign = 64;
-
-constexpr double kSqrt1_2 = 0.70710678118654752440;      // 1/√2
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/√(2π)
-constexpr double kSqrt2OverPi = 0.79788456080286535588;  // √(2/π)
-constexpr double kGeluCoef = 0.044715;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T> bool is_nan(T x) { return x != x; }
@@ -261,28 +263,6 @@ template <typename T> T sigmoid(T x) {
   if (x >= T(0)) return T(1) / (T(1) + std::exp(-x));
   const T e = std::exp(x);
   return e / (T(1) + e);
-}
-
-template <typename T> T gelu_erf(T x) { return T(0.5) * x * (T(1) + std::erf(x * T(kSqrt1_2))); }
-
-// Φ(x) + x·φ(x)
-template <typename T> T gelu_erf_grad(T x) {
-  const T cdf = T(0.5) * (T(1) + std::erf(x * T(kSqrt1_2)));
-  const T pdf = T(kInvSqrt2Pi) * std::exp(T(-0.5) * x * x);
-  return cdf + x * pdf;
-}
-
-template <typename T> T gelu_tanh(T x) {
-  const T u = T(kSqrt2OverPi) * (x + T(kGeluCoef) * x * x * x);
-  return T(0.5) * x * (T(1) + std::tanh(u));
-}
-
-// d/dx 0.5·x·(1 + tanh u) = 0.5·(1 + t) + 0.5·x·(1 − t²)·u',  u' = √(2/π)(1 + 3·0.044715x²)
-template <typename T> T gelu_tanh_grad(T x) {
-  const T u = T(kSqrt2OverPi) * (x + T(kGeluCoef) * x * x * x);
-  const T t = std::tanh(u);
-  const T du = T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCoef) * x * x);
-  return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
 }
 
 template <typename T>
@@ -575,6 +555,7 @@ class CpuBackend final : public Backend {
   // bf16 / f16: stored in the low precision, computed in f32 (converted on the way in and out).
   bool supports(OpKind op, DType dtype) const override {
     if (op == OpKind::Copy || op == OpKind::Fill) return true;  // every dtype
+    if (op == OpKind::OptimizerUpdate) return dtype == DType::F32 || dtype == DType::F64;
     return dtype == DType::F32 || dtype == DType::F64 || is_half_dtype(dtype);
   }
 
@@ -713,6 +694,16 @@ class CpuBackend final : public Backend {
   void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) override {
     cpu::col2im(image, cols, args);
   }
+
+  // ---- fused ops: norms, GEGLU, optimizer update (fused family; kernels in cpu_fused.cpp) ----
+  void layer_norm(const LayerNormArgs& a) override { cpu::layer_norm(a); }
+  void layer_norm_backward(const LayerNormGradArgs& a) override { cpu::layer_norm_backward(a); }
+  void group_norm(const GroupNormArgs& a) override { cpu::group_norm(a); }
+  void group_norm_backward(const GroupNormGradArgs& a) override { cpu::group_norm_backward(a); }
+  void geglu(const GegluArgs& a) override { cpu::geglu(a); }
+  void geglu_backward(const GegluGradArgs& a) override { cpu::geglu_backward(a); }
+  void optimizer_update(const OptimizerUpdateArgs& a) override { cpu::optimizer_update(a); }
+  void bias_residual(const BiasResidualArgs& a) override { cpu::bias_residual(a); }
 };
 
 }  // namespace

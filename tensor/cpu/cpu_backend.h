@@ -1,7 +1,9 @@
 // The host backend: kernels written with Eigen 3 (GEMM) and OpenMP loops.
 //
 //   supports(): Copy and Fill for f32, f64, bf16, f16, i64;
-//               Unary, Binary, Reduce, Softmax, Gemm for f32 and f64 only.
+//               Unary, Binary, Reduce, Softmax, Gemm for f32 and f64 only;
+//               LayerNorm, GroupNorm, Geglu for f32, f64, bf16, f16 and
+//               OptimizerUpdate for f32, f64 (the fused slots, cpu_fused.h).
 //
 // Memory is 64-byte aligned host memory; device_index is ignored. Kernels
 // parallelise with OpenMP above a size threshold, so small ops stay on the

@@ -1,7 +1,9 @@
 // CudaBackend: the Backend interface (tensor/backend.h) on CUDA devices.
 //
 //   supports(): Copy and Fill for f32, f64, bf16, f16, i64;
-//               Unary, Binary, Reduce, Softmax, Gemm for f32, f64, bf16, f16.
+//               Unary, Binary, Reduce, Softmax, Gemm for f32, f64, bf16, f16;
+//               the fused LayerNorm, GroupNorm, Geglu for f32, f64, bf16, f16 and
+//               OptimizerUpdate for f32, f64 (cuda_fused.h).
 //
 // Each method checks its operands on the host (device, dtype, shape, layout),
 // fills a plain parameter struct (cuda_common.h), makes the operands' device
@@ -19,6 +21,7 @@
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
 #include "tensor/cuda/cuda_conv.h"
+#include "tensor/cuda/cuda_fused.h"
 
 namespace loom {
 namespace {
@@ -101,7 +104,13 @@ class CudaBackend final : public Backend {
       case OpKind::Gemm:
       case OpKind::Softmax:
       case OpKind::FlashAttention:
+      case OpKind::LayerNorm:
+      case OpKind::GroupNorm:
+      case OpKind::Geglu:
+      case OpKind::BiasResidual:
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
+      case OpKind::OptimizerUpdate:
+        return dtype == DType::F32 || dtype == DType::F64;
     }
     return false;
   }
@@ -270,6 +279,16 @@ class CudaBackend final : public Backend {
   void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) override {
     launch_conv_copy("cuda col2im", cols, image, args, false);
   }
+
+  // ---- fused ops: norms, GEGLU, optimizer update (fused family; host checks in cuda_fused.cu) ----
+  void layer_norm(const LayerNormArgs& a) override { cuda::fused_layer_norm(a); }
+  void layer_norm_backward(const LayerNormGradArgs& a) override { cuda::fused_layer_norm_backward(a); }
+  void group_norm(const GroupNormArgs& a) override { cuda::fused_group_norm(a); }
+  void group_norm_backward(const GroupNormGradArgs& a) override { cuda::fused_group_norm_backward(a); }
+  void geglu(const GegluArgs& a) override { cuda::fused_geglu(a); }
+  void geglu_backward(const GegluGradArgs& a) override { cuda::fused_geglu_backward(a); }
+  void optimizer_update(const OptimizerUpdateArgs& a) override { cuda::fused_optimizer_update(a); }
+  void bias_residual(const BiasResidualArgs& a) override { cuda::fused_bias_residual(a); }
 
  private:
   static void launch_conv_copy(const char* op, const Tensor& cols, const Tensor& image, const Im2ColArgs& args,

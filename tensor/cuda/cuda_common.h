@@ -10,7 +10,8 @@
 // (name and description) and the file and line of the call.
 //
 // It also declares the launchers (cuda_kernels.cu, cuda_gemm.cu) and their plain
-// parameter structs. The flow of every op is: host checks in cuda_backend.cu ->
+// parameter structs; those of the fused family are in cuda_fused.h, and the
+// device-side helpers shared by kernel files in cuda_device.cuh. The flow of every op is: host checks in cuda_backend.cu ->
 // a parameter struct -> a launcher (dtype/op dispatch, grid shape) -> a kernel.
 // Launchers run on the current device (the caller holds a DeviceGuard) and on
 // the legacy default stream; they return without synchronizing.

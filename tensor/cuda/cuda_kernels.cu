@@ -15,117 +15,15 @@
 #include <type_traits>
 
 #include "tensor/cuda/cuda_common.h"
+#include "tensor/cuda/cuda_device.cuh"
 
 namespace loom::cuda {
 namespace {
-
-// ---- types and conversions ----------------------------------------------------------
-
-// The type arithmetic is carried out in: float for f32/bf16/f16, double for f64
-// (and for i64 values on their way to another dtype).
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-template <> struct Compute<int64_t> { using type = double; };
-template <typename T> using compute_t = typename Compute<T>::type;
-
-constexpr double kTwo63 = 9223372036854775808.0;
-
-// Storage value -> its compute value (16-bit floats widen to float).
-template <typename T>
-__device__ __forceinline__ compute_t<T> widen(T x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat162float(x);
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(x);
-  } else {
-    return static_cast<compute_t<T>>(x);
-  }
-}
-
-// A compute value (float or double) -> storage type To, as the CPU backend does:
-// 16-bit floats round to nearest even from float (a double goes through float
-// first); I64 truncates toward zero, saturates out of range, and maps NaN to 0.
-template <typename To, typename W>
-__device__ __forceinline__ To narrow(W w) {
-  if constexpr (std::is_same_v<To, __nv_bfloat16>) {
-    return __float2bfloat16_rn(static_cast<float>(w));
-  } else if constexpr (std::is_same_v<To, __half>) {
-    return __float2half_rn(static_cast<float>(w));
-  } else if constexpr (std::is_same_v<To, int64_t>) {
-    const double v = static_cast<double>(w);
-    if (v != v) return 0;
-    if (v >= kTwo63) return INT64_MAX;
-    if (v <= -kTwo63) return INT64_MIN;
-    return static_cast<int64_t>(v);
-  } else {
-    return static_cast<To>(w);
-  }
-}
-
-// Storage Src -> storage Dst for copies: the value itself when the types agree
-// (exact for i64), otherwise through the compute types (i64 through double).
-template <typename Dst, typename Src>
-__device__ __forceinline__ Dst convert(Src x) {
-  if constexpr (std::is_same_v<Dst, Src>) {
-    return x;
-  } else {
-    return narrow<Dst>(widen(x));
-  }
-}
-
-// Calls f(T{}) with T the device type of `dtype`.
-template <typename F>
-void dispatch_all(DType dtype, const char* what, F&& f) {
-  switch (dtype) {
-    case DType::F32: f(float{}); return;
-    case DType::F64: f(double{}); return;
-    case DType::BF16: f(__nv_bfloat16{}); return;
-    case DType::F16: f(__half{}); return;
-    case DType::I64: f(int64_t{}); return;
-  }
-  LOOM_FAIL(what, ": unknown dtype ", int(dtype));
-}
-
-// As dispatch_all for the floating dtypes; I64 is an error naming the device and dtype.
-template <typename F>
-void dispatch_float(DType dtype, const char* what, F&& f) {
-  switch (dtype) {
-    case DType::F32: f(float{}); return;
-    case DType::F64: f(double{}); return;
-    case DType::BF16: f(__nv_bfloat16{}); return;
-    case DType::F16: f(__half{}); return;
-    case DType::I64: break;
-  }
-  LOOM_FAIL(what, ": not supported by the cuda backend for dtype ", dtype);
-}
-
-// ---- math wrappers (float and double overloads) --------------------------------------
-
-__device__ __forceinline__ float m_exp(float x) { return expf(x); }
-__device__ __forceinline__ double m_exp(double x) { return exp(x); }
-__device__ __forceinline__ float m_log(float x) { return logf(x); }
-__device__ __forceinline__ double m_log(double x) { return log(x); }
-__device__ __forceinline__ float m_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double m_sqrt(double x) { return sqrt(x); }
-__device__ __forceinline__ float m_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double m_tanh(double x) { return tanh(x); }
-__device__ __forceinline__ float m_erf(float x) { return erff(x); }
-__device__ __forceinline__ double m_erf(double x) { return erf(x); }
-__device__ __forceinline__ float m_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double m_abs(double x) { return fabs(x); }
-__device__ __forceinline__ float m_pow(float x, float y) { return powf(x, y); }
-__device__ __forceinline__ double m_pow(double x, double y) { return pow(x, y); }
-__device__ __forceinline__ bool m_isnan(float x) { return isnan(x); }
-__device__ __forceinline__ bool m_isnan(double x) { return isnan(x); }
 
 // ---- unary ---------------------------------------------------------------------------
 
 template <UnaryOp op, typename C>
 __device__ __forceinline__ C apply_unary(C x, C s) {
-  constexpr C kInvSqrt2 = C(0.70710678118654752440);      // 1/√2
-  constexpr C kInvSqrt2Pi = C(0.39894228040143267794);    // 1/√(2π)
-  constexpr C kSqrt2OverPi = C(0.79788456080286535588);   // √(2/π)
-  constexpr C kGeluA = C(0.044715);
   if constexpr (op == UnaryOp::Neg) {
     return -x;
   } else if constexpr (op == UnaryOp::Exp) {
@@ -148,16 +46,13 @@ __device__ __forceinline__ C apply_unary(C x, C s) {
   } else if constexpr (op == UnaryOp::Step) {
     return x > C(0) ? C(1) : C(0);
   } else if constexpr (op == UnaryOp::GeluErf) {
-    return C(0.5) * x * (C(1) + m_erf(x * kInvSqrt2));
+    return gelu_erf(x);
   } else if constexpr (op == UnaryOp::GeluTanh) {
-    return C(0.5) * x * (C(1) + m_tanh(kSqrt2OverPi * (x + kGeluA * x * x * x)));
+    return gelu_tanh(x);
   } else if constexpr (op == UnaryOp::GeluErfGrad) {
-    // Φ(x) + x·φ(x)
-    return C(0.5) * (C(1) + m_erf(x * kInvSqrt2)) + x * kInvSqrt2Pi * m_exp(C(-0.5) * x * x);
+    return gelu_erf_grad(x);
   } else if constexpr (op == UnaryOp::GeluTanhGrad) {
-    // u = √(2/π)(x + a·x³), t = tanh(u): 0.5(1 + t) + 0.5·x·(1 − t²)·√(2/π)(1 + 3a·x²)
-    const C t = m_tanh(kSqrt2OverPi * (x + kGeluA * x * x * x));
-    return C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * kSqrt2OverPi * (C(1) + C(3) * kGeluA * x * x);
+    return gelu_tanh_grad(x);
   } else if constexpr (op == UnaryOp::Abs) {
     return m_abs(x);
   } else if constexpr (op == UnaryOp::Square) {
@@ -310,38 +205,6 @@ void launch_fill_words(void* dst, Word value, int64_t n) {
 }
 
 // ---- reductions ----------------------------------------------------------------------
-
-template <ReduceOp op, typename Acc>
-struct Reducer {
-  __device__ __forceinline__ static Acc identity() {
-    if constexpr (op == ReduceOp::Sum) return Acc(0);
-    else return -INFINITY;
-  }
-  __device__ __forceinline__ static Acc combine(Acc a, Acc b) {
-    if constexpr (op == ReduceOp::Sum) return a + b;
-    else return (b > a || m_isnan(b)) ? b : a;  // NaN, once seen, stays
-  }
-};
-
-// Reduces v over a group of kGroup consecutive threads (32: one warp; kThreads:
-// the whole block) and returns the result to every thread of the group. For the
-// block form, every thread of the block must call it (it synchronizes), and
-// `scratch` must hold kThreads / 32 values.
-template <int kGroup, typename R, typename Acc>
-__device__ __forceinline__ Acc group_reduce(Acc v, Acc* scratch) {
-  static_assert(kGroup == 32 || kGroup == kThreads, "a group is a warp or the block");
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = R::combine(v, __shfl_xor_sync(0xffffffffu, v, off));
-  if constexpr (kGroup == kThreads) {
-    __syncthreads();  // the previous call's readers are done with scratch
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = scratch[0];
-#pragma unroll
-    for (int w = 1; w < kThreads / 32; ++w) v = R::combine(v, scratch[w]);
-  }
-  return v;
-}
 
 // inner == 1: out[r] = reduce(in[r, 0..n)), one group of kGroup threads per row.
 template <typename T, ReduceOp op, int kGroup>

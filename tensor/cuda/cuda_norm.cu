@@ -1,0 +1,336 @@
+// Layer norm and group norm kernels, forward and backward (params in cuda_fused.h).
+//
+//   layer norm:  one group of threads per row (a warp for rows of at most
+//                kWarpRowLimit, else the block); two passes for mean and variance.
+//                Backward: dx per row as the forward; dweight/dbias as column sums
+//                per chunk of rows into `partial`, then summed over chunks in order.
+//   group norm:  one block per (sample, group) for the forward; the backward first
+//                sums dy and dy·x̂ per (sample, channel), from which both dx (per
+//                group) and dweight/dbias (over samples) follow.
+// Sums in float (double for f64), so results do not depend on the launch shape
+// beyond float rounding, and nothing uses atomics: runs are deterministic.
+#include <algorithm>
+
+#include "tensor/cuda/cuda_device.cuh"
+#include "tensor/cuda/cuda_fused.h"
+
+namespace loom::cuda {
+namespace {
+
+constexpr int64_t kWarpRowLimit = 1024;
+
+template <typename Acc> using RSum = Reducer<ReduceOp::Sum, Acc>;
+
+template <typename T>
+__device__ __forceinline__ compute_t<T> load_or(const T* p, int64_t i, compute_t<T> fallback) {
+  return p ? widen(p[i]) : fallback;
+}
+
+// ---- layer norm ----------------------------------------------------------------------
+
+template <typename T, int kGroup>
+__global__ void layer_norm_kernel(LayerNormParams p) {
+  using Acc = compute_t<T>;
+  __shared__ Acc scratch[kGroup / 32];
+  constexpr int kRowsPerBlock = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const T* x_all = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.weight);
+  const T* b = static_cast<const T*>(p.bias);
+  T* y_all = static_cast<T*>(p.y);
+  Acc* mean_out = static_cast<Acc*>(p.mean);
+  Acc* rstd_out = static_cast<Acc*>(p.rstd);
+  const Acc inv_n = Acc(1) / Acc(p.n);
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const T* x = x_all + row * p.n;
+    Acc s = Acc(0);
+    for (int64_t j = lane; j < p.n; j += kGroup) s += widen(x[j]);
+    const Acc mean = group_reduce<kGroup, RSum<Acc>>(s, scratch) * inv_n;
+    Acc v = Acc(0);
+    for (int64_t j = lane; j < p.n; j += kGroup) {
+      const Acc d = widen(x[j]) - mean;
+      v += d * d;
+    }
+    const Acc rstd = Acc(1) / m_sqrt(group_reduce<kGroup, RSum<Acc>>(v, scratch) * inv_n + Acc(p.eps));
+    if (lane == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+    T* y = y_all + row * p.n;
+    for (int64_t j = lane; j < p.n; j += kGroup)
+      y[j] = narrow<T>((widen(x[j]) - mean) * rstd * load_or(w, j, Acc(1)) + load_or(b, j, Acc(0)));
+  }
+}
+
+// dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)),  ĝ = dy·w.
+template <typename T, int kGroup>
+__global__ void layer_norm_dx_kernel(LayerNormGradParams p) {
+  using Acc = compute_t<T>;
+  __shared__ Acc scratch[kGroup / 32];
+  constexpr int kRowsPerBlock = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const T* w = static_cast<const T*>(p.weight);
+  const Acc* mean_in = static_cast<const Acc*>(p.mean);
+  const Acc* rstd_in = static_cast<const Acc*>(p.rstd);
+  const Acc inv_n = Acc(1) / Acc(p.n);
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const T* x = static_cast<const T*>(p.x) + row * p.n;
+    const T* dy = static_cast<const T*>(p.dy) + row * p.n;
+    T* dx = static_cast<T*>(p.dx) + row * p.n;
+    const Acc mean = mean_in[row], rstd = rstd_in[row];
+    Acc sg = Acc(0), sgx = Acc(0);
+    for (int64_t j = lane; j < p.n; j += kGroup) {
+      const Acc g = widen(dy[j]) * load_or(w, j, Acc(1));
+      sg += g;
+      sgx += g * ((widen(x[j]) - mean) * rstd);
+    }
+    const Acc mg = group_reduce<kGroup, RSum<Acc>>(sg, scratch) * inv_n;
+    const Acc mgx = group_reduce<kGroup, RSum<Acc>>(sgx, scratch) * inv_n;
+    for (int64_t j = lane; j < p.n; j += kGroup) {
+      const Acc g = widen(dy[j]) * load_or(w, j, Acc(1));
+      const Acc xh = (widen(x[j]) - mean) * rstd;
+      dx[j] = narrow<T>(rstd * (g - mg - xh * mgx));
+    }
+  }
+}
+
+// Block (32, 8) per (column tile, row chunk): partial[0][chunk][j] = Σ dy·x̂,
+// partial[1][chunk][j] = Σ dy over the chunk's rows.
+constexpr int kColsX = 32, kColsY = 8;
+template <typename T>
+__global__ void layer_norm_param_partial_kernel(LayerNormGradParams p) {
+  using Acc = compute_t<T>;
+  __shared__ Acc sw[kColsY][kColsX + 1], sb[kColsY][kColsX + 1];
+  const Acc* mean_in = static_cast<const Acc*>(p.mean);
+  const Acc* rstd_in = static_cast<const Acc*>(p.rstd);
+  Acc* partial = static_cast<Acc*>(p.partial);
+  for (int64_t chunk = blockIdx.y; chunk < p.row_chunks; chunk += gridDim.y) {
+    for (int64_t j0 = int64_t(blockIdx.x) * kColsX; j0 < p.n; j0 += int64_t(gridDim.x) * kColsX) {
+      const int64_t j = j0 + threadIdx.x;
+      Acc aw = Acc(0), ab = Acc(0);
+      if (j < p.n) {
+        const int64_t r_end = (chunk + 1) * p.rows_per_chunk < p.rows ? (chunk + 1) * p.rows_per_chunk : p.rows;
+        for (int64_t r = chunk * p.rows_per_chunk + threadIdx.y; r < r_end; r += kColsY) {
+          const Acc g = widen(static_cast<const T*>(p.dy)[r * p.n + j]);
+          const Acc xh = (widen(static_cast<const T*>(p.x)[r * p.n + j]) - mean_in[r]) * rstd_in[r];
+          aw += g * xh;
+          ab += g;
+        }
+      }
+      sw[threadIdx.y][threadIdx.x] = aw;
+      sb[threadIdx.y][threadIdx.x] = ab;
+      __syncthreads();
+      if (threadIdx.y == 0 && j < p.n) {
+#pragma unroll
+        for (int y = 1; y < kColsY; ++y) {
+          aw += sw[y][threadIdx.x];
+          ab += sb[y][threadIdx.x];
+        }
+        partial[chunk * p.n + j] = aw;
+        partial[(p.row_chunks + chunk) * p.n + j] = ab;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// dweight[j] = Σ_chunk partial[0][chunk][j], dbias likewise from partial[1].
+template <typename T>
+__global__ void param_grad_finish_kernel(const compute_t<T>* partial, int64_t chunks, int64_t n, T* dweight,
+                                         T* dbias) {
+  using Acc = compute_t<T>;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) {
+    Acc aw = Acc(0), ab = Acc(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      aw += partial[c * n + j];
+      ab += partial[(chunks + c) * n + j];
+    }
+    if (dweight) dweight[j] = narrow<T>(aw);
+    if (dbias) dbias[j] = narrow<T>(ab);
+  }
+}
+
+// ---- group norm ----------------------------------------------------------------------
+
+// One block per (sample, group) item; the group's cg·S values are contiguous.
+template <typename T>
+__global__ void group_norm_kernel(GroupNormParams p) {
+  using Acc = compute_t<T>;
+  __shared__ Acc scratch[kThreads / 32];
+  const T* w = static_cast<const T*>(p.weight);
+  const T* b = static_cast<const T*>(p.bias);
+  Acc* mean_out = static_cast<Acc*>(p.mean);
+  Acc* rstd_out = static_cast<Acc*>(p.rstd);
+  const int64_t cg = p.channels / p.groups, count = cg * p.spatial;
+  const Acc inv_count = Acc(1) / Acc(count > 0 ? count : 1);
+  for (int64_t item = blockIdx.x; item < p.batch * p.groups; item += gridDim.x) {
+    const int64_t c0 = (item % p.groups) * cg;
+    const int64_t base = (item / p.groups) * p.channels * p.spatial + c0 * p.spatial;
+    const T* x = static_cast<const T*>(p.x) + base;
+    T* y = static_cast<T*>(p.y) + base;
+    Acc s = Acc(0);
+    for (int64_t i = threadIdx.x; i < count; i += kThreads) s += widen(x[i]);
+    const Acc mean = group_reduce<kThreads, RSum<Acc>>(s, scratch) * inv_count;
+    Acc v = Acc(0);
+    for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+      const Acc d = widen(x[i]) - mean;
+      v += d * d;
+    }
+    const Acc rstd = Acc(1) / m_sqrt(group_reduce<kThreads, RSum<Acc>>(v, scratch) * inv_count + Acc(p.eps));
+    if (threadIdx.x == 0) {
+      mean_out[item] = mean;
+      rstd_out[item] = rstd;
+    }
+    for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+      const int64_t c = c0 + i / p.spatial;
+      y[i] = narrow<T>((widen(x[i]) - mean) * rstd * load_or(w, c, Acc(1)) + load_or(b, c, Acc(0)));
+    }
+  }
+}
+
+// sums[0][nc] = Σ_s dy, sums[1][nc] = Σ_s dy·x̂ for each (sample, channel) row of S,
+// one group of kGroup threads per row.
+template <typename T, int kGroup>
+__global__ void group_norm_sums_kernel(GroupNormGradParams p) {
+  using Acc = compute_t<T>;
+  __shared__ Acc scratch[kGroup / 32];
+  constexpr int kRowsPerBlock = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const Acc* mean_in = static_cast<const Acc*>(p.mean);
+  const Acc* rstd_in = static_cast<const Acc*>(p.rstd);
+  Acc* sums = static_cast<Acc*>(p.sums);
+  const int64_t rows = p.batch * p.channels, cg = p.channels / p.groups;
+  for (int64_t nc = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; nc < rows;
+       nc += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int64_t item = (nc / p.channels) * p.groups + (nc % p.channels) / cg;
+    const Acc mean = mean_in[item], rstd = rstd_in[item];
+    const T* x = static_cast<const T*>(p.x) + nc * p.spatial;
+    const T* dy = static_cast<const T*>(p.dy) + nc * p.spatial;
+    Acc s1 = Acc(0), s2 = Acc(0);
+    for (int64_t s = lane; s < p.spatial; s += kGroup) {
+      const Acc g = widen(dy[s]);
+      s1 += g;
+      s2 += g * ((widen(x[s]) - mean) * rstd);
+    }
+    s1 = group_reduce<kGroup, RSum<Acc>>(s1, scratch);
+    s2 = group_reduce<kGroup, RSum<Acc>>(s2, scratch);
+    if (lane == 0) {
+      sums[nc] = s1;
+      sums[rows + nc] = s2;
+    }
+  }
+}
+
+// dx per (sample, group) block, from the per-channel sums.
+template <typename T>
+__global__ void group_norm_dx_kernel(GroupNormGradParams p) {
+  using Acc = compute_t<T>;
+  const T* w = static_cast<const T*>(p.weight);
+  const Acc* mean_in = static_cast<const Acc*>(p.mean);
+  const Acc* rstd_in = static_cast<const Acc*>(p.rstd);
+  const Acc* sums = static_cast<const Acc*>(p.sums);
+  const int64_t rows = p.batch * p.channels, cg = p.channels / p.groups, count = cg * p.spatial;
+  for (int64_t item = blockIdx.x; item < p.batch * p.groups; item += gridDim.x) {
+    const int64_t n = item / p.groups, c0 = (item % p.groups) * cg;
+    Acc mg = Acc(0), mgx = Acc(0);  // every thread sums the group's cg channels (few)
+    for (int64_t c = 0; c < cg; ++c) {
+      const Acc wc = load_or(w, c0 + c, Acc(1));
+      mg += wc * sums[n * p.channels + c0 + c];
+      mgx += wc * sums[rows + n * p.channels + c0 + c];
+    }
+    mg /= Acc(count);
+    mgx /= Acc(count);
+    const Acc mean = mean_in[item], rstd = rstd_in[item];
+    const int64_t base = n * p.channels * p.spatial + c0 * p.spatial;
+    const T* x = static_cast<const T*>(p.x) + base;
+    const T* dy = static_cast<const T*>(p.dy) + base;
+    T* dx = static_cast<T*>(p.dx) + base;
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+      const Acc xh = (widen(x[i]) - mean) * rstd;
+      dx[i] = narrow<T>(rstd * (widen(dy[i]) * load_or(w, c0 + i / p.spatial, Acc(1)) - mg - xh * mgx));
+    }
+  }
+}
+
+// Launches one-row-group kernels with a warp per row for short rows, else a block.
+template <typename Short, typename Long>
+void launch_rows(int64_t rows, int64_t n, Short short_kernel, Long long_kernel, const char* name) {
+  if (n <= kWarpRowLimit) {
+    short_kernel(grid_for(rows, kThreads / 32));
+  } else {
+    long_kernel(grid_for(rows, 1));
+  }
+  check_last_launch(name);
+}
+
+}  // namespace
+
+// ---- launchers -----------------------------------------------------------------------------
+
+void launch_layer_norm(const LayerNormParams& p) {
+  if (p.rows == 0 || p.n == 0) return;
+  dispatch_float(p.dtype, "cuda layer_norm", [&](auto tag) {
+    using T = decltype(tag);
+    launch_rows(
+        p.rows, p.n, [&](unsigned grid) { layer_norm_kernel<T, 32><<<grid, kThreads>>>(p); },
+        [&](unsigned grid) { layer_norm_kernel<T, kThreads><<<grid, kThreads>>>(p); }, "layer_norm_kernel");
+  });
+}
+
+void launch_layer_norm_backward(const LayerNormGradParams& p) {
+  if (p.rows == 0 || p.n == 0) return;
+  dispatch_float(p.dtype, "cuda layer_norm_backward", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = compute_t<T>;
+    if (p.dx) {
+      launch_rows(
+          p.rows, p.n, [&](unsigned grid) { layer_norm_dx_kernel<T, 32><<<grid, kThreads>>>(p); },
+          [&](unsigned grid) { layer_norm_dx_kernel<T, kThreads><<<grid, kThreads>>>(p); }, "layer_norm_dx_kernel");
+    }
+    if (p.dweight || p.dbias) {
+      const dim3 grid(grid_for(p.n, kColsX), unsigned(std::min<int64_t>(p.row_chunks, 65535)));
+      layer_norm_param_partial_kernel<T><<<grid, dim3(kColsX, kColsY)>>>(p);
+      check_last_launch("layer_norm_param_partial_kernel");
+      param_grad_finish_kernel<T><<<grid_for(p.n), kThreads>>>(static_cast<const Acc*>(p.partial), p.row_chunks,
+                                                               p.n, static_cast<T*>(p.dweight),
+                                                               static_cast<T*>(p.dbias));
+      check_last_launch("param_grad_finish_kernel");
+    }
+  });
+}
+
+void launch_group_norm(const GroupNormParams& p) {
+  if (p.batch == 0 || p.channels == 0) return;
+  dispatch_float(p.dtype, "cuda group_norm", [&](auto tag) {
+    using T = decltype(tag);
+    group_norm_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads>>>(p);
+    check_last_launch("group_norm_kernel");
+  });
+}
+
+void launch_group_norm_backward(const GroupNormGradParams& p) {
+  if (p.batch == 0 || p.channels == 0) return;
+  dispatch_float(p.dtype, "cuda group_norm_backward", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = compute_t<T>;
+    const int64_t rows = p.batch * p.channels;
+    launch_rows(
+        rows, p.spatial, [&](unsigned grid) { group_norm_sums_kernel<T, 32><<<grid, kThreads>>>(p); },
+        [&](unsigned grid) { group_norm_sums_kernel<T, kThreads><<<grid, kThreads>>>(p); }, "group_norm_sums_kernel");
+    if (p.dx) {
+      group_norm_dx_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads>>>(p);
+      check_last_launch("group_norm_dx_kernel");
+    }
+    if (p.dweight || p.dbias) {
+      // sums viewed as [2][N][C]: the per-channel sums over samples are the "chunks" of
+      // param_grad_finish_kernel with the roles of dweight (Σ dy·x̂) and dbias (Σ dy) swapped.
+      param_grad_finish_kernel<T><<<grid_for(p.channels), kThreads>>>(
+          static_cast<const Acc*>(p.sums), p.batch, p.channels, static_cast<T*>(p.dbias), static_cast<T*>(p.dweight));
+      check_last_launch("param_grad_finish_kernel");
+    }
+  });
+}
+
+}  // namespace loom::cuda

@@ -1,0 +1,110 @@
+// Parameter structs of the fused slots of the Backend interface (tensor/backend.h,
+// section "fused family"): layer norm, group norm, GEGLU (forward and backward),
+// the bias + residual add and the multi-tensor optimizer update. Plain data: tensors plus scalars. The checks
+// (shapes, dtypes, devices, contiguity) and output allocation happen in
+// tensor/ops_fused.cpp before a backend sees a struct.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "tensor/tensor.h"
+
+namespace loom {
+
+// ---- fused ops: parameter structs (callers: tensor/ops_fused.cpp) ---------------------
+// Every tensor is on the backend's device and contiguous. "Storage dtype" T is
+// f32, f64, bf16 or f16; statistics and accumulation are f32 (f64 when T is f64),
+// and the saved statistics `mean` / `rstd` have that accumulation dtype.
+// An undefined output tensor means "not needed": the backend skips it.
+
+// Layer norm over the last dim of x [rows, n]:
+//   mean[r] = Σ_j x[r,j]/n,  rstd[r] = 1/√(Σ_j (x[r,j] − mean[r])²/n + eps)
+//   y[r,j] = (x[r,j] − mean[r])·rstd[r]·weight[j] + bias[j]
+// weight, bias: [n] of dtype T, or undefined (1 and 0). y: [rows, n] T. mean, rstd: [rows].
+struct LayerNormArgs {
+  Tensor x, weight, bias;
+  Tensor y, mean, rstd;  // outputs
+  int64_t rows = 0, n = 0;
+  double eps = 1e-5;
+};
+
+// Backward of LayerNormArgs with x̂ = (x − mean)·rstd, ĝ = dy·weight:
+//   dx = rstd·(ĝ − mean_j(ĝ) − x̂·mean_j(ĝ·x̂)),  dweight = Σ_r dy·x̂,  dbias = Σ_r dy.
+// dx [rows, n] T; dweight, dbias [n] T; any of the three may be undefined.
+struct LayerNormGradArgs {
+  Tensor dy, x, weight, mean, rstd;  // weight may be undefined
+  Tensor dx, dweight, dbias;         // outputs
+  int64_t rows = 0, n = 0;
+};
+
+// Group norm of x [N, C, S] (S = product of the spatial dims) in G groups of C/G
+// channels: statistics per (sample, group) over C/G·S values, as LayerNormArgs;
+// y[n,c,s] = x̂·weight[c] + bias[c]. weight, bias: [C] T or undefined. mean, rstd: [N, G].
+struct GroupNormArgs {
+  Tensor x, weight, bias;
+  Tensor y, mean, rstd;  // outputs
+  int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
+  double eps = 1e-5;
+};
+
+// Backward of GroupNormArgs (the rule of LayerNormGradArgs per (sample, group));
+// dweight[c] = Σ_{n,s} dy·x̂, dbias[c] = Σ_{n,s} dy. Outputs may be undefined.
+struct GroupNormGradArgs {
+  Tensor dy, x, weight, mean, rstd;
+  Tensor dx, dweight, dbias;  // outputs
+  int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
+};
+
+// GEGLU: x [rows, 2h] -> y [rows, h],  y[r,j] = x[r,j]·gelu(x[r,h+j]) (exact erf
+// gelu; the tanh form with `approximate`). Backward (dy given):
+//   dx[r,j] = dy·gelu(x[r,h+j]),  dx[r,h+j] = dy·x[r,j]·gelu'(x[r,h+j]).
+struct GegluArgs {
+  Tensor x, y;  // y: output
+  int64_t rows = 0, h = 0;
+  bool approximate = false;
+};
+struct GegluGradArgs {
+  Tensor dy, x, dx;  // dx: output [rows, 2h]
+  int64_t rows = 0, h = 0;
+  bool approximate = false;
+};
+
+// Bias + residual add after a projection: out[r,j] = y[r,j] + bias[j] + residual[r,j]
+// over [rows, n] (bias [n] or undefined), one pass instead of two; all of dtype T.
+struct BiasResidualArgs {
+  Tensor y, bias, residual;
+  Tensor out;  // output
+  int64_t rows = 0, n = 0;
+};
+
+// One optimizer step over many tensors at once (PyTorch's SGD / Adam / AdamW, as
+// optim/ documents them), in place. Every entry: param, grad and the state tensors
+// have one shape and the param's dtype (f32 master weights; f64 for checks).
+// The arithmetic is the composed update's, operation for operation, in T (scalars
+// rounded to T first), so results equal optim/'s former per-tensor op chains:
+//   SGD:   d = g + p·wd;  momentum: buf = first ? d : buf·μ + d·(1 − dampening),
+//          d = nesterov ? d + buf·μ : buf;   p = p − d·lr
+//   Adam:  g = g + p·wd  (AdamW instead: p = p·(1 − lr·wd));
+//          m = m·β1 + g·(1 − β1);  v = v·β2 + (g·g)·(1 − β2);
+//          p = p − (m / (√v·(1/√(1 − β2ᵗ)) + eps))·(lr/(1 − β1ᵗ))
+// The per-entry step corrections come from the host (each tensor counts its own t).
+enum class OptimizerKind { Sgd, Adam, AdamW };
+struct OptimizerTensor {
+  Tensor param, grad;
+  Tensor state1;  // SGD: momentum buffer (undefined without momentum); Adam: exp_avg
+  Tensor state2;  // Adam: exp_avg_sq
+  bool first = false;           // SGD: the buffer starts as d (its first update)
+  double step_size = 0.0;       // Adam: lr / (1 − β1ᵗ)
+  double inv_bias2_sqrt = 1.0;  // Adam: 1 / √(1 − β2ᵗ)
+};
+struct OptimizerUpdateArgs {
+  OptimizerKind kind = OptimizerKind::Sgd;
+  double lr = 0.0, weight_decay = 0.0;
+  double momentum = 0.0, dampening = 0.0;
+  bool nesterov = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  std::vector<OptimizerTensor> tensors;  // one device, one dtype
+};
+
+}  // namespace loom

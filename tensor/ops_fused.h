@@ -1,0 +1,57 @@
+// Fused tensor ops (namespace loom::ops): the host side of the Backend's fused
+// slots (tensor/backend.h, structs in tensor/fused_args.h). Each function checks
+// its operands (defined, one device, one dtype, shapes), makes them contiguous,
+// allocates the outputs and calls one backend method; errors name the op and the
+// offending shapes / dtypes / devices. Statistics come back in f32 (f64 for f64
+// inputs). Autograd rules (autograd/ops_nn.cpp) and optim/ call these.
+#pragma once
+
+#include "tensor/backend.h"
+#include "tensor/tensor.h"
+
+namespace loom::ops {
+
+// Output of a norm's forward: y (x's shape and dtype) and the saved statistics.
+struct NormForward {
+  Tensor y, mean, rstd;
+};
+// Gradients of a norm; each is undefined where it was not asked for.
+struct NormGrads {
+  Tensor dx, dweight, dbias;
+};
+// Which gradients a backward computes.
+struct NormNeeds {
+  bool dx = true, dweight = true, dbias = true;
+};
+
+// Layer norm over the trailing `n` elements of x (x.numel() divisible by n):
+// rows = numel/n; weight, bias have n elements (any shape, e.g. normalized_shape)
+// or are undefined. mean/rstd: [rows]. dweight/dbias come back in weight's shape.
+NormForward layer_norm(const Tensor& x, int64_t n, const Tensor& weight, const Tensor& bias, double eps);
+NormGrads layer_norm_backward(const Tensor& dy, const Tensor& x, int64_t n, const Tensor& weight,
+                              const Tensor& mean, const Tensor& rstd, NormNeeds needs = {});
+
+// Group norm of x [N, C, *] in `groups` groups; weight, bias [C] or undefined.
+// mean/rstd: [N, groups].
+NormForward group_norm(const Tensor& x, int64_t groups, const Tensor& weight, const Tensor& bias, double eps);
+NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups, const Tensor& weight,
+                              const Tensor& mean, const Tensor& rstd, NormNeeds needs = {});
+
+// GEGLU: x [..., 2h] -> [..., h] = x[..., :h]·gelu(x[..., h:]); backward gives dx [..., 2h].
+Tensor geglu(const Tensor& x, bool approximate = false);
+Tensor geglu_backward(const Tensor& dy, const Tensor& x, bool approximate = false);
+
+// y + bias + residual in one pass: y, residual [..., n] (same shape), bias [n] or undefined.
+Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual);
+
+// y + alpha·(x·wᵀ) with x [..., in], w [out, in], y [..., out]: one GEMM whose
+// epilogue accumulates into (a copy of) y (beta = 1), so the product is never
+// materialised on its own: LoRA's scaled up-projection added to the base output.
+Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alpha);
+
+// One fused optimizer step over args.tensors (contract in tensor/fused_args.h).
+// Checks every entry (defined, contiguous, one device and dtype, matching
+// shapes, the state the kind needs) and calls the backend once per device.
+void optimizer_update(const OptimizerUpdateArgs& args);
+
+}  // namespace loom::ops

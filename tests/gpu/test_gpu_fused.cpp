@@ -1,0 +1,230 @@
+// The CUDA kernels of the fused slots (layer norm, group norm, GEGLU, the
+// multi-tensor optimizer update) against the CPU in f64, for every storage dtype,
+// at sizes that are no multiple of a tile and that take both the warp-per-row and
+// the block-per-row paths (ctest -L gpu). The CPU reference runs in f64 on the
+// very values the GPU sees (inputs rounded to the tested dtype first). Skips,
+// with the reason, without a GPU.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "tensor/backend.h"
+#include "tensor/ops_fused.h"
+#include "tests/common/fused_reference.h"
+
+namespace loom::test {
+namespace {
+
+#define SKIP_WITHOUT_CUDA()                                                                           \
+  do {                                                                                                \
+    if (!cuda_available())                                                                            \
+      GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0 (loom built without CUDA, no driver, " \
+                      "no GPU, or none visible)";                                                     \
+  } while (0)
+
+const Device kCuda = Device::cuda(0);
+const std::vector<DType> kDtypes = {DType::F32, DType::F64, DType::BF16, DType::F16};
+
+double tol_for(DType dtype) {
+  switch (dtype) {
+    case DType::F64: return 1e-12;
+    case DType::F32: return 1e-5;
+    default: return 1e-2;
+  }
+}
+
+// A random tensor in `dtype` on the GPU, and the same values in f64 on the CPU.
+struct Pair {
+  Tensor gpu, cpu;
+};
+Pair random_pair(const Shape& shape, Generator& gen, DType dtype, double mean = 0.0, double std = 1.0) {
+  const Tensor t = random_tensor(shape, gen, dtype, Device::cpu(), mean, std);
+  return {t.to(kCuda), t.to(DType::F64)};
+}
+
+void expect_close(const Tensor& gpu, const Tensor& cpu_f64, DType dtype, const std::string& what) {
+  ASSERT_TRUE(gpu.defined()) << what;
+  EXPECT_EQ(gpu.device(), kCuda) << what;
+  EXPECT_LE(rel_error(gpu.to(Device::cpu()), cpu_f64), tol_for(dtype)) << what;
+}
+
+Generator fresh_generator(const std::string& name) {
+  return Generator(std::hash<std::string>{}(name) ^ ::testing::UnitTest::GetInstance()->random_seed());
+}
+
+TEST(GpuFused, LayerNormMatchesCpuF64) {
+  SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_layer_norm");
+  for (DType dtype : kDtypes) {
+    for (const auto& rn : std::vector<std::pair<int64_t, int64_t>>{{1, 40}, {333, 320}, {7, 1283}, {65, 2500}}) {
+      const int64_t rows = rn.first, n = rn.second;
+      const std::string what = std::string(dtype_name(dtype)) + " [" + std::to_string(rows) + ", " +
+                               std::to_string(n) + "]";
+      const Pair x = random_pair({rows, n}, gen, dtype, 0.5, 2.0), w = random_pair({n}, gen, dtype),
+                 b = random_pair({n}, gen, dtype), dy = random_pair({rows, n}, gen, dtype);
+      const ops::NormForward fg = ops::layer_norm(x.gpu, n, w.gpu, b.gpu, 1e-5);
+      const ops::NormForward fc = ops::layer_norm(x.cpu, n, w.cpu, b.cpu, 1e-5);
+      expect_close(fg.y, fc.y, dtype, what + " y");
+      expect_close(fg.mean, fc.mean, dtype, what + " mean");
+      expect_close(fg.rstd, fc.rstd, dtype, what + " rstd");
+      const ops::NormGrads gg = ops::layer_norm_backward(dy.gpu, x.gpu, n, w.gpu, fg.mean, fg.rstd);
+      const ops::NormGrads gc = ops::layer_norm_backward(dy.cpu, x.cpu, n, w.cpu, fc.mean, fc.rstd);
+      expect_close(gg.dx, gc.dx, dtype, what + " dx");
+      expect_close(gg.dweight, gc.dweight, dtype, what + " dweight");
+      expect_close(gg.dbias, gc.dbias, dtype, what + " dbias");
+      const ops::NormForward plain = ops::layer_norm(x.gpu, n, Tensor(), Tensor(), 1e-6);
+      expect_close(plain.y, ops::layer_norm(x.cpu, n, Tensor(), Tensor(), 1e-6).y, dtype, what + " y (no affine)");
+    }
+  }
+}
+
+TEST(GpuFused, GroupNormMatchesCpuF64) {
+  SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_group_norm");
+  struct Case {
+    Shape shape;
+    int64_t groups;
+  };
+  const std::vector<Case> cases = {{{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4}, {{1, 8, 2000}, 2}, {{2, 6}, 3}};
+  for (DType dtype : kDtypes) {
+    for (const Case& c : cases) {
+      const std::string what = std::string(dtype_name(dtype)) + " " + Tensor::empty(c.shape).str();
+      const int64_t ch = c.shape[1];
+      const Pair x = random_pair(c.shape, gen, dtype, -0.3, 1.5), w = random_pair({ch}, gen, dtype),
+                 b = random_pair({ch}, gen, dtype), dy = random_pair(c.shape, gen, dtype);
+      const ops::NormForward fg = ops::group_norm(x.gpu, c.groups, w.gpu, b.gpu, 1e-6);
+      const ops::NormForward fc = ops::group_norm(x.cpu, c.groups, w.cpu, b.cpu, 1e-6);
+      expect_close(fg.y, fc.y, dtype, what + " y");
+      expect_close(fg.mean, fc.mean, dtype, what + " mean");
+      expect_close(fg.rstd, fc.rstd, dtype, what + " rstd");
+      const ops::NormGrads gg = ops::group_norm_backward(dy.gpu, x.gpu, c.groups, w.gpu, fg.mean, fg.rstd);
+      const ops::NormGrads gc = ops::group_norm_backward(dy.cpu, x.cpu, c.groups, w.cpu, fc.mean, fc.rstd);
+      expect_close(gg.dx, gc.dx, dtype, what + " dx");
+      expect_close(gg.dweight, gc.dweight, dtype, what + " dweight");
+      expect_close(gg.dbias, gc.dbias, dtype, what + " dbias");
+    }
+  }
+}
+
+TEST(GpuFused, GegluMatchesCpuF64) {
+  SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_geglu");
+  for (DType dtype : kDtypes) {
+    for (bool approx : {false, true}) {
+      for (const auto& rh : std::vector<std::pair<int64_t, int64_t>>{{1, 40}, {333, 320}, {7, 1283}}) {
+        const std::string what = std::string(dtype_name(dtype)) + (approx ? " tanh" : " erf") + " [" +
+                                 std::to_string(rh.first) + ", 2·" + std::to_string(rh.second) + "]";
+        const Pair x = random_pair({rh.first, 2 * rh.second}, gen, dtype, 0.0, 2.0);
+        const Pair dy = random_pair({rh.first, rh.second}, gen, dtype);
+        expect_close(ops::geglu(x.gpu, approx), ops::geglu(x.cpu, approx), dtype, what + " y");
+        expect_close(ops::geglu_backward(dy.gpu, x.gpu, approx), ops::geglu_backward(dy.cpu, x.cpu, approx), dtype,
+                     what + " dx");
+      }
+    }
+  }
+}
+
+TEST(GpuFused, BiasResidualAndAddLinearMatchCpuF64) {
+  SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_bias_residual");
+  for (DType dtype : kDtypes) {
+    const std::string what = dtype_name(dtype);
+    const Pair y = random_pair({333, 1283}, gen, dtype), b = random_pair({1283}, gen, dtype),
+               r = random_pair({333, 1283}, gen, dtype);
+    expect_close(ops::bias_residual(y.gpu, b.gpu, r.gpu), ops::bias_residual(y.cpu, b.cpu, r.cpu), dtype,
+                 what + " bias_residual");
+    expect_close(ops::bias_residual(y.gpu, Tensor(), r.gpu), ops::bias_residual(y.cpu, Tensor(), r.cpu), dtype,
+                 what + " residual only");
+    const Pair base = random_pair({2, 77, 320}, gen, dtype), h = random_pair({2, 77, 4}, gen, dtype),
+               up = random_pair({320, 4}, gen, dtype);
+    expect_close(ops::add_linear(base.gpu, h.gpu, up.gpu, 0.75), ops::add_linear(base.cpu, h.cpu, up.cpu, 0.75),
+                 dtype, what + " add_linear");
+  }
+}
+
+// Sizes of odd tensors, then enough small ones to need more than one launch's table.
+std::vector<int64_t> update_sizes() {
+  std::vector<int64_t> s = {1, 7, 333, 1283, 40 * 33, 5000, 4096, 4097};
+  for (int k = 0; k < 300; ++k) s.push_back(1 + (k * 37) % 61);
+  return s;
+}
+
+void check_update(OptimizerUpdateArgs cfg, DType dtype, const std::string& name) {
+  Generator gen = fresh_generator("gpu_update_" + name);
+  const std::vector<int64_t> sizes = update_sizes();
+  std::vector<OptimizerTensor> gpu, cpu;
+  const bool sgd = cfg.kind == OptimizerKind::Sgd;
+  for (int64_t n : sizes) {
+    OptimizerTensor c;
+    c.param = random_tensor({n}, gen, dtype);
+    if (!sgd || cfg.momentum != 0) c.state1 = sgd ? Tensor::empty({n}, dtype) : Tensor::zeros({n}, dtype);
+    if (!sgd) c.state2 = Tensor::zeros({n}, dtype);
+    OptimizerTensor g = c;
+    g.param = c.param.to(kCuda);
+    if (c.state1.defined()) g.state1 = c.state1.to(kCuda);
+    if (c.state2.defined()) g.state2 = c.state2.to(kCuda);
+    cpu.push_back(c);
+    gpu.push_back(g);
+  }
+  for (int step = 1; step <= 3; ++step) {
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      cpu[k].grad = random_tensor({sizes[k]}, gen, dtype);
+      gpu[k].grad = cpu[k].grad.to(kCuda);
+      for (OptimizerTensor* e : {&cpu[k], &gpu[k]}) {
+        e->first = step == 1;
+        e->step_size = cfg.lr / (1.0 - std::pow(cfg.beta1, double(step)));
+        e->inv_bias2_sqrt = 1.0 / std::sqrt(1.0 - std::pow(cfg.beta2, double(step)));
+      }
+    }
+    cfg.tensors = cpu;
+    ops::optimizer_update(cfg);
+    cfg.tensors = gpu;
+    ops::optimizer_update(cfg);
+    // Same op-by-op arithmetic without FMA contraction on both devices: equal up to
+    // the last bit in practice; the bound allows one rounding step.
+    const double tol = dtype == DType::F64 ? 1e-15 : 1e-7;
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      const std::string what = name + " " + dtype_name(dtype) + " step " + std::to_string(step) + " tensor " +
+                               std::to_string(k) + " (" + std::to_string(sizes[k]) + " elements)";
+      EXPECT_LE(rel_error(gpu[k].param.to(Device::cpu()), cpu[k].param), tol) << what;
+      if (cpu[k].state1.defined()) {
+        EXPECT_LE(rel_error(gpu[k].state1.to(Device::cpu()), cpu[k].state1), tol) << what;
+      }
+      if (cpu[k].state2.defined()) {
+        EXPECT_LE(rel_error(gpu[k].state2.to(Device::cpu()), cpu[k].state2), tol) << what;
+      }
+    }
+  }
+}
+
+TEST(GpuFused, OptimizerUpdateOverOddSizedTensorsMatchesCpu) {
+  SKIP_WITHOUT_CUDA();
+  for (DType dtype : {DType::F64, DType::F32}) {
+    OptimizerUpdateArgs sgd;
+    sgd.kind = OptimizerKind::Sgd, sgd.lr = 0.05, sgd.momentum = 0.9, sgd.dampening = 0.1, sgd.weight_decay = 0.01;
+    check_update(sgd, dtype, "sgd_momentum");
+    sgd.dampening = 0.0, sgd.nesterov = true;
+    check_update(sgd, dtype, "sgd_nesterov");
+    OptimizerUpdateArgs adam;
+    adam.kind = OptimizerKind::Adam, adam.lr = 0.01, adam.beta1 = 0.8, adam.beta2 = 0.99, adam.eps = 1e-6;
+    adam.weight_decay = 0.1;
+    check_update(adam, dtype, "adam_l2");
+    adam.kind = OptimizerKind::AdamW;
+    check_update(adam, dtype, "adamw");
+  }
+}
+
+TEST(GpuFused, SupportsNamesTheFusedKinds) {
+  SKIP_WITHOUT_CUDA();
+  Backend& be = backend_for(kCuda);
+  for (DType dtype : kDtypes) {
+    EXPECT_TRUE(be.supports(OpKind::LayerNorm, dtype)) << dtype_name(dtype);
+    EXPECT_TRUE(be.supports(OpKind::GroupNorm, dtype)) << dtype_name(dtype);
+    EXPECT_TRUE(be.supports(OpKind::Geglu, dtype)) << dtype_name(dtype);
+  }
+  EXPECT_TRUE(be.supports(OpKind::OptimizerUpdate, DType::F32));
+  EXPECT_FALSE(be.supports(OpKind::OptimizerUpdate, DType::BF16));
+}
+
+}  // namespace
+}  // namespace loom::test
