@@ -109,8 +109,10 @@ std::vector<OpCase> build_cases() {
            [](const Vars& v) { return layer_norm(v[0], {3, 4}, v[1], v[2]); });
   add_case("layer_norm", "weight_only", {any({3, 7}), any({7})},
            [](const Vars& v) { return layer_norm(v[0], {7}, v[1], Variable(), 1e-6); });
+  // The composed references are compared on the GPU in f32 only: composed of bf16 ops they
+  // round every intermediate (the fused op, checked in bf16, is what runs in bf16).
   add_case("layer_norm_composed", "affine", {any({2, 3, 5}), any({5}), any({5})},
-           [](const Vars& v) { return layer_norm_composed(v[0], {5}, v[1], v[2]); });
+           [](const Vars& v) { return layer_norm_composed(v[0], {5}, v[1], v[2]); }, false);
   add_case("group_norm", "affine", {any({2, 6, 2, 2}), any({6}), any({6})},
            [](const Vars& v) { return group_norm(v[0], 3, v[1], v[2], 1e-6); });
   add_case("group_norm", "plain3d", {nc({2, 4, 3})}, [](const Vars& v) { return group_norm(v[0], 2); });

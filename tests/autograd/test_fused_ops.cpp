@@ -297,6 +297,8 @@ class BareBackend final : public Backend {
   void reduce(ReduceOp, const Tensor&, const Tensor&, int64_t, int64_t, int64_t) override {}
   void gemm(const GemmBatch&) override {}
   void softmax(const Tensor&, const Tensor&, int64_t, int64_t, bool) override {}
+  void im2col(const Tensor&, const Tensor&, const Im2ColArgs&) override {}
+  void col2im(const Tensor&, const Tensor&, const Im2ColArgs&) override {}
 };
 
 TEST(FusedSlots, ABackendWithoutAKernelSaysSo) {

@@ -85,7 +85,9 @@ TEST(GpuFused, GroupNormMatchesCpuF64) {
     Shape shape;
     int64_t groups;
   };
-  const std::vector<Case> cases = {{{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4}, {{1, 8, 2000}, 2}, {{2, 6}, 3}};
+  const std::vector<Case> cases = {{{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4}, {{1, 8, 2000}, 2}, {{2, 9}, 3}};
+  // (No groups of two elements: their normalised outputs are ±1 whatever the input, so dx is
+  // rounding noise around an exact 0 and has no relative accuracy to compare.)
   for (DType dtype : kDtypes) {
     for (const Case& c : cases) {
       const std::string what = std::string(dtype_name(dtype)) + " " + Tensor::empty(c.shape).str();
