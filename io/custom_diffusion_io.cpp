@@ -16,6 +16,7 @@ AdapterLoadReport load_custom_diffusion(nn::Module& model, const std::string& pa
   const TensorFile file = read_tensor_file(path);
   AdapterLoadReport report;
   report.file = path;
+  report.notes = file.notes;
   report.families.insert(KeyFamily::CustomDiffusion);
   bool has_q = false;
   for (const auto& [key, t] : file.tensors) has_q = has_q || key.find("to_q_custom_diffusion") != std::string::npos;

@@ -31,8 +31,11 @@
 // fsync'ed and renamed over the target (the directory is fsync'ed afterwards, best effort). On any
 // failure the temporary file is removed, the target is untouched and FileError is thrown.
 #include <fcntl.h>
+#include <signal.h>
 #include <hdf5.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -193,6 +196,68 @@ H5Id file_access(const Context& c, const std::string& problem, bool for_writing)
   (void)for_writing;
 #endif
   return fapl;
+}
+
+// ---- variable-length strings ----------------------------------------------------------------------
+
+// Reads a variable-length string attribute in a child process. Such strings live in the file's
+// global heap, and HDF5 1.10 trusts the heap's sizes and the string's heap index (checked by
+// asserts only): a damaged heap or index makes H5Aread read out of bounds and crash (found by
+// fuzzing h5py-written files; loom itself writes fixed-length strings). The child does the read
+// and sends the bytes back through a pipe; if it crashes, the parent reports the attribute as
+// corrupt; one that loops (another effect of a damaged heap) is stopped by an alarm after 10 s.
+// The child only calls H5Aread, write and _exit (no HDF5 teardown, no core file).
+std::string read_variable_length_string(const Context& c, hid_t attr, hid_t mem, const std::string& what) {
+  constexpr size_t kMaxString = size_t(64) << 20;
+  int fds[2];
+  if (::pipe(fds) != 0) c.fail("cannot read " + what + " (pipe: " + errno_text(errno) + ")");
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    const int err = errno;
+    ::close(fds[0]), ::close(fds[1]);
+    c.fail("cannot read " + what + " (fork: " + errno_text(err) + ")");
+  }
+  if (pid == 0) {  // child
+    ::close(fds[0]);
+    struct rlimit no_core {0, 0};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    ::alarm(10);  // damaged heaps can also make HDF5 loop forever: a string never takes this long
+    char* p = nullptr;
+    if (H5Aread(attr, mem, &p) < 0) ::_exit(2);
+    const size_t n = p ? ::strnlen(p, kMaxString + 1) : 0;
+    if (n > kMaxString) ::_exit(3);
+    const uint64_t len = n;
+    bool ok = ::write(fds[1], &len, sizeof len) == ssize_t(sizeof len);
+    for (size_t done = 0; ok && done < n;) {
+      const ssize_t w = ::write(fds[1], p + done, n - done);
+      ok = w > 0;
+      done += ok ? size_t(w) : 0;
+    }
+    ::_exit(ok ? 0 : 4);
+  }
+  ::close(fds[1]);
+  std::string bytes;
+  char buf[65536];
+  for (;;) {
+    const ssize_t r = ::read(fds[0], buf, sizeof buf);
+    if (r > 0 && bytes.size() + size_t(r) <= kMaxString + sizeof(uint64_t)) bytes.append(buf, size_t(r));
+    if (r == 0 || (r < 0 && errno != EINTR) || bytes.size() > kMaxString) break;
+  }
+  ::close(fds[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFSIGNALED(status))
+    c.fail("truncated or corrupt (" + what + ": a variable-length string whose global-heap entry is damaged" +
+           (WTERMSIG(status) == SIGALRM ? "; reading it did not end" : "") + ")");
+  if (!WIFEXITED(status) || WEXITSTATUS(status) == 3)
+    c.fail(what + " is a string longer than " + std::to_string(kMaxString >> 20) + " MiB");
+  if (WEXITSTATUS(status) == 2) c.fail("truncated or corrupt (H5Aread failed for " + what + ")");
+  uint64_t len = 0;
+  if (WEXITSTATUS(status) != 0 || bytes.size() < sizeof len) c.fail("cannot read " + what + " (the reader process failed)");
+  std::memcpy(&len, bytes.data(), sizeof len);
+  if (len != bytes.size() - sizeof len) c.fail("cannot read " + what + " (the reader process sent a short string)");
+  return bytes.substr(sizeof len);
 }
 
 // ---- names -------------------------------------------------------------------------------------
@@ -485,6 +550,10 @@ class Reader {
     dxpl_ = dxpl.get();
     H5Id root = c_.check(H5Gopen2(file, "/", H5P_DEFAULT), H5Gclose, kCorrupt, "H5Gopen2 for the root group");
     visit_group(root.get(), "", 0);
+    if (unchecked_ > 0)
+      out_.notes.push_back(std::to_string(unchecked_) + " of " + std::to_string(checkable_) +
+                           " tensors carry no checksum (the file was not written by loom, e.g. by h5py): damage to "
+                           "their values cannot be detected; their shapes and finiteness are checked");
     std::set<std::string> seen;
     for (const auto& [name, t] : out_.tensors)
       if (!seen.insert(name).second)
@@ -498,6 +567,7 @@ class Reader {
   TensorFile out_;
   hid_t dxpl_ = H5P_DEFAULT;
   std::set<std::string> visited_groups_;
+  size_t checkable_ = 0, unchecked_ = 0;  // non-empty, non-scalar datasets; those without Fletcher-32
 
   static std::string label(const std::string& dotted_name) {
     return dotted_name.empty() ? "the root group" : "group " + quoted(dotted_name);
@@ -592,7 +662,11 @@ class Reader {
       c_.fail_h5(kCorrupt, "H5Sget_simple_extent_type for " + what);
     }
 
-    check_filters(dset, what);
+    const bool checksummed = check_filters(dset, what);
+    if (!shape.empty() && std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d > 0; })) {
+      ++checkable_;
+      unchecked_ += !checksummed;
+    }
 
     Tensor t;
     try {
@@ -616,8 +690,9 @@ class Reader {
   }
 
   // A compressed dataset needs its filter: name a missing one (h5py's lzf, blosc, ...) rather
-  // than report a failed read.
-  void check_filters(hid_t dset, const std::string& what) {
+  // than report a failed read. Returns whether the dataset has the Fletcher-32 checksum.
+  bool check_filters(hid_t dset, const std::string& what) {
+    bool fletcher32 = false;
     H5Id dcpl = c_.check(H5Dget_create_plist(dset), H5Pclose, kCorrupt, "H5Dget_create_plist for " + what);
     const int n = H5Pget_nfilters(dcpl.get());
     if (n < 0) c_.fail_h5(kCorrupt, "H5Pget_nfilters for " + what);
@@ -627,12 +702,14 @@ class Reader {
       char name[256] = {};
       const H5Z_filter_t id = H5Pget_filter2(dcpl.get(), unsigned(i), &flags, &nvalues, nullptr, sizeof name, name, &config);
       if (id < 0) c_.fail_h5(kCorrupt, "H5Pget_filter2 for " + what);
+      fletcher32 = fletcher32 || id == H5Z_FILTER_FLETCHER32;
       if (H5Zfilter_avail(id) <= 0) {
         H5Eclear2(H5E_DEFAULT);
         c_.fail(what + " is compressed with HDF5 filter " + std::to_string(id) + (*name ? " ('" + std::string(name) + "')" : "") +
                 ", which this HDF5 library does not have (gzip, shuffle and fletcher32 are built in)");
       }
     }
+    return fletcher32;
   }
 
   Attributes read_attributes(hid_t loc, const std::string& where) {
@@ -687,17 +764,7 @@ class Reader {
       c_.check(H5Tset_cset(mem.get(), cset), kCorrupt, "H5Tset_cset for " + what);
       if (vlen) {
         c_.check(H5Tset_size(mem.get(), H5T_VARIABLE), kCorrupt, "H5Tset_size for " + what);
-        char* p = nullptr;
-        c_.check(H5Aread(attr.get(), mem.get(), &p), kCorrupt, "H5Aread for " + what);
-        std::string s;
-        try {
-          s = p ? std::string(p) : std::string();
-        } catch (...) {
-          H5free_memory(p);
-          throw;
-        }
-        H5free_memory(p);
-        return s;
+        return read_variable_length_string(c_, attr.get(), mem.get(), what);
       }
       const H5T_str_t pad = H5Tget_strpad(type.get());
       if (pad < 0) c_.fail_h5(kCorrupt, "H5Tget_strpad for " + what);

@@ -33,6 +33,7 @@ LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn
   LoraWeights out;
   AdapterLoadReport& report = out.report;
   report.file = path;
+  report.notes = file.notes;  // e.g. an HDF5 file without checksums
   const auto linears = model_linears(model);
   std::map<std::string, std::string> kohya_names;  // lora_unet_<full path> -> model path
   for (const auto& [p, l] : linears) kohya_names["lora_unet_" + underscored(join_path(options.prefix, p))] = p;

@@ -40,6 +40,8 @@ struct TensorFile {
   std::map<std::string, std::string> metadata;
   Attributes attributes;
   std::map<std::string, Attributes> group_attributes;
+  // What the reader could not check, said once per file (HDF5: tensors without a checksum).
+  std::vector<std::string> notes;
 
   const Tensor* find(const std::string& name) const;  // nullptr when absent
 };

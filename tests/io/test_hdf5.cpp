@@ -492,6 +492,11 @@ TEST_F(Hdf5Test, Hdf5InteropReadsFilesWrittenByH5py) {
   EXPECT_EQ(std::get<int64_t>(f.group_attributes.at("transformer_blocks.0.attn1.to_q").at("rank")), 2);
   ASSERT_NE(f.find("transformer_blocks.0.attn1.to_out.0.lora.up.weight"), nullptr);
   EXPECT_EQ(f.find("transformer_blocks.0.attn1.to_out.0.lora.up.weight")->dtype(), DType::F64);
+  // h5py writes no checksums: said once (loads copy it into their report); loom's files have them.
+  ASSERT_EQ(f.notes.size(), 1u);
+  EXPECT_NE(f.notes[0].find("carry no checksum"), std::string::npos) << f.notes[0];
+  write_hdf5(file("with_checksums.h5"), {{"a.b", Tensor::ones({3, 2})}, {"s", Tensor::scalar(1.0)}, {"e", Tensor::zeros({0})}});
+  EXPECT_TRUE(read_hdf5(file("with_checksums.h5")).notes.empty());
 }
 
 }  // namespace
