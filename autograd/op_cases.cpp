@@ -30,7 +30,9 @@ std::vector<OpCase> build_cases() {
   add_case("mul", "broadcast", {any({2, 3, 4}), any({4})}, [](const Vars& v) { return mul(v[0], v[1]); });
   add_case("mul", "noncontig", {nc({3, 4}), any({3, 4})}, [](const Vars& v) { return v[0] * v[1]; });
   add_case("mul", "frozen_b", {any({3, 4}), fixed({3, 4})}, [](const Vars& v) { return v[0] * v[1]; });
-  add_case("div", "broadcast", {any({3, 4}), pos({1, 4})}, [](const Vars& v) { return div(v[0], v[1]); });
+  // a > 0: the gradient of b sums −g·a/b² over rows; with mixed signs that sum cancels and a bf16
+  // run (tests/gpu) has no relative accuracy left to compare.
+  add_case("div", "broadcast", {pos({3, 4}), pos({1, 4})}, [](const Vars& v) { return div(v[0], v[1]); });
   add_case("div", "noncontig", {nc({3, 4}), nc({3, 4}, Domain::Positive)}, [](const Vars& v) { return v[0] / v[1]; });
 
   // ---- elementwise unary and scalar forms ----
