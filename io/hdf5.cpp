@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -673,6 +674,10 @@ class Reader {
       t = Tensor::empty(shape, dtype);
     } catch (const std::bad_alloc&) {
       c_.fail(what + " of shape " + ::loom::detail::concat(shape) + " does not fit in memory");
+    } catch (const FileError&) {
+      throw;
+    } catch (const Error&) {  // the allocator's "out of host memory"
+      c_.fail(what + " of shape " + ::loom::detail::concat(shape) + " does not fit in memory");
     }
     if (t.numel() > 0 && H5Dread(dset, mem_type, H5S_ALL, H5S_ALL, dxpl_, t.raw_data()) < 0) {
       // An overflowing conversion (uint64 values >= 2^63) fails too: tell it from corruption.
@@ -846,6 +851,52 @@ void write_hdf5(const std::string& path, const std::vector<std::pair<std::string
   }
 }
 
+namespace {
+
+// The version of the file's superblock (signature at 0, 512, 1024, ...), or -1.
+int superblock_version(const std::string& path) {
+  static const char kSignature[8] = {'\x89', 'H', 'D', 'F', '\r', '\n', '\x1a', '\n'};
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  int version = -1;
+  char buf[9];
+  for (off_t at = 0; at <= (off_t(1) << 20) && version < 0; at = at == 0 ? 512 : at * 2)
+    if (::pread(fd, buf, sizeof buf, at) == ssize_t(sizeof buf) && std::memcmp(buf, kSignature, 8) == 0)
+      version = static_cast<unsigned char>(buf[8]);
+  ::close(fd);
+  return version;
+}
+
+// Files in the old format (superblock 0 or 1: h5py's default, no metadata checksums) are first
+// read in a child process: HDF5 1.10 trusts the sizes in their local heaps, B-trees and global
+// heaps, and crashed (or looped) on damaged ones in fuzzing. A child that dies makes the file a
+// FileError; otherwise the read is done again here. Called with the HDF5 lock held (the child
+// takes no lock: it has one thread).
+void probe_in_child(const Context& c, const std::function<void()>& read) {
+  const pid_t pid = ::fork();
+  if (pid < 0) return;  // no probe possible: read as before
+  if (pid == 0) {
+    struct rlimit no_core {0, 0};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    ::alarm(600);
+    int code = 0;
+    try {
+      read();
+    } catch (...) {
+      code = 3;
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFSIGNALED(status))
+    c.fail(std::string("truncated or corrupt (HDF5 ") + (WTERMSIG(status) == SIGALRM ? "did not finish" : "crashed") +
+           " reading it: damaged metadata in a file without checksums)");
+}
+
+}  // namespace
+
 TensorFile read_hdf5(const std::string& path) {
   const Context c{path};
   {
@@ -865,11 +916,16 @@ TensorFile read_hdf5(const std::string& path) {
 #endif
   if (is_hdf5 == 0) c.fail("not an HDF5 file (no HDF5 signature)");
   if (is_hdf5 < 0) c.fail_h5("not an HDF5 file, or truncated or corrupt", "H5Fis_hdf5");
-  H5Id fapl = file_access(c, "cannot open", false);
-  H5Id file = c.check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()), H5Fclose, "truncated or corrupt", "H5Fopen");
-  TensorFile out = Reader(c).read(file.get());
-  c.check(file.reset(), "truncated or corrupt", "H5Fclose");
-  return out;
+  auto read = [&] {
+    H5Id fapl = file_access(c, "cannot open", false);
+    H5Id file = c.check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()), H5Fclose, "truncated or corrupt", "H5Fopen");
+    TensorFile out = Reader(c).read(file.get());
+    c.check(file.reset(), "truncated or corrupt", "H5Fclose");
+    return out;
+  };
+  const int version = superblock_version(path);
+  if (version == 0 || version == 1) probe_in_child(c, [&] { read(); });
+  return read();
 }
 
 }  // namespace loom::io
