@@ -16,6 +16,7 @@
 
 #include "attention/sdpa.h"
 #include "tensor/backend.h"
+#include "bench/gpu/device_timing.h"
 #include "tensor/device_timer.h"
 #include "tensor/random.h"
 
@@ -27,24 +28,7 @@ struct Shape4 {
   int64_t b, h, q, k, d;
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-template <typename F>
-double time_ms(Device dev, int reps, F&& f) {
-  for (int i = 0; i < 5; ++i) f();
-  std::vector<double> ms;
-  DeviceTimer timer(dev);
-  for (int i = 0; i < reps; ++i) {
-    timer.start();
-    f();
-    timer.stop();
-    ms.push_back(timer.elapsed_ms());
-  }
-  return median(ms);
-}
+using bench::median_ms;
 
 }  // namespace
 
@@ -88,7 +72,7 @@ int main(int argc, char** argv) {
       const bool bwd = std::strcmp(pass, "fwdbwd") == 0;
       reset_peak_device_memory(dev);
       const size_t base = device_memory(dev).in_use;
-      const double ms = time_ms(dev, reps, [&] {
+      const double ms = median_ms(dev, reps, [&] {
         if (!bwd) {
           NoGradGuard ng;
           attention::scaled_dot_product_attention(Variable(q), Variable(k), Variable(v), o);

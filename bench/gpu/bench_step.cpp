@@ -19,6 +19,7 @@
 #include "autograd/ops.h"
 #include "optim/optim.h"
 #include "tensor/backend.h"
+#include "bench/gpu/device_timing.h"
 #include "tensor/device_timer.h"
 #include "tensor/precision.h"
 #include "tensor/random.h"
@@ -27,24 +28,7 @@ using namespace loom;
 
 namespace {
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-template <typename F>
-double time_ms(Device dev, int reps, F&& f) {
-  for (int i = 0; i < 5; ++i) f();
-  std::vector<double> ms;
-  DeviceTimer timer(dev);
-  for (int i = 0; i < reps; ++i) {
-    timer.start();
-    f();
-    timer.stop();
-    ms.push_back(timer.elapsed_ms());
-  }
-  return median(ms);
-}
+using bench::median_ms;
 
 }  // namespace
 
@@ -112,7 +96,7 @@ int main(int argc, char** argv) {
   }
   reset_peak_device_memory(dev);
   const size_t base = device_memory(dev).in_use;
-  const double step_ms = time_ms(dev, reps, [&] {
+  const double step_ms = median_ms(dev, reps, [&] {
     opt->zero_grad();
     const Variable y = model->forward(Variable(x), Variable(ctx));
     Variable loss = mse_loss(to_dtype(y, DType::F32), Variable(target));
@@ -122,7 +106,7 @@ int main(int argc, char** argv) {
   const double step_peak = double(device_memory(dev).peak) / 1e9;
   model->eval();
   reset_peak_device_memory(dev);
-  const double fwd_ms = time_ms(dev, reps, [&] {
+  const double fwd_ms = median_ms(dev, reps, [&] {
     NoGradGuard ng;
     model->forward(Variable(x), Variable(ctx));
   });
