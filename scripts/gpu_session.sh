@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the H200 machine (../shared/GPU.md): build the named targets, run the GPU tests and
 # the GPU benchmarks (loom and PyTorch in the same call). Logs go to $OUT (or ./out).
-#   STEPS="tests bench torch model" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
+#   STEPS="tests ctest bench benchmath torch model unet cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -37,6 +37,11 @@ for s in $steps; do
       python3 bench/gpu/torch_attention.py --reps 30 | tee "$out/torch_attention.txt" ;;
     model)
       bash bench/gpu/run_model_bench.sh "$out" ;;
+    unet)
+      bash bench/gpu/run_unet_bench.sh "$out" ;;
+    cudnn)
+      ls /usr/include/cudnn*.h /usr/local/cuda/include/cudnn*.h /usr/lib/x86_64-linux-gnu/libcudnn* 2>&1 | head
+      python3 -c 'import torch; print("torch cudnn", torch.backends.cudnn.version())' ;;
     cli)
       bash bench/gpu/cli_gpu_check.sh "$out" 2>&1 | tee "$out/cli_gpu.txt" ;;
   esac

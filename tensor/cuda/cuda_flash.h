@@ -1,6 +1,6 @@
 // Internal to tensor/cuda/: the flash attention launchers behind Backend::flash_attention_*
 // (tensor/backend.h, SPEC §2) and their plain parameter struct. Host checks live in
-// cuda_flash_host.cu; kernels in cuda_flash.cu.
+// cuda_flash_host.cu; kernels in cuda_flash_{fwd,bwd,exact}.cu.
 //
 // Two kernel families:
 //   tensor-core  bf16 / f16 inputs, f32 accumulation (mma.sync m16n8k16), head dims
@@ -56,6 +56,12 @@ bool flash_tensor_core_head_dim(int64_t d);
 constexpr int64_t kFlashExactMaxHeadDim = 256;
 
 void launch_flash_forward(const FlashParams& p);
+
+// The families behind the launchers (each checks its dtypes).
+void flash_tc_forward(const FlashParams& p);             // cuda_flash_fwd.cu
+void flash_tc_backward(const FlashParams& p);            // cuda_flash_bwd.cu
+void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
+int flash_sm_count();                                    // of the current device
 // Needs delta (and the three f32 accumulators on the tensor-core path) allocated by the caller.
 void launch_flash_backward(const FlashParams& p);
 

@@ -1,0 +1,140 @@
+// A LoRA training step with the diffusion objective, the inference forward and a sampling step
+// (classifier-free guidance: the UNet on a batch of 2N) of the whole UNet2DConditionModel on a
+// device, at Stable Diffusion 1.5's config (64×64 latents, context 77×768) and SDXL's (128×128
+// latents, context 77×2048, text_time), random weights (bench/gpu/configs/*.json are the real
+// configs' fields). LoRA r4 α4 on to_q/to_k/to_v/to_out.0 of every attention, AdamW, epsilon
+// loss. Median of --reps after warm-ups, CUDA events; peak device memory of each phase.
+// bench/gpu/diffusers_unet.py times diffusers + PEFT the same way; run both in one call. Not a test.
+//
+//   loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME]
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "adapters/lora.h"
+#include "autograd/ops.h"
+#include "bench/gpu/device_timing.h"
+#include "optim/optim.h"
+#include "tensor/backend.h"
+#include "tensor/device_timer.h"
+#include "tensor/precision.h"
+#include "tensor/random.h"
+#include "unet/config.h"
+#include "unet/diffusion.h"
+#include "unet/unet.h"
+
+using namespace loom;
+
+namespace {
+
+using bench::median_ms;
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) {
+    std::fprintf(stderr, "loom_bench_unet: cannot open %s\n", path.c_str());
+    std::exit(2);
+  }
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string config_path, precision = "bf16", name = "unet";
+  int reps = 10, batch = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--config" && i + 1 < argc) config_path = argv[++i];
+    else if (a == "--precision" && i + 1 < argc) precision = argv[++i];
+    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (a == "--batch" && i + 1 < argc) batch = std::atoi(argv[++i]);
+    else if (a == "--name" && i + 1 < argc) name = argv[++i];
+    else {
+      std::fprintf(stderr, "usage: loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME]\n");
+      return 2;
+    }
+  }
+  if (config_path.empty() || !cuda_available()) {
+    std::fprintf(stderr, "loom_bench_unet: needs --config and a CUDA device\n");
+    return 2;
+  }
+  const Device dev = Device::cuda(0);
+  const Precision prec = parse_precision(precision);
+  set_allow_tf32(prec == Precision::TF32);
+  const DType act = storage_dtype(prec);
+  const unet::UNet2DConditionConfig cfg = unet::UNet2DConditionConfig::from_json_text(read_text(config_path), config_path);
+
+  Generator gen(0);
+  auto model = std::make_shared<unet::UNet2DConditionModel>(cfg, gen);
+  model->to(dev);
+  model->to(act);
+  adapters::LoraSet lora(model);
+  adapters::LoraConfig lc;
+  lc.rank = 4, lc.alpha = 4.0, lc.targets = {"to_q", "to_k", "to_v", "to_out.0"};
+  lora.add("default", lc, gen);
+  optim::OptimizerConfig oc;
+  oc.lr = 1e-4;
+  auto opt = optim::make_optimizer("adamw", lora.trainable_parameters(), oc);
+
+  const int64_t side = cfg.sample_size.value_or(64);
+  const int64_t cross = cfg.cross_attention_dim.empty() ? 768 : cfg.cross_attention_dim.front();
+  const bool text_time = cfg.addition_embed_type == "text_time";
+  auto inputs = [&](int64_t n) {
+    unet::UNetInputs in;
+    in.sample = Variable(Tensor::randn({n, cfg.in_channels, side, side}, gen, act, dev));
+    in.encoder_hidden_states = Variable(Tensor::randn({n, 77, cross}, gen, act, dev));
+    in.timestep = Tensor::full({n}, 500.0, DType::F32, dev);
+    if (text_time) {
+      in.text_embeds = Variable(Tensor::randn({n, cfg.text_embeds_dim()}, gen, act, dev));
+      in.time_ids = Tensor::full({n, 6}, 1024.0, act, dev);
+    }
+    return in;
+  };
+  const unet::DDPMSchedule schedule;
+  const Tensor latents = Tensor::randn({batch, cfg.in_channels, side, side}, gen, DType::F32, dev);
+  const Tensor noise = Tensor::randn({batch, cfg.in_channels, side, side}, gen, DType::F32, dev);
+  unet::UNetInputs train_in = inputs(batch);
+  std::vector<float> tsteps(size_t(batch));
+  for (int64_t i = 0; i < batch; ++i) tsteps[size_t(i)] = float((100 + 311 * i) % 1000);
+  train_in.timestep = Tensor::from_vector(tsteps, {batch}, dev);
+
+  model->train();
+  reset_peak_device_memory(dev);
+  const size_t weights = device_memory(dev).in_use;
+  const double step_ms = median_ms(dev, reps, [&] {
+    opt->zero_grad();
+    train_in.sample = Variable(schedule.add_noise(latents, noise, train_in.timestep).to(act));
+    const Variable pred = model->forward(train_in);
+    Variable loss = mse_loss(to_dtype(pred, DType::F32), Variable(noise));
+    loss.backward();
+    opt->step();
+  });
+  const double step_peak = double(device_memory(dev).peak) / 1e9;
+
+  model->eval();
+  const unet::UNetInputs fwd_in = inputs(batch);
+  reset_peak_device_memory(dev);
+  const double fwd_ms = median_ms(dev, reps, [&] {
+    NoGradGuard ng;
+    model->forward(fwd_in);
+  });
+  const double fwd_peak = double(device_memory(dev).peak) / 1e9;
+  // a sampling step with guidance: the UNet on uncond + cond (2N), then the guidance combination
+  const unet::UNetInputs cfg_in = inputs(2 * batch);
+  const double sample_ms = median_ms(dev, reps, [&] {
+    NoGradGuard ng;
+    const Tensor y = model->forward(cfg_in).tensor();
+    const Tensor u = y.narrow(0, 0, batch), c = y.narrow(0, batch, batch);
+    (void)(u + (c - u) * 7.5);
+  });
+  std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"batch\":%d,\"precision\":\"%s\",\"step_ms\":%.3f,"
+              "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"cfg_sample_step_ms\":%.3f,"
+              "\"weights_gb\":%.3f}\n",
+              name.c_str(), batch, precision.c_str(), step_ms, step_peak, fwd_ms, fwd_peak, sample_ms,
+              double(weights) / 1e9);
+  return 0;
+}

@@ -1,0 +1,325 @@
+// The tensor-core backward (bf16 / f16); see cuda_flash_fwd.cu for the layouts and cuda_flash.h
+// for the contract.
+#include <algorithm>
+
+#include "tensor/cuda/cuda_flash_tc.cuh"
+
+namespace loom::cuda {
+
+namespace {
+
+template <typename T>
+__global__ void flash_delta_half_kernel(const T* dout, const T* out, float* delta, int64_t rows, int d) {
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;
+  float sum = 0;
+  for (int c = lane; c < d; c += 32) sum += Half2<T>::to_float(dout[r * d + c]) * Half2<T>::to_float(out[r * d + c]);
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) delta[r] = sum;
+}
+
+// dst[i] = T(src[i]·scale)
+template <typename T>
+__global__ void flash_convert_kernel(T* dst, const float* src, int64_t count, float scale) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = Half2<T>::from_float(src[i] * scale);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(const FlashParams p, int query_tiles_per_block) {
+  using S = TcShape<D>;
+  constexpr int kDp = S::kDp, kLd = S::kLd, kRows = S::kRows, kCols = S::kCols, kWarps = S::kWarps;
+  constexpr int kLdS = kCols + 8;  // dS tile [kRows][kLdS]
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kCols * kLd;
+  T* sQ0 = sV + kCols * kLd;        // Q and dO, two buffers each: [buf][kRows][kLd]
+  T* sdO0 = sQ0 + 2 * kRows * kLd;
+  T* sdS = sdO0 + 2 * kRows * kLd;
+  float* sL0 = reinterpret_cast<float*>(sdS + kRows * kLdS);  // [buf][kRows]: raw lse (natural log)
+  float* sD0 = sL0 + 2 * kRows;                               // [buf][kRows]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kCols;
+  const T* q = static_cast<const T*>(p.q) + n * p.q_len * D;
+  const T* k = static_cast<const T*>(p.k) + n * p.k_len * D;
+  const T* v = static_cast<const T*>(p.v) + n * p.k_len * D;
+  const T* dout = static_cast<const T*>(p.grad_out) + n * p.q_len * D;
+  const float* lse = static_cast<const float*>(p.lse) + n * p.q_len;
+  const float* delta = static_cast<const float*>(p.delta) + n * p.q_len;
+  const T* mask = static_cast<const T*>(p.mask);
+  const float sl2 = float(p.scale) * kLog2e;
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+  const int kr0 = warp * 16;                                  // this warp's key rows in the tile
+  const int64_t key[2] = {j0 + kr0 + g, j0 + kr0 + g + 8};
+
+  // query tiles of this block: [first, last)
+  const int64_t all_tiles = (p.q_len + kRows - 1) / kRows;
+  int64_t first = int64_t(blockIdx.z) * query_tiles_per_block;
+  const int64_t last = min(all_tiles, first + query_tiles_per_block);
+  if (p.causal) first = max(first, j0 / kRows);  // earlier query tiles see none of these keys
+
+  // Q, dO, lse, delta of query tile `it` into buffer `buf` (zero past q_len: such rows then
+  // have dO = 0 and D = 0, so whatever P they get adds nothing to dV, dK, and dQ skips them).
+  auto load_query_tile = [&](int64_t it, int buf) {
+    const int64_t i0 = it * kRows;
+    load_tile_async<T, kDp>(sQ0 + buf * kRows * kLd, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+    load_tile_async<T, kDp>(sdO0 + buf * kRows * kLd, kLd, dout, i0, kRows, p.q_len, D, tid, S::kThreads);
+    for (int r = tid; r < 2 * kRows; r += S::kThreads) {
+      const int rr = r % kRows;
+      const bool in = i0 + rr < p.q_len;
+      if (r < kRows) cp_async4(sL0 + buf * kRows + rr, in ? lse + i0 + rr : lse, in);
+      else cp_async4(sD0 + buf * kRows + rr, in ? delta + i0 + rr : delta, in);
+    }
+  };
+
+  load_tile_async<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
+  load_tile_async<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
+  if (first < last) load_query_tile(first, 0);
+  cp_async_commit();
+
+  for (int64_t it = first; it < last; ++it) {
+    const int64_t i0 = it * kRows;
+    const int buf = int((it - first) & 1);
+    const T* sQ = sQ0 + buf * kRows * kLd;
+    const T* sdO = sdO0 + buf * kRows * kLd;
+    const float* sL = sL0 + buf * kRows;
+    const float* sD = sD0 + buf * kRows;
+    cp_async_wait_all();
+    __syncthreads();  // tile it landed; every warp is done with tile it − 1 (dS, the other buffer)
+    if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
+    cp_async_commit();
+
+    // Sᵀ = K·Qᵀ: 16 keys × 64 queries per warp
+    float st[kRows / 8][4];
+#pragma unroll
+    for (int j = 0; j < kRows / 8; ++j) st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kDp / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_a(a, sK, kr0, kk * 16, kLd, lane);
+#pragma unroll
+      for (int j = 0; j < kRows / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sQ, j * 8, kk * 16, kLd, lane);
+        mma16816(st[j], a, b, T());
+        mma16816(st[j + 1], a, b + 2, T());
+      }
+    }
+    // Pᵀ = exp2(s2 − L2); bounds, causal and mask only on the last / diagonal tiles or with a mask
+    const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || i0 >= j0 + kCols - 1);
+    if (plain) {
+#pragma unroll
+      for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ql = j * 8 + 2 * t + (e & 1);
+          st[j][e] = fast_exp2(fmaf(st[j][e], sl2, -sL[ql] * kLog2e));
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ql = j * 8 + 2 * t + (e & 1);
+          const int64_t qi = i0 + ql, kj = key[e / 2];
+          float x = st[j][e] * sl2;
+          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+          st[j][e] = fast_exp2(x - sL[ql] * kLog2e);
+        }
+      }
+    }
+    // dV += Pᵀ·dO
+#pragma unroll
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Half2<T>::pack(st[2 * kk][0], st[2 * kk][1]);
+      a[1] = Half2<T>::pack(st[2 * kk][2], st[2 * kk][3]);
+      a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sdO, kk * 16, j * 8, kLd, lane);
+        mma16816(dv[j], a, b, T());
+        mma16816(dv[j + 1], a, b + 2, T());
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, sdO, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+        mma16816(dv[D / 8 - 1], a, b, T());
+      }
+    }
+    // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ∘(dPᵀ − D)
+    float dpt[kRows / 8][4];
+#pragma unroll
+    for (int j = 0; j < kRows / 8; ++j) dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kDp / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_a(a, sV, kr0, kk * 16, kLd, lane);
+#pragma unroll
+      for (int j = 0; j < kRows / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, sdO, j * 8, kk * 16, kLd, lane);
+        mma16816(dpt[j], a, b, T());
+        mma16816(dpt[j + 1], a, b + 2, T());
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ql = j * 8 + 2 * t + (e & 1);
+        const float ds = st[j][e] * (dpt[j][e] - sD[ql]);
+        st[j][e] = ds;
+        sdS[ql * kLdS + kr0 + g + (e / 2) * 8] = Half2<T>::from_float(ds);
+      }
+    }
+    // dK += dSᵀ·Q (scale applied at the end)
+#pragma unroll
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Half2<T>::pack(st[2 * kk][0], st[2 * kk][1]);
+      a[1] = Half2<T>::pack(st[2 * kk][2], st[2 * kk][3]);
+      a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, sQ, kk * 16, j * 8, kLd, lane);
+        mma16816(dk[j], a, b, T());
+        mma16816(dk[j + 1], a, b + 2, T());
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, sQ, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+        mma16816(dk[D / 8 - 1], a, b, T());
+      }
+    }
+    __syncthreads();  // dS complete in shared memory
+    // dQ += dS·K: each warp a 16-query slice, added into the f32 buffer
+    if (p.dq_accum) {
+      for (int slice = warp; slice < kRows / 16; slice += kWarps) {
+        float acc[D / 8][4];
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kCols / 16; ++kk) {
+          uint32_t a[4];
+          ldsm_a(a, sdS, slice * 16, kk * 16, kLdS, lane);
+#pragma unroll
+          for (int j = 0; j + 1 < D / 8; j += 2) {
+            uint32_t b[4];
+            ldsm_b_trans_pair(b, sK, kk * 16, j * 8, kLd, lane);
+            mma16816(acc[j], a, b, T());
+            mma16816(acc[j + 1], a, b + 2, T());
+          }
+          if constexpr (D / 8 % 2 == 1) {
+            uint32_t b[2];
+            ldmatrix_b_trans(b, sK, kk * 16, (D / 8 - 1) * 8, kLd, lane);
+            mma16816(acc[D / 8 - 1], a, b, T());
+          }
+        }
+        float* dq = p.dq_accum + (n * p.q_len + i0 + slice * 16) * D;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = g + h * 8;
+          if (i0 + slice * 16 + r >= p.q_len) continue;
+#pragma unroll
+          for (int j = 0; j < D / 8; ++j) atomic_add2(dq + r * D + j * 8 + 2 * t, acc[j][2 * h], acc[j][2 * h + 1]);
+        }
+      }
+    }
+  }
+  cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
+  // dK, dV of this block's keys into the f32 buffers
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t kj = key[h];
+    if (kj >= p.k_len) continue;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t;
+      if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[j][2 * h], dk[j][2 * h + 1]);
+      if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[j][2 * h], dv[j][2 * h + 1]);
+    }
+  }
+}
+
+template <int D>
+size_t tc_bwd_smem() {
+  using S = TcShape<D>;
+  // K, V; Q and dO double-buffered; dS; lse and delta double-buffered
+  return size_t(2 * S::kCols + 4 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (S::kCols + 8) * 2 +
+         4 * S::kRows * sizeof(float);
+}
+
+template <typename T, int D>
+void tc_backward(const FlashParams& p) {
+  using S = TcShape<D>;
+  const int64_t rows = p.n * p.q_len;
+  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256>>>(static_cast<const T*>(p.grad_out),
+                                                                  static_cast<const T*>(p.out),
+                                                                  static_cast<float*>(p.delta), rows, D);
+  check_last_launch("flash_delta_half_kernel");
+  if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float)));
+  const size_t kv = size_t(p.n * p.k_len) * D * sizeof(float);
+  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv));
+  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv));
+
+  const size_t smem = tc_bwd_smem<D>();
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int64_t key_blocks = (p.k_len + S::kCols - 1) / S::kCols;
+  const int64_t query_tiles = (p.q_len + S::kRows - 1) / S::kRows;
+  // Split the query tiles over blocks until the grid fills the GPU about twice.
+  const int64_t want = 2 * int64_t(flash_sm_count());
+  int64_t splits = 1;
+  while (key_blocks * p.n * splits < want && splits < query_tiles) splits *= 2;
+  splits = std::min(splits, query_tiles);
+  const int64_t per_block = (query_tiles + splits - 1) / splits;
+  splits = (query_tiles + per_block - 1) / per_block;
+  const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
+  flash_bwd_tc_kernel<T, D><<<grid, S::kThreads, smem>>>(p, int(per_block));
+  check_last_launch("flash_bwd_tc_kernel");
+
+  const float scale = float(p.scale);
+  auto convert = [&](void* dst, const float* src, int64_t count, float s) {
+    if (!dst) return;
+    flash_convert_kernel<T><<<grid_for(count), kThreads>>>(static_cast<T*>(dst), src, count, s);
+    check_last_launch("flash_convert_kernel");
+  };
+  convert(p.dq, p.dq_accum, rows * D, scale);
+  convert(p.dk, p.dk_accum, p.n * p.k_len * D, scale);
+  convert(p.dv_out, p.dv_accum, p.n * p.k_len * D, 1.f);
+}
+
+template <typename T>
+void flash_tc_backward_for(const FlashParams& p) {
+  switch (p.d) {
+#define LOOM_FLASH_CASE(D) \
+  case D:                  \
+    return tc_backward<T, D>(p);
+    LOOM_FLASH_HEAD_DIMS(LOOM_FLASH_CASE)
+#undef LOOM_FLASH_CASE
+  }
+  LOOM_FAIL("attention backend 'flash' does not support head dim ", p.d, " on cuda");
+}
+
+}  // namespace
+
+void flash_tc_backward(const FlashParams& p) {
+  if (p.dtype == DType::BF16) return flash_tc_backward_for<__nv_bfloat16>(p);
+  if (p.dtype == DType::F16) return flash_tc_backward_for<__half>(p);
+  LOOM_FAIL("flash_tc_backward: dtype ", p.dtype, " is not bf16 / f16");
+}
+
+}  // namespace loom::cuda

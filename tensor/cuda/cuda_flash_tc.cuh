@@ -1,0 +1,168 @@
+// Internal to tensor/cuda/cuda_flash_*.cu: the tensor-core family's device helpers (mma.sync,
+// ldmatrix, cp.async, the bf16 / f16 packing), its tile shapes and the head dims it is built
+// for. Everything here is in an anonymous namespace: each kernel file has its own copy.
+// Layout conventions and the algorithm: the comment at the top of cuda_flash_fwd.cu.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "tensor/cuda/cuda_common.h"
+#include "tensor/cuda/cuda_flash.h"
+
+// The head dims of the tensor-core kernels (flash_tensor_core_head_dim must agree).
+#define LOOM_FLASH_HEAD_DIMS(X) X(40) X(64) X(72) X(80) X(96) X(128) X(160)
+
+namespace loom::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ================================ tensor-core family =================================
+
+template <typename T>
+struct Half2;
+template <>
+struct Half2<__nv_bfloat16> {
+  static __device__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Half2<__half> {
+  static __device__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __half from_float(float x) { return __float2half_rn(x); }
+};
+
+// c += a·b, 16×8×16, f32 accumulators.
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b, __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// The B fragment (k 16 × n 8) of a row-major [k][n] tile in shared memory, rows `row0`…,
+// columns `col0`…, row stride `ld`: ldmatrix.x2.trans (lanes 0–15 give the row addresses).
+template <typename T>
+__device__ __forceinline__ void ldmatrix_b_trans(uint32_t* b, const T* base, int row0, int col0, int ld, int lane) {
+  const T* p = base + (row0 + (lane & 15)) * ld + col0;
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
+}
+
+// ldmatrix.x4 forms (lane l gives the address of row l % 8 of matrix l / 8); each replaces
+// four 32-bit shared loads. Rows are 16-byte aligned and, with the (dp + 8) padding, the 8
+// rows of one matrix fall into 8 distinct 16-byte bank groups.
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// The A fragment (rows row0…row0+15, k0…k0+15) of a row-major [m][k] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_a(uint32_t* a, const T* base, int row0, int k0, int ld, int lane) {
+  ldsm_x4(a, base + (row0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+// Two B fragments (k0…k0+15; n-blocks n0…n0+7 → b[0..1], n0+8…n0+15 → b[2..3]) whose
+// transpose is a row-major [n][k] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_b_pair(uint32_t* b, const T* base, int n0, int k0, int ld, int lane) {
+  ldsm_x4(b, base + (n0 + (lane & 7) + ((lane >> 4) << 3)) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+// Two B fragments (k0…k0+15; n0…n0+7 → b[0..1], n0+8…n0+15 → b[2..3]) of a row-major [k][n] tile.
+template <typename T>
+__device__ __forceinline__ void ldsm_b_trans_pair(uint32_t* b, const T* base, int k0, int n0, int ld, int lane) {
+  ldsm_x4_trans(b, base + (k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8);
+}
+
+// 2^x (ex2.approx, ≤ 2 ulp; −inf → 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16-byte asynchronous global → shared copy (L2 only); zero-fills when !in.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(in ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// 4-byte asynchronous copy; zero-fills when !in.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(src), "r"(in ? 4 : 0));
+}
+
+// p[0] += a, p[1] += b (one vector atomic on sm_90; p 8-byte aligned).
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
+// Copies rows [r0, r0 + rows) of a [len, d] matrix into a [rows][ld] tile with cp.async, zero
+// beyond len and in columns d…DP (16-byte chunks; d is a multiple of 8); the copy lands after
+// cp_async_commit, cp_async_wait_all and __syncthreads.
+template <typename T, int DP>
+__device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len,
+                                                int d, int tid, int threads) {
+  constexpr int kChunks = DP / 8;
+  for (int idx = tid; idx < rows * kChunks; idx += threads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const bool in = r0 + r < len && c < d;
+    cp_async16(tile + r * ld + c, in ? src + (r0 + r) * d + c : src, in);
+  }
+}
+
+template <int D>
+struct TcShape {
+  static constexpr int kDp = (D + 15) / 16 * 16;  // QKᵀ's k-dim, zero-padded in shared memory
+  static constexpr int kLd = kDp + 8;             // shared-memory row stride (elements)
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 64;                // queries per tile (16 per warp)
+  static constexpr int kCols = 64;                // keys per tile
+};
+
+// The additive mask entry (query qi, key kj) of problem row n, in the log2 domain.
+template <typename T>
+__device__ __forceinline__ float mask_log2(const FlashParams& p, const T* mask, int64_t n, int64_t qi, int64_t kj) {
+  const int64_t b = p.mask_batches == 1 ? 0 : n / p.heads;
+  const int64_t r = p.mask_rows == 1 ? 0 : qi;
+  return Half2<T>::to_float(mask[(b * p.mask_rows + r) * p.k_len + kj]) * kLog2e;
+}
+
+}  // namespace
+}  // namespace loom::cuda
