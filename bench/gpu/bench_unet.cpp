@@ -17,6 +17,7 @@
 #include "bench/gpu/device_timing.h"
 #include "optim/optim.h"
 #include "tensor/backend.h"
+#include "tensor/ops.h"
 #include "tensor/device_timer.h"
 #include "tensor/precision.h"
 #include "tensor/random.h"
@@ -98,7 +99,7 @@ int main(int argc, char** argv) {
   const Tensor latents = Tensor::randn({batch, cfg.in_channels, side, side}, gen, DType::F32, dev);
   const Tensor noise = Tensor::randn({batch, cfg.in_channels, side, side}, gen, DType::F32, dev);
   unet::UNetInputs train_in = inputs(batch);
-  std::vector<float> tsteps(size_t(batch));
+  std::vector<float> tsteps(static_cast<size_t>(batch), 0.f);
   for (int64_t i = 0; i < batch; ++i) tsteps[size_t(i)] = float((100 + 311 * i) % 1000);
   train_in.timestep = Tensor::from_vector(tsteps, {batch}, dev);
 
@@ -129,7 +130,7 @@ int main(int argc, char** argv) {
     NoGradGuard ng;
     const Tensor y = model->forward(cfg_in).tensor();
     const Tensor u = y.narrow(0, 0, batch), c = y.narrow(0, batch, batch);
-    (void)(u + (c - u) * 7.5);
+    (void)ops::add(u, ops::mul_scalar(ops::sub(c, u), 7.5));
   });
   std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"batch\":%d,\"precision\":\"%s\",\"step_ms\":%.3f,"
               "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"cfg_sample_step_ms\":%.3f,"
