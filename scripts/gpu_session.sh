@@ -39,6 +39,8 @@ for s in $steps; do
       bash bench/gpu/run_model_bench.sh "$out" ;;
     unet)
       bash bench/gpu/run_unet_bench.sh "$out" ;;
+    profile)
+      bash bench/gpu/profile_steps.sh "$out" ;;
     cudnn)
       ls /usr/include/cudnn*.h /usr/local/cuda/include/cudnn*.h /usr/lib/x86_64-linux-gnu/libcudnn* 2>&1 | head
       python3 -c 'import torch; print("torch cudnn", torch.backends.cudnn.version())' ;;
