@@ -87,6 +87,11 @@ class DeviceGuard {
   bool switched_ = false;
 };
 
+// LOOM_CUDA_PROFILE=1 in the environment: the time of every launch is charged to its name and
+// a table goes to stderr at exit (cuda_profile.cu). `name` must be a string literal.
+bool kernel_profile_enabled();
+void kernel_profile_mark(const char* name);
+
 // Called right after every kernel launch: reports a launch-configuration error
 // (bad grid, too much shared memory, no kernel image for this GPU) naming the kernel.
 inline void check_last_launch(const char* kernel) {
@@ -96,6 +101,7 @@ inline void check_last_launch(const char* kernel) {
                                                        cudaGetErrorName(err), " (", cudaGetErrorString(err),
                                                        ")"),
                                 kernel);
+  if (kernel_profile_enabled()) kernel_profile_mark(kernel);
 }
 
 // Launch shapes shared by the elementwise kernels: 256 threads per block and a

@@ -15,6 +15,7 @@
 // is used by one thread at a time: each call holds its device's mutex.
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <climits>
 #include <map>
 #include <memory>
@@ -87,6 +88,15 @@ void launch_gemm(const GemmBatch& g) {
   std::lock_guard<std::mutex> lock(slot.mu);
   cublasHandle_t h = slot.handle;
 
+  struct Mark {  // LOOM_CUDA_PROFILE: charge the call to a shape class (thin = LoRA-like)
+    const GemmBatch& g;
+    ~Mark() {
+      if (!kernel_profile_enabled()) return;
+      const bool thin = std::min(g.m, g.n) <= 16 || g.k <= 16;
+      kernel_profile_mark(g.batch > 1 ? (thin ? "cublas gemm batched thin" : "cublas gemm batched")
+                                      : (thin ? "cublas gemm thin (a side <= 16)" : "cublas gemm"));
+    }
+  } mark{g};
   switch (g.dtype) {
     case DType::F32: {
       const float alpha = float(g.alpha), beta = float(g.beta);
