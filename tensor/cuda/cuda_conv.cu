@@ -1,8 +1,9 @@
-// im2col / col2im kernels (contract in tensor/backend.h), one thread per output
-// element with a grid-stride loop. 16-bit types accumulate in float, f64 in double.
+// im2col / col2im kernels (contract in tensor/backend.h): blocks over rows (planes), threads over
+// the positions of a row, 32-bit index math within a row. 16-bit types accumulate in float, f64 in double.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -30,49 +31,68 @@ __device__ __forceinline__ void store(T* p, A v) {
 }
 
 // cols index (((n·C + c)·kh + i)·kw + j)·L + oy·ow + ox, L = oh·ow.
+// Grid: x = one row of cols (plane n·C + c, tap i, j) per block row, y·blockDim = positions l of
+// that row. The row's constants are computed once per thread; the per-element index math is
+// 32-bit (an image plane and a cols row are < 2^31 elements, checked by the launcher), and the
+// writes of a warp are consecutive.
 template <typename T>
-__global__ void im2col_kernel(T* __restrict__ cols, const T* __restrict__ image, Im2ColArgs a, int64_t total) {
-  const int64_t L = a.out_h * a.out_w, kk = a.kernel_h * a.kernel_w;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t l = idx % L, row = idx / L;
-    const int64_t tap = row % kk, plane = row / kk;  // plane = n·C + c
-    const int64_t i = tap / a.kernel_w, j = tap % a.kernel_w;
-    const int64_t oy = l / a.out_w, ox = l % a.out_w;
-    const int64_t y = oy * a.stride_h - a.pad_h + i * a.dilation_h;
-    const int64_t x = ox * a.stride_w - a.pad_w + j * a.dilation_w;
-    const bool inside = y >= 0 && y < a.height && x >= 0 && x < a.width;
-    cols[idx] = inside ? image[(plane * a.height + y) * a.width + x] : T(0.0f);
+__global__ void im2col_kernel(T* __restrict__ cols, const T* __restrict__ image, Im2ColArgs a, int64_t rows) {
+  const int L = int(a.out_h * a.out_w), kw = int(a.kernel_w), kk = int(a.kernel_h * a.kernel_w);
+  const int W = int(a.width), H = int(a.height), ow = int(a.out_w);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int tap = int(row % kk);
+    const int64_t plane = row / kk;
+    const int i = tap / kw, j = tap % kw;
+    const int y0 = i * int(a.dilation_h) - int(a.pad_h), x0 = j * int(a.dilation_w) - int(a.pad_w);
+    const T* src = image + plane * int64_t(H) * W;
+    T* dst = cols + row * int64_t(L);
+    for (int l = blockIdx.y * blockDim.x + threadIdx.x; l < L; l += gridDim.y * blockDim.x) {
+      const int oy = l / ow, ox = l - oy * ow;
+      const int y = oy * int(a.stride_h) + y0, x = ox * int(a.stride_w) + x0;
+      const bool inside = unsigned(y) < unsigned(H) && unsigned(x) < unsigned(W);
+      dst[l] = inside ? src[y * W + x] : T(0.0f);
+    }
   }
 }
 
 // image index (n·C + c)·H·W + y·W + x; sums over the taps (i, j) whose output position
 // (oy, ox) reads (y, x): oy = (y + pad − i·dil) / stride when that divides exactly and is in range.
+// Grid: x = planes, y·blockDim = positions of the plane; 32-bit index math within a plane.
 template <typename T>
-__global__ void col2im_kernel(T* __restrict__ image, const T* __restrict__ cols, Im2ColArgs a, int64_t total) {
+__global__ void col2im_kernel(T* __restrict__ image, const T* __restrict__ cols, Im2ColArgs a, int64_t planes) {
   using A = typename Acc<T>::type;
-  const int64_t L = a.out_h * a.out_w, kk = a.kernel_h * a.kernel_w, hw = a.height * a.width;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t plane = idx / hw, q = idx % hw;
-    const int64_t y = q / a.width, x = q % a.width;
-    const T* base = cols + plane * kk * L;
-    A sum = A(0);
-    for (int64_t i = 0; i < a.kernel_h; ++i) {
-      const int64_t ty = y + a.pad_h - i * a.dilation_h;
-      if (ty < 0 || ty % a.stride_h != 0) continue;
-      const int64_t oy = ty / a.stride_h;
-      if (oy >= a.out_h) continue;
-      for (int64_t j = 0; j < a.kernel_w; ++j) {
-        const int64_t tx = x + a.pad_w - j * a.dilation_w;
-        if (tx < 0 || tx % a.stride_w != 0) continue;
-        const int64_t ox = tx / a.stride_w;
-        if (ox >= a.out_w) continue;
-        sum += load(base + (i * a.kernel_w + j) * L + oy * a.out_w + ox);
+  const int L = int(a.out_h * a.out_w), kh = int(a.kernel_h), kw = int(a.kernel_w), hw = int(a.height * a.width);
+  const int W = int(a.width), oh = int(a.out_h), ow = int(a.out_w);
+  const int sh = int(a.stride_h), sw = int(a.stride_w), dh = int(a.dilation_h), dw = int(a.dilation_w);
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+    const T* base = cols + plane * int64_t(kh * kw) * L;
+    T* out = image + plane * int64_t(hw);
+    for (int q = blockIdx.y * blockDim.x + threadIdx.x; q < hw; q += gridDim.y * blockDim.x) {
+      const int y = q / W, x = q - (q / W) * W;
+      A sum = A(0);
+      for (int i = 0; i < kh; ++i) {
+        const int ty = y + int(a.pad_h) - i * dh;
+        if (ty < 0 || ty % sh != 0) continue;
+        const int oy = ty / sh;
+        if (oy >= oh) continue;
+        for (int j = 0; j < kw; ++j) {
+          const int tx = x + int(a.pad_w) - j * dw;
+          if (tx < 0 || tx % sw != 0) continue;
+          const int ox = tx / sw;
+          if (ox >= ow) continue;
+          sum += load(base + (i * kw + j) * int64_t(L) + oy * ow + ox);
+        }
       }
+      store(out + q, sum);
     }
-    store(image + idx, sum);
   }
+}
+
+// Grid for rows × positions: x covers the rows (capped; the kernels loop), y the positions of a row.
+dim3 rows_grid(int64_t rows, int64_t per_row) {
+  const int64_t y = std::min<int64_t>((per_row + kThreads - 1) / kThreads, 65535);
+  const int64_t x = std::min<int64_t>(rows, int64_t(1) << 30);
+  return dim3(unsigned(std::max<int64_t>(x, 1)), unsigned(std::max<int64_t>(y, 1)));
 }
 
 template <typename F>
@@ -89,26 +109,36 @@ void dispatch_conv(DType dtype, const char* op, F&& f) {
 
 }  // namespace
 
+// 32-bit index math inside one image plane and one cols row (the kernels' assumption).
+void check_plane_sizes(const Im2ColArgs& a, const char* op) {
+  constexpr int64_t kLimit = int64_t(1) << 31;
+  LOOM_CHECK(a.height * a.width < kLimit && a.out_h * a.out_w < kLimit && a.kernel_h * a.kernel_w < kLimit,
+             op, ": an image plane of ", a.height, "x", a.width, " (output ", a.out_h, "x", a.out_w,
+             ") exceeds 2^31 elements");
+}
+
 void launch_im2col(const Im2ColParams& p) {
   const Im2ColArgs& a = p.geo;
-  const int64_t total = a.batch * a.channels * a.kernel_h * a.kernel_w * a.out_h * a.out_w;
-  if (total == 0) return;
+  const int64_t rows = a.batch * a.channels * a.kernel_h * a.kernel_w, L = a.out_h * a.out_w;
+  if (rows == 0 || L == 0) return;
+  check_plane_sizes(a, "cuda im2col");
   dispatch_conv(p.dtype, "cuda im2col", [&](auto tag) {
     using T = decltype(tag);
-    im2col_kernel<T><<<grid_for(total), kThreads>>>(static_cast<T*>(p.cols), static_cast<const T*>(p.image), a,
-                                                     total);
+    im2col_kernel<T><<<rows_grid(rows, L), kThreads>>>(static_cast<T*>(p.cols), static_cast<const T*>(p.image), a,
+                                                       rows);
     check_last_launch("im2col_kernel");
   });
 }
 
 void launch_col2im(const Im2ColParams& p) {
   const Im2ColArgs& a = p.geo;
-  const int64_t total = a.batch * a.channels * a.height * a.width;
-  if (total == 0) return;
+  const int64_t planes = a.batch * a.channels, hw = a.height * a.width;
+  if (planes == 0 || hw == 0) return;
+  check_plane_sizes(a, "cuda col2im");
   dispatch_conv(p.dtype, "cuda col2im", [&](auto tag) {
     using T = decltype(tag);
-    col2im_kernel<T><<<grid_for(total), kThreads>>>(static_cast<T*>(p.image), static_cast<const T*>(p.cols), a,
-                                                     total);
+    col2im_kernel<T><<<rows_grid(planes, hw), kThreads>>>(static_cast<T*>(p.image), static_cast<const T*>(p.cols), a,
+                                                          planes);
     check_last_launch("col2im_kernel");
   });
 }

@@ -26,6 +26,16 @@ template <typename T> using compute_t = typename Compute<T>::type;
 
 constexpr double kTwo63 = 9223372036854775808.0;
 
+// N consecutive elements loaded / stored as one aligned vector access (the pointer must be
+// aligned to the pack's size). Pack16<T>: 16 bytes (8 bf16 / f16, 4 f32, 2 f64 / i64).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) PackN {
+  static constexpr int kSize = N;
+  T v[N];
+};
+template <typename T>
+using Pack16 = PackN<T, 16 / sizeof(T)>;
+
 // Storage value -> its compute value (16-bit floats widen to float).
 template <typename T>
 __device__ __forceinline__ compute_t<T> widen(T x) {

@@ -327,6 +327,32 @@ TEST(CudaBackend, BinaryBroadcastMatchesCpu) {
   }
 }
 
+// The elementwise launchers take 16-byte vector paths when every pointer is aligned and a
+// scalar path otherwise; both must give the CPU's values at every length (tails of n % 8) and
+// at element offsets that break the alignment (views starting at element 1 or 3).
+TEST(CudaBackend, VectorAndScalarElementwisePathsMatchCpu) {
+  SKIP_WITHOUT_CUDA();
+  Generator gen(11);
+  const std::vector<int64_t> lengths = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100003};
+  for (DType dtype : kFloatDtypes) {
+    for (int64_t n : lengths) {
+      for (int64_t offset : {0, 1, 3}) {
+        SCOPED_TRACE(std::string(dtype_name(dtype)) + " n=" + std::to_string(n) + " offset=" + std::to_string(offset));
+        const Tensor base_a = Tensor::randn({n + 4}, gen, DType::F64).to(dtype);
+        const Tensor base_b = Tensor::randn({n + 4}, gen, DType::F64).to(dtype);
+        const Tensor a = base_a.narrow(0, offset, n), b = base_b.narrow(0, 1, n);
+        const Tensor ga = base_a.to(kCuda).narrow(0, offset, n), gb = base_b.to(kCuda).narrow(0, 1, n);
+        expect_same(ops::add(ga, gb).to(Device::cpu()), ops::add(a, b), "add");
+        expect_same(ops::mul(ga, ga).to(Device::cpu()), ops::mul(a, a), "mul");
+        expect_same(ops::mul_scalar(ga, -1.5).to(Device::cpu()), ops::mul_scalar(a, -1.5), "mul_scalar");
+        EXPECT_LE(rel_err(ops::exp(ga).to(Device::cpu()), ops::exp(a.to(DType::F64))), tol_for(dtype)) << "exp";
+        for (DType to : kFloatDtypes)
+          expect_same(ga.to(to).to(Device::cpu()), a.to(to), std::string("convert to ") + dtype_name(to));
+      }
+    }
+  }
+}
+
 TEST(CudaBackend, ReductionsMatchCpu) {
   SKIP_WITHOUT_CUDA();
   Generator gen(8);
