@@ -193,8 +193,10 @@ Placement placement_of(const std::string& device, const std::string& precision) 
 }
 
 void place_model(nn::Module& model, const Placement& where) {
-  model.to(where.device);
+  // Cast where the weights are, then move: a bf16 model never passes through f32 device blocks
+  // (which the caching allocator would keep and hand out twice too large).
   model.to(storage_dtype(where.precision));
+  model.to(where.device);
   set_allow_tf32(where.precision == Precision::TF32);
 }
 

@@ -71,8 +71,8 @@ int main(int argc, char** argv) {
 
   Generator gen(0);
   auto model = std::make_shared<unet::UNet2DConditionModel>(cfg, gen);
+  model->to(act);  // cast on the host, then move (as trainer::place_model)
   model->to(dev);
-  model->to(act);
   adapters::LoraSet lora(model);
   adapters::LoraConfig lc;
   lc.rank = 4, lc.alpha = 4.0, lc.targets = {"to_q", "to_k", "to_v", "to_out.0"};

@@ -19,8 +19,10 @@ namespace cuda {
 namespace {
 
 constexpr size_t kRound = 512;
-// A cached block serves a request when it is at most this many times the rounded size.
-constexpr size_t kMaxWasteFactor = 2;
+// A cached block serves a request when it is at most 5/4 of the rounded size (2× before: a bf16
+// copy of an f32 tensor then took the f32 block, and a bf16 SD 1.5 UNet held 2.5 GB for 1.7 GB of
+// weights on the H200).
+constexpr size_t kWasteNum = 5, kWasteDen = 4;
 
 size_t round_up(size_t nbytes) { return (nbytes + kRound - 1) / kRound * kRound; }
 
@@ -41,7 +43,7 @@ class CachingAllocator {
     ++pool.stats.allocations;
 
     auto it = pool.free_blocks.lower_bound(size);
-    if (it != pool.free_blocks.end() && it->first <= kMaxWasteFactor * size) {
+    if (it != pool.free_blocks.end() && it->first * kWasteDen <= kWasteNum * size) {
       const size_t block = it->first;
       void* ptr = it->second;
       pool.free_blocks.erase(it);

@@ -3,7 +3,7 @@
 //
 // Requests are rounded up to a multiple of 512 bytes. A freed block goes to its
 // device's free list (keyed by size) instead of back to the driver, and a later
-// request reuses the smallest cached block that fits and is at most twice the
+// request reuses the smallest cached block that fits and is at most 5/4 of the
 // rounded request. When cudaMalloc runs out of memory, the device's cache is
 // released and the call retried once; if it fails again, loom::Error names the
 // request, the device and the pool's statistics. Memory is plain cudaMalloc
