@@ -246,6 +246,26 @@ __global__ void strided_copy_kernel(CopyParams p) {
   }
 }
 
+// A batch of transposes: dst [B, R, S] contiguous, src element (b, r, s) at b·sb + r + s·ss (the
+// permutes NCHW <-> NHWC of the spatial transformers). A 32×32 tile goes through shared memory so
+// that both the reads (along r) and the writes (along s) are coalesced. Grid (S/32, R/32, B),
+// block (32, 8).
+template <typename Dst, typename Src>
+__global__ void transpose_copy_kernel(Dst* __restrict__ dst, const Src* __restrict__ src, int64_t R, int64_t S,
+                                      int64_t sb, int64_t ss) {
+  __shared__ Src tile[32][33];
+  const int64_t b = blockIdx.z, r0 = int64_t(blockIdx.y) * 32, s0 = int64_t(blockIdx.x) * 32;
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int64_t r = r0 + threadIdx.x, s = s0 + j;
+    if (r < R && s < S) tile[j][threadIdx.x] = src[b * sb + r + s * ss];
+  }
+  __syncthreads();
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int64_t r = r0 + j, s = s0 + threadIdx.x;
+    if (r < R && s < S) dst[(b * R + r) * S + s] = convert<Dst>(tile[threadIdx.x][j]);
+  }
+}
+
 // dst[i] = value (a bit pattern of the dtype's width), i < n.
 template <typename Word>
 __global__ void fill_kernel(Word* __restrict__ dst, Word value, int64_t n) {
@@ -353,6 +373,26 @@ constexpr int64_t kWarpRowLimit = 1024;
 
 unsigned row_grid(int64_t rows, int group) { return grid_for(rows, kThreads / group); }
 
+// The copy as a batch of transposes (transpose_copy_kernel) when, after merging, dst is a
+// contiguous [B, R, S] (or [R, S]) and src is unit-stride along R but not along S.
+struct TransposeShape {
+  int64_t batch = 1, rows = 0, cols = 0, src_batch_stride = 0, src_col_stride = 0;
+};
+bool as_transpose(const CopyParams& p, TransposeShape& t) {
+  const int n = p.ndim;
+  if (n != 2 && n != 3) return false;
+  const int64_t R = p.shape[n - 2], S = p.shape[n - 1];
+  if (p.dst_strides[n - 1] != 1 || p.dst_strides[n - 2] != S || p.src_strides[n - 2] != 1 ||
+      p.src_strides[n - 1] <= 1 || R < 8 || S < 8)
+    return false;
+  if (n == 3) {
+    if (p.dst_strides[0] != R * S || p.shape[0] > 65535 || p.src_strides[0] < 0) return false;
+    t.batch = p.shape[0], t.src_batch_stride = p.src_strides[0];
+  }
+  t.rows = R, t.cols = S, t.src_col_stride = p.src_strides[n - 1];
+  return (R + 31) / 32 <= 65535;
+}
+
 // Whether every linear index below numel (plus a grid stride past it) and every element offset
 // of the strided operands fits in 31 bits, so the kernels may use 32-bit index math.
 bool fits_32bit(int64_t numel, int ndim, const int64_t* shape, const int64_t* s0, const int64_t* s1) {
@@ -397,6 +437,12 @@ void launch_copy(const CopyParams& p) {
           convert_kernel<Dst, Src, false><<<grid_for(p.numel), kThreads>>>(static_cast<Dst*>(p.dst),
                                                                            static_cast<const Src*>(p.src), p.numel);
         check_last_launch("convert_kernel");
+      } else if (TransposeShape t; as_transpose(p, t)) {
+        const dim3 grid(unsigned((t.cols + 31) / 32), unsigned((t.rows + 31) / 32), unsigned(t.batch));
+        transpose_copy_kernel<Dst, Src><<<grid, dim3(32, 8)>>>(static_cast<Dst*>(p.dst),
+                                                               static_cast<const Src*>(p.src), t.rows, t.cols,
+                                                               t.src_batch_stride, t.src_col_stride);
+        check_last_launch("transpose_copy_kernel");
       } else {
         if (fits_32bit(p.numel, p.ndim, p.shape, p.dst_strides, p.src_strides))
           strided_copy_kernel<Dst, Src, uint32_t><<<grid_for(p.numel), kThreads>>>(p);

@@ -131,6 +131,29 @@ TEST(CudaBackend, StridedCopiesMatchCpu) {
   expect_same(g.transpose(0, 1).to(DType::BF16), x.transpose(0, 1).to(DType::BF16), "strided f32 -> bf16");
 }
 
+// Permutes between NCHW and NHWC (the spatial transformers' layout changes) take the tiled
+// transpose path; sizes that are not multiples of its 32×32 tile, batch 1 and > 1, dtype changes.
+TEST(CudaBackend, TransposeCopiesMatchCpu) {
+  SKIP_WITHOUT_CUDA();
+  Generator gen(3);
+  for (const Shape& shape : {Shape{2, 37, 5, 7}, Shape{1, 64, 33, 9}, Shape{3, 320, 8, 8}, Shape{1, 8, 1, 100}}) {
+    const Tensor x = Tensor::randn(shape, gen);
+    for (DType src : {DType::F32, DType::BF16, DType::F64}) {
+      for (DType dst : {DType::F32, DType::BF16}) {
+        SCOPED_TRACE(std::string(dtype_name(src)) + " -> " + dtype_name(dst));
+        const Tensor xs = x.to(src), gs = xs.to(kCuda);
+        expect_same(gs.permute({0, 2, 3, 1}).to(dst).contiguous(), xs.permute({0, 2, 3, 1}).to(dst).contiguous(),
+                    "NCHW -> NHWC");
+        const Tensor nhwc = xs.permute({0, 2, 3, 1}).contiguous();
+        expect_same(nhwc.to(kCuda).permute({0, 3, 1, 2}).to(dst).contiguous(),
+                    nhwc.permute({0, 3, 1, 2}).to(dst).contiguous(), "NHWC -> NCHW");
+        expect_same(gs.select(0, 0).transpose(0, 2).to(dst).contiguous(),
+                    xs.select(0, 0).transpose(0, 2).to(dst).contiguous(), "2-d transpose");
+      }
+    }
+  }
+}
+
 TEST(CudaBackend, CopyRankLimit) {
   SKIP_WITHOUT_CUDA();
   const Shape shape9(9, 2);
