@@ -9,9 +9,10 @@
 // request, the device and the pool's statistics. Memory is plain cudaMalloc
 // memory (never managed memory). All functions are thread-safe.
 //
-// Blocks are handed out for use on the legacy default stream (the only stream
-// loom uses), so a block freed while kernels still read it is reused only by
-// work ordered after them.
+// Blocks are handed out for use on the device's compute stream (the one stream
+// loom queues work on; the synchronous copies of the legacy stream are ordered
+// with it), so a block freed while kernels still read it is reused only by work
+// ordered after them.
 //
 // These functions exist only in builds with the CUDA backend.
 #pragma once

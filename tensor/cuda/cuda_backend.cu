@@ -8,8 +8,9 @@
 // Each method checks its operands on the host (device, dtype, shape, layout),
 // fills a plain parameter struct (cuda_common.h), makes the operands' device
 // current for the call (DeviceGuard) and calls one launcher. Kernels run on the
-// legacy default stream; copy_to_host, copy_from_host and synchronize are
-// synchronous, everything else is asynchronous and ordered on that stream.
+// device's compute stream (cuda_common.h); copy_to_host, copy_from_host (legacy
+// stream, which a blocking stream stays ordered with) and synchronize are
+// synchronous, everything else is asynchronous and ordered on the compute stream.
 // Memory comes from the caching allocator (cuda_allocator.h).
 #include <array>
 #include <initializer_list>

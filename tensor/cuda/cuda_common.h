@@ -14,7 +14,7 @@
 // device-side helpers shared by kernel files in cuda_device.cuh. The flow of every op is: host checks in cuda_backend.cu ->
 // a parameter struct -> a launcher (dtype/op dispatch, grid shape) -> a kernel.
 // Launchers run on the current device (the caller holds a DeviceGuard) and on
-// the legacy default stream; they return without synchronizing.
+// its compute stream (compute_stream()); they return without synchronizing.
 #pragma once
 
 #include <cublas_v2.h>
@@ -86,6 +86,13 @@ class DeviceGuard {
   int previous_ = 0;
   bool switched_ = false;
 };
+
+// The compute stream of the current device: every kernel, asynchronous copy / memset, cuBLAS
+// call and timing event of the backend is queued on it (one per device, created on first use;
+// cuda_stream.cu). It is a blocking stream, so the synchronous host <-> device copies
+// (cudaMemcpy on the legacy stream) stay ordered with it; a stream of its own is what CUDA graph
+// capture needs.
+cudaStream_t compute_stream();
 
 // LOOM_CUDA_PROFILE=1 in the environment: the time of every launch is charged to its name and
 // a table goes to stderr at exit (cuda_profile.cu). `name` must be a string literal.

@@ -124,7 +124,7 @@ void launch_im2col(const Im2ColParams& p) {
   check_plane_sizes(a, "cuda im2col");
   dispatch_conv(p.dtype, "cuda im2col", [&](auto tag) {
     using T = decltype(tag);
-    im2col_kernel<T><<<rows_grid(rows, L), kThreads>>>(static_cast<T*>(p.cols), static_cast<const T*>(p.image), a,
+    im2col_kernel<T><<<rows_grid(rows, L), kThreads, 0, compute_stream()>>>(static_cast<T*>(p.cols), static_cast<const T*>(p.image), a,
                                                        rows);
     check_last_launch("im2col_kernel");
   });
@@ -137,7 +137,7 @@ void launch_col2im(const Im2ColParams& p) {
   check_plane_sizes(a, "cuda col2im");
   dispatch_conv(p.dtype, "cuda col2im", [&](auto tag) {
     using T = decltype(tag);
-    col2im_kernel<T><<<rows_grid(planes, hw), kThreads>>>(static_cast<T*>(p.image), static_cast<const T*>(p.cols), a,
+    col2im_kernel<T><<<rows_grid(planes, hw), kThreads, 0, compute_stream()>>>(static_cast<T*>(p.image), static_cast<const T*>(p.cols), a,
                                                           planes);
     check_last_launch("col2im_kernel");
   });

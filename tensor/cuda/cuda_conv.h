@@ -14,7 +14,7 @@ struct Im2ColParams {
   Im2ColArgs geo;
 };
 
-// Both run on the current device's legacy default stream and return without synchronizing.
+// Both run on the current device's compute stream and return without synchronizing.
 void launch_im2col(const Im2ColParams& p);
 // A gather: each image element sums the column entries that read it (in float; double for
 // f64), so the result is deterministic and needs no atomics.

@@ -267,14 +267,14 @@ template <typename T, int D>
 void tc_backward(const FlashParams& p) {
   using S = TcShape<D>;
   const int64_t rows = p.n * p.q_len;
-  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256>>>(static_cast<const T*>(p.grad_out),
+  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(static_cast<const T*>(p.grad_out),
                                                                   static_cast<const T*>(p.out),
                                                                   static_cast<float*>(p.delta), rows, D);
   check_last_launch("flash_delta_half_kernel");
-  if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float)));
+  if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float), compute_stream()));
   const size_t kv = size_t(p.n * p.k_len) * D * sizeof(float);
-  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv));
-  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv));
+  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv, compute_stream()));
+  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv, compute_stream()));
 
   const size_t smem = tc_bwd_smem<D>();
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -288,13 +288,13 @@ void tc_backward(const FlashParams& p) {
   const int64_t per_block = (query_tiles + splits - 1) / splits;
   splits = (query_tiles + per_block - 1) / per_block;
   const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
-  flash_bwd_tc_kernel<T, D><<<grid, S::kThreads, smem>>>(p, int(per_block));
+  flash_bwd_tc_kernel<T, D><<<grid, S::kThreads, smem, compute_stream()>>>(p, int(per_block));
   check_last_launch("flash_bwd_tc_kernel");
 
   const float scale = float(p.scale);
   auto convert = [&](void* dst, const float* src, int64_t count, float s) {
     if (!dst) return;
-    flash_convert_kernel<T><<<grid_for(count), kThreads>>>(static_cast<T*>(dst), src, count, s);
+    flash_convert_kernel<T><<<grid_for(count), kThreads, 0, compute_stream()>>>(static_cast<T*>(dst), src, count, s);
     check_last_launch("flash_convert_kernel");
   };
   convert(p.dq, p.dq_accum, rows * D, scale);

@@ -26,10 +26,10 @@ __global__ void flash_delta_kernel(const T* dout, const T* out, Acc* delta, int6
 constexpr int kExactThreads = 64;  // rows per block (one per thread)
 constexpr int kExactTile = 32;     // rows of the other side staged per step
 
-// Loops over the head dim unroll fully up to 64 (the per-thread rows then live in registers);
-// above, the rows live in local memory either way and a full unroll of 160 / 256 iterations only
-// multiplies the compile time (this file took 13 minutes on two cores), so they unroll by 8.
-constexpr int exact_unroll(int maxd) { return maxd <= 64 ? maxd : 8; }
+// kExactUnrollNote: loops over the head dim unroll fully up to 64 (the per-thread rows then live
+// in registers); above, the rows live in local memory either way and a full unroll of 160 / 256
+// iterations only multiplies the compile time (this file took 13 minutes on two cores), so they
+// unroll by 8.
 
 template <typename T>
 __device__ __forceinline__ T exact_mask(const FlashParams& p, const T* mask, int64_t n, int64_t qi, int64_t kj) {
@@ -58,7 +58,7 @@ __device__ void exact_stage(T* tile, const T* src, int64_t r0, int rows, int64_t
 
 template <typename T, int MAXD>
 __global__ void __launch_bounds__(kExactThreads) flash_fwd_exact_kernel(const FlashParams p) {
-  constexpr int kUnroll = exact_unroll(MAXD);
+  constexpr int kUnroll = MAXD <= 64 ? MAXD : 8;  // see kExactUnrollNote
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int d = int(p.d), dv = int(p.dv);
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kExactThreads) flash_fwd_exact_kernel(const Fl
 // dK, dV: one thread per key; the query side staged (Q, dO, L, D).
 template <typename T, int MAXD>
 __global__ void __launch_bounds__(kExactThreads) flash_bwd_kv_exact_kernel(const FlashParams p) {
-  constexpr int kUnroll = exact_unroll(MAXD);
+  constexpr int kUnroll = MAXD <= 64 ? MAXD : 8;  // see kExactUnrollNote
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int d = int(p.d), dv = int(p.dv);
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kExactThreads) flash_bwd_kv_exact_kernel(const
 // dQ: one thread per query; the key side staged (K, V).
 template <typename T, int MAXD>
 __global__ void __launch_bounds__(kExactThreads) flash_bwd_q_exact_kernel(const FlashParams p) {
-  constexpr int kUnroll = exact_unroll(MAXD);
+  constexpr int kUnroll = MAXD <= 64 ? MAXD : 8;  // see kExactUnrollNote
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int d = int(p.d), dv = int(p.dv);
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -236,22 +236,22 @@ void exact_run(const FlashParams& p, bool backward) {
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_q_exact_kernel<T, MAXD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stage)));
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_kv_exact_kernel<T, MAXD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kv_smem));
   if (!backward) {
-    flash_fwd_exact_kernel<T, MAXD><<<qgrid, kExactThreads, stage>>>(p);
+    flash_fwd_exact_kernel<T, MAXD><<<qgrid, kExactThreads, stage, compute_stream()>>>(p);
     check_last_launch("flash_fwd_exact_kernel");
     return;
   }
   const int64_t rows = p.n * p.q_len;
-  flash_delta_kernel<T, T><<<unsigned((rows + 7) / 8), 256>>>(static_cast<const T*>(p.grad_out),
+  flash_delta_kernel<T, T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(static_cast<const T*>(p.grad_out),
                                                               static_cast<const T*>(p.out), static_cast<T*>(p.delta),
                                                               rows, int(p.dv));
   check_last_launch("flash_delta_kernel");
   if (p.dk || p.dv_out) {
     const dim3 kgrid(unsigned((p.k_len + kExactThreads - 1) / kExactThreads), unsigned(p.n));
-    flash_bwd_kv_exact_kernel<T, MAXD><<<kgrid, kExactThreads, size_t(kv_smem)>>>(p);
+    flash_bwd_kv_exact_kernel<T, MAXD><<<kgrid, kExactThreads, size_t(kv_smem), compute_stream()>>>(p);
     check_last_launch("flash_bwd_kv_exact_kernel");
   }
   if (p.dq) {
-    flash_bwd_q_exact_kernel<T, MAXD><<<qgrid, kExactThreads, stage>>>(p);
+    flash_bwd_q_exact_kernel<T, MAXD><<<qgrid, kExactThreads, stage, compute_stream()>>>(p);
     check_last_launch("flash_bwd_q_exact_kernel");
   }
 }

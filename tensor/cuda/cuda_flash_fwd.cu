@@ -248,7 +248,7 @@ void tc_forward(const FlashParams& p) {
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   constexpr int kRows = TcFwdShape<D>::kRows;
   const dim3 grid(unsigned((p.q_len + kRows - 1) / kRows), unsigned(p.n));
-  flash_fwd_tc_kernel<T, D><<<grid, S::kThreads, smem>>>(p);
+  flash_fwd_tc_kernel<T, D><<<grid, S::kThreads, smem, compute_stream()>>>(p);
   check_last_launch("flash_fwd_tc_kernel");
 }
 

@@ -2,7 +2,7 @@
 // (contracts in tensor/fused_args.h). The flow is the house one: host checks in
 // cuda_fused.cu (called by CudaBackend) -> a struct below -> a launcher in
 // cuda_norm.cu / cuda_geglu.cu / cuda_optim.cu -> kernels. Launchers run on the
-// current device (the caller holds a DeviceGuard), on the legacy default stream,
+// current device (the caller holds a DeviceGuard), on its compute stream,
 // without synchronizing. Storage dtypes f32, f64, bf16, f16; statistics and sums
 // in float (double for f64). Pointers address contiguous device memory; an
 // optional operand is nullptr when absent.

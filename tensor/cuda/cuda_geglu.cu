@@ -71,7 +71,7 @@ void launch_bias_residual(const BiasResidualParams& p) {
   if (p.rows == 0 || p.n == 0) return;
   dispatch_float(p.dtype, "cuda bias_residual", [&](auto tag) {
     using T = decltype(tag);
-    bias_residual_kernel<T><<<grid_for(p.rows * p.n), kThreads>>>(p);
+    bias_residual_kernel<T><<<grid_for(p.rows * p.n), kThreads, 0, compute_stream()>>>(p);
     check_last_launch("bias_residual_kernel");
   });
 }
@@ -81,9 +81,9 @@ void launch_geglu(const GegluParams& p) {
   dispatch_float(p.dtype, "cuda geglu", [&](auto tag) {
     using T = decltype(tag);
     if (p.approximate) {
-      geglu_kernel<T, true><<<grid_for(p.rows * p.h), kThreads>>>(p);
+      geglu_kernel<T, true><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
     } else {
-      geglu_kernel<T, false><<<grid_for(p.rows * p.h), kThreads>>>(p);
+      geglu_kernel<T, false><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
     }
     check_last_launch("geglu_kernel");
   });
@@ -94,9 +94,9 @@ void launch_geglu_backward(const GegluParams& p) {
   dispatch_float(p.dtype, "cuda geglu_backward", [&](auto tag) {
     using T = decltype(tag);
     if (p.approximate) {
-      geglu_backward_kernel<T, true><<<grid_for(p.rows * p.h), kThreads>>>(p);
+      geglu_backward_kernel<T, true><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
     } else {
-      geglu_backward_kernel<T, false><<<grid_for(p.rows * p.h), kThreads>>>(p);
+      geglu_backward_kernel<T, false><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
     }
     check_last_launch("geglu_backward_kernel");
   });

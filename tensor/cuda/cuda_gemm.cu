@@ -44,7 +44,7 @@ HandleSlot& handle_slot(int device) {
     LOOM_CUBLAS_CHECK(cublasCreate(&fresh->handle));
     LOOM_CUBLAS_CHECK(cublasSetMathMode(fresh->handle, CUBLAS_DEFAULT_MATH));  // no TF32
     LOOM_CUBLAS_CHECK(cublasSetPointerMode(fresh->handle, CUBLAS_POINTER_MODE_HOST));
-    LOOM_CUBLAS_CHECK(cublasSetStream(fresh->handle, nullptr));  // the legacy default stream
+    LOOM_CUBLAS_CHECK(cublasSetStream(fresh->handle, compute_stream()));  // the device's compute stream
     slot = std::move(fresh);
   }
   return *slot;

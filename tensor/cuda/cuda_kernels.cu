@@ -1,8 +1,8 @@
 // Kernels and launchers for the CUDA backend's elementwise, reduction and softmax
 // methods. Each launcher takes a plain parameter struct (cuda_common.h), picks the
 // device types for the dtype (float, double, __nv_bfloat16, __half, int64_t) and
-// the op as template arguments, and launches on the current device's legacy
-// default stream without synchronizing.
+// the op as template arguments, and launches on the current device's compute
+// stream without synchronizing.
 //
 // Arithmetic: 16-bit types and f32 compute in float, f64 in double. Reductions
 // and softmax statistics accumulate in float (double for f64).
@@ -275,7 +275,7 @@ __global__ void fill_kernel(Word* __restrict__ dst, Word value, int64_t n) {
 
 template <typename Word>
 void launch_fill_words(void* dst, Word value, int64_t n) {
-  fill_kernel<Word><<<grid_for(n), kThreads>>>(static_cast<Word*>(dst), value, n);
+  fill_kernel<Word><<<grid_for(n), kThreads, 0, compute_stream()>>>(static_cast<Word*>(dst), value, n);
   check_last_launch("fill_kernel");
 }
 
@@ -420,7 +420,7 @@ void launch_copy(const CopyParams& p) {
   const bool contiguous = p.ndim == 1 && p.dst_strides[0] == 1 && p.src_strides[0] == 1;
   if (contiguous && p.dst_dtype == p.src_dtype) {
     LOOM_CUDA_CHECK(cudaMemcpyAsync(p.dst, p.src, size_t(p.numel) * itemsize(p.dst_dtype),
-                                    cudaMemcpyDeviceToDevice));
+                                    cudaMemcpyDeviceToDevice, compute_stream()));
     return;
   }
   dispatch_all(p.dst_dtype, "cuda copy", [&](auto dst_tag) {
@@ -431,23 +431,23 @@ void launch_copy(const CopyParams& p) {
         const bool vec = reinterpret_cast<uintptr_t>(p.dst) % (4 * sizeof(Dst)) == 0 &&
                          reinterpret_cast<uintptr_t>(p.src) % (4 * sizeof(Src)) == 0;
         if (vec)
-          convert_kernel<Dst, Src, true><<<grid_for(p.numel / 4 + 1), kThreads>>>(static_cast<Dst*>(p.dst),
+          convert_kernel<Dst, Src, true><<<grid_for(p.numel / 4 + 1), kThreads, 0, compute_stream()>>>(static_cast<Dst*>(p.dst),
                                                                                  static_cast<const Src*>(p.src), p.numel);
         else
-          convert_kernel<Dst, Src, false><<<grid_for(p.numel), kThreads>>>(static_cast<Dst*>(p.dst),
+          convert_kernel<Dst, Src, false><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(static_cast<Dst*>(p.dst),
                                                                            static_cast<const Src*>(p.src), p.numel);
         check_last_launch("convert_kernel");
       } else if (TransposeShape t; as_transpose(p, t)) {
         const dim3 grid(unsigned((t.cols + 31) / 32), unsigned((t.rows + 31) / 32), unsigned(t.batch));
-        transpose_copy_kernel<Dst, Src><<<grid, dim3(32, 8)>>>(static_cast<Dst*>(p.dst),
+        transpose_copy_kernel<Dst, Src><<<grid, dim3(32, 8), 0, compute_stream()>>>(static_cast<Dst*>(p.dst),
                                                                static_cast<const Src*>(p.src), t.rows, t.cols,
                                                                t.src_batch_stride, t.src_col_stride);
         check_last_launch("transpose_copy_kernel");
       } else {
         if (fits_32bit(p.numel, p.ndim, p.shape, p.dst_strides, p.src_strides))
-          strided_copy_kernel<Dst, Src, uint32_t><<<grid_for(p.numel), kThreads>>>(p);
+          strided_copy_kernel<Dst, Src, uint32_t><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(p);
         else
-          strided_copy_kernel<Dst, Src, int64_t><<<grid_for(p.numel), kThreads>>>(p);
+          strided_copy_kernel<Dst, Src, int64_t><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(p);
         check_last_launch("strided_copy_kernel");
       }
     });
@@ -458,7 +458,7 @@ void launch_fill(const FillParams& p) {
   if (p.numel == 0) return;
   const size_t nbytes = size_t(p.numel) * itemsize(p.dtype);
   if (p.value == 0.0 && !std::signbit(p.value)) {  // +0 is all-zero bits in every dtype
-    LOOM_CUDA_CHECK(cudaMemsetAsync(p.dst, 0, nbytes));
+    LOOM_CUDA_CHECK(cudaMemsetAsync(p.dst, 0, nbytes, compute_stream()));
     return;
   }
   // The value is converted on the host with loom's own conversions, so a fill
@@ -500,10 +500,10 @@ void launch_unary(const UnaryParams& p) {
     dispatch_unary_op(p.op, [&](auto op_tag) {
       constexpr UnaryOp op = decltype(op_tag)::value;
       if (aligned16(p.out) && aligned16(p.in)) {
-        unary_vec_kernel<T, op><<<grid_for(p.numel / Pack16<T>::kSize + 1), kThreads>>>(
+        unary_vec_kernel<T, op><<<grid_for(p.numel / Pack16<T>::kSize + 1), kThreads, 0, compute_stream()>>>(
             static_cast<T*>(p.out), static_cast<const T*>(p.in), p.numel, p.scalar);
       } else {
-        unary_kernel<T, op><<<grid_for(p.numel), kThreads>>>(static_cast<T*>(p.out), static_cast<const T*>(p.in),
+        unary_kernel<T, op><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(static_cast<T*>(p.out), static_cast<const T*>(p.in),
                                                              p.numel, p.scalar);
       }
       check_last_launch("unary_kernel");
@@ -521,12 +521,12 @@ void launch_binary(const BinaryParams& p) {
     dispatch_binary_op(p.op, [&](auto op_tag) {
       constexpr BinaryOp op = decltype(op_tag)::value;
       if (contiguous && aligned16(p.out) && aligned16(p.a) && aligned16(p.b)) {
-        binary_vec_kernel<T, op><<<grid_for(p.numel / Pack16<T>::kSize + 1), kThreads>>>(
+        binary_vec_kernel<T, op><<<grid_for(p.numel / Pack16<T>::kSize + 1), kThreads, 0, compute_stream()>>>(
             static_cast<T*>(p.out), static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.numel);
       } else if (fits_32bit(p.numel, p.ndim, p.shape, p.a_strides, p.b_strides)) {
-        binary_kernel<T, op, uint32_t><<<grid_for(p.numel), kThreads>>>(p);
+        binary_kernel<T, op, uint32_t><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(p);
       } else {
-        binary_kernel<T, op, int64_t><<<grid_for(p.numel), kThreads>>>(p);
+        binary_kernel<T, op, int64_t><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(p);
       }
       check_last_launch("binary_kernel");
     });
@@ -541,15 +541,15 @@ void launch_reduce(const ReduceParams& p) {
       constexpr ReduceOp op = decltype(op_tag)::value;
       if (p.inner == 1) {
         if (p.n <= kWarpRowLimit) {
-          reduce_rows_kernel<T, op, 32><<<row_grid(p.outer, 32), kThreads>>>(p);
+          reduce_rows_kernel<T, op, 32><<<row_grid(p.outer, 32), kThreads, 0, compute_stream()>>>(p);
         } else {
-          reduce_rows_kernel<T, op, kThreads><<<row_grid(p.outer, kThreads), kThreads>>>(p);
+          reduce_rows_kernel<T, op, kThreads><<<row_grid(p.outer, kThreads), kThreads, 0, compute_stream()>>>(p);
         }
         check_last_launch("reduce_rows_kernel");
       } else {
         const dim3 block(kColsX, kColsY);
         const dim3 grid(grid_for(p.inner, kColsX), grid_for(p.outer, 1));
-        reduce_cols_kernel<T, op><<<grid, block>>>(p);
+        reduce_cols_kernel<T, op><<<grid, block, 0, compute_stream()>>>(p);
         check_last_launch("reduce_cols_kernel");
       }
     };
@@ -568,9 +568,9 @@ void launch_softmax(const SoftmaxParams& p) {
     auto run = [&](auto log_tag) {
       constexpr bool kLog = decltype(log_tag)::value;
       if (p.n <= kWarpRowLimit) {
-        softmax_kernel<T, 32, kLog><<<row_grid(p.rows, 32), kThreads>>>(p);
+        softmax_kernel<T, 32, kLog><<<row_grid(p.rows, 32), kThreads, 0, compute_stream()>>>(p);
       } else {
-        softmax_kernel<T, kThreads, kLog><<<row_grid(p.rows, kThreads), kThreads>>>(p);
+        softmax_kernel<T, kThreads, kLog><<<row_grid(p.rows, kThreads), kThreads, 0, compute_stream()>>>(p);
       }
       check_last_launch("softmax_kernel");
     };

@@ -274,8 +274,8 @@ void launch_layer_norm(const LayerNormParams& p) {
   dispatch_float(p.dtype, "cuda layer_norm", [&](auto tag) {
     using T = decltype(tag);
     launch_rows(
-        p.rows, p.n, [&](unsigned grid) { layer_norm_kernel<T, 32><<<grid, kThreads>>>(p); },
-        [&](unsigned grid) { layer_norm_kernel<T, kThreads><<<grid, kThreads>>>(p); }, "layer_norm_kernel");
+        p.rows, p.n, [&](unsigned grid) { layer_norm_kernel<T, 32><<<grid, kThreads, 0, compute_stream()>>>(p); },
+        [&](unsigned grid) { layer_norm_kernel<T, kThreads><<<grid, kThreads, 0, compute_stream()>>>(p); }, "layer_norm_kernel");
   });
 }
 
@@ -286,14 +286,14 @@ void launch_layer_norm_backward(const LayerNormGradParams& p) {
     using Acc = compute_t<T>;
     if (p.dx) {
       launch_rows(
-          p.rows, p.n, [&](unsigned grid) { layer_norm_dx_kernel<T, 32><<<grid, kThreads>>>(p); },
-          [&](unsigned grid) { layer_norm_dx_kernel<T, kThreads><<<grid, kThreads>>>(p); }, "layer_norm_dx_kernel");
+          p.rows, p.n, [&](unsigned grid) { layer_norm_dx_kernel<T, 32><<<grid, kThreads, 0, compute_stream()>>>(p); },
+          [&](unsigned grid) { layer_norm_dx_kernel<T, kThreads><<<grid, kThreads, 0, compute_stream()>>>(p); }, "layer_norm_dx_kernel");
     }
     if (p.dweight || p.dbias) {
       const dim3 grid(grid_for(p.n, kColsX), unsigned(std::min<int64_t>(p.row_chunks, 65535)));
-      layer_norm_param_partial_kernel<T><<<grid, dim3(kColsX, kColsY)>>>(p);
+      layer_norm_param_partial_kernel<T><<<grid, dim3(kColsX, kColsY), 0, compute_stream()>>>(p);
       check_last_launch("layer_norm_param_partial_kernel");
-      param_grad_finish_kernel<T><<<grid_for(p.n), kThreads>>>(static_cast<const Acc*>(p.partial), p.row_chunks,
+      param_grad_finish_kernel<T><<<grid_for(p.n), kThreads, 0, compute_stream()>>>(static_cast<const Acc*>(p.partial), p.row_chunks,
                                                                p.n, static_cast<T*>(p.dweight),
                                                                static_cast<T*>(p.dbias));
       check_last_launch("param_grad_finish_kernel");
@@ -305,7 +305,7 @@ void launch_group_norm(const GroupNormParams& p) {
   if (p.batch == 0 || p.channels == 0) return;
   dispatch_float(p.dtype, "cuda group_norm", [&](auto tag) {
     using T = decltype(tag);
-    group_norm_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads>>>(p);
+    group_norm_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads, 0, compute_stream()>>>(p);
     check_last_launch("group_norm_kernel");
   });
 }
@@ -317,16 +317,16 @@ void launch_group_norm_backward(const GroupNormGradParams& p) {
     using Acc = compute_t<T>;
     const int64_t rows = p.batch * p.channels;
     launch_rows(
-        rows, p.spatial, [&](unsigned grid) { group_norm_sums_kernel<T, 32><<<grid, kThreads>>>(p); },
-        [&](unsigned grid) { group_norm_sums_kernel<T, kThreads><<<grid, kThreads>>>(p); }, "group_norm_sums_kernel");
+        rows, p.spatial, [&](unsigned grid) { group_norm_sums_kernel<T, 32><<<grid, kThreads, 0, compute_stream()>>>(p); },
+        [&](unsigned grid) { group_norm_sums_kernel<T, kThreads><<<grid, kThreads, 0, compute_stream()>>>(p); }, "group_norm_sums_kernel");
     if (p.dx) {
-      group_norm_dx_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads>>>(p);
+      group_norm_dx_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads, 0, compute_stream()>>>(p);
       check_last_launch("group_norm_dx_kernel");
     }
     if (p.dweight || p.dbias) {
       // sums viewed as [2][N][C]: the per-channel sums over samples are the "chunks" of
       // param_grad_finish_kernel with the roles of dweight (Σ dy·x̂) and dbias (Σ dy) swapped.
-      param_grad_finish_kernel<T><<<grid_for(p.channels), kThreads>>>(
+      param_grad_finish_kernel<T><<<grid_for(p.channels), kThreads, 0, compute_stream()>>>(
           static_cast<const Acc*>(p.sums), p.batch, p.channels, static_cast<T*>(p.dbias), static_cast<T*>(p.dweight));
       check_last_launch("param_grad_finish_kernel");
     }

@@ -74,9 +74,9 @@ void launch_optimizer_update(const OptimizerUpdateParams& p) {
   if (p.count == 0 || p.total_blocks == 0) return;
   const unsigned grid = unsigned(p.total_blocks < 65535 ? p.total_blocks : 65535);
   if (p.dtype == DType::F32) {
-    optimizer_update_kernel<float><<<grid, kThreads>>>(p);
+    optimizer_update_kernel<float><<<grid, kThreads, 0, compute_stream()>>>(p);
   } else if (p.dtype == DType::F64) {
-    optimizer_update_kernel<double><<<grid, kThreads>>>(p);
+    optimizer_update_kernel<double><<<grid, kThreads, 0, compute_stream()>>>(p);
   } else {
     LOOM_FAIL("cuda optimizer_update: parameters of dtype ", p.dtype, " are not supported (f32 or f64)");
   }

@@ -1,5 +1,5 @@
 // Kernel-time attribution for LOOM_CUDA_PROFILE=1 (see cuda_common.h): an event is recorded on
-// the legacy default stream after every launch (check_last_launch) and every cuBLAS call; the
+// the device's compute stream after every launch (check_last_launch) and every cuBLAS call; the
 // time between consecutive events is charged to the later launch's name. With a busy GPU (the
 // host ahead of it) that is the kernel's own time; idle gaps (a synchronize, a slow host) are
 // charged to the next launch. Events are folded into per-name totals every kBatch marks and at
@@ -57,7 +57,7 @@ struct Profile {
     if (!events[used]) (void)cudaEventCreate(&events[used]);
     names.resize(events.size());
     names[used] = name;
-    (void)cudaEventRecord(events[used], 0);
+    (void)cudaEventRecord(events[used], compute_stream());
     ++used;
   }
 

@@ -23,7 +23,7 @@ void* cuda_timer_create(int device) {
 void cuda_timer_record(void* timer, int which) {
   auto* t = static_cast<EventPair*>(timer);
   cuda::DeviceGuard guard(t->device);
-  LOOM_CUDA_CHECK(cudaEventRecord(t->events[which], nullptr));
+  LOOM_CUDA_CHECK(cudaEventRecord(t->events[which], cuda::compute_stream()));
 }
 
 double cuda_timer_elapsed_ms(void* timer) {
