@@ -55,7 +55,7 @@ std::optional<LoraKey> parse_kohya(const std::string& key, const std::map<std::s
     if (!path.empty()) name = "lora_unet_" + underscored(path);
   }
   auto it = kohya_names.find(name);
-  return LoraKey{it == kohya_names.end() ? "" : it->second, split->second, KeyFamily::Kohya};
+  return LoraKey{it == kohya_names.end() ? "" : it->second, split->second, KeyFamily::Kohya, key.substr(key.find('.') + 1)};
 }
 }  // namespace
 

@@ -379,7 +379,9 @@ TEST(LycorisGradcheck, LohaLokrAndDoraMagnitude) {
     LoraSet set(holder);
     auto& a = set.add_from_weights("a", {{"proj", c.module}});
     set.set_weight("a", 0.7);
-    std::vector<Variable> in = {x};
+    std::vector<Variable> in;
+    in.reserve(8);
+    in.push_back(x);
     if (c.factors_exact)
       for (const auto& [name, v] : a.named_parameters()) in.push_back(v);
     else
