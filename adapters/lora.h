@@ -16,8 +16,9 @@
 // conv: y = conv(x, W) + b + Σ w·s·conv1x1(conv(x, A), B) (lora_conv_forward).
 //
 // LyCORIS modules (LoHa, LoKr) and DoRA (a magnitude on any module) go through the same
-// choke point: their change of the weight is built densely (adapters/lycoris.h) and added
-// as w·x·ΔWᵀ (a conv with ΔW on a Conv2d); see lycoris.h for the formulas.
+// choke point: their change of the weight W' − W is built densely (adapters/lycoris.h) and
+// added as w·x·(W' − W)ᵀ (a conv with it on a Conv2d); see lycoris.h for the formulas. With
+// DoRA this makes weight w the blend W + w·(W' − W): w = 1 is PEFT's W', w = 0 the base.
 //
 // Parameter names of an adapter are "<module path>.lora_A.weight" and
 // "<module path>.lora_B.weight" (module path as in the model's

@@ -77,7 +77,8 @@ struct LoraWeights {
   AdapterLoadReport report;
 };
 
-// Parses every LoRA key of `file` against the model's Linear layers (shapes checked).
+// Parses every adapter key of `file` (LoRA, LoHa, LoKr, DoRA magnitudes) against the model's
+// Linear and Conv2d layers (shapes checked; malformed modules listed in the report).
 // Throws FileError when nothing matches, or (strict) when anything is off; the message
 // names the key, both shapes and the hint "wrong base model or prefix?".
 LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn::Module& model,
