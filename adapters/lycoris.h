@@ -15,6 +15,9 @@
 //   W' = m ∘ V / (‖V‖ + eps)   (norm per output row, or per input channel over rows and kernel)
 // and the change added to the output is W' − W. The norm is a constant for autograd (detached),
 // as PEFT computes it (DoRA paper §4.3): gradients reach m and the factors through m/‖V‖·V only.
+// Each adapter's change is computed from the base W, whatever other adapters the module has
+// (PEFT's eval forward instead rescales the output accumulated so far: equal when the DoRA
+// adapter is the first on its module; docs/io.md).
 //
 // The Tucker forms (hada_t1 / hada_t2, lokr_t1 / lokr_t2) are not supported: readers refuse
 // them by name.
