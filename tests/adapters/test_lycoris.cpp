@@ -163,8 +163,8 @@ class ConvHolder : public nn::UnaryModule {
 TEST(Lycoris, ConvModulesMatchTheGoldens) {
   const io::TensorFile f = io::read_safetensors(fixture("conv.safetensors"));
   const Variable x(f.find("x")->to(F64));
-  // conv_locon: kohya's LoCon (a plain LoRA on the 3×3 conv) read from a file.
-  for (const std::string name : {"conv_loha", "conv_lokr", "conv_lokr_full", "conv_locon"}) {
+  // conv_locon: kohya's LoCon (a plain LoRA on the 3×3 conv) read from a file; conv_dora_peft: PEFT's DoRA.
+  for (const std::string name : {"conv_loha", "conv_lokr", "conv_lokr_full", "conv_locon", "conv_dora_peft"}) {
     SCOPED_TRACE(name);
     auto holder = std::make_shared<ConvHolder>();
     NoGradGuard no_grad;
