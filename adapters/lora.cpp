@@ -1,4 +1,5 @@
 #include "adapters/lora.h"
+#include "adapters/lycoris.h"
 #include "tensor/precision.h"
 
 #include <algorithm>
@@ -27,6 +28,13 @@ std::optional<V> longest_match(const std::map<std::string, V>& patterns, const s
   return found;
 }
 
+// The dtype a module's change is computed in: that of its own (master) weights.
+DType module_dtype(const LoraModule& m) {
+  if (m.down.defined()) return m.down.dtype();
+  if (!m.factors.empty()) return m.factors.begin()->second.dtype();
+  return m.magnitude.dtype();
+}
+
 }  // namespace
 
 const std::vector<std::string>& default_lora_targets() {
@@ -34,8 +42,22 @@ const std::vector<std::string>& default_lora_targets() {
   return targets;
 }
 
+const char* module_kind_name(ModuleKind kind) {
+  switch (kind) {
+    case ModuleKind::LoRA: return "LoRA";
+    case ModuleKind::LoHa: return "LoHa";
+    case ModuleKind::LoKr: return "LoKr";
+  }
+  return "unknown";
+}
+
 double LoraModule::scale() const {
-  if (!alpha) return 1.0;
+  if (kind != ModuleKind::LoRA) {
+    // LyCORIS: a missing or zero alpha is alpha = r; a LoKr without factors has scale 1.
+    if (rank <= 0 || !alpha || *alpha == 0.0) return 1.0;
+  } else if (!alpha) {
+    return 1.0;
+  }
   return use_rslora ? *alpha / std::sqrt(double(rank)) : *alpha / double(rank);
 }
 
@@ -50,8 +72,12 @@ LoraModule& LoraAdapter::module(const std::string& path) {
 std::vector<std::pair<std::string, Variable>> LoraAdapter::named_parameters() const {
   std::vector<std::pair<std::string, Variable>> params;
   for (const auto& [path, m] : modules_) {
-    params.emplace_back(path + ".lora_A.weight", m.down);
-    params.emplace_back(path + ".lora_B.weight", m.up);
+    if (m.kind == ModuleKind::LoRA) {
+      params.emplace_back(path + ".lora_A.weight", m.down);
+      params.emplace_back(path + ".lora_B.weight", m.up);
+    }
+    for (const auto& [name, v] : m.factors) params.emplace_back(path + "." + name, v);
+    if (m.magnitude.defined()) params.emplace_back(path + "." + m.magnitude_name, m.magnitude);
   }
   return params;
 }
@@ -92,6 +118,12 @@ Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vect
     const double w = a->effective_weight(path);
     if (w == 0.0) continue;  // skipped: the base output stays bit for bit
     const LoraModule& m = a->modules().at(path);
+    if (!m.plain()) {  // LoHa, LoKr, DoRA: the dense change of W (adapters/lycoris.h), [out, in]
+      const Variable& wm = base.weight_matrix();
+      const Variable delta = module_delta(m, wm.shape(), wm.tensor(), module_dtype(m), path);
+      y = add_linear(y, x, to_dtype(delta, x.dtype()), w);  // y + w·x·ΔWᵀ
+      continue;
+    }
     // [..., in] -> [..., r] -> [..., out], scaled by w·s and accumulated into y by the up GEMM
     // itself; f32 masters are cast to the activations' dtype (tensor/precision.h), gradients
     // flow back in f32.
@@ -108,6 +140,12 @@ Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std:
     const double w = a->effective_weight(path);
     if (w == 0.0) continue;
     const LoraModule& m = a->modules().at(path);
+    if (!m.plain()) {  // LoHa, LoKr, DoRA: a conv with the dense change of W [out, in, kh, kw]
+      const Tensor& wt = base.weight().tensor();
+      const Variable delta = module_delta(m, wt.shape(), wt.reshape({wt.size(0), -1}), module_dtype(m), path);
+      y = y + conv2d(x, reshape(to_dtype(delta, x.dtype()), wt.shape()), Variable(), base.params()) * w;
+      continue;
+    }
     // [N, in, H, W] -> conv A (base stride/padding) [N, r, oh, ow] -> 1×1 conv B [N, out, oh, ow], scaled by w·s
     y = y + conv2d(conv2d(x, m.down, Variable(), base.params()), m.up) * (w * m.scale());
   }
@@ -240,6 +278,10 @@ LoraAdapter& LoraSet::add_from_weights(const std::string& name, std::map<std::st
   LOOM_CHECK(!modules.empty(), "LoRA '", name, "': no modules given");
   auto adapter = std::make_unique<LoraAdapter>(name);
   for (auto& [path, m] : modules) {
+    if (!m.plain()) {
+      adapter->add_module(path, checked_lycoris_module(name, path, std::move(m)));
+      continue;
+    }
     if (auto conv = convs_.find(path); conv != convs_.end()) {
       LOOM_CHECK(m.down.defined() && m.up.defined(), "LoRA '", name, "': '", path, "' lacks its down or up weight");
       const Tensor& w = conv->second->weight().tensor();  // (out, in, kh, kw)
@@ -273,6 +315,31 @@ LoraAdapter& LoraSet::add_from_weights(const std::string& name, std::map<std::st
   }
   model_->set_requires_grad(false);
   return insert(std::move(adapter));
+}
+
+LoraModule LoraSet::checked_lycoris_module(const std::string& name, const std::string& path, LoraModule m) const {
+  Tensor w;
+  if (auto conv = convs_.find(path); conv != convs_.end()) w = conv->second->weight().tensor();
+  if (auto linear = linears_.find(path); linear != linears_.end()) w = linear->second->weight_matrix().tensor();
+  LOOM_CHECK(w.defined(), module_kind_name(m.kind), " '", name, "': the model has no Linear or Conv2d '", path,
+             "' (wrong base model?)");
+  if (m.kind == ModuleKind::LoRA) {  // a LoRA with DoRA: the LoRA's own shapes first
+    LOOM_CHECK(m.down.defined() && m.up.defined(), "LoRA '", name, "': '", path, "' lacks its down or up weight");
+    const int64_t r = m.down.size(0);
+    const bool ok = m.down.numel() == r * (w.numel() / w.size(0)) && m.up.size(0) == w.size(0) &&
+                    m.up.numel() == w.size(0) * r;
+    LOOM_CHECK(ok, "LoRA '", name, "': '", path, "' has down ", m.down.shape(), " and up ", m.up.shape(),
+               ", which do not fit the weight ", w.shape(), " (wrong base model?)");
+    m.rank = r;
+  }
+  check_module_shapes(name, path, m, w.shape());
+  const DType master = master_dtype(w.dtype());
+  auto place = [&](Variable& v) {
+    if (v.defined()) v = Variable(v.tensor().to(master).to(w.device()), true);
+  };
+  place(m.down), place(m.up), place(m.magnitude);
+  for (auto& [n, v] : m.factors) place(v);
+  return m;
 }
 
 bool LoraSet::has(const std::string& name) const {
@@ -357,6 +424,12 @@ Tensor LoraSet::fused_delta(const std::string& path, const Tensor& base) const {
     const double w = a->effective_weight(path);
     if (w == 0.0) continue;
     const LoraModule& m = a->modules().at(path);
+    if (!m.plain()) {  // the same dense change the forward adds, in f64
+      const Tensor term = ops::mul_scalar(
+          module_delta(m, base.shape(), base.reshape({base.size(0), -1}), DType::F64, path).tensor(), w);
+      delta = delta.defined() ? ops::add(delta, term) : term;
+      continue;
+    }
     const Tensor up = m.up.tensor().to(DType::F64), down = m.down.tensor().to(DType::F64);
     const Tensor term = ops::mul_scalar(ops::matmul(up.reshape({up.size(0), -1}), down.reshape({down.size(0), -1})),
                                         w * m.scale());

@@ -15,9 +15,16 @@
 // a conv with the base's stride and padding, then B = up (out, r, 1, 1), a 1×1
 // conv: y = conv(x, W) + b + Σ w·s·conv1x1(conv(x, A), B) (lora_conv_forward).
 //
+// LyCORIS modules (LoHa, LoKr) and DoRA (a magnitude on any module) go through the same
+// choke point: their change of the weight W' − W is built densely (adapters/lycoris.h) and
+// added as w·x·(W' − W)ᵀ (a conv with it on a Conv2d); see lycoris.h for the formulas. With
+// DoRA this makes weight w the blend W + w·(W' − W): w = 1 is PEFT's W', w = 0 the base.
+//
 // Parameter names of an adapter are "<module path>.lora_A.weight" and
 // "<module path>.lora_B.weight" (module path as in the model's
-// named_parameters, e.g. "transformer_blocks.0.attn1.to_q").
+// named_parameters, e.g. "transformer_blocks.0.attn1.to_q"); LoHa / LoKr factors
+// are "<module path>.<LyCORIS name>" (hada_w1_a, lokr_w1, ...), a DoRA magnitude
+// "<module path>.lora_magnitude_vector" or ".dora_scale" (the name it was read as).
 #pragma once
 
 #include <map>
@@ -47,14 +54,38 @@ struct LoraConfig {
   std::map<std::string, double> alpha_pattern;
 };
 
+// What an adapted module holds: a LoRA (down, up), or one of LyCORIS' LoHa / LoKr (factors).
+enum class ModuleKind { LoRA, LoHa, LoKr };
+const char* module_kind_name(ModuleKind kind);  // "LoRA", "LoHa", "LoKr"
+
+// How DoRA normalises W + s·ΔW before the magnitude multiplies it: one norm per output row
+// (PEFT's lora_magnitude_vector, LyCORIS' dora_scale of shape (out, 1, …)) or one per input
+// channel, over the output rows and the kernel (LyCORIS' dora_scale of shape (1, in, …)).
+enum class DoraNorm { PerOutput, PerInput };
+
 // One adapted projection of one adapter.
 struct LoraModule {
-  Variable down;  // A (r, in); on a Conv2d (r, in, kh, kw)
-  Variable up;    // B (out, r); on a Conv2d (out, r, 1, 1)
+  ModuleKind kind = ModuleKind::LoRA;
+  Variable down;  // LoRA: A (r, in); on a Conv2d (r, in, kh, kw)
+  Variable up;    // LoRA: B (out, r); on a Conv2d (out, r, 1, 1)
+  // LoHa / LoKr factors by their LyCORIS names (adapters/lycoris.h lists them and their shapes).
+  std::map<std::string, Variable> factors;
+  // DoRA (undefined: none): the magnitude m, (out) values for DoraNorm::PerOutput, (in) for
+  // PerInput, stored in the shape the file has.
+  Variable magnitude;
+  DoraNorm dora_norm = DoraNorm::PerOutput;
+  double dora_eps = 0.0;  // added to the norm: 0 for PEFT; LyCORIS adds its dtype's machine epsilon
+  std::string magnitude_name = "lora_magnitude_vector";  // the key suffix it was read as
+  // LoRA: r. LoHa: the rank of hada_w1_b. LoKr: the rank of lokr_w1_a (else lokr_w2_a); 0 when
+  // both lokr_w1 and lokr_w2 are full matrices (then the scale is 1, as LyCORIS has it).
   int64_t rank = 0;
   std::optional<double> alpha;
   bool use_rslora = false;
-  double scale() const;  // alpha/r, alpha/√r, or 1
+  // LoRA: alpha/r, alpha/√r, or 1 without alpha. LoHa / LoKr as LyCORIS: alpha/r, with a missing
+  // or zero alpha meaning alpha = r (scale 1), and scale 1 for a LoKr without factors.
+  double scale() const;
+  // A plain LoRA (no DoRA): the low-rank path of the choke point.
+  bool plain() const { return kind == ModuleKind::LoRA && !magnitude.defined(); }
 };
 
 class LoraAdapter {
@@ -139,6 +170,9 @@ class LoraSet {
   bool fused_ = false;
 
   LoraAdapter& insert(std::unique_ptr<LoraAdapter> adapter);
+  // A LoHa / LoKr / DoRA module checked against the model's weight at `path` and moved to its
+  // device (f32 masters over bf16 / f16 weights).
+  LoraModule checked_lycoris_module(const std::string& name, const std::string& path, LoraModule m) const;
   void refresh_extensions();  // (re)installs the extension of every projection with adapters
   std::vector<const LoraAdapter*> adapters_at(const std::string& path) const;
   // Σ w·s·B·A in f64 over the enabled adapters at `path`, shaped like `base`; undefined when none.

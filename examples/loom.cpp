@@ -330,10 +330,12 @@ int run_inspect(const std::string& path) {
     if (!lora.modules.empty()) {
       std::cout << "  family  ";
       for (auto fam : lora.families) std::cout << " " << io::family_name(fam);
-      std::cout << "\n  modules  " << lora.modules.size() << " (rank, alpha, scale)\n";
+      std::cout << "\n  modules  " << lora.modules.size() << " (kind, rank, alpha, scale)\n";
       for (const auto& [p, m] : lora.modules)
-        std::cout << "    " << p << "  r=" << m.rank() << "  alpha=" << (m.alpha ? std::to_string(*m.alpha) : "none")
-                  << "  scale=" << m.scale() << (m.use_rslora ? " (rsLoRA)" : "") << "\n";
+        std::cout << "    " << p << "  " << m.kind_text() << "  r=" << m.rank()
+                  << "  alpha=" << (m.alpha ? std::to_string(*m.alpha) : "none") << "  scale=" << m.scale()
+                  << (m.use_rslora ? " (rsLoRA)" : "")
+                  << (m.magnitude.defined() ? "  magnitude=" + m.magnitude_name : std::string()) << "\n";
     }
   }
   std::cout << "  tensors (name, dtype, shape):\n";

@@ -112,7 +112,7 @@ void check_writable(const RawLora& lora, const std::string& out) {
     LOOM_CHECK(!m.alpha || std::isfinite(*m.alpha), "LoRA writer: module '", module,
                "' has a non-finite alpha; refusing to write ", out);
     LOOM_CHECK(std::isfinite(m.scale()), "LoRA writer: module '", module, "' has a non-finite scale; refusing to write ", out);
-    for (const Tensor* t : {&m.down, &m.up})
+    for (const Tensor* t : m.tensors())
       LOOM_CHECK(all_finite(*t), "LoRA writer: module '", module, "' holds NaN or Inf; refusing to write ", out);
   }
 }

@@ -34,7 +34,7 @@ ConvertReport convert_adapter_file(const std::string& in, const std::string& out
   const RawLora raw = read_raw_lora(file, in);
   if (raw.modules.empty()) throw FileError(in, "holds no LoRA or Custom Diffusion weights to convert");
   for (const auto& [p, m] : raw.modules)
-    for (const Tensor* t : {&m.down, &m.up})
+    for (const Tensor* t : m.tensors())
       if (!all_finite(*t)) throw FileError(in, "module '" + p + "' holds NaN or Inf values (not converted)");
   write_raw_lora(out, raw, family, {}, options);
   for (const auto& [p, m] : raw.modules) ++(is_text_encoder_path(p) ? report.text_encoder_modules : report.unet_modules);

@@ -23,9 +23,14 @@ std::string join_path(const std::string& prefix, const std::string& path);
 
 // Every Linear (Conv1x1 included) of a model, by path.
 std::map<std::string, std::shared_ptr<nn::Linear>> model_linears(const nn::Module& model);
+// The weight shape of every module an adapter can change, by path: (out, in) for a Linear
+// (Conv1x1 included), (out, in, kh, kw) for a Conv2d (io/lycoris_read.cpp).
+std::map<std::string, Shape> model_weight_shapes(const nn::Module& model);
 
 // ---- key families (io/adapter_keys.cpp) ------------------------------------------------------
-enum class Role { Down, Up, Alpha };
+// Down / Up / Alpha of a LoRA; Factor: a LyCORIS tensor (hada_w1_a, lokr_w2, hada_t1, …);
+// Magnitude: DoRA's (PEFT lora_magnitude_vector, LyCORIS / kohya dora_scale).
+enum class Role { Down, Up, Alpha, Factor, Magnitude };
 
 // A LoRA key taken apart: the module's path in the full model (prefix included, no
 // "unet."), what the tensor is, and the spelling it came in.
@@ -33,6 +38,7 @@ struct LoraKey {
   std::string module;
   Role role;
   KeyFamily family;
+  std::string name = "";  // Factor / Magnitude: the key's suffix (hada_w1_a, dora_scale, lora_magnitude_vector)
 };
 
 // Strips the component prefixes diffusers and PEFT put in front of UNet keys
@@ -41,8 +47,11 @@ std::string strip_component(const std::string& key);
 // Keys of the diffusers, legacy diffusers and PEFT spellings.
 std::optional<LoraKey> parse_non_kohya(const std::string& key);
 // A kohya key taken apart into its flattened module name ("lora_unet_…_to_q") and role;
-// nullopt when the part after the first dot is not lora_down.weight / lora_up.weight / alpha.
+// nullopt when the part after the first dot is not lora_down.weight / lora_up.weight / alpha
+// or a LyCORIS name (hada_*, lokr_*, dora_scale: Role Factor / Magnitude, see lycoris_role).
 std::optional<std::pair<std::string, Role>> split_kohya_key(const std::string& key);
+// The role of a LyCORIS key suffix ("hada_w1_a" … "lokr_t2": Factor; "dora_scale": Magnitude).
+std::optional<Role> lycoris_role(const std::string& suffix);
 // Whether a key belongs to a text encoder (kohya lora_te…, diffusers/PEFT text_encoder…).
 bool is_text_encoder_key(const std::string& key);
 
@@ -84,7 +93,31 @@ struct Pieces {
   std::string down_key, up_key;
   Tensor down, up;
   std::optional<double> alpha;
+  std::map<std::string, Tensor> factors;  // LyCORIS tensors by name (hada_w1_a, lokr_w1, …)
+  std::map<std::string, std::string> factor_keys;
+  Tensor magnitude;  // DoRA
+  std::string magnitude_key, magnitude_name;
+  bool empty_module() const { return !down.defined() && !up.defined() && factors.empty(); }
 };
+
+// ---- LyCORIS and DoRA pieces (io/lycoris_read.cpp) ----------------------------------------------
+// Files a tensor of `key` (parsed as `k`) into `p`.
+void add_piece(Pieces& p, const LoraKey& k, const std::string& key, const Tensor& tensor);
+// The kind the pieces make (LoRA when they hold down / up); throws FileError naming `path` and the
+// keys when they mix kinds or use LyCORIS' Tucker form (hada_t1/t2, lokr_t1/t2), not supported.
+adapters::ModuleKind pieces_kind(const Pieces& p, const std::string& path, const std::string& module);
+// A LoHa / LoKr module from its pieces (factors as in the file; rank filled); the shapes are
+// checked against `weight_shape` ((out, in) or (out, in, kh, kw)): an error message naming the
+// key and both shapes is returned in `problem` (and nullopt) when they do not fit.
+std::optional<adapters::LoraModule> lycoris_module(const Pieces& p, adapters::ModuleKind kind, const Shape& weight_shape,
+                                                   const std::string& module, std::string& problem);
+// Adds the DoRA magnitude of `p` to `m` (PEFT lora_magnitude_vector: one per output row, no eps;
+// LyCORIS dora_scale: (out, 1, …) per output row or (1, in, …) per input channel, plus the
+// machine epsilon of its stored dtype); false with `problem` set when its shape fits neither.
+bool attach_magnitude(const Pieces& p, adapters::LoraModule& m, const Shape& weight_shape, const std::string& module,
+                      std::string& problem);
+// The machine epsilon of a floating dtype (LyCORIS adds torch.finfo(dtype).eps to DoRA's norm).
+double machine_epsilon(DType dtype);
 
 // ---- writing (io/lora_write.cpp) --------------------------------------------------------------
 // Writes `lora` in `family` (safetensors, or loom HDF5 with per-module attributes and `root`).

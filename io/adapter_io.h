@@ -6,6 +6,10 @@
 //   diffusers         unet.….attn1.to_q.lora.down.weight / .lora.up.weight (+ unet.….to_q.alpha)
 //   PEFT              unet.….attn1.to_q.lora_A.weight / .lora_B.weight (+ lora_adapter_metadata JSON)
 //   kohya             lora_unet_down_blocks_0_…_attn1_to_q.lora_down.weight / .lora_up.weight / .alpha
+//   LyCORIS (kohya names) lora_unet_…_to_q.hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b (LoHa),
+//                     .lokr_w1 (or lokr_w1_a, lokr_w1_b) / .lokr_w2 (or _a, _b) (LoKr), .alpha, .dora_scale
+//   DoRA (PEFT)       unet.….to_q.lora_magnitude_vector beside lora_A / lora_B
+// (formulas in adapters/lycoris.h and docs/io.md).
 //   Custom Diffusion  down_blocks.0.…attn2.processor.to_k_custom_diffusion.weight (no `unet.`)
 // Keys are read relative to an optional prefix (e.g. "down_blocks.0.attentions.0"): keys
 // under other blocks are counted as outside the prefix, not as unmatched.
@@ -51,8 +55,14 @@ struct AdapterLoadReport {
   std::map<std::string, double> alphas_found;  // module path -> alpha (from .alpha keys or metadata)
   std::vector<std::string> alphas_defaulted;   // module paths without alpha (scale 1)
   std::vector<std::string> non_finite;         // keys holding NaN or Inf
+  // Modules whose keys do not make an adapter (a LoHa / LoKr factor missing or of a shape that
+  // does not fit the module, a DoRA magnitude of the wrong shape): messages naming key and shapes.
+  std::vector<std::string> malformed;
+  std::map<std::string, std::string> kinds;    // module path -> "LoHa", "LoKr", "LoRA+DoRA", … (not plain LoRA)
   std::vector<std::string> notes;              // e.g. a base fingerprint that differs
-  bool clean() const { return unmatched.empty() && shape_mismatches.empty() && non_finite.empty(); }
+  bool clean() const {
+    return unmatched.empty() && shape_mismatches.empty() && non_finite.empty() && malformed.empty();
+  }
   std::string summary() const;  // one paragraph for humans
 };
 
@@ -67,7 +77,8 @@ struct LoraWeights {
   AdapterLoadReport report;
 };
 
-// Parses every LoRA key of `file` against the model's Linear layers (shapes checked).
+// Parses every adapter key of `file` (LoRA, LoHa, LoKr, DoRA magnitudes) against the model's
+// Linear and Conv2d layers (shapes checked; malformed modules listed in the report).
 // Throws FileError when nothing matches, or (strict) when anything is off; the message
 // names the key, both shapes and the hint "wrong base model or prefix?".
 LoraWeights parse_lora(const TensorFile& file, const std::string& path, const nn::Module& model,
@@ -88,13 +99,26 @@ std::vector<std::pair<std::string, Tensor>> lora_tensors(const adapters::LoraAda
                                                          std::map<std::string, std::string>* metadata);
 
 // ---- model-free reading (inspect, convert) -------------------------------------------------
-// One LoRA module as stored: tensors as in the file (2-D, or 4-D for 1×1 convs).
+// One adapter module as stored: tensors as in the file (2-D, or 4-D for convs). A LoRA has
+// down / up; a LoHa / LoKr (LyCORIS) has its factors by name instead; any of them may carry a
+// DoRA magnitude (PEFT lora_magnitude_vector or LyCORIS dora_scale, as `magnitude_name` says).
 struct RawLoraModule {
+  RawLoraModule() = default;
+  // A LoRA module (brace-initialisable as before: {down, up, alpha, use_rslora}).
+  RawLoraModule(Tensor down_, Tensor up_, std::optional<double> alpha_ = std::nullopt, bool use_rslora_ = false)
+      : down(std::move(down_)), up(std::move(up_)), alpha(alpha_), use_rslora(use_rslora_) {}
   Tensor down, up;
   std::optional<double> alpha;
   bool use_rslora = false;
-  int64_t rank() const { return down.size(0); }
-  double scale() const;
+  adapters::ModuleKind kind = adapters::ModuleKind::LoRA;
+  std::map<std::string, Tensor> factors;
+  Tensor magnitude;
+  std::string magnitude_name;
+  int64_t rank() const;   // LoRA: rows of down; LoHa / LoKr: as LyCORIS (adapters/lycoris.h), 0 for a full LoKr
+  double scale() const;   // as adapters::LoraModule::scale()
+  bool plain() const { return kind == adapters::ModuleKind::LoRA && !magnitude.defined(); }
+  std::string kind_text() const;  // "LoRA", "LoHa", "LoKr", with "+DoRA" when it has a magnitude
+  std::vector<const Tensor*> tensors() const;  // every tensor it holds
 };
 struct RawLora {
   // Full module path: UNet modules without "unet."; text-encoder modules with their component,

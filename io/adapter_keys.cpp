@@ -1,6 +1,7 @@
 // Key families of adapter files: names of the families, the diffusers / legacy / PEFT key
 // parsers, kohya's flattened names split back into diffusers paths.
 #include <algorithm>
+#include <set>
 #include <sstream>
 
 #include "io/adapter_detail.h"
@@ -60,6 +61,14 @@ std::optional<LoraKey> parse_non_kohya(const std::string& raw) {
   const std::string key = strip_component(raw);
   auto cut = [&](const std::string& suffix) { return key.substr(0, key.size() - suffix.size()); };
   if (ends_with(key, ".lora_A.weight")) return LoraKey{cut(".lora_A.weight"), Role::Down, KeyFamily::Peft};
+  // DoRA's magnitude as PEFT saves it (….lora_magnitude_vector), also with the parameter's own
+  // ".weight" or an adapter name (….lora_magnitude_vector.default.weight).
+  if (const size_t at = key.find(".lora_magnitude_vector"); at != std::string::npos) {
+    const std::string rest = key.substr(at + 22);
+    if (rest.empty() || rest == ".weight" || (starts_with(rest, ".") && ends_with(rest, ".weight") &&
+                                              rest.find('.', 1) == rest.size() - 7))
+      return LoraKey{key.substr(0, at), Role::Magnitude, KeyFamily::Peft, "lora_magnitude_vector"};
+  }
   if (ends_with(key, ".lora_B.weight")) return LoraKey{cut(".lora_B.weight"), Role::Up, KeyFamily::Peft};
   for (const char* ab : {".lora_A.", ".lora_B."}) {  // PEFT with an adapter name: ….lora_A.default.weight
     const size_t at = key.find(ab);
@@ -97,6 +106,16 @@ std::optional<std::pair<std::string, Role>> split_kohya_key(const std::string& k
   if (rest == "lora_down.weight") return std::make_pair(name, Role::Down);
   if (rest == "lora_up.weight") return std::make_pair(name, Role::Up);
   if (rest == "alpha") return std::make_pair(name, Role::Alpha);
+  if (const auto role = lycoris_role(rest)) return std::make_pair(name, *role);
+  return std::nullopt;
+}
+
+std::optional<Role> lycoris_role(const std::string& suffix) {
+  static const std::set<std::string> factors = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
+                                                "hada_t2",   "lokr_w1",   "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+                                                "lokr_w2_a", "lokr_w2_b", "lokr_t1",   "lokr_t2"};
+  if (factors.count(suffix)) return Role::Factor;
+  if (suffix == "dora_scale") return Role::Magnitude;
   return std::nullopt;
 }
 

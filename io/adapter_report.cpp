@@ -20,6 +20,14 @@ std::string AdapterLoadReport::summary() const {
      << alphas_defaulted.size() << " defaulted (scale 1)";
   if (!text_encoder.empty()) os << ", " << text_encoder.size() << " text-encoder keys (not for this model)";
   if (!non_finite.empty()) os << ", " << non_finite.size() << " with NaN/Inf";
+  if (!malformed.empty()) os << ", " << malformed.size() << " malformed modules (first: " << malformed.front() << ")";
+  if (!kinds.empty()) {
+    std::map<std::string, size_t> count;
+    for (const auto& [path, kind] : kinds) ++count[kind];
+    os << ";";
+    for (const auto& [kind, n] : count) os << " " << n << " " << kind;
+    os << " modules";
+  }
   for (const auto& n : notes) os << "; " << n;
   return os.str();
 }
@@ -37,6 +45,9 @@ namespace detail {
 }
 
 void check_strict(const AdapterLoadReport& r, const std::string& path) {
+  if (!r.malformed.empty())
+    throw FileError(path, r.malformed.front() +
+                              (r.malformed.size() > 1 ? " (and " + std::to_string(r.malformed.size() - 1) + " more)" : ""));
   if (!r.shape_mismatches.empty()) {
     const auto& m = r.shape_mismatches.front();
     std::ostringstream os;

@@ -24,6 +24,9 @@ std::string peft_metadata(const RawLora& lora) {
   j["unet.r"] = first.rank();
   j["unet.lora_alpha"] = peft_alpha(first);
   j["unet.use_rslora"] = first.use_rslora;
+  bool dora = false;
+  for (const auto& [path, m] : lora.modules) dora = dora || m.magnitude.defined();
+  if (dora) j["unet.use_dora"] = true;
   json ranks = json::object(), alphas = json::object(), targets = json::array();
   std::set<std::string> names;
   for (const auto& [path, m] : lora.modules) {
@@ -49,6 +52,16 @@ RawLora raw_from_adapter(const LoraAdapter& adapter, const nn::Module& model, co
       const Tensor t = v.tensor().to(Device::cpu()).contiguous();
       return conv ? t.reshape({t.size(0), t.size(1), 1, 1}) : t;
     };
+    if (!m.plain()) {  // LoHa / LoKr / DoRA: the tensors as they were read (shapes of the file)
+      auto plain_host = [](const Variable& v) { return v.defined() ? v.tensor().to(Device::cpu()).contiguous() : Tensor(); };
+      RawLoraModule r{plain_host(m.down), plain_host(m.up), m.alpha, m.use_rslora};
+      r.kind = m.kind;
+      for (const auto& [name, v] : m.factors) r.factors[name] = plain_host(v);
+      r.magnitude = plain_host(m.magnitude);
+      r.magnitude_name = m.magnitude_name;
+      raw.modules[join_path(prefix, path)] = r;
+      continue;
+    }
     raw.modules[join_path(prefix, path)] = RawLoraModule{host(m.down), host(m.up), m.alpha, m.use_rslora};
   }
   return raw;
@@ -123,10 +136,38 @@ Tensor folded_up(const RawLoraModule& m, double factor) {
   return ops::mul_scalar(m.up.to(DType::F64), factor).to(m.up.dtype());
 }
 
+// Throws unless `family` can hold `m` exactly: LoHa / LoKr only in kohya (LyCORIS) names; a DoRA
+// magnitude in kohya (dora_scale) or, when it is PEFT's (one per output row, no eps), in PEFT.
+void check_representable(const std::string& module, const RawLoraModule& m, KeyFamily family) {
+  if (m.kind != adapters::ModuleKind::LoRA)
+    LOOM_CHECK(family == KeyFamily::Kohya, "LoRA writer: module '", module, "' is a ", m.kind_text(),
+               " (LyCORIS), which the ", family_name(family),
+               " format cannot hold; write it with --to kohya (LyCORIS' key names)");
+  if (m.magnitude.defined() && family != KeyFamily::Kohya)
+    LOOM_CHECK(family == KeyFamily::Peft && m.magnitude_name == "lora_magnitude_vector", "LoRA writer: module '",
+               module, "' carries a DoRA magnitude (", m.magnitude_name, "), which the ", family_name(family),
+               " format cannot hold",
+               m.magnitude_name == "lora_magnitude_vector" ? "; write it with --to peft or --to kohya"
+                                                           : " (LyCORIS' norm convention); write it with --to kohya");
+}
+
+// The DoRA magnitude in LyCORIS' dora_scale spelling. A LyCORIS one is written as read; PEFT's
+// (one per output row, no eps in the norm) becomes (out, 1, …) in f64, whose machine epsilon
+// (2.2e-16, the eps LyCORIS adds to the norm) changes nothing within rounding.
+Tensor kohya_dora_scale(const RawLoraModule& m) {
+  if (m.magnitude_name == "dora_scale") return m.magnitude;
+  const int64_t out = m.magnitude.numel();
+  const Tensor& ref = m.kind == adapters::ModuleKind::LoRA ? m.down : m.factors.begin()->second;
+  Shape s{out, 1};
+  for (int64_t d = 2; d < ref.dim(); ++d) s.push_back(1);
+  return m.magnitude.to(DType::F64).reshape(s);
+}
+
 // The alpha (alpha / r = scale) most modules of `lora` have.
 double most_common_alpha(const RawLora& lora) {
   std::map<double, size_t> count;
-  for (const auto& [path, m] : lora.modules) ++count[m.scale() * double(m.rank())];
+  for (const auto& [path, m] : lora.modules)
+    if (m.kind == adapters::ModuleKind::LoRA) ++count[m.scale() * double(m.rank())];
   double best = 0;
   size_t most = 0;
   for (const auto& [a, n] : count)
@@ -153,14 +194,26 @@ std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora
   for (const auto& [full, m] : lora.modules) two_encoders = two_encoders || starts_with(full, "text_encoder_2.");
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& [full, m] : lora.modules) {
+    check_representable(full, m, family);
+    const std::string kohya_module = is_text_encoder_path(full) ? kohya_text_encoder_name(full, two_encoders)
+                                                                : kohya_name(full, options, no_attention);
+    if (m.kind != adapters::ModuleKind::LoRA) {  // LoHa / LoKr: LyCORIS' own keys, its own alpha (kohya only)
+      for (const auto& [name, t] : m.factors) out.emplace_back(kohya_module + "." + name, t);
+      if (m.alpha) out.emplace_back(kohya_module + ".alpha", Tensor::scalar(*m.alpha, DType::F32));
+      if (m.magnitude.defined()) out.emplace_back(kohya_module + ".dora_scale", kohya_dora_scale(m));
+      continue;
+    }
+    if (m.magnitude.defined() && family == KeyFamily::Kohya)
+      out.emplace_back(kohya_module + ".dora_scale", kohya_dora_scale(m));
+    if (m.magnitude.defined() && family == KeyFamily::Peft)
+      out.emplace_back((is_text_encoder_path(full) ? full : "unet." + full) + ".lora_magnitude_vector", m.magnitude);
     // alpha such that alpha / r is the module's scale: the kohya and diffusers convention
     const double own_alpha = m.scale() * double(m.rank());
     const bool fold_alpha = own_alpha != common_alpha && common_alpha != 0;
     const Tensor alpha = Tensor::scalar(fold_alpha ? common_alpha : own_alpha, DType::F32);
     // UNet keys carry "unet." (diffusers, PEFT); text-encoder paths already name their component.
     const std::string component = is_text_encoder_path(full) ? full : "unet." + full;
-    const std::string kohya = is_text_encoder_path(full) ? kohya_text_encoder_name(full, two_encoders)
-                                                         : kohya_name(full, options, no_attention);
+    const std::string& kohya = kohya_module;
     switch (family) {
       case KeyFamily::Peft:
         out.emplace_back(component + ".lora_A.weight", m.down);
@@ -188,6 +241,9 @@ std::vector<std::pair<std::string, Tensor>> raw_lora_tensors(const RawLora& lora
   if (metadata) {
     (*metadata)["format"] = "pt";
     if (family == KeyFamily::Peft) (*metadata)["lora_adapter_metadata"] = peft_metadata(lora);
+    bool lycoris = false;
+    for (const auto& [full, m] : lora.modules) lycoris = lycoris || !m.plain();
+    if (family == KeyFamily::Kohya && lycoris) (*metadata)["ss_network_module"] = "lycoris.kohya";
   }
   return out;
 }

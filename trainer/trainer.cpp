@@ -239,6 +239,12 @@ Adapter make_adapter(const std::shared_ptr<attention::Transformer2DModel>& model
     a.lora = std::make_shared<adapters::LoraSet>(model);
     if (load_init && !o.init_adapter.empty()) {
       io::load_lora(*a.lora, "default", o.init_adapter, lo);
+      for (const auto& [path, m] : a.lora->adapter("default").modules())
+        if (!m.plain())
+          throw OptionError("--init-adapter " + o.init_adapter + ": module '" + path + "' is a " +
+                            adapters::module_kind_name(m.kind) + (m.magnitude.defined() ? " with DoRA" : "") +
+                            "; loom trains plain LoRA only (LoHa, LoKr and DoRA files can be run, fused and "
+                            "converted, not trained)");
     } else {
       adapters::LoraConfig cfg;
       cfg.rank = o.rank, cfg.alpha = o.alpha, cfg.targets = o.targets;
