@@ -28,7 +28,7 @@ void add_common_flags(CLI::App* cmd, VaeArgs& a) {
   a.device = "auto";
   cmd->add_option("--device", a.device, "cpu | cuda | cuda:N | auto")->capture_default_str();
   cmd->add_option("--precision", a.precision,
-                  "f32 | tf32 | bf16 | f16 (bf16/f16 run the VAE in f32 anyway when its config says force_upcast)");
+                  "f32 | tf32 | bf16 | f16 (bf16/f16 run the VAE in f32 when its config says force_upcast, and on the CPU)");
 }
 
 // The device and the dtype the VAE computes in (f32 for bf16/f16 when force_upcast), said on stderr.
@@ -49,6 +49,9 @@ VaePlacement place(const VaeArgs& a, bool force_upcast) {
   DType dtype = storage_dtype(p.precision);
   if (dtype != DType::F32 && force_upcast) {
     std::cerr << "loom: the VAE config says force_upcast: the VAE runs in f32\n";
+    dtype = DType::F32;
+  } else if (dtype != DType::F32 && p.device.is_cpu()) {
+    std::cerr << "loom: the CPU convolutions are f32/f64 only: the VAE runs in f32\n";
     dtype = DType::F32;
   }
   set_allow_tf32(p.precision == Precision::TF32);
