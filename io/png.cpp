@@ -2,6 +2,8 @@
 
 #include <png.h>
 
+#include <algorithm>
+#include <csetjmp>
 #include <fstream>
 #include <iterator>
 
@@ -29,27 +31,76 @@ std::string encode_png(const RgbImage& img) {
   return png;
 }
 
+namespace {
+
+// libpng's classic API (the simplified one converts by the file's gAMA chunk, which PIL does not).
+struct MemoryReader {
+  const std::string* bytes;
+  size_t pos;
+};
+
+void read_from_memory(png_structp png, png_bytep out, png_size_t n) {
+  auto* r = static_cast<MemoryReader*>(png_get_io_ptr(png));
+  if (n > r->bytes->size() - r->pos) png_error(png, "the file ends early (truncated)");
+  std::copy_n(r->bytes->data() + r->pos, n, reinterpret_cast<char*>(out));
+  r->pos += n;
+}
+
+void on_error(png_structp png, png_const_charp message) {
+  *static_cast<std::string*>(png_get_error_ptr(png)) = message;
+  longjmp(png_jmpbuf(png), 1);
+}
+void on_warning(png_structp, png_const_charp) {}
+
+// Reads the whole image as 8-bit RGB into `out` (rows: scratch). No C++ object is constructed
+// in this frame, so libpng's longjmp back to it skips no destructor. False on any error.
+bool read_rgb(png_structp png, png_infop info, MemoryReader* reader, RgbImage* out, std::vector<png_bytep>* rows,
+              bool* sixteen_bit) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_set_read_fn(png, reader, read_from_memory);
+  png_read_info(png, info);
+  const int depth = png_get_bit_depth(png, info), color = png_get_color_type(png, info);
+  if (depth == 16) {
+    *sixteen_bit = true;
+    return false;
+  }
+  if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
+  if (color == PNG_COLOR_TYPE_GRAY && depth < 8) png_set_expand_gray_1_2_4_to_8(png);
+  png_set_strip_alpha(png);  // alpha channels and tRNS are dropped, as PIL's convert("RGB")
+  if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(png);
+  png_set_interlace_handling(png);
+  png_read_update_info(png, info);
+  out->width = png_get_image_width(png, info), out->height = png_get_image_height(png, info);
+  if (png_get_rowbytes(png, info) != size_t(out->width) * 3) png_error(png, "unexpected row layout after conversion to RGB");
+  out->rgb.resize(size_t(out->width) * size_t(out->height) * 3);
+  rows->resize(size_t(out->height));
+  for (size_t y = 0; y < rows->size(); ++y) (*rows)[y] = out->rgb.data() + y * size_t(out->width) * 3;
+  png_read_image(png, rows->data());
+  png_read_end(png, nullptr);
+  return true;
+}
+
+}  // namespace
+
 RgbImage decode_png(const std::string& bytes, const std::string& source) {
   if (bytes.size() < 8 || png_sig_cmp(reinterpret_cast<png_const_bytep>(bytes.data()), 0, 8) != 0)
     throw FileError(source, "not a PNG file (no PNG signature)");
-  png_image image{};
-  image.version = PNG_IMAGE_VERSION;
-  if (!png_image_begin_read_from_memory(&image, bytes.data(), bytes.size()))
-    throw FileError(source, std::string("not a readable PNG (libpng: ") + image.message + ")");
-  if (image.format & PNG_FORMAT_FLAG_LINEAR) {
-    png_image_free(&image);
-    throw FileError(source, "16-bit PNGs are not supported (save the image with 8 bits per channel)");
+  std::string message;
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &message, on_error, on_warning);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!info) {
+    png_destroy_read_struct(&png, nullptr, nullptr);
+    throw FileError(source, "libpng could not start a reader (out of memory?)");
   }
-  image.format = PNG_FORMAT_RGBA;  // grey and palettes expanded; alpha kept, then dropped below
-  std::vector<uint8_t> rgba(PNG_IMAGE_SIZE(image));
-  if (!png_image_finish_read(&image, nullptr, rgba.data(), 0, nullptr))
-    throw FileError(source, std::string("corrupt PNG (libpng: ") + image.message + ")");
+  png_set_user_limits(png, 1u << 16, 1u << 16);  // at most 65536 pixels a side
+  MemoryReader reader{&bytes, 0};
   RgbImage out;
-  out.width = image.width, out.height = image.height;
-  const size_t pixels = size_t(out.width) * size_t(out.height);
-  out.rgb.resize(pixels * 3);
-  for (size_t i = 0; i < pixels; ++i)
-    for (size_t c = 0; c < 3; ++c) out.rgb[3 * i + c] = rgba[4 * i + c];
+  std::vector<png_bytep> rows;
+  bool sixteen_bit = false;
+  const bool ok = read_rgb(png, info, &reader, &out, &rows, &sixteen_bit);
+  png_destroy_read_struct(&png, &info, nullptr);
+  if (sixteen_bit) throw FileError(source, "16-bit PNGs are not supported (save the image with 8 bits per channel)");
+  if (!ok) throw FileError(source, "corrupt PNG (libpng: " + message + ")");
   return out;
 }
 

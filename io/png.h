@@ -1,11 +1,11 @@
-// 8-bit RGB images as PNG files, through libpng's simplified API (Debian's
-// libpng-dev): the writer of the loss plot (trainer/plot.cpp) and of `loom decode`,
-// the reader of `loom encode`.
+// 8-bit RGB images as PNG files, through libpng (Debian's libpng-dev): the writer of
+// the loss plot (trainer/plot.cpp) and of `loom decode`, the reader of `loom encode`.
 //
 // Reading converts every 8-bit PNG colour type to RGB as PIL's Image.convert("RGB")
-// does: grey is replicated, a palette is expanded, an alpha channel is dropped (not
-// composited). 16-bit PNGs are refused (PIL and libpng disagree on them). Errors are
-// io::FileError naming the file and libpng's reason.
+// does: grey is replicated, a palette is expanded, an alpha channel (or tRNS) is
+// dropped, not composited, and the gAMA / colour chunks are ignored (the values are
+// taken as stored). 16-bit PNGs are refused (PIL and libpng disagree on them); at most
+// 65536 pixels a side. Errors are io::FileError naming the file and libpng's reason.
 #pragma once
 
 #include <cstdint>

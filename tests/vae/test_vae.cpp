@@ -7,8 +7,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <png.h>
+
 #include <filesystem>
 
+#include "attention/sdpa.h"
 #include "autograd/gradcheck.h"
 #include "io/png.h"
 #include "io/tensor_file.h"
@@ -178,6 +181,29 @@ TEST(VaeConfig, DefaultsAndErrorsNameTheKey) {
   EXPECT_THAT(s.notes.at(0), HasSubstr("frobnicate"));
 }
 
+// Stable Diffusion's VAE attends over h·w tokens with one head of 512 channels: on the CPU the
+// default backend is flash there (nothing of size (h·w)²), with the math backend's numbers.
+TEST(VaeModel, MidBlockAttentionAt512ChannelsIsFlashOnTheCpu) {
+  Generator gen(5);
+  const Tensor q = Tensor::randn({1, 30, 512}, gen, F64);
+  EXPECT_EQ(attention::auto_backend(q, q, q, Tensor(), 1), attention::BackendKind::Flash);
+  AutoencoderKLConfig c;
+  c.block_out_channels = {512};
+  VaeMidBlock mid(512, c, gen, F64, Device::cpu());
+  const Variable x(Tensor::randn({1, 512, 5, 6}, gen, F64));
+  NoGradGuard no_grad;
+  Tensor flash, math;
+  {
+    attention::ScopedAttentionBackend b(attention::BackendKind::Flash);
+    flash = mid.forward(x).tensor();
+  }
+  {
+    attention::ScopedAttentionBackend b(attention::BackendKind::Math);
+    math = mid.forward(x).tensor();
+  }
+  EXPECT_LE(rel_error(flash, math), 1e-12);
+}
+
 // ---- images --------------------------------------------------------------------------------------
 
 TEST(VaePng, RoundTripsAndRefusesBadFiles) {
@@ -221,6 +247,36 @@ TEST(VaeImages, ConversionsAreVaeImageProcessor) {
   EXPECT_EQ(c.rgb[3 * 6], 7);  // row 1
   const io::RgbImage c4 = center_crop(wide, 4);  // 4x4: left (7−4)/2 = 1, top 0
   EXPECT_EQ(c4.rgb[0], 1);
+}
+
+// PNG bytes of `pixels` in libpng's `format` (grey + alpha, 16-bit, ...).
+std::string png_of(const std::vector<uint16_t>& pixels, uint32_t width, uint32_t height, uint32_t format) {
+  png_image image{};
+  image.version = PNG_IMAGE_VERSION;
+  image.width = width, image.height = height, image.format = format;
+  std::vector<uint8_t> bytes8(pixels.begin(), pixels.end());
+  const void* data = (format & PNG_FORMAT_FLAG_LINEAR) ? static_cast<const void*>(pixels.data()) : bytes8.data();
+  png_alloc_size_t size = 0;
+  EXPECT_TRUE(png_image_write_get_memory_size(image, size, 0, data, 0, nullptr));
+  std::string out(size, '\0');
+  EXPECT_TRUE(png_image_write_to_memory(&image, out.data(), &size, 0, data, 0, nullptr));
+  out.resize(size);
+  return out;
+}
+
+// As PIL's convert("RGB"): grey is replicated, alpha is dropped (not composited), a gAMA chunk
+// changes nothing; 16-bit is refused.
+TEST(VaePng, ColourTypesBecomeRgbAsPil) {
+  const io::RgbImage ga = io::decode_png(png_of({10, 0, 200, 255}, 2, 1, PNG_FORMAT_GA), "ga.png");
+  EXPECT_EQ(ga.rgb, (std::vector<uint8_t>{10, 10, 10, 200, 200, 200}));
+  const io::RgbImage rgba = io::decode_png(png_of({1, 2, 3, 0, 4, 5, 6, 128}, 2, 1, PNG_FORMAT_RGBA), "rgba.png");
+  EXPECT_EQ(rgba.rgb, (std::vector<uint8_t>{1, 2, 3, 4, 5, 6}));
+  // a 1x1 RGB PNG (100, 150, 200) with gAMA 1.0 (libpng's simplified reader would give 167, 200, 228)
+  const std::string gamma = loom::testing::read_bytes(fixture("gamma.png"));
+  ASSERT_FALSE(gamma.empty());
+  EXPECT_EQ(io::decode_png(gamma, "gamma.png").rgb, (std::vector<uint8_t>{100, 150, 200}));
+  EXPECT_THAT(error_of([] { io::decode_png(png_of({1000, 2000, 3000}, 1, 1, PNG_FORMAT_LINEAR_RGB), "deep.png"); }),
+              AllOf(HasSubstr("deep.png"), HasSubstr("16-bit")));
 }
 
 // ---- gradients -----------------------------------------------------------------------------------
