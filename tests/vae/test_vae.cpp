@@ -145,6 +145,24 @@ TEST(VaeModel, LoadsDeprecatedAttentionNames) {
   EXPECT_LE(rel_error(old.model->decode(Variable(g.get("z"))).tensor(), g.get("decoded_f64")), 1e-10);
 }
 
+// Weights are found as for the UNet: the .fp16 file name (first with variant fp16, as a fallback without).
+TEST(VaeModel, FindsTheFp16VariantFile) {
+  TempDir dir;
+  fs::copy_file(fixture("tiny") + "/config.json", dir / "config.json");
+  fs::copy_file(fixture("tiny") + "/diffusion_pytorch_model.safetensors", dir / "diffusion_pytorch_model.fp16.safetensors");
+  EXPECT_TRUE(is_vae_dir(dir.path()));
+  EXPECT_FALSE(is_vae_dir(dir / "nowhere"));
+  const Golden g("tiny");
+  for (const std::string variant : {"fp16", ""}) {
+    VaeLoadOptions o;
+    o.dtype = F64, o.variant = variant;
+    const LoadedVae vae = load_vae_dir(dir.path(), o);
+    EXPECT_THAT(vae.weight_files.at(0), HasSubstr("diffusion_pytorch_model.fp16.safetensors"));
+    NoGradGuard no_grad;
+    EXPECT_LE(rel_error(vae.model->decode(Variable(g.get("z"))).tensor(), g.get("decoded_f64")), 1e-10);
+  }
+}
+
 TEST(VaeModel, StrictLoadNamesTheKey) {
   TempDir dir;
   fs::copy_file(fixture("tiny") + "/config.json", dir / "config.json");
