@@ -467,7 +467,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (app.got_subcommand("gradcheck")) return run_gradcheck(grad_filter);
-    if (const int code = cli::run_vae_command(app, vae); code >= 0) return code;
+    if (app.got_subcommand("decode") || app.got_subcommand("encode")) {
+      Doing doing("running the VAE " + vae.vae);
+      return cli::run_vae_command(app, vae);
+    }
   } catch (const UsageError& e) {
     std::cerr << "loom: " << e.what() << "\n(see loom --help)\n";
     return 2;

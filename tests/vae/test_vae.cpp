@@ -79,6 +79,23 @@ TEST_P(VaeGolden, EncoderAndDecoderMatchDiffusersInF32) {
   EXPECT_LE(rel_error(vae.model->decode(Variable(g.get("z", F32))).tensor().to(F64), g.get("decoded_f32")), 1e-4);
 }
 
+// DiagonalGaussianDistribution: std = exp(logvar / 2); a sample is mean + std · N(0, 1) drawn
+// from loom's generator (so seeded, but not torch's numbers).
+TEST_P(VaeGolden, PosteriorSampleIsMeanPlusStdTimesNoise) {
+  const Golden g(GetParam());
+  const LatentPosterior post = latent_posterior(g.get("moments_f64"));
+  const std::vector<double> logvar = g.get("logvar_f64").to_vector(), std = post.std().to_vector();
+  for (size_t i = 0; i < logvar.size(); ++i) ASSERT_NEAR(std[i], std::exp(0.5 * logvar[i]), 1e-15 * std[i]);
+  Generator a(9), b(9);
+  const Tensor noise = Tensor::randn(post.mean.shape(), b, F64);
+  const std::vector<double> s = post.sample(a).to_vector(), m = post.mean.to_vector(), n = noise.to_vector();
+  for (size_t i = 0; i < s.size(); ++i) ASSERT_NEAR(s[i], m[i] + std[i] * n[i], 1e-14);
+  // logvar is clamped to [−30, 20]
+  const LatentPosterior clamped = latent_posterior(Tensor::from_values({1, 2, 50, -50}, {1, 4, 1, 1}, F64));
+  EXPECT_EQ(clamped.mean.to_vector(), (std::vector<double>{1, 2}));
+  EXPECT_EQ(clamped.logvar.to_vector(), (std::vector<double>{20, -30}));
+}
+
 TEST_P(VaeGolden, LatentScalingIsDiffusers) {
   const LoadedVae vae = load(GetParam(), F64);
   const Golden g(GetParam());
