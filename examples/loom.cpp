@@ -19,6 +19,7 @@
 #include "io/adapter_io.h"
 #include "io/checkpoint.h"
 #include "io/temp_files.h"
+#include "loom_vae.h"
 #include "trainer/builtin_task.h"
 #include "trainer/run.h"
 #include "trainer/trainer.h"
@@ -435,6 +436,8 @@ int main(int argc, char** argv) {
                     "kohya: original SGM/LDM block names (input_blocks_4_1_…), as sd-scripts writes SDXL LoRAs");
   auto* gradcheck_cmd = app.add_subcommand("gradcheck", "Run the f64 gradient checks of the ops and layers");
   gradcheck_cmd->add_option("--filter", grad_filter, "Only checks whose name contains this");
+  cli::VaeArgs vae;  // decode, encode (loom_vae.cpp)
+  cli::add_vae_commands(app, vae);
   io::remove_temp_files_on_signals();
   try {
     app.parse(argc, argv);
@@ -466,6 +469,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (app.got_subcommand("gradcheck")) return run_gradcheck(grad_filter);
+    if (app.got_subcommand("decode") || app.got_subcommand("encode")) {
+      Doing doing("running the VAE " + vae.vae);
+      return cli::run_vae_command(app, vae);
+    }
   } catch (const UsageError& e) {
     std::cerr << "loom: " << e.what() << "\n(see loom --help)\n";
     return 2;

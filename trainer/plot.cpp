@@ -1,9 +1,7 @@
 // Loss-curve PNG writer: see plot.h. Three parts, top to bottom: the y scale
 // (linear or log10, with "nice" ticks), a small raster (grid, axes, ticks,
-// 3x5 pixel labels and axis titles, the curve) and the PNG encoding (libpng).
+// 3x5 pixel labels and axis titles, the curve) and the PNG encoding (io/png.h, libpng).
 #include "trainer/plot.h"
-
-#include <png.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -12,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "io/png.h"
 #include "tensor/error.h"
 
 namespace loom::trainer {
@@ -340,21 +339,11 @@ void draw_curve(Image& img, const Chart& c, const std::vector<double>& losses) {
 // PNG encoding
 // ---------------------------------------------------------------------------
 
-// PNG file bytes of `img` (8-bit RGB), compressed by libpng / zlib.
+// PNG file bytes of `img` (8-bit RGB), compressed by libpng / zlib (io/png.h).
 std::string encode_png(const Image& img) {
-  png_image image{};
-  image.version = PNG_IMAGE_VERSION;
-  image.width = png_uint_32(img.w);
-  image.height = png_uint_32(img.h);
-  image.format = PNG_FORMAT_RGB;
-  png_alloc_size_t size = 0;
-  LOOM_CHECK(png_image_write_get_memory_size(image, size, 0, img.px.data(), 0, nullptr),
-             "render_loss_png: libpng: ", image.message);
-  std::string png(size, '\0');
-  LOOM_CHECK(png_image_write_to_memory(&image, png.data(), &size, 0, img.px.data(), 0, nullptr),
-             "render_loss_png: libpng: ", image.message);
-  png.resize(size);
-  return png;
+  io::RgbImage rgb;
+  rgb.width = img.w, rgb.height = img.h, rgb.rgb = img.px;
+  return io::encode_png(rgb);
 }
 
 }  // namespace

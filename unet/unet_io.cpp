@@ -72,7 +72,12 @@ bool is_unet_dir(const std::string& dir) {
 
 std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const std::string& variant,
                                                 std::vector<std::string>& files_read) {
-  LOOM_CHECK(variant.empty() || variant == "fp16", "UNet weights: variant \"", variant, "\" is not supported (fp16)");
+  return read_model_weights(dir, variant, files_read, "UNet");
+}
+
+std::map<std::string, Tensor> read_model_weights(const std::string& dir, const std::string& variant,
+                                                 std::vector<std::string>& files_read, const std::string& what) {
+  LOOM_CHECK(variant.empty() || variant == "fp16", what, " weights: variant \"", variant, "\" is not supported (fp16)");
   const fs::path d(dir);
   std::vector<std::string> order = {"diffusion_pytorch_model.safetensors",
                                     "diffusion_pytorch_model.safetensors.index.json",
@@ -94,7 +99,7 @@ std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const st
   }
   std::string tried;
   for (const std::string& n : order) tried += (tried.empty() ? "" : ", ") + n;
-  throw io::FileError(dir, "no UNet weights found (looked for " + tried + ")");
+  throw io::FileError(dir, "no " + what + " weights found (looked for " + tried + ")");
 }
 
 LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options) {

@@ -35,6 +35,9 @@ bool is_unet_dir(const std::string& dir);
 // The weights of a model directory as one name -> tensor map (CPU, file dtypes); see above.
 std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const std::string& variant,
                                                 std::vector<std::string>& files_read);
+// The same for any diffusers model directory (the VAE too); `what` names the model in errors.
+std::map<std::string, Tensor> read_model_weights(const std::string& dir, const std::string& variant,
+                                                 std::vector<std::string>& files_read, const std::string& what);
 LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options = {});
 
 }  // namespace loom::unet
