@@ -5,6 +5,7 @@
 #include <iomanip>
 #include <ostream>
 #include <set>
+#include <sstream>
 
 #include "tensor/ops.h"
 #include "tensor/precision.h"
@@ -104,8 +105,7 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
 
   unet::LoadedUNet loaded = unet::load_unet_dir(o.model_dir);
   const std::shared_ptr<unet::UNet2DConditionModel> model = loaded.model;
-  for (const std::string& n : loaded.notes) result.notes.push_back(o.model_dir + ": " + n);
-  for (const std::string& n : model->config().notes) result.notes.push_back(o.model_dir + "/config.json: " + n);
+  result.notes.insert(result.notes.end(), loaded.notes.begin(), loaded.notes.end());  // config.json's notes too
   if (!in.unused_keys.empty()) {
     std::string keys;
     for (const auto& k : in.unused_keys) keys += (keys.empty() ? "" : ", ") + k;
@@ -150,9 +150,11 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
     if (!progress) return;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double per_step = elapsed / double(s.step + 1);
-    *progress << "step " << s.step + 1 << "/" << s.num_steps << "  t " << s.timestep << "  " << std::fixed
-              << std::setprecision(2) << per_step << " s/step  ETA " << clock_text(per_step * double(s.num_steps - s.step - 1))
-              << std::defaultfloat << "\n";
+    std::ostringstream line;
+    line << "step " << s.step + 1 << "/" << s.num_steps << "  t " << std::setprecision(6) << s.timestep << "  "
+         << std::fixed << std::setprecision(2) << per_step << " s/step  ETA "
+         << clock_text(per_step * double(s.num_steps - s.step - 1)) << "\n";
+    *progress << line.str() << std::flush;
   };
   result.latents = unet::sample_latents(*model, *scheduler, latents.to(where.device), in.cond, so, report)
                        .to(DType::F32)
