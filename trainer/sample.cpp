@@ -120,7 +120,8 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
   }
   result.timesteps = scheduler->timesteps();
   result.init_noise_sigma = scheduler->init_noise_sigma();
-  const int64_t batch = in.cond.encoder_hidden_states.size(0);
+  const Tensor& ehs = in.cond.encoder_hidden_states;
+  const int64_t batch = ehs.defined() && ehs.dim() > 0 ? ehs.size(0) : 1;  // (checked below)
   const Tensor latents = in.latents.defined() ? in.latents
                                               : seeded_latents(o, model->config(), batch, result.init_noise_sigma);
   try {

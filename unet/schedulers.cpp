@@ -48,7 +48,7 @@ double np_interp(double x, const std::vector<float>& fp) {
   if (x < 0) return double(fp.front());
   const size_t j = size_t(std::floor(x));
   if (j == fp.size() - 1 || double(j) == x) return double(fp[j]);
-  const double slope = (double(fp[j + 1]) - double(fp[j])) / 1.0;
+  const double slope = double(fp[j + 1]) - double(fp[j]);  // Δy / Δx with Δx = 1
   return slope * (x - double(j)) + double(fp[j]);
 }
 
@@ -134,8 +134,11 @@ void DDIMScheduler::set_timesteps(int64_t n) {
     timesteps_ = rounded(np_arange(double(T), 0, -double(T) / double(n)));
     for (double& t : timesteps_) t -= 1;
   }
+  // Trailing spacing gives a last timestep of −1 for some n (61, 103, …), as in diffusers, which then
+  // reads alphas_cumprod[−1] (Python indexing: the last entry); leading + steps_offset can pass T − 1,
+  // where diffusers fails with an IndexError.
   for (double t : timesteps_)
-    LOOM_CHECK(t >= 0 && t < double(T), "DDIMScheduler: timestep ", t, " is outside 0..", T - 1,
+    LOOM_CHECK(t >= -double(T) && t < double(T), "DDIMScheduler: timestep ", t, " is outside 0..", T - 1,
                " (steps_offset ", config_.steps_offset, " too large for ", n, " steps?)");
 }
 
@@ -144,7 +147,7 @@ Tensor DDIMScheduler::step(const Tensor& model_output, int64_t step, const Tenso
   const std::vector<float>& ac = schedule_.alphas_cumprod();
   const int64_t t = int64_t(timesteps_[size_t(step)]);
   const int64_t prev_t = t - config_.noise.num_train_timesteps / num_inference_steps_;
-  const float alpha_t = ac[size_t(t)];
+  const float alpha_t = ac[size_t(t >= 0 ? t : t + int64_t(ac.size()))];  // Python's ac[-1] (see set_timesteps)
   const float alpha_prev = prev_t >= 0 ? ac[size_t(prev_t)] : (config_.set_alpha_to_one ? 1.0f : ac[0]);
   const float beta_t = 1.0f - alpha_t;
   Tensor x0, eps;
@@ -268,10 +271,7 @@ void DPMSolverMultistepScheduler::set_timesteps(int64_t n) {
     ts = rounded(np_arange(double(last), 0, -double(T) / double(n)));
     for (double& t : ts) t -= 1;
   }
-  for (double t : ts)
-    LOOM_CHECK(t >= 0 && t < double(T), "DPMSolverMultistepScheduler: timestep ", t, " is outside 0..", T - 1,
-               " (", n, " steps with this configuration)");
-  timesteps_ = ts;
+  timesteps_ = ts;  // (trailing can end with −1, as in diffusers; np.interp then gives σ at t = 0)
   sigmas_ = sigmas_at(timesteps_, ac, config_.final_sigmas_type);
   num_inference_steps_ = num_steps();
   previous_x0_ = Tensor();
