@@ -65,7 +65,13 @@ int run_sample(const SampleArgs& a, const CLI::App& cmd) {
   if (cmd.count("--seed")) o.seed = a.seed;
   if (cmd.count("--height")) o.height = a.height;
   if (cmd.count("--width")) o.width = a.width;
-  try {
+  try {  // flags first: a usage error is reported before any file is read
+    try {
+      unet::parse_scheduler_kind(a.scheduler);
+    } catch (const Error& e) {
+      throw Error(std::string("--scheduler: ") + e.what());
+    }
+    if (a.steps < 1) throw Error("--steps must be at least 1, got " + std::to_string(a.steps));
     for (const auto& s : a.adapters) o.adapters.push_back(trainer::AdapterSpec::parse(s));
     const trainer::Placement p = trainer::placement_of(a.device, a.precision);
     std::cerr << "loom: " << p.describe() << "\n";

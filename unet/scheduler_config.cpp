@@ -105,7 +105,7 @@ struct Reader {
     if (!j.at(key).is_string()) fail(key, "must be a string");
     f = j.at(key).get<std::string>();
   }
-  // A key loom implements only with one value (null and absent count as that value when `null_ok`).
+  // A key loom implements with one value only (absent counts as that value; null as null or false).
   void only(const std::string& key, const json& supported, const std::string& what) const {
     if (!j.contains(key)) return;
     const json& v = j.at(key);
