@@ -50,7 +50,8 @@ TEST_P(GpuSampling, F64LoopMatchesDiffusers) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, GpuSampling,
                          ::testing::Values(std::pair{"sd1", "dpmpp_2m"}, std::pair{"sd1", "ddim_v"},
-                                           std::pair{"sdxl", "euler"}));
+                                           std::pair{"sdxl", "euler"}),
+                         [](const auto& info) { return std::string(info.param.first) + "_" + info.param.second; });
 
 // trainer::sample_model (what `loom sample` runs) on cuda:0 at `precision`, sd1 Euler, vs the f64 golden.
 double sample_model_error(const char* precision) {
