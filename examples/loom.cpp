@@ -1,4 +1,4 @@
-// The `loom` command line (SPEC §6): train, run, inspect, convert, gradcheck.
+// The `loom` command line (SPEC §6): train, run, sample (examples/cli_sample.cpp), inspect, convert, gradcheck.
 // Exit codes: 0 ok, 1 a self-check of the built-in task failed, 2 usage (a bad flag, or an
 // --out in use by another run), 3 bad or missing input file (also: out of memory, any other
 // unexpected error), 4 numerical failure (non-finite loss, weights or output).
@@ -16,6 +16,7 @@
 #include "adapters/custom_diffusion.h"
 #include "autograd/gradcheck.h"
 #include "autograd/op_cases.h"
+#include "examples/cli_sample.h"
 #include "io/adapter_io.h"
 #include "io/checkpoint.h"
 #include "io/temp_files.h"
@@ -425,6 +426,8 @@ int main(int argc, char** argv) {
   std::string inspect_file, convert_in, convert_out, convert_to = "peft", grad_filter;
   add_train(app, train);
   add_run(app, run);
+  loom::cli::SampleArgs sample;
+  CLI::App* sample_cmd = loom::cli::add_sample(app, sample);
   auto* inspect = app.add_subcommand("inspect", "Show a weight file: format, key family, tensors, ranks, alphas");
   inspect->add_option("file", inspect_file, "safetensors or HDF5 file")->required();
   auto* convert = app.add_subcommand("convert", "Convert an adapter file between key families");
@@ -448,6 +451,10 @@ int main(int argc, char** argv) {
   try {
     if (app.got_subcommand("train")) return run_train(train, *app.get_subcommand("train"));
     if (app.got_subcommand("run")) return run_run(run);
+    if (app.got_subcommand("sample")) {
+      Doing doing("sampling with " + sample.model);
+      return loom::cli::run_sample(sample, *sample_cmd);
+    }
     if (app.got_subcommand("inspect")) {
       Doing doing("reading " + inspect_file);
       return run_inspect(inspect_file);

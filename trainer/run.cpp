@@ -52,6 +52,26 @@ Tensor forward_all(const attention::Transformer2DModel& model, const DataSet& da
 
 }  // namespace
 
+AttachedAdapters attach_adapters(const std::shared_ptr<nn::Module>& model, const std::vector<AdapterSpec>& specs,
+                                 const io::AdapterLoadOptions& options) {
+  AttachedAdapters out;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const AdapterSpec& spec = specs[i];
+    if (io::is_custom_diffusion_file(io::read_tensor_file(spec.path))) {
+      if (spec.weight_given)
+        throw OptionError("--adapter " + spec.path + ":" + std::to_string(spec.weight) +
+                          ": Custom Diffusion adapters take no weight (they replace projections); give the file alone");
+      out.reports.push_back(io::load_custom_diffusion(*model, spec.path, options));
+      continue;
+    }
+    if (!out.lora) out.lora = std::make_unique<adapters::LoraSet>(model);
+    const std::string name = "adapter" + std::to_string(i);
+    out.reports.push_back(io::load_lora(*out.lora, name, spec.path, options));
+    out.lora->set_weight(name, spec.weight);
+  }
+  return out;
+}
+
 RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   LOOM_CHECK(o.batch_size > 0, "run: batch size must be positive");
   const Placement where = placement_of(o.device, o.precision);
@@ -60,25 +80,13 @@ RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   place_model(*model, where);  // adapters loaded next are made on the device (f32 masters)
   std::optional<attention::ScopedAttentionBackend> scoped;
   if (o.backend) scoped.emplace(*o.backend);
-  RunResult result;
-  std::unique_ptr<adapters::LoraSet> lora;
   io::AdapterLoadOptions lo;
   lo.prefix = o.prefix;
   lo.strict = o.strict;
-  for (size_t i = 0; i < o.adapters.size(); ++i) {
-    const AdapterSpec& spec = o.adapters[i];
-    if (io::is_custom_diffusion_file(io::read_tensor_file(spec.path))) {
-      if (spec.weight_given)
-        throw OptionError("--adapter " + spec.path + ":" + std::to_string(spec.weight) +
-                          ": Custom Diffusion adapters take no weight (they replace projections); give the file alone");
-      result.reports.push_back(io::load_custom_diffusion(*model, spec.path, lo));
-      continue;
-    }
-    if (!lora) lora = std::make_unique<adapters::LoraSet>(model);
-    const std::string name = "adapter" + std::to_string(i);
-    result.reports.push_back(io::load_lora(*lora, name, spec.path, lo));
-    lora->set_weight(name, spec.weight);
-  }
+  AttachedAdapters attached = attach_adapters(model, o.adapters, lo);
+  const std::unique_ptr<adapters::LoraSet>& lora = attached.lora;
+  RunResult result;
+  result.reports = std::move(attached.reports);
   if (o.fuse && lora) lora->fuse();
   result.output = forward_all(*model, inputs, o.batch_size, where);
   for (double v : result.output.to_vector())

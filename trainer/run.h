@@ -3,11 +3,13 @@
 // Custom Diffusion file), optionally fuses, and runs every sample of a data file.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "attention/sdpa.h"
+#include "adapters/lora.h"
 #include "io/adapter_io.h"
 #include "trainer/trainer.h"
 
@@ -21,6 +23,19 @@ struct AdapterSpec {
   // the last ':' must be a finite number. Throws naming the text and the weight.
   static AdapterSpec parse(const std::string& text);
 };
+
+// Adapter files attached to a model: the LoRA set (null when no LoRA file was given; it must
+// outlive the model's use) and one load report per file, in order.
+struct AttachedAdapters {
+  std::unique_ptr<adapters::LoraSet> lora;
+  std::vector<io::AdapterLoadReport> reports;
+};
+
+// Loads every adapter onto `model` (any Module: a Transformer2DModel, a UNet): a Custom Diffusion
+// file installs its processors (a weight on it is an OptionError); LoRA files of any key family
+// join one LoraSet, each at its weight. Throws io::FileError for bad or non-matching files.
+AttachedAdapters attach_adapters(const std::shared_ptr<nn::Module>& model, const std::vector<AdapterSpec>& specs,
+                                 const io::AdapterLoadOptions& options);
 
 struct RunOptions {
   std::string model_dir;

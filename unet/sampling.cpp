@@ -1,0 +1,135 @@
+#include "unet/sampling.h"
+
+#include <sstream>
+
+#include "autograd/variable.h"
+#include "tensor/ops.h"
+
+namespace loom::unet {
+namespace {
+
+std::string shape_text(const Tensor& t) {
+  std::ostringstream os;
+  os << t.shape();
+  return os.str();
+}
+
+void expect_shape(const Tensor& t, const char* name, const Shape& want, const std::string& what) {
+  LOOM_CHECK(t.shape() == want, name, " has shape ", shape_text(t), ", expected ", what);
+}
+
+// The batch the UNet sees: [negative; positive] with guidance, else the positive alone.
+Tensor batch_of(const Tensor& positive, const Tensor& negative, bool guided) {
+  if (!positive.defined() && !negative.defined()) return Tensor();
+  if (!guided) return positive;
+  return ops::cat({negative, positive}, 0);
+}
+
+struct UNetBatch {
+  Variable encoder_hidden_states, text_embeds;
+  Tensor encoder_attention_mask, time_ids;
+};
+
+// The conditioning as the UNet receives it, on its device in its dtype.
+UNetBatch unet_batch(const SamplingConditioning& c, bool guided, DType dtype, Device device) {
+  auto to_model = [&](const Tensor& t) { return t.defined() ? t.to(device).to(dtype) : t; };
+  UNetBatch b;
+  b.encoder_hidden_states = Variable(to_model(batch_of(c.encoder_hidden_states, c.negative_encoder_hidden_states, guided)));
+  if (c.encoder_attention_mask.defined() || c.negative_encoder_attention_mask.defined()) {
+    const Shape mask_shape{c.encoder_hidden_states.size(0), c.encoder_hidden_states.size(1)};
+    const Tensor pos = c.encoder_attention_mask.defined() ? c.encoder_attention_mask : Tensor::ones(mask_shape);
+    const Tensor neg = c.negative_encoder_attention_mask.defined() ? c.negative_encoder_attention_mask
+                                                                   : Tensor::ones(mask_shape);
+    b.encoder_attention_mask = to_model(batch_of(pos.to(DType::F32), neg.to(DType::F32), guided));
+  }
+  if (c.text_embeds.defined()) {
+    b.text_embeds = Variable(to_model(batch_of(c.text_embeds, c.negative_text_embeds, guided)));
+    const Tensor neg_ids = c.negative_time_ids.defined() ? c.negative_time_ids : c.time_ids;
+    b.time_ids = batch_of(c.time_ids.to(DType::F64), neg_ids.to(DType::F64), guided);
+  }
+  return b;
+}
+
+}  // namespace
+
+void check_sampling_inputs(const UNet2DConditionConfig& config, const Shape& latents, const SamplingConditioning& c,
+                           double guidance_scale) {
+  LOOM_CHECK(latents.size() == 4 && latents[1] == config.in_channels, "latents have shape ", latents,
+             ", expected [N, ", config.in_channels, ", h, w] (in_channels ", config.in_channels, ")");
+  const int64_t n = latents[0];
+  const Tensor& ehs = c.encoder_hidden_states;
+  LOOM_CHECK(ehs.defined(), "encoder_hidden_states is missing (the prompt's embeddings, [N, K, ",
+             config.cross_attention_dim.at(0), "])");
+  const int64_t cad = config.cross_attention_dim.at(0);
+  LOOM_CHECK(ehs.dim() == 3 && ehs.size(0) == n && ehs.size(2) == cad, "encoder_hidden_states has shape ",
+             ehs.shape(), ", expected [", n, ", K, ", cad, "] (N from the latents, cross_attention_dim ", cad, ")");
+  const int64_t k = ehs.size(1);
+  const bool guided = guidance_scale > 1.0;
+  if (guided) {
+    LOOM_CHECK(c.negative_encoder_hidden_states.defined(), "negative_encoder_hidden_states is missing: guidance scale ",
+               guidance_scale, " > 1 needs the negative prompt's embeddings [", n, ", ", k, ", ", cad,
+               "] (or --guidance-scale 1 for no guidance)");
+    expect_shape(c.negative_encoder_hidden_states, "negative_encoder_hidden_states", ehs.shape(),
+                 "the shape of encoder_hidden_states " + shape_text(ehs) + " (pad both prompts to the same length)");
+  }
+  for (const auto& [t, name] : {std::pair{c.encoder_attention_mask, "encoder_attention_mask"},
+                                std::pair{c.negative_encoder_attention_mask, "negative_encoder_attention_mask"}})
+    if (t.defined()) expect_shape(t, name, Shape{n, k}, "[N, K] = [" + std::to_string(n) + ", " + std::to_string(k) + "]");
+
+  const bool text_time = config.addition_embed_type == "text_time";
+  if (!text_time) {
+    for (const auto& [t, name] : {std::pair{c.text_embeds, "text_embeds"}, std::pair{c.time_ids, "time_ids"},
+                                  std::pair{c.negative_text_embeds, "negative_text_embeds"},
+                                  std::pair{c.negative_time_ids, "negative_time_ids"}})
+      LOOM_CHECK(!t.defined(), name, " is given but the UNet's config has no addition_embed_type \"text_time\"");
+    return;
+  }
+  const int64_t d = config.text_embeds_dim();
+  const std::string te_shape = "[" + std::to_string(n) + ", " + std::to_string(d) + "]";
+  const std::string ti_shape = "[" + std::to_string(n) + ", 6]";
+  LOOM_CHECK(c.text_embeds.defined(), "text_embeds is missing: the UNet's config has addition_embed_type \"text_time\" "
+             "(SDXL), which needs the pooled prompt embedding text_embeds ", te_shape, " and time_ids ", ti_shape);
+  LOOM_CHECK(c.time_ids.defined(), "time_ids is missing: addition_embed_type \"text_time\" needs time_ids ", ti_shape,
+             " (original size, crop top-left, target size)");
+  expect_shape(c.text_embeds, "text_embeds", Shape{n, d}, te_shape);
+  expect_shape(c.time_ids, "time_ids", Shape{n, 6}, ti_shape);
+  if (c.negative_time_ids.defined()) expect_shape(c.negative_time_ids, "negative_time_ids", Shape{n, 6}, ti_shape);
+  if (guided) {
+    LOOM_CHECK(c.negative_text_embeds.defined(), "negative_text_embeds is missing: guidance scale ", guidance_scale,
+               " > 1 needs the negative prompt's pooled embedding ", te_shape,
+               " (SDXL's pipeline uses zeros for an empty negative prompt)");
+    expect_shape(c.negative_text_embeds, "negative_text_embeds", Shape{n, d}, te_shape);
+  }
+}
+
+Tensor sample_latents(const UNet2DConditionModel& unet, Scheduler& scheduler, const Tensor& latents,
+                      const SamplingConditioning& cond, const SamplingOptions& options, const SamplingCallback& on_step) {
+  check_sampling_inputs(unet.config(), latents.shape(), cond, options.guidance_scale);
+  NoGradGuard no_grad;
+  const bool guided = options.guidance_scale > 1.0;
+  const int64_t n = latents.size(0);
+  const UNetBatch batch = unet_batch(cond, guided, options.model_dtype, latents.device());
+  scheduler.set_timesteps(options.steps);
+  Tensor x = latents;
+  for (int64_t i = 0; i < scheduler.num_steps(); ++i) {
+    const double t = scheduler.timesteps()[size_t(i)];
+    Tensor x_in = scheduler.scale_model_input(guided ? ops::cat({x, x}, 0) : x, i);
+    UNetInputs in;
+    in.sample = Variable(x_in.to(options.model_dtype));
+    in.timestep = Tensor::from_values({t}, {1}, DType::F64);
+    in.encoder_hidden_states = batch.encoder_hidden_states;
+    in.encoder_attention_mask = batch.encoder_attention_mask;
+    in.text_embeds = batch.text_embeds;
+    in.time_ids = batch.time_ids;
+    Tensor eps = unet.forward(in).tensor().to(x.dtype());
+    if (guided) {  // [2N] -> uncond [N], cond [N]
+      const Tensor uncond = eps.narrow(0, 0, n), text = eps.narrow(0, n, n);
+      eps = ops::add(uncond, ops::mul_scalar(ops::sub(text, uncond), options.guidance_scale));
+    }
+    x = scheduler.step(eps.contiguous(), i, x);
+    if (on_step) on_step({i, scheduler.num_steps(), t});
+  }
+  return x;
+}
+
+}  // namespace loom::unet
