@@ -1,4 +1,4 @@
-// The `loom` command line (SPEC §6): train, run, sample (examples/cli_sample.cpp), inspect, convert, gradcheck.
+// The `loom` command line (SPEC §6): train, run, sample (examples/cli_sample.cpp), decode / encode (examples/loom_vae.cpp), inspect, convert, gradcheck.
 // Exit codes: 0 ok, 1 a self-check of the built-in task failed, 2 usage (a bad flag, or an
 // --out in use by another run), 3 bad or missing input file (also: out of memory, any other
 // unexpected error), 4 numerical failure (non-finite loss, weights or output).
