@@ -55,12 +55,12 @@ Tensor forward_all(const attention::Transformer2DModel& model, const DataSet& da
 RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   LOOM_CHECK(o.batch_size > 0, "run: batch size must be positive");
   const Placement where = placement_of(o.device, o.precision);
-  auto model = io::load_model_dir(o.model_dir, o.prefix);
+  RunResult result;
+  auto model = io::load_model_dir(o.model_dir, o.prefix, DType::F32, &result.model_notes);
   model->eval();
   place_model(*model, where);  // adapters loaded next are made on the device (f32 masters)
   std::optional<attention::ScopedAttentionBackend> scoped;
   if (o.backend) scoped.emplace(*o.backend);
-  RunResult result;
   std::unique_ptr<adapters::LoraSet> lora;
   io::AdapterLoadOptions lo;
   lo.prefix = o.prefix;
