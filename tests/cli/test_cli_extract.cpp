@@ -150,7 +150,8 @@ TEST_F(CliExtract, FileErrorsExitThreeNamingTheFileAndTheModule) {
   write_model_dir(path("wide"), wide);
   const Result shape = loom({"extract", "--base", path("model"), "--tuned", path("wide"), "--rank", "2", "--out", path("l.safetensors")});
   EXPECT_EQ(shape.code, 3) << shape;
-  EXPECT_THAT(shape.err, AllOf(HasSubstr(path("wide")), HasSubstr("'" + kQ + "' has the weight shape [10, 8]"), HasSubstr("[8, 8]")));
+  EXPECT_THAT(shape.err, AllOf(HasSubstr(path("wide")), HasSubstr("module 'proj_in' has the weight shape [10, 8, 1, 1]"),
+                               HasSubstr("[8, 8, 1, 1]")));
   // identical models: nothing to extract
   const Result same = loom({"extract", "--base", path("model"), "--tuned", path("model"), "--rank", "2", "--out", path("l.safetensors")});
   EXPECT_EQ(same.code, 3) << same;
@@ -170,7 +171,9 @@ TEST_F(CliExtract, FileErrorsExitThreeNamingTheFileAndTheModule) {
 
 std::string fixture(const std::string& name) { return std::string(LOOM_SOURCE_DIR) + "/tests/io/fixtures/" + name; }
 
-TEST_F(Cli, AnH5pyModelIsSaidToCarryNoChecksumsOnceAndStillCheckedForFiniteness) {
+class CliH5pyModel : public Cli {};  // (a suite name of this file: gtest needs one fixture class per suite)
+
+TEST_F(CliH5pyModel, IsSaidToCarryNoChecksumsOnceAndStillCheckedForFiniteness) {
   // tests/io/fixtures/make_h5py_model.py: model.h5 by h5py, the same tensors in a safetensors file
   fs::copy(fixture("h5py_model"), path("h5"));
   fs::create_directories(path("st"));
