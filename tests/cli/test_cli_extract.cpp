@@ -167,6 +167,36 @@ TEST_F(CliExtract, FileErrorsExitThreeNamingTheFileAndTheModule) {
   EXPECT_FALSE(exists(path("o.safetensors")));
 }
 
+// A UNet2DConditionModel directory (the sd1 fixture) with one 3×3 conv and one attention changed.
+TEST_F(CliExtract, UNetDirectoriesWithKxKConvsNeedConvRank) {
+  const std::string sd1 = std::string(LOOM_SOURCE_DIR) + "/tests/unet/fixtures/sd1";
+  fs::create_directories(path("unet_tuned"));
+  fs::copy_file(sd1 + "/config.json", path("unet_tuned/config.json"));
+  const std::string conv = "down_blocks.0.resnets.0.conv1", q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (auto [key, t] : io::read_safetensors(sd1 + "/diffusion_pytorch_model.safetensors").tensors) {
+    if (key == conv + ".weight" || key == q + ".weight")
+      t = ops::add(t.to(DType::F64), low_rank(t.size(0), t.numel() / t.size(0), 1, 3).reshape(t.shape())).to(t.dtype());
+    tensors.emplace_back(key, t);
+  }
+  io::write_safetensors(path("unet_tuned/diffusion_pytorch_model.safetensors"), tensors);
+  const std::vector<std::string> args{"extract", "--base", sd1, "--tuned", path("unet_tuned"), "--rank", "2", "--out",
+                                      path("unet_lora.safetensors")};
+  const Result plain = loom(args);
+  ASSERT_EQ(plain.code, 0) << plain;
+  EXPECT_THAT(plain.out, AllOf(HasSubstr("total: 1 modules written"), HasSubstr("3x3 conv: give --conv-rank")));
+  std::vector<std::string> with_conv = args;
+  with_conv.insert(with_conv.end(), {"--conv-rank", "1"});
+  const Result locon = loom(with_conv);
+  ASSERT_EQ(locon.code, 0) << locon;
+  EXPECT_THAT(locon.out, HasSubstr("total: 2 modules written"));
+  EXPECT_THAT(locon.out, HasSubstr("energy kept 1.000000"));
+  const io::TensorFile f = io::read_tensor_file(path("unet_lora.safetensors"));
+  ASSERT_NE(f.find("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"), nullptr);
+  EXPECT_EQ(f.find("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")->shape(), (Shape{1, 8, 3, 3}));
+  EXPECT_EQ(f.find("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight")->shape(), (Shape{8, 1, 1, 1}));
+}
+
 // ---- a model.h5 written by h5py (SPEC §5; issue 12: no checksums) ----------------------------------
 
 std::string fixture(const std::string& name) { return std::string(LOOM_SOURCE_DIR) + "/tests/io/fixtures/" + name; }

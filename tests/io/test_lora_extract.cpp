@@ -6,11 +6,13 @@
 
 #include <cmath>
 
+#include "adapters/lora.h"
 #include "attention/transformer.h"
 #include "io/lora_extract.h"
 #include "nn/conv.h"
 #include "tensor/ops.h"
 #include "tests/test_helpers.h"
+#include "unet/unet_io.h"
 
 namespace loom::io {
 namespace {
@@ -229,6 +231,50 @@ TEST(Extract, ModulesInOneModelOnlyOrOfOtherShapesAreErrorsNamingThem) {
   auto nan = small_model();
   add_to_weight(*nan, "proj_out", Tensor::full({8, 8}, NAN, DType::F64));
   EXPECT_THAT(error_of([&] { extract_lora(*one, *nan, {}, "b", "t"); }), HasSubstr("'proj_out': the difference to the base holds NaN"));
+}
+
+// The tuned model is the sd1 fixture UNet with PEFT's LoCon (r 2, alpha 3, on conv1, conv2,
+// conv_shortcut, the samplers' conv and to_q; tests/unet/fixtures/make_locon_fixture.py) fused in:
+// extracting at rank 2 recovers an adapter that gives diffusers+PEFT's output.
+TEST(Extract, APeftLoConFusedIntoTheUNetIsRecoveredAndGivesDiffusersOutput) {
+  const std::string dir = std::string(LOOM_UNET_FIXTURE_DIR) + "/sd1";
+  unet::UNetLoadOptions lo;
+  lo.dtype = DType::F64;
+  auto base = unet::load_unet_dir(dir, lo).model, tuned = unet::load_unet_dir(dir, lo).model;
+  const TensorFile peft = read_safetensors(dir + "/locon_peft.safetensors");
+  size_t adapted = 0;
+  for (const auto& [key, a] : peft.tensors) {
+    const size_t at = key.rfind(".lora_A.weight");
+    if (at == std::string::npos) continue;
+    const std::string path = key.substr(0, at);
+    const Tensor b = *peft.find(path + ".lora_B.weight");
+    add_to_weight(*tuned, path, ops::mul_scalar(product(b.reshape({b.size(0), 2}), a.reshape({2, a.numel() / 2})), 1.5));
+    ++adapted;
+  }
+  ExtractOptions o;
+  o.rank = 2, o.conv_rank = 2;
+  const ExtractResult r = extract_lora(*base, *tuned, o);
+  EXPECT_EQ(r.lora.modules.size(), adapted);
+  EXPECT_NEAR(r.report.total_energy(), 1.0, 1e-12);
+  std::map<std::string, adapters::LoraModule> modules;
+  for (const auto& [path, m] : r.lora.modules) {
+    const bool linear = std::dynamic_pointer_cast<nn::Linear>(base->find_module(path)) != nullptr;
+    adapters::LoraModule lm;
+    lm.rank = m.rank();
+    lm.alpha = m.alpha;
+    lm.down = Variable(linear ? m.down.reshape({m.rank(), m.down.numel() / m.rank()}) : m.down);
+    lm.up = Variable(linear ? m.up.reshape({m.up.size(0), m.rank()}) : m.up);
+    modules[path] = lm;
+  }
+  adapters::LoraSet set(base);
+  set.add_from_weights("extracted", modules);
+  const TensorFile golden = read_safetensors(dir + "/golden.safetensors");
+  unet::UNetInputs in;
+  in.sample = Variable(golden.find("sample")->to(DType::F64));
+  in.timestep = *golden.find("timestep");
+  in.encoder_hidden_states = Variable(golden.find("encoder_hidden_states")->to(DType::F64));
+  NoGradGuard ng;
+  EXPECT_LT(rel_error(base->forward(in).tensor(), peft.find("lora_output_f64")->to(DType::F64)), 1e-10);
 }
 
 // ---- resize ---------------------------------------------------------------------------------------
