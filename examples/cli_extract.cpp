@@ -36,9 +36,14 @@ std::shared_ptr<nn::Module> load_any_model(const std::string& dir, const std::st
   if (!S_ISDIR(st.st_mode)) throw io::FileError(dir, "is not a directory (" + flag + " names a model directory: config.json + weights)");
   if (::stat((dir + "/config.json").c_str(), &st) == 0 && S_ISDIR(st.st_mode))
     throw io::FileError(dir + "/config.json", "is a directory, not a config file");
-  if (unet::is_unet_dir(dir)) return unet::load_unet_dir(dir).model;
-  std::vector<std::string> notes;
-  auto model = io::load_model_dir(dir, "", DType::F32, &notes);
+  std::shared_ptr<nn::Module> model;
+  std::vector<std::string> notes;  // what the load could not check (no checksums), ignored config keys
+  if (unet::is_unet_dir(dir)) {
+    unet::LoadedUNet u = unet::load_unet_dir(dir);
+    model = u.model, notes = u.notes;
+  } else {
+    model = io::load_model_dir(dir, "", DType::F32, &notes);
+  }
   for (const std::string& n : notes) std::cerr << "loom: " << flag << " " << dir << ": " << n << "\n";
   return model;
 }

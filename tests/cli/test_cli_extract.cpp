@@ -195,6 +195,14 @@ TEST_F(CliExtract, UNetDirectoriesWithKxKConvsNeedConvRank) {
   ASSERT_NE(f.find("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"), nullptr);
   EXPECT_EQ(f.find("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")->shape(), (Shape{1, 8, 3, 3}));
   EXPECT_EQ(f.find("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight")->shape(), (Shape{8, 1, 1, 1}));
+
+  // a NaN in a UNet weight file is a bad file naming the key (no checksum needed to see it)
+  for (auto& [key, t] : tensors)
+    if (key == q + ".weight") t = ops::mul_scalar(t, NAN);
+  io::write_safetensors(path("unet_tuned/diffusion_pytorch_model.safetensors"), tensors);
+  const Result nan = loom(args);
+  EXPECT_EQ(nan.code, 3) << nan;
+  EXPECT_THAT(nan.err, HasSubstr("key '" + q + ".weight' holds NaN or Inf"));
 }
 
 // ---- a model.h5 written by h5py (SPEC §5; issue 12: no checksums) ----------------------------------
