@@ -47,7 +47,7 @@ double energy_share(const std::vector<double>& sigma, int64_t r);
 
 // ---- extract ----------------------------------------------------------------------------------
 struct ExtractOptions {
-  int64_t rank = 4;                   // Linear and 1×1 modules (and k×k convs without conv_rank)
+  int64_t rank = 4;                   // Linear and 1×1 modules
   std::optional<int64_t> conv_rank;   // k×k Conv2d modules; none: they are skipped (as kohya)
   std::optional<double> alpha;        // none: alpha = the module's rank (scale 1)
   double min_diff = 0;                // modules with max |ΔW| ≤ min_diff are skipped (unchanged)
@@ -82,7 +82,7 @@ struct ExtractResult {
 
 // A LoRA approximating tuned − base module by module, over every Linear, Conv1x1 and Conv2d of
 // the models. Throws FileError (naming `base_name` / `tuned_name` and the module) when a module is
-// in one model only, when shapes differ, or when a ΔW is not finite; Error when nothing differs.
+// in one model only, when shapes differ, when a ΔW is not finite, or when no module differs.
 ExtractResult extract_lora(const nn::Module& base, const nn::Module& tuned, const ExtractOptions& options,
                            const std::string& base_name = "base", const std::string& tuned_name = "tuned");
 
