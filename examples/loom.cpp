@@ -1,4 +1,5 @@
-// The `loom` command line (SPEC §6): train, run, sample (examples/cli_sample.cpp), decode / encode (examples/loom_vae.cpp), inspect, convert, gradcheck.
+// The `loom` command line (SPEC §6): train, run, sample (examples/cli_sample.cpp), decode / encode
+// (examples/loom_vae.cpp), extract / resize (SPEC §9, examples/cli_extract.cpp), inspect, convert, gradcheck.
 // Exit codes: 0 ok, 1 a self-check of the built-in task failed, 2 usage (a bad flag, or an
 // --out in use by another run), 3 bad or missing input file (also: out of memory, any other
 // unexpected error), 4 numerical failure (non-finite loss, weights or output).
@@ -17,6 +18,7 @@
 #include "autograd/gradcheck.h"
 #include "autograd/op_cases.h"
 #include "examples/cli_sample.h"
+#include "examples/cli_extract.h"
 #include "io/adapter_io.h"
 #include "io/checkpoint.h"
 #include "io/temp_files.h"
@@ -217,7 +219,9 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
   {
     Doing doing("loading the model directory " + a.model);
     check_config_is_a_file(a.model);
-    model = io::load_model_dir(a.model, a.options.prefix);
+    std::vector<std::string> notes;
+    model = io::load_model_dir(a.model, a.options.prefix, DType::F32, &notes);
+    for (const auto& note : notes) std::cerr << "loom: --model: " << note << "\n";
   }
   trainer::DataSet data;
   {
@@ -283,6 +287,7 @@ int run_run(const RunArgs& a) {
   inputs.check_fits(attention::Transformer2DConfig::from_file(a.model + "/config.json"), a.input);
   Doing doing("running the model " + a.model);
   const trainer::RunResult r = trainer::run_model(o, inputs);
+  for (const auto& note : r.model_notes) std::cerr << "loom: --model: " << note << "\n";
   for (const auto& rep : r.reports) std::cerr << rep.summary() << "\n";
   const bool h5 = a.output.size() > 3 && (a.output.rfind(".h5") == a.output.size() - 3);
   if (h5)
@@ -437,6 +442,10 @@ int main(int argc, char** argv) {
   io::WriteOptions convert_options;
   convert->add_flag("--sgm", convert_options.sgm_names,
                     "kohya: original SGM/LDM block names (input_blocks_4_1_…), as sd-scripts writes SDXL LoRAs");
+  cli::ExtractArgs extract_args;
+  cli::ResizeArgs resize_args;
+  auto* extract_cmd = cli::add_extract(app, extract_args);
+  auto* resize_cmd = cli::add_resize(app, resize_args);
   auto* gradcheck_cmd = app.add_subcommand("gradcheck", "Run the f64 gradient checks of the ops and layers");
   gradcheck_cmd->add_option("--filter", grad_filter, "Only checks whose name contains this");
   cli::VaeArgs vae;  // decode, encode (loom_vae.cpp)
@@ -479,6 +488,14 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("decode") || app.got_subcommand("encode")) {
       Doing doing("running the VAE " + vae.vae);
       return cli::run_vae_command(app, vae);
+    }
+    if (app.got_subcommand("extract")) {
+      Doing doing("extracting a LoRA from " + extract_args.tuned);
+      return cli::run_extract(extract_args, *extract_cmd);
+    }
+    if (app.got_subcommand("resize")) {
+      Doing doing("resizing " + resize_args.in);
+      return cli::run_resize(resize_args, *resize_cmd);
     }
   } catch (const UsageError& e) {
     std::cerr << "loom: " << e.what() << "\n(see loom --help)\n";

@@ -182,8 +182,11 @@ void save_custom_diffusion(const nn::Module& model, const std::string& path, con
 // or model.h5. With a prefix, only the keys under it are loaded (one block of a full UNet); a
 // file holding one block with bare keys (transformer_blocks.0.…, proj_in.weight: save_pretrained
 // of a Transformer2DModel) is loaded whole, the prefix then selecting only the adapters' keys.
+// `notes` (when given) receives what the load could not check, each naming the weights file
+// (e.g. a model.h5 written by h5py: no checksums; shapes and finiteness are still checked).
 std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string& dir, const std::string& prefix = "",
-                                                              DType dtype = DType::F32);
+                                                              DType dtype = DType::F32,
+                                                              std::vector<std::string>* notes = nullptr);
 // A hex digest of the model's parameters at `paths` (".weight" of each adapted module): the
 // base fingerprint stored with adapters.
 std::string base_fingerprint(const nn::Module& model, const std::vector<std::string>& module_paths);

@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cerrno>
 #include <cstring>
 #include <functional>
@@ -210,6 +211,17 @@ H5Id file_access(const Context& c, const std::string& problem, bool for_writing)
 // The child only calls H5Aread, write and _exit (no HDF5 teardown, no core file).
 std::string read_variable_length_string(const Context& c, hid_t attr, hid_t mem, const std::string& what) {
   constexpr size_t kMaxString = size_t(64) << 20;
+  // A damaged heap entry can also claim gigabytes, which HDF5 then allocates and copies for
+  // seconds (so that the outcome depended on the time it took): no string needs more than a few
+  // times kMaxString, so the child's address space may grow by 512 MiB at most (measured here:
+  // the child calls nothing but setrlimit, H5Aread, write and _exit).
+  rlim_t address_cap = 0;
+  if (FILE* statm = std::fopen("/proc/self/statm", "r")) {
+    unsigned long pages = 0;
+    if (std::fscanf(statm, "%lu", &pages) == 1)
+      address_cap = rlim_t(pages) * rlim_t(::sysconf(_SC_PAGESIZE)) + (rlim_t(512) << 20);
+    std::fclose(statm);
+  }
   int fds[2];
   if (::pipe(fds) != 0) c.fail("cannot read " + what + " (pipe: " + errno_text(errno) + ")");
   const pid_t pid = ::fork();
@@ -223,6 +235,10 @@ std::string read_variable_length_string(const Context& c, hid_t attr, hid_t mem,
     struct rlimit no_core {0, 0};
     ::setrlimit(RLIMIT_CORE, &no_core);
     ::alarm(10);  // damaged heaps can also make HDF5 loop forever: a string never takes this long
+    if (address_cap > 0) {
+      struct rlimit as {address_cap, address_cap};
+      ::setrlimit(RLIMIT_AS, &as);
+    }
     char* p = nullptr;
     if (H5Aread(attr, mem, &p) < 0) ::_exit(2);
     const size_t n = p ? ::strnlen(p, kMaxString + 1) : 0;
@@ -870,29 +886,52 @@ int superblock_version(const std::string& path) {
 // Files in the old format (superblock 0 or 1: h5py's default, no metadata checksums) are first
 // read in a child process: HDF5 1.10 trusts the sizes in their local heaps, B-trees and global
 // heaps, and crashed (or looped) on damaged ones in fuzzing. A child that dies makes the file a
-// FileError; otherwise the read is done again here. Called with the HDF5 lock held (the child
+// FileError; a child whose read ends in a FileError sends its problem back through a pipe, and
+// the parent reports it without reading again (a damaged string heap costs its 10 s alarm once,
+// not twice); otherwise the read is done again here. Called with the HDF5 lock held (the child
 // takes no lock: it has one thread).
 void probe_in_child(const Context& c, const std::function<void()>& read) {
+  int fds[2];
+  if (::pipe(fds) != 0) return;  // no probe possible: read as before
   const pid_t pid = ::fork();
-  if (pid < 0) return;  // no probe possible: read as before
+  if (pid < 0) {
+    ::close(fds[0]), ::close(fds[1]);
+    return;
+  }
   if (pid == 0) {
+    ::close(fds[0]);
     struct rlimit no_core {0, 0};
     ::setrlimit(RLIMIT_CORE, &no_core);
     ::alarm(600);
     int code = 0;
     try {
       read();
+    } catch (const FileError& e) {
+      const std::string prefix = c.path + ": ", what = e.what();
+      const std::string problem = what.compare(0, prefix.size(), prefix) == 0 ? what.substr(prefix.size()) : what;
+      const size_t n = std::min<size_t>(problem.size(), 4096);
+      code = ::write(fds[1], problem.data(), n) == ssize_t(n) ? 3 : 4;
     } catch (...) {
-      code = 3;
+      code = 4;
     }
     ::_exit(code);
   }
+  ::close(fds[1]);
+  std::string problem;
+  char buf[4096];
+  for (ssize_t r; (r = ::read(fds[0], buf, sizeof buf)) != 0;) {
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) break;
+    if (problem.size() < 4096) problem.append(buf, size_t(r));
+  }
+  ::close(fds[0]);
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   if (WIFSIGNALED(status))
     c.fail(std::string("truncated or corrupt (HDF5 ") + (WTERMSIG(status) == SIGALRM ? "did not finish" : "crashed") +
            " reading it: damaged metadata in a file without checksums)");
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 3 && !problem.empty()) c.fail(problem);
 }
 
 }  // namespace

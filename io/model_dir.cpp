@@ -16,7 +16,7 @@ bool file_exists(const std::string& p) {
 }  // namespace
 
 std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string& dir, const std::string& prefix,
-                                                              DType dtype) {
+                                                              DType dtype, std::vector<std::string>* notes) {
   const std::string config_path = dir + "/config.json";
   if (!file_exists(config_path)) throw FileError(config_path, "missing (a model directory holds config.json and weights)");
   attention::Transformer2DConfig config;
@@ -33,6 +33,8 @@ std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string&
   if (weights.empty())
     throw FileError(dir, "no weights (expected model.safetensors, diffusion_pytorch_model.safetensors or model.h5)");
   const TensorFile file = read_tensor_file(weights);
+  if (notes)
+    for (const std::string& n : file.notes) notes->push_back(weights + ": " + n);
   std::map<std::string, Tensor> state;
   for (const auto& [key, t] : file.tensors) {
     if (prefix.empty()) {

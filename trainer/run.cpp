@@ -75,7 +75,8 @@ AttachedAdapters attach_adapters(const std::shared_ptr<nn::Module>& model, const
 RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   LOOM_CHECK(o.batch_size > 0, "run: batch size must be positive");
   const Placement where = placement_of(o.device, o.precision);
-  auto model = io::load_model_dir(o.model_dir, o.prefix);
+  RunResult result;
+  auto model = io::load_model_dir(o.model_dir, o.prefix, DType::F32, &result.model_notes);
   model->eval();
   place_model(*model, where);  // adapters loaded next are made on the device (f32 masters)
   std::optional<attention::ScopedAttentionBackend> scoped;
@@ -85,7 +86,6 @@ RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   lo.strict = o.strict;
   AttachedAdapters attached = attach_adapters(model, o.adapters, lo);
   const std::unique_ptr<adapters::LoraSet>& lora = attached.lora;
-  RunResult result;
   result.reports = std::move(attached.reports);
   if (o.fuse && lora) lora->fuse();
   result.output = forward_all(*model, inputs, o.batch_size, where);

@@ -52,6 +52,7 @@ struct RunOptions {
 struct RunResult {
   Tensor output;  // (N, C, H, W)
   std::vector<io::AdapterLoadReport> reports;
+  std::vector<std::string> model_notes;  // what the model's load could not check (e.g. no checksums)
 };
 
 // Throws io::FileError for bad inputs, NumericalError when an output is not finite.

@@ -1,5 +1,6 @@
 #include "unet/unet_io.h"
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -27,8 +28,12 @@ json read_json(const std::string& path) {
   }
 }
 
-void add_tensors(const std::string& path, std::map<std::string, Tensor>& out) {
+// Adds the tensors of one weight file; what the read could not check (e.g. an h5py file without
+// checksums) goes to `notes`, naming the file.
+void add_tensors(const std::string& path, std::map<std::string, Tensor>& out, std::vector<std::string>* notes) {
   io::TensorFile f = io::read_tensor_file(path);
+  if (notes)
+    for (const std::string& n : f.notes) notes->push_back(path + ": " + n);
   for (auto& [name, t] : f.tensors) {
     if (out.count(name)) throw io::FileError(path, "tensor '" + name + "' also appears in another weight file");
     out.emplace(name, t);
@@ -36,7 +41,8 @@ void add_tensors(const std::string& path, std::map<std::string, Tensor>& out) {
 }
 
 // A sharded checkpoint: the index's weight_map names the shard of every tensor.
-void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& out, std::vector<std::string>& files) {
+void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& out, std::vector<std::string>& files,
+                  std::vector<std::string>* notes) {
   const json idx = read_json(index_path);
   if (!idx.is_object() || !idx.contains("weight_map") || !idx.at("weight_map").is_object())
     throw io::FileError(index_path, "no \"weight_map\" object");
@@ -48,7 +54,7 @@ void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& 
   const fs::path dir = fs::path(index_path).parent_path();
   for (const std::string& s : shards) {
     const std::string p = (dir / s).string();
-    add_tensors(p, out);
+    add_tensors(p, out, notes);
     files.push_back(p);
   }
   for (const auto& [key, shard] : idx.at("weight_map").items())
@@ -71,12 +77,13 @@ bool is_unet_dir(const std::string& dir) {
 }
 
 std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const std::string& variant,
-                                                std::vector<std::string>& files_read) {
-  return read_model_weights(dir, variant, files_read, "UNet");
+                                                std::vector<std::string>& files_read, std::vector<std::string>* notes) {
+  return read_model_weights(dir, variant, files_read, "UNet", notes);
 }
 
 std::map<std::string, Tensor> read_model_weights(const std::string& dir, const std::string& variant,
-                                                 std::vector<std::string>& files_read, const std::string& what) {
+                                                 std::vector<std::string>& files_read, const std::string& what,
+                                                 std::vector<std::string>* notes) {
   LOOM_CHECK(variant.empty() || variant == "fp16", what, " weights: variant \"", variant, "\" is not supported (fp16)");
   const fs::path d(dir);
   std::vector<std::string> order = {"diffusion_pytorch_model.safetensors",
@@ -90,9 +97,9 @@ std::map<std::string, Tensor> read_model_weights(const std::string& dir, const s
     const fs::path p = d / name;
     if (!fs::is_regular_file(p)) continue;
     if (name.size() > 11 && name.substr(name.size() - 11) == ".index.json") {
-      read_sharded(p.string(), out, files_read);
+      read_sharded(p.string(), out, files_read, notes);
     } else {
-      add_tensors(p.string(), out);
+      add_tensors(p.string(), out, notes);
       files_read.push_back(p.string());
     }
     return out;
@@ -117,7 +124,13 @@ LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options)
   r.notes = config.notes;
   Generator gen(0);  // the initial values are overwritten by the load
   r.model = std::make_shared<UNet2DConditionModel>(config, gen, options.dtype, options.device);
-  const auto weights = read_unet_weights(dir, options.variant, r.weight_files);
+  const auto weights = read_unet_weights(dir, options.variant, r.weight_files, &r.notes);
+  for (const auto& [key, t] : weights) {  // finiteness, also where no checksum guards the values
+    if (!is_floating(t.dtype())) continue;
+    for (double v : t.to_vector())
+      if (!std::isfinite(v))
+        throw io::FileError(r.weight_files.size() == 1 ? r.weight_files.front() : dir, "key '" + key + "' holds NaN or Inf values");
+  }
   try {
     r.model->load_state_dict(weights, true);
   } catch (const Error& e) {

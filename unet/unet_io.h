@@ -6,7 +6,8 @@
 //     model.safetensors, model.h5 (loom's native names)
 //   (with variant "fp16" the .fp16 files are looked for first).
 // The load is strict: a missing, unexpected or mis-shaped key is an error that
-// names it (and both shapes). Weights are converted to the requested dtype.
+// names it (and both shapes); so is a NaN/Inf weight (the key named). Weights are
+// converted to the requested dtype.
 #pragma once
 
 #include <map>
@@ -27,17 +28,21 @@ struct UNetLoadOptions {
 struct LoadedUNet {
   std::shared_ptr<UNet2DConditionModel> model;
   std::vector<std::string> weight_files;  // the files read
-  std::vector<std::string> notes;         // config keys ignored, variant fallbacks
+  std::vector<std::string> notes;         // config keys ignored, variant fallbacks, weights without checksums
 };
 
 // True when dir/config.json says `"_class_name": "UNet2DConditionModel"`.
 bool is_unet_dir(const std::string& dir);
 // The weights of a model directory as one name -> tensor map (CPU, file dtypes); see above.
+// `notes` (when given) receives what the reads could not check (an h5py model.h5: no checksums).
 std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const std::string& variant,
-                                                std::vector<std::string>& files_read);
-// The same for any diffusers model directory (the VAE too); `what` names the model in errors.
+                                                std::vector<std::string>& files_read,
+                                                std::vector<std::string>* notes = nullptr);
+// The same for any diffusers model directory (the VAE too); `what` names the model in errors;
+// what a file could not check (no checksums) goes to `notes`.
 std::map<std::string, Tensor> read_model_weights(const std::string& dir, const std::string& variant,
-                                                 std::vector<std::string>& files_read, const std::string& what);
+                                                 std::vector<std::string>& files_read, const std::string& what,
+                                                 std::vector<std::string>* notes = nullptr);
 LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options = {});
 
 }  // namespace loom::unet
