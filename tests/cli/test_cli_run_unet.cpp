@@ -1,0 +1,74 @@
+// `loom run --model UNET_DIR` (SPEC §8) against diffusers' own outputs: the tiny SD-1.x-like and
+// SDXL-like UNets of tests/unet/fixtures (golden.safetensors holds diffusers' inputs and its f32
+// output), and the errors a user meets (missing tensors, shapes that do not fit, --prefix).
+#include "tests/cli/cli_fixture.h"
+
+#ifndef LOOM_UNET_FIXTURE_DIR
+#error "LOOM_UNET_FIXTURE_DIR must be defined by CMake"
+#endif
+
+namespace loom {
+namespace {
+
+const std::string kFixtures = LOOM_UNET_FIXTURE_DIR;
+
+class CliRunUNet : public Cli {};
+
+// The golden inputs without the golden outputs (which loom run would report as unused).
+std::string inputs_of(const std::string& config, const std::string& dir) {
+  io::TensorFile f = io::read_tensor_file(kFixtures + "/" + config + "/golden.safetensors");
+  std::vector<std::pair<std::string, Tensor>> in;
+  for (const auto& [name, t] : f.tensors)
+    if (name.rfind("output", 0) != 0) in.emplace_back(name, t.to(DType::F32));
+  const std::string file = dir + "/" + config + "_inputs.safetensors";
+  io::write_safetensors(file, in);
+  return file;
+}
+
+Tensor golden_output(const std::string& config) {
+  return *io::read_tensor_file(kFixtures + "/" + config + "/golden.safetensors").find("output_f32");
+}
+
+TEST_F(CliRunUNet, MatchesDiffusersForSd1AndSdxlConfigs) {
+  for (const std::string config : {"sd1", "sdxl"}) {
+    SCOPED_TRACE(config);
+    const std::string out = path(config + "_out.safetensors");
+    const Result r = run_loom({"run", "--model", kFixtures + "/" + config, "--input", inputs_of(config, path(".")),
+                               "--output", out, "--batch-size", "1"},
+                              path("."));
+    ASSERT_EQ(r.code, 0) << r;
+    const Tensor y = read_output(out);
+    ASSERT_TRUE(y.defined()) << r;
+    EXPECT_LE(rel_error(y, golden_output(config)), 1e-4) << r;
+  }
+}
+
+TEST_F(CliRunUNet, ErrorsNameTheTensorAndTheFlag) {
+  const std::string model = kFixtures + "/sd1";
+  // a missing tensor: exit 3 naming the file and the tensor
+  std::vector<std::pair<std::string, Tensor>> partial = {{"sample", Tensor::zeros({1, 4, 8, 8})},
+                                                         {"timestep", Tensor::zeros({1})}};
+  io::write_safetensors(path("partial.safetensors"), partial);
+  Result r = run_loom({"run", "--model", model, "--input", path("partial.safetensors"), "--output",
+                       path("o.safetensors")},
+                      path("."));
+  EXPECT_EQ(r.code, 3) << r;
+  EXPECT_THAT(r.err, AllOf(HasSubstr("partial.safetensors"), HasSubstr("encoder_hidden_states")));
+  // a context of the wrong width: exit 3 naming the tensor
+  partial.emplace_back("encoder_hidden_states", Tensor::zeros({1, 5, 7}));
+  io::write_safetensors(path("wide.safetensors"), partial);
+  r = run_loom({"run", "--model", model, "--input", path("wide.safetensors"), "--output", path("o.safetensors")},
+               path("."));
+  EXPECT_EQ(r.code, 3) << r;
+  EXPECT_THAT(r.err, HasSubstr("encoder_hidden_states"));
+  // --prefix with a whole UNet: a usage error naming the flag
+  r = run_loom({"run", "--model", model, "--input", inputs_of("sd1", path(".")), "--output", path("o.safetensors"),
+                "--prefix", "down_blocks.0.attentions.0"},
+               path("."));
+  EXPECT_EQ(r.code, 2) << r;
+  EXPECT_THAT(r.err, HasSubstr("--prefix"));
+  EXPECT_FALSE(exists(path("o.safetensors")));
+}
+
+}  // namespace
+}  // namespace loom
