@@ -18,6 +18,8 @@
 #include "autograd/gradcheck.h"
 #include "autograd/op_cases.h"
 #include "examples/cli_sample.h"
+#include "trainer/run_unet.h"
+#include "unet/unet_io.h"
 #include "examples/cli_extract.h"
 #include "io/adapter_io.h"
 #include "io/checkpoint.h"
@@ -251,8 +253,11 @@ struct RunArgs {
 
 void add_run(CLI::App& app, RunArgs& a) {
   auto* r = app.add_subcommand("run", "Run a model (with adapters) on every sample of a data file");
-  r->add_option("--model", a.model, "Model directory")->required();
-  r->add_option("--input", a.input, "Data file with hidden_states (+ encoder_hidden_states, mask)")->required();
+  r->add_option("--model", a.model, "Model directory: one block (Transformer2DModel) or a whole UNet")->required();
+  r->add_option("--input", a.input,
+                "Data file: hidden_states (+ encoder_hidden_states, mask) for a block; for a UNet sample, timestep, "
+                "encoder_hidden_states (+ encoder_attention_mask, SDXL text_embeds, time_ids)")
+      ->required();
   r->add_option("--output", a.output, "Output file (.safetensors, or .h5 for HDF5) holding 'output'")->required();
   r->add_option("--adapter", a.adapters, "Adapter file, optionally FILE:WEIGHT; repeatable");
   r->add_option("--prefix", a.prefix, "Block of a full-UNet file, e.g. down_blocks.0.attentions.0");
@@ -260,6 +265,29 @@ void add_run(CLI::App& app, RunArgs& a) {
   r->add_flag("--fuse", a.fuse, "Fuse the LoRA adapters into the weights before running");
   r->add_option("--batch-size", a.batch_size, "Samples per forward")->capture_default_str();
   add_placement_flags(r, a.device, a.precision);
+}
+
+// A model directory holding one spatial-transformer block (SPEC §3).
+trainer::RunResult run_block_dir(const trainer::RunOptions& o, const std::string& input) {
+  trainer::DataSet inputs;
+  {
+    Doing doing("reading the data file " + input);
+    inputs = trainer::DataSet::load(input, false);
+  }
+  inputs.check_fits(attention::Transformer2DConfig::from_file(o.model_dir + "/config.json"), input);
+  Doing doing("running the model " + o.model_dir);
+  return trainer::run_model(o, inputs);
+}
+
+// A whole UNet2DConditionModel directory (SPEC §8).
+trainer::RunResult run_unet_dir(const trainer::RunOptions& o, const std::string& input) {
+  trainer::UNetRunInputs inputs;
+  {
+    Doing doing("reading the input file " + input);
+    inputs = trainer::UNetRunInputs::load(input);
+  }
+  Doing doing("running the UNet " + o.model_dir);
+  return trainer::run_unet(o, inputs, input);
 }
 
 int run_run(const RunArgs& a) {
@@ -279,14 +307,7 @@ int run_run(const RunArgs& a) {
   for (const auto& spec : o.adapters)
     if (same_file(a.output, spec.path))
       throw UsageError("--output " + a.output + " is the --adapter file " + spec.path + ": it would be replaced");
-  trainer::DataSet inputs;
-  {
-    Doing doing("reading the data file " + a.input);
-    inputs = trainer::DataSet::load(a.input, false);
-  }
-  inputs.check_fits(attention::Transformer2DConfig::from_file(a.model + "/config.json"), a.input);
-  Doing doing("running the model " + a.model);
-  const trainer::RunResult r = trainer::run_model(o, inputs);
+  const trainer::RunResult r = unet::is_unet_dir(a.model) ? run_unet_dir(o, a.input) : run_block_dir(o, a.input);
   for (const auto& note : r.model_notes) std::cerr << "loom: --model: " << note << "\n";
   for (const auto& rep : r.reports) std::cerr << rep.summary() << "\n";
   const bool h5 = a.output.size() > 3 && (a.output.rfind(".h5") == a.output.size() - 3);
