@@ -80,7 +80,7 @@ Tensor predict(const unet::UNet2DConditionModel& model, const DiffusionData& dat
 Tensor make_data(const unet::UNet2DConditionModel& teacher, DiffusionData& data, Generator& gen) {
   const int64_t cad = teacher.config().cross_attention_dim.front();
   const Tensor noisy = Tensor::randn({kSamples, teacher.config().in_channels, kSide, kSide}, gen);
-  std::vector<double> t(size_t(kSamples));
+  std::vector<double> t(static_cast<size_t>(kSamples));
   for (double& v : t) v = double(kFirstTimestep + int64_t(gen.uniform() * double(kLastTimestep - kFirstTimestep + 1)));
   data.timesteps = Tensor::from_values(t, {kSamples}, DType::F64);
   data.encoder_hidden_states = Tensor::randn({kSamples, kTokens, cad}, gen);

@@ -13,7 +13,7 @@ DiffusionDraw draw_noise(const Shape& shape, int64_t num_train_timesteps, double
   // One stream per (seed, micro-batch): splitmix64 inside manual_seed decorrelates neighbours.
   Generator gen(seed * 0x94d049bb133111ebull + uint64_t(micro) * 0x9e3779b97f4a7c15ull + 0x5eed);
   DiffusionDraw d;
-  std::vector<double> t(size_t(shape[0]));
+  std::vector<double> t(static_cast<size_t>(shape[0]));
   for (double& v : t) v = std::floor(gen.uniform() * double(num_train_timesteps));
   d.timesteps = Tensor::from_values(t, {shape[0]}, DType::F64);
   d.noise = Tensor::randn(shape, gen);

@@ -142,7 +142,8 @@ Variable diffusion_loss(const unet::UNet2DConditionModel& model, const unet::DDP
   in.time_ids = cast(b.time_ids);
   const Variable pred = to_dtype(model.forward(in), b.latents.dtype());  // the loss in f32 or wider (SPEC §7)
   const std::vector<double> weights =
-      snr_gamma ? schedule.min_snr_weights(b.timesteps, *snr_gamma) : std::vector<double>{};
+      snr_gamma ? schedule.min_snr_weights(b.timesteps, *snr_gamma, b.latents.dtype() == DType::F64 ? DType::F64 : DType::F32)
+                : std::vector<double>{};
   return unet::weighted_mse_loss(pred, Variable(target), weights);
 }
 
