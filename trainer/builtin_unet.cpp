@@ -15,7 +15,7 @@ namespace loom::trainer {
 
 namespace {
 
-constexpr int64_t kSamples = 8, kSide = 8, kTokens = 6;
+constexpr int64_t kSamples = 4, kSide = 8, kTokens = 6;
 constexpr int64_t kHiddenRank = 4;
 constexpr double kChangeScale = 0.5;  // ‖ΔW‖ / ‖W‖
 constexpr int64_t kFirstTimestep = 50, kLastTimestep = 650;
@@ -202,8 +202,8 @@ BuiltinReport run_builtin_unet_task(const BuiltinOptions& opt, std::ostream& out
   const bool low = where.precision == Precision::BF16 || where.precision == Precision::F16;
   t.rank = opt.rank.value_or(kHiddenRank), t.alpha = double(t.rank), t.batch_size = kSamples;
   t.targets = {"to_v"};  // the LoRA adapts the projections the teacher changed
-  t.optimizer = opt.optimizer.value_or("adam"), t.lr = opt.lr.value_or(lora ? 1e-2 : 2e-3);
-  t.steps = opt.steps > 0 ? opt.steps : (lora ? 300 : 200);
+  t.optimizer = opt.optimizer.value_or("adam"), t.lr = opt.lr.value_or(lora ? 2e-2 : 2e-3);
+  t.steps = opt.steps > 0 ? opt.steps : (lora ? 200 : 100);
   t.scheduler = "cosine", t.warmup_steps = 10, t.max_grad_norm = 1.0;
   t.validate();  // before any file is written
   write_files(*base, data, report);
