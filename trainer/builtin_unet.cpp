@@ -50,13 +50,14 @@ bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-// The projections the teacher changes: every to_v (LoRA: a change there is identifiable from the
-// outputs), or attn2's to_k and to_v (what Custom Diffusion trains).
+// The projections the teacher changes: every attn2's to_v (LoRA: its input is the random context,
+// which spans its space, so the change is identifiable from the outputs), or attn2's to_k and to_v
+// (what Custom Diffusion trains).
 std::vector<std::string> changed_modules(const unet::UNet2DConditionModel& m, bool lora) {
   std::vector<std::string> paths;
   for (const auto& [name, p] : m.named_parameters()) {
     const std::string path = name.substr(0, name.size() - std::string(".weight").size());
-    if (lora ? ends_with(name, ".to_v.weight")
+    if (lora ? ends_with(name, ".attn2.to_v.weight")
              : (ends_with(name, ".attn2.to_k.weight") || ends_with(name, ".attn2.to_v.weight")))
       paths.push_back(path);
   }
@@ -201,7 +202,7 @@ BuiltinReport run_builtin_unet_task(const BuiltinOptions& opt, std::ostream& out
   const Placement where = placement_of(opt.device, opt.precision);
   const bool low = where.precision == Precision::BF16 || where.precision == Precision::F16;
   t.rank = opt.rank.value_or(kHiddenRank), t.alpha = double(t.rank), t.batch_size = kSamples;
-  t.targets = {"to_v"};  // the LoRA adapts the projections the teacher changed
+  t.targets = {"attn2.to_v"};  // the LoRA adapts the projections the teacher changed
   t.optimizer = opt.optimizer.value_or("adam"), t.lr = opt.lr.value_or(lora ? 2e-2 : 2e-3);
   t.steps = opt.steps > 0 ? opt.steps : (lora ? 200 : 100);
   t.scheduler = "cosine", t.warmup_steps = 10, t.max_grad_norm = 1.0;

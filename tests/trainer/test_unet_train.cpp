@@ -164,6 +164,29 @@ TEST(UNetTrain, LoConAndTheBf16Path) {
   EXPECT_EQ(down->dim(), 4);
 }
 
+// SDXL's text_time conditioning goes through the whole run (text_embeds (N, 8), time_ids (N, 6)).
+TEST(UNetTrain, SdxlWithTextTime) {
+  TempDir tmp;
+  const std::string dir = std::string(LOOM_UNET_FIXTURE_DIR) + "/sdxl";
+  auto model = unet::load_unet_dir(dir).model;
+  Generator gen(4);
+  DiffusionData d;
+  d.latents = Tensor::randn({2, 4, 6, 10}, gen);
+  d.encoder_hidden_states = Tensor::randn({2, 3, 12}, gen);
+  d.text_embeds = Tensor::randn({2, 8}, gen);
+  d.time_ids = Tensor::from_values({64, 80, 0, 0, 64, 80, 32, 48, 4, 2, 32, 40}, {2, 6});
+  d.check_fits(model->config(), {}, "sdxl data");
+  TrainOptions o = unet_options(tmp.path() + "/sdxl", 2);
+  o.batch_size = 2, o.diffusion.snr_gamma = 5.0;
+  std::ostringstream log;
+  const TrainResult r = train_unet(model, d, o, log);
+  ASSERT_EQ(r.losses.size(), 2u);
+  for (double l : r.losses) EXPECT_TRUE(std::isfinite(l));
+  EXPECT_NE(io::read_safetensors(r.adapter_path)
+                .find("unet.down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k.lora_A.weight"),
+            nullptr);
+}
+
 TEST(UNetTrain, DataErrorsNameTheFileAndTheTensor) {
   TempDir tmp;
   const std::string path = tmp.path() + "/d.safetensors";
