@@ -19,6 +19,7 @@ constexpr int64_t kSamples = 4, kSide = 8, kTokens = 6;
 constexpr int64_t kHiddenRank = 4;
 constexpr double kChangeScale = 0.5;  // ‖ΔW‖ / ‖W‖
 constexpr int64_t kFirstTimestep = 50, kLastTimestep = 650;
+constexpr double kContextScale = 4.0;
 
 const char* const kConfigJson = R"({
   "_class_name": "UNet2DConditionModel",
@@ -84,7 +85,9 @@ Tensor make_data(const unet::UNet2DConditionModel& teacher, DiffusionData& data,
   std::vector<double> t(static_cast<size_t>(kSamples));
   for (double& v : t) v = double(kFirstTimestep + int64_t(gen.uniform() * double(kLastTimestep - kFirstTimestep + 1)));
   data.timesteps = Tensor::from_values(t, {kSamples}, DType::F64);
-  data.encoder_hidden_states = Tensor::randn({kSamples, kTokens, cad}, gen);
+  // Context ×kContextScale: sharper cross-attention, so that each sample shows to_v several
+  // directions of the context rather than about its mean (which is all a uniform softmax passes).
+  data.encoder_hidden_states = ops::mul_scalar(Tensor::randn({kSamples, kTokens, cad}, gen), kContextScale);
   data.noise = predict(teacher, data, noisy, placement_of("cpu", "f32"));
   const unet::DDPMSchedule schedule;  // Stable Diffusion's (the run's defaults)
   std::vector<double> a, s;

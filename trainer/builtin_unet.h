@@ -3,7 +3,7 @@
 //
 // Base: a seeded SD-1.x-shaped UNet (CrossAttnDownBlock2D + DownBlock2D, mid block, UpBlock2D +
 // CrossAttnUpBlock2D; 16/32 channels, 8×8 latents, context 6×16). Teacher: the same weights plus
-// a hidden change — a rank-4 ΔW on every to_v (LoRA task) or new attn2 to_k / to_v weights
+// a hidden change — a rank-4 ΔW on every attn2 to_v (LoRA task) or new attn2 to_k / to_v weights
 // (Custom Diffusion task), each ‖ΔW‖ = kChangeScale·‖W‖.
 //
 // Data (the design, so that the student's diffusion loss has its minimum exactly at the
