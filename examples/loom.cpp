@@ -135,8 +135,12 @@ const char* const kDiffusionFlags[] = {"--config", "--prediction-type", "--snr-g
 
 void add_train(CLI::App& app, TrainArgs& a) {
   auto* t = app.add_subcommand("train", "Fine-tune a LoRA or Custom Diffusion adapter (no arguments: the built-in task)");
-  t->add_option("--model", a.model, "Model directory: config.json + model.safetensors / model.h5");
-  t->add_option("--data", a.data, "Data file (safetensors or HDF5): hidden_states, encoder_hidden_states, target");
+  t->add_option("--model", a.model,
+                "Model directory: config.json + model.safetensors / model.h5 (a Transformer2DModel block), or a "
+                "UNet2DConditionModel directory (the diffusion objective), or a single-file UNet with --config");
+  t->add_option("--data", a.data,
+                "Data file (safetensors or HDF5): hidden_states, encoder_hidden_states, target; for a UNet latents, "
+                "encoder_hidden_states (+ text_embeds, time_ids; optional noise, timesteps)");
   t->add_option("--adapter", a.options.adapter, "lora | custom_diffusion")->capture_default_str();
   t->add_option("--rank", a.options.rank, "LoRA rank")->capture_default_str();
   t->add_option("--alpha", a.alpha, "LoRA network_alpha (scale alpha/rank; default: none, scale 1)");
