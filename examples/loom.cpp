@@ -220,7 +220,7 @@ int run_builtin(TrainArgs& a, const CLI::App& cmd) {
       unet ? trainer::run_builtin_unet_task(b, std::cout, std::cerr) : trainer::run_builtin_task(b, std::cout, std::cerr);
   std::cout << (r.passed ? "built-in task: PASSED" : "built-in task: FAILED") << "\n";
   if (unet)
-    std::cout << "try: loom inspect " << r.adapter_path << " (whole-UNet PEFT keys), or train on its files: loom train "
+    std::cout << "try: loom inspect " << r.adapter_path << " (whole-UNet keys), or train on its files: loom train "
               << "--model " << r.model_dir << " --data " << r.data_path << " --out " << b.out_dir << "/again\n";
   else
     std::cout << "try: loom run --model " << r.model_dir << " --input " << r.data_path << " --adapter "

@@ -206,8 +206,8 @@ BuiltinReport run_builtin_unet_task(const BuiltinOptions& opt, std::ostream& out
   const bool low = where.precision == Precision::BF16 || where.precision == Precision::F16;
   t.rank = opt.rank.value_or(kHiddenRank), t.alpha = double(t.rank), t.batch_size = kSamples;
   t.targets = {"attn2.to_v"};  // the LoRA adapts the projections the teacher changed
-  t.optimizer = opt.optimizer.value_or("adam"), t.lr = opt.lr.value_or(lora ? 2e-2 : 2e-3);
-  t.steps = opt.steps > 0 ? opt.steps : (lora ? 200 : 100);
+  t.optimizer = opt.optimizer.value_or("adam"), t.lr = opt.lr.value_or(lora ? 2e-2 : 5e-3);
+  t.steps = opt.steps > 0 ? opt.steps : 200;
   t.scheduler = "cosine", t.warmup_steps = 10, t.max_grad_norm = 1.0;
   t.validate();  // before any file is written
   write_files(*base, data, report);
