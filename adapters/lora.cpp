@@ -147,7 +147,9 @@ Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std:
       continue;
     }
     // [N, in, H, W] -> conv A (base stride/padding) [N, r, oh, ow] -> 1×1 conv B [N, out, oh, ow], scaled by w·s
-    y = y + conv2d(conv2d(x, m.down, Variable(), base.params()), m.up) * (w * m.scale());
+    // f32 masters are cast to the activations' dtype, as in lora_forward
+    y = y + conv2d(conv2d(x, to_dtype(m.down, x.dtype()), Variable(), base.params()), to_dtype(m.up, x.dtype())) *
+                (w * m.scale());
   }
   return y;
 }
@@ -257,9 +259,10 @@ LoraAdapter& LoraSet::add(const std::string& name, const LoraConfig& config, Gen
     if (!m.alpha) m.alpha = config.alpha;
     m.use_rslora = config.use_rslora;
     const Tensor& w = conv->weight().tensor();  // (out, in, kh, kw)
-    m.down = Variable(Tensor::randn({m.rank, w.size(1), w.size(2), w.size(3)}, gen, w.dtype(), w.device(), 0.0,
+    const DType master = master_dtype(w.dtype());  // f32 masters over bf16 / f16 base weights
+    m.down = Variable(Tensor::randn({m.rank, w.size(1), w.size(2), w.size(3)}, gen, master, w.device(), 0.0,
                                     1.0 / double(m.rank)), true);
-    m.up = Variable(Tensor::zeros({w.size(0), m.rank, 1, 1}, w.dtype(), w.device()), true);
+    m.up = Variable(Tensor::zeros({w.size(0), m.rank, 1, 1}, master, w.device()), true);
     adapter->add_module(path, std::move(m));
   }
   LOOM_CHECK(!adapter->modules().empty(), "LoRA '", name, "': no Linear or Conv2d of the model matches the targets ",
@@ -292,8 +295,8 @@ LoraAdapter& LoraSet::add_from_weights(const std::string& name, std::map<std::st
       LOOM_CHECK(m.up.shape() == want_up, "LoRA '", name, "': '", path, ".lora_B.weight' has shape ", m.up.shape(),
                  ", the model's Conv2d needs ", want_up, " (wrong base model?)");
       m.rank = r;
-      m.down = Variable(m.down.tensor().to(w.dtype()).to(w.device()), true);
-      m.up = Variable(m.up.tensor().to(w.dtype()).to(w.device()), true);
+      m.down = Variable(m.down.tensor().to(master_dtype(w.dtype())).to(w.device()), true);
+      m.up = Variable(m.up.tensor().to(master_dtype(w.dtype())).to(w.device()), true);
       adapter->add_module(path, std::move(m));
       continue;
     }

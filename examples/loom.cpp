@@ -26,8 +26,11 @@
 #include "io/temp_files.h"
 #include "loom_vae.h"
 #include "trainer/builtin_task.h"
+#include "trainer/builtin_unet.h"
+#include "trainer/diffusion_objective.h"
 #include "trainer/run.h"
 #include "trainer/trainer.h"
+#include "unet/unet_io.h"
 
 namespace {
 
@@ -111,15 +114,39 @@ trainer::Placement announce_placement(const std::string& device, const std::stri
 
 struct TrainArgs {
   std::string model, data, resume, targets = "to_q,to_k,to_v,to_out.0";
+  std::string config, builtin = "block";  // --config: of a single-file UNet checkpoint
   trainer::TrainOptions options;
-  double alpha = 0;
+  double alpha = 0, snr_gamma = 0;
   bool builtin_flags_only() const { return model.empty() && data.empty() && resume.empty(); }
 };
 
+// The diffusion objective's flags (a UNet --model; SPEC §8).
+void add_diffusion_flags(CLI::App* t, TrainArgs& a) {
+  auto& d = a.options.diffusion;
+  t->add_option("--builtin", a.builtin, "The built-in task (no --model / --data): block | unet")->capture_default_str();
+  t->add_option("--config", a.config, "UNet: the diffusers config.json of a single-file checkpoint given as --model");
+  t->add_option("--prediction-type", d.schedule.prediction_type, "UNet: epsilon | v_prediction")->capture_default_str();
+  t->add_option("--snr-gamma", a.snr_gamma, "UNet: min-SNR-γ loss weighting (e.g. 5; default: off)");
+  t->add_option("--noise-offset", d.noise_offset, "UNet: noise offset (0: off)")->capture_default_str();
+  t->add_option("--beta-schedule", d.schedule.beta_schedule, "UNet: scaled_linear | linear | squaredcos_cap_v2")
+      ->capture_default_str();
+  t->add_option("--beta-start", d.schedule.beta_start, "UNet: first beta")->capture_default_str();
+  t->add_option("--beta-end", d.schedule.beta_end, "UNet: last beta")->capture_default_str();
+  t->add_option("--num-train-timesteps", d.schedule.num_train_timesteps, "UNet: diffusion steps T")
+      ->capture_default_str();
+}
+// Flags that only a UNet run uses.
+const char* const kDiffusionFlags[] = {"--config", "--prediction-type", "--snr-gamma", "--noise-offset",
+                                       "--beta-schedule", "--beta-start", "--beta-end", "--num-train-timesteps"};
+
 void add_train(CLI::App& app, TrainArgs& a) {
   auto* t = app.add_subcommand("train", "Fine-tune a LoRA or Custom Diffusion adapter (no arguments: the built-in task)");
-  t->add_option("--model", a.model, "Model directory: config.json + model.safetensors / model.h5");
-  t->add_option("--data", a.data, "Data file (safetensors or HDF5): hidden_states, encoder_hidden_states, target");
+  t->add_option("--model", a.model,
+                "Model directory: config.json + model.safetensors / model.h5 (a Transformer2DModel block), or a "
+                "UNet2DConditionModel directory (the diffusion objective), or a single-file UNet with --config");
+  t->add_option("--data", a.data,
+                "Data file (safetensors or HDF5): hidden_states, encoder_hidden_states, target; for a UNet latents, "
+                "encoder_hidden_states (+ text_embeds, time_ids; optional noise, timesteps)");
   t->add_option("--adapter", a.options.adapter, "lora | custom_diffusion")->capture_default_str();
   t->add_option("--rank", a.options.rank, "LoRA rank")->capture_default_str();
   t->add_option("--alpha", a.alpha, "LoRA network_alpha (scale alpha/rank; default: none, scale 1)");
@@ -153,17 +180,21 @@ void add_train(CLI::App& app, TrainArgs& a) {
                 "LR). Training options cannot change on a resume");
   t->add_flag("--quiet", a.options.quiet, "No progress on stderr");
   add_placement_flags(t, a.options.device, a.options.precision);
+  add_diffusion_flags(t, a);
 }
 
 // Flags of a real run that the built-in task (its own model, data and recipe) cannot use.
-const char* const kNotForBuiltin[] = {"--alpha", "--targets", "--train-q-out", "--batch-size", "--grad-accum",
+const char* const kNotForBuiltin[] = {"--config", "--alpha", "--targets", "--train-q-out", "--batch-size", "--grad-accum",
                                       "--scheduler", "--warmup-steps", "--max-grad-norm", "--checkpoint-every",
-                                      "--init-adapter", "--prefix"};
+                                      "--init-adapter", "--prefix", "--prediction-type", "--snr-gamma",
+                                      "--noise-offset", "--beta-schedule", "--beta-start", "--beta-end",
+                                      "--num-train-timesteps"};
 // Flags that change what a run computes: a resume continues with the saved ones.
 const char* const kFixedOnResume[] = {"--adapter", "--rank", "--alpha", "--targets", "--train-q-out", "--lr",
                                       "--optimizer", "--batch-size", "--grad-accum", "--seed", "--scheduler",
                                       "--warmup-steps", "--max-grad-norm", "--checkpoint-every", "--init-adapter",
-                                      "--prefix"};
+                                      "--prefix", "--prediction-type", "--snr-gamma", "--noise-offset",
+                                      "--beta-schedule", "--beta-start", "--beta-end", "--num-train-timesteps"};
 
 void validate_options(const trainer::TrainOptions& o) {
   try {
@@ -178,21 +209,69 @@ int run_builtin(TrainArgs& a, const CLI::App& cmd) {
     if (cmd.count(flag))
       throw UsageError(std::string("the built-in task (train without --model and --data) cannot use ") + flag +
                        ": it trains with its own recipe; give --model and --data for a real run");
+  if (a.builtin != "block" && a.builtin != "unet")
+    throw UsageError("--builtin must be block or unet, got '" + a.builtin + "'");
+  const bool unet = a.builtin == "unet";
   validate_options(a.options);  // the same checks as a real run (--steps 0, --lr nan, --optimizer foo, …)
   trainer::BuiltinOptions b;
   b.adapter = a.options.adapter, b.quiet = a.options.quiet, b.seed = a.options.seed;
-  b.out_dir = cmd.count("--out") ? a.options.out_dir : "loom-builtin";
+  b.out_dir = cmd.count("--out") ? a.options.out_dir : (unet ? "loom-builtin-unet" : "loom-builtin");
   b.steps = cmd.count("--steps") ? a.options.steps : 0;
   if (cmd.count("--rank")) b.rank = a.options.rank;
   if (cmd.count("--lr")) b.lr = a.options.lr;
   if (cmd.count("--optimizer")) b.optimizer = a.options.optimizer;
   announce_placement(a.options.device, a.options.precision);
   b.device = a.options.device, b.precision = a.options.precision;
-  const trainer::BuiltinReport r = trainer::run_builtin_task(b, std::cout, std::cerr);
-    std::cout << (r.passed ? "built-in task: PASSED" : "built-in task: FAILED") << "\n"
-              << "try: loom run --model " << r.model_dir << " --input " << r.data_path << " --adapter "
+  const trainer::BuiltinReport r =
+      unet ? trainer::run_builtin_unet_task(b, std::cout, std::cerr) : trainer::run_builtin_task(b, std::cout, std::cerr);
+  std::cout << (r.passed ? "built-in task: PASSED" : "built-in task: FAILED") << "\n";
+  if (unet)
+    std::cout << "try: loom inspect " << r.adapter_path << " (whole-UNet keys), or train on its files: loom train "
+              << "--model " << r.model_dir << " --data " << r.data_path << " --out " << b.out_dir << "/again\n";
+  else
+    std::cout << "try: loom run --model " << r.model_dir << " --input " << r.data_path << " --adapter "
               << r.adapter_path << " --output " << b.out_dir << "/output.safetensors\n";
   return r.passed ? 0 : 1;
+}
+
+// A UNet --model (a directory whose config.json names UNet2DConditionModel, or a single file with
+// --config) turns the diffusion objective on, with the training scripts' --max-grad-norm 1 unless
+// given. Returns whether it is one.
+bool set_diffusion_options(TrainArgs& a, const CLI::App& cmd) {
+  const bool unet = !a.config.empty() || unet::is_unet_dir(a.model);
+  a.options.diffusion.enabled = unet;
+  if (!unet) return false;
+  if (cmd.count("--snr-gamma")) a.options.diffusion.snr_gamma = a.snr_gamma;
+  if (!cmd.count("--max-grad-norm")) a.options.max_grad_norm = 1.0;
+  if (cmd.count("--prefix")) throw UsageError("--prefix names a block of a UNet file; a UNet --model trains whole");
+  return true;
+}
+
+void print_trained(const trainer::TrainResult& r) {
+  if (r.peak_device_bytes)
+    std::cerr << "loom: peak device memory " << std::fixed << std::setprecision(1) << double(r.peak_device_bytes) / 1e6
+              << " MB (tensors held by loom's caching allocator)\n" << std::defaultfloat;
+  std::cout << "trained " << r.steps << (r.steps == 1 ? " step" : " steps") << ": loss " << r.losses.front() << " -> "
+            << r.losses.back() << "\n"
+            << "adapter: " << r.adapter_path << "\ncheckpoint: " << r.checkpoint_path << "\n";
+}
+
+int run_train_unet(TrainArgs& a) {
+  std::shared_ptr<unet::UNet2DConditionModel> model;
+  {
+    Doing doing("loading the UNet " + a.model);
+    if (a.config.empty()) check_config_is_a_file(a.model);
+    model = trainer::load_unet_model(a.model, a.config);
+  }
+  trainer::DiffusionData data;
+  {
+    Doing doing("reading the data file " + a.data);
+    data = trainer::DiffusionData::load(a.data);
+  }
+  data.check_fits(model->config(), a.options.diffusion, a.data);
+  Doing doing("training");
+  print_trained(trainer::train_unet(model, data, a.options, std::cerr, a.resume));
+  return 0;
 }
 
 int run_train(TrainArgs& a, const CLI::App& cmd) {
@@ -200,8 +279,15 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
   if (a.resume.empty() && (a.model.empty() || a.data.empty()))
     throw UsageError("train: --model and --data go together (or give neither for the built-in task)");
   if (a.model.empty() || a.data.empty()) throw UsageError("train: --resume needs --model and --data too");
+  if (cmd.count("--builtin")) throw UsageError("--builtin goes without --model, --data and --resume");
   a.options.targets = split_list(a.targets);
   if (cmd.count("--alpha")) a.options.alpha = a.alpha;
+  if (!set_diffusion_options(a, cmd)) {
+    for (const char* flag : kDiffusionFlags)
+      if (cmd.count(flag))
+        throw UsageError(std::string(flag) + " is for a UNet --model (config.json \"_class_name\": "
+                         "\"UNet2DConditionModel\"); " + a.model + " is a Transformer2DModel block");
+  }
   if (!a.resume.empty()) {
     for (const char* flag : kFixedOnResume)
       if (cmd.count(flag))
@@ -217,6 +303,7 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
     validate_options(a.options);
   }
   announce_placement(a.options.device, a.options.precision);
+  if (a.options.diffusion.enabled) return run_train_unet(a);
   std::shared_ptr<attention::Transformer2DModel> model;
   {
     Doing doing("loading the model directory " + a.model);
@@ -232,12 +319,7 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
   }
   data.check_fits(model->config(), a.data);
   Doing doing("training");
-  const trainer::TrainResult r = trainer::train(model, data, a.options, std::cerr, a.resume);
-  if (r.peak_device_bytes)
-    std::cerr << "loom: peak device memory " << std::fixed << std::setprecision(1) << double(r.peak_device_bytes) / 1e6
-              << " MB (tensors held by loom's caching allocator)\n" << std::defaultfloat;
-  std::cout << "trained " << r.steps << (r.steps == 1 ? " step" : " steps") << ": loss " << r.losses.front() << " -> " << r.losses.back() << "\n"
-            << "adapter: " << r.adapter_path << "\ncheckpoint: " << r.checkpoint_path << "\n";
+  print_trained(trainer::train(model, data, a.options, std::cerr, a.resume));
   return 0;
 }
 

@@ -29,7 +29,16 @@ Im2ColArgs conv2d_geometry(const Shape& x, int64_t kh, int64_t kw, const Conv2dP
   return g;
 }
 
+namespace {
+// The host kernels hold f32 and f64: bf16 / f16 on the CPU go through f32 (im2col is exact that
+// way; col2im's sums are rounded once), as the CPU's low-precision ops do (SPEC §7).
+bool host_low_precision(const Tensor& t) {
+  return t.device().is_cpu() && (t.dtype() == DType::BF16 || t.dtype() == DType::F16);
+}
+}  // namespace
+
 Tensor im2col(const Tensor& x, const Im2ColArgs& g) {
+  if (x.defined() && host_low_precision(x)) return im2col(x.to(DType::F32), g).to(x.dtype());
   LOOM_CHECK(x.defined() && x.shape() == Shape({g.batch, g.channels, g.height, g.width}), "im2col: input ",
              x.defined() ? x.str() : std::string("undefined"), " does not match the geometry [", g.batch, ", ",
              g.channels, ", ", g.height, ", ", g.width, "]");
@@ -43,6 +52,7 @@ Tensor im2col(const Tensor& x, const Im2ColArgs& g) {
 }
 
 Tensor col2im(const Tensor& cols, const Im2ColArgs& g) {
+  if (cols.defined() && host_low_precision(cols)) return col2im(cols.to(DType::F32), g).to(cols.dtype());
   const int64_t rows = g.channels * g.kernel_h * g.kernel_w, L = g.out_h * g.out_w;
   LOOM_CHECK(cols.defined() && cols.shape() == Shape({g.batch, rows, L}), "col2im: columns ",
              cols.defined() ? cols.str() : std::string("undefined"), " do not match the geometry [", g.batch, ", ",

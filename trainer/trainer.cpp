@@ -126,6 +126,7 @@ std::string TrainOptions::to_json() const {
   j["device"] = device;
   j["precision"] = precision;
   j["weight_decay"] = weight_decay ? json(*weight_decay) : json(nullptr);
+  j["diffusion"] = json::parse(diffusion.to_json());
   return j.dump(2);
 }
 
@@ -144,6 +145,7 @@ TrainOptions TrainOptions::from_json(const std::string& text) {
     o.device = j.value("device", std::string("cpu"));  // checkpoints of earlier versions: the CPU in f32
     o.precision = j.value("precision", std::string("f32"));
     if (!j.at("weight_decay").is_null()) o.weight_decay = j.at("weight_decay").get<double>();
+    if (j.contains("diffusion")) o.diffusion = DiffusionOptions::from_json(j.at("diffusion").dump());  // a UNet run
   } catch (const json::exception& e) {
     LOOM_FAIL("training options: ", e.what());
   }
@@ -169,6 +171,7 @@ void TrainOptions::validate() const {
   bool known = false;
   for (const auto& n : optim::optimizer_names()) known = known || n == optimizer;
   LOOM_CHECK(known, "--optimizer must be sgd, adam or adamw, got '", optimizer, "'");
+  if (diffusion.enabled) diffusion.validate();
 }
 
 // ---- device and precision ---------------------------------------------------------------------
@@ -230,7 +233,7 @@ struct Adapter {
   std::vector<std::pair<std::string, Variable>> params;
 };
 
-Adapter make_adapter(const std::shared_ptr<attention::Transformer2DModel>& model, const TrainOptions& o,
+Adapter make_adapter(const std::shared_ptr<nn::Module>& model, const TrainOptions& o,
                      bool load_init) {
   Adapter a;
   io::AdapterLoadOptions lo;
@@ -301,7 +304,7 @@ std::string format_eta(double seconds) {
 
 // Every LoRA target module must allow the rank: rank ≤ min(in_features, out_features). The
 // message names the module with the smallest limit.
-void check_rank_fits(const attention::Transformer2DModel& model, const TrainOptions& o) {
+void check_rank_fits(const nn::Module& model, const TrainOptions& o) {
   std::string tightest;
   int64_t limit = std::numeric_limits<int64_t>::max(), in = 0, out = 0;
   for (const auto& [path, module] : model.named_modules()) {
@@ -347,6 +350,23 @@ void continue_plan(TrainOptions& o, int64_t steps, int64_t done, const std::stri
 
 TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, const DataSet& data,
                   const TrainOptions& given, std::ostream& log, const std::string& resume_dir) {
+  LOOM_CHECK(data.target.defined(), "train: the data has no 'target'");
+  const MakeBatchLoss mse_to_target = [&](const TrainOptions&, const Placement& where) -> BatchLoss {
+    const DType act = storage_dtype(where.precision);
+    return [&data, &model, where, act](const std::vector<int64_t>& indices, int64_t) {
+      auto to_device = [&](const Tensor& t) { return t.defined() ? t.to(where.device).to(act) : t; };
+      const DataSet b = data.rows(indices);
+      const Variable ctx = b.encoder_hidden_states.defined() ? Variable(to_device(b.encoder_hidden_states)) : Variable();
+      const Variable y = model->forward(Variable(to_device(b.hidden_states)), ctx, to_device(b.encoder_attention_mask));
+      // the loss in f32 whatever the precision (SPEC §7)
+      return mse_loss(to_dtype(y, DType::F32), Variable(b.target.to(where.device).to(DType::F32)));
+    };
+  };
+  return train_with(model, data.size(), mse_to_target, given, log, resume_dir);
+}
+
+TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples, const MakeBatchLoss& objective,
+                       const TrainOptions& given, std::ostream& log, const std::string& resume_dir) {
   using Clock = std::chrono::steady_clock;
   TrainOptions o = given;
   io::Checkpoint resume;
@@ -356,15 +376,17 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
     o.out_dir = given.out_dir, o.quiet = given.quiet;
     o.device = given.device, o.precision = given.precision;  // a run may continue on another device
     continue_plan(o, given.steps, resume.step, resume_dir, log);
+    if (o.diffusion.enabled != given.diffusion.enabled)
+      throw OptionError("the checkpoint in " + resume_dir + " is of a run on a " +
+                        (o.diffusion.enabled ? "UNet (diffusion objective)" : "Transformer2DModel block") +
+                        "; this model is a " + (given.diffusion.enabled ? "UNet" : "Transformer2DModel block"));
   }
   o.validate();
-  LOOM_CHECK(data.target.defined(), "train: the data has no 'target'");
   const Placement where = placement_of(o.device, o.precision);
   if (o.adapter == "lora" && (!resume_dir.empty() || o.init_adapter.empty())) check_rank_fits(*model, o);
   make_dirs(o.out_dir);
   const OutputDirLock lock(o.out_dir, log);
   place_model(*model, where);  // before the adapter, so that it is made on the device (f32 masters)
-  const DType act = storage_dtype(where.precision);
   reset_peak_device_memory(where.device);
   Adapter adapter = make_adapter(model, o, resume_dir.empty());
   Generator rng(o.seed);
@@ -418,7 +440,8 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
     write_loss_files(o.out_dir, result.losses);
   };
 
-  Sampler sampler(data.size(), o.batch_size, o.seed);
+  const BatchLoss batch_loss = objective(o, where);
+  Sampler sampler(samples, o.batch_size, o.seed);
   const auto start = Clock::now();
   auto last_print = start;
   const int64_t first_step = step;
@@ -449,17 +472,13 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
                              name + "' (learning rate too large?); stopped: nothing was written for this step, the files in " +
                              o.out_dir + " (if any) are unchanged");
   };
-  auto to_device = [&](const Tensor& t) { return t.defined() ? t.to(where.device).to(act) : t; };
   for (; step < o.steps;) {
     schedule.apply(*opt, schedule_step(step), o.lr);
     opt->zero_grad();
     Tensor loss_sum;
     for (int64_t a = 0; a < o.grad_accum; ++a) {
-      const DataSet b = data.rows(sampler.batch(step * o.grad_accum + a));
-      const Variable ctx = b.encoder_hidden_states.defined() ? Variable(to_device(b.encoder_hidden_states)) : Variable();
-      const Variable y = model->forward(Variable(to_device(b.hidden_states)), ctx, to_device(b.encoder_attention_mask));
-      // the loss in f32 whatever the precision (SPEC §7)
-      Variable loss = mse_loss(to_dtype(y, DType::F32), Variable(b.target.to(where.device).to(DType::F32)));
+      const int64_t micro = step * o.grad_accum + a;
+      Variable loss = batch_loss(sampler.batch(micro), micro);
       if (o.grad_accum > 1) loss = loss * (1.0 / double(o.grad_accum));
       loss.backward();
       loss_sum = loss_sum.defined() ? ops::add(loss_sum, loss.tensor()) : loss.tensor();

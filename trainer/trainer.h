@@ -10,6 +10,7 @@
 // with NumericalError naming the step, and the last good files stay as they were.
 #pragma once
 
+#include <functional>
 #include <iosfwd>
 #include <memory>
 #include <optional>
@@ -19,6 +20,7 @@
 #include "adapters/lora.h"
 #include "attention/transformer.h"
 #include "tensor/precision.h"
+#include "trainer/diffusion_options.h"
 
 namespace loom::trainer {
 
@@ -76,6 +78,7 @@ struct TrainOptions {
   bool quiet = false;
   std::string device = "cpu";    // cpu | cuda | cuda:N | auto (SPEC §7)
   std::string precision;         // f32 | tf32 | bf16 | f16; empty: the device's default
+  DiffusionOptions diffusion;    // the UNet's diffusion objective (enabled: a UNet run; SPEC §8)
 
   std::string to_json() const;
   static TrainOptions from_json(const std::string& text);
@@ -115,6 +118,18 @@ void place_model(nn::Module& model, const Placement& where);
 // the gradients or the updated adapter weights are not finite. Progress goes to `log`.
 TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, const DataSet& data,
                   const TrainOptions& options, std::ostream& log, const std::string& resume_dir = "");
+
+// The training loop of any model, given its objective (train() above and train_unet() in
+// trainer/diffusion_objective.h are its two users). A BatchLoss returns the loss of one
+// micro-batch: the samples `indices` (rows of the data) of micro-batch number `micro`
+// (step · grad_accum + a, counted from the run's start, so that what it draws from the seed
+// repeats exactly on a resume); the loss is a scalar in f32 (or wider), not yet divided by
+// grad_accum. MakeBatchLoss builds it once the run's options (a resume's saved ones) and
+// placement are known, after the model is placed and the adapter attached.
+using BatchLoss = std::function<Variable(const std::vector<int64_t>& indices, int64_t micro)>;
+using MakeBatchLoss = std::function<BatchLoss(const TrainOptions& run, const Placement& where)>;
+TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples, const MakeBatchLoss& objective,
+                       const TrainOptions& options, std::ostream& log, const std::string& resume_dir = "");
 
 // mkdir -p; throws io::FileError naming the directory.
 void make_dirs(const std::string& dir);

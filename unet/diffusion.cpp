@@ -105,11 +105,16 @@ Tensor DDPMSchedule::target(const Tensor& x, const Tensor& noise, const Tensor& 
   return config_.prediction_type == "epsilon" ? noise : velocity(x, noise, timesteps);
 }
 
-std::vector<double> DDPMSchedule::snr(const Tensor& timesteps) const {
+std::vector<double> DDPMSchedule::snr(const Tensor& timesteps, DType precision) const {
   const auto t = indices(timesteps, timesteps.defined() && timesteps.dim() == 1 ? timesteps.size(0) : -1);
   std::vector<double> out;
   for (int64_t i : t) {
     const float a = alphas_cumprod_[size_t(i)];
+    if (precision == DType::F64) {
+      const double r = std::sqrt(double(a)) / std::sqrt(1.0 - double(a));
+      out.push_back(r * r);
+      continue;
+    }
     const float alpha = std::sqrt(a), sigma = std::sqrt(1.0f - a);
     const float r = alpha / sigma;
     out.push_back(double(r * r));
@@ -117,12 +122,17 @@ std::vector<double> DDPMSchedule::snr(const Tensor& timesteps) const {
   return out;
 }
 
-std::vector<double> DDPMSchedule::min_snr_weights(const Tensor& timesteps, double gamma) const {
+std::vector<double> DDPMSchedule::min_snr_weights(const Tensor& timesteps, double gamma, DType precision) const {
   LOOM_CHECK(gamma > 0, "min-SNR weighting: gamma must be positive, got ", gamma);
+  const bool epsilon = config_.prediction_type == "epsilon";
   std::vector<double> w;
-  for (double s : snr(timesteps)) {
+  for (double s : snr(timesteps, precision)) {
+    if (precision == DType::F64) {
+      w.push_back(std::min(s, gamma) / (epsilon ? s : s + 1.0));
+      continue;
+    }
     const float sf = float(s), m = std::min(sf, float(gamma));
-    w.push_back(double(config_.prediction_type == "epsilon" ? m / sf : m / (sf + 1.0f)));
+    w.push_back(double(epsilon ? m / sf : m / (sf + 1.0f)));
   }
   return w;
 }

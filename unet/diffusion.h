@@ -39,10 +39,11 @@ class DDPMSchedule {
   Tensor velocity(const Tensor& x, const Tensor& noise, const Tensor& timesteps) const;
   // The training target for the configured prediction_type: noise or the velocity.
   Tensor target(const Tensor& x, const Tensor& noise, const Tensor& timesteps) const;
-  // SNR(t) = ᾱ_t / (1 − ᾱ_t), computed in f32 as compute_snr does.
-  std::vector<double> snr(const Tensor& timesteps) const;
-  // min(SNR, γ) / SNR for epsilon, min(SNR, γ) / (SNR + 1) for v_prediction.
-  std::vector<double> min_snr_weights(const Tensor& timesteps, double gamma) const;
+  // SNR(t) = ᾱ_t / (1 − ᾱ_t), computed in f32 as compute_snr does ((√ᾱ_t / √(1−ᾱ_t))², from the f32
+  // ᾱ_t); with `precision` F64 the same formula in f64 (for an f64 loss: the golden tests).
+  std::vector<double> snr(const Tensor& timesteps, DType precision = DType::F32) const;
+  // min(SNR, γ) / SNR for epsilon, min(SNR, γ) / (SNR + 1) for v_prediction, in `precision` (f32 or f64).
+  std::vector<double> min_snr_weights(const Tensor& timesteps, double gamma, DType precision = DType::F32) const;
 
  private:
   NoiseScheduleConfig config_;
