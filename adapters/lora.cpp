@@ -186,13 +186,59 @@ LoraAdapter& LoraSet::insert(std::unique_ptr<LoraAdapter> adapter) {
   return *adapters_.back();
 }
 
+namespace {
+
+// A module an adapter can attach to, seen through the shape of its weight as a projection:
+// [out, in] for a Linear (whatever its stored layout, e.g. a 1×1 conv's [out, in, 1, 1]) or
+// [out, in, kh, kw] for a Conv2d. Its adapter has down [r, in(, kh, kw)] and up [out, r(, 1, 1)],
+// kept in `adapter_dtype` on the weight's device: f32 masters over a low-precision Linear (the
+// choke point casts them), the weight's own dtype for a Conv2d (its path does not cast).
+struct AdaptTarget {
+  const char* kind;  // "Linear" or "Conv2d"
+  Shape weight_shape;
+  Device device;
+  DType adapter_dtype;
+  Shape down_shape(int64_t r) const {
+    Shape s = weight_shape;
+    s[0] = r;
+    return s;
+  }
+  Shape up_shape(int64_t r) const {
+    Shape s(weight_shape.size(), 1);
+    s[0] = weight_shape[0], s[1] = r;
+    return s;
+  }
+};
+
+AdaptTarget linear_target(const nn::Linear& l) {
+  const Tensor& w = l.weight().tensor();
+  return {"Linear", {l.out_features(), l.in_features()}, w.device(), master_dtype(w.dtype())};
+}
+AdaptTarget conv_target(const nn::Conv2d& c) {
+  const Tensor& w = c.weight().tensor();
+  return {"Conv2d", w.shape(), w.device(), w.dtype()};
+}
+
+// Every adaptable module by path: the Linears, then the Conv2ds (the order in which `add` draws
+// the initial weights from its generator).
+std::vector<std::pair<std::string, AdaptTarget>> adapt_targets(
+    const std::map<std::string, std::shared_ptr<nn::Linear>>& linears,
+    const std::map<std::string, std::shared_ptr<nn::Conv2d>>& convs) {
+  std::vector<std::pair<std::string, AdaptTarget>> all;
+  for (const auto& [path, linear] : linears) all.emplace_back(path, linear_target(*linear));
+  for (const auto& [path, conv] : convs) all.emplace_back(path, conv_target(*conv));
+  return all;
+}
+
+}  // namespace
+
 LoraAdapter& LoraSet::add(const std::string& name, const LoraConfig& config, Generator& gen) {
   check_not_fused("add");
   LOOM_CHECK(!name.empty() && !has(name), "LoRA: adapter name '", name, "' is empty or already in use");
   auto adapter = std::make_unique<LoraAdapter>(name);
-  for (const auto& [path, linear] : linears_) {
+  for (const auto& [path, target] : adapt_targets(linears_, convs_)) {
     const bool targeted = std::any_of(config.targets.begin(), config.targets.end(),
-                                      [&](const std::string& t) { return path_matches(path, t); });
+                                      [&, &path = path](const std::string& t) { return path_matches(path, t); });
     if (!targeted) continue;
     LoraModule m;
     m.rank = longest_match(config.rank_pattern, path).value_or(config.rank);
@@ -200,28 +246,11 @@ LoraAdapter& LoraSet::add(const std::string& name, const LoraConfig& config, Gen
     m.alpha = longest_match(config.alpha_pattern, path);
     if (!m.alpha) m.alpha = config.alpha;
     m.use_rslora = config.use_rslora;
-    const Tensor& w = linear->weight().tensor();
-    const DType master = master_dtype(w.dtype());  // f32 masters over bf16 / f16 base weights
+    const Device device = target.device;
     // A ~ N(0, 1/r), B = 0: the adapter starts as the identity change.
-    m.down = Variable(Tensor::randn({m.rank, linear->in_features()}, gen, master, w.device(), 0.0,
+    m.down = Variable(Tensor::randn(target.down_shape(m.rank), gen, target.adapter_dtype, device, 0.0,
                                     1.0 / double(m.rank)), true);
-    m.up = Variable(Tensor::zeros({linear->out_features(), m.rank}, master, w.device()), true);
-    adapter->add_module(path, std::move(m));
-  }
-  for (const auto& [path, conv] : convs_) {
-    const bool targeted = std::any_of(config.targets.begin(), config.targets.end(),
-                                      [&](const std::string& t) { return path_matches(path, t); });
-    if (!targeted) continue;
-    LoraModule m;
-    m.rank = longest_match(config.rank_pattern, path).value_or(config.rank);
-    LOOM_CHECK(m.rank > 0, "LoRA '", name, "': rank of '", path, "' must be positive, got ", m.rank);
-    m.alpha = longest_match(config.alpha_pattern, path);
-    if (!m.alpha) m.alpha = config.alpha;
-    m.use_rslora = config.use_rslora;
-    const Tensor& w = conv->weight().tensor();  // (out, in, kh, kw)
-    m.down = Variable(Tensor::randn({m.rank, w.size(1), w.size(2), w.size(3)}, gen, w.dtype(), w.device(), 0.0,
-                                    1.0 / double(m.rank)), true);
-    m.up = Variable(Tensor::zeros({w.size(0), m.rank, 1, 1}, w.dtype(), w.device()), true);
+    m.up = Variable(Tensor::zeros(target.up_shape(m.rank), target.adapter_dtype, device), true);
     adapter->add_module(path, std::move(m));
   }
   LOOM_CHECK(!adapter->modules().empty(), "LoRA '", name, "': no Linear or Conv2d of the model matches the targets ",
@@ -240,35 +269,22 @@ LoraAdapter& LoraSet::add_from_weights(const std::string& name, std::map<std::st
   LOOM_CHECK(!modules.empty(), "LoRA '", name, "': no modules given");
   auto adapter = std::make_unique<LoraAdapter>(name);
   for (auto& [path, m] : modules) {
-    if (auto conv = convs_.find(path); conv != convs_.end()) {
-      LOOM_CHECK(m.down.defined() && m.up.defined(), "LoRA '", name, "': '", path, "' lacks its down or up weight");
-      const Tensor& w = conv->second->weight().tensor();  // (out, in, kh, kw)
-      const int64_t r = m.down.size(0);
-      const Shape want_down{r, w.size(1), w.size(2), w.size(3)}, want_up{w.size(0), r, 1, 1};
-      LOOM_CHECK(m.down.shape() == want_down, "LoRA '", name, "': '", path, ".lora_A.weight' has shape ",
-                 m.down.shape(), ", the model's Conv2d needs ", want_down, " (wrong base model?)");
-      LOOM_CHECK(m.up.shape() == want_up, "LoRA '", name, "': '", path, ".lora_B.weight' has shape ", m.up.shape(),
-                 ", the model's Conv2d needs ", want_up, " (wrong base model?)");
-      m.rank = r;
-      m.down = Variable(m.down.tensor().to(w.dtype()).to(w.device()), true);
-      m.up = Variable(m.up.tensor().to(w.dtype()).to(w.device()), true);
-      adapter->add_module(path, std::move(m));
-      continue;
-    }
-    auto it = linears_.find(path);
-    LOOM_CHECK(it != linears_.end(), "LoRA '", name, "': the model has no Linear or Conv2d '", path,
-               "' (wrong base model?)");
-    const auto& linear = it->second;
+    const auto linear = linears_.find(path);
+    const auto conv = convs_.find(path);
+    LOOM_CHECK(linear != linears_.end() || conv != convs_.end(), "LoRA '", name, "': the model has no Linear or Conv2d '",
+               path, "' (wrong base model?)");
+    const AdaptTarget target = conv != convs_.end() ? conv_target(*conv->second) : linear_target(*linear->second);
     LOOM_CHECK(m.down.defined() && m.up.defined(), "LoRA '", name, "': '", path, "' lacks its down or up weight");
-    const Shape want_down{m.down.size(0), linear->in_features()}, want_up{linear->out_features(), m.down.size(0)};
+    const int64_t r = m.down.dim() > 0 ? m.down.size(0) : 0;
+    const Shape want_down = target.down_shape(r), want_up = target.up_shape(r);
     LOOM_CHECK(m.down.shape() == want_down, "LoRA '", name, "': '", path, ".lora_A.weight' has shape ",
-               m.down.shape(), ", the model needs ", want_down, " (wrong base model?)");
+               m.down.shape(), ", the model's ", target.kind, " needs ", want_down, " (wrong base model?)");
     LOOM_CHECK(m.up.shape() == want_up, "LoRA '", name, "': '", path, ".lora_B.weight' has shape ", m.up.shape(),
-               ", the model needs ", want_up, " (wrong base model?)");
-    const Tensor& w = linear->weight().tensor();
-    m.rank = m.down.size(0);
-    m.down = Variable(m.down.tensor().to(master_dtype(w.dtype())).to(w.device()), true);
-    m.up = Variable(m.up.tensor().to(master_dtype(w.dtype())).to(w.device()), true);
+               ", the model's ", target.kind, " needs ", want_up, " (wrong base model?)");
+    const Device device = target.device;
+    m.rank = r;
+    m.down = Variable(m.down.tensor().to(target.adapter_dtype).to(device), true);
+    m.up = Variable(m.up.tensor().to(target.adapter_dtype).to(device), true);
     adapter->add_module(path, std::move(m));
   }
   model_->set_requires_grad(false);
