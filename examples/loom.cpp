@@ -147,17 +147,20 @@ void add_train(CLI::App& app, TrainArgs& a) {
                 "LR). Training options cannot change on a resume");
   t->add_flag("--quiet", a.options.quiet, "No progress on stderr");
   add_placement_flags(t, a.options.device, a.options.precision);
+  t->add_option("--save-dtype", a.options.save_dtype,
+                "f32 | bf16 | f16: dtype of the LoRA tensors in adapter.safetensors (training keeps f32)")
+      ->capture_default_str();
 }
 
 // Flags of a real run that the built-in task (its own model, data and recipe) cannot use.
 const char* const kNotForBuiltin[] = {"--alpha", "--targets", "--train-q-out", "--batch-size", "--grad-accum",
                                       "--scheduler", "--warmup-steps", "--max-grad-norm", "--checkpoint-every",
-                                      "--init-adapter", "--prefix"};
+                                      "--init-adapter", "--prefix", "--save-dtype"};
 // Flags that change what a run computes: a resume continues with the saved ones.
 const char* const kFixedOnResume[] = {"--adapter", "--rank", "--alpha", "--targets", "--train-q-out", "--lr",
                                       "--optimizer", "--batch-size", "--grad-accum", "--seed", "--scheduler",
                                       "--warmup-steps", "--max-grad-norm", "--checkpoint-every", "--init-adapter",
-                                      "--prefix"};
+                                      "--prefix", "--save-dtype"};
 
 void validate_options(const trainer::TrainOptions& o) {
   try {
