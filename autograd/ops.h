@@ -102,6 +102,8 @@ Variable group_norm_composed(const Variable& x, int64_t groups, const Variable& 
                              const Variable& bias = Variable(), double eps = 1e-5);
 Variable geglu_composed(const Variable& x, bool tanh_approx = false);
 // Zeroes each element with probability p and scales the rest by 1/(1−p); identity when !training or p == 0.
+// The mask is drawn on x's device (random_dropout_mask, tensor/random.h) with the seed gen.next_u64():
+// one word of `gen` per call, so a seeded generator gives the same masks on every device.
 Variable dropout(const Variable& x, double p, bool training, Generator& gen);
 // Mean of (pred − target)² over all elements (PyTorch's default reduction).
 Variable mse_loss(const Variable& pred, const Variable& target);

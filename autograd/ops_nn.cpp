@@ -133,11 +133,9 @@ Variable geglu_composed(const Variable& x, bool tanh_approx) {
 Variable dropout(const Variable& x, double p, bool training, Generator& gen) {
   LOOM_CHECK(p >= 0.0 && p < 1.0, "dropout: probability must be in [0, 1), got ", p);
   if (!training || p == 0.0) return x;
-  // Mask drawn on the host from `gen`: the same seed drops the same elements on every device.
-  std::vector<double> keep(size_t(x.numel()));
-  const double scale = 1.0 / (1.0 - p);
-  for (double& m : keep) m = gen.uniform() >= p ? scale : 0.0;
-  const Tensor mask = Tensor::from_values(keep, x.shape(), x.dtype(), x.device());
+  // The mask is drawn on x's device by the counter-based generator (tensor/random.h), keyed by
+  // one word of `gen`: the same seed drops the same elements on every device, with no host copy.
+  const Tensor mask = random_dropout_mask(x.shape(), x.dtype(), x.device(), p, gen.next_u64());
   return record("dropout", ops::mul(x.tensor(), mask), {x},
                 [mask](const Tensor& g, const Needs&) { return GradList{ops::mul(g, mask)}; });
 }

@@ -181,6 +181,9 @@ void add_train(CLI::App& app, TrainArgs& a) {
   t->add_flag("--quiet", a.options.quiet, "No progress on stderr");
   add_placement_flags(t, a.options.device, a.options.precision);
   add_diffusion_flags(t, a);
+  t->add_option("--save-dtype", a.options.save_dtype,
+                "f32 | bf16 | f16: dtype of the LoRA tensors in adapter.safetensors (training keeps f32)")
+      ->capture_default_str();
 }
 
 // Flags of a real run that the built-in task (its own model, data and recipe) cannot use.
@@ -188,13 +191,13 @@ const char* const kNotForBuiltin[] = {"--config", "--alpha", "--targets", "--tra
                                       "--scheduler", "--warmup-steps", "--max-grad-norm", "--checkpoint-every",
                                       "--init-adapter", "--prefix", "--prediction-type", "--snr-gamma",
                                       "--noise-offset", "--beta-schedule", "--beta-start", "--beta-end",
-                                      "--num-train-timesteps"};
+                                      "--num-train-timesteps", "--save-dtype"};
 // Flags that change what a run computes: a resume continues with the saved ones.
 const char* const kFixedOnResume[] = {"--adapter", "--rank", "--alpha", "--targets", "--train-q-out", "--lr",
                                       "--optimizer", "--batch-size", "--grad-accum", "--seed", "--scheduler",
                                       "--warmup-steps", "--max-grad-norm", "--checkpoint-every", "--init-adapter",
                                       "--prefix", "--prediction-type", "--snr-gamma", "--noise-offset",
-                                      "--beta-schedule", "--beta-start", "--beta-end", "--num-train-timesteps"};
+                                      "--beta-schedule", "--beta-start", "--beta-end", "--num-train-timesteps", "--save-dtype"};
 
 void validate_options(const trainer::TrainOptions& o) {
   try {

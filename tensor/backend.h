@@ -21,6 +21,8 @@ enum class OpKind {
   Copy, Fill, Unary, Binary, Reduce, Gemm, Softmax,
   FlashAttention,                                               // attention (flash family)
   LayerNorm, GroupNorm, Geglu, OptimizerUpdate, BiasResidual,  // fused family (tensor/ops_fused.h)
+  Random,                                                       // counter-based RNG (tensor/random.h)
+  UnscaleCheckFinite,                                           // loss scaling (tensor/ops_fused.h)
 };
 const char* op_kind_name(OpKind k);
 
@@ -153,6 +155,9 @@ class Backend {
   virtual void geglu_backward(const GegluGradArgs&) { missing_fused_kernel("geglu_backward", name()); }
   virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused_kernel("optimizer_update", name()); }
   virtual void bias_residual(const BiasResidualArgs&) { missing_fused_kernel("bias_residual", name()); }
+  // ---- counter-based random numbers and loss scaling (contracts in tensor/fused_args.h) ----
+  virtual void random(const RandomArgs&) { missing_fused_kernel("random", name()); }
+  virtual void unscale_check_finite(const UnscaleArgs&) { missing_fused_kernel("unscale_check_finite", name()); }
 };
 
 // The backend for a device; throws if loom was built without that device type.

@@ -22,6 +22,8 @@ const char* op_kind_name(OpKind k) {
     case OpKind::Geglu: return "geglu";
     case OpKind::OptimizerUpdate: return "optimizer_update";
     case OpKind::BiasResidual: return "bias_residual";
+    case OpKind::Random: return "random";
+    case OpKind::UnscaleCheckFinite: return "unscale_check_finite";
   }
   return "unknown";
 }

@@ -1,6 +1,7 @@
 // Parameter structs of the fused slots of the Backend interface (tensor/backend.h,
 // section "fused family"): layer norm, group norm, GEGLU (forward and backward),
-// the bias + residual add and the multi-tensor optimizer update. Plain data: tensors plus scalars. The checks
+// the bias + residual add, the multi-tensor optimizer update, counter-based random
+// numbers and the loss-scaling unscale + finite check. Plain data: tensors plus scalars. The checks
 // (shapes, dtypes, devices, contiguity) and output allocation happen in
 // tensor/ops_fused.cpp before a backend sees a struct.
 #pragma once
@@ -105,6 +106,35 @@ struct OptimizerUpdateArgs {
   bool nesterov = false;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   std::vector<OptimizerTensor> tensors;  // one device, one dtype
+};
+
+// Counter-based random numbers (tensor/philox.h states the exact transformation; host side
+// in tensor/random.cpp): out[i] is a function of the Philox4x32-10 block (key = seed,
+// counter = offset + i) alone, bit-identical on every device. out: contiguous, f32, f64,
+// bf16 or f16 (the storage dtype; the value is computed in double and rounded once, half
+// types through float).
+//   Uniform:     [0, 1) on the dtype's significand grid
+//   Normal:      standard normal (Box–Muller)
+//   DropoutMask: 1/(1 − p) where the element is kept (probability 1 − p), else 0
+enum class RandomKind { Uniform, Normal, DropoutMask };
+struct RandomArgs {
+  Tensor out;  // output
+  RandomKind kind = RandomKind::Uniform;
+  uint64_t seed = 0, offset = 0;
+  double p = 0.0;  // DropoutMask: the drop probability, 0 ≤ p < 1
+};
+
+// Dynamic loss scaling's unscale step over many gradients at once (PyTorch's
+// _amp_foreach_non_finite_check_and_unscale_): every element g of every tensor is
+// checked first, found_inf[0] = 1 when any is inf or nan (never cleared here: the caller
+// zeroes it), then replaced by g·inv_scale (inv_scale rounded to the grads' dtype, or
+// to float for bf16/f16, computed as in that type) in place.
+// grads: contiguous, one device and one floating dtype; found_inf: one f32 element on
+// that device.
+struct UnscaleArgs {
+  std::vector<Tensor> grads;  // updated in place
+  Tensor found_inf;           // output flag
+  double inv_scale = 1.0;
 };
 
 }  // namespace loom

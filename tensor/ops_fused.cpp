@@ -2,6 +2,7 @@
 // backend call (contracts in tensor/ops_fused.h and tensor/fused_args.h).
 #include "tensor/ops_fused.h"
 
+#include <cmath>
 #include <map>
 #include <utility>
 
@@ -301,6 +302,34 @@ void optimizer_update(const OptimizerUpdateArgs& args) {
   for (const auto& kv : groups) {
     const Tensor& p = kv.second.tensors.front().param;
     backend_for("optimizer_update", OpKind::OptimizerUpdate, p.device(), p.dtype()).optimizer_update(kv.second);
+  }
+}
+
+// ---- loss scaling: unscale + finite check -----------------------------------------------------
+
+void unscale_check_finite(const std::vector<Tensor>& grads, const Tensor& found_inf, double inv_scale) {
+  const char* op = "unscale_check_finite";
+  LOOM_CHECK(found_inf.defined() && found_inf.dtype() == DType::F32 && found_inf.numel() == 1 &&
+                 found_inf.is_contiguous(),
+             op, ": found_inf must be one f32 element, got ", found_inf.defined() ? found_inf.str() : "undefined");
+  LOOM_CHECK(std::isfinite(inv_scale), op, ": inv_scale must be finite, got ", inv_scale);
+  std::map<int, UnscaleArgs> by_dtype;  // order kept within a dtype
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const Tensor& g = grads[i];
+    LOOM_CHECK(g.defined(), op, ": gradient ", i, " is undefined");
+    LOOM_CHECK(is_floating(g.dtype()), op, ": gradient ", i, " ", g.str(), " is not floating-point");
+    LOOM_CHECK(g.device() == found_inf.device(), op, ": gradient ", i, " ", g.str(), " is not on found_inf's device ",
+               found_inf.device());
+    LOOM_CHECK(g.is_contiguous(), op, ": gradient ", i, " ", g.str(), " is not contiguous (updated in place)");
+    if (g.numel() == 0) continue;
+    UnscaleArgs& a = by_dtype[int(g.dtype())];
+    a.grads.push_back(g);
+  }
+  for (auto& kv : by_dtype) {
+    UnscaleArgs& a = kv.second;
+    a.found_inf = found_inf;
+    a.inv_scale = inv_scale;
+    backend_for(op, OpKind::UnscaleCheckFinite, found_inf.device(), a.grads.front().dtype()).unscale_check_finite(a);
   }
 }
 

@@ -54,4 +54,11 @@ Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alph
 // shapes, the state the kind needs) and calls the backend once per device.
 void optimizer_update(const OptimizerUpdateArgs& args);
 
+// Loss scaling's unscale step over many gradients (contract: UnscaleArgs in
+// tensor/fused_args.h; PyTorch's _amp_foreach_non_finite_check_and_unscale_): each
+// gradient is multiplied by inv_scale in place, and found_inf (one f32 element) is set
+// to 1 when any gradient held an inf or nan; it is not cleared first. Every gradient is
+// contiguous and floating, on found_inf's device; one backend call per dtype.
+void unscale_check_finite(const std::vector<Tensor>& grads, const Tensor& found_inf, double inv_scale);
+
 }  // namespace loom::ops

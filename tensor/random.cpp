@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "tensor/backend.h"
 #include "tensor/error.h"
 
 namespace loom {
@@ -72,5 +73,39 @@ Generator& default_generator() {
 }
 
 void manual_seed(uint64_t seed) { default_generator().manual_seed(seed); }
+
+// ---- counter-based random tensors: checks -> RandomArgs -> the device's `random` slot ----------
+
+namespace {
+
+Tensor draw(const char* op, RandomKind kind, const Shape& shape, DType dtype, Device device, uint64_t seed,
+            uint64_t offset, double p) {
+  LOOM_CHECK(is_floating(dtype), op, ": dtype ", dtype, " is not a floating-point dtype (f32, f64, bf16, f16)");
+  Backend& be = backend_for(op, OpKind::Random, device, dtype);
+  RandomArgs a;
+  a.out = Tensor::empty(shape, dtype, device);
+  const uint64_t n = uint64_t(a.out.numel());
+  LOOM_CHECK(n == 0 || offset <= UINT64_MAX - (n - 1), op, ": offset ", offset, " + ", n,
+             " elements passes the end of the 2^64 counters");
+  a.kind = kind, a.seed = seed, a.offset = offset, a.p = p;
+  if (n > 0) be.random(a);
+  return a.out;
+}
+
+}  // namespace
+
+Tensor random_uniform(const Shape& shape, DType dtype, Device device, uint64_t seed, uint64_t offset) {
+  return draw("random_uniform", RandomKind::Uniform, shape, dtype, device, seed, offset, 0.0);
+}
+
+Tensor random_normal(const Shape& shape, DType dtype, Device device, uint64_t seed, uint64_t offset) {
+  return draw("random_normal", RandomKind::Normal, shape, dtype, device, seed, offset, 0.0);
+}
+
+Tensor random_dropout_mask(const Shape& shape, DType dtype, Device device, double p, uint64_t seed,
+                           uint64_t offset) {
+  LOOM_CHECK(p >= 0.0 && p < 1.0, "random_dropout_mask: probability must be in [0, 1), got ", p);
+  return draw("random_dropout_mask", RandomKind::DropoutMask, shape, dtype, device, seed, offset, p);
+}
 
 }  // namespace loom

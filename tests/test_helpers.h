@@ -1,5 +1,6 @@
 // Helpers shared by the test executables (one copy, not one per file): error capture,
-// relative error, scratch directories, whole-file reads and writes.
+// relative error, scratch directories, whole-file reads and writes, and the skip of GPU tests
+// where no CUDA device is usable.
 #pragma once
 
 #include <dirent.h>
@@ -17,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "tensor/backend.h"
 #include "tensor/error.h"
 #include "tensor/tensor.h"
 
@@ -120,3 +122,13 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
 }
 
 }  // namespace loom::testing
+
+// Skips the calling test (or the void helper it is in) with the reason when no CUDA device is
+// usable: the GPU tests (ctest label gpu) run everywhere and report SKIPPED without a GPU. A
+// macro because GTEST_SKIP returns from the function it is written in.
+#define LOOM_SKIP_WITHOUT_CUDA()                                                                      \
+  do {                                                                                                \
+    if (!::loom::cuda_available())                                                                    \
+      GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0 (loom built without CUDA, no driver, " \
+                      "no GPU, or none visible)";                                                     \
+  } while (0)

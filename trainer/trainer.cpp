@@ -11,6 +11,7 @@
 #include <iomanip>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <ostream>
 #include <sstream>
 
@@ -30,6 +31,9 @@
 namespace loom::trainer {
 
 using nlohmann::json;
+
+// Keys of the f16 loss scaler's state (optim::GradScaler::state_dict) in a checkpoint's optimizer group.
+constexpr const char* kScalerPrefix = "grad_scaler.";
 
 // ---- data -----------------------------------------------------------------------------------
 
@@ -125,6 +129,7 @@ std::string TrainOptions::to_json() const {
   j["alpha"] = alpha ? json(*alpha) : json(nullptr);
   j["device"] = device;
   j["precision"] = precision;
+  j["save_dtype"] = save_dtype;
   j["weight_decay"] = weight_decay ? json(*weight_decay) : json(nullptr);
   j["diffusion"] = json::parse(diffusion.to_json());
   return j.dump(2);
@@ -144,6 +149,7 @@ TrainOptions TrainOptions::from_json(const std::string& text) {
     if (!j.at("alpha").is_null()) o.alpha = j.at("alpha").get<double>();
     o.device = j.value("device", std::string("cpu"));  // checkpoints of earlier versions: the CPU in f32
     o.precision = j.value("precision", std::string("f32"));
+    o.save_dtype = j.value("save_dtype", std::string("f32"));  // checkpoints of earlier versions: f32
     if (!j.at("weight_decay").is_null()) o.weight_decay = j.at("weight_decay").get<double>();
     if (j.contains("diffusion")) o.diffusion = DiffusionOptions::from_json(j.at("diffusion").dump());  // a UNet run
   } catch (const json::exception& e) {
@@ -156,6 +162,10 @@ void TrainOptions::validate() const {
   LOOM_CHECK(adapter == "lora" || adapter == "custom_diffusion", "--adapter must be lora or custom_diffusion, got '",
              adapter, "'");
   LOOM_CHECK(rank > 0, "--rank must be positive, got ", rank);
+  LOOM_CHECK(save_dtype == "f32" || save_dtype == "bf16" || save_dtype == "f16",
+             "--save-dtype must be f32, bf16 or f16, got '", save_dtype, "'");
+  LOOM_CHECK(save_dtype == "f32" || adapter == "lora", "--save-dtype ", save_dtype,
+             " is for LoRA adapters; a Custom Diffusion adapter is saved in f32");
   LOOM_CHECK(!alpha || (std::isfinite(*alpha) && *alpha > 0), "--alpha must be a positive number");
   LOOM_CHECK(std::isfinite(lr) && lr > 0, "--lr must be a positive number, got ", lr);
   LOOM_CHECK(steps > 0, "--steps must be positive, got ", steps);
@@ -228,6 +238,19 @@ void make_dirs(const std::string& dir) {
 namespace {
 
 // The adapter under training and its named parameters.
+// `trained` with its weights in `dtype` (on the host), for a file saved in that dtype; the
+// trained adapter itself when the dtypes already agree.
+adapters::LoraAdapter adapter_in_dtype(const adapters::LoraAdapter& trained, DType dtype) {
+  adapters::LoraAdapter copy(trained.name());
+  for (const auto& [path, m] : trained.modules()) {
+    adapters::LoraModule c = m;
+    if (m.down.dtype() != dtype) c.down = Variable(m.down.tensor().to(Device::cpu()).to(dtype));
+    if (m.up.dtype() != dtype) c.up = Variable(m.up.tensor().to(Device::cpu()).to(dtype));
+    copy.add_module(path, std::move(c));
+  }
+  return copy;
+}
+
 struct Adapter {
   std::shared_ptr<adapters::LoraSet> lora;
   std::vector<std::pair<std::string, Variable>> params;
@@ -403,6 +426,10 @@ TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples
   auto schedule_step = [&](int64_t s) { return decays ? std::min(s, schedule.total_steps() - 1) : s; };
   std::vector<Variable> params;
   for (const auto& [n, v] : adapter.params) params.push_back(v);
+  // f16: dynamic loss scaling (optim/grad_scaler.h). Its state travels in the checkpoint's
+  // optimizer group under kScalerPrefix (absent in checkpoints of other precisions).
+  std::optional<optim::GradScaler> scaler;
+  if (where.precision == Precision::F16) scaler.emplace();
 
   TrainResult result;
   int64_t step = 0;
@@ -413,25 +440,37 @@ TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples
       if (it == saved.end()) throw io::FileError(resume_dir + "/checkpoint.h5", "lacks adapter tensor '" + name + "'");
       v.tensor().copy_(it->second);
     }
-    std::map<std::string, Tensor> state;
-    for (const auto& [k, t] : resume.optimizer) state[k] = t.to(where.device);
+    std::map<std::string, Tensor> state, scaler_state;
+    for (const auto& [k, t] : resume.optimizer) {
+      if (k.rfind(kScalerPrefix, 0) == 0) scaler_state[k.substr(std::strlen(kScalerPrefix))] = t;
+      else state[k] = t.to(where.device);
+    }
     opt->load_state_dict(state);
+    if (scaler && !scaler_state.empty()) scaler->load_state_dict(scaler_state);  // else: a fresh scale
+    if (!scaler && !scaler_state.empty())
+      log << "the checkpoint's f16 loss scale is not used: precision " << precision_name(where.precision)
+          << " has no loss scaling\n";
     rng.set_state(resume.rng_state);
     step = resume.step;
     result.losses = resume.losses;
   }
 
+  // The adapter file's dtype (--save-dtype: f32 | bf16 | f16, parsed like a precision).
+  const DType save_dtype = storage_dtype(parse_precision(o.save_dtype, "--save-dtype"));
   result.adapter_path = o.out_dir + "/adapter.safetensors";
   result.checkpoint_path = o.out_dir + "/checkpoint.h5";
   auto save_all = [&] {
     if (adapter.lora)
-      io::save_lora(adapter.lora->adapter("default"), *model, result.adapter_path, io::KeyFamily::Peft, o.prefix);
+      io::save_lora(adapter_in_dtype(adapter.lora->adapter("default"), save_dtype), *model, result.adapter_path,
+                    io::KeyFamily::Peft, o.prefix);
     else
       io::save_custom_diffusion(*model, result.adapter_path, o.prefix);
     io::Checkpoint c;
     c.adapter_kind = o.adapter;
     for (const auto& [n, v] : adapter.params) c.adapter.emplace_back(n, v.tensor().to(Device::cpu()));
     for (const auto& [k, t] : opt->state_dict()) c.optimizer[k] = t.to(Device::cpu());
+    if (scaler)
+      for (const auto& [k, t] : scaler->state_dict()) c.optimizer[kScalerPrefix + k] = t;
     c.step = step;
     c.rng_state = rng.state();
     c.options_json = o.to_json();
@@ -480,20 +519,32 @@ TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples
       const int64_t micro = step * o.grad_accum + a;
       Variable loss = batch_loss(sampler.batch(micro), micro);
       if (o.grad_accum > 1) loss = loss * (1.0 / double(o.grad_accum));
-      loss.backward();
+      (scaler ? scaler->scale_loss(loss) : loss).backward();
       loss_sum = loss_sum.defined() ? ops::add(loss_sum, loss.tensor()) : loss.tensor();
     }
     pending_losses.push_back(loss_sum.reshape({1}));
-    if (o.max_grad_norm > 0) {  // the norm is read on the host: one small read per step, only when clipping
-      const double norm = optim::clip_grad_norm(params, o.max_grad_norm);
-      if (!std::isfinite(norm)) {
-        read_losses();  // a non-finite loss is the better message when there is one
-        throw NumericalError("step " + std::to_string(step + 1) +
-                             ": the gradients hold NaN or Inf; stopped: nothing was written for this step, the files in " +
-                             o.out_dir + " (if any) are unchanged");
+    // f16: the gradients are unscaled and checked in one fused op; its flag is read here, once per
+    // step (4 bytes), because skipping the optimizer step is decided on the host. A skipped step
+    // leaves weights and optimizer state as they were and still counts as a step (data, schedule).
+    const double scale_before = scaler ? scaler->scale() : 1.0;
+    const bool skip = scaler && scaler->unscale(params);
+    if (skip) {
+      scaler->update(true);
+      log << "step " << step + 1 << ": the gradients hold inf or nan at loss scale " << scale_before
+          << "; the optimizer step is skipped, loss scale now " << scaler->scale() << "\n";
+    } else {
+      if (o.max_grad_norm > 0) {  // the norm is read on the host: one small read per step, only when clipping
+        const double norm = optim::clip_grad_norm(params, o.max_grad_norm);
+        if (!std::isfinite(norm)) {
+          read_losses();  // a non-finite loss is the better message when there is one
+          throw NumericalError("step " + std::to_string(step + 1) +
+                               ": the gradients hold NaN or Inf; stopped: nothing was written for this step, the "
+                               "files in " + o.out_dir + " (if any) are unchanged");
+        }
       }
+      opt->step();
+      if (scaler) scaler->update(false);
     }
-    opt->step();
     ++step;
     // Non-finite adapter weights after a finite loss: checked every step on the CPU, and on a GPU
     // wherever the losses are read (no host round trip inside a step there).

@@ -8,6 +8,8 @@
 // keys for that adapter), checkpoint.h5, loss.csv, loss.png. Nothing is
 // written for a step whose loss or gradients are not finite: training stops
 // with NumericalError naming the step, and the last good files stay as they were.
+// Except in f16 (dynamic loss scaling, optim/grad_scaler.h): a step whose scaled
+// gradients overflow is skipped and logged with the new scale, and training goes on.
 #pragma once
 
 #include <functional>
@@ -79,6 +81,7 @@ struct TrainOptions {
   std::string device = "cpu";    // cpu | cuda | cuda:N | auto (SPEC §7)
   std::string precision;         // f32 | tf32 | bf16 | f16; empty: the device's default
   DiffusionOptions diffusion;    // the UNet's diffusion objective (enabled: a UNet run; SPEC §8)
+  std::string save_dtype = "f32";  // f32 | bf16 | f16: dtype of the adapter tensors in adapter.safetensors (LoRA)
 
   std::string to_json() const;
   static TrainOptions from_json(const std::string& text);

@@ -12,6 +12,7 @@
 #include "tensor/cpu/cpu_conv.h"
 #include "tensor/cpu/cpu_fused.h"
 #include "tensor/cpu/cpu_math.h"
+#include "tensor/cpu/cpu_random.h"
 
 #include <omp.h>
 
@@ -704,6 +705,8 @@ class CpuBackend final : public Backend {
   void geglu_backward(const GegluGradArgs& a) override { cpu::geglu_backward(a); }
   void optimizer_update(const OptimizerUpdateArgs& a) override { cpu::optimizer_update(a); }
   void bias_residual(const BiasResidualArgs& a) override { cpu::bias_residual(a); }
+  void random(const RandomArgs& a) override { cpu::random(a); }
+  void unscale_check_finite(const UnscaleArgs& a) override { cpu::unscale_check_finite(a); }
 };
 
 }  // namespace

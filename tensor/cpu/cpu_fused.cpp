@@ -1,6 +1,7 @@
 // CPU kernels of the fused slots (contracts: tensor/fused_args.h, cpu_fused.h).
 //
-// Layout: dtype plumbing; layer norm; group norm; GEGLU; optimizer update.
+// Layout: dtype plumbing; layer norm; group norm; GEGLU; optimizer update; bias + residual;
+// loss scaling's unscale + finite check.
 // Rows (norm groups, GEGLU rows, optimizer chunks) are spread over an OpenMP
 // team when the op is large enough; parameter gradients are reduced per column
 // block, each by one thread, so results do not depend on the thread count.
@@ -370,7 +371,35 @@ void bias_residual_typed(const BiasResidualArgs& a) {
       out[j] = st<T>((b ? ld(y[j]) + ld(b[j - r * n]) : ld(y[j])) + ld(res[j]));
 }
 
+// ---- loss scaling: unscale + finite check ----------------------------------------------------
+
+// Each tensor is checked and scaled in chunks; a chunk that meets a non-finite value raises a
+// shared flag (any order gives the same flag).
+template <typename T>
+void unscale_check_finite_typed(const UnscaleArgs& a) {
+  using C = compute_t<T>;
+  const C inv = C(a.inv_scale);
+  bool found = false;
+  for (const Tensor& g : a.grads) {
+    T* x = out_ptr<T>(g);
+    const int64_t n = g.numel();
+#pragma omp parallel for if (n > kParallelElems) schedule(static) reduction(|| : found)
+    for (int64_t i = 0; i < n; ++i) {
+      const C v = ld(x[i]);
+      if (!std::isfinite(v)) found = true;
+      x[i] = st<T>(v * inv);
+    }
+  }
+  if (found) *static_cast<float*>(a.found_inf.raw_data()) = 1.0f;
+}
+
 }  // namespace
+
+void unscale_check_finite(const UnscaleArgs& a) {
+  if (a.grads.empty()) return;
+  visit_storage(a.grads.front().dtype(), "unscale_check_finite",
+                [&](auto tag) { unscale_check_finite_typed<typename decltype(tag)::type>(a); });
+}
 
 void bias_residual(const BiasResidualArgs& a) {
   visit_storage(a.y.dtype(), "bias_residual",

@@ -109,6 +109,8 @@ class CudaBackend final : public Backend {
       case OpKind::GroupNorm:
       case OpKind::Geglu:
       case OpKind::BiasResidual:
+      case OpKind::Random:
+      case OpKind::UnscaleCheckFinite:
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
       case OpKind::OptimizerUpdate:
         return dtype == DType::F32 || dtype == DType::F64;
@@ -290,6 +292,8 @@ class CudaBackend final : public Backend {
   void geglu_backward(const GegluGradArgs& a) override { cuda::fused_geglu_backward(a); }
   void optimizer_update(const OptimizerUpdateArgs& a) override { cuda::fused_optimizer_update(a); }
   void bias_residual(const BiasResidualArgs& a) override { cuda::fused_bias_residual(a); }
+  void random(const RandomArgs& a) override { cuda::fused_random(a); }
+  void unscale_check_finite(const UnscaleArgs& a) override { cuda::fused_unscale_check_finite(a); }
 
  private:
   static void launch_conv_copy(const char* op, const Tensor& cols, const Tensor& image, const Im2ColArgs& args,

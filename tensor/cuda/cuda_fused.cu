@@ -149,4 +149,48 @@ void fused_optimizer_update(const OptimizerUpdateArgs& a) {
   if (p.count > 0) launch_optimizer_update(p);
 }
 
+void fused_random(const RandomArgs& a) {
+  const int device = fused_device("random", a.out, {});
+  RandomParams p;
+  p.dtype = a.out.dtype();
+  p.kind = a.kind;
+  p.out = mptr(a.out);
+  p.numel = a.out.numel();
+  p.seed = a.seed, p.offset = a.offset;
+  p.p = a.p, p.scale = 1.0 / (1.0 - a.p);
+  DeviceGuard guard(device);
+  launch_random(p);
+}
+
+// Like the optimizer update: the gradients are cut into launches of at most kMaxUpdateTensors.
+void fused_unscale_check_finite(const UnscaleArgs& a) {
+  if (a.grads.empty()) return;
+  const Tensor& first = a.grads.front();
+  const int device = fused_device("unscale_check_finite", first, {&a.found_inf});
+  LOOM_CHECK(a.found_inf.defined() && a.found_inf.dtype() == DType::F32 && a.found_inf.numel() == 1,
+             "cuda unscale_check_finite: found_inf must be one f32 element on ", first.device());
+  UnscaleParams p;
+  p.dtype = first.dtype();
+  p.inv_scale = a.inv_scale;
+  p.found_inf = static_cast<float*>(a.found_inf.raw_data());
+  DeviceGuard guard(device);
+  for (const Tensor& g : a.grads) {
+    fused_device("unscale_check_finite", g, {});
+    LOOM_CHECK(g.device() == first.device() && g.dtype() == first.dtype(), "cuda unscale_check_finite: gradient ",
+               g.str(), " differs in device or dtype from ", first.str());
+    if (g.numel() == 0) continue;
+    if (p.count == kMaxUpdateTensors) {
+      launch_unscale_check_finite(p);
+      p.count = 0;
+      p.total_blocks = 0;
+    }
+    UnscaleTensorParams& t = p.tensors[p.count++];
+    t.data = mptr(g);
+    t.numel = g.numel();
+    t.first_block = p.total_blocks;
+    p.total_blocks += (t.numel + kUpdateChunk - 1) / kUpdateChunk;
+  }
+  if (p.count > 0) launch_unscale_check_finite(p);
+}
+
 }  // namespace loom::cuda

@@ -1,7 +1,7 @@
 // Internal to tensor/cuda/: parameter structs and launchers of the fused family
 // (contracts in tensor/fused_args.h). The flow is the house one: host checks in
 // cuda_fused.cu (called by CudaBackend) -> a struct below -> a launcher in
-// cuda_norm.cu / cuda_geglu.cu / cuda_optim.cu -> kernels. Launchers run on the
+// cuda_norm.cu / cuda_geglu.cu / cuda_optim.cu / cuda_random.cu -> kernels. Launchers run on the
 // current device (the caller holds a DeviceGuard), on its compute stream,
 // without synchronizing. Storage dtypes f32, f64, bf16, f16; statistics and sums
 // in float (double for f64). Pointers address contiguous device memory; an
@@ -24,6 +24,8 @@ void fused_geglu(const GegluArgs& a);
 void fused_geglu_backward(const GegluGradArgs& a);
 void fused_optimizer_update(const OptimizerUpdateArgs& a);
 void fused_bias_residual(const BiasResidualArgs& a);
+void fused_random(const RandomArgs& a);
+void fused_unscale_check_finite(const UnscaleArgs& a);
 
 // ---- norms (cuda_norm.cu) ----------------------------------------------------------
 
@@ -149,5 +151,39 @@ struct OptimizerUpdateParams {
 };
 
 void launch_optimizer_update(const OptimizerUpdateParams& p);
+
+// ---- loss scaling: unscale + finite check (cuda_optim.cu) ----------------------------------
+
+// As the optimizer table: up to kMaxUpdateTensors gradients per launch, chunks of
+// kUpdateChunk elements. Any non-finite element sets *found_inf = 1 (never cleared).
+struct UnscaleTensorParams {
+  void* data = nullptr;
+  int64_t numel = 0;
+  int64_t first_block = 0;
+};
+struct UnscaleParams {
+  DType dtype = DType::F32;
+  double inv_scale = 1.0;
+  float* found_inf = nullptr;
+  int count = 0;
+  int64_t total_blocks = 0;
+  UnscaleTensorParams tensors[kMaxUpdateTensors];
+};
+
+void launch_unscale_check_finite(const UnscaleParams& p);
+
+// ---- counter-based random numbers (cuda_random.cu; transformation in tensor/philox.h) ------
+
+// out [numel] contiguous in `dtype`; element i from the Philox block (seed, offset + i).
+struct RandomParams {
+  DType dtype = DType::F32;
+  RandomKind kind = RandomKind::Uniform;
+  void* out = nullptr;
+  int64_t numel = 0;
+  uint64_t seed = 0, offset = 0;
+  double p = 0.0, scale = 1.0;  // DropoutMask: drop probability and 1/(1 − p)
+};
+
+void launch_random(const RandomParams& p);
 
 }  // namespace loom::cuda

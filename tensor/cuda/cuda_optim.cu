@@ -4,6 +4,7 @@
 // a grid-stride loop over chunks. The arithmetic is the composed update's, op by
 // op in T with scalars rounded to T (this file is compiled with --fmad=false), so
 // CUDA, the CPU kernel and optim/'s former op chains agree bit for bit.
+// Also loss scaling's unscale + finite check over a table of gradients, in the same chunking.
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_fused.h"
 
@@ -68,7 +69,47 @@ __global__ void optimizer_update_kernel(const __grid_constant__ OptimizerUpdateP
   }
 }
 
+// The table entry whose chunks contain chunk `b` (entries in first_block order).
+__device__ __forceinline__ int unscale_entry_of(const UnscaleParams& p, int64_t b) {
+  int lo = 0, hi = p.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.tensors[mid].first_block <= b) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename T>
+__global__ void unscale_check_finite_kernel(const __grid_constant__ UnscaleParams p) {
+  using C = compute_t<T>;
+  const C inv = C(p.inv_scale);
+  bool found = false;
+  for (int64_t b = blockIdx.x; b < p.total_blocks; b += gridDim.x) {
+    const UnscaleTensorParams& e = p.tensors[unscale_entry_of(p, b)];
+    T* x = static_cast<T*>(e.data);
+    const int64_t start = (b - e.first_block) * kUpdateChunk;
+    const int64_t end = start + kUpdateChunk < e.numel ? start + kUpdateChunk : e.numel;
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+      const C v = widen(x[i]);
+      if (!isfinite(v)) found = true;
+      x[i] = narrow<T>(v * inv);
+    }
+  }
+  if (found) *p.found_inf = 1.0f;  // every writer writes the same value
+}
+
 }  // namespace
+
+void launch_unscale_check_finite(const UnscaleParams& p) {
+  if (p.count == 0 || p.total_blocks == 0) return;
+  const unsigned grid = unsigned(p.total_blocks < 65535 ? p.total_blocks : 65535);
+  dispatch_float(p.dtype, "cuda unscale_check_finite", [&](auto tag) {
+    using T = decltype(tag);
+    unscale_check_finite_kernel<T><<<grid, kThreads>>>(p);
+    check_last_launch("unscale_check_finite_kernel");
+  });
+}
 
 void launch_optimizer_update(const OptimizerUpdateParams& p) {
   if (p.count == 0 || p.total_blocks == 0) return;

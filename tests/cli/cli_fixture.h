@@ -59,15 +59,15 @@ std::ostream& operator<<(std::ostream& os, const Result& r) {
   return os << "[exit " << r.code << "]\n--- stdout ---\n" << r.out << "--- stderr ---\n" << r.err;
 }
 
-// Runs LOOM_BIN with `args` (no shell: arguments are passed as they are), capturing
+// Runs the program `bin` with `args` (no shell: arguments are passed as they are), capturing
 // stdout and stderr into files next to `scratch`; `env` ("NAME=value") is added to the
 // environment.
-Result run_loom(const std::vector<std::string>& args, const std::string& scratch,
-                const std::vector<std::string>& env = {}) {
+Result run_program(const std::string& bin, const std::vector<std::string>& args, const std::string& scratch,
+                   const std::vector<std::string>& env = {}) {
   static int counter = 0;
   const std::string stem = scratch + "/.loom_call_" + std::to_string(counter++);
   const std::string out_path = stem + ".out", err_path = stem + ".err";
-  std::vector<std::string> all{LOOM_BIN};
+  std::vector<std::string> all{bin};
   all.insert(all.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : all) argv.push_back(a.data());
@@ -85,7 +85,7 @@ Result run_loom(const std::vector<std::string>& args, const std::string& scratch
   for (auto& e : env_strings) envp.push_back(e.data());
   for (char** e = environ; *e; ++e) envp.push_back(*e);
   envp.push_back(nullptr);
-  const int rc = posix_spawn(&pid, LOOM_BIN, &actions, nullptr, argv.data(), envp.data());
+  const int rc = posix_spawn(&pid, bin.c_str(), &actions, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&actions);
   if (rc != 0) {
     r.err = "posix_spawn failed: " + std::string(std::strerror(rc));
@@ -99,6 +99,12 @@ Result run_loom(const std::vector<std::string>& args, const std::string& scratch
   r.out = read_bytes(out_path), r.err = read_bytes(err_path);
   fs::remove(out_path), fs::remove(err_path);
   return r;
+}
+
+// run_program for the `loom` executable.
+Result run_loom(const std::vector<std::string>& args, const std::string& scratch,
+                const std::vector<std::string>& env = {}) {
+  return run_program(LOOM_BIN, args, scratch, env);
 }
 
 // ---- numbers ------------------------------------------------------------------------------------

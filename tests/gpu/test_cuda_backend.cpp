@@ -17,16 +17,10 @@
 #include "tensor/ops.h"
 #include "tensor/random.h"
 #include "tensor/tensor.h"
+#include "tests/test_helpers.h"
 
 namespace loom {
 namespace {
-
-#define SKIP_WITHOUT_CUDA()                                                                          \
-  do {                                                                                               \
-    if (!cuda_available())                                                                           \
-      GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0 (loom built without CUDA, no driver, " \
-                      "no GPU, or none visible)";                                                    \
-  } while (0)
 
 const Device kCuda = Device::cuda(0);
 const std::vector<DType> kAllDtypes = {DType::F32, DType::F64, DType::BF16, DType::F16, DType::I64};
@@ -71,7 +65,7 @@ double tol_for(DType dtype) {
 // ---- copies ----------------------------------------------------------------------------
 
 TEST(CudaBackend, RoundTripIsExactForEveryDtype) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(1);
   for (DType dtype : kAllDtypes) {
     SCOPED_TRACE(dtype_name(dtype));
@@ -97,7 +91,7 @@ TEST(CudaBackend, RoundTripIsExactForEveryDtype) {
 }
 
 TEST(CudaBackend, StridedCopiesMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(2);
   const Tensor x = Tensor::randn({6, 9, 5}, gen);
   const Tensor g = x.to(kCuda);
@@ -155,7 +149,7 @@ TEST(CudaBackend, TransposeCopiesMatchCpu) {
 }
 
 TEST(CudaBackend, CopyRankLimit) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   const Shape shape9(9, 2);
   Generator gen(3);
   const Tensor x = Tensor::randn(shape9, gen, DType::F32, kCuda);
@@ -174,7 +168,7 @@ TEST(CudaBackend, CopyRankLimit) {
 }
 
 TEST(CudaBackend, DtypeConversionsMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(4);
   // Float sources stay inside f16's range (no inf, whose integer conversion is undefined).
   std::vector<double> fv = Tensor::randn({61}, gen, DType::F64, Device::cpu(), 0.0, 100.0).to_vector();
@@ -193,7 +187,7 @@ TEST(CudaBackend, DtypeConversionsMatchCpu) {
 }
 
 TEST(CudaBackend, FillMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   for (DType dtype : kAllDtypes) {
     SCOPED_TRACE(dtype_name(dtype));
     for (double v : {0.0, 1.0, -3.75, 0.1, 1e9}) {
@@ -211,7 +205,7 @@ TEST(CudaBackend, FillMatchesCpu) {
 // ---- caching allocator ------------------------------------------------------------------
 
 TEST(CudaBackend, CachingAllocatorReusesFreedBlocks) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   cuda_empty_cache();
   const CudaAllocatorStats s0 = cuda_allocator_stats(0);
   EXPECT_EQ(s0.bytes_cached, 0u);
@@ -263,7 +257,7 @@ void check_matmul(const Tensor& a, const Tensor& b, DType dtype, double tol, con
 }
 
 TEST(CudaBackend, GemmMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(5);
   // Sizes that are not multiples of 16: m 67, k 129, n 33, batch 3.
   const Tensor a = Tensor::randn({3, 67, 129}, gen, DType::F64);
@@ -284,7 +278,7 @@ TEST(CudaBackend, GemmMatchesCpu) {
 // ---- elementwise, reductions, softmax ----------------------------------------------------
 
 TEST(CudaBackend, UnaryMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(6);
   const Tensor any = Tensor::randn({129, 67}, gen, DType::F64);
   const Tensor pos = Tensor::rand({129, 67}, gen, DType::F64, Device::cpu(), 0.5, 2.0);
@@ -328,7 +322,7 @@ TEST(CudaBackend, UnaryMatchesCpu) {
 }
 
 TEST(CudaBackend, BinaryBroadcastMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(7);
   const Tensor a = Tensor::randn({4, 1, 67}, gen, DType::F64);
   const Tensor b = Tensor::rand({5, 67}, gen, DType::F64, Device::cpu(), 0.5, 2.0);
@@ -377,7 +371,7 @@ TEST(CudaBackend, VectorAndScalarElementwisePathsMatchCpu) {
 }
 
 TEST(CudaBackend, ReductionsMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(8);
   const Tensor x = Tensor::rand({7, 300, 33}, gen, DType::F64);
   const Tensor y = Tensor::randn({3, 5000}, gen, DType::F64);  // long rows: one block per row
@@ -400,7 +394,7 @@ TEST(CudaBackend, ReductionsMatchCpu) {
 }
 
 TEST(CudaBackend, SoftmaxMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(9);
   for (const Shape& shape : {Shape{37, 67}, Shape{5, 3000}, Shape{2, 3, 1}}) {
     const Tensor x = Tensor::randn(shape, gen, DType::F64, Device::cpu(), 0.0, 3.0);
@@ -419,7 +413,7 @@ TEST(CudaBackend, SoftmaxMatchesCpu) {
 // ---- errors ------------------------------------------------------------------------------
 
 TEST(CudaBackend, UnsupportedDtypeThrowsNamingDeviceAndDtype) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   const Tensor x = Tensor::from_values({1, 2, 3}, {3}, DType::I64, kCuda);
   try {
     ops::exp(x);
@@ -432,7 +426,7 @@ TEST(CudaBackend, UnsupportedDtypeThrowsNamingDeviceAndDtype) {
 }
 
 TEST(CudaBackend, ErrorsOnBadDeviceIndex) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   EXPECT_THROW(Tensor::zeros({2}, DType::F32, Device::cuda(cuda_device_count())), Error);
 }
 

@@ -15,6 +15,7 @@
 #include "attention/sdpa.h"
 #include "tensor/backend.h"
 #include "tensor/random.h"
+#include "tests/test_helpers.h"
 
 namespace loom::test {
 namespace {
@@ -153,7 +154,7 @@ void check_case(const FlashCase& c) {
 class FlashCuda : public ::testing::TestWithParam<FlashCase> {};
 
 TEST_P(FlashCuda, MatchesTheCpuInF64) {
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device available (built without CUDA or no GPU present)";
+  LOOM_SKIP_WITHOUT_CUDA();
   check_case(GetParam());
 }
 
@@ -191,7 +192,7 @@ INSTANTIATE_TEST_SUITE_P(Kernels, FlashCuda, ::testing::ValuesIn(cases()),
 
 // Asking the CUDA flash kernel for what it lacks names the feature (never a silent fallback).
 TEST(FlashCudaChecks, NamesWhatItLacks) {
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device available (built without CUDA or no GPU present)";
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(3);
   FlashAttentionArgs a;
   a.q = Tensor::randn({2, 5, 48}, gen, DType::BF16, Device::cuda(0));

@@ -8,6 +8,7 @@
 #include "autograd/ops.h"
 #include "tensor/backend.h"
 #include "tensor/random.h"
+#include "tests/test_helpers.h"
 
 namespace loom::test {
 namespace {
@@ -35,7 +36,7 @@ void PrintTo(const Geo& g, std::ostream* os) {
 class GpuConv : public ::testing::TestWithParam<Geo> {};
 
 TEST_P(GpuConv, MatchesCpuF64ForwardAndBackward) {
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device available (built without CUDA or no GPU present)";
+  LOOM_SKIP_WITHOUT_CUDA();
   const Geo g = GetParam();
   for (DType dtype : {DType::F64, DType::F32}) {
     Generator gen(::testing::UnitTest::GetInstance()->random_seed() + 3);

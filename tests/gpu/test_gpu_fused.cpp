@@ -11,16 +11,10 @@
 #include "tensor/backend.h"
 #include "tensor/ops_fused.h"
 #include "tests/common/fused_reference.h"
+#include "tests/test_helpers.h"
 
 namespace loom::test {
 namespace {
-
-#define SKIP_WITHOUT_CUDA()                                                                           \
-  do {                                                                                                \
-    if (!cuda_available())                                                                            \
-      GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0 (loom built without CUDA, no driver, " \
-                      "no GPU, or none visible)";                                                     \
-  } while (0)
 
 const Device kCuda = Device::cuda(0);
 const std::vector<DType> kDtypes = {DType::F32, DType::F64, DType::BF16, DType::F16};
@@ -53,7 +47,7 @@ Generator fresh_generator(const std::string& name) {
 }
 
 TEST(GpuFused, LayerNormMatchesCpuF64) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen = fresh_generator("gpu_layer_norm");
   for (DType dtype : kDtypes) {
     for (const auto& rn : std::vector<std::pair<int64_t, int64_t>>{{1, 40}, {333, 320}, {7, 1283}, {65, 2500}}) {
@@ -79,7 +73,7 @@ TEST(GpuFused, LayerNormMatchesCpuF64) {
 }
 
 TEST(GpuFused, GroupNormMatchesCpuF64) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen = fresh_generator("gpu_group_norm");
   struct Case {
     Shape shape;
@@ -109,7 +103,7 @@ TEST(GpuFused, GroupNormMatchesCpuF64) {
 }
 
 TEST(GpuFused, GegluMatchesCpuF64) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen = fresh_generator("gpu_geglu");
   for (DType dtype : kDtypes) {
     for (bool approx : {false, true}) {
@@ -127,7 +121,7 @@ TEST(GpuFused, GegluMatchesCpuF64) {
 }
 
 TEST(GpuFused, BiasResidualAndAddLinearMatchCpuF64) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen = fresh_generator("gpu_bias_residual");
   for (DType dtype : kDtypes) {
     const std::string what = dtype_name(dtype);
@@ -200,7 +194,7 @@ void check_update(OptimizerUpdateArgs cfg, DType dtype, const std::string& name)
 }
 
 TEST(GpuFused, OptimizerUpdateOverOddSizedTensorsMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   for (DType dtype : {DType::F64, DType::F32}) {
     OptimizerUpdateArgs sgd;
     sgd.kind = OptimizerKind::Sgd, sgd.lr = 0.05, sgd.momentum = 0.9, sgd.dampening = 0.1, sgd.weight_decay = 0.01;
@@ -217,7 +211,7 @@ TEST(GpuFused, OptimizerUpdateOverOddSizedTensorsMatchesCpu) {
 }
 
 TEST(GpuFused, SupportsNamesTheFusedKinds) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Backend& be = backend_for(kCuda);
   for (DType dtype : kDtypes) {
     EXPECT_TRUE(be.supports(OpKind::LayerNorm, dtype)) << dtype_name(dtype);

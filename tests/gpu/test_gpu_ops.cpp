@@ -31,7 +31,7 @@ RunResult run_case(const OpCase& c, const std::vector<Variable>& inputs, const s
 }
 
 void compare_on_gpu(const OpCase& c, DType dtype, double tol) {
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device available (built without CUDA or no GPU present)";
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(::testing::UnitTest::GetInstance()->random_seed() * 7919 + std::hash<std::string>{}(c.name()));
   const std::vector<Variable> gpu_in = make_inputs(c, gen, dtype, Device::cuda(0));
   std::vector<Variable> ref_in;  // the very values the GPU got, in f64 on the CPU

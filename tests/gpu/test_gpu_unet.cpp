@@ -10,6 +10,7 @@
 #include "tensor/backend.h"
 #include "tensor/random.h"
 #include "unet/unet_io.h"
+#include "tests/test_helpers.h"
 
 namespace loom::unet {
 namespace {
@@ -62,7 +63,7 @@ RunResult run(const std::string& name, DType dtype, Device device, bool backward
 class GpuUNet : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuUNet, MatchesDiffusersAndTheCpu) {
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device available (built without CUDA or no GPU present)";
+  LOOM_SKIP_WITHOUT_CUDA();
   const std::string dir = std::string(LOOM_UNET_FIXTURE_DIR) + "/" + GetParam();
   const io::TensorFile g = io::read_safetensors(dir + "/golden.safetensors");
   const RunResult gpu64 = run(GetParam(), DType::F64, Device::cuda(0), true);
