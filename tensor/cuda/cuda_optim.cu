@@ -106,7 +106,7 @@ void launch_unscale_check_finite(const UnscaleParams& p) {
   const unsigned grid = unsigned(p.total_blocks < 65535 ? p.total_blocks : 65535);
   dispatch_float(p.dtype, "cuda unscale_check_finite", [&](auto tag) {
     using T = decltype(tag);
-    unscale_check_finite_kernel<T><<<grid, kThreads>>>(p);
+    unscale_check_finite_kernel<T><<<grid, kThreads, 0, compute_stream()>>>(p);
     check_last_launch("unscale_check_finite_kernel");
   });
 }

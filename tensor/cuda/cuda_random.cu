@@ -34,9 +34,9 @@ void launch_random(const RandomParams& p) {
     using T = decltype(tag);
     const unsigned grid = grid_for(p.numel);
     switch (p.kind) {
-      case RandomKind::Uniform: random_kernel<T, RandomKind::Uniform><<<grid, kThreads>>>(p); break;
-      case RandomKind::Normal: random_kernel<T, RandomKind::Normal><<<grid, kThreads>>>(p); break;
-      case RandomKind::DropoutMask: random_kernel<T, RandomKind::DropoutMask><<<grid, kThreads>>>(p); break;
+      case RandomKind::Uniform: random_kernel<T, RandomKind::Uniform><<<grid, kThreads, 0, compute_stream()>>>(p); break;
+      case RandomKind::Normal: random_kernel<T, RandomKind::Normal><<<grid, kThreads, 0, compute_stream()>>>(p); break;
+      case RandomKind::DropoutMask: random_kernel<T, RandomKind::DropoutMask><<<grid, kThreads, 0, compute_stream()>>>(p); break;
     }
     check_last_launch("random_kernel");
   });
