@@ -160,7 +160,7 @@ TrainResult train_unet(const std::shared_ptr<unet::UNet2DConditionModel>& model,
       DiffusionDraw drawn;
       if (!rows.noise.defined() || !rows.timesteps.defined())
         drawn = draw_noise(rows.latents.shape(), o.diffusion.schedule.num_train_timesteps, o.diffusion.noise_offset,
-                           o.seed, micro);
+                           o.seed, micro, where.device);
       auto dev = [&](const Tensor& t) { return t.defined() ? t.to(where.device) : t; };
       DiffusionBatch b;
       b.latents = dev(rows.latents);
