@@ -128,7 +128,7 @@ TEST(CudaBackend, StridedCopiesMatchCpu) {
 // Permutes between NCHW and NHWC (the spatial transformers' layout changes) take the tiled
 // transpose path; sizes that are not multiples of its 32×32 tile, batch 1 and > 1, dtype changes.
 TEST(CudaBackend, TransposeCopiesMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(3);
   for (const Shape& shape : {Shape{2, 37, 5, 7}, Shape{1, 64, 33, 9}, Shape{3, 320, 8, 8}, Shape{1, 8, 1, 100}}) {
     const Tensor x = Tensor::randn(shape, gen);
@@ -348,7 +348,7 @@ TEST(CudaBackend, BinaryBroadcastMatchesCpu) {
 // scalar path otherwise; both must give the CPU's values at every length (tails of n % 8) and
 // at element offsets that break the alignment (views starting at element 1 or 3).
 TEST(CudaBackend, VectorAndScalarElementwisePathsMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(11);
   const std::vector<int64_t> lengths = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100003};
   for (DType dtype : kFloatDtypes) {
