@@ -5,17 +5,8 @@ Median of --reps after 5 warm-ups, CUDA events; peak memory. One JSON line per r
 import argparse, json, torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
+from cuda_timing import time_ms  # bench/gpu/cuda_timing.py (this script's directory)
 
-
-def time_ms(fn, reps):
-    for _ in range(5):
-        fn()
-    t = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize(); t.append(a.elapsed_time(b))
-    t.sort()
-    return t[len(t) // 2]
 
 
 def run(config, precision, reps):

@@ -5,23 +5,13 @@ timed calls. One JSON line per row (--json) or a table."""
 import argparse, json, math, torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
+from cuda_timing import time_ms  # bench/gpu/cuda_timing.py (this script's directory)
 
 SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 4096, 64), (2, 10, 4096, 4096, 64), (2, 20, 1024, 1024, 64),
           (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160), (2, 8, 4096, 77, 40), (1, 8, 16384, 16384, 64)]
 BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
             "efficient": [SDPBackend.EFFICIENT_ATTENTION], "default": None}
 
-
-def time_ms(fn, reps):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main():
