@@ -77,8 +77,7 @@ Variable CustomDiffusionProcessor::process(const attention::Attention& attn, con
     v = block_first_position_gradient(v);
   }
   const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), ctx.size(1));
-  Variable out = attn.batch_to_head(
-      attn.attend(attn.head_to_batch(q), attn.head_to_batch(k), attn.head_to_batch(v), m));  // [B, Q, inner]
+  Variable out = attn.attend_heads(q, k, v, m);  // [B, Q, inner]
   if (options_.train_q_out) {
     const auto to_out = child_as<nn::ModuleList>("to_out_custom_diffusion");
     out = to_out->at_as<nn::UnaryModule>(1)->forward(to_out->at_as<nn::Linear>(0)->forward(out));

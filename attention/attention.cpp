@@ -182,6 +182,16 @@ Variable Attention::attend(const Variable& q, const Variable& k, const Variable&
   return scaled_dot_product_attention(q, k, v, o);
 }
 
+Variable Attention::attend_heads(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const {
+  SdpaOptions o;
+  o.mask = mask;
+  o.heads = options_.heads;
+  o.scale = scale();
+  o.backend = slice_size_ > 0 ? std::optional<BackendKind>(BackendKind::Sliced) : backend_;
+  o.slice_size = slice_size_;
+  return scaled_dot_product_attention_packed(q, k, v, o);
+}
+
 Variable Attention::project_out(const Variable& x) const {
   const auto to_out = child_as<nn::ModuleList>("to_out");
   return to_out->at_as<nn::UnaryModule>(1)->forward(to_out->at_as<nn::Linear>(0)->forward(x));
@@ -198,11 +208,11 @@ Variable DefaultProcessor::process(const Attention& attn, const Variable& x, con
     attn.check_context(context, seq.size(0), attn.cross_attention_dim());
     ctx = attn.apply_norm_cross(context);
   }
-  const Variable q = attn.head_to_batch(attn.projection("to_q")->forward(h));
-  const Variable k = attn.head_to_batch(attn.projection("to_k")->forward(ctx));
-  const Variable v = attn.head_to_batch(attn.projection("to_v")->forward(ctx));
+  const Variable q = attn.projection("to_q")->forward(h);  // [B, Q, heads·d]
+  const Variable k = attn.projection("to_k")->forward(ctx);
+  const Variable v = attn.projection("to_v")->forward(ctx);
   const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), ctx.size(1));
-  const Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));  // [B, Q, C]
+  const Variable out = attn.project_out(attn.attend_heads(q, k, v, m));  // [B, Q, C]
   return attn.finish_output(Attention::from_sequence(out, x.shape()), x);
 }
 
@@ -221,15 +231,15 @@ Variable AddedKVProcessor::process(const Attention& attn, const Variable& x, con
     ctx = attn.apply_norm_cross(context);
   }
   const Variable h = attn.apply_group_norm(seq);
-  const Variable q = attn.head_to_batch(attn.projection("to_q")->forward(h));
-  Variable k = attn.head_to_batch(attn.projection("add_k_proj")->forward(ctx));
-  Variable v = attn.head_to_batch(attn.projection("add_v_proj")->forward(ctx));
-  if (!o.only_cross_attention) {  // keys: context tokens first, then the layer's own
-    k = cat({k, attn.head_to_batch(attn.projection("to_k")->forward(h))}, 1);
-    v = cat({v, attn.head_to_batch(attn.projection("to_v")->forward(h))}, 1);
+  const Variable q = attn.projection("to_q")->forward(h);  // [B, S, heads·d]
+  Variable k = attn.projection("add_k_proj")->forward(ctx);
+  Variable v = attn.projection("add_v_proj")->forward(ctx);
+  if (!o.only_cross_attention) {  // keys: context tokens first, then the layer's own (per head)
+    k = cat({k, attn.projection("to_k")->forward(h)}, 1);
+    v = cat({v, attn.projection("to_v")->forward(h)}, 1);
   }
   const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), k.size(1));
-  const Variable out = attn.project_out(attn.batch_to_head(attn.attend(q, k, v, m)));  // [B, S, C]
+  const Variable out = attn.project_out(attn.attend_heads(q, k, v, m));  // [B, S, C]
   return reshape(transpose(out, 1, 2), x.shape()) + x;  // back to [B, C, *]; the residual is always added
 }
 

@@ -122,6 +122,9 @@ class Attention : public nn::Module {
   Tensor prepare_mask(const Tensor& mask, int64_t batch, int64_t queries, int64_t keys) const;
   // SDPA of head-split q [B·h, Q, d], k, v with this layer's scale, backend and slicing.
   Variable attend(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const;
+  // The same on the projections' own layout: q [B, Q, heads·d], k, v [B, K, heads·d] ->
+  // [B, Q, heads·dv] (scaled_dot_product_attention_packed: no head split copies on CUDA flash).
+  Variable attend_heads(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const;
   // to_out.0 then to_out.1 (dropout).
   Variable project_out(const Variable& x) const;
 

@@ -1,6 +1,7 @@
 // The attention dispatcher: backend choice, checks, and the differentiable op.
 #include "attention/sdpa.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
@@ -8,6 +9,7 @@
 #include <set>
 
 #include "attention/sdpa_backends.h"
+#include "autograd/ops.h"
 #include "tensor/backend.h"
 #include "tensor/ops.h"
 
@@ -126,6 +128,19 @@ const SdpaBackend& backend_of(BackendKind kind) {
   LOOM_FAIL("attention: unknown backend code ", int(kind));
 }
 
+// mask: undefined, or [1 or batches, 1 or q_len, k_len] on `dev`.
+void check_mask(const Tensor& m, int64_t batches, int64_t q_len, int64_t k_len, const Device& dev) {
+  if (!m.defined()) return;
+  LOOM_CHECK(m.device() == dev, "attention check: mask on ", m.device(), ", q on ", dev);
+  LOOM_CHECK(m.dim() == 3, "attention check: mask must be [B or 1, Q or 1, K], got ", m.shape());
+  LOOM_CHECK(m.size(-1) == k_len, "attention check: mask.last != K: mask ", m.shape(), " vs ", k_len,
+             " keys (masks are not padded)");
+  LOOM_CHECK(m.size(0) == 1 || m.size(0) == batches, "attention check: mask batch ", m.size(0), " is neither 1 nor ",
+             batches, " (mask ", m.shape(), ")");
+  LOOM_CHECK(m.size(1) == 1 || m.size(1) == q_len, "attention check: mask rows ", m.size(1),
+             " are neither 1 nor Q = ", q_len, " (mask ", m.shape(), ")");
+}
+
 void check_inputs(const Variable& q, const Variable& k, const Variable& v, const SdpaOptions& o) {
   LOOM_CHECK(q.defined() && k.defined() && v.defined(), "attention: undefined q, k or v");
   LOOM_CHECK(q.device() == k.device() && q.device() == v.device(), "attention check: q, k, v on different devices (q ",
@@ -143,17 +158,7 @@ void check_inputs(const Variable& q, const Variable& k, const Variable& v, const
              " is not a multiple of heads ", o.heads);
   LOOM_CHECK(!(o.mask.defined() && o.causal), "attention check: mask and causal given together (fold the causal "
              "part into the mask)");
-  if (!o.mask.defined()) return;
-  const Tensor& m = o.mask;
-  LOOM_CHECK(m.device() == q.device(), "attention check: mask on ", m.device(), ", q on ", q.device());
-  LOOM_CHECK(m.dim() == 3, "attention check: mask must be [B or 1, Q or 1, K], got ", m.shape());
-  LOOM_CHECK(m.size(-1) == k.size(1), "attention check: mask.last != K: mask ", m.shape(), " vs ", k.size(1),
-             " keys (masks are not padded)");
-  const int64_t batches = q.size(0) / o.heads;
-  LOOM_CHECK(m.size(0) == 1 || m.size(0) == batches, "attention check: mask batch ", m.size(0), " is neither 1 nor ",
-             batches, " (mask ", m.shape(), ")");
-  LOOM_CHECK(m.size(1) == 1 || m.size(1) == q.size(1), "attention check: mask rows ", m.size(1),
-             " are neither 1 nor Q = ", q.size(1), " (mask ", m.shape(), ")");
+  check_mask(o.mask, q.size(0) / o.heads, q.size(1), k.size(1), q.device());
 }
 
 void scan_finite(const Tensor& t, const char* name, bool allow_neg_inf) {
@@ -200,6 +205,83 @@ Variable scaled_dot_product_attention(const Variable& q, const Variable& k, cons
   return record("scaled_dot_product_attention", out, {q, k, v},
                 [p, saved, be](const Tensor& g, const std::vector<bool>& needs) {
                   const detail::SdpaGrads grads = be->backward(p, *saved, g.contiguous(), needs);
+                  return std::vector<Tensor>{needs[0] ? grads.dq : Tensor(), needs[1] ? grads.dk : Tensor(),
+                                             needs[2] ? grads.dv : Tensor()};
+                });
+}
+
+namespace {
+std::atomic<int64_t> packed_calls{0};
+
+// [B, S, H·d] -> [B·H, S, d] and back (copies).
+Variable split_heads(const Variable& x, int64_t h) {
+  const int64_t b = x.size(0), s = x.size(1);
+  return reshape(permute(reshape(x, {b, s, h, -1}), {0, 2, 1, 3}), {b * h, s, -1});
+}
+Variable merge_heads(const Variable& x, int64_t h) {
+  const int64_t b = x.size(0) / h, s = x.size(1);
+  return reshape(permute(reshape(x, {b, h, s, -1}), {0, 2, 1, 3}), {b, s, -1});
+}
+
+// The packed problem when the backend this call resolves to reads it (else nullopt).
+std::optional<SdpaProblem> packed_problem(const Variable& q, const Variable& k, const Variable& v,
+                                          const SdpaOptions& o) {
+  BackendKind kind = resolve_backend(o.backend);
+  if (kind != BackendKind::Flash && kind != BackendKind::Auto) return std::nullopt;
+  if (!q.device().is_cuda() || (q.dtype() != DType::BF16 && q.dtype() != DType::F16)) return std::nullopt;
+  if (scanning_checks_enabled() || o.causal) return std::nullopt;
+  SdpaProblem p;
+  p.q = q.tensor().contiguous(), p.k = k.tensor().contiguous(), p.v = v.tensor().contiguous();
+  if (o.mask.defined()) {
+    p.mask = o.mask.to(q.dtype()).contiguous();
+    p.mask_batches = p.mask.size(0), p.mask_rows = p.mask.size(1);
+  }
+  p.packed = true;
+  p.heads = o.heads, p.scale = o.scale;
+  p.n = q.size(0) * o.heads, p.q_len = q.size(1), p.k_len = k.size(1);
+  p.d = q.size(2) / o.heads, p.dv = v.size(2) / o.heads;
+  FlashAttentionArgs a;
+  a.q = p.q, a.k = p.k, a.v = p.v, a.mask = p.mask, a.heads = p.heads, a.packed_heads = true;
+  try {
+    backend_for(q.device()).flash_attention_check(a);
+  } catch (const Error&) {
+    return std::nullopt;  // the split path below reports whatever the backend lacks
+  }
+  return p;
+}
+}  // namespace
+
+namespace detail {
+int64_t packed_flash_calls() { return packed_calls.load(); }
+}  // namespace detail
+
+Variable scaled_dot_product_attention_packed(const Variable& q, const Variable& k, const Variable& v,
+                                             const SdpaOptions& o) {
+  LOOM_CHECK(q.defined() && k.defined() && v.defined(), "attention: undefined q, k or v");
+  LOOM_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attention check: packed q, k, v must be [B, len, heads·d]; "
+             "got q ", q.shape(), ", k ", k.shape(), ", v ", v.shape());
+  LOOM_CHECK(o.heads >= 1 && q.size(2) % o.heads == 0 && k.size(2) % o.heads == 0 && v.size(2) % o.heads == 0,
+             "attention check: packed q ", q.shape(), ", k ", k.shape(), ", v ", v.shape(), " do not split into ",
+             o.heads, " heads");
+  const std::optional<SdpaProblem> packed = packed_problem(q, k, v, o);
+  if (!packed) return merge_heads(scaled_dot_product_attention(split_heads(q, o.heads), split_heads(k, o.heads),
+                                                               split_heads(v, o.heads), o),
+                                  o.heads);
+  const SdpaProblem p = *packed;
+  ++packed_calls;
+  LOOM_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0), "attention check: batches differ: q ", q.shape(),
+             ", k ", k.shape(), ", v ", v.shape());
+  LOOM_CHECK(q.size(2) == k.size(2), "attention check: q.d != k.d: q ", q.shape(), " vs k ", k.shape());
+  LOOM_CHECK(k.size(1) == v.size(1), "attention check: k.len != v.len: k ", k.shape(), " vs v ", v.shape());
+  LOOM_CHECK(k.size(1) >= 1, "attention check: no keys (k ", k.shape(), ")");
+  check_mask(o.mask, q.size(0), q.size(1), k.size(1), q.device());
+  const SdpaBackend& backend = detail::flash_backend();
+  const bool need_grad = GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  auto saved = need_grad ? std::make_shared<SdpaSaved>() : nullptr;
+  const Tensor out = backend.forward(p, saved.get());
+  return record("scaled_dot_product_attention", out, {q, k, v},
+                [p, saved, &backend](const Tensor& g, const std::vector<bool>& needs) {
+                  const detail::SdpaGrads grads = backend.backward(p, *saved, g.contiguous(), needs);
                   return std::vector<Tensor>{needs[0] ? grads.dq : Tensor(), needs[1] ? grads.dk : Tensor(),
                                              needs[2] ? grads.dv : Tensor()};
                 });

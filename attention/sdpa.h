@@ -83,4 +83,13 @@ struct SdpaOptions {
 Variable scaled_dot_product_attention(const Variable& q, const Variable& k, const Variable& v,
                                       const SdpaOptions& options = {});
 
+// The same with the heads packed in the channels, as the projections write them:
+//   q [B, Q, H·d], k [B, K, H·d], v [B, K, H·dv] -> out [B, Q, H·dv], H = options.heads;
+// head h of batch b is problem row b·H + h above. Equal to splitting the heads
+// ([B, S, H·d] -> [B·H, S, d]), scaled_dot_product_attention and merging them back, which is
+// what it does unless the chosen backend reads the packed layout itself (CUDA's flash kernels in
+// bf16 / f16): then no copy is made for the split or the merge, forward or backward.
+Variable scaled_dot_product_attention_packed(const Variable& q, const Variable& k, const Variable& v,
+                                             const SdpaOptions& options = {});
+
 }  // namespace loom::attention

@@ -11,7 +11,8 @@ namespace loom::attention::detail {
 // A checked call: q [N,Q,d], k [N,K,d], v [N,K,dv] contiguous, one dtype and
 // device; mask undefined or contiguous [Bm, Qm, K] in q's dtype.
 struct SdpaProblem {
-  Tensor q, k, v, mask;
+  Tensor q, k, v, mask;         // [N, len, d], or packed [N / heads, len, heads·d] (flash only)
+  bool packed = false;          // FlashAttentionArgs::packed_heads
   int64_t n = 0, q_len = 0, k_len = 0, d = 0, dv = 0;
   int64_t heads = 1, mask_batches = 0, mask_rows = 0;
   int64_t slice_size = 0;
@@ -44,6 +45,8 @@ class SdpaBackend {
 
 const SdpaBackend& math_backend();
 // The device's flash kernel (Backend::flash_attention_*), whatever the device.
+// How many calls took the packed-heads flash path so far (for tests: it is not a silent split).
+int64_t packed_flash_calls();
 const SdpaBackend& flash_backend();
 const SdpaBackend& sliced_backend();
 

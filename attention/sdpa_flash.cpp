@@ -12,7 +12,7 @@ namespace {
 FlashAttentionArgs args_of(const SdpaProblem& p) {
   FlashAttentionArgs a;
   a.q = p.q, a.k = p.k, a.v = p.v, a.mask = p.mask;
-  a.heads = p.heads, a.scale = p.scale, a.causal = p.causal;
+  a.heads = p.heads, a.scale = p.scale, a.causal = p.causal, a.packed_heads = p.packed;
   return a;
 }
 
@@ -26,7 +26,8 @@ class FlashBackend final : public SdpaBackend {
 
   Tensor forward(const SdpaProblem& p, SdpaSaved* saved) const override {
     const Device dev = p.q.device();
-    Tensor out = Tensor::empty({p.n, p.q_len, p.dv}, p.q.dtype(), dev);
+    const Shape out_shape = p.packed ? Shape{p.n / p.heads, p.q_len, p.heads * p.dv} : Shape{p.n, p.q_len, p.dv};
+    Tensor out = Tensor::empty(out_shape, p.q.dtype(), dev);
     Tensor lse = Tensor::empty({p.n, p.q_len}, flash_stats_dtype(p.q.dtype()), dev);
     if (out.numel() > 0) backend_for(dev).flash_attention_forward(args_of(p), out, lse);
     if (saved) {

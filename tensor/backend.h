@@ -67,9 +67,14 @@ struct GemmBatch {
 //   causal: key j > query i is masked (top-left aligned); never together with a mask.
 // Row statistics (the log-sum-exp `lse` [N, Q] of the scaled, masked scores) are f64 for f64
 // inputs and f32 otherwise. Nothing of size Q×K is allocated by either pass.
+// packed_heads: q [B, Q, heads·d], k [B, K, heads·d], v [B, K, heads·dv] (and out, grad_out and
+// the gradients likewise) hold the heads side by side in the channels, as the projections write
+// them; problem n = b·heads + h reads columns h·d … of batch b. Only where a backend's check
+// accepts it (CUDA's tensor-core kernels); it saves the head split's and merge's copies.
 struct FlashAttentionArgs {
   Tensor q, k, v, mask;
   int64_t heads = 1;
+  bool packed_heads = false;
   double scale = 1.0;
   bool causal = false;
 };

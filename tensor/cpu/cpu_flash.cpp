@@ -300,6 +300,7 @@ void flash_check(const FlashAttentionArgs& a) {
   const DType t = a.q.dtype();
   LOOM_CHECK(t == DType::F32 || t == DType::F64 || is_half(t), "attention backend 'flash' does not support dtype ", t,
              " on the cpu (f32, f64; bf16 and f16 are computed in f32)");
+  LOOM_CHECK(!a.packed_heads, "attention backend 'flash' on the cpu does not take the packed-heads layout");
 }
 
 void flash_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse) {

@@ -25,7 +25,12 @@ void flash_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor&
 void flash_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse, const Tensor& grad_out,
                     const Tensor& dq, const Tensor& dk, const Tensor& dv);
 
-// Pointers to device memory at element (0,...,0); every tensor contiguous.
+// Pointers to device memory at element (0,...,0); every tensor contiguous. Two layouts of
+// q, k, v, out, grad_out, dq, dk, dv (lse, delta and the f32 accumulators are always [n, len, ·]):
+//   plain   [n, len, width]: problem n's row r at (n·len + r)·width;
+//   packed  [n / heads, len, heads·width]: the heads side by side in the channels, as the
+//           projections write them (diffusers' layout before its head split); problem n =
+//           b·heads + h's row r at (b·len + r)·heads·width + h·width. Tensor-core family only.
 struct FlashParams {
   DType dtype = DType::BF16;     // of q, k, v, mask, out, grad_out, dq, dk, dv
   const void* q = nullptr;       // [n, q_len, d]
@@ -34,6 +39,7 @@ struct FlashParams {
   const void* mask = nullptr;    // [mask_batches, mask_rows, k_len] additive, or null
   int64_t n = 0, q_len = 0, k_len = 0, d = 0, dv = 0;
   int64_t heads = 1, mask_batches = 0, mask_rows = 0;
+  bool packed = false;           // the packed layout above
   double scale = 1.0;
   bool causal = false;
   // forward outputs / backward inputs

@@ -8,22 +8,36 @@ namespace loom::cuda {
 
 namespace {
 
+// delta[r] = Σ_c dO[r, c]·O[r, c] for the rows r = n·q_len + i of the problem (one warp per row;
+// O and dO in either layout of FlashParams).
 template <typename T>
-__global__ void flash_delta_half_kernel(const T* dout, const T* out, float* delta, int64_t rows, int d) {
+__global__ void flash_delta_half_kernel(const FlashParams p, int d) {
   const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (r >= rows) return;
+  if (r >= p.n * p.q_len) return;
+  const FlashRows rows = flash_rows(p, r / p.q_len, p.q_len, d);
+  const int64_t off = rows.base + (r % p.q_len) * rows.stride;
+  const T* dout = static_cast<const T*>(p.grad_out) + off;
+  const T* out = static_cast<const T*>(p.out) + off;
   float sum = 0;
-  for (int c = lane; c < d; c += 32) sum += Half2<T>::to_float(dout[r * d + c]) * Half2<T>::to_float(out[r * d + c]);
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) delta[r] = sum;
+  for (int c = lane; c < d; c += 32) sum += Half2<T>::to_float(dout[c]) * Half2<T>::to_float(out[c]);
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) static_cast<float*>(p.delta)[r] = sum;
 }
 
-// dst[i] = T(src[i]·scale)
+// dst = T(src·scale): src an f32 accumulator [n, len, d], dst the gradient in the params' layout.
 template <typename T>
-__global__ void flash_convert_kernel(T* dst, const float* src, int64_t count, float scale) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = Half2<T>::from_float(src[i] * scale);
+__global__ void flash_convert_kernel(T* dst, const float* src, FlashParams p, int64_t len, int d, float scale) {
+  const int64_t count = p.n * len * d;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t at = i;
+    if (p.packed) {
+      const int64_t row = i / d;
+      const FlashRows rows = flash_rows(p, row / len, len, d);
+      at = rows.base + (row % len) * rows.stride + (i - row * d);
+    }
+    dst[at] = Half2<T>::from_float(src[i] * scale);
+  }
 }
 
 template <typename T, int D>
@@ -42,10 +56,11 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kCols;
-  const T* q = static_cast<const T*>(p.q) + n * p.q_len * D;
-  const T* k = static_cast<const T*>(p.k) + n * p.k_len * D;
-  const T* v = static_cast<const T*>(p.v) + n * p.k_len * D;
-  const T* dout = static_cast<const T*>(p.grad_out) + n * p.q_len * D;
+  const FlashRows qr = flash_rows(p, n, p.q_len, D), kr = flash_rows(p, n, p.k_len, D);
+  const T* q = static_cast<const T*>(p.q) + qr.base;
+  const T* k = static_cast<const T*>(p.k) + kr.base;
+  const T* v = static_cast<const T*>(p.v) + kr.base;
+  const T* dout = static_cast<const T*>(p.grad_out) + qr.base;
   const float* lse = static_cast<const float*>(p.lse) + n * p.q_len;
   const float* delta = static_cast<const float*>(p.delta) + n * p.q_len;
   const T* mask = static_cast<const T*>(p.mask);
@@ -69,8 +84,8 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   // have dO = 0 and D = 0, so whatever P they get adds nothing to dV, dK, and dQ skips them).
   auto load_query_tile = [&](int64_t it, int buf) {
     const int64_t i0 = it * kRows;
-    load_tile_async<T, kDp>(sQ0 + buf * kRows * kLd, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
-    load_tile_async<T, kDp>(sdO0 + buf * kRows * kLd, kLd, dout, i0, kRows, p.q_len, D, tid, S::kThreads);
+    load_tile_async<T, kDp>(sQ0 + buf * kRows * kLd, kLd, q, i0, kRows, p.q_len, D, qr.stride, tid, S::kThreads);
+    load_tile_async<T, kDp>(sdO0 + buf * kRows * kLd, kLd, dout, i0, kRows, p.q_len, D, qr.stride, tid, S::kThreads);
     for (int r = tid; r < 2 * kRows; r += S::kThreads) {
       const int rr = r % kRows;
       const bool in = i0 + rr < p.q_len;
@@ -79,8 +94,8 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
     }
   };
 
-  load_tile_async<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, tid, S::kThreads);
-  load_tile_async<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, tid, S::kThreads);
+  load_tile_async<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
+  load_tile_async<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
   if (first < last) load_query_tile(first, 0);
   cp_async_commit();
 
@@ -267,9 +282,7 @@ template <typename T, int D>
 void tc_backward(const FlashParams& p) {
   using S = TcShape<D>;
   const int64_t rows = p.n * p.q_len;
-  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(static_cast<const T*>(p.grad_out),
-                                                                  static_cast<const T*>(p.out),
-                                                                  static_cast<float*>(p.delta), rows, D);
+  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, D);
   check_last_launch("flash_delta_half_kernel");
   if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float), compute_stream()));
   const size_t kv = size_t(p.n * p.k_len) * D * sizeof(float);
@@ -292,14 +305,15 @@ void tc_backward(const FlashParams& p) {
   check_last_launch("flash_bwd_tc_kernel");
 
   const float scale = float(p.scale);
-  auto convert = [&](void* dst, const float* src, int64_t count, float s) {
+  auto convert = [&](void* dst, const float* src, int64_t len, float s) {
     if (!dst) return;
-    flash_convert_kernel<T><<<grid_for(count), kThreads, 0, compute_stream()>>>(static_cast<T*>(dst), src, count, s);
+    flash_convert_kernel<T><<<grid_for(p.n * len * D), kThreads, 0, compute_stream()>>>(static_cast<T*>(dst), src, p,
+                                                                                        len, D, s);
     check_last_launch("flash_convert_kernel");
   };
-  convert(p.dq, p.dq_accum, rows * D, scale);
-  convert(p.dk, p.dk_accum, p.n * p.k_len * D, scale);
-  convert(p.dv_out, p.dv_accum, p.n * p.k_len * D, 1.f);
+  convert(p.dq, p.dq_accum, p.q_len, scale);
+  convert(p.dk, p.dk_accum, p.k_len, scale);
+  convert(p.dv_out, p.dv_accum, p.k_len, 1.f);
 }
 
 template <typename T>

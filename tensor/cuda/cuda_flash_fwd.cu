@@ -55,9 +55,10 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
-  const T* q = static_cast<const T*>(p.q) + n * p.q_len * D;
-  const T* k = static_cast<const T*>(p.k) + n * p.k_len * D;
-  const T* v = static_cast<const T*>(p.v) + n * p.k_len * D;
+  const FlashRows qr = flash_rows(p, n, p.q_len, D), kr = flash_rows(p, n, p.k_len, D);
+  const T* q = static_cast<const T*>(p.q) + qr.base;
+  const T* k = static_cast<const T*>(p.k) + kr.base;
+  const T* v = static_cast<const T*>(p.v) + kr.base;
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
 
@@ -66,10 +67,10 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
   if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kCols + 1);
 
   // Q and the first K/V tile in one cp.async group; tile it + 1 is copied while tile it is used.
-  load_tile_async<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, tid, S::kThreads);
+  load_tile_async<T, kDp>(sQ, kLd, q, i0, kRows, p.q_len, D, qr.stride, tid, S::kThreads);
   if (tiles > 0) {
-    load_tile_async<T, kDp>(sK0, kLd, k, 0, kCols, p.k_len, D, tid, S::kThreads);
-    load_tile_async<T, kDp>(sV0, kLd, v, 0, kCols, p.k_len, D, tid, S::kThreads);
+    load_tile_async<T, kDp>(sK0, kLd, k, 0, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
+    load_tile_async<T, kDp>(sV0, kLd, v, 0, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
   }
   cp_async_commit();
   cp_async_wait_all();
@@ -106,8 +107,8 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
     cp_async_wait_all();
     __syncthreads();  // tile it landed for all threads; every warp is done with tile it − 1
     if (it + 1 < tiles) {
-      load_tile_async<T, kDp>(sK0 + (buf ^ 1) * kCols * kLd, kLd, k, j0 + kCols, kCols, p.k_len, D, tid, S::kThreads);
-      load_tile_async<T, kDp>(sV0 + (buf ^ 1) * kCols * kLd, kLd, v, j0 + kCols, kCols, p.k_len, D, tid, S::kThreads);
+      load_tile_async<T, kDp>(sK0 + (buf ^ 1) * kCols * kLd, kLd, k, j0 + kCols, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
+      load_tile_async<T, kDp>(sV0 + (buf ^ 1) * kCols * kLd, kLd, v, j0 + kCols, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
     }
     cp_async_commit();
 
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
     }
   }
 
-  T* out = static_cast<T*>(p.out) + n * p.q_len * D;
+  T* out = static_cast<T*>(p.out) + qr.base;
   float* lse = static_cast<float*>(p.lse) + n * p.q_len;
 #pragma unroll
   for (int a = 0; a < kAtoms; ++a) {
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         const uint32_t packed = Half2<T>::pack(o[a][j][2 * h] * inv, o[a][j][2 * h + 1] * inv);
-        *reinterpret_cast<uint32_t*>(out + qi * D + j * 8 + 2 * t) = packed;
+        *reinterpret_cast<uint32_t*>(out + qi * qr.stride + j * 8 + 2 * t) = packed;
       }
       if (t == 0) lse[qi] = (m[a][h] + log2f(l[a][h])) * kLn2;
     }

@@ -17,6 +17,10 @@ FlashParams params_of(const FlashAttentionArgs& a) {
   p.mask = a.mask.defined() ? a.mask.raw_data() : nullptr;
   p.n = a.q.size(0), p.q_len = a.q.size(1), p.k_len = a.k.size(1), p.d = a.q.size(2), p.dv = a.v.size(2);
   p.heads = a.heads;
+  if (a.packed_heads) {  // [B, len, heads·d]
+    p.packed = true;
+    p.n = a.q.size(0) * a.heads, p.d = a.q.size(2) / a.heads, p.dv = a.v.size(2) / a.heads;
+  }
   p.mask_batches = a.mask.defined() ? a.mask.size(0) : 0;
   p.mask_rows = a.mask.defined() ? a.mask.size(1) : 0;
   p.scale = a.scale, p.causal = a.causal;
@@ -35,7 +39,15 @@ void flash_check(const FlashAttentionArgs& a) {
   for (const Tensor* x : {&a.q, &a.k, &a.v, &a.mask})
     LOOM_CHECK(!x->defined() || (x->is_contiguous() && x->device() == dev && x->dtype() == t),
                "attention backend 'flash' on ", dev, ": q, k, v and mask must be contiguous, on one device, of one dtype");
-  const int64_t d = a.q.size(2), dv = a.v.size(2);
+  const int64_t h = a.packed_heads ? a.heads : 1;
+  if (a.packed_heads) {
+    LOOM_CHECK(t == DType::BF16 || t == DType::F16, "attention backend 'flash' on ", dev, " takes the packed-heads ",
+               "layout in bf16 / f16 only, not ", t);
+    LOOM_CHECK(h >= 1 && a.q.size(2) % h == 0 && a.k.size(2) % h == 0 && a.v.size(2) % h == 0,
+               "attention backend 'flash' on ", dev, ": packed q ", a.q.shape(), ", k ", a.k.shape(), ", v ",
+               a.v.shape(), " do not split into ", h, " heads");
+  }
+  const int64_t d = a.q.size(2) / h, dv = a.v.size(2) / h;
   if (t == DType::BF16 || t == DType::F16) {
     LOOM_CHECK(d == dv, "attention backend 'flash' does not support q/k head dim ", d, " != v head dim ", dv, " on ",
                dev, " in ", t);
@@ -48,8 +60,8 @@ void flash_check(const FlashAttentionArgs& a) {
     LOOM_CHECK(std::max(d, dv) <= kFlashExactMaxHeadDim, "attention backend 'flash' does not support head dim ",
                std::max(d, dv), " on ", dev, " in ", t, " (at most ", kFlashExactMaxHeadDim, ")");
   }
-  LOOM_CHECK(a.q.size(0) <= 65535, "attention backend 'flash' does not support more than 65535 batch·heads rows on ",
-             dev, " (got ", a.q.size(0), ")");
+  LOOM_CHECK(a.q.size(0) * h <= 65535, "attention backend 'flash' does not support more than 65535 batch·heads rows on ",
+             dev, " (got ", a.q.size(0) * h, ")");
 }
 
 void flash_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse) {
@@ -71,7 +83,7 @@ void flash_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor
   p.lse = lse.raw_data();
   p.grad_out = grad_out.raw_data();
   p.dq = data_or_null(dq), p.dk = data_or_null(dk), p.dv_out = data_or_null(dv);
-  const Tensor delta = Tensor::empty({p.n, p.q_len}, flash_stats_dtype(p.dtype), dev);
+  const Tensor delta = Tensor::empty({p.n, p.q_len}, flash_stats_dtype(p.dtype), dev);  // either layout
   p.delta = delta.raw_data();
   Tensor dq_acc, dk_acc, dv_acc;  // f32 accumulators of the tensor-core path
   if (p.dtype == DType::BF16 || p.dtype == DType::F16) {

@@ -132,17 +132,28 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 #endif
 }
 
-// Copies rows [r0, r0 + rows) of a [len, d] matrix into a [rows][ld] tile with cp.async, zero
-// beyond len and in columns d…DP (16-byte chunks; d is a multiple of 8); the copy lands after
-// cp_async_commit, cp_async_wait_all and __syncthreads.
+// Problem n's row 0 (elements from the tensor's start) and row stride in a q/k/v/out-like tensor
+// of rows `width` wide, in either layout of FlashParams (cuda_flash.h).
+struct FlashRows {
+  int64_t base, stride;
+};
+__device__ __forceinline__ FlashRows flash_rows(const FlashParams& p, int64_t n, int64_t len, int width) {
+  if (!p.packed) return {n * len * width, width};
+  return {(n / p.heads) * len * p.heads * width + (n % p.heads) * width, p.heads * width};
+}
+
+// Copies rows [r0, r0 + rows) of a [len, d] matrix whose rows lie src_stride elements apart into
+// a [rows][ld] tile with cp.async, zero beyond len and in columns d…DP (16-byte chunks; d and
+// src_stride are multiples of 8); the copy lands after cp_async_commit, cp_async_wait_all and
+// __syncthreads.
 template <typename T, int DP>
 __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t r0, int rows, int64_t len,
-                                                int d, int tid, int threads) {
+                                                int d, int64_t src_stride, int tid, int threads) {
   constexpr int kChunks = DP / 8;
   for (int idx = tid; idx < rows * kChunks; idx += threads) {
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
     const bool in = r0 + r < len && c < d;
-    cp_async16(tile + r * ld + c, in ? src + (r0 + r) * d + c : src, in);
+    cp_async16(tile + r * ld + c, in ? src + (r0 + r) * src_stride + c : src, in);
   }
 }
 
