@@ -45,7 +45,7 @@ Tensor dense_bias(const SdpaProblem& p, int64_t n0, int64_t n1) {
 Tensor math_forward_rows(const SdpaProblem& p, int64_t n0, int64_t n1, Tensor* probs) {
   const int64_t rows = n1 - n0;
   const Tensor q = p.q.narrow(0, n0, rows), k = p.k.narrow(0, n0, rows), v = p.v.narrow(0, n0, rows);
-  Tensor s = ops::mul_scalar(ops::matmul(q, k.transpose(1, 2)), p.scale);  // [rows, Q, K]
+  Tensor s = ops::matmul(q, k.transpose(1, 2), p.scale);  // scale·Q·Kᵀ [rows, Q, K]
   const Tensor bias = dense_bias(p, n0, n1);
   if (bias.defined()) s = ops::add(s, bias);
   const Tensor prob = ops::softmax(s, -1);
@@ -62,10 +62,9 @@ SdpaGrads math_backward_rows(const SdpaProblem& p, int64_t n0, int64_t n1, const
   if (needs[2]) grads.dv = ops::matmul(prob.transpose(1, 2), g);  // Pᵀ·dO  [rows, K, dv]
   if (!needs[0] && !needs[1]) return grads;
   const Tensor dp = ops::matmul(g, v.transpose(1, 2));  // dO·Vᵀ  [rows, Q, K]
-  const Tensor row_dot = ops::sum(ops::mul(dp, prob), {-1}, true);  // Σ_j dP∘P  [rows, Q, 1]
-  const Tensor ds = ops::mul(prob, ops::sub(dp, row_dot));  // dS = P∘(dP − D)
-  if (needs[0]) grads.dq = ops::mul_scalar(ops::matmul(ds, k), p.scale);                   // [rows, Q, d]
-  if (needs[1]) grads.dk = ops::mul_scalar(ops::matmul(ds.transpose(1, 2), q), p.scale);  // [rows, K, d]
+  const Tensor ds = ops::softmax_backward(prob, dp, -1);  // dS = P∘(dP − Σ_j dP∘P), one pass
+  if (needs[0]) grads.dq = ops::matmul(ds, k, p.scale);                   // [rows, Q, d]
+  if (needs[1]) grads.dk = ops::matmul(ds.transpose(1, 2), q, p.scale);  // [rows, K, d]
   return grads;
 }
 

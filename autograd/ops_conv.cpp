@@ -1,5 +1,5 @@
 // Image ops: conv2d carries its own rule (tensor/conv.h does the products);
-// interpolate_nearest and silu are compositions of differentiable primitives.
+// interpolate_nearest is a composition of differentiable primitives; silu has its own rule (one pass each way).
 #include "autograd/ops_conv.h"
 
 #include <algorithm>
@@ -62,6 +62,10 @@ Variable interpolate_nearest(const Variable& x, int64_t out_h, int64_t out_w) {
   return matmul(matmul(sh, x), swt);  // [oh, H] x [N, C, H, W] -> [N, C, oh, W]; x [W, ow] -> [N, C, oh, ow]
 }
 
-Variable silu(const Variable& x) { return mul(x, sigmoid(x)); }
+Variable silu(const Variable& x) {
+  const Tensor tx = x.tensor();
+  return record("silu", ops::silu(tx), {x},
+                [tx](const Tensor& g, const Needs&) { return GradList{ops::mul(g, ops::silu_grad(tx))}; });
+}
 
 }  // namespace loom

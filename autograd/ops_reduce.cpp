@@ -39,9 +39,7 @@ Variable mean(const Variable& x, const std::vector<int64_t>& dims, bool keepdim)
 Variable softmax(const Variable& x, int64_t dim) {
   const Tensor y = ops::softmax(x.tensor(), dim);
   return record("softmax", y, {x}, [y, dim](const Tensor& g, const Needs&) {
-    // dx = y ∘ (g − Σ_dim g∘y)
-    const Tensor gy_sum = ops::sum(ops::mul(g, y), {dim}, true);
-    return GradList{ops::mul(y, ops::sub(g, gy_sum))};
+    return GradList{ops::softmax_backward(y, g, dim)};  // y ∘ (g − Σ_dim g∘y)
   });
 }
 

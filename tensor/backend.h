@@ -34,6 +34,8 @@ enum class UnaryOp {
   GeluTanh,      // 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
   GeluErfGrad,   // d/dx GeluErf
   GeluTanhGrad,  // d/dx GeluTanh
+  Silu,          // x·σ(x)
+  SiluGrad,      // d/dx Silu = σ(x)·(1 + x·(1 − σ(x)))
   Abs, Square, Reciprocal,
   AddScalar,     // x + s
   MulScalar,     // x · s
@@ -127,6 +129,9 @@ class Backend {
   // Along the last dim of contiguous [rows, n]: out = softmax(in) or log_softmax(in);
   // statistics (max, sum of exps) are accumulated in at least f32.
   virtual void softmax(const Tensor& out, const Tensor& in, int64_t rows, int64_t n, bool log) = 0;
+  // Softmax's backward along the last dim of contiguous [rows, n], y = softmax(x) given:
+  // dx = y∘(dy − Σ_j dy∘y), the row sums accumulated in at least f32. dx may alias dy.
+  virtual void softmax_backward(const Tensor& dx, const Tensor& y, const Tensor& dy, int64_t rows, int64_t n);
 
   // ---- fused ops: attention (flash family) --------------------------------------------------
   // Throws "attention backend 'flash' does not support <feature> on <device>" when this device's

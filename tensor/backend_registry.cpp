@@ -30,6 +30,10 @@ const char* op_kind_name(OpKind k) {
 
 // ---- default slots of the fused ops: a backend that lacks a kernel says so ----------------
 
+void Backend::softmax_backward(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t) {
+  missing_fused_kernel("softmax_backward", name());
+}
+
 void Backend::flash_attention_check(const FlashAttentionArgs& a) const {
   LOOM_FAIL("attention backend 'flash' does not support device ", a.q.device(), " (backend '", name(),
             "' has no flash attention kernel)");

@@ -170,6 +170,8 @@ Tensor gelu(const Tensor& x, bool tanh_approx) {
 Tensor gelu_grad(const Tensor& x, bool tanh_approx) {
   return unary("gelu_grad", tanh_approx ? UnaryOp::GeluTanhGrad : UnaryOp::GeluErfGrad, x);
 }
+Tensor silu(const Tensor& x) { return unary("silu", UnaryOp::Silu, x); }
+Tensor silu_grad(const Tensor& x) { return unary("silu_grad", UnaryOp::SiluGrad, x); }
 Tensor abs(const Tensor& x) { return unary("abs", UnaryOp::Abs, x); }
 Tensor square(const Tensor& x) { return unary("square", UnaryOp::Square, x); }
 Tensor reciprocal(const Tensor& x) { return unary("reciprocal", UnaryOp::Reciprocal, x); }
@@ -209,7 +211,7 @@ Tensor sum_to(const Tensor& x, const Shape& shape) {
 
 // ---- matrix products ----------------------------------------------------------------
 
-Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
+Tensor matmul(const Tensor& a_in, const Tensor& b_in, double alpha) {
   check_same("matmul", a_in, b_in);
   LOOM_CHECK(a_in.dim() >= 1 && b_in.dim() >= 1, "matmul: 0-d operand: ", a_in.shape(), " and ", b_in.shape());
   Backend& be = backend_for("matmul", OpKind::Gemm, a_in.device(), a_in.dtype());
@@ -242,6 +244,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
   g.a = A.ptr, g.trans_a = A.trans, g.lda = A.ld, g.stride_a = A.batch_stride;
   g.b = B.ptr, g.trans_b = B.trans, g.ldb = B.ld, g.stride_b = B.batch_stride;
   g.c = out.raw_data(), g.ldc = std::max<int64_t>(n, 1), g.stride_c = m * n;
+  g.alpha = alpha;
   if (out.numel() > 0 && k == 0) out.fill_(0.0);
   if (out.numel() > 0 && k > 0) be.gemm(g);
   if (a_in.dim() == 1) out = out.squeeze(-2);
@@ -281,6 +284,20 @@ Tensor softmax_impl(const char* name, const Tensor& x, int64_t dim, bool log) {
 }  // namespace
 
 Tensor softmax(const Tensor& x, int64_t dim) { return softmax_impl("softmax", x, dim, false); }
+
+Tensor softmax_backward(const Tensor& y, const Tensor& dy, int64_t dim) {
+  check_same("softmax_backward", y, dy);
+  LOOM_CHECK(y.shape() == dy.shape(), "softmax_backward: y ", y.shape(), " and dy ", dy.shape(), " differ");
+  Backend& be = backend_for("softmax_backward", OpKind::Softmax, y.device(), y.dtype());
+  if (y.dim() == 0) return Tensor::zeros({}, y.dtype(), y.device());
+  const int64_t d = wrap_dim(dim, y.dim(), "softmax_backward"), last = y.dim() - 1;
+  if (d != last) return mul(y, sub(dy, sum(mul(dy, y), {d}, true)));  // the composed rule
+  const Tensor yc = y.contiguous(), gc = dy.contiguous();
+  Tensor dx = Tensor::empty(yc.shape(), y.dtype(), y.device());
+  const int64_t n = yc.size(-1);
+  if (dx.numel()) be.softmax_backward(dx, yc, gc, dx.numel() / n, n);
+  return dx;
+}
 Tensor log_softmax(const Tensor& x, int64_t dim) { return softmax_impl("log_softmax", x, dim, true); }
 
 Tensor logsumexp(const Tensor& x, int64_t dim, bool keepdim) {

@@ -34,6 +34,8 @@ Tensor relu(const Tensor& x);
 Tensor step(const Tensor& x);  // 1 where x > 0, else 0
 Tensor gelu(const Tensor& x, bool tanh_approx = false);
 Tensor gelu_grad(const Tensor& x, bool tanh_approx = false);  // d gelu / dx
+Tensor silu(const Tensor& x);       // x·σ(x), one pass
+Tensor silu_grad(const Tensor& x);  // d silu / dx
 Tensor abs(const Tensor& x);
 Tensor square(const Tensor& x);
 Tensor reciprocal(const Tensor& x);
@@ -51,13 +53,17 @@ Tensor sum_to(const Tensor& x, const Shape& shape);
 
 // ---- matrix products -------------------------------------------------------
 // a [..., m, k] · b [..., k, n] -> [..., m, n]; batch dims broadcast; 1-D operands
-// are treated as in NumPy (a vector is promoted and the added dim removed).
-Tensor matmul(const Tensor& a, const Tensor& b);
+// are treated as in NumPy (a vector is promoted and the added dim removed). alpha scales the
+// product inside the GEMM (no extra pass).
+Tensor matmul(const Tensor& a, const Tensor& b, double alpha = 1.0);
 // x [..., in] · wᵀ (w [out, in]) + bias [out] (bias may be undefined) -> [..., out].
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 
 // ---- softmax family (stable, along `dim`) ------------------------------------
 Tensor softmax(const Tensor& x, int64_t dim);
+// y = softmax(x) along dim given: dx = y∘(dy − Σ_dim dy∘y) (the device's one-pass kernel along the
+// last dim; the composed rule along others).
+Tensor softmax_backward(const Tensor& y, const Tensor& dy, int64_t dim);
 Tensor log_softmax(const Tensor& x, int64_t dim);
 Tensor logsumexp(const Tensor& x, int64_t dim, bool keepdim = false);
 

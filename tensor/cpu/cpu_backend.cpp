@@ -282,6 +282,12 @@ void unary_typed(UnaryOp op, T* o, const T* x, int64_t n, T s) {
     case UnaryOp::GeluTanh: return map_unary(o, x, n, [](T v) { return gelu_tanh(v); });
     case UnaryOp::GeluErfGrad: return map_unary(o, x, n, [](T v) { return gelu_erf_grad(v); });
     case UnaryOp::GeluTanhGrad: return map_unary(o, x, n, [](T v) { return gelu_tanh_grad(v); });
+    case UnaryOp::Silu: return map_unary(o, x, n, [](T v) { return v * sigmoid(v); });
+    case UnaryOp::SiluGrad:
+      return map_unary(o, x, n, [](T v) {
+        const T sig = sigmoid(v);
+        return sig * (T(1) + v * (T(1) - sig));
+      });
     case UnaryOp::Abs: return map_unary(o, x, n, [](T v) { return std::abs(v); });
     case UnaryOp::Square: return map_unary(o, x, n, [](T v) { return v * v; });
     case UnaryOp::Reciprocal: return map_unary(o, x, n, [](T v) { return T(1) / v; });
@@ -455,6 +461,22 @@ void softmax_typed(const Tensor& out, const Tensor& in, int64_t rows, int64_t n,
   const T* x = static_cast<const T*>(in.raw_data());
 #pragma omp parallel for if (rows > 1 && rows * n > kParallelElems) schedule(static)
   for (int64_t r = 0; r < rows; ++r) softmax_row(o + r * n, x + r * n, n, log);
+}
+
+// dx = y∘(dy − Σ_j dy∘y) over rows of n (sum in double); dx may alias dy.
+template <typename T>
+void softmax_backward_typed(const Tensor& dx, const Tensor& y, const Tensor& dy, int64_t rows, int64_t n) {
+  T* o = static_cast<T*>(dx.raw_data());
+  const T* py = static_cast<const T*>(y.raw_data());
+  const T* pg = static_cast<const T*>(dy.raw_data());
+#pragma omp parallel for if (rows > 1 && rows * n > kParallelElems) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T *yr = py + r * n, *gr = pg + r * n;
+    double s = 0.0;
+    for (int64_t j = 0; j < n; ++j) s += double(gr[j]) * double(yr[j]);
+    T* out = o + r * n;
+    for (int64_t j = 0; j < n; ++j) out[j] = T(double(yr[j]) * (double(gr[j]) - s));
+  }
 }
 
 // ---- gemm --------------------------------------------------------------------------
@@ -660,6 +682,18 @@ class CpuBackend final : public Backend {
     }
     visit_float(out.dtype(), log ? "log_softmax" : "softmax", [&](auto tag) {
       softmax_typed<typename decltype(tag)::type>(out, in, rows, n, log);
+    });
+  }
+
+  void softmax_backward(const Tensor& dx, const Tensor& y, const Tensor& dy, int64_t rows, int64_t n) override {
+    if (rows == 0 || n == 0) return;
+    if (is_half_dtype(dx.dtype())) {
+      const Tensor o = Tensor::empty(dx.shape(), DType::F32);
+      softmax_backward(o, widened(y), widened(dy), rows, n);
+      return dx.copy_(o);
+    }
+    visit_float(dx.dtype(), "softmax_backward", [&](auto tag) {
+      softmax_backward_typed<typename decltype(tag)::type>(dx, y, dy, rows, n);
     });
   }
 

@@ -265,6 +265,21 @@ class CudaBackend final : public Backend {
     cuda::launch_softmax(p);
   }
 
+  void softmax_backward(const Tensor& dx, const Tensor& y, const Tensor& dy, int64_t rows, int64_t n) override {
+    const char* op = "cuda softmax_backward";
+    const int device = common_device(op, {&dx, &y, &dy});
+    check_floating(op, y.dtype());
+    for (const Tensor* t : {&dx, &dy})
+      LOOM_CHECK(t->dtype() == y.dtype() && t->shape() == y.shape(), op, ": ", t->str(), " does not match y ", y.str());
+    LOOM_CHECK(dx.is_contiguous() && y.is_contiguous() && dy.is_contiguous(), op, ": operands must be contiguous");
+    LOOM_CHECK(rows >= 0 && n >= 0 && y.numel() == rows * n, op, ": [rows ", rows, ", n ", n, "] does not match ",
+               y.str());
+    cuda::SoftmaxGradParams p;
+    p.dtype = y.dtype(), p.dx = dx.raw_data(), p.y = y.raw_data(), p.dy = dy.raw_data(), p.rows = rows, p.n = n;
+    DeviceGuard guard(device);
+    cuda::launch_softmax_backward(p);
+  }
+
   // ---- fused ops: attention (cuda_flash_host.cu, cuda_flash.cu) ----
   void flash_attention_check(const FlashAttentionArgs& a) const override { cuda::flash_check(a); }
   void flash_attention_forward(const FlashAttentionArgs& a, const Tensor& out, const Tensor& lse) override {

@@ -191,6 +191,15 @@ struct SoftmaxParams {
   bool log = false;
 };
 
+// Softmax's backward: dx = y∘(dy − Σ_j dy∘y) along rows of contiguous [rows, n]; dx may alias dy.
+struct SoftmaxGradParams {
+  DType dtype = DType::F32;
+  void* dx = nullptr;
+  const void* y = nullptr;
+  const void* dy = nullptr;
+  int64_t rows = 0, n = 0;
+};
+
 // cuda_kernels.cu
 void launch_copy(const CopyParams& p);
 void launch_fill(const FillParams& p);
@@ -198,6 +207,7 @@ void launch_unary(const UnaryParams& p);
 void launch_binary(const BinaryParams& p);
 void launch_reduce(const ReduceParams& p);
 void launch_softmax(const SoftmaxParams& p);
+void launch_softmax_backward(const SoftmaxGradParams& p);
 // cuda_gemm.cu: g.device.index selects the device (the caller need not hold a guard).
 void launch_gemm(const GemmBatch& g);
 

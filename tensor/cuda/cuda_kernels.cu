@@ -53,6 +53,11 @@ __device__ __forceinline__ C apply_unary(C x, C s) {
     return gelu_erf_grad(x);
   } else if constexpr (op == UnaryOp::GeluTanhGrad) {
     return gelu_tanh_grad(x);
+  } else if constexpr (op == UnaryOp::Silu) {
+    return x * apply_unary<UnaryOp::Sigmoid, C>(x, s);
+  } else if constexpr (op == UnaryOp::SiluGrad) {
+    const C sig = apply_unary<UnaryOp::Sigmoid, C>(x, s);
+    return sig * (C(1) + x * (C(1) - sig));
   } else if constexpr (op == UnaryOp::Abs) {
     return m_abs(x);
   } else if constexpr (op == UnaryOp::Square) {
@@ -114,6 +119,8 @@ void dispatch_unary_op(UnaryOp op, F&& f) {
     case UnaryOp::GeluTanh: f(UnaryTag<UnaryOp::GeluTanh>{}); return;
     case UnaryOp::GeluErfGrad: f(UnaryTag<UnaryOp::GeluErfGrad>{}); return;
     case UnaryOp::GeluTanhGrad: f(UnaryTag<UnaryOp::GeluTanhGrad>{}); return;
+    case UnaryOp::Silu: f(UnaryTag<UnaryOp::Silu>{}); return;
+    case UnaryOp::SiluGrad: f(UnaryTag<UnaryOp::SiluGrad>{}); return;
     case UnaryOp::Abs: f(UnaryTag<UnaryOp::Abs>{}); return;
     case UnaryOp::Square: f(UnaryTag<UnaryOp::Square>{}); return;
     case UnaryOp::Reciprocal: f(UnaryTag<UnaryOp::Reciprocal>{}); return;
@@ -368,6 +375,27 @@ __global__ void softmax_kernel(SoftmaxParams p) {
   }
 }
 
+// Along rows of contiguous [rows, n], one group of kGroup threads per row: s = Σ_j dy_j·y_j, then
+// dx = y∘(dy − s) (each element read before it is written: dx may alias dy).
+template <typename T, int kGroup>
+__global__ void softmax_backward_kernel(SoftmaxGradParams p) {
+  using Acc = compute_t<T>;
+  using RSum = Reducer<ReduceOp::Sum, Acc>;
+  __shared__ Acc scratch[kThreads / 32];
+  constexpr int kRowsPerBlock = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const T* y = static_cast<const T*>(p.y) + row * p.n;
+    const T* dy = static_cast<const T*>(p.dy) + row * p.n;
+    T* dx = static_cast<T*>(p.dx) + row * p.n;
+    Acc s = Acc(0);
+    for (int64_t j = lane; j < p.n; j += kGroup) s += widen(dy[j]) * widen(y[j]);
+    s = group_reduce<kGroup, RSum>(s, scratch);
+    for (int64_t j = lane; j < p.n; j += kGroup) dx[j] = narrow<T>(widen(y[j]) * (widen(dy[j]) - s));
+  }
+}
+
 // Rows of at most this length get one warp each; longer rows get a whole block.
 constexpr int64_t kWarpRowLimit = 1024;
 
@@ -579,6 +607,19 @@ void launch_softmax(const SoftmaxParams& p) {
     } else {
       run(std::false_type{});
     }
+  });
+}
+
+void launch_softmax_backward(const SoftmaxGradParams& p) {
+  if (p.rows == 0 || p.n == 0) return;
+  dispatch_float(p.dtype, "cuda softmax_backward", [&](auto tag) {
+    using T = decltype(tag);
+    if (p.n <= kWarpRowLimit) {
+      softmax_backward_kernel<T, 32><<<row_grid(p.rows, 32), kThreads, 0, compute_stream()>>>(p);
+    } else {
+      softmax_backward_kernel<T, kThreads><<<row_grid(p.rows, kThreads), kThreads, 0, compute_stream()>>>(p);
+    }
+    check_last_launch("softmax_backward_kernel");
   });
 }
 

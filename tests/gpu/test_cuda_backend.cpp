@@ -301,6 +301,8 @@ TEST(CudaBackend, UnaryMatchesCpu) {
       {"gelu tanh", false, [](const Tensor& x) { return ops::gelu(x, true); }},
       {"gelu_grad", false, [](const Tensor& x) { return ops::gelu_grad(x, false); }},
       {"gelu_grad tanh", false, [](const Tensor& x) { return ops::gelu_grad(x, true); }},
+      {"silu", false, [](const Tensor& x) { return ops::silu(x); }},
+      {"silu_grad", false, [](const Tensor& x) { return ops::silu_grad(x); }},
       {"abs", false, [](const Tensor& x) { return ops::abs(x); }},
       {"square", false, [](const Tensor& x) { return ops::square(x); }},
       {"reciprocal", true, [](const Tensor& x) { return ops::reciprocal(x); }},
@@ -407,6 +409,32 @@ TEST(CudaBackend, SoftmaxMatchesCpu) {
       EXPECT_LE(rel_err(ops::log_softmax(xg, -1), ops::log_softmax(x64, -1)), tol);
       EXPECT_LE(rel_err(ops::softmax(xg, 0), ops::softmax(x64, 0)), tol);
     }
+  }
+}
+
+// The one-pass softmax backward (both kernel paths: rows ≤ 1024 per warp, longer per block) and
+// matmul's alpha inside the GEMM, against the CPU in f64.
+TEST(CudaBackend, SoftmaxBackwardAndScaledMatmulMatchCpu) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(10);
+  for (const Shape& shape : {Shape{37, 67}, Shape{5, 3001}, Shape{2, 3, 1}}) {
+    const Tensor y64 = ops::softmax(Tensor::randn(shape, gen, DType::F64, Device::cpu(), 0.0, 3.0), -1);
+    const Tensor g64 = Tensor::randn(shape, gen, DType::F64);
+    for (DType dtype : kFloatDtypes) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + " n " + std::to_string(shape.back()));
+      const Tensor y = y64.to(dtype), g = g64.to(dtype);
+      const Tensor ref = ops::mul(y.to(DType::F64), ops::sub(g.to(DType::F64), ops::sum(ops::mul(g.to(DType::F64),
+                                                                                            y.to(DType::F64)),
+                                                                                   {-1}, true)));
+      EXPECT_LE(rel_err(ops::softmax_backward(y.to(kCuda), g.to(kCuda), -1), ref), tol_for(dtype));
+    }
+  }
+  const Tensor a = Tensor::randn({3, 17, 33}, gen, DType::F64), b = Tensor::randn({3, 33, 9}, gen, DType::F64);
+  for (DType dtype : kFloatDtypes) {
+    SCOPED_TRACE(dtype_name(dtype));
+    const Tensor ar = a.to(dtype), br = b.to(dtype);
+    const Tensor ref = ops::mul_scalar(ops::matmul(ar.to(DType::F64), br.to(DType::F64)), -0.37);
+    EXPECT_LE(rel_err(ops::matmul(ar.to(kCuda), br.to(kCuda), -0.37), ref), tol_for(dtype));
   }
 }
 

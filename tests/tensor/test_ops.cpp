@@ -348,6 +348,13 @@ std::vector<UnaryCase> unary_cases() {
       {"gelu(tanh)", [](const Tensor& x) { return ops::gelu(x, true); }, gelu_tanh_ref, -5, 5},
       {"gelu_grad(erf)", [](const Tensor& x) { return ops::gelu_grad(x); }, gelu_erf_grad_ref, -5, 5},
       {"gelu_grad(tanh)", [](const Tensor& x) { return ops::gelu_grad(x, true); }, gelu_tanh_grad_ref, -5, 5},
+      {"silu", [](const Tensor& x) { return ops::silu(x); }, [](double x) { return x / (1.0 + std::exp(-x)); }, -9, 9},
+      {"silu_grad", [](const Tensor& x) { return ops::silu_grad(x); },
+       [](double x) {
+         const double s = 1.0 / (1.0 + std::exp(-x));
+         return s + x * s * (1.0 - s);
+       },
+       -9, 9},
       {"abs", [](const Tensor& x) { return ops::abs(x); }, [](double x) { return std::abs(x); }, -3, 3},
       {"square", [](const Tensor& x) { return ops::square(x); }, [](double x) { return x * x; }, -3, 3},
       {"reciprocal", [](const Tensor& x) { return ops::reciprocal(x); }, [](double x) { return 1.0 / x; }, 0.2, 5},
@@ -921,6 +928,36 @@ TEST(OpsSoftmax, LargeRowsAboveParallelThreshold) {
     const Input x = make_input({67, 613}, gen, dt, Layout::Transposed, -6, 6);
     check_softmax_family(x, {67, 613}, dt, 1);
     check_softmax_family(x, {67, 613}, dt, 0);
+  }
+}
+
+// softmax_backward along every dim and layout against y∘(dy − Σ dy∘y) computed in double here.
+TEST(OpsSoftmax, BackwardMatchesTheComposedRule) {
+  Generator gen(5004);
+  const Shape shape{7, 13, 5};
+  for (DType dt : kFloatTypes) {
+    for (Layout la : kLayouts) {
+      for (int64_t d : {0, 1, 2, -1}) {
+        SCOPED_TRACE(trace(dt, la) + " dim " + std::to_string(d));
+        const Input x = make_input(shape, gen, dt, la, -3, 3);
+        const Tensor y = ops::softmax(x.t, d), dy = Tensor::randn(shape, gen, dt);
+        const Tensor y64 = y.to(DType::F64), g64 = dy.to(DType::F64);
+        const std::vector<double> ref = ops::mul(y64, ops::sub(g64, ops::sum(ops::mul(g64, y64), {d}, true))).to_vector();
+        const Tensor dx = ops::softmax_backward(y, dy, d);
+        EXPECT_EQ(dx.shape(), shape);
+        EXPECT_LT(scaled_err(dx.to_vector(), ref), tol(dt));
+      }
+    }
+  }
+}
+
+TEST(OpsMatmul, AlphaScalesInsideTheGemm) {
+  Generator gen(4005);
+  for (DType dt : kFloatTypes) {
+    SCOPED_TRACE(loom::dtype_name(dt));
+    const Tensor a = Tensor::randn({3, 5, 7}, gen, dt), b = Tensor::randn({7, 4}, gen, dt);
+    const std::vector<double> ref = ops::mul_scalar(ops::matmul(a.to(DType::F64), b.to(DType::F64)), -0.25).to_vector();
+    EXPECT_LT(scaled_err(ops::matmul(a, b, -0.25).to_vector(), ref), tol(dt));
   }
 }
 
