@@ -91,9 +91,11 @@ struct Im2ColArgs {
 // Direct 2-D convolution (a device's own kernel, e.g. CUDA's implicit GEMM), groups = 1,
 // dilation = 1 (geo.dilation_* must be 1):
 //   y[n,o,oy,ox] = Σ_{c,i,j} w[o,c,i,j]·x[n, c, oy·stride_h + i − pad_h, ox·stride_w + j − pad_w] + bias[o]
-// (x is 0 outside the image). x [N, C, H, W], w [O, C, kh, kw], bias [O] or undefined, y [N, O, oh, ow]
-// (output): contiguous, one dtype and device; geo is conv2d_geometry(x, kh, kw, ...) (tensor/conv.h).
-// Products accumulate in f32; the bias is added before the one rounding to y's dtype.
+// (x is 0 outside the image), kh, kw ≤ kConv2dMaxKernel. x [N, C, H, W], w [O, C, kh, kw], bias [O]
+// or undefined, y [N, O, oh, ow] (output): contiguous, one dtype and device; geo is
+// conv2d_geometry(x, kh, kw, ...) (tensor/conv.h). Products accumulate in f32; the bias is added
+// before the one rounding to y's dtype.
+constexpr int64_t kConv2dMaxKernel = 32;
 struct Conv2dArgs {
   Tensor x, w, bias;
   Tensor y;  // output

@@ -85,9 +85,11 @@ void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
 
 namespace {
 // The device's direct convolution (Backend::conv2d, e.g. CUDA's implicit GEMM in bf16 / f16) is
-// used where its backend supports OpKind::Conv2d, unless LOOM_CONV_IM2COL=1 asks for im2col + GEMM
+// used where its backend supports OpKind::Conv2d and the kernel is at most kConv2dMaxKernel on a
+// side, unless LOOM_CONV_IM2COL=1 asks for im2col + GEMM
 // (read at every call, so that a benchmark can time both paths in one process).
-bool direct_conv(const Tensor& t) {
+bool direct_conv(const Tensor& t, const Im2ColArgs& g) {
+  if (g.kernel_h > kConv2dMaxKernel || g.kernel_w > kConv2dMaxKernel) return false;
   const char* env = std::getenv("LOOM_CONV_IM2COL");
   if (env && std::string(env) == "1") return false;
   return backend_for(t.device()).supports(OpKind::Conv2d, t.dtype());
@@ -98,7 +100,7 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2d
   check_conv(x, w, bias);
   const Im2ColArgs g = conv2d_geometry(x.shape(), w.size(2), w.size(3), p);
   const int64_t O = w.size(0);
-  if (direct_conv(x)) {
+  if (direct_conv(x, g)) {
     Conv2dArgs a;
     a.x = x.contiguous(), a.w = w.contiguous(), a.geo = g;
     if (bias.defined()) a.bias = bias.contiguous();
@@ -120,7 +122,7 @@ Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape,
   // The direct kernel takes stride 1 with padding ≤ kernel − 1 (a convolution of g with the
   // flipped weight); other strides keep GEMM + col2im.
   if (p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= geo.kernel_h - 1 && p.pad_w <= geo.kernel_w - 1 &&
-      g.device() == w.device() && g.dtype() == w.dtype() && direct_conv(g)) {
+      g.device() == w.device() && g.dtype() == w.dtype() && direct_conv(g, geo)) {
     Conv2dInputGradArgs a;
     a.dy = g.contiguous(), a.w = w.contiguous(), a.geo = geo;
     a.dx = Tensor::empty(x_shape, g.dtype(), g.device());

@@ -47,22 +47,25 @@ static_assert(kBN * (kConvThreads / kBN) * kKPerThread == kBN * kBK, "B gather c
 
 // The pixel column a thread gathers (and writes in the epilogue): p = p0 + tid % kBN.
 struct Pixel {
-  bool ok = false;       // p < P
-  int64_t x_base = 0;    // n·C·H·W: the image's offset in x
-  int64_t y_base = 0;    // n·O·oh·ow + oy·ow + ox: the pixel's offset in y (channel 0)
-  int iy0 = 0, ix0 = 0;  // oy·sh − ph, ox·sw − pw
+  int64_t x_off = 0;            // n·C·H·W + iy0·W + ix0 (iy0 = oy·sh − ph, ix0 = ox·sw − pw): x's offset
+                                // of tap (c, i, j) is x_off + c·H·W + i·W + j (read only inside the image)
+  int64_t y_off = 0;            // n·O·oh·ow + oy·ow + ox: the pixel's offset in y at channel 0
+  uint32_t rows = 0, cols = 0;  // bit i: 0 ≤ iy0 + i < H; bit j: 0 ≤ ix0 + j < W; both 0 when p ≥ P
+  bool ok = false;              // p < P
 };
 
+// kernel_h, kernel_w ≤ 32 (the masks' bits; checked by the host).
 __device__ __forceinline__ Pixel decode_pixel(const ConvGemmParams& p, int pix) {
   Pixel px;
   const int ohw = p.out_h * p.out_w;
   px.ok = pix < p.batch * ohw;
   if (!px.ok) return px;
   const int n = pix / ohw, q = pix - n * ohw, oy = q / p.out_w, ox = q - oy * p.out_w;
-  px.x_base = int64_t(n) * p.channels * p.height * p.width;
-  px.y_base = int64_t(n) * p.out_channels * ohw + q;
-  px.iy0 = oy * p.stride_h - p.pad_h;
-  px.ix0 = ox * p.stride_w - p.pad_w;
+  const int iy0 = oy * p.stride_h - p.pad_h, ix0 = ox * p.stride_w - p.pad_w;
+  px.x_off = int64_t(n) * p.channels * p.height * p.width + int64_t(iy0) * p.width + ix0;
+  px.y_off = int64_t(n) * p.out_channels * ohw + q;
+  for (int i = 0; i < p.kernel_h; ++i) px.rows |= uint32_t(unsigned(iy0 + i) < unsigned(p.height)) << i;
+  for (int j = 0; j < p.kernel_w; ++j) px.cols |= uint32_t(unsigned(ix0 + j) < unsigned(p.width)) << j;
   return px;
 }
 
@@ -72,33 +75,37 @@ __device__ __forceinline__ uint16_t unpack16(const uint32_t* v, int e) {
 }
 
 // B[k, p] for k = k0 … k0 + 15 of this thread's pixel, zero outside the image, K or P; packed
-// two per register: element e in the low (e even) or high half of v[e / 2].
+// two per register: element e in the low (e even) or high half of v[e / 2]. The tap (c, i, j)
+// of k and its offset c·H·W + i·W + j advance incrementally; the offset is unsigned, so that it
+// may wrap past the image where nothing is read (inside, it is < C·H·W < 2^31).
 template <bool kPointwise>
 __device__ __forceinline__ void gather_b(uint32_t* v, const ConvGemmParams& p, const uint16_t* x, const Pixel& px,
                                          int k0) {
-  const int C = p.channels, H = p.height, W = p.width, hw = H * W;
-  int c, i = 0, j = 0;
-  if constexpr (kPointwise) {
-    c = k0;
-  } else {
-    const int kk = p.kernel_h * p.kernel_w;
+  const int C = p.channels, W = p.width, kh = p.kernel_h, kw = p.kernel_w;
+  const uint32_t hw = uint32_t(p.height) * uint32_t(W);
+  int c = k0, i = 0, j = 0;
+  if constexpr (!kPointwise) {
+    const int kk = kh * kw;
     c = k0 / kk;
     const int r = k0 - c * kk;
-    i = r / p.kernel_w;
-    j = r - i * p.kernel_w;
+    i = r / kw;
+    j = r - i * kw;
   }
-  const uint16_t* src = x + px.x_base;
+  uint32_t off = uint32_t(c) * hw + uint32_t(i * W + j);
+  const uint32_t row_step = uint32_t(W - kw), plane_step = hw - uint32_t(kh) * uint32_t(W);
 #pragma unroll
   for (int e = 0; e < kKPerThread; ++e) {
-    const int iy = px.iy0 + i, ix = px.ix0 + j;
-    const bool in = px.ok && c < C && unsigned(iy) < unsigned(H) && unsigned(ix) < unsigned(W);
-    const uint32_t u = in ? __ldg(src + c * hw + iy * W + ix) : uint16_t(0);
+    const bool in = c < C && ((px.rows >> i) & (px.cols >> j) & 1u);
+    const uint32_t u = in ? __ldg(x + (px.x_off + int64_t(off))) : uint16_t(0);
     v[e / 2] = e % 2 == 0 ? u : v[e / 2] | (u << 16);
     if constexpr (kPointwise) {
-      ++c;
-    } else if (++j == p.kernel_w) {
-      j = 0;
-      if (++i == p.kernel_h) i = 0, ++c;
+      ++c, off += hw;
+    } else {
+      ++j, ++off;
+      if (j == kw) {
+        j = 0, off += row_step;
+        if (++i == kh) i = 0, off += plane_step, ++c;
+      }
     }
   }
 }
@@ -157,9 +164,11 @@ __device__ __forceinline__ void multiply_stage(float (&acc)[4][4][4], const T* s
   }
 }
 
-// Grid: x = pixel tiles of kBN, y = channel tiles of kBM. kVecA: A through cp.async.
+// Grid: x = (pixel tile of kBN)·(channel tiles) + channel tile of kBM. kVecA: A through cp.async (then two
+// blocks per SM, ≤ 128 registers without spills; the plain path needs more and runs one).
+// kPointwise: a 1×1 kernel (k = c).
 template <typename T, bool kVecA, bool kPointwise>
-__global__ void __launch_bounds__(kConvThreads, 2) conv_igemm_kernel(const ConvGemmParams p) {
+__global__ void __launch_bounds__(kConvThreads, kVecA ? 2 : 1) conv_igemm_kernel(const ConvGemmParams p) {
   __shared__ __align__(16) unsigned char smem[kSmemBytes];
   uint16_t* sA = reinterpret_cast<uint16_t*>(smem);  // [2][kBM][kLdA]
   uint16_t* sB = sA + 2 * kStageA;                   // [2][kBK][kLdB]
@@ -167,10 +176,12 @@ __global__ void __launch_bounds__(kConvThreads, 2) conv_igemm_kernel(const ConvG
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / (kBN / kWarpN), wn = warp % (kBN / kWarpN);
   const int O = p.out_channels, K = p.channels * p.kernel_h * p.kernel_w;
-  const int m0 = blockIdx.y * kBM, p0 = blockIdx.x * kBN;
+  const int m_tiles = (O + kBM - 1) / kBM;  // channel tiles vary fastest: blocks that share x run together
+  const int m0 = int(blockIdx.x % unsigned(m_tiles)) * kBM, p0 = int(blockIdx.x / unsigned(m_tiles)) * kBN;
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const uint16_t* w = static_cast<const uint16_t*>(p.w);
 
+  const bool warp_rows = m0 + wm * kWarpM < O;                  // this warp has channels to compute
   const int col = tid % kBN, krow = (tid / kBN) * kKPerThread;  // this thread's B column and k rows
   const Pixel px = decode_pixel(p, p0 + col);
 
@@ -206,8 +217,9 @@ __global__ void __launch_bounds__(kConvThreads, 2) conv_igemm_kernel(const ConvG
       gather_b<kPointwise>(bv, p, x, px, k_next + krow);
     }
     cp_async_commit();
-    multiply_stage<T>(acc, reinterpret_cast<const T*>(sA + st * kStageA), reinterpret_cast<const T*>(sB + st * kStageB),
-                      wm, wn, lane);
+    if (warp_rows)  // a warp whose 64 rows all lie at or beyond O (the last channel tile) only loads
+      multiply_stage<T>(acc, reinterpret_cast<const T*>(sA + st * kStageA),
+                        reinterpret_cast<const T*>(sB + st * kStageB), wm, wn, lane);
     if (more) {
       if constexpr (!kVecA) store_a_regs(sA_next, av, tid);
       store_b_regs(sB_next, bv, krow, col);
@@ -238,7 +250,7 @@ __global__ void __launch_bounds__(kConvThreads, 2) conv_igemm_kernel(const ConvG
   __syncthreads();
   if (!px.ok) return;
   const int64_t ohw = int64_t(p.out_h) * p.out_w;
-  T* y = static_cast<T*>(p.y) + px.y_base;
+  T* y = static_cast<T*>(p.y) + px.y_off;
   const int rows = min(kBM, O - m0);
   for (int row = tid / kBN; row < rows; row += kConvThreads / kBN) y[(m0 + row) * ohw] = sC[row * kLdC + col];
 }
@@ -278,7 +290,7 @@ void launch_conv_igemm(const ConvGemmParams& p) {
   const int64_t K = int64_t(p.channels) * p.kernel_h * p.kernel_w;
   const bool vec_a = K % 8 == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
   const bool pointwise = p.kernel_h == 1 && p.kernel_w == 1;
-  const dim3 grid(unsigned((pixels + kBN - 1) / kBN), unsigned((p.out_channels + kBM - 1) / kBM));
+  const dim3 grid(unsigned((pixels + kBN - 1) / kBN * ((p.out_channels + kBM - 1) / kBM)));
   if (p.dtype == DType::BF16) return launch_for<__nv_bfloat16>(p, grid, vec_a, pointwise);
   if (p.dtype == DType::F16) return launch_for<__half>(p, grid, vec_a, pointwise);
   LOOM_FAIL("cuda conv2d (implicit GEMM): dtype ", p.dtype, " is not bf16 / f16");
@@ -295,12 +307,14 @@ void launch_conv_flip_weight(void* wt, const void* w, int out_channels, int chan
 
 namespace {
 
-// 32-bit index math: each of these products must stay below 2^31 (minus a tile, for p0 + column).
+// 32-bit index math: each of these products must stay below 2^31 (minus a tile, for p0 + column),
+// and so must the number of blocks.
 void check_int32(const char* op, const Im2ColArgs& g, int64_t out_channels) {
   constexpr int64_t kLimit = (int64_t(1) << 31) - kBN;
   const int64_t ohw = g.out_h * g.out_w, kk = g.kernel_h * g.kernel_w;
   LOOM_CHECK(g.batch * ohw < kLimit && g.channels * g.height * g.width < kLimit && out_channels * ohw < kLimit &&
-                 out_channels * g.channels * kk < (int64_t(1) << 30),
+                 out_channels * g.channels * kk < (int64_t(1) << 30) &&
+                 (g.batch * ohw + kBN - 1) / kBN * ((out_channels + kBM - 1) / kBM) < kLimit,
              op, ": sizes too large for the implicit-GEMM kernel (input [", g.batch, ", ", g.channels, ", ", g.height,
              ", ", g.width, "], ", out_channels, " output channels, kernel ", g.kernel_h, "x", g.kernel_w, ")");
 }
@@ -338,6 +352,8 @@ void conv2d_implicit_gemm(const Conv2dArgs& a) {
   const Im2ColArgs& g = a.geo;
   LOOM_CHECK(g.dilation_h == 1 && g.dilation_w == 1, op, ": dilation ", g.dilation_h, ",", g.dilation_w,
              " is not supported (1 only)");
+  LOOM_CHECK(g.kernel_h <= kConv2dMaxKernel && g.kernel_w <= kConv2dMaxKernel, op, ": kernel ", g.kernel_h, "x", g.kernel_w,
+             " is larger than ", kConv2dMaxKernel, "x", kConv2dMaxKernel);
   const int64_t O = a.w.defined() ? a.w.size(0) : 0;
   LOOM_CHECK(a.x.shape() == Shape({g.batch, g.channels, g.height, g.width}) &&
                  a.w.shape() == Shape({O, g.channels, g.kernel_h, g.kernel_w}) &&
@@ -361,6 +377,8 @@ void conv2d_input_grad_implicit_gemm(const Conv2dInputGradArgs& a) {
                  g.pad_h <= g.kernel_h - 1 && g.pad_w <= g.kernel_w - 1,
              op, ": needs stride 1, dilation 1 and padding ≤ kernel − 1 (stride ", g.stride_h, ",", g.stride_w,
              ", padding ", g.pad_h, ",", g.pad_w, ", kernel ", g.kernel_h, "x", g.kernel_w, ")");
+  LOOM_CHECK(g.kernel_h <= kConv2dMaxKernel && g.kernel_w <= kConv2dMaxKernel, op, ": kernel ", g.kernel_h, "x", g.kernel_w,
+             " is larger than ", kConv2dMaxKernel, "x", kConv2dMaxKernel);
   const int64_t O = a.w.defined() ? a.w.size(0) : 0;
   LOOM_CHECK(a.w.shape() == Shape({O, g.channels, g.kernel_h, g.kernel_w}) &&
                  a.dy.shape() == Shape({g.batch, O, g.out_h, g.out_w}) && a.dx.defined() &&

@@ -8,7 +8,7 @@
 namespace loom::cuda {
 
 // ---- host entry points: checks (CUDA device, dtype, contiguity, shapes, 32-bit sizes) -> launch ----
-// y = conv(x, w) + bias, any kernel size, stride and padding, dilation 1.
+// y = conv(x, w) + bias, any kernel size up to kConv2dMaxKernel (32: its per-pixel tap masks have 32 bits), stride and padding, dilation 1.
 void conv2d_implicit_gemm(const Conv2dArgs& a);
 // dx for stride 1 and pad ≤ kernel − 1: builds w' [C, O, kh, kw] (flipped, transposed) and runs the
 // forward kernel on dy with padding (kh − 1 − pad_h, kw − 1 − pad_w).

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "tensor/backend.h"
 #include "tensor/conv.h"
@@ -164,7 +165,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The slots refuse what the kernel does not do, naming it; ops:: then never calls them (the
 // input gradient for stride 2 above goes through GEMM + col2im).
-TEST(ConvImplicitGemmLimits, RefusesStride2InputGradientDilationAndF32) {
+TEST(ConvImplicitGemmLimits, RefusesStride2InputGradientDilationLargeKernelsAndF32) {
   LOOM_SKIP_WITHOUT_CUDA();
   const Device dev = Device::cuda(0);
   Backend& be = backend_for(dev);
@@ -182,6 +183,15 @@ TEST(ConvImplicitGemmLimits, RefusesStride2InputGradientDilationAndF32) {
   f.y = Tensor::empty({2, 4, 8, 8}, DType::BF16, dev);
   f.geo.dilation_h = 2;
   EXPECT_NE(error_of([&] { be.conv2d(f); }).find("dilation 2,1"), std::string::npos);
+  // a kernel side over kConv2dMaxKernel: the slot refuses, ops::conv2d takes im2col + GEMM
+  Conv2dArgs big;
+  big.x = Tensor::ones({1, 1, 40, 3}, DType::BF16, dev);
+  big.w = Tensor::ones({1, 1, 33, 1}, DType::BF16, dev);
+  big.geo = ops::conv2d_geometry(big.x.shape(), 33, 1, ops::Conv2dParams{});
+  big.y = Tensor::empty({1, 1, 8, 3}, DType::BF16, dev);
+  EXPECT_NE(error_of([&] { be.conv2d(big); }).find("larger than 32x32"), std::string::npos);
+  const Tensor y = ops::conv2d(big.x, big.w, Tensor(), ops::Conv2dParams{});
+  EXPECT_EQ(y.to(Device::cpu()).to(DType::F64).to_vector(), std::vector<double>(24, 33.0));
   EXPECT_FALSE(be.supports(OpKind::Conv2d, DType::F32));
   EXPECT_FALSE(backend_for(Device::cpu()).supports(OpKind::Conv2d, DType::BF16));
 }
