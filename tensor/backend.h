@@ -23,6 +23,7 @@ enum class OpKind {
   LayerNorm, GroupNorm, Geglu, OptimizerUpdate, BiasResidual,  // fused family (tensor/ops_fused.h)
   Random,                                                       // counter-based RNG (tensor/random.h)
   UnscaleCheckFinite,                                           // loss scaling (tensor/ops_fused.h)
+  Conv2d,                                                       // direct convolution (tensor/conv.h)
 };
 const char* op_kind_name(OpKind k);
 
@@ -94,6 +95,28 @@ struct Im2ColArgs {
   int64_t dilation_h = 1, dilation_w = 1;
   int64_t out_h = 0, out_w = 0;
 };
+// Direct 2-D convolution (a device's own kernel, e.g. CUDA's implicit GEMM), groups = 1,
+// dilation = 1 (geo.dilation_* must be 1):
+//   y[n,o,oy,ox] = Σ_{c,i,j} w[o,c,i,j]·x[n, c, oy·stride_h + i − pad_h, ox·stride_w + j − pad_w] + bias[o]
+// (x is 0 outside the image), kh, kw ≤ kConv2dMaxKernel. x [N, C, H, W], w [O, C, kh, kw], bias [O]
+// or undefined, y [N, O, oh, ow] (output): contiguous, one dtype and device; geo is
+// conv2d_geometry(x, kh, kw, ...) (tensor/conv.h). Products accumulate in f32; the bias is added
+// before the one rounding to y's dtype.
+constexpr int64_t kConv2dMaxKernel = 32;
+struct Conv2dArgs {
+  Tensor x, w, bias;
+  Tensor y;  // output
+  Im2ColArgs geo;
+};
+// The gradient of Conv2dArgs in x for stride 1 and pad_h ≤ kh − 1, pad_w ≤ kw − 1, as a convolution:
+//   dx = conv(dy, w') with w'[c,o,i,j] = w[o,c,kh−1−i,kw−1−j] and padding (kh−1−pad_h, kw−1−pad_w).
+// dy [N, O, oh, ow], w [O, C, kh, kw], dx [N, C, H, W] (output, overwritten); geo as for the forward.
+struct Conv2dInputGradArgs {
+  Tensor dy, w;
+  Tensor dx;  // output
+  Im2ColArgs geo;
+};
+
 // Thrown by the default of a fused slot: "<op>: backend '<name>' has no kernel for this fused op".
 [[noreturn]] inline void missing_fused_kernel(const char* op, const char* backend) {
   LOOM_FAIL(op, ": backend '", backend, "' has no kernel for this fused op");
@@ -153,6 +176,11 @@ class Backend {
   // im2col fills cols; col2im is its adjoint: image = Σ of cols scattered back (overwrites image).
   virtual void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) = 0;
   virtual void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) = 0;
+  // ---- fused ops: direct convolution (contracts: Conv2dArgs, Conv2dInputGradArgs above) ----
+  // Where supports(OpKind::Conv2d, dtype) holds, tensor/conv.cpp calls these instead of
+  // im2col + GEMM (+ bias add) and GEMM + col2im (CUDA bf16/f16: cuda/cuda_conv_igemm.cu).
+  virtual void conv2d(const Conv2dArgs&) { missing_fused_kernel("conv2d", name()); }
+  virtual void conv2d_input_grad(const Conv2dInputGradArgs&) { missing_fused_kernel("conv2d_input_grad", name()); }
   // ---- fused ops: norms, GEGLU, optimizer update (fused family) ----
   // Contracts: the parameter structs of tensor/fused_args.h. The defaults throw
   // naming op and backend, so a backend without a kernel says so (its supports()

@@ -24,6 +24,7 @@ const char* op_kind_name(OpKind k) {
     case OpKind::BiasResidual: return "bias_residual";
     case OpKind::Random: return "random";
     case OpKind::UnscaleCheckFinite: return "unscale_check_finite";
+    case OpKind::Conv2d: return "conv2d";
   }
   return "unknown";
 }

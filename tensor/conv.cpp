@@ -1,5 +1,8 @@
 #include "tensor/conv.h"
 
+#include <cstdlib>
+#include <string>
+
 #include "tensor/ops.h"
 
 namespace loom::ops {
@@ -80,10 +83,31 @@ void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
 }
 }  // namespace
 
+namespace {
+// The device's direct convolution (Backend::conv2d, e.g. CUDA's implicit GEMM in bf16 / f16) is
+// used where its backend supports OpKind::Conv2d and the kernel is at most kConv2dMaxKernel on a
+// side, unless LOOM_CONV_IM2COL=1 asks for im2col + GEMM
+// (read at every call, so that a benchmark can time both paths in one process).
+bool direct_conv(const Tensor& t, const Im2ColArgs& g) {
+  if (g.kernel_h > kConv2dMaxKernel || g.kernel_w > kConv2dMaxKernel) return false;
+  const char* env = std::getenv("LOOM_CONV_IM2COL");
+  if (env && std::string(env) == "1") return false;
+  return backend_for(t.device()).supports(OpKind::Conv2d, t.dtype());
+}
+}  // namespace
+
 Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2dParams& p) {
   check_conv(x, w, bias);
   const Im2ColArgs g = conv2d_geometry(x.shape(), w.size(2), w.size(3), p);
   const int64_t O = w.size(0);
+  if (direct_conv(x, g)) {
+    Conv2dArgs a;
+    a.x = x.contiguous(), a.w = w.contiguous(), a.geo = g;
+    if (bias.defined()) a.bias = bias.contiguous();
+    a.y = Tensor::empty({g.batch, O, g.out_h, g.out_w}, x.dtype(), x.device());
+    if (a.y.numel()) backend_for("conv2d", OpKind::Conv2d, x.device(), x.dtype()).conv2d(a);
+    return a.y;
+  }
   const Tensor cols = im2col(x, g);                                      // [N, C·kk, L]
   Tensor y = matmul(w.reshape({O, -1}), cols);                           // [O, C·kk] x [N, C·kk, L] -> [N, O, L]
   if (bias.defined()) y = add(y, bias.reshape({O, 1}));
@@ -95,6 +119,16 @@ Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape,
   const int64_t O = w.size(0);
   LOOM_CHECK(g.shape() == Shape({geo.batch, O, geo.out_h, geo.out_w}), "conv2d backward: gradient ", g.shape(),
              " does not match the output [", geo.batch, ", ", O, ", ", geo.out_h, ", ", geo.out_w, "]");
+  // The direct kernel takes stride 1 with padding ≤ kernel − 1 (a convolution of g with the
+  // flipped weight); other strides keep GEMM + col2im.
+  if (p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= geo.kernel_h - 1 && p.pad_w <= geo.kernel_w - 1 &&
+      g.device() == w.device() && g.dtype() == w.dtype() && direct_conv(g, geo)) {
+    Conv2dInputGradArgs a;
+    a.dy = g.contiguous(), a.w = w.contiguous(), a.geo = geo;
+    a.dx = Tensor::empty(x_shape, g.dtype(), g.device());
+    if (a.dx.numel()) backend_for("conv2d_input_grad", OpKind::Conv2d, g.device(), g.dtype()).conv2d_input_grad(a);
+    return a.dx;
+  }
   // [C·kk, O] x [N, O, L] -> [N, C·kk, L]
   const Tensor dcols = matmul(w.reshape({O, -1}).transpose(0, 1), g.reshape({geo.batch, O, -1}));
   return col2im(dcols, geo);

@@ -1,7 +1,10 @@
 // 2-D convolution on tensors (namespace loom::ops), non-differentiable: the
 // forward and the two products its gradient needs. Written as im2col (a Backend
 // method, tensor/cpu/cpu_conv.cpp and tensor/cuda/cuda_conv.cu) followed by one
-// batched GEMM; a 1×1 convolution with stride 1 and no padding skips im2col.
+// batched GEMM; a 1×1 convolution with stride 1 and no padding skips im2col. Where the device
+// has a direct kernel (Backend::conv2d, supports(OpKind::Conv2d): CUDA bf16 / f16, an implicit
+// GEMM on tensor cores), conv2d and, for stride 1, conv2d_input_grad use it instead, unless the
+// environment has LOOM_CONV_IM2COL=1 (read at every call).
 //
 //   x [N, C, H, W], w [O, C, kh, kw] (PyTorch's layout), bias [O] (optional)
 //   y [N, O, oh, ow],  oh = (H + 2·pad_h − kh) / stride_h + 1 (likewise ow)

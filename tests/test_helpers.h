@@ -1,6 +1,6 @@
 // Helpers shared by the test executables (one copy, not one per file): error capture,
-// relative error, scratch directories, whole-file reads and writes, and the skip of GPU tests
-// where no CUDA device is usable.
+// relative error, scratch directories, whole-file reads and writes, a scoped environment
+// variable, and the skip of GPU tests where no CUDA device is usable.
 #pragma once
 
 #include <dirent.h>
@@ -120,6 +120,27 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   f << bytes;
 }
+
+// Sets (or, with value nullptr, unsets) an environment variable for the guard's lifetime and
+// restores the previous state afterwards, e.g. ScopedEnv im2col("LOOM_CONV_IM2COL", "1").
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = ::getenv(name)) had_ = true, old_ = old;
+    if (value) ::setenv(name, value, 1);
+    else ::unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_) ::setenv(name_.c_str(), old_.c_str(), 1);
+    else ::unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
 
 }  // namespace loom::testing
 

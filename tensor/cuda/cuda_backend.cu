@@ -3,7 +3,8 @@
 //   supports(): Copy and Fill for f32, f64, bf16, f16, i64;
 //               Unary, Binary, Reduce, Softmax, Gemm for f32, f64, bf16, f16;
 //               the fused LayerNorm, GroupNorm, Geglu for f32, f64, bf16, f16 and
-//               OptimizerUpdate for f32, f64 (cuda_fused.h).
+//               OptimizerUpdate for f32, f64 (cuda_fused.h);
+//               Conv2d (the implicit-GEMM convolution, cuda_conv_igemm.h) for bf16, f16.
 //
 // Each method checks its operands on the host (device, dtype, shape, layout),
 // fills a plain parameter struct (cuda_common.h), makes the operands' device
@@ -22,6 +23,7 @@
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
 #include "tensor/cuda/cuda_conv.h"
+#include "tensor/cuda/cuda_conv_igemm.h"
 #include "tensor/cuda/cuda_fused.h"
 
 namespace loom {
@@ -114,6 +116,8 @@ class CudaBackend final : public Backend {
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
       case OpKind::OptimizerUpdate:
         return dtype == DType::F32 || dtype == DType::F64;
+      case OpKind::Conv2d:  // tensor cores; f32 / f64 keep im2col + cuBLAS
+        return dtype == DType::BF16 || dtype == DType::F16;
     }
     return false;
   }
@@ -297,6 +301,9 @@ class CudaBackend final : public Backend {
   void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) override {
     launch_conv_copy("cuda col2im", cols, image, args, false);
   }
+  // the implicit-GEMM convolution, bf16 / f16 (cuda_conv_igemm.cu)
+  void conv2d(const Conv2dArgs& a) override { cuda::conv2d_implicit_gemm(a); }
+  void conv2d_input_grad(const Conv2dInputGradArgs& a) override { cuda::conv2d_input_grad_implicit_gemm(a); }
 
   // ---- fused ops: norms, GEGLU, optimizer update (fused family; host checks in cuda_fused.cu) ----
   void layer_norm(const LayerNormArgs& a) override { cuda::fused_layer_norm(a); }

@@ -1,7 +1,8 @@
 // The UNet (and a LoCon on it) on CUDA against diffusers' goldens and the CPU: the
 // f64 forward ≤ 1e-10 and the f32 forward ≤ 1e-4 relative to diffusers, and the f64
-// gradients of the sample and of a conv weight equal to the CPU's ≤ 1e-10
-// (ctest -L gpu). Skips, with the reason, without a GPU.
+// gradients of the sample and of a conv weight equal to the CPU's ≤ 1e-10; in bf16, the
+// implicit-GEMM convolution as close to f64 as im2col + cuBLAS (ctest -L gpu). Skips, with
+// the reason, without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -73,6 +74,29 @@ TEST_P(GpuUNet, MatchesDiffusersAndTheCpu) {
   EXPECT_LE(rel_error(gpu64.grad_conv, cpu64.grad_conv), 1e-10);
   const RunResult gpu32 = run(GetParam(), DType::F32, Device::cuda(0), false);
   EXPECT_LE(rel_error(gpu32.out, *g.find("output_f32")), 1e-4);
+}
+
+// bf16 on CUDA, where convolutions take the implicit-GEMM kernel (forward, and the input gradient
+// at stride 1), against the f64 CPU run, next to the same bf16 run through im2col + cuBLAS
+// (LOOM_CONV_IM2COL=1): the output and the sample's gradient may be at most 2× as far from f64
+// as that run's, plus 1e-3.
+TEST_P(GpuUNet, Bf16ImplicitGemmConvIsAsCloseAsIm2col) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  const RunResult cpu64 = run(GetParam(), DType::F64, Device::cpu(), true);
+  RunResult direct, im2col;
+  {
+    loom::testing::ScopedEnv env("LOOM_CONV_IM2COL", nullptr);
+    direct = run(GetParam(), DType::BF16, Device::cuda(0), true);
+  }
+  {
+    loom::testing::ScopedEnv env("LOOM_CONV_IM2COL", "1");
+    im2col = run(GetParam(), DType::BF16, Device::cuda(0), true);
+  }
+  const double out = rel_error(direct.out, cpu64.out), out_im2col = rel_error(im2col.out, cpu64.out);
+  EXPECT_LE(out, 2 * out_im2col + 1e-3) << "output: implicit GEMM " << out << ", im2col " << out_im2col;
+  const double gs = rel_error(direct.grad_sample, cpu64.grad_sample);
+  const double gs_im2col = rel_error(im2col.grad_sample, cpu64.grad_sample);
+  EXPECT_LE(gs, 2 * gs_im2col + 1e-3) << "sample gradient: implicit GEMM " << gs << ", im2col " << gs_im2col;
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, GpuUNet, ::testing::Values("sd1", "sd2", "sdxl"));
