@@ -4,6 +4,7 @@
 
 namespace loom {
 class Backend;
+struct GemmBatch;
 // The process-wide CUDA backend, or nullptr when loom was built without CUDA.
 Backend* cuda_backend();
 // Number of CUDA devices the runtime reports (0 when built without CUDA, when
@@ -15,4 +16,10 @@ void* cuda_timer_create(int device);
 void cuda_timer_record(void* timer, int which);
 double cuda_timer_elapsed_ms(void* timer);
 void cuda_timer_destroy(void* timer);
+// Whether the CUDA gemm runs `g` with its thin kernel (tensor/cuda/cuda_gemm_thin.cu) instead of
+// cuBLAS: f32 / bf16 / f16, one problem, A not transposed, 1 ≤ n ≤ 16, m ≥ 64, k ≥ 32 and op(B)
+// small enough to stage in shared memory (n rounded up to 4/8/16, times k, ≤ 96 KiB). LoRA's
+// down-projection Z = X·Aᵀ and its dZ = dY·B. LOOM_THIN_GEMM=0 in the environment turns it off
+// (everything on cuBLAS). False without CUDA.
+bool cuda_thin_gemm_fits(const GemmBatch& g);
 }  // namespace loom

@@ -1,0 +1,196 @@
+// Thin GEMMs: few output columns (n ≤ 16), A read row by row. LoRA's down-projection
+// Z [M, r] = X [M, K]·Aᵀ (op(B) = A stored [r, K], trans_b) and the backward's dZ [M, r] = dY·B
+// (B stored [out, r]) are of this shape: memory-bound, the big operand read once.
+//
+//   C [m, n] = alpha · A [m, k] · op(B) [k, n] + beta · C        (row-major, GemmBatch's contract)
+//
+// Host checks (cuda_thin_gemm_fits) -> ThinGemmParams -> launcher -> kernel:
+//   * op(B) is staged once per block in shared memory as Bs [kN][k_pad] in B's dtype (kN = n
+//     rounded up to 4, 8 or 16; k_pad = k rounded up to one 16-byte vector), zero-padded, so a
+//     lane reads the 8 (bf16 / f16) or 4 (f32) k-values of a column as one 16-byte vector with
+//     no bank conflict.
+//   * One warp per row of A (grid-stride over rows; the grid is capped at the blocks that fit on
+//     the GPU at once, so op(B) is staged once per resident block): lane l reads A[row, 16-byte vector l + 32·t],
+//     with 16-byte loads where A and lda·sizeof(T) are 16-byte aligned, scalar loads otherwise
+//     and at the ragged end of the row; kN dot products accumulate in f32.
+//   * A warp butterfly reduces the kN sums; lane j < n writes C[row, j] = alpha·s + beta·C
+//     (C is not read when beta == 0, so NaN there does not survive, as with cuBLAS).
+// Deterministic: each output element is one lane's fixed-order sum and a fixed butterfly.
+// f32 / bf16 / f16 only; f64 and everything else stays on cuBLAS (cuda_gemm.cu).
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "tensor/cuda/cuda_backend.h"
+#include "tensor/cuda/cuda_device.cuh"
+
+namespace loom::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps: 8 rows in flight per block
+constexpr int kMaxN = 16;
+constexpr size_t kMaxSmem = 96 * 1024;  // op(B) staged per block: two blocks fit on an SM
+constexpr int64_t kMinRows = 64, kMinK = 32;
+
+struct ThinGemmParams {
+  const void* a = nullptr;  // [m, k], row stride lda
+  const void* b = nullptr;  // op(B) [k, n]: stored [n, k] (trans_b) or [k, n], row stride ldb
+  void* c = nullptr;        // [m, n], row stride ldc
+  int64_t m = 0, n = 0, k = 0, k_pad = 0, lda = 0, ldb = 0, ldc = 0;
+  bool trans_b = false;
+  bool vec_a = false;  // A's rows start 16-byte aligned: vector loads
+  float alpha = 1.0f, beta = 0.0f;
+};
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+int padded_n(int64_t n) { return n <= 4 ? 4 : n <= 8 ? 8 : 16; }
+
+size_t elem_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// Bytes of shared memory for op(B) staged as [kN][k_pad].
+size_t staged_bytes(DType t, int64_t n, int64_t k) {
+  const int64_t per_vec = int64_t(16 / elem_size(t));
+  return size_t(padded_n(n)) * size_t(round_up(k, per_vec)) * elem_size(t);
+}
+
+bool thin_gemm_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LOOM_THIN_GEMM");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+
+int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device < 0 || device >= 64) return 132;
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+template <typename T, int kN>
+__global__ void __launch_bounds__(kThreads) thin_gemm_kernel(ThinGemmParams p) {
+  constexpr int kVec = int(16 / sizeof(T));  // elements per 16-byte vector
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* bs = reinterpret_cast<T*>(smem_raw);  // [kN][k_pad]: bs[j·k_pad + kk] = op(B)(kk, j)
+  const T* b = static_cast<const T*>(p.b);
+  const int64_t staged = int64_t(kN) * p.k_pad;
+  for (int64_t idx = threadIdx.x; idx < staged; idx += kThreads) {
+    const int64_t j = idx / p.k_pad, kk = idx - j * p.k_pad;
+    T v = narrow<T>(0.0f);
+    if (j < p.n && kk < p.k) v = p.trans_b ? b[j * p.ldb + kk] : b[kk * p.ldb + j];
+    bs[idx] = v;
+  }
+  __syncthreads();
+
+  const int lane = int(threadIdx.x) % 32;
+  const int64_t warp = threadIdx.x / 32, warps = kThreads / 32;
+  const T* a = static_cast<const T*>(p.a);
+  T* c = static_cast<T*>(p.c);
+  for (int64_t row = int64_t(blockIdx.x) * warps + warp; row < p.m; row += int64_t(gridDim.x) * warps) {
+    const T* ar = a + row * p.lda;
+    float acc[kN];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) acc[j] = 0.0f;
+    // k0: the first of this lane's kVec k-values; k0 < k ≤ k_pad and k_pad is a multiple of kVec,
+    // so bs[j·k_pad + k0 .. + kVec) is inside row j of the staged op(B).
+    for (int64_t k0 = int64_t(lane) * kVec; k0 < p.k; k0 += 32 * kVec) {
+      float xv[kVec];
+      if (p.vec_a && k0 + kVec <= p.k) {
+        const Pack16<T> pk = *reinterpret_cast<const Pack16<T>*>(ar + k0);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) xv[e] = float(widen(pk.v[e]));
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) xv[e] = k0 + e < p.k ? float(widen(ar[k0 + e])) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        const Pack16<T> bv = *reinterpret_cast<const Pack16<T>*>(bs + j * p.k_pad + k0);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[j] += xv[e] * float(widen(bv.v[e]));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+    }
+    T* cr = c + row * p.ldc;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      if (lane == j && j < p.n) {
+        float v = p.alpha * acc[j];
+        if (p.beta != 0.0f) v += p.beta * float(widen(cr[j]));
+        cr[j] = narrow<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T, int kN>
+void launch_thin(const ThinGemmParams& p, int device) {
+  static std::atomic<bool> smem_cap_set[64];  // per instantiation: the dynamic smem cap, once per device
+  if (device < 0 || device >= 64 || !smem_cap_set[device].load()) {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(thin_gemm_kernel<T, kN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kMaxSmem)));
+    if (device >= 0 && device < 64) smem_cap_set[device].store(true);
+  }
+  const size_t smem = size_t(kN) * size_t(p.k_pad) * sizeof(T);
+  // As many blocks as fit on the GPU at once (each stages op(B) once and then walks its rows).
+  int per_sm = 0;
+  LOOM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, thin_gemm_kernel<T, kN>, kThreads, smem));
+  const int64_t blocks_for_rows = (p.m + kThreads / 32 - 1) / (kThreads / 32);
+  const int64_t blocks = std::min<int64_t>(blocks_for_rows, int64_t(sm_count(device)) * std::max(per_sm, 1));
+  thin_gemm_kernel<T, kN><<<unsigned(blocks), kThreads, smem, compute_stream()>>>(p);
+  check_last_launch("thin gemm kernel (n <= 16)");
+}
+
+}  // namespace
+
+void launch_thin_gemm(const GemmBatch& g) {
+  LOOM_CHECK(cuda_thin_gemm_fits(g), "cuda thin gemm: the problem (m ", g.m, ", n ", g.n, ", k ", g.k, ", batch ",
+             g.batch, ", trans_a ", g.trans_a, ", dtype ", g.dtype, ") is not a thin one");
+  ThinGemmParams p;
+  p.a = g.a, p.b = g.b, p.c = g.c;
+  p.m = g.m, p.n = g.n, p.k = g.k;
+  p.lda = g.lda, p.ldb = g.ldb, p.ldc = g.ldc;
+  p.trans_b = g.trans_b;
+  p.alpha = float(g.alpha), p.beta = float(g.beta);
+  const int64_t esize = int64_t(elem_size(g.dtype));
+  p.k_pad = round_up(g.k, 16 / esize);
+  p.vec_a = reinterpret_cast<uintptr_t>(g.a) % 16 == 0 && (g.lda * esize) % 16 == 0;
+  DeviceGuard guard(g.device.index);
+  dispatch_float(g.dtype, "cuda thin gemm", [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, double>) {
+      LOOM_FAIL("cuda thin gemm: f64 runs on cuBLAS");
+    } else {
+      switch (padded_n(g.n)) {
+        case 4: launch_thin<T, 4>(p, g.device.index); return;
+        case 8: launch_thin<T, 8>(p, g.device.index); return;
+        default: launch_thin<T, kMaxN>(p, g.device.index); return;
+      }
+    }
+  });
+}
+
+}  // namespace loom::cuda
+
+namespace loom {
+
+bool cuda_thin_gemm_fits(const GemmBatch& g) {
+  const bool dtype_ok = g.dtype == DType::F32 || g.dtype == DType::BF16 || g.dtype == DType::F16;
+  return cuda::thin_gemm_enabled() && dtype_ok && g.batch == 1 && !g.trans_a && g.n >= 1 && g.n <= cuda::kMaxN &&
+         g.m >= cuda::kMinRows && g.k >= cuda::kMinK &&
+         cuda::staged_bytes(g.dtype, g.n, g.k) <= cuda::kMaxSmem && g.lda >= g.k && g.ldc >= g.n &&
+         g.ldb >= (g.trans_b ? g.k : g.n);
+}
+
+}  // namespace loom
