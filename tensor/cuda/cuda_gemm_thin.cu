@@ -30,6 +30,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_device.cuh"
@@ -153,9 +156,22 @@ void launch_thin(const ThinGemmParams& p, int device) {
     if (device >= 0 && device < 64) smem_cap_set[device].store(true);
   }
   const size_t smem = size_t(kN) * size_t(p.k_pad) * sizeof(T);
-  // As many blocks as fit on the GPU at once (each stages op(B) once and then walks its rows).
+  // As many blocks as fit on the GPU at once (each stages op(B) once and then walks its rows);
+  // the occupancy query is made once per (device, shared memory size).
+  static std::mutex mu;
+  static std::map<std::pair<int, size_t>, int> per_sm_cache;
   int per_sm = 0;
-  LOOM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, thin_gemm_kernel<T, kN>, kThreads, smem));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = per_sm_cache.find({device, smem});
+    if (it == per_sm_cache.end()) {
+      LOOM_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, thin_gemm_kernel<T, kN>, kThreads, smem));
+      per_sm_cache[{device, smem}] = per_sm;
+    } else {
+      per_sm = it->second;
+    }
+  }
   const int64_t blocks_for_rows = (p.m + kThreads / 32 - 1) / (kThreads / 32);
   const int64_t blocks = std::min<int64_t>(blocks_for_rows, int64_t(sm_count(device)) * std::max(per_sm, 1));
   thin_gemm_kernel<T, kN><<<unsigned(blocks), kThreads, smem, compute_stream()>>>(p);
