@@ -110,26 +110,109 @@ double LoraAdapter::effective_weight(const std::string& path) const {
 
 // ---- the choke point -------------------------------------------------------------------
 
+namespace {
+
+// y + the term of adapter `a` at `path`: w·s·B(A·x) for a plain LoRA, w·x·ΔWᵀ for LoHa, LoKr and
+// DoRA; y itself when the adapter is disabled or weighted 0 (the output then stays bit for bit).
+Variable add_adapter_term(Variable y, const nn::Linear& base, const Variable& x, const LoraAdapter& a,
+                          const std::string& path) {
+  if (!a.enabled()) return y;
+  const double w = a.effective_weight(path);
+  if (w == 0.0) return y;
+  const LoraModule& m = a.modules().at(path);
+  if (!m.plain()) {  // LoHa, LoKr, DoRA: the dense change of W (adapters/lycoris.h), [out, in]
+    const Variable& wm = base.weight_matrix();
+    const Variable delta = module_delta(m, wm.shape(), wm.tensor(), module_dtype(m), path);
+    return add_linear(std::move(y), x, to_dtype(delta, x.dtype()), w);  // y + w·x·ΔWᵀ
+  }
+  // [..., in] -> [..., r] -> [..., out], scaled by w·s and accumulated into y by the up GEMM
+  // itself; f32 masters are cast to the activations' dtype (tensor/precision.h), gradients
+  // flow back in f32.
+  return add_linear(std::move(y), linear(x, to_dtype(m.down, x.dtype())), to_dtype(m.up, x.dtype()), w * m.scale());
+}
+
+// Whether adapter `a` adds a plain LoRA term (enabled, weight ≠ 0, no DoRA) at `path`.
+bool plain_term(const LoraAdapter& a, const std::string& path) {
+  return a.enabled() && a.effective_weight(path) != 0.0 && a.modules().at(path).plain();
+}
+
+// ys[i] += w_i·s_i·B_i·(A_i·x) for the projections `which` (two or more, plain terms of `a`), with
+// one down GEMM: [..., in] x [Σr, in]ᵀ -> [..., Σr], split into [..., r_i] views.
+void add_shared_terms(std::vector<Variable>& ys, const Variable& x, const LoraAdapter& a,
+                      const std::vector<std::string>& paths, const std::vector<size_t>& which) {
+  std::vector<Variable> downs;
+  std::vector<int64_t> ranks;
+  for (size_t i : which) {
+    const LoraModule& m = a.modules().at(paths[i]);
+    downs.push_back(m.down);
+    ranks.push_back(m.down.size(0));
+  }
+  const Variable z = linear(x, to_dtype(cat(downs, 0), x.dtype()));  // [..., Σr]
+  const std::vector<Variable> zs = split(z, ranks, -1);               // [..., r_i] views of z
+  for (size_t j = 0; j < which.size(); ++j) {
+    const std::string& path = paths[which[j]];
+    const LoraModule& m = a.modules().at(path);
+    Variable& y = ys[which[j]];
+    y = add_linear(std::move(y), zs[j], to_dtype(m.up, x.dtype()), a.effective_weight(path) * m.scale());
+  }
+}
+
+}  // namespace
+
 Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
                       const std::string& path) {
   Variable y = base.base_forward(x);  // W·x + b
-  for (const LoraAdapter* a : adapters) {
-    if (!a->enabled()) continue;
-    const double w = a->effective_weight(path);
-    if (w == 0.0) continue;  // skipped: the base output stays bit for bit
-    const LoraModule& m = a->modules().at(path);
-    if (!m.plain()) {  // LoHa, LoKr, DoRA: the dense change of W (adapters/lycoris.h), [out, in]
-      const Variable& wm = base.weight_matrix();
-      const Variable delta = module_delta(m, wm.shape(), wm.tensor(), module_dtype(m), path);
-      y = add_linear(y, x, to_dtype(delta, x.dtype()), w);  // y + w·x·ΔWᵀ
-      continue;
-    }
-    // [..., in] -> [..., r] -> [..., out], scaled by w·s and accumulated into y by the up GEMM
-    // itself; f32 masters are cast to the activations' dtype (tensor/precision.h), gradients
-    // flow back in f32.
-    y = add_linear(y, linear(x, to_dtype(m.down, x.dtype())), to_dtype(m.up, x.dtype()), w * m.scale());
-  }
+  for (const LoraAdapter* a : adapters) y = add_adapter_term(std::move(y), base, x, *a, path);
   return y;
+}
+
+std::vector<Variable> lora_forward_shared(const std::vector<const nn::Linear*>& bases, const Variable& x,
+                                          const std::vector<std::vector<const LoraAdapter*>>& adapters,
+                                          const std::vector<std::string>& paths, int64_t* shared_gemms) {
+  const size_t n = bases.size();
+  LOOM_CHECK(adapters.size() == n && paths.size() == n, "lora_forward_shared: ", n, " projections but ",
+             adapters.size(), " adapter lists and ", paths.size(), " paths");
+  std::vector<Variable> ys;
+  for (const nn::Linear* base : bases) ys.push_back(base->base_forward(x));  // W·x + b
+  // Each output adds its adapters' terms in its own list's order, as lora_forward does. Round by
+  // round, an adapter that heads the rest of every list holding it (one exists: the lists follow
+  // the set's order) is applied to all those projections at once, sharing one down GEMM among
+  // those where it is a plain term.
+  std::vector<size_t> next(n, 0);
+  auto later_in_some_list = [&](const LoraAdapter* a) {
+    for (size_t i = 0; i < n; ++i)
+      if (next[i] < adapters[i].size() &&
+          std::find(adapters[i].begin() + std::ptrdiff_t(next[i]) + 1, adapters[i].end(), a) != adapters[i].end())
+        return true;
+    return false;
+  };
+  for (;;) {
+    const LoraAdapter* a = nullptr;
+    bool unfinished = false;
+    for (size_t i = 0; i < n && !a; ++i) {
+      if (next[i] >= adapters[i].size()) continue;
+      unfinished = true;
+      if (!later_in_some_list(adapters[i][next[i]])) a = adapters[i][next[i]];
+    }
+    if (!unfinished) break;
+    LOOM_CHECK(a != nullptr, "lora_forward_shared: the adapter lists of '", paths[0], "' and its peers are not in one order");
+    std::vector<size_t> shared, alone;
+    for (size_t i = 0; i < n; ++i) {
+      if (next[i] >= adapters[i].size() || adapters[i][next[i]] != a) continue;
+      ++next[i];
+      const bool fits = plain_term(*a, paths[i]) &&  // stackable with the first: one dtype
+                        (shared.empty() || a->modules().at(paths[i]).down.dtype() ==
+                                               a->modules().at(paths[shared[0]]).down.dtype());
+      (fits ? shared : alone).push_back(i);
+    }
+    if (shared.size() == 1) alone.push_back(shared[0]), shared.clear();
+    if (!shared.empty()) {
+      add_shared_terms(ys, x, *a, paths, shared);
+      if (shared_gemms) ++*shared_gemms;
+    }
+    for (size_t i : alone) ys[i] = add_adapter_term(std::move(ys[i]), *bases[i], x, *a, paths[i]);
+  }
+  return ys;
 }
 
 Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
@@ -176,11 +259,30 @@ class LoraConvExtension final : public nn::Conv2dExtension {
 // Installed on each adapted projection: routes its forward through lora_forward.
 class LoraExtension final : public nn::LinearExtension {
  public:
-  LoraExtension(const LoraSet* set, std::string path, std::vector<const LoraAdapter*> adapters)
-      : set_(set), path_(std::move(path)), adapters_(std::move(adapters)) {}
+  LoraExtension(const LoraSet* set, std::string path, std::vector<const LoraAdapter*> adapters,
+                std::atomic<int64_t>* shared_gemms)
+      : set_(set), path_(std::move(path)), adapters_(std::move(adapters)), shared_gemms_(shared_gemms) {}
   Variable forward(const nn::Linear& base, const Variable& x) const override {
     if (set_->fused()) return base.base_forward(x);  // the adapters are inside W already
     return lora_forward(base, x, adapters_, path_);
+  }
+  // Projections of one input: lora_forward_shared when every one of them carries this set's
+  // adapters (declined while fused, or when the set does not share inputs).
+  std::vector<Variable> forward_shared(const std::vector<const nn::Linear*>& linears,
+                                       const Variable& x) const override {
+    if (set_->fused() || !set_->share_inputs()) return {};
+    std::vector<std::vector<const LoraAdapter*>> adapters;
+    std::vector<std::string> paths;
+    for (const nn::Linear* linear : linears) {
+      const auto* ext = dynamic_cast<const LoraExtension*>(linear->extension().get());
+      if (!ext || ext->set_ != set_) return {};
+      adapters.push_back(ext->adapters_);
+      paths.push_back(ext->path_);
+    }
+    int64_t shared = 0;
+    std::vector<Variable> ys = lora_forward_shared(linears, x, adapters, paths, &shared);
+    *shared_gemms_ += shared;
+    return ys;
   }
   const LoraSet* owner() const { return set_; }
 
@@ -188,6 +290,7 @@ class LoraExtension final : public nn::LinearExtension {
   const LoraSet* set_;
   std::string path_;
   std::vector<const LoraAdapter*> adapters_;
+  std::atomic<int64_t>* shared_gemms_;  // the set's counter (LoraSet::shared_down_gemms)
 };
 
 }  // namespace
@@ -414,7 +517,7 @@ void LoraSet::refresh_extensions() {
     auto current = std::dynamic_pointer_cast<const LoraExtension>(linear->extension());
     const bool ours = current && current->owner() == this;
     if (!here.empty())
-      linear->set_extension(std::make_shared<LoraExtension>(this, path, here));
+      linear->set_extension(std::make_shared<LoraExtension>(this, path, here, &shared_down_gemms_));
     else if (ours)
       linear->set_extension(nullptr);
   }

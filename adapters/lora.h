@@ -27,6 +27,7 @@
 // "<module path>.lora_magnitude_vector" or ".dora_scale" (the name it was read as).
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <optional>
@@ -118,6 +119,17 @@ class LoraAdapter {
 // y = base(x) + Σ w·s·B(A·x) over the given adapters of one projection: the choke point.
 Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
                       const std::string& path);
+// lora_forward of several projections on one input x (bases[i] at paths[i] with its adapters[i],
+// each list in the set's order), with the same numbers: where one adapter is a plain LoRA with a
+// non-zero weight on two or more of them (an attention's to_q, to_k and to_v on its own input), their
+// down-projections run as ONE GEMM with the stacked down weight [Σr, in], reading x once, and its
+// [..., Σr] result is split into the views the up GEMMs read; the backward then runs one dA and
+// one dx GEMM for all of them. Everything else (a LoHa / LoKr / DoRA module, a disabled adapter,
+// weight 0, an adapter on only one of them) goes as in lora_forward. `shared_gemms`, when given,
+// is increased by the number of shared down GEMMs run.
+std::vector<Variable> lora_forward_shared(const std::vector<const nn::Linear*>& bases, const Variable& x,
+                                          const std::vector<std::vector<const LoraAdapter*>>& adapters,
+                                          const std::vector<std::string>& paths, int64_t* shared_gemms = nullptr);
 // The same for a Conv2d: y = conv(x, W) + b + Σ w·s·conv1x1(conv(x, A), B) (LoCon).
 Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
                            const std::string& path);
@@ -157,6 +169,15 @@ class LoraSet {
   void unfuse();
   bool fused() const { return fused_; }
 
+  // Whether the projections of one input are computed together (lora_forward_shared, asked for by
+  // nn::forward_shared_input); on by default. Off, each projection runs lora_forward on its own:
+  // the same numbers, the reference the shared path is tested against.
+  void set_share_inputs(bool on) { share_inputs_ = on; }
+  bool share_inputs() const { return share_inputs_; }
+  // How many shared down GEMMs this set's forwards have run so far (a diagnostic for tests and
+  // benchmarks: nonzero once batching took place).
+  int64_t shared_down_gemms() const { return shared_down_gemms_.load(); }
+
   // Trainable parameters of all enabled adapters, named "<adapter>.<path>.lora_A.weight".
   std::vector<std::pair<std::string, Variable>> trainable_parameters() const;
   nn::Module& model() { return *model_; }
@@ -168,6 +189,8 @@ class LoraSet {
   std::map<std::string, std::shared_ptr<nn::Conv2d>> convs_;    // every Conv2d of the model, by path
   std::map<std::string, Tensor> fused_base_;                    // path -> untouched W while fused
   bool fused_ = false;
+  bool share_inputs_ = true;
+  mutable std::atomic<int64_t> shared_down_gemms_{0};
 
   LoraAdapter& insert(std::unique_ptr<LoraAdapter> adapter);
   // A LoHa / LoKr / DoRA module checked against the model's weight at `path` and moved to its

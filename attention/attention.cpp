@@ -1,6 +1,7 @@
 #include "attention/attention.h"
 
 #include <cmath>
+#include <vector>
 
 #include "autograd/ops.h"
 #include "nn/norm.h"
@@ -208,9 +209,16 @@ Variable DefaultProcessor::process(const Attention& attn, const Variable& x, con
     attn.check_context(context, seq.size(0), attn.cross_attention_dim());
     ctx = attn.apply_norm_cross(context);
   }
-  const Variable q = attn.projection("to_q")->forward(h);  // [B, Q, heads·d]
-  const Variable k = attn.projection("to_k")->forward(ctx);
-  const Variable v = attn.projection("to_v")->forward(ctx);
+  // q, k, v of one input (k, v of one context) are asked for together: adapters may share work.
+  const auto to_q = attn.projection("to_q"), to_k = attn.projection("to_k"), to_v = attn.projection("to_v");
+  std::vector<Variable> qkv;
+  if (context.defined()) {
+    qkv.push_back(to_q->forward(h));
+    for (Variable& y : nn::forward_shared_input({to_k.get(), to_v.get()}, ctx)) qkv.push_back(std::move(y));
+  } else {
+    qkv = nn::forward_shared_input({to_q.get(), to_k.get(), to_v.get()}, h);
+  }
+  const Variable q = qkv[0], k = qkv[1], v = qkv[2];  // [B, len, heads·d]
   const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), ctx.size(1));
   const Variable out = attn.project_out(attn.attend_heads(q, k, v, m));  // [B, Q, C]
   return attn.finish_output(Attention::from_sequence(out, x.shape()), x);

@@ -66,6 +66,9 @@ std::vector<OpCase> build_cases() {
            [](const Vars& v) { return add_linear(v[0], v[1], v[2], 0.75); });
   add_case("add_linear", "frozen_x_noncontig", {any({5, 3}), fixed({5, 6}), nc({3, 6})},
            [](const Vars& v) { return add_linear(v[0], v[1], v[2], -2.0); });
+  // A fresh y accumulated in place; x a column slice read at its row stride (the shared LoRA path).
+  add_case("add_linear", "into_fresh_y_sliced_x", {any({2, 3, 4}), any({2, 3, 5}), any({4, 2})},
+           [](const Vars& v) { return add_linear(v[0] * 2.0, slice(v[1], -1, 1, 3), v[2], 0.75); });
   add_case("linear", "frozen_w", {any({3, 5}), fixed({4, 5}), any({4})},
            [](const Vars& v) { return linear(v[0], v[1], v[2]); });
 

@@ -63,6 +63,12 @@ Variable linear(const Variable& x, const Variable& w, const Variable& bias = Var
 // y + alpha·(x·wᵀ) as one GEMM accumulating into y's copy (ops::add_linear): LoRA's
 // scaled low-rank term added to the base output; y [..., out], x [..., in], w [out, in].
 Variable add_linear(const Variable& y, const Variable& x, const Variable& w, double alpha);
+// The same for a y the caller gives up (y is left undefined): when nothing else holds y — its
+// Variable and its storage are referenced only here, it is contiguous and not a leaf that
+// requires grad — the GEMM accumulates into y's own storage (ops::add_linear_into), without the
+// copy: LoRA's up GEMM into the base GEMM's fresh output. Otherwise as above. The gradient rule
+// does not read y, so overwriting it is safe for autograd.
+Variable add_linear(Variable&& y, const Variable& x, const Variable& w, double alpha);
 
 // ---- shape (ops_shape.cpp) ------------------------------------------------------------
 Variable reshape(const Variable& x, const Shape& shape);  // one -1 allowed

@@ -41,11 +41,13 @@ Variable linear(const Variable& x, const Variable& w, const Variable& bias) {
   });
 }
 
-Variable add_linear(const Variable& y, const Variable& x, const Variable& w, double alpha) {
-  LOOM_CHECK(y.defined() && x.defined() && w.defined(), "add_linear: undefined variable");
+namespace {
+
+// add_linear's node: y + alpha·(x·wᵀ) computed as `out` (a copy of y or y itself).
+Variable record_add_linear(Tensor out, const Variable& y, const Variable& x, const Variable& w, double alpha) {
   const Tensor tx = x.tensor(), tw = w.tensor();
   const Tensor save_x = w.requires_grad() ? tx : Tensor(), save_w = x.requires_grad() ? tw : Tensor();
-  return record("add_linear", ops::add_linear(y.tensor(), tx, tw, alpha), {y, x, w},
+  return record("add_linear", std::move(out), {y, x, w},
                 [save_x, save_w, alpha](const Tensor& g, const Needs& needs) {
                   const int64_t out = g.size(-1);
                   GradList grads(3);
@@ -57,6 +59,27 @@ Variable add_linear(const Variable& y, const Variable& x, const Variable& w, dou
                   }
                   return grads;
                 });
+}
+
+}  // namespace
+
+Variable add_linear(const Variable& y, const Variable& x, const Variable& w, double alpha) {
+  LOOM_CHECK(y.defined() && x.defined() && w.defined(), "add_linear: undefined variable");
+  return record_add_linear(ops::add_linear(y.tensor(), x.tensor(), w.tensor(), alpha), y, x, w, alpha);
+}
+
+Variable add_linear(Variable&& y, const Variable& x, const Variable& w, double alpha) {
+  LOOM_CHECK(y.defined() && x.defined() && w.defined(), "add_linear: undefined variable");
+  // Only this reference reaches y's Variable, and only y's Variable its storage: nobody can read
+  // the old values after this call.
+  const bool sole = y.impl().use_count() == 1 && y.tensor().storage().use_count() == 1 &&
+                    y.tensor().is_contiguous() && !(y.is_leaf() && y.requires_grad());
+  if (!sole) return add_linear(static_cast<const Variable&>(y), x, w, alpha);
+  const Variable given = std::move(y);
+  y = Variable();
+  Tensor out = given.tensor();  // shares the storage: now two handles, both ours
+  ops::add_linear_into(out, x.tensor(), w.tensor(), alpha);
+  return record_add_linear(std::move(out), given, x, w, alpha);
 }
 
 }  // namespace loom

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <numeric>
+#include <typeinfo>
 
 #include "autograd/ops.h"
 
@@ -40,6 +41,26 @@ Variable Linear::base_forward(const Variable& x) const {
 
 Variable Linear::forward(const Variable& x) const {
   return extension_ ? extension_->forward(*this, x) : base_forward(x);
+}
+
+std::vector<Variable> forward_shared_input(const std::vector<const Linear*>& linears, const Variable& x) {
+  std::vector<const Linear*> extended;  // plain Linears with an extension: offered to be computed together
+  std::vector<size_t> where;
+  for (size_t i = 0; i < linears.size(); ++i) {
+    LOOM_CHECK(linears[i] != nullptr, "forward_shared_input: linear ", i, " is null");
+    if (linears[i]->extension() && typeid(*linears[i]) == typeid(Linear))
+      extended.push_back(linears[i]), where.push_back(i);
+  }
+  std::vector<Variable> ys(linears.size());
+  if (extended.size() >= 2) {
+    std::vector<Variable> shared = extended[0]->extension()->forward_shared(extended, x);
+    LOOM_CHECK(shared.empty() || shared.size() == extended.size(), "forward_shared_input: the extension returned ",
+               shared.size(), " outputs for ", extended.size(), " Linears");
+    for (size_t j = 0; j < shared.size(); ++j) ys[where[j]] = std::move(shared[j]);
+  }
+  for (size_t i = 0; i < linears.size(); ++i)
+    if (!ys[i].defined()) ys[i] = linears[i]->forward(x);
+  return ys;
 }
 
 Conv1x1::Conv1x1(int64_t in_channels, int64_t out_channels, bool bias, Generator& gen, DType dtype, Device device)

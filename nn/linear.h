@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "nn/module.h"
 #include "tensor/random.h"
@@ -26,6 +27,16 @@ class LinearExtension {
  public:
   virtual ~LinearExtension() = default;
   virtual Variable forward(const Linear& base, const Variable& x) const = 0;
+  // Optional: the outputs of several Linears on one input x, {linears[i]->forward(x)}, computed
+  // together (LoRA reads x once for all their down-projections). Called by forward_shared_input
+  // with linears[0] carrying this extension and every one of them carrying an extension; the
+  // numbers must be those of the separate forwards. Returns an empty vector to decline: the
+  // caller then runs each forward on its own.
+  virtual std::vector<Variable> forward_shared(const std::vector<const Linear*>& linears,
+                                               const Variable& x) const {
+    (void)linears, (void)x;
+    return {};
+  }
 };
 
 class Linear : public UnaryModule {
@@ -66,6 +77,13 @@ class Linear : public UnaryModule {
   Variable weight_, bias_;
   std::shared_ptr<const LinearExtension> extension_;
 };
+
+// {linears[i]->forward(x)}: the projections of several Linears of one input (an attention's
+// to_q, to_k and to_v on its own input; to_k and to_v on a shared context), the same numbers as
+// the separate forwards. The plain Linears among them (not a subclass such as Conv1x1) that carry
+// an extension are offered to the first one's LinearExtension::forward_shared, which may compute
+// them together; every other one runs its own forward.
+std::vector<Variable> forward_shared_input(const std::vector<const Linear*>& linears, const Variable& x);
 
 // A 1×1 convolution: x [B, in, *spatial] -> [B, out, *spatial] (usually
 // [B, C, H, W]). Parameter `weight` (out, in, 1, 1), `bias` (out).

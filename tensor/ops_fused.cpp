@@ -2,6 +2,7 @@
 // backend call (contracts in tensor/ops_fused.h and tensor/fused_args.h).
 #include "tensor/ops_fused.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <utility>
@@ -222,8 +223,44 @@ Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual
 
 // ---- GEMM with accumulation into an addend ---------------------------------------------------
 
-Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alpha) {
-  const char* op = "add_linear";
+namespace {
+
+// The row stride of x read as a row-major [rows, k] matrix (k = x's last dim) with unit column
+// stride, or 0 when its layout does not allow that (then it is copied).
+int64_t matrix_row_stride(const Tensor& x) {
+  const int64_t d = x.dim(), k = x.size(-1);
+  if (k != 1 && x.strides()[size_t(d - 1)] != 1) return 0;
+  bool found = false;
+  int64_t ld = 0, expect = 0;  // ld: the stride of the innermost leading dim of size > 1
+  for (int64_t i = d - 2; i >= 0; --i) {
+    const int64_t size = x.shape()[size_t(i)], stride = x.strides()[size_t(i)];
+    if (size == 1) continue;
+    if (!found) found = true, ld = stride;
+    else if (stride != expect) return 0;
+    expect = stride * size;
+  }
+  if (!found) return std::max<int64_t>(k, 1);  // a single row
+  return ld >= std::max<int64_t>(k, 1) ? ld : 0;
+}
+
+// out += alpha·(x·wᵀ) with out contiguous [.., n], checked by the caller.
+void accumulate_linear(const char* op, const Tensor& out, const Tensor& x, const Tensor& w, double alpha) {
+  Backend& be = backend_for(op, OpKind::Gemm, out.device(), out.dtype());
+  const int64_t k = w.size(1), n = w.size(0), m = n == 0 ? 0 : out.numel() / n;
+  if (m == 0 || n == 0 || k == 0 || alpha == 0.0) return;
+  const int64_t ld = matrix_row_stride(x);
+  const Tensor xc = ld > 0 ? x : x.contiguous(), wc = w.contiguous();
+  GemmBatch g;
+  g.device = out.device(), g.dtype = out.dtype();
+  g.m = m, g.n = n, g.k = k, g.batch = 1;
+  g.a = xc.raw_data(), g.lda = ld > 0 ? ld : k;        // [m, k]
+  g.b = wc.raw_data(), g.ldb = k, g.trans_b = true;    // stored [n, k]
+  g.c = out.raw_data(), g.ldc = n;                     // [m, n]
+  g.alpha = alpha, g.beta = 1.0;
+  be.gemm(g);
+}
+
+void check_add_linear(const char* op, const Tensor& y, const Tensor& x, const Tensor& w) {
   LOOM_CHECK(y.defined() && x.defined() && w.defined(), op, ": undefined operand");
   LOOM_CHECK(x.device() == y.device() && w.device() == y.device() && x.dtype() == y.dtype() &&
                  w.dtype() == y.dtype(),
@@ -233,20 +270,23 @@ Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alph
   Shape out_shape = x.shape();
   out_shape.back() = w.size(0);
   LOOM_CHECK(y.shape() == out_shape, op, ": addend ", y.shape(), " does not match x·wᵀ ", out_shape);
-  Backend& be = backend_for(op, OpKind::Gemm, y.device(), y.dtype());
+  backend_for(op, OpKind::Gemm, y.device(), y.dtype());
+}
+
+}  // namespace
+
+Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alpha) {
+  check_add_linear("add_linear", y, x, w);
   Tensor out = y.clone();  // the GEMM accumulates into it
-  const Tensor xc = x.contiguous(), wc = w.contiguous();
-  const int64_t k = w.size(1), n = w.size(0), m = n == 0 ? 0 : out.numel() / n;
-  if (m == 0 || n == 0 || k == 0 || alpha == 0.0) return out;
-  GemmBatch g;
-  g.device = y.device(), g.dtype = y.dtype();
-  g.m = m, g.n = n, g.k = k, g.batch = 1;
-  g.a = xc.raw_data(), g.lda = k;                      // [m, k]
-  g.b = wc.raw_data(), g.ldb = k, g.trans_b = true;    // stored [n, k]
-  g.c = out.raw_data(), g.ldc = n;                     // [m, n]
-  g.alpha = alpha, g.beta = 1.0;
-  be.gemm(g);
+  accumulate_linear("add_linear", out, x, w, alpha);
   return out;
+}
+
+Tensor add_linear_into(const Tensor& y, const Tensor& x, const Tensor& w, double alpha) {
+  check_add_linear("add_linear_into", y, x, w);
+  LOOM_CHECK(y.is_contiguous(), "add_linear_into: the addend ", y.str(), " must be contiguous");
+  accumulate_linear("add_linear_into", y, x, w, alpha);
+  return y;
 }
 
 // ---- optimizer update ----------------------------------------------------------------------

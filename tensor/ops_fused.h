@@ -47,7 +47,12 @@ Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual
 // y + alpha·(x·wᵀ) with x [..., in], w [out, in], y [..., out]: one GEMM whose
 // epilogue accumulates into (a copy of) y (beta = 1), so the product is never
 // materialised on its own: LoRA's scaled up-projection added to the base output.
+// x may be a view whose leading dims collapse to rows at a fixed stride with unit column stride
+// (a [.., r] column slice of a wider tensor): the GEMM reads it in place.
 Tensor add_linear(const Tensor& y, const Tensor& x, const Tensor& w, double alpha);
+// The same accumulating into y itself (y contiguous, overwritten with y + alpha·(x·wᵀ)), for a y
+// that nothing else reads: no copy of y. Returns y.
+Tensor add_linear_into(const Tensor& y, const Tensor& x, const Tensor& w, double alpha);
 
 // One fused optimizer step over args.tensors (contract in tensor/fused_args.h).
 // Checks every entry (defined, contiguous, one device and dtype, matching

@@ -4,6 +4,7 @@
 
 namespace loom {
 class Backend;
+struct GemmBatch;
 // The process-wide CUDA backend, or nullptr when loom was built without CUDA.
 Backend* cuda_backend();
 // Number of CUDA devices the runtime reports (0 when built without CUDA, when
@@ -15,4 +16,11 @@ void* cuda_timer_create(int device);
 void cuda_timer_record(void* timer, int which);
 double cuda_timer_elapsed_ms(void* timer);
 void cuda_timer_destroy(void* timer);
+// Whether the CUDA gemm runs `g` with its thin kernels (tensor/cuda/cuda_gemm_thin.cu) instead of
+// cuBLAS: f32 / bf16 / f16, one problem (batch 1), and either
+//   A not transposed, B not too big: 1 ≤ n ≤ 16, m ≥ 64, k ≥ 32, op(B) staged in shared memory
+//     (n rounded up to 4/8/16, times k, ≤ 96 KiB): LoRA's down Z = X·Aᵀ and its dZ = dY·B; or
+//   A transposed, B not: 1 ≤ min(m, n) ≤ 16, k ≥ 256 (a sum over k rows): dA = dZᵀ·X, dB = dYᵀ·Z.
+// LOOM_THIN_GEMM=0 in the environment turns them off (everything on cuBLAS). False without CUDA.
+bool cuda_thin_gemm_fits(const GemmBatch& g);
 }  // namespace loom

@@ -210,5 +210,8 @@ void launch_softmax(const SoftmaxParams& p);
 void launch_softmax_backward(const SoftmaxGradParams& p);
 // cuda_gemm.cu: g.device.index selects the device (the caller need not hold a guard).
 void launch_gemm(const GemmBatch& g);
+// cuda_gemm_thin.cu: a GEMM with n ≤ 16 output columns and a row-major A, one warp per row of A
+// (cuda_thin_gemm_fits in cuda_backend.h says which; launch_gemm sends them there).
+void launch_thin_gemm(const GemmBatch& g);
 
 }  // namespace loom::cuda

@@ -10,6 +10,9 @@
 // Precision: f32 runs with CUBLAS_DEFAULT_MATH (set explicitly: no TF32), f64 in
 // f64, bf16 and f16 through cublasGemmStridedBatchedEx with CUBLAS_COMPUTE_32F.
 //
+// GEMMs with at most 16 output columns and a row-major A (LoRA's thin down GEMM and dZ) go to
+// the thin kernel of cuda_gemm_thin.cu instead (cuda_thin_gemm_fits).
+//
 // One handle per device, created on first use and kept for the process (never
 // destroyed: the CUDA runtime may be gone by static destruction time). A handle
 // is used by one thread at a time: each call holds its device's mutex.
@@ -21,6 +24,7 @@
 #include <memory>
 #include <mutex>
 
+#include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/precision.h"
 
@@ -70,6 +74,11 @@ void launch_gemm(const GemmBatch& g) {
              ", n ", g.n, ", k ", g.k, ", trans_a ", g.trans_a, ", trans_b ", g.trans_b, ")");
   LOOM_CHECK(g.batch == 1 || g.stride_c != 0, "cuda gemm: a batch of ", g.batch,
              " needs a non-zero C batch stride");
+
+  if (cuda_thin_gemm_fits(g)) {  // n ≤ 16 columns, A row-major: LoRA's down GEMM and dZ
+    launch_thin_gemm(g);
+    return;
+  }
 
   // Column-major problem: C' (m' × n') = op(A') · op(B') with A' = B, B' = A.
   const int m = checked_int(g.n, "n"), n = checked_int(g.m, "m"), k = checked_int(g.k, "k");

@@ -195,6 +195,71 @@ TEST(FusedAddLinear, MatchesComposedAtOddSizes) {
   }
 }
 
+TEST(FusedAddLinear, ColumnSliceOfXIsReadAtItsRowStride) {
+  Generator gen = fresh_generator("add_linear_slice");
+  for (int64_t rows : kRows) {
+    const std::string what = "rows " + std::to_string(rows);
+    const std::vector<Tensor> in = {random_tensor({2, rows, 37}, gen), random_tensor({2, rows, 9}, gen),
+                                    random_tensor({37, 4}, gen)};
+    const Fn fused = [](const Vars& v) { return add_linear(v[0], slice(v[1], -1, 3, 7), v[2], -1.3); };
+    const Fn composed = [](const Vars& v) { return v[0] + linear(slice(v[1], -1, 3, 7), v[2]) * -1.3; };
+    expect_matches(fused, composed, in, DType::F64, 1e-12, what, gen);
+    expect_matches(fused, composed, in, DType::F32, 1e-5, what + " f32", gen);
+  }
+}
+
+// y given up (an rvalue) and held by nothing else: the GEMM accumulates into y's own storage.
+TEST(FusedAddLinear, GivenUpSoleTemporaryIsAccumulatedInPlace) {
+  Generator gen = fresh_generator("add_linear_into");
+  const Variable x(random_tensor({2, 7, 5}, gen), true), w0(random_tensor({6, 5}, gen), true);
+  const Variable z(random_tensor({2, 7, 3}, gen), true), w(random_tensor({6, 3}, gen), true);
+  const Variable base = linear(x, w0);
+  const Variable copied = add_linear(base, z, w, 0.4);  // an lvalue: the copying path
+  Variable y = linear(x, w0);
+  const void* storage = y.tensor().raw_data();
+  const Variable in_place = add_linear(std::move(y), z, w, 0.4);
+  EXPECT_FALSE(y.defined());  // NOLINT(bugprone-use-after-move): given up, left undefined
+  EXPECT_EQ(in_place.tensor().raw_data(), storage) << "not accumulated in place";
+  EXPECT_EQ(in_place.tensor().to_vector(), copied.tensor().to_vector());
+  // The gradients are those of the copying path.
+  const Tensor up = random_tensor(in_place.shape(), gen);
+  in_place.backward(up);
+  const std::vector<Tensor> got = {x.grad(), w0.grad(), z.grad(), w.grad()};
+  for (const Variable& v : {x, w0, z, w}) v.zero_grad();
+  copied.backward(up);
+  const std::vector<Tensor> want = {x.grad(), w0.grad(), z.grad(), w.grad()};
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i].to_vector(), want[i].to_vector()) << "input " << i;
+}
+
+TEST(FusedAddLinear, GivenUpButHeldElsewhereIsCopied) {
+  Generator gen = fresh_generator("add_linear_held");
+  const Variable z(random_tensor({4, 3}, gen)), w(random_tensor({5, 3}, gen));
+  {  // another handle on the same Variable
+    Variable y(random_tensor({4, 5}, gen));
+    const Variable keep = y;
+    const std::vector<double> before = keep.tensor().to_vector();
+    const Variable out = add_linear(std::move(y), z, w, 1.0);
+    EXPECT_NE(out.tensor().raw_data(), keep.tensor().raw_data());
+    EXPECT_EQ(keep.tensor().to_vector(), before);
+  }
+  {  // another Tensor on the same storage (a view)
+    Variable y(random_tensor({4, 5}, gen));
+    const Tensor row = y.tensor().narrow(0, 1, 1);
+    const std::vector<double> before = row.to_vector();
+    const Variable out = add_linear(std::move(y), z, w, 1.0);
+    EXPECT_EQ(row.to_vector(), before);
+    EXPECT_NE(out.tensor().storage(), row.storage());
+  }
+  {  // a leaf that trains: never overwritten, and not taken (the copying path leaves y as it was)
+    Variable y(random_tensor({4, 5}, gen), true);
+    const std::vector<double> before = y.tensor().to_vector();
+    const Variable out = add_linear(std::move(y), z, w, 1.0);
+    ASSERT_TRUE(y.defined());  // NOLINT(bugprone-use-after-move)
+    EXPECT_EQ(y.tensor().to_vector(), before);
+    EXPECT_NE(out.tensor().storage(), y.tensor().storage());
+  }
+}
+
 // ---- bf16 / f16 storage on the CPU (f32 compute), at the tensor level ----------------------
 
 // Composed f64 forward and gradients of the rounded inputs, against the fused op in dtype.
