@@ -194,7 +194,7 @@ TrainResult train_unet(const std::shared_ptr<unet::UNet2DConditionModel>& model,
       u.encoder_attention_mask = cast(in[kMask]);
       if (in[kTextEmbeds].defined()) u.text_embeds = Variable(cast(in[kTextEmbeds]));
       const Variable pred = to_dtype(model->forward(u), DType::F32);  // the loss in f32 (SPEC §7)
-      return unet::weighted_mse_loss(pred, Variable(in[kTarget]), in[kWeights]);
+      return unet::sample_weighted_mse_loss(pred, Variable(in[kTarget]), in[kWeights]);
     };
     return objective;
   };

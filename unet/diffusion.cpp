@@ -140,11 +140,11 @@ std::vector<double> DDPMSchedule::min_snr_weights(const Tensor& timesteps, doubl
 Variable weighted_mse_loss(const Variable& pred, const Variable& target, const std::vector<double>& weights) {
   if (weights.empty()) return mse_loss(pred, target);
   LOOM_CHECK(pred.defined(), "weighted_mse_loss: undefined prediction");
-  return weighted_mse_loss(pred, target, Tensor::from_values(weights, {int64_t(weights.size())}, pred.dtype(),
-                                                             pred.device()));
+  return sample_weighted_mse_loss(
+      pred, target, Tensor::from_values(weights, {int64_t(weights.size())}, pred.dtype(), pred.device()));
 }
 
-Variable weighted_mse_loss(const Variable& pred, const Variable& target, const Tensor& weights) {
+Variable sample_weighted_mse_loss(const Variable& pred, const Variable& target, const Tensor& weights) {
   if (!weights.defined()) return mse_loss(pred, target);
   LOOM_CHECK(pred.defined() && target.defined() && pred.shape() == target.shape() && pred.dim() >= 2,
              "weighted_mse_loss: prediction and target must have one shape [N, ...]");

@@ -58,6 +58,6 @@ class DDPMSchedule {
 Variable weighted_mse_loss(const Variable& pred, const Variable& target, const std::vector<double>& weights);
 // The same with the weights as a tensor [N] in pred's dtype on pred's device (undefined: plain
 // MSE), so that nothing of the loss is on the host (a CUDA graph capture).
-Variable weighted_mse_loss(const Variable& pred, const Variable& target, const Tensor& weights);
+Variable sample_weighted_mse_loss(const Variable& pred, const Variable& target, const Tensor& weights);
 
 }  // namespace loom::unet

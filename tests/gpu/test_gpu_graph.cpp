@@ -178,7 +178,7 @@ TEST_P(GpuGraphTraining, ReplayedStepsGiveTheEagerLossesAndWeights) {
   EXPECT_THAT(graph.log, HasSubstr("CUDA graphs on"));
   EXPECT_THAT(eager.log, HasSubstr("CUDA graphs off (--no-cuda-graph)"));
   EXPECT_THAT(graph.log, ::testing::Not(HasSubstr("capture failed")));
-  EXPECT_EQ(graph.result.graph_replays, (10 - kGraphWarmupSteps) * c.grad_accum);  // the graph was used
+  EXPECT_EQ(graph.result.graph_replays, (10 - trainer::kGraphWarmupSteps) * c.grad_accum);  // the graph was used
   EXPECT_EQ(eager.result.graph_replays, 0);
   ASSERT_EQ(graph.result.losses.size(), 10u);
   ASSERT_EQ(graph.adapter.size(), eager.adapter.size());
@@ -253,7 +253,7 @@ TEST_P(GpuGraphUNetTraining, ReplayedStepsGiveTheEagerLossesAndWeights) {
   const Run graph = run(true), eager = run(false);
   EXPECT_THAT(graph.log, HasSubstr("CUDA graphs on"));
   EXPECT_THAT(graph.log, ::testing::Not(HasSubstr("capture failed")));
-  EXPECT_EQ(graph.result.graph_replays, (8 - kGraphWarmupSteps) * c.grad_accum);
+  EXPECT_EQ(graph.result.graph_replays, (8 - trainer::kGraphWarmupSteps) * c.grad_accum);
   ASSERT_EQ(graph.result.losses.size(), 8u);
   ASSERT_FALSE(graph.adapter.empty());
   const double loss_diff = max_rel_diff(graph.result.losses, eager.result.losses);
