@@ -117,6 +117,7 @@ struct TrainArgs {
   std::string config, builtin = "block";  // --config: of a single-file UNet checkpoint
   trainer::TrainOptions options;
   double alpha = 0, snr_gamma = 0;
+  bool no_cuda_graph = false;
   bool builtin_flags_only() const { return model.empty() && data.empty() && resume.empty(); }
 };
 
@@ -179,6 +180,9 @@ void add_train(CLI::App& app, TrainArgs& a) {
                 "--steps: a larger total extends the run; constant schedules continue, linear/cosine hold their final "
                 "LR). Training options cannot change on a resume");
   t->add_flag("--quiet", a.options.quiet, "No progress on stderr");
+  t->add_flag("--no-cuda-graph", a.no_cuda_graph,
+              "On CUDA, run every step eagerly instead of replaying a captured CUDA graph of the forward and "
+              "backward (the numbers are the same)");
   add_placement_flags(t, a.options.device, a.options.precision);
   add_diffusion_flags(t, a);
   t->add_option("--save-dtype", a.options.save_dtype,
@@ -224,7 +228,7 @@ int run_builtin(TrainArgs& a, const CLI::App& cmd) {
   if (cmd.count("--lr")) b.lr = a.options.lr;
   if (cmd.count("--optimizer")) b.optimizer = a.options.optimizer;
   announce_placement(a.options.device, a.options.precision);
-  b.device = a.options.device, b.precision = a.options.precision;
+  b.device = a.options.device, b.precision = a.options.precision, b.cuda_graph = a.options.cuda_graph;
   const trainer::BuiltinReport r =
       unet ? trainer::run_builtin_unet_task(b, std::cout, std::cerr) : trainer::run_builtin_task(b, std::cout, std::cerr);
   std::cout << (r.passed ? "built-in task: PASSED" : "built-in task: FAILED") << "\n";
@@ -278,6 +282,7 @@ int run_train_unet(TrainArgs& a) {
 }
 
 int run_train(TrainArgs& a, const CLI::App& cmd) {
+  a.options.cuda_graph = !a.no_cuda_graph;
   if (a.builtin_flags_only()) return run_builtin(a, cmd);
   if (a.resume.empty() && (a.model.empty() || a.data.empty()))
     throw UsageError("train: --model and --data go together (or give neither for the built-in task)");
@@ -334,6 +339,7 @@ struct RunArgs {
   bool fuse = false;
   int64_t batch_size = 8;
   std::string device, precision;
+  bool no_cuda_graph = false;
 };
 
 void add_run(CLI::App& app, RunArgs& a) {
@@ -350,6 +356,8 @@ void add_run(CLI::App& app, RunArgs& a) {
   r->add_flag("--fuse", a.fuse, "Fuse the LoRA adapters into the weights before running");
   r->add_option("--batch-size", a.batch_size, "Samples per forward")->capture_default_str();
   add_placement_flags(r, a.device, a.precision);
+  r->add_flag("--no-cuda-graph", a.no_cuda_graph,
+              "On CUDA, run every batch eagerly instead of replaying a captured CUDA graph of a block's forward");
 }
 
 // A model directory holding one spatial-transformer block (SPEC §3).
@@ -386,7 +394,7 @@ int run_run(const RunArgs& a) {
     throw UsageError(e.what());
   }
   announce_placement(a.device, a.precision);
-  o.device = a.device, o.precision = a.precision;
+  o.device = a.device, o.precision = a.precision, o.cuda_graph = !a.no_cuda_graph;
   if (same_file(a.output, a.input))
     throw UsageError("--output " + a.output + " is the --input file " + a.input + ": it would be replaced by the output");
   for (const auto& spec : o.adapters)
@@ -394,6 +402,9 @@ int run_run(const RunArgs& a) {
       throw UsageError("--output " + a.output + " is the --adapter file " + spec.path + ": it would be replaced");
   const trainer::RunResult r = unet::is_unet_dir(a.model) ? run_unet_dir(o, a.input) : run_block_dir(o, a.input);
   for (const auto& note : r.model_notes) std::cerr << "loom: --model: " << note << "\n";
+  if (!r.graph_note.empty()) std::cerr << "loom: warning: " << r.graph_note << "\n";
+  if (r.graph_replays > 0)
+    std::cerr << "loom: " << r.graph_replays << " batches replayed from a CUDA graph (--no-cuda-graph: none)\n";
   for (const auto& rep : r.reports) std::cerr << rep.summary() << "\n";
   const bool h5 = a.output.size() > 3 && (a.output.rfind(".h5") == a.output.size() - 3);
   if (h5)

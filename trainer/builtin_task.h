@@ -27,6 +27,7 @@ struct BuiltinOptions {
   bool quiet = false;
   std::string device = "cpu";  // cpu | cuda | cuda:N | auto
   std::string precision;       // empty: the device's default
+  bool cuda_graph = true;      // TrainOptions::cuda_graph (--no-cuda-graph turns it off)
 };
 
 struct BuiltinReport {

@@ -200,7 +200,7 @@ BuiltinReport run_builtin_unet_task(const BuiltinOptions& opt, std::ostream& out
 
   TrainOptions t;
   t.out_dir = dir, t.quiet = opt.quiet, t.seed = opt.seed, t.adapter = opt.adapter;
-  t.device = opt.device, t.precision = opt.precision;
+  t.device = opt.device, t.precision = opt.precision, t.cuda_graph = opt.cuda_graph;
   t.diffusion.enabled = true;
   const Placement where = placement_of(opt.device, opt.precision);
   const bool low = where.precision == Precision::BF16 || where.precision == Precision::F16;

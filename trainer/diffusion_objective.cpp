@@ -152,26 +152,51 @@ Variable diffusion_loss(const unet::UNet2DConditionModel& model, const unet::DDP
 TrainResult train_unet(const std::shared_ptr<unet::UNet2DConditionModel>& model, const DiffusionData& data,
                        const TrainOptions& options, std::ostream& log, const std::string& resume_dir) {
   LOOM_CHECK(options.diffusion.enabled, "train_unet: options.diffusion.enabled is not set");
-  const MakeBatchLoss objective = [&data, &model](const TrainOptions& o, const Placement& where) -> BatchLoss {
+  // stage: rows, noise and timesteps drawn, the noisy latents and the target (device work with
+  // the schedule's per-sample factors from the host), the sinusoidal time projections and the
+  // min-SNR weights (host); loss: the UNet and the weighted MSE, device work only. The same
+  // operations as diffusion_loss(), in the same order.
+  enum Input { kNoisy, kTarget, kTimestepProj, kTimeIdsProj, kContext, kMask, kTextEmbeds, kWeights, kInputs };
+  const MakeBatchLoss objective = [&data, &model](const TrainOptions& o, const Placement& where) -> BatchObjective {
     auto schedule = std::make_shared<const unet::DDPMSchedule>(o.diffusion.schedule);
     const DType act = storage_dtype(where.precision);
-    return [&data, &model, schedule, o, where, act](const std::vector<int64_t>& indices, int64_t micro) {
+    BatchObjective objective;
+    objective.stage = [&data, &model, schedule, o, where, act](const std::vector<int64_t>& indices, int64_t micro) {
       const DiffusionData rows = data.rows(indices);
       DiffusionDraw drawn;
       if (!rows.noise.defined() || !rows.timesteps.defined())
         drawn = draw_noise(rows.latents.shape(), o.diffusion.schedule.num_train_timesteps, o.diffusion.noise_offset,
                            o.seed, micro, where.device);
-      auto dev = [&](const Tensor& t) { return t.defined() ? t.to(where.device) : t; };
-      DiffusionBatch b;
-      b.latents = dev(rows.latents);
-      b.noise = dev(rows.noise.defined() ? rows.noise : drawn.noise);
-      b.timesteps = rows.timesteps.defined() ? rows.timesteps : drawn.timesteps;
-      b.encoder_hidden_states = dev(rows.encoder_hidden_states);
-      b.encoder_attention_mask = dev(rows.encoder_attention_mask);
-      b.text_embeds = dev(rows.text_embeds);
-      b.time_ids = dev(rows.time_ids);
-      return diffusion_loss(*model, *schedule, b, o.diffusion.snr_gamma, act);
+      const Tensor latents = rows.latents.to(where.device);
+      const Tensor noise = rows.noise.defined() ? rows.noise.to(where.device) : drawn.noise;
+      const Tensor timesteps = rows.timesteps.defined() ? rows.timesteps : drawn.timesteps;
+      std::vector<Tensor> in(kInputs);
+      in[kNoisy] = schedule->add_noise(latents, noise, timesteps);
+      in[kTarget] = schedule->target(latents, noise, timesteps);
+      unet::UNetInputs t;
+      t.timestep = timesteps;
+      if (rows.time_ids.defined()) t.time_ids = rows.time_ids.to(act);  // the values the model's dtype holds
+      model->project_timesteps(t, latents.size(0), act, Device::cpu());
+      in[kTimestepProj] = t.timestep_proj, in[kTimeIdsProj] = t.time_ids_proj;
+      in[kContext] = rows.encoder_hidden_states, in[kMask] = rows.encoder_attention_mask;
+      in[kTextEmbeds] = rows.text_embeds;
+      if (o.diffusion.snr_gamma)
+        in[kWeights] = Tensor::from_values(schedule->min_snr_weights(timesteps, *o.diffusion.snr_gamma, DType::F32),
+                                           {latents.size(0)}, DType::F32);
+      return in;
     };
+    objective.loss = [&model, act](const std::vector<Tensor>& in) {
+      auto cast = [&](const Tensor& t) { return t.defined() ? t.to(act) : t; };
+      unet::UNetInputs u;
+      u.sample = Variable(cast(in[kNoisy]));
+      u.timestep_proj = in[kTimestepProj], u.time_ids_proj = in[kTimeIdsProj];
+      u.encoder_hidden_states = Variable(cast(in[kContext]));
+      u.encoder_attention_mask = cast(in[kMask]);
+      if (in[kTextEmbeds].defined()) u.text_embeds = Variable(cast(in[kTextEmbeds]));
+      const Variable pred = to_dtype(model->forward(u), DType::F32);  // the loss in f32 (SPEC §7)
+      return unet::sample_weighted_mse_loss(pred, Variable(in[kTarget]), in[kWeights]);
+    };
+    return objective;
   };
   return train_with(model, data.size(), objective, options, log, resume_dir);
 }

@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "adapters/lora.h"
+#include "tensor/graph.h"
 #include "tensor/ops.h"
 
 namespace loom::trainer {
@@ -31,21 +32,57 @@ AdapterSpec AdapterSpec::parse(const std::string& text) {
 
 namespace {
 
-// Runs the model over the samples in batches (no graph), returning (N, C, H, W).
-// Inputs go to the model's device in its activation dtype; the output comes back f32 on the CPU.
+// Runs the model over the samples in batches, returning (N, C, H, W). Inputs go to the model's
+// device in its activation dtype; the output comes back f32 on the CPU. With `graphs` (CUDA),
+// the forward of a full batch is captured once after the first batch and replayed for the other
+// full batches, their inputs copied into the captured ones first; a last, smaller batch runs
+// eagerly. A capture that fails leaves a note in `note` and the rest runs eagerly.
 Tensor forward_all(const attention::Transformer2DModel& model, const DataSet& data, int64_t batch,
-                   const Placement& where) {
+                   const Placement& where, bool graphs, int64_t& replays, std::string& note) {
   NoGradGuard no_grad;
   const DType act = storage_dtype(where.precision);
+  const bool has_ctx = data.encoder_hidden_states.defined(), has_mask = data.encoder_attention_mask.defined();
+  // x, ctx, mask on the device in the data's dtype: cast to the activation dtype there
+  auto forward = [&](const Tensor& x, const Tensor& ctx, const Tensor& mask) {
+    auto cast = [&](const Tensor& t) { return t.defined() ? t.to(act) : t; };
+    return model.forward(Variable(cast(x)), has_ctx ? Variable(cast(ctx)) : Variable(), cast(mask))
+        .tensor()
+        .to(DType::F32);
+  };
+  std::unique_ptr<DeviceGraph> graph;
+  std::vector<Tensor> fixed(3);  // the captured forward's inputs: hidden states, context, mask
+  PinnedUpload uploads[3];
+  Tensor captured_out;
   std::vector<Tensor> outs;
   for (int64_t i = 0; i < data.size(); i += batch) {
     const int64_t n = std::min(batch, data.size() - i);
-    auto slice = [&](const Tensor& t) { return t.defined() ? t.narrow(0, i, n).to(where.device).to(act) : t; };
-    const Variable ctx = data.encoder_hidden_states.defined() ? Variable(slice(data.encoder_hidden_states)) : Variable();
-    outs.push_back(model.forward(Variable(slice(data.hidden_states)), ctx, slice(data.encoder_attention_mask))
-                       .tensor()
-                       .to(DType::F32)
-                       .to(Device::cpu()));
+    const Tensor rows[3] = {data.hidden_states.narrow(0, i, n),
+                            has_ctx ? data.encoder_hidden_states.narrow(0, i, n) : Tensor(),
+                            has_mask ? data.encoder_attention_mask.narrow(0, i, n) : Tensor()};
+    const bool full = n == batch && i > 0;  // the first batch warms up eagerly
+    if (graphs && full && !graph) {
+      for (size_t k = 0; k < 3; ++k)
+        if (rows[k].defined()) fixed[k] = Tensor::empty(rows[k].shape(), rows[k].dtype(), where.device);
+      auto g = std::make_unique<DeviceGraph>(where.device);
+      try {
+        g->capture([&] { captured_out = forward(fixed[0], fixed[1], fixed[2]); });
+        graph = std::move(g);
+      } catch (const Error& e) {
+        const std::string what = e.what();
+        note = "CUDA graph capture failed, running eagerly: " + what.substr(0, what.find('\n'));
+        graphs = false;
+      }
+    }
+    if (graph && full) {
+      for (size_t k = 0; k < 3; ++k)
+        if (rows[k].defined()) uploads[k].copy(fixed[k], rows[k]);
+      graph->replay();
+      ++replays;
+      outs.push_back(captured_out.to(Device::cpu()));  // waits for the replay
+      continue;
+    }
+    auto on_device = [&](const Tensor& t) { return t.defined() ? t.to(where.device) : t; };
+    outs.push_back(forward(on_device(rows[0]), on_device(rows[1]), on_device(rows[2])).to(Device::cpu()));
   }
   return outs.size() == 1 ? outs[0] : ops::cat(outs, 0);
 }
@@ -88,7 +125,8 @@ RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   const std::unique_ptr<adapters::LoraSet>& lora = attached.lora;
   result.reports = std::move(attached.reports);
   if (o.fuse && lora) lora->fuse();
-  result.output = forward_all(*model, inputs, o.batch_size, where);
+  const bool graphs = o.cuda_graph && device_graphs_supported(where.device);
+  result.output = forward_all(*model, inputs, o.batch_size, where, graphs, result.graph_replays, result.graph_note);
   for (double v : result.output.to_vector())
     if (!std::isfinite(v)) throw NumericalError("run: the output holds NaN or Inf");
   return result;

@@ -47,12 +47,17 @@ struct RunOptions {
   bool strict = true;
   std::string device = "cpu";  // cpu | cuda | cuda:N | auto
   std::string precision;       // empty: the device's default (SPEC §7)
+  // On CUDA: the forward of a full batch is captured once as a CUDA graph and replayed for the
+  // other full batches (the same numbers; --no-cuda-graph turns it off).
+  bool cuda_graph = true;
 };
 
 struct RunResult {
   Tensor output;  // (N, C, H, W)
   std::vector<io::AdapterLoadReport> reports;
   std::vector<std::string> model_notes;  // what the model's load could not check (e.g. no checksums)
+  int64_t graph_replays = 0;  // batches computed by replaying the captured forward
+  std::string graph_note;     // a capture that failed (the run went on eagerly), or empty
 };
 
 // Throws io::FileError for bad inputs, NumericalError when an output is not finite.

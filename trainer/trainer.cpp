@@ -27,6 +27,7 @@
 #include "tensor/device_timer.h"
 #include "trainer/out_dir.h"
 #include "trainer/plot.h"
+#include "trainer/step_graph.h"
 
 namespace loom::trainer {
 
@@ -374,16 +375,22 @@ void continue_plan(TrainOptions& o, int64_t steps, int64_t done, const std::stri
 TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, const DataSet& data,
                   const TrainOptions& given, std::ostream& log, const std::string& resume_dir) {
   LOOM_CHECK(data.target.defined(), "train: the data has no 'target'");
-  const MakeBatchLoss mse_to_target = [&](const TrainOptions&, const Placement& where) -> BatchLoss {
+  // stage: the rows on the CPU (copied to the device by the trainer); loss: device work only.
+  const MakeBatchLoss mse_to_target = [&](const TrainOptions&, const Placement& where) -> BatchObjective {
     const DType act = storage_dtype(where.precision);
-    return [&data, &model, where, act](const std::vector<int64_t>& indices, int64_t) {
-      auto to_device = [&](const Tensor& t) { return t.defined() ? t.to(where.device).to(act) : t; };
+    BatchObjective objective;
+    objective.stage = [&data](const std::vector<int64_t>& indices, int64_t) {
       const DataSet b = data.rows(indices);
-      const Variable ctx = b.encoder_hidden_states.defined() ? Variable(to_device(b.encoder_hidden_states)) : Variable();
-      const Variable y = model->forward(Variable(to_device(b.hidden_states)), ctx, to_device(b.encoder_attention_mask));
-      // the loss in f32 whatever the precision (SPEC §7)
-      return mse_loss(to_dtype(y, DType::F32), Variable(b.target.to(where.device).to(DType::F32)));
+      return std::vector<Tensor>{b.hidden_states, b.encoder_hidden_states, b.encoder_attention_mask, b.target};
     };
+    objective.loss = [&model, act](const std::vector<Tensor>& in) {
+      auto cast = [&](const Tensor& t) { return t.defined() ? t.to(act) : t; };
+      const Variable ctx = in[1].defined() ? Variable(cast(in[1])) : Variable();
+      const Variable y = model->forward(Variable(cast(in[0])), ctx, cast(in[2]));
+      // the loss in f32 whatever the precision (SPEC §7)
+      return mse_loss(to_dtype(y, DType::F32), Variable(in[3].to(DType::F32)));
+    };
+    return objective;
   };
   return train_with(model, data.size(), mse_to_target, given, log, resume_dir);
 }
@@ -398,6 +405,7 @@ TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples
     o = TrainOptions::from_json(resume.options_json);
     o.out_dir = given.out_dir, o.quiet = given.quiet;
     o.device = given.device, o.precision = given.precision;  // a run may continue on another device
+    o.cuda_graph = given.cuda_graph;
     continue_plan(o, given.steps, resume.step, resume_dir, log);
     if (o.diffusion.enabled != given.diffusion.enabled)
       throw OptionError("the checkpoint in " + resume_dir + " is of a run on a " +
@@ -479,8 +487,8 @@ TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples
     write_loss_files(o.out_dir, result.losses);
   };
 
-  const BatchLoss batch_loss = objective(o, where);
   Sampler sampler(samples, o.batch_size, o.seed);
+  StepComputer computer(objective(o, where), where, o, params, *model, scaler ? &*scaler : nullptr, log);
   const auto start = Clock::now();
   auto last_print = start;
   const int64_t first_step = step;
@@ -514,14 +522,8 @@ TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples
   for (; step < o.steps;) {
     schedule.apply(*opt, schedule_step(step), o.lr);
     opt->zero_grad();
-    Tensor loss_sum;
-    for (int64_t a = 0; a < o.grad_accum; ++a) {
-      const int64_t micro = step * o.grad_accum + a;
-      Variable loss = batch_loss(sampler.batch(micro), micro);
-      if (o.grad_accum > 1) loss = loss * (1.0 / double(o.grad_accum));
-      (scaler ? scaler->scale_loss(loss) : loss).backward();
-      loss_sum = loss_sum.defined() ? ops::add(loss_sum, loss.tensor()) : loss.tensor();
-    }
+    const Tensor loss_sum =
+        computer.run(step, step - first_step, [&sampler](int64_t micro) { return sampler.batch(micro); });
     pending_losses.push_back(loss_sum.reshape({1}));
     // f16: the gradients are unscaled and checked in one fused op; its flag is read here, once per
     // step (4 bytes), because skipping the optimizer step is decided on the host. A skipped step
@@ -568,6 +570,7 @@ TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples
   save_all();
   model->eval();
   result.peak_device_bytes = device_memory(where.device).peak;
+  result.graph_replays = computer.replays();
   result.lora = adapter.lora;
   result.steps = step;
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -82,6 +82,9 @@ struct TrainOptions {
   std::string precision;         // f32 | tf32 | bf16 | f16; empty: the device's default
   DiffusionOptions diffusion;    // the UNet's diffusion objective (enabled: a UNet run; SPEC §8)
   std::string save_dtype = "f32";  // f32 | bf16 | f16: dtype of the adapter tensors in adapter.safetensors (LoRA)
+  // On CUDA, capture a step's forward and backward once as a CUDA graph and replay it (see
+  // train_with). Not saved in checkpoints: like the device, a choice of each run (--no-cuda-graph).
+  bool cuda_graph = true;
 
   std::string to_json() const;
   static TrainOptions from_json(const std::string& text);
@@ -97,6 +100,7 @@ struct TrainResult {
   std::string adapter_path, checkpoint_path;
   double seconds = 0.0;
   size_t peak_device_bytes = 0;  // the caching allocator's peak during training (CUDA; 0 on the CPU)
+  int64_t graph_replays = 0;     // micro-batches computed by replaying the captured CUDA graph
 };
 
 // The device and precision a run with these options uses (parses and checks both; the
@@ -123,14 +127,42 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
                   const TrainOptions& options, std::ostream& log, const std::string& resume_dir = "");
 
 // The training loop of any model, given its objective (train() above and train_unet() in
-// trainer/diffusion_objective.h are its two users). A BatchLoss returns the loss of one
+// trainer/diffusion_objective.h are its two users). The objective gives the loss of one
 // micro-batch: the samples `indices` (rows of the data) of micro-batch number `micro`
 // (step · grad_accum + a, counted from the run's start, so that what it draws from the seed
 // repeats exactly on a resume); the loss is a scalar in f32 (or wider), not yet divided by
-// grad_accum. MakeBatchLoss builds it once the run's options (a resume's saved ones) and
-// placement are known, after the model is placed and the adapter attached.
+// grad_accum. It comes in two parts, so that the device part can be captured as a CUDA graph:
+//  - stage(indices, micro): the host-dependent part (which rows, random draws, host lookups).
+//    Returns the micro-batch's input tensors (undefined where absent), on the CPU or already on
+//    the run's device; the trainer copies the CPU ones to the device (on CUDA from pinned
+//    memory, asynchronously).
+//  - loss(inputs): the loss from those inputs, all on the run's device, by device work only: no
+//    host read of a device value, no synchronous copy, no host value that changes between steps.
+// An objective that cannot be split sets `plain` instead (and says why in `eager_reason`): it
+// always runs eagerly. MakeBatchLoss builds the objective once the run's options (a resume's
+// saved ones) and placement are known, after the model is placed and the adapter attached.
 using BatchLoss = std::function<Variable(const std::vector<int64_t>& indices, int64_t micro)>;
-using MakeBatchLoss = std::function<BatchLoss(const TrainOptions& run, const Placement& where)>;
+using StageBatch = std::function<std::vector<Tensor>(const std::vector<int64_t>& indices, int64_t micro)>;
+using StagedLoss = std::function<Variable(const std::vector<Tensor>& inputs)>;
+struct BatchObjective {
+  StageBatch stage;
+  StagedLoss loss;
+  BatchLoss plain;           // set: the objective is not split (stage and loss unused)
+  std::string eager_reason;  // why a `plain` objective cannot be captured (for the log)
+};
+using MakeBatchLoss = std::function<BatchObjective(const TrainOptions& run, const Placement& where)>;
+
+// CUDA graphs (options.cuda_graph, on CUDA): after kGraphWarmupSteps eager steps the loss and
+// the backward of one micro-batch are captured once (tensor/graph.h) and then replayed for every
+// micro-batch, with the inputs copied into the same device buffers first; everything whose
+// arguments change per step (staging and random draws, gradient accumulation, the f16 loss
+// scale, clipping, the LR schedule, the optimizer update) runs eagerly around the replay, on the
+// gradients the graph wrote. The numbers are those of the eager run. Runs that cannot be
+// captured stay eager and say why once on `log`: a `plain` objective, active dropout (its seeds
+// are drawn on the host), f16 loss scaling, Custom Diffusion, or a capture that fails (a
+// warning naming the CUDA error; training goes on eagerly).
+constexpr int64_t kGraphWarmupSteps = 2;
+
 TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples, const MakeBatchLoss& objective,
                        const TrainOptions& options, std::ostream& log, const std::string& resume_dir = "");
 

@@ -139,16 +139,22 @@ std::vector<double> DDPMSchedule::min_snr_weights(const Tensor& timesteps, doubl
 
 Variable weighted_mse_loss(const Variable& pred, const Variable& target, const std::vector<double>& weights) {
   if (weights.empty()) return mse_loss(pred, target);
+  LOOM_CHECK(pred.defined(), "weighted_mse_loss: undefined prediction");
+  return sample_weighted_mse_loss(
+      pred, target, Tensor::from_values(weights, {int64_t(weights.size())}, pred.dtype(), pred.device()));
+}
+
+Variable sample_weighted_mse_loss(const Variable& pred, const Variable& target, const Tensor& weights) {
+  if (!weights.defined()) return mse_loss(pred, target);
   LOOM_CHECK(pred.defined() && target.defined() && pred.shape() == target.shape() && pred.dim() >= 2,
              "weighted_mse_loss: prediction and target must have one shape [N, ...]");
-  LOOM_CHECK(int64_t(weights.size()) == pred.size(0), "weighted_mse_loss: ", weights.size(), " weights for ",
-             pred.size(0), " samples");
+  LOOM_CHECK(weights.dim() == 1 && weights.size(0) == pred.size(0), "weighted_mse_loss: ", weights.shape(),
+             " weights for ", pred.size(0), " samples");
   const Variable diff = sub(pred, target);
   std::vector<int64_t> rest;
   for (int64_t d = 1; d < pred.dim(); ++d) rest.push_back(d);
   const Variable per = mean(mul(diff, diff), rest);  // [N]
-  const Variable w(Tensor::from_values(weights, {pred.size(0)}, pred.dtype(), pred.device()));
-  return mean(mul(per, w));
+  return mean(mul(per, Variable(weights)));
 }
 
 }  // namespace loom::unet

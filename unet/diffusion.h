@@ -56,5 +56,8 @@ class DDPMSchedule {
 // mean over samples of w_n · mean over the rest of (pred − target)², w [N] (the scripts'
 // min-SNR loss); the plain MSE when w is empty.
 Variable weighted_mse_loss(const Variable& pred, const Variable& target, const std::vector<double>& weights);
+// The same with the weights as a tensor [N] in pred's dtype on pred's device (undefined: plain
+// MSE), so that nothing of the loss is on the host (a CUDA graph capture).
+Variable sample_weighted_mse_loss(const Variable& pred, const Variable& target, const Tensor& weights);
 
 }  // namespace loom::unet

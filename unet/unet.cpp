@@ -103,34 +103,49 @@ UNet2DConditionModel::UNet2DConditionModel(const UNet2DConditionConfig& config, 
                                                            (c.conv_out_kernel - 1) / 2, true, gen, dtype, device));
 }
 
-Variable UNet2DConditionModel::time_embedding(const Tensor& timestep, int64_t batch, const UNetInputs& in,
+void UNet2DConditionModel::project_timesteps(UNetInputs& in, int64_t batch, DType dtype, Device device) const {
+  const auto& c = config_;
+  LOOM_CHECK(in.timestep.defined(), "UNet2DConditionModel: timestep is missing");
+  Tensor t = in.timestep.dim() == 0 ? in.timestep.reshape({1}) : in.timestep;
+  LOOM_CHECK(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == batch), "UNet2DConditionModel: timestep ",
+             in.timestep.shape(), " must be [], [1] or [", batch, "]");
+  if (t.size(0) == 1 && batch != 1) t = t.expand({batch});
+  in.timestep_proj = timestep_embedding(t.contiguous(), c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift,
+                                        dtype, device);
+  if (c.addition_embed_type != "text_time") return;
+  LOOM_CHECK(in.time_ids.defined(), "UNet2DConditionModel: addition_embed_type text_time needs time_ids [N, 6]");
+  LOOM_CHECK(in.time_ids.dim() == 2 && in.time_ids.size(0) == batch, "UNet2DConditionModel: time_ids ",
+             in.time_ids.shape(), " must be [", batch, ", 6]");
+  // [N, k] -> [N·k, dim] -> [N, k·dim]
+  const Tensor ids = in.time_ids.reshape({-1}).contiguous();
+  in.time_ids_proj = timestep_embedding(ids, c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift, dtype, device)
+                         .reshape({batch, -1});
+}
+
+Variable UNet2DConditionModel::time_embedding(const Tensor& timestep, int64_t batch, const UNetInputs& given,
                                               DType dtype, Device device) const {
   const auto& c = config_;
-  LOOM_CHECK(timestep.defined(), "UNet2DConditionModel: timestep is missing");
-  Tensor t = timestep.dim() == 0 ? timestep.reshape({1}) : timestep;
-  LOOM_CHECK(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == batch), "UNet2DConditionModel: timestep ", timestep.shape(),
-             " must be [], [1] or [", batch, "]");
-  if (t.size(0) == 1 && batch != 1) t = t.expand({batch});
-  const Variable t_emb(timestep_embedding(t.contiguous(), c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift,
-                                          dtype, device));
-  Variable emb = child_as<TimestepEmbedding>("time_embedding")->forward(t_emb);
+  UNetInputs in = given;
+  in.timestep = timestep;
+  if (!in.timestep_proj.defined() || (c.addition_embed_type == "text_time" && !in.time_ids_proj.defined() &&
+                                      in.time_ids.defined()))
+    project_timesteps(in, batch, dtype, device);
+  LOOM_CHECK(in.timestep_proj.dim() == 2 && in.timestep_proj.size(0) == batch &&
+                 in.timestep_proj.size(1) == c.block_out_channels[0],
+             "UNet2DConditionModel: timestep_proj ", in.timestep_proj.shape(), " must be [", batch, ", ",
+             c.block_out_channels[0], "]");
+  Variable emb = child_as<TimestepEmbedding>("time_embedding")->forward(Variable(in.timestep_proj));
   if (c.addition_embed_type == "text_time") {
-    LOOM_CHECK(in.text_embeds.defined() && in.time_ids.defined(), "UNet2DConditionModel: addition_embed_type text_time "
-               "needs text_embeds [N, ", c.text_embeds_dim(), "] and time_ids [N, 6]");
-    LOOM_CHECK(in.time_ids.dim() == 2 && in.time_ids.size(0) == batch, "UNet2DConditionModel: time_ids ",
-               in.time_ids.shape(), " must be [", batch, ", 6]");
-    LOOM_CHECK(in.text_embeds.dim() == 2 && in.text_embeds.size(0) == batch &&
-                   in.text_embeds.size(1) + in.time_ids.size(1) * c.addition_time_embed_dim ==
-                       c.projection_class_embeddings_input_dim,
-               "UNet2DConditionModel: text_embeds ", in.text_embeds.shape(), " and time_ids ", in.time_ids.shape(),
+    LOOM_CHECK(in.text_embeds.defined() && in.time_ids_proj.defined(), "UNet2DConditionModel: addition_embed_type "
+               "text_time needs text_embeds [N, ", c.text_embeds_dim(), "] and time_ids [N, 6]");
+    LOOM_CHECK(in.text_embeds.dim() == 2 && in.text_embeds.size(0) == batch && in.time_ids_proj.dim() == 2 &&
+                   in.time_ids_proj.size(0) == batch &&
+                   in.text_embeds.size(1) + in.time_ids_proj.size(1) == c.projection_class_embeddings_input_dim,
+               "UNet2DConditionModel: text_embeds ", in.text_embeds.shape(), " and time_ids ",
+               in.time_ids.defined() ? in.time_ids.shape() : in.time_ids_proj.shape(),
                " do not add up to projection_class_embeddings_input_dim ", c.projection_class_embeddings_input_dim,
                " (text_embeds width + time_ids count · ", c.addition_time_embed_dim, ")");
-    // [N, k] -> [N·k, dim] -> [N, k·dim]; text_embeds first
-    const Tensor ids = in.time_ids.reshape({-1}).contiguous();
-    const Variable time_embeds(timestep_embedding(ids, c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift,
-                                                  dtype, device)
-                                   .reshape({batch, -1}));
-    const Variable add_embeds = cat({in.text_embeds, time_embeds}, 1);
+    const Variable add_embeds = cat({in.text_embeds, Variable(in.time_ids_proj)}, 1);  // text_embeds first
     emb = add(emb, child_as<TimestepEmbedding>("add_embedding")->forward(add_embeds));
   }
   if (!c.time_embedding_act_fn.empty()) emb = activation(c.time_embedding_act_fn, emb);

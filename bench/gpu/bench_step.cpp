@@ -6,8 +6,15 @@
 // peak device memory of the timed steps. bench/gpu/diffusers_step.py times diffusers + PEFT on the
 // same shapes; run both in one call. Not a test.
 //
+// The step and the forward are timed twice in one run: eagerly (step_eager_ms, forward_eager_ms)
+// and replayed from a CUDA graph captured once (step_graph_ms, forward_graph_ms: the forward and
+// backward captured, the AdamW update eager after each replay, as the trainer does; null, with
+// graph_failure saying why, when the capture fails). step_ms / forward_ms are the default
+// configuration's: the graph's when it was captured, else the eager one; --no-cuda-graph times
+// only the eager way.
+//
 //   loom_bench_step [--precision bf16|f32|tf32] [--backend auto|flash|math] [--reps N] [--config sd15|sdxl]
-//                   [--losses N]   (print the losses of N steps instead of timing)
+//                   [--no-cuda-graph] [--losses N]   (print the losses of N steps instead of timing)
 #include <algorithm>
 #include <cstdio>
 #include <string>
@@ -35,6 +42,7 @@ using bench::median_ms;
 int main(int argc, char** argv) {
   std::string precision = "bf16", backend = "auto", which = "sd15";
   int reps = 20, loss_steps = 0;
+  bool graphs = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--precision" && i + 1 < argc) precision = argv[++i];
@@ -42,8 +50,10 @@ int main(int argc, char** argv) {
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--config" && i + 1 < argc) which = argv[++i];
     else if (a == "--losses" && i + 1 < argc) loss_steps = std::atoi(argv[++i]);
+    else if (a == "--no-cuda-graph") graphs = false;
     else {
-      std::fprintf(stderr, "usage: loom_bench_step [--precision bf16|f32|tf32] [--backend auto|flash|math] [--reps N] [--config sd15|sdxl]\n");
+      std::fprintf(stderr, "usage: loom_bench_step [--precision bf16|f32|tf32] [--backend auto|flash|math] [--reps N] "
+                           "[--config sd15|sdxl] [--no-cuda-graph] [--losses N]\n");
       return 2;
     }
   }
@@ -96,23 +106,41 @@ int main(int argc, char** argv) {
   }
   reset_peak_device_memory(dev);
   const size_t base = device_memory(dev).in_use;
-  const double step_ms = median_ms(dev, reps, [&] {
+  auto forward_backward = [&] {
     opt->zero_grad();
     const Variable y = model->forward(Variable(x), Variable(ctx));
     Variable loss = mse_loss(to_dtype(y, DType::F32), Variable(target));
     loss.backward();
+  };
+  const double step_eager_ms = median_ms(dev, reps, [&] {
+    forward_backward();
     opt->step();
   });
   const double step_peak = double(device_memory(dev).peak) / 1e9;
+  // The graph's gradients stay in the parameters between replays (zero_grad runs on the host
+  // at capture only): the update reads what each replay wrote.
+  reset_peak_device_memory(dev);
+  bench::GraphTiming step_graph;
+  if (graphs) step_graph = bench::graph_median_ms(dev, reps, forward_backward, [&] { opt->step(); });
+  const double step_graph_peak = double(device_memory(dev).peak) / 1e9;
   model->eval();
   reset_peak_device_memory(dev);
-  const double fwd_ms = median_ms(dev, reps, [&] {
+  auto forward = [&] {
     NoGradGuard ng;
     model->forward(Variable(x), Variable(ctx));
-  });
+  };
+  const double fwd_ms = median_ms(dev, reps, forward);
   const double fwd_peak = double(device_memory(dev).peak) / 1e9;
+  bench::GraphTiming fwd_graph;
+  if (graphs) fwd_graph = bench::graph_median_ms(dev, reps, forward, [] {});
+  const std::string failure = !step_graph.failure.empty() ? step_graph.failure : fwd_graph.failure;
   std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"precision\":\"%s\",\"backend\":\"%s\",\"step_ms\":%.3f,"
-              "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"weights_gb\":%.3f}\n",
-              which.c_str(), precision.c_str(), backend.c_str(), step_ms, step_peak, fwd_ms, fwd_peak, double(base) / 1e9);
+              "\"step_eager_ms\":%.3f,\"step_graph_ms\":%s,\"step_peak_gb\":%.3f,\"step_graph_peak_gb\":%.3f,"
+              "\"forward_ms\":%.3f,\"forward_eager_ms\":%.3f,\"forward_graph_ms\":%s,\"forward_peak_gb\":%.3f,"
+              "\"weights_gb\":%.3f,\"graph_failure\":%s}\n",
+              which.c_str(), precision.c_str(), backend.c_str(), step_graph.ms >= 0 ? step_graph.ms : step_eager_ms,
+              step_eager_ms, bench::json_ms(step_graph.ms).c_str(), step_peak, step_graph_peak,
+              fwd_graph.ms >= 0 ? fwd_graph.ms : fwd_ms, fwd_ms, bench::json_ms(fwd_graph.ms).c_str(), fwd_peak,
+              double(base) / 1e9, graphs ? bench::json_string(failure).c_str() : "null");
   return 0;
 }

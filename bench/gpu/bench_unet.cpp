@@ -6,7 +6,13 @@
 // loss. Median of --reps after warm-ups, CUDA events; peak device memory of each phase.
 // bench/gpu/diffusers_unet.py times diffusers + PEFT the same way; run both in one call. Not a test.
 //
-//   loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME]
+// The step and the forward are also timed replayed from a CUDA graph captured once
+// (step_graph_ms, forward_graph_ms; the noisy latents and the time projections computed once
+// outside the graph, the AdamW update eager after each replay); null, with graph_failure saying
+// why, when the capture fails.
+// --no-cuda-graph times only the eager way. step_ms / forward_ms stay the eager times.
+//
+//   loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME] [--no-cuda-graph]
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -47,6 +53,7 @@ std::string read_text(const std::string& path) {
 int main(int argc, char** argv) {
   std::string config_path, precision = "bf16", name = "unet";
   int reps = 10, batch = 1;
+  bool graphs = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--config" && i + 1 < argc) config_path = argv[++i];
@@ -54,8 +61,10 @@ int main(int argc, char** argv) {
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--batch" && i + 1 < argc) batch = std::atoi(argv[++i]);
     else if (a == "--name" && i + 1 < argc) name = argv[++i];
+    else if (a == "--no-cuda-graph") graphs = false;
     else {
-      std::fprintf(stderr, "usage: loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME]\n");
+      std::fprintf(stderr, "usage: loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] "
+                           "[--name NAME] [--no-cuda-graph]\n");
       return 2;
     }
   }
@@ -115,6 +124,20 @@ int main(int argc, char** argv) {
     opt->step();
   });
   const double step_peak = double(device_memory(dev).peak) / 1e9;
+  bench::GraphTiming step_graph;
+  if (graphs) {
+    // once, outside the graph: the noisy latents and the time projections (host work)
+    train_in.sample = Variable(schedule.add_noise(latents, noise, train_in.timestep).to(act));
+    model->project_timesteps(train_in, batch, act, dev);
+    step_graph = bench::graph_median_ms(
+        dev, reps,
+        [&] {
+          opt->zero_grad();
+          const Variable pred = model->forward(train_in);
+          mse_loss(to_dtype(pred, DType::F32), Variable(noise)).backward();
+        },
+        [&] { opt->step(); });
+  }
 
   model->eval();
   const unet::UNetInputs fwd_in = inputs(batch);
@@ -124,6 +147,19 @@ int main(int argc, char** argv) {
     model->forward(fwd_in);
   });
   const double fwd_peak = double(device_memory(dev).peak) / 1e9;
+  bench::GraphTiming fwd_graph;
+  if (graphs) {
+    unet::UNetInputs projected = fwd_in;
+    model->project_timesteps(projected, batch, act, dev);
+    fwd_graph = bench::graph_median_ms(
+        dev, reps,
+        [&] {
+          NoGradGuard ng;
+          model->forward(projected);
+        },
+        [] {});
+  }
+  const std::string failure = !step_graph.failure.empty() ? step_graph.failure : fwd_graph.failure;
   // a sampling step with guidance: the UNet on uncond + cond (2N), then the guidance combination
   const unet::UNetInputs cfg_in = inputs(2 * batch);
   const double sample_ms = median_ms(dev, reps, [&] {
@@ -134,8 +170,9 @@ int main(int argc, char** argv) {
   });
   std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"batch\":%d,\"precision\":\"%s\",\"step_ms\":%.3f,"
               "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"cfg_sample_step_ms\":%.3f,"
-              "\"weights_gb\":%.3f}\n",
+              "\"weights_gb\":%.3f,\"step_graph_ms\":%s,\"forward_graph_ms\":%s,\"graph_failure\":%s}\n",
               name.c_str(), batch, precision.c_str(), step_ms, step_peak, fwd_ms, fwd_peak, sample_ms,
-              double(weights) / 1e9);
+              double(weights) / 1e9, bench::json_ms(step_graph.ms).c_str(), bench::json_ms(fwd_graph.ms).c_str(),
+              graphs ? bench::json_string(failure).c_str() : "null");
   return 0;
 }

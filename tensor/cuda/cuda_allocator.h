@@ -14,10 +14,20 @@
 // with it), so a block freed while kernels still read it is reused only by work
 // ordered after them.
 //
+// CUDA graphs (tensor/cuda/cuda_graph.cu) get a private pool each: while a device's pool is
+// routed to one (begin_graph_pool_allocation), every allocation on that device comes from the
+// private pool (its free blocks first, then any cached block of the device, which moves to the
+// private pool, then cudaMalloc), and every block freed meanwhile (whoever allocated it) goes to
+// the private pool. Blocks of a private pool are never handed to other allocations until
+// release_graph_pool: the graph's kernels may read and write them at every replay. Stream order
+// makes reuse inside one capture safe. The statistics count private blocks too: in use while
+// handed out, cached while free in a private pool.
+//
 // These functions exist only in builds with the CUDA backend.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace loom {
 
@@ -31,6 +41,8 @@ struct CudaAllocatorStats {
   size_t allocations = 0;        // cumulative non-empty allocation requests
   size_t cache_hits = 0;         // of which served from the free list
   size_t peak_bytes_in_use = 0;  // the largest bytes_in_use since the start or the last reset
+  size_t graph_pools = 0;        // private pools of CUDA graphs not yet released
+  size_t bytes_in_graph_pools = 0;  // bytes of blocks owned by those pools (in use or cached)
 };
 
 // Statistics of one device's pool (all zero for a device never used).
@@ -45,6 +57,19 @@ namespace cuda {
 // freeing nullptr does nothing. Freeing a pointer the pool did not hand out throws.
 void* cached_malloc(size_t nbytes, int device_index);
 void cached_free(void* ptr, size_t nbytes, int device_index);
+
+// A new private pool on `device_index` (an id > 0).
+uint64_t create_graph_pool(int device_index);
+// Routes every allocation and free on `device_index` to pool `id` until end_graph_pool_allocation.
+// Throws when another pool is routed on that device already.
+void begin_graph_pool_allocation(int device_index, uint64_t id);
+void end_graph_pool_allocation(int device_index);
+// Hands the pool's blocks back to the device's pool: free ones at once (cached), blocks still in
+// use when they are freed. The caller guarantees that no work that uses them is queued after
+// this call on another stream than the compute stream (stream order covers the rest).
+void release_graph_pool(int device_index, uint64_t id);
+// Whether allocations on `device_index` go to a private pool right now.
+bool graph_pool_active(int device_index);
 }  // namespace cuda
 
 }  // namespace loom

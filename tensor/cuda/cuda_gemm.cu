@@ -31,6 +31,8 @@
 namespace loom::cuda {
 namespace {
 
+constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;
+
 struct HandleSlot {
   std::mutex mu;  // held for the whole cuBLAS call
   cublasHandle_t handle = nullptr;
@@ -49,6 +51,12 @@ HandleSlot& handle_slot(int device) {
     LOOM_CUBLAS_CHECK(cublasSetMathMode(fresh->handle, CUBLAS_DEFAULT_MATH));  // no TF32
     LOOM_CUBLAS_CHECK(cublasSetPointerMode(fresh->handle, CUBLAS_POINTER_MODE_HOST));
     LOOM_CUBLAS_CHECK(cublasSetStream(fresh->handle, compute_stream()));  // the device's compute stream
+    // A workspace of our own (after cublasSetStream, which resets it): cuBLAS then allocates
+    // nothing per call, which a CUDA graph capture needs (cuda_graph.cu). 32 MiB is cuBLAS's own
+    // default on Hopper; never freed, like the handle.
+    void* workspace = nullptr;
+    LOOM_CUDA_CHECK(cudaMalloc(&workspace, kCublasWorkspaceBytes));
+    LOOM_CUBLAS_CHECK(cublasSetWorkspace(fresh->handle, workspace, kCublasWorkspaceBytes));
     slot = std::move(fresh);
   }
   return *slot;

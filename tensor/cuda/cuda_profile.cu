@@ -5,7 +5,9 @@
 // charged to the next launch. Events are folded into per-name totals every kBatch marks and at
 // exit, when the table (name, launches, total ms, share) goes to stderr. Not thread-safe beyond
 // one launching thread, which is loom's model. Off by default: then the cost is one branch.
+// Paused during a CUDA graph capture (set_kernel_profile_paused, cuda_graph.h).
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "tensor/cuda/cuda_common.h"
+#include "tensor/cuda/cuda_graph.h"
 
 namespace loom::cuda {
 
@@ -87,13 +90,19 @@ Profile& profile() {
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_paused{false};
+}  // namespace
+
 bool kernel_profile_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("LOOM_CUDA_PROFILE");
     return v && *v && std::string(v) != "0";
   }();
-  return on;
+  return on && !g_paused.load(std::memory_order_relaxed);
 }
+
+void set_kernel_profile_paused(bool paused) noexcept { g_paused.store(paused, std::memory_order_relaxed); }
 
 void kernel_profile_mark(const char* name) { profile().mark(name); }
 

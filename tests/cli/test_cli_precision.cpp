@@ -249,5 +249,38 @@ TEST_F(CliPrecision, SaveDtypeErrorsAreUsageErrors) {
   EXPECT_THAT(r.err, HasSubstr("--save-dtype bf16 is for LoRA adapters")) << r;
 }
 
+// ---- --no-cuda-graph (CUDA graphs: trainer/step_graph.h) --------------------------------------------
+
+TEST_F(CliPrecision, NoCudaGraphIsAcceptedAndChangesNothingOnTheCpu) {
+  standard_fixtures();
+  const Result with = train_steps("g_on", 3, "data.safetensors", {"--device", "cpu"});
+  const Result without = train_steps("g_off", 3, "data.safetensors", {"--device", "cpu", "--no-cuda-graph"});
+  ASSERT_EQ(with.code, 0) << with;
+  ASSERT_EQ(without.code, 0) << without;
+  EXPECT_EQ(read_bytes(path("g_on/loss.csv")), read_bytes(path("g_off/loss.csv")));
+  EXPECT_EQ(read_bytes(path("g_on/adapter.safetensors")), read_bytes(path("g_off/adapter.safetensors")));
+  const Result run = loom({"run", "--model", path("model"), "--input", path("data.safetensors"), "--output",
+                           path("out.safetensors"), "--device", "cpu", "--no-cuda-graph"});
+  ASSERT_EQ(run.code, 0) << run;
+  // The CPU has no graphs: not a word about them, with the flag or without.
+  for (const Result* r : {&with, &without, &run}) EXPECT_THAT(r->err, Not(HasSubstr("CUDA graph"))) << *r;
+}
+
+// On a GPU the run says whether graphs are used, and the numbers are those of the eager run (4 steps:
+// 2 eager warm-up steps, then 2 replayed).
+TEST_F(CliPrecision, OnCudaTheRunSaysWhetherGraphsAreUsed) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0";
+  standard_fixtures();
+  const Result on = loom({"train", "--model", path("model"), "--data", path("data.safetensors"), "--out",
+                          path("c_on"), "--steps", "4", "--batch-size", "2", "--device", "cuda"});
+  const Result off = loom({"train", "--model", path("model"), "--data", path("data.safetensors"), "--out",
+                           path("c_off"), "--steps", "4", "--batch-size", "2", "--device", "cuda", "--no-cuda-graph"});
+  ASSERT_EQ(on.code, 0) << on;
+  ASSERT_EQ(off.code, 0) << off;
+  EXPECT_THAT(on.err, HasSubstr("CUDA graphs on")) << on;
+  EXPECT_THAT(off.err, HasSubstr("CUDA graphs off (--no-cuda-graph)")) << off;
+  EXPECT_EQ(read_bytes(path("c_on/loss.csv")), read_bytes(path("c_off/loss.csv")));
+}
+
 }  // namespace
 }  // namespace loom
