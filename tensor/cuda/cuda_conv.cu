@@ -9,6 +9,7 @@
 
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_conv.h"
+#include "tensor/cuda/cuda_device.cuh"
 
 namespace loom::cuda {
 namespace {
@@ -51,6 +52,47 @@ __global__ void im2col_kernel(T* __restrict__ cols, const T* __restrict__ image,
       const int y = oy * int(a.stride_h) + y0, x = ox * int(a.stride_w) + x0;
       const bool inside = unsigned(y) < unsigned(H) && unsigned(x) < unsigned(W);
       dst[l] = inside ? src[y * W + x] : T(0.0f);
+    }
+  }
+}
+
+// The same rows written one 16-byte pack (V = 16 / sizeof(T) consecutive positions) per thread:
+// needs out_w % V == 0 (a pack never crosses an output row, and every cols row starts on a pack
+// boundary). The V source values of a pack are one row of the image at x, x + stride, …; each is
+// bounds-checked (zero outside), and a pack whose image row lies outside is stored as zeros.
+template <typename T>
+__global__ void im2col_pack_kernel(T* __restrict__ cols, const T* __restrict__ image, Im2ColArgs a, int64_t rows) {
+  using P = Pack16<T>;
+  constexpr int V = P::kSize;
+  const int L = int(a.out_h * a.out_w), packs = L / V, kw = int(a.kernel_w), kk = int(a.kernel_h * a.kernel_w);
+  const int W = int(a.width), H = int(a.height), ow = int(a.out_w), sw = int(a.stride_w);
+  const int64_t total = rows * packs;  // flat over (row, pack): small planes keep every thread busy
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / packs;
+    const int q = int(idx - row * packs);
+    const int tap = int(row % kk);
+    const int64_t plane = row / kk;
+    const int i = tap / kw, j = tap % kw;
+    const int y0 = i * int(a.dilation_h) - int(a.pad_h), x0 = j * int(a.dilation_w) - int(a.pad_w);
+    const T* src = image + plane * int64_t(H) * W;
+    P* dst = reinterpret_cast<P*>(cols + row * int64_t(L));
+    {
+      const int l = q * V, oy = l / ow, ox = l - oy * ow;
+      const int y = oy * int(a.stride_h) + y0, x = ox * sw + x0;
+      P out;
+      if (unsigned(y) < unsigned(H)) {
+        const T* line = src + y * W;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const int xe = x + e * sw;
+          out.v[e] = unsigned(xe) < unsigned(W) ? line[xe] : T(0.0f);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) out.v[e] = T(0.0f);
+      }
+      dst[q] = out;
     }
   }
 }
@@ -124,6 +166,13 @@ void launch_im2col(const Im2ColParams& p) {
   check_plane_sizes(a, "cuda im2col");
   dispatch_conv(p.dtype, "cuda im2col", [&](auto tag) {
     using T = decltype(tag);
+    constexpr int V = Pack16<T>::kSize;
+    if (a.out_w % V == 0 && reinterpret_cast<uintptr_t>(p.cols) % 16 == 0) {  // one 16-byte store per thread
+      im2col_pack_kernel<T><<<grid_for(rows * (L / V)), kThreads, 0, compute_stream()>>>(
+          static_cast<T*>(p.cols), static_cast<const T*>(p.image), a, rows);
+      check_last_launch("im2col_pack_kernel");
+      return;
+    }
     im2col_kernel<T><<<rows_grid(rows, L), kThreads, 0, compute_stream()>>>(static_cast<T*>(p.cols), static_cast<const T*>(p.image), a,
                                                        rows);
     check_last_launch("im2col_kernel");

@@ -7,6 +7,7 @@
 
 #include "autograd/ops.h"
 #include "tensor/backend.h"
+#include "tensor/conv.h"
 #include "tensor/random.h"
 #include "tests/test_helpers.h"
 
@@ -65,13 +66,35 @@ INSTANTIATE_TEST_SUITE_P(OddSizes, GpuConv,
                          ::testing::Values(Geo{{3, 5, 13, 11}, {7, 5, 3, 3}, 1, 1},
                                            Geo{{2, 6, 17, 9}, {5, 6, 3, 3}, 2, 1},
                                            Geo{{1, 3, 10, 7}, {4, 3, 1, 1}, 1, 0},
-                                           Geo{{2, 3, 9, 9}, {2, 3, 5, 5}, 3, 2}),
+                                           Geo{{2, 3, 9, 9}, {2, 3, 5, 5}, 3, 2},
+                                           Geo{{2, 3, 9, 16}, {4, 3, 3, 3}, 1, 1},     // out_w 16: packed im2col
+                                           Geo{{1, 2, 7, 16}, {3, 2, 3, 3}, 2, 1}),    // out_w 8, stride 2
                          [](const ::testing::TestParamInfo<Geo>& info) {
                            const Geo& g = info.param;
                            return "x" + std::to_string(g.x[2]) + "x" + std::to_string(g.x[3]) + "_k" +
                                   std::to_string(g.w[2]) + "_s" + std::to_string(g.stride) + "_p" +
                                   std::to_string(g.pad);
                          });
+
+// im2col is a copy: CUDA's columns equal the CPU's bit for bit in every dtype, on the 16-byte pack
+// path (out_w a multiple of the pack: 8 for bf16 / f16, 4 for f32, 2 for f64) and the scalar one.
+TEST(GpuIm2col, EqualsTheCpuExactlyInEveryDtype) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(31);
+  struct Case { Shape x; int64_t k, stride, pad; };
+  for (const Case& c : {Case{{2, 3, 9, 16}, 3, 1, 1}, Case{{1, 5, 17, 32}, 3, 2, 1}, Case{{3, 2, 6, 8}, 1, 1, 0},
+                        Case{{2, 4, 5, 7}, 3, 1, 1}, Case{{1, 3, 8, 24}, 5, 1, 2}}) {
+    for (DType dtype : {DType::BF16, DType::F16, DType::F32, DType::F64}) {
+      SCOPED_TRACE(::testing::PrintToString(c.x) + " k" + std::to_string(c.k) + " " + dtype_name(dtype));
+      const Tensor x = Tensor::randn(c.x, gen, DType::F64).to(dtype);
+      ops::Conv2dParams p;
+      p.stride_h = p.stride_w = c.stride, p.pad_h = p.pad_w = c.pad;
+      const Im2ColArgs g = ops::conv2d_geometry(x.shape(), c.k, c.k, p);
+      const Tensor cpu = ops::im2col(x, g), gpu = ops::im2col(x.to(Device::cuda(0)), g).to(Device::cpu());
+      EXPECT_EQ(gpu.to_vector(), cpu.to_vector());
+    }
+  }
+}
 
 }  // namespace
 }  // namespace loom::test
