@@ -11,10 +11,7 @@ namespace loom::trainer {
 namespace {
 
 // Why this run cannot use graphs ("" when it can).
-std::string graph_obstacle(const BatchObjective& objective, const TrainOptions& o, const nn::Module& model,
-                           const optim::GradScaler* scaler) {
-  if (objective.plain)
-    return objective.eager_reason.empty() ? "the objective is not split for capture" : objective.eager_reason;
+std::string graph_obstacle(const TrainOptions& o, const nn::Module& model, const optim::GradScaler* scaler) {
   if (scaler) return "precision f16: the loss scale changes during the run";
   if (o.adapter == "custom_diffusion") return "Custom Diffusion copies host constants to the device in its forward";
   for (const auto& [path, module] : model.named_modules())
@@ -33,13 +30,12 @@ StepComputer::StepComputer(const BatchObjective& objective, const Placement& whe
                            std::ostream& log)
     : objective_(objective), where_(where), grad_accum_(o.grad_accum), params_(std::move(params)), scaler_(scaler),
       log_(log) {
-  LOOM_CHECK(objective_.plain || (objective_.stage && objective_.loss),
-             "train: the objective has neither a plain loss nor stage and loss");
+  LOOM_CHECK(objective_.stage && objective_.loss, "train: the objective needs both stage and loss");
   if (!where.device.is_cuda()) return;  // the CPU has no graphs: nothing to say
   std::string why_not;
   if (!o.cuda_graph) why_not = "--no-cuda-graph";
   else if (!device_graphs_supported(where.device)) why_not = "not supported on " + where.device.str();
-  else why_not = graph_obstacle(objective_, o, model, scaler);
+  else why_not = graph_obstacle(o, model, scaler);
   use_graph_ = why_not.empty();
   if (o.quiet) return;
   if (use_graph_)
@@ -77,9 +73,9 @@ std::vector<Tensor> StepComputer::upload(const std::vector<Tensor>& staged, bool
   return out;
 }
 
-// One micro-batch eagerly (`staged`: the split objective's inputs; unused by a plain one).
-Tensor StepComputer::eager_micro(const std::vector<int64_t>& indices, int64_t micro, const std::vector<Tensor>& staged) {
-  Variable loss = objective_.plain ? objective_.plain(indices, micro) : objective_.loss(upload(staged, false));
+// One micro-batch eagerly, from its staged inputs.
+Tensor StepComputer::eager_micro(const std::vector<Tensor>& staged) {
+  Variable loss = objective_.loss(upload(staged, false));
   if (grad_accum_ > 1) loss = loss * (1.0 / double(grad_accum_));
   (scaler_ ? scaler_->scale_loss(loss) : loss).backward();
   return loss.tensor();
@@ -140,12 +136,11 @@ Tensor StepComputer::run(int64_t step, int64_t steps_done,
   std::vector<Tensor> accumulated;
   for (int64_t a = 0; a < grad_accum_; ++a) {
     const int64_t micro = step * grad_accum_ + a;
-    const std::vector<int64_t> indices = batch_of(micro);
-    const std::vector<Tensor> staged = objective_.plain ? std::vector<Tensor>{} : objective_.stage(indices, micro);
+    const std::vector<Tensor> staged = objective_.stage(batch_of(micro), micro);
     // Captured at the first micro-batch of a step only: the eager gradients of earlier
     // micro-batches of the step would be lost to the capture's fresh ones.
     const bool by_graph = use_graph_ && steps_done >= kGraphWarmupSteps && (graph_ || (a == 0 && capture(staged)));
-    const Tensor loss = by_graph ? replay_micro(staged, a, accumulated) : eager_micro(indices, micro, staged);
+    const Tensor loss = by_graph ? replay_micro(staged, a, accumulated) : eager_micro(staged);
     loss_sum = loss_sum.defined() ? ops::add(loss_sum, loss) : loss;
   }
   return loss_sum;

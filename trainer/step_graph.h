@@ -39,7 +39,7 @@ class StepComputer {
 
  private:
   std::vector<Tensor> upload(const std::vector<Tensor>& staged, bool into_static);
-  Tensor eager_micro(const std::vector<int64_t>& indices, int64_t micro, const std::vector<Tensor>& staged);
+  Tensor eager_micro(const std::vector<Tensor>& staged);
   bool capture(const std::vector<Tensor>& staged);
   Tensor replay_micro(const std::vector<Tensor>& staged, int64_t a, std::vector<Tensor>& accumulated);
 

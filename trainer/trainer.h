@@ -138,17 +138,13 @@ TrainResult train(const std::shared_ptr<attention::Transformer2DModel>& model, c
 //    memory, asynchronously).
 //  - loss(inputs): the loss from those inputs, all on the run's device, by device work only: no
 //    host read of a device value, no synchronous copy, no host value that changes between steps.
-// An objective that cannot be split sets `plain` instead (and says why in `eager_reason`): it
-// always runs eagerly. MakeBatchLoss builds the objective once the run's options (a resume's
-// saved ones) and placement are known, after the model is placed and the adapter attached.
-using BatchLoss = std::function<Variable(const std::vector<int64_t>& indices, int64_t micro)>;
+// MakeBatchLoss builds the objective once the run's options (a resume's saved ones) and
+// placement are known, after the model is placed and the adapter attached.
 using StageBatch = std::function<std::vector<Tensor>(const std::vector<int64_t>& indices, int64_t micro)>;
 using StagedLoss = std::function<Variable(const std::vector<Tensor>& inputs)>;
 struct BatchObjective {
   StageBatch stage;
   StagedLoss loss;
-  BatchLoss plain;           // set: the objective is not split (stage and loss unused)
-  std::string eager_reason;  // why a `plain` objective cannot be captured (for the log)
 };
 using MakeBatchLoss = std::function<BatchObjective(const TrainOptions& run, const Placement& where)>;
 
@@ -158,9 +154,9 @@ using MakeBatchLoss = std::function<BatchObjective(const TrainOptions& run, cons
 // arguments change per step (staging and random draws, gradient accumulation, the f16 loss
 // scale, clipping, the LR schedule, the optimizer update) runs eagerly around the replay, on the
 // gradients the graph wrote. The numbers are those of the eager run. Runs that cannot be
-// captured stay eager and say why once on `log`: a `plain` objective, active dropout (its seeds
-// are drawn on the host), f16 loss scaling, Custom Diffusion, or a capture that fails (a
-// warning naming the CUDA error; training goes on eagerly).
+// captured stay eager and say why once on `log`: active dropout (its seeds are drawn on the
+// host), f16 loss scaling, Custom Diffusion, or a capture that fails (a warning naming the CUDA
+// error; training goes on eagerly).
 constexpr int64_t kGraphWarmupSteps = 2;
 
 TrainResult train_with(const std::shared_ptr<nn::Module>& model, int64_t samples, const MakeBatchLoss& objective,

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <ostream>
 #include <sstream>
 
 #include "tensor/cuda/cuda_allocator.h"
@@ -163,6 +164,10 @@ struct GraphCase {
   double tolerance;
 };
 
+void PrintTo(const GraphCase& c, std::ostream* os) {
+  *os << c.precision << " accum " << c.grad_accum << " clip " << c.max_grad_norm;
+}
+
 class GpuGraphTraining : public ::testing::TestWithParam<GraphCase> {};
 
 TEST_P(GpuGraphTraining, ReplayedStepsGiveTheEagerLossesAndWeights) {
@@ -211,6 +216,8 @@ struct UNetGraphCase {
   int64_t grad_accum;
   double tolerance;
 };
+
+void PrintTo(const UNetGraphCase& c, std::ostream* os) { *os << c.fixture << " " << c.precision; }
 
 class GpuGraphUNetTraining : public ::testing::TestWithParam<UNetGraphCase> {};
 
