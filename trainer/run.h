@@ -38,7 +38,8 @@ AttachedAdapters attach_adapters(const std::shared_ptr<nn::Module>& model, const
                                  const io::AdapterLoadOptions& options);
 
 struct RunOptions {
-  std::string model_dir;
+  std::string model_dir;  // a model directory, or a single-file UNet checkpoint with `config`
+  std::string config;     // a UNet's --config: the diffusers config.json of a single-file checkpoint
   std::string prefix;  // block of a full-UNet weight file (model and adapters)
   std::vector<AdapterSpec> adapters;
   std::optional<attention::BackendKind> backend;

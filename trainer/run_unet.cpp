@@ -63,7 +63,7 @@ RunResult run_unet(const RunOptions& o, const UNetRunInputs& in, const std::stri
                       "UNet2DConditionModel); --prefix selects a block of a UNet file for a one-block model");
   const Placement where = placement_of(o.device, o.precision);
   RunResult result;
-  unet::LoadedUNet loaded = unet::load_unet_dir(o.model_dir);
+  unet::LoadedUNet loaded = unet::load_unet(o.model_dir, o.config);
   const std::shared_ptr<unet::UNet2DConditionModel> model = loaded.model;
   result.model_notes = loaded.notes;
   if (!in.unused_keys.empty()) {

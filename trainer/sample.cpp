@@ -103,7 +103,7 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
   result.notes = sched_config.notes;
   const Placement where = placement_of(o.device, o.precision);
 
-  unet::LoadedUNet loaded = unet::load_unet_dir(o.model_dir);
+  unet::LoadedUNet loaded = unet::load_unet(o.model_dir, o.config);
   const std::shared_ptr<unet::UNet2DConditionModel> model = loaded.model;
   result.notes.insert(result.notes.end(), loaded.notes.begin(), loaded.notes.end());  // config.json's notes too
   if (!in.unused_keys.empty()) {

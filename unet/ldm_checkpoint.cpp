@@ -119,6 +119,11 @@ LoadedUNet load_unet_single_file(const std::string& weights_path, const std::str
     Tensor t = *it->second;
     const Shape want = state.at(name).shape();
     if (t.shape() != want && reshape_compatible(t.shape(), want)) t = t.reshape(want);
+    if (t.shape() != want)
+      throw io::FileError(weights_path, ::loom::detail::concat("key '", kUNetPrefix, ldm, "' (diffusers '", name,
+                                                               "') has shape ", it->second->shape(), " but the model "
+                                                               "built from ", config_path, " needs ", want,
+                                                               ": wrong config for this checkpoint?"));
     dict[name] = t;
     unet_keys.erase(it);
   }

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "io/tensor_file.h"
+#include "unet/ldm_checkpoint.h"
 
 namespace loom::unet {
 
@@ -137,6 +138,30 @@ LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options)
     throw io::FileError(r.weight_files.empty() ? dir : r.weight_files.front(), e.what());
   }
   return r;
+}
+
+bool is_unet_model(const std::string& model_path, const std::string& config_path) {
+  return !config_path.empty() || fs::is_regular_file(model_path) || is_unet_dir(model_path);
+}
+
+LoadedUNet load_unet(const std::string& model_path, const std::string& config_path, const UNetLoadOptions& options) {
+  const bool is_dir = fs::is_directory(model_path);
+  if (!config_path.empty()) {
+    if (is_dir)
+      throw io::FileError(model_path, "is a directory: --config " + config_path +
+                                          " is for a single-file checkpoint (a UNet directory's own config.json "
+                                          "is used; leave --config out)");
+    return load_unet_single_file(model_path, config_path, options);
+  }
+  if (fs::is_regular_file(model_path))
+    throw io::FileError(model_path, "is a single file: an original checkpoint (model.diffusion_model.… keys) needs "
+                                    "--config with the diffusers UNet config.json");
+  if (!is_dir) throw io::FileError(model_path, "no such file or directory");
+  if (fs::exists(fs::path(model_path) / "config.json") && !is_unet_dir(model_path))
+    throw io::FileError((fs::path(model_path) / "config.json").string(),
+                        "does not say \"_class_name\": \"UNet2DConditionModel\" (a UNet directory's config.json "
+                        "does; a single-file checkpoint needs --config)");
+  return load_unet_dir(model_path, options);
 }
 
 }  // namespace loom::unet

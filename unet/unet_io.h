@@ -45,4 +45,15 @@ std::map<std::string, Tensor> read_model_weights(const std::string& dir, const s
                                                  std::vector<std::string>* notes = nullptr);
 LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options = {});
 
+// The `--model` (and `--config`) of every UNet command (loom run, sample, train): a diffusers UNet
+// directory (load_unet_dir; its config.json must say UNet2DConditionModel), or, with `config_path`,
+// a single-file original checkpoint (load_unet_single_file, unet/ldm_checkpoint.h) built from that
+// diffusers config.json. io::FileError naming the path for a file without a config ("needs
+// --config"), a directory with one, or a directory that does not hold a UNet.
+LoadedUNet load_unet(const std::string& model_path, const std::string& config_path,
+                     const UNetLoadOptions& options = {});
+// True when load_unet is the loader for these flags: a config is given, `model_path` is a file
+// (a single-file checkpoint, which then needs --config), or is_unet_dir(model_path).
+bool is_unet_model(const std::string& model_path, const std::string& config_path);
+
 }  // namespace loom::unet
