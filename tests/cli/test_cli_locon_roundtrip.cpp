@@ -4,15 +4,12 @@
 // `--init-adapter` of that file resumes training exactly where the run stopped, and `loom run`
 // with it reproduces the trained model's output.
 #include "tests/cli/cli_fixture.h"
-
-#ifndef LOOM_UNET_FIXTURE_DIR
-#error "LOOM_UNET_FIXTURE_DIR must be defined by CMake"
-#endif
+#include "tests/cli/unet_fixture.h"
 
 namespace loom {
 namespace {
 
-const std::string kSd1 = std::string(LOOM_UNET_FIXTURE_DIR) + "/sd1";
+const std::string kSd1 = unet_fixture("sd1");
 
 // The losses of a run's loss.csv ("step,loss" then one line per step).
 std::vector<double> losses_of(const std::string& csv) {
@@ -37,11 +34,7 @@ class CliLoconRoundTrip : public Cli {
                            {"encoder_hidden_states", Tensor::randn({4, 5, 12}, gen)},
                            {"noise", Tensor::randn({4, 4, 8, 8}, gen)},
                            {"timesteps", Tensor::from_vector(std::vector<double>{10, 300, 600, 900}, {4})}});
-    // loom run's input: the sd1 fixture's golden inputs (its outputs left out)
-    std::vector<std::pair<std::string, Tensor>> in;
-    for (const auto& [k, t] : io::read_tensor_file(kSd1 + "/golden.safetensors").tensors)
-      if (k.rfind("output", 0) != 0) in.emplace_back(k, t.to(DType::F32));
-    io::write_safetensors(path("input.safetensors"), in);
+    write_golden_inputs("sd1", path("input.safetensors"));  // loom run's input
   }
   // SGD (no optimizer state to lose between runs), the whole data set per step.
   Result train(const std::string& out, int steps, std::vector<std::string> extra) const {

@@ -5,29 +5,18 @@
 // made from the directory's weights by make_ldm_fixtures.py and checked there by diffusers'
 // convert_ldm_unet_checkpoint), and the errors name the file, the key or the flag.
 #include "tests/cli/cli_fixture.h"
-
-#ifndef LOOM_UNET_FIXTURE_DIR
-#error "LOOM_UNET_FIXTURE_DIR must be defined by CMake"
-#endif
+#include "tests/cli/unet_fixture.h"
 
 namespace loom {
 namespace {
 
-const std::string kFixtures = LOOM_UNET_FIXTURE_DIR;
-std::string dir_of(const std::string& name) { return kFixtures + "/" + name; }
-std::string file_of(const std::string& name) { return kFixtures + "/" + name + "/ldm_unet.safetensors"; }
-std::string config_of(const std::string& name) { return kFixtures + "/" + name + "/config.json"; }
+std::string file_of(const std::string& name) { return unet_fixture(name + "/ldm_unet.safetensors"); }
+std::string config_of(const std::string& name) { return unet_fixture(name + "/config.json"); }
 
 class CliSingleFile : public Cli {
  protected:
-  // The golden inputs of <name>/golden.safetensors (without its outputs) as a `loom run` input file.
   std::string run_inputs(const std::string& name) const {
-    const io::TensorFile f = io::read_tensor_file(dir_of(name) + "/golden.safetensors");
-    std::vector<std::pair<std::string, Tensor>> in;
-    for (const auto& [k, t] : f.tensors)
-      if (k.rfind("output", 0) != 0) in.emplace_back(k, t.to(DType::F32));
-    io::write_safetensors(path(name + "_in.safetensors"), in);
-    return path(name + "_in.safetensors");
+    return write_golden_inputs(name, path(name + "_in.safetensors"));
   }
   static Tensor read_tensor(const std::string& file, const std::string& key) {
     const io::TensorFile f = io::read_tensor_file(file);
@@ -41,7 +30,7 @@ TEST_F(CliSingleFile, RunGivesTheDirectorysOutputAndDiffusersNumbers) {
   for (const std::string name : {"sd2", "sdxl"}) {
     SCOPED_TRACE(name);
     const std::string in = run_inputs(name);
-    const Result from_dir = loom({"run", "--model", dir_of(name), "--input", in, "--output", path("dir.safetensors")});
+    const Result from_dir = loom({"run", "--model", unet_fixture(name), "--input", in, "--output", path("dir.safetensors")});
     ASSERT_EQ(from_dir.code, 0) << from_dir;
     const Result from_file = loom({"run", "--model", file_of(name), "--config", config_of(name), "--input", in,
                                    "--output", path("file.safetensors")});
@@ -49,20 +38,20 @@ TEST_F(CliSingleFile, RunGivesTheDirectorysOutputAndDiffusersNumbers) {
     EXPECT_THAT(from_file.err, HasSubstr("skipped 1 keys of other models"));  // the VAE key, not dropped silently
     const Tensor y = read_output(path("file.safetensors"));
     EXPECT_EQ(rel_error(y, read_output(path("dir.safetensors"))), 0.0);
-    EXPECT_LE(rel_error(y, read_tensor(dir_of(name) + "/golden.safetensors", "output_f32")), 1e-4);
+    EXPECT_LE(rel_error(y, golden_output(name)), 1e-4);
   }
 }
 
 TEST_F(CliSingleFile, SampleGivesTheDirectorysLatents) {
   // sdxl's conditioning of the sampling fixture (keys without a '.'), seeded starting noise
-  const io::TensorFile g = io::read_tensor_file(kFixtures + "/sampling/sdxl_sampling.safetensors");
+  const io::TensorFile g = io::read_tensor_file(unet_fixture("sampling/sdxl_sampling.safetensors"));
   std::vector<std::pair<std::string, Tensor>> cond;
   for (const auto& [k, t] : g.tensors)
     if (k.find('.') == std::string::npos) cond.emplace_back(k, t.to(DType::F32));
   io::write_safetensors(path("cond.safetensors"), cond);
   const std::vector<std::string> common{"--input", path("cond.safetensors"), "--steps", "3", "--scheduler",
                                         "dpmpp_2m", "--seed", "5", "--quiet", "--device", "cpu"};
-  std::vector<std::string> a{"sample", "--model", dir_of("sdxl"), "--output", path("dir.safetensors")};
+  std::vector<std::string> a{"sample", "--model", unet_fixture("sdxl"), "--output", path("dir.safetensors")};
   std::vector<std::string> b{"sample", "--model", file_of("sdxl"), "--config", config_of("sdxl"), "--output",
                              path("file.safetensors")};
   a.insert(a.end(), common.begin(), common.end());
@@ -90,7 +79,7 @@ TEST_F(CliSingleFile, TrainAndResumeGiveTheDirectorysRun) {
     }
     return loom(args);
   };
-  const std::vector<std::string> dir{"--model", dir_of("sd2")};
+  const std::vector<std::string> dir{"--model", unet_fixture("sd2")};
   const std::vector<std::string> file{"--model", file_of("sd2"), "--config", config_of("sd2")};
   const Result d = train(dir, "dir", "4");
   ASSERT_EQ(d.code, 0) << d;
@@ -118,11 +107,11 @@ TEST_F(CliSingleFile, ErrorsNameTheFileTheKeyAndTheFlag) {
   EXPECT_EQ(r.code, 3) << r;
   EXPECT_THAT(r.err, HasSubstr("needs --config"));
   // a directory with --config
-  r = run({"--model", dir_of("sd2"), "--config", config_of("sd2")});
+  r = run({"--model", unet_fixture("sd2"), "--config", config_of("sd2")});
   EXPECT_EQ(r.code, 3) << r;
-  EXPECT_THAT(r.err, AllOf(HasSubstr(dir_of("sd2")), HasSubstr("is a directory")));
+  EXPECT_THAT(r.err, AllOf(HasSubstr(unet_fixture("sd2")), HasSubstr("is a directory")));
   // diffusers names, not an original checkpoint: the file and the prefix named
-  r = run({"--model", dir_of("sd2") + "/diffusion_pytorch_model.safetensors", "--config", config_of("sd2")});
+  r = run({"--model", unet_fixture("sd2") + "/diffusion_pytorch_model.safetensors", "--config", config_of("sd2")});
   EXPECT_EQ(r.code, 3) << r;
   EXPECT_THAT(r.err, AllOf(HasSubstr("diffusion_pytorch_model.safetensors"), HasSubstr("model.diffusion_model.")));
   // the wrong config: a key the model built from it does not have, named in both spellings
