@@ -31,8 +31,11 @@ void write_latents(const std::string& path, const Tensor& latents) {
 CLI::App* add_sample(CLI::App& app, SampleArgs& a) {
   auto* s = app.add_subcommand("sample", "Denoise latents with a UNet (and adapters): DDIM, Euler or DPM++ 2M with "
                                          "classifier-free guidance");
-  s->add_option("--model", a.model, "UNet directory (diffusers' config.json + diffusion_pytorch_model.safetensors)")
+  s->add_option("--model", a.model,
+                "UNet directory (diffusers' config.json + diffusion_pytorch_model.safetensors), or a single-file "
+                "original checkpoint with --config")
       ->required();
+  s->add_option("--config", a.config, "The diffusers UNet config.json of a single-file checkpoint given as --model");
   s->add_option("--input", a.input,
                 "Conditioning file: encoder_hidden_states, negative_encoder_hidden_states, optional latents "
                 "(SDXL: text_embeds, time_ids and their negative_ counterparts)")
@@ -60,7 +63,7 @@ CLI::App* add_sample(CLI::App& app, SampleArgs& a) {
 
 int run_sample(const SampleArgs& a, const CLI::App& cmd) {
   trainer::SampleOptions o;
-  o.model_dir = a.model, o.scheduler = a.scheduler, o.scheduler_config = a.scheduler_config;
+  o.model_dir = a.model, o.config = a.config, o.scheduler = a.scheduler, o.scheduler_config = a.scheduler_config;
   o.steps = a.steps, o.guidance_scale = a.guidance_scale;
   if (cmd.count("--seed")) o.seed = a.seed;
   if (cmd.count("--height")) o.height = a.height;

@@ -10,7 +10,7 @@
 namespace loom::cli {
 
 struct SampleArgs {
-  std::string model, input, output, scheduler = "ddim", scheduler_config;
+  std::string model, config, input, output, scheduler = "ddim", scheduler_config;
   std::vector<std::string> adapters;
   int64_t steps = 30;
   double guidance_scale = 7.5;

@@ -19,7 +19,6 @@
 #include "autograd/op_cases.h"
 #include "examples/cli_sample.h"
 #include "trainer/run_unet.h"
-#include "unet/unet_io.h"
 #include "examples/cli_extract.h"
 #include "io/adapter_io.h"
 #include "io/checkpoint.h"
@@ -245,7 +244,7 @@ int run_builtin(TrainArgs& a, const CLI::App& cmd) {
 // --config) turns the diffusion objective on, with the training scripts' --max-grad-norm 1 unless
 // given. Returns whether it is one.
 bool set_diffusion_options(TrainArgs& a, const CLI::App& cmd) {
-  const bool unet = !a.config.empty() || unet::is_unet_dir(a.model);
+  const bool unet = unet::is_unet_model(a.model, a.config);
   a.options.diffusion.enabled = unet;
   if (!unet) return false;
   if (cmd.count("--snr-gamma")) a.options.diffusion.snr_gamma = a.snr_gamma;
@@ -268,7 +267,9 @@ int run_train_unet(TrainArgs& a) {
   {
     Doing doing("loading the UNet " + a.model);
     if (a.config.empty()) check_config_is_a_file(a.model);
-    model = trainer::load_unet_model(a.model, a.config);
+    unet::LoadedUNet loaded = unet::load_unet(a.model, a.config);
+    for (const auto& note : loaded.notes) std::cerr << "loom: --model: " << note << "\n";
+    model = loaded.model;
   }
   trainer::DiffusionData data;
   {
@@ -334,7 +335,7 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
 // ---- run ---------------------------------------------------------------------------------------
 
 struct RunArgs {
-  std::string model, input, output, prefix, backend;
+  std::string model, config, input, output, prefix, backend;
   std::vector<std::string> adapters;
   bool fuse = false;
   int64_t batch_size = 8;
@@ -344,7 +345,10 @@ struct RunArgs {
 
 void add_run(CLI::App& app, RunArgs& a) {
   auto* r = app.add_subcommand("run", "Run a model (with adapters) on every sample of a data file");
-  r->add_option("--model", a.model, "Model directory: one block (Transformer2DModel) or a whole UNet")->required();
+  r->add_option("--model", a.model,
+                "Model directory: one block (Transformer2DModel) or a whole UNet; or a single-file UNet with --config")
+      ->required();
+  r->add_option("--config", a.config, "UNet: the diffusers config.json of a single-file checkpoint given as --model");
   r->add_option("--input", a.input,
                 "Data file: hidden_states (+ encoder_hidden_states, mask) for a block; for a UNet sample, timestep, "
                 "encoder_hidden_states (+ encoder_attention_mask, SDXL text_embeds, time_ids)")
@@ -372,8 +376,8 @@ trainer::RunResult run_block_dir(const trainer::RunOptions& o, const std::string
   return trainer::run_model(o, inputs);
 }
 
-// A whole UNet2DConditionModel directory (SPEC §8).
-trainer::RunResult run_unet_dir(const trainer::RunOptions& o, const std::string& input) {
+// A whole UNet2DConditionModel: a directory, or a single file with --config (SPEC §8).
+trainer::RunResult run_unet_model(const trainer::RunOptions& o, const std::string& input) {
   trainer::UNetRunInputs inputs;
   {
     Doing doing("reading the input file " + input);
@@ -386,7 +390,7 @@ trainer::RunResult run_unet_dir(const trainer::RunOptions& o, const std::string&
 int run_run(const RunArgs& a) {
   trainer::RunOptions o;
   try {
-    o.model_dir = a.model, o.prefix = a.prefix, o.fuse = a.fuse, o.batch_size = a.batch_size;
+    o.model_dir = a.model, o.config = a.config, o.prefix = a.prefix, o.fuse = a.fuse, o.batch_size = a.batch_size;
     for (const auto& s : a.adapters) o.adapters.push_back(trainer::AdapterSpec::parse(s));
     if (!a.backend.empty()) o.backend = attention::parse_backend(a.backend, "--backend");
     if (a.batch_size <= 0) throw Error("--batch-size must be positive");
@@ -400,7 +404,8 @@ int run_run(const RunArgs& a) {
   for (const auto& spec : o.adapters)
     if (same_file(a.output, spec.path))
       throw UsageError("--output " + a.output + " is the --adapter file " + spec.path + ": it would be replaced");
-  const trainer::RunResult r = unet::is_unet_dir(a.model) ? run_unet_dir(o, a.input) : run_block_dir(o, a.input);
+  const trainer::RunResult r =
+      unet::is_unet_model(a.model, a.config) ? run_unet_model(o, a.input) : run_block_dir(o, a.input);
   for (const auto& note : r.model_notes) std::cerr << "loom: --model: " << note << "\n";
   if (!r.graph_note.empty()) std::cerr << "loom: warning: " << r.graph_note << "\n";
   if (r.graph_replays > 0)

@@ -77,11 +77,6 @@ bool force_upcast_of(const std::string& dir) {
   }
 }
 
-bool all_finite(const Tensor& t) {
-  const std::vector<double> v = t.to(Device::cpu()).to_vector();
-  return std::all_of(v.begin(), v.end(), [](double x) { return std::isfinite(x); });
-}
-
 // ---- decode ------------------------------------------------------------------------------------
 
 // The latents tensor of the input file, checked against the VAE: [N, latent_channels, h, w].
@@ -125,7 +120,7 @@ int run_decode(const VaeArgs& a) {
   for (int64_t i = 0; i < n; ++i) {  // one image at a time: the peak memory of one decode
     const Tensor z = unet::unscale_latents(latents.narrow(0, i, 1).to(DType::F64), c).to(where.dtype).to(where.device);
     const Tensor image = vae.model->decode(Variable(z)).tensor();  // [1, 3, H, W]
-    if (!all_finite(image))
+    if (!io::all_finite(image))
       throw trainer::NumericalError("decode: the decoded image " + std::to_string(i) + " of " + a.input +
                                     " is not finite (non-finite latents, or a VAE that overflows in this precision)");
     const std::string path = (fs::path(a.out_dir) / image_name(a.input, i, n)).string();
@@ -197,7 +192,7 @@ int run_encode(const VaeArgs& a) {
     const Tensor x = unet::images_to_tensor({img}, where.dtype).to(where.device);
     const unet::LatentPosterior post = unet::latent_posterior(vae.model->encode(Variable(x)).tensor());
     const Tensor z = a.sample ? post.sample(gen) : post.mean;
-    if (!all_finite(z)) throw trainer::NumericalError("encode: the latents of " + files[i] + " are not finite");
+    if (!io::all_finite(z)) throw trainer::NumericalError("encode: the latents of " + files[i] + " are not finite");
     latents.push_back(unet::scale_latents(z.to(DType::F64), c).to(DType::F32).to(Device::cpu()));
   }
   const Tensor out = ops::cat(latents, 0);

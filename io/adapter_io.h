@@ -191,7 +191,4 @@ std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string&
 // base fingerprint stored with adapters.
 std::string base_fingerprint(const nn::Module& model, const std::vector<std::string>& module_paths);
 
-// True when every element is finite.
-bool all_finite(const Tensor& t);
-
 }  // namespace loom::io

@@ -32,12 +32,6 @@ std::string AdapterLoadReport::summary() const {
   return os.str();
 }
 
-bool all_finite(const Tensor& t) {
-  for (double v : t.to_vector())
-    if (!std::isfinite(v)) return false;
-  return true;
-}
-
 namespace detail {
 
 [[noreturn]] void strict_fail(const std::string& path, const std::string& problem) {

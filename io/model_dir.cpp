@@ -32,9 +32,9 @@ std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string&
     if (weights.empty() && file_exists(dir + "/" + name)) weights = dir + "/" + name;
   if (weights.empty())
     throw FileError(dir, "no weights (expected model.safetensors, diffusion_pytorch_model.safetensors or model.h5)");
-  const TensorFile file = read_tensor_file(weights);
-  if (notes)
-    for (const std::string& n : file.notes) notes->push_back(weights + ": " + n);
+  std::vector<std::string> file_notes;
+  const TensorFile file = read_weight_file(weights, file_notes);  // finite values, notes naming the file
+  if (notes) notes->insert(notes->end(), file_notes.begin(), file_notes.end());
   std::map<std::string, Tensor> state;
   for (const auto& [key, t] : file.tensors) {
     if (prefix.empty()) {
@@ -58,8 +58,6 @@ std::shared_ptr<attention::Transformer2DModel> load_model_dir(const std::string&
   } catch (const Error& e) {
     throw FileError(weights, std::string(e.what()) + (prefix.empty() ? "" : " (prefix '" + prefix + "')"));
   }
-  for (const auto& [key, t] : state)
-    if (!all_finite(t)) throw FileError(weights, "key '" + key + "' holds NaN or Inf values");
   return model;
 }
 

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <functional>
@@ -82,6 +83,49 @@ TensorFile read_tensor_file(const std::string& path) {
     case FileFormat::Hdf5: return read_hdf5(path);
   }
   throw FileError(path, "unknown file format");
+}
+
+// ---- model weights --------------------------------------------------------------------------
+
+namespace {
+
+template <typename T>
+bool finite_values(const void* data, int64_t n) {
+  const T* p = static_cast<const T*>(data);
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) return false;
+  return true;
+}
+
+// bf16 / f16: Inf and NaN are the values whose exponent bits are all ones.
+bool finite_halves(const void* data, int64_t n, uint16_t exponent_bits) {
+  const uint16_t* p = static_cast<const uint16_t*>(data);
+  for (int64_t i = 0; i < n; ++i)
+    if ((p[i] & exponent_bits) == exponent_bits) return false;
+  return true;
+}
+
+}  // namespace
+
+bool all_finite(const Tensor& t) {
+  if (!t.defined() || !is_floating(t.dtype()) || t.numel() == 0) return true;
+  const Tensor host = t.device().is_cpu() && t.is_contiguous() ? t : t.to(Device::cpu()).contiguous();
+  const int64_t n = host.numel();
+  switch (host.dtype()) {
+    case DType::F32: return finite_values<float>(host.raw_data(), n);
+    case DType::F64: return finite_values<double>(host.raw_data(), n);
+    case DType::BF16: return finite_halves(host.raw_data(), n, 0x7F80);
+    case DType::F16: return finite_halves(host.raw_data(), n, 0x7C00);
+    default: return true;
+  }
+}
+
+TensorFile read_weight_file(const std::string& path, std::vector<std::string>& notes) {
+  TensorFile f = read_tensor_file(path);
+  for (const auto& [key, t] : f.tensors)
+    if (!all_finite(t)) throw FileError(path, "key '" + key + "' holds NaN or Inf values");
+  for (const std::string& n : f.notes) notes.push_back(path + ": " + n);
+  return f;
 }
 
 const char* format_name(FileFormat f) {

@@ -73,6 +73,17 @@ FileFormat detect_format(const std::string& path);
 TensorFile read_tensor_file(const std::string& path);
 const char* format_name(FileFormat f);
 
+// ---- model weights -------------------------------------------------------------------------------
+// True when every element is finite (integers always are). CPU tensors are read in place in
+// their own dtype (bf16 / f16 by their exponent bits); others are copied to the host once.
+bool all_finite(const Tensor& t);
+// One weight file of a model, read as every model loader reads it (the UNet and VAE directories,
+// single-file checkpoints, one-block model directories): read_tensor_file, then every tensor
+// checked finite (a NaN / Inf is a FileError naming the file and the key: no checksum guards an
+// h5py file's values), and what the reader could not check (an h5py model.h5: "N of M tensors
+// carry no checksum") appended to `notes` as "<path>: <note>".
+TensorFile read_weight_file(const std::string& path, std::vector<std::string>& notes);
+
 // Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
 void write_file_atomic(const std::string& path, const std::string& bytes);
 

@@ -8,8 +8,6 @@
 #include "io/tensor_file.h"
 #include "tensor/ops.h"
 #include "trainer/diffusion_noise.h"
-#include "unet/ldm_checkpoint.h"
-#include "unet/unet_io.h"
 
 namespace loom::trainer {
 
@@ -199,16 +197,6 @@ TrainResult train_unet(const std::shared_ptr<unet::UNet2DConditionModel>& model,
     return objective;
   };
   return train_with(model, data.size(), objective, options, log, resume_dir);
-}
-
-std::shared_ptr<unet::UNet2DConditionModel> load_unet_model(const std::string& model_path,
-                                                           const std::string& config_path) {
-  if (!config_path.empty()) return unet::load_unet_single_file(model_path, config_path).model;
-  if (!unet::is_unet_dir(model_path))
-    throw io::FileError(model_path + "/config.json",
-                        "does not say \"_class_name\": \"UNet2DConditionModel\" (a single-file checkpoint needs "
-                        "--config)");
-  return unet::load_unet_dir(model_path).model;
 }
 
 }  // namespace loom::trainer

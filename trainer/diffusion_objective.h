@@ -63,9 +63,4 @@ Variable diffusion_loss(const unet::UNet2DConditionModel& model, const unet::DDP
 TrainResult train_unet(const std::shared_ptr<unet::UNet2DConditionModel>& model, const DiffusionData& data,
                        const TrainOptions& options, std::ostream& log, const std::string& resume_dir = "");
 
-// `--model`: a diffusers model directory, or a single-file original checkpoint with its
-// config.json (`config_path` non-empty), in f32 on the CPU (train_unet places it).
-std::shared_ptr<unet::UNet2DConditionModel> load_unet_model(const std::string& model_path,
-                                                           const std::string& config_path);
-
 }  // namespace loom::trainer

@@ -109,6 +109,26 @@ AttachedAdapters attach_adapters(const std::shared_ptr<nn::Module>& model, const
   return out;
 }
 
+std::vector<std::string> take_named_tensors(const io::TensorFile& file,
+                                            const std::vector<std::pair<const char*, Tensor*>>& slots) {
+  std::vector<std::string> unused;
+  for (const auto& [name, tensor] : file.tensors) {
+    bool used = false;
+    for (const auto& [key, slot] : slots)
+      if (name == key) *slot = tensor.to(DType::F32), used = true;
+    if (!used) unused.push_back(name);
+  }
+  return unused;
+}
+
+void note_unused_keys(const std::vector<std::string>& unused, const std::string& input_name,
+                      const std::string& command, std::vector<std::string>& notes) {
+  if (unused.empty()) return;
+  std::string keys;
+  for (const auto& k : unused) keys += (keys.empty() ? "" : ", ") + k;
+  notes.push_back(input_name + ": not used by " + command + ": " + keys);
+}
+
 RunResult run_model(const RunOptions& o, const DataSet& inputs) {
   LOOM_CHECK(o.batch_size > 0, "run: batch size must be positive");
   const Placement where = placement_of(o.device, o.precision);

@@ -38,7 +38,8 @@ AttachedAdapters attach_adapters(const std::shared_ptr<nn::Module>& model, const
                                  const io::AdapterLoadOptions& options);
 
 struct RunOptions {
-  std::string model_dir;
+  std::string model_dir;  // a model directory, or a single-file UNet checkpoint with `config`
+  std::string config;     // a UNet's --config: the diffusers config.json of a single-file checkpoint
   std::string prefix;  // block of a full-UNet weight file (model and adapters)
   std::vector<AdapterSpec> adapters;
   std::optional<attention::BackendKind> backend;
@@ -62,5 +63,14 @@ struct RunResult {
 
 // Throws io::FileError for bad inputs, NumericalError when an output is not finite.
 RunResult run_model(const RunOptions& options, const DataSet& inputs);
+
+// An input file's tensors by name (loom run of a UNet, loom sample): each tensor named in `slots`
+// is stored there as f32; returns the names of the others, in file order.
+std::vector<std::string> take_named_tensors(const io::TensorFile& file,
+                                            const std::vector<std::pair<const char*, Tensor*>>& slots);
+// "<input_name>: not used by <command>: a, b" for `unused` keys, appended to `notes` (no key is
+// dropped without a word); nothing when there are none.
+void note_unused_keys(const std::vector<std::string>& unused, const std::string& input_name,
+                      const std::string& command, std::vector<std::string>& notes);
 
 }  // namespace loom::trainer

@@ -12,18 +12,12 @@ namespace loom::trainer {
 UNetRunInputs UNetRunInputs::load(const std::string& path) {
   const io::TensorFile f = io::read_tensor_file(path);
   UNetRunInputs in;
-  const std::pair<const char*, Tensor*> known[] = {{"sample", &in.sample},
-                                                   {"timestep", &in.timestep},
-                                                   {"encoder_hidden_states", &in.encoder_hidden_states},
-                                                   {"encoder_attention_mask", &in.encoder_attention_mask},
-                                                   {"text_embeds", &in.text_embeds},
-                                                   {"time_ids", &in.time_ids}};
-  for (const auto& [name, tensor] : f.tensors) {
-    bool used = false;
-    for (const auto& [key, slot] : known)
-      if (name == key) *slot = tensor.to(DType::F32), used = true;
-    if (!used) in.unused_keys.push_back(name);
-  }
+  in.unused_keys = take_named_tensors(f, {{"sample", &in.sample},
+                                          {"timestep", &in.timestep},
+                                          {"encoder_hidden_states", &in.encoder_hidden_states},
+                                          {"encoder_attention_mask", &in.encoder_attention_mask},
+                                          {"text_embeds", &in.text_embeds},
+                                          {"time_ids", &in.time_ids}});
   for (const auto& [key, slot] : {std::pair<const char*, Tensor*>{"sample", &in.sample},
                                   {"timestep", &in.timestep},
                                   {"encoder_hidden_states", &in.encoder_hidden_states}})
@@ -63,14 +57,10 @@ RunResult run_unet(const RunOptions& o, const UNetRunInputs& in, const std::stri
                       "UNet2DConditionModel); --prefix selects a block of a UNet file for a one-block model");
   const Placement where = placement_of(o.device, o.precision);
   RunResult result;
-  unet::LoadedUNet loaded = unet::load_unet_dir(o.model_dir);
+  unet::LoadedUNet loaded = unet::load_unet(o.model_dir, o.config);
   const std::shared_ptr<unet::UNet2DConditionModel> model = loaded.model;
   result.model_notes = loaded.notes;
-  if (!in.unused_keys.empty()) {
-    std::string keys;
-    for (const auto& k : in.unused_keys) keys += (keys.empty() ? "" : ", ") + k;
-    result.model_notes.push_back(input_name + ": not used by loom run: " + keys);
-  }
+  note_unused_keys(in.unused_keys, input_name, "loom run", result.model_notes);
   check_inputs(model->config(), in, input_name);
   model->eval();
   place_model(*model, where);  // adapters loaded next are made on the device (f32 masters)

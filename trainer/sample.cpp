@@ -72,22 +72,15 @@ SampleInputs SampleInputs::load(const std::string& path) {
   const io::TensorFile f = io::read_tensor_file(path);
   SampleInputs in;
   unet::SamplingConditioning& c = in.cond;
-  const std::pair<const char*, Tensor*> known[] = {
-      {"latents", &in.latents},
-      {"encoder_hidden_states", &c.encoder_hidden_states},
-      {"negative_encoder_hidden_states", &c.negative_encoder_hidden_states},
-      {"encoder_attention_mask", &c.encoder_attention_mask},
-      {"negative_encoder_attention_mask", &c.negative_encoder_attention_mask},
-      {"text_embeds", &c.text_embeds},
-      {"negative_text_embeds", &c.negative_text_embeds},
-      {"time_ids", &c.time_ids},
-      {"negative_time_ids", &c.negative_time_ids}};
-  for (const auto& [name, tensor] : f.tensors) {
-    bool used = false;
-    for (const auto& [key, slot] : known)
-      if (name == key) *slot = tensor.to(DType::F32), used = true;
-    if (!used) in.unused_keys.push_back(name);
-  }
+  in.unused_keys = take_named_tensors(f, {{"latents", &in.latents},
+                                          {"encoder_hidden_states", &c.encoder_hidden_states},
+                                          {"negative_encoder_hidden_states", &c.negative_encoder_hidden_states},
+                                          {"encoder_attention_mask", &c.encoder_attention_mask},
+                                          {"negative_encoder_attention_mask", &c.negative_encoder_attention_mask},
+                                          {"text_embeds", &c.text_embeds},
+                                          {"negative_text_embeds", &c.negative_text_embeds},
+                                          {"time_ids", &c.time_ids},
+                                          {"negative_time_ids", &c.negative_time_ids}});
   if (!c.encoder_hidden_states.defined())
     throw io::FileError(path, "no tensor 'encoder_hidden_states' (the prompt's embeddings [N, K, C]; loom sample also "
                               "reads negative_encoder_hidden_states, latents, text_embeds, time_ids and their "
@@ -103,14 +96,10 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
   result.notes = sched_config.notes;
   const Placement where = placement_of(o.device, o.precision);
 
-  unet::LoadedUNet loaded = unet::load_unet_dir(o.model_dir);
+  unet::LoadedUNet loaded = unet::load_unet(o.model_dir, o.config);
   const std::shared_ptr<unet::UNet2DConditionModel> model = loaded.model;
   result.notes.insert(result.notes.end(), loaded.notes.begin(), loaded.notes.end());  // config.json's notes too
-  if (!in.unused_keys.empty()) {
-    std::string keys;
-    for (const auto& k : in.unused_keys) keys += (keys.empty() ? "" : ", ") + k;
-    result.notes.push_back(input_name + ": not used by loom sample: " + keys);
-  }
+  note_unused_keys(in.unused_keys, input_name, "loom sample", result.notes);
 
   const std::unique_ptr<unet::Scheduler> scheduler = unet::make_scheduler(sched_config);
   try {

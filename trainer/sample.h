@@ -33,7 +33,8 @@ struct SampleInputs {
 };
 
 struct SampleOptions {
-  std::string model_dir;
+  std::string model_dir;  // a UNet directory, or a single-file checkpoint with `config` (unet::load_unet)
+  std::string config;     // --config: the diffusers config.json of a single-file checkpoint
   std::vector<AdapterSpec> adapters;
   std::string scheduler = "ddim";  // ddim | euler | dpmpp_2m
   std::string scheduler_config;    // diffusers' scheduler_config.json; "" = SD 1.5's (SPEC §8)

@@ -1,63 +1,14 @@
 #include "unet/config.h"
 
-#include <fstream>
-#include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
+
+#include "unet/config_json.h"
 
 namespace loom::unet {
 namespace {
 
-using nlohmann::json;
-
-struct Reader {
-  const json& j;
-  const std::string& source;
-
-  bool has(const std::string& key) const { return j.contains(key) && !j.at(key).is_null(); }
-
-  int64_t integer(const json& v, const std::string& key) const {
-    LOOM_CHECK(v.is_number_integer(), source, ": key '", key, "' must be an integer, got ", v.dump());
-    return v.get<int64_t>();
-  }
-  double number(const json& v, const std::string& key) const {
-    LOOM_CHECK(v.is_number(), source, ": key '", key, "' must be a number, got ", v.dump());
-    return v.get<double>();
-  }
-  bool boolean(const json& v, const std::string& key) const {
-    LOOM_CHECK(v.is_boolean(), source, ": key '", key, "' must be true or false, got ", v.dump());
-    return v.get<bool>();
-  }
-  std::string string(const json& v, const std::string& key) const {
-    LOOM_CHECK(v.is_string(), source, ": key '", key, "' must be a string, got ", v.dump());
-    return v.get<std::string>();
-  }
-
-  void opt(const std::string& key, int64_t& f) const { if (has(key)) f = integer(j.at(key), key); }
-  void opt(const std::string& key, double& f) const { if (has(key)) f = number(j.at(key), key); }
-  void opt(const std::string& key, bool& f) const { if (has(key)) f = boolean(j.at(key), key); }
-  void opt(const std::string& key, std::string& f) const { if (has(key)) f = string(j.at(key), key); }
-
-  std::vector<std::string> strings(const std::string& key) const {
-    LOOM_CHECK(has(key) && j.at(key).is_array(), source, ": key '", key, "' must be a list of block type names");
-    std::vector<std::string> out;
-    for (const json& v : j.at(key)) out.push_back(string(v, key));
-    return out;
-  }
-
-  // A scalar repeated n times, or a list of exactly n entries.
-  template <typename T, typename F>
-  std::vector<T> per_block(const std::string& key, size_t n, T fallback, F&& read) const {
-    if (!has(key)) return std::vector<T>(n, fallback);
-    const json& v = j.at(key);
-    if (!v.is_array()) return std::vector<T>(n, read(v, key));
-    LOOM_CHECK(v.size() == n, source, ": key '", key, "' has ", v.size(), " entries, expected ", n,
-               " (one per down block)");
-    std::vector<T> out;
-    for (const json& e : v) out.push_back(read(e, key));
-    return out;
-  }
-};
+using config_json::json;
+using config_json::Reader;
 
 void expect_value(const Reader& r, const std::string& key, const json& supported, const std::string& what) {
   if (!r.j.contains(key)) return;
@@ -69,18 +20,10 @@ void expect_value(const Reader& r, const std::string& key, const json& supported
 }  // namespace
 
 UNet2DConditionConfig UNet2DConditionConfig::from_json_text(const std::string& text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    LOOM_FAIL(source, ": not valid JSON (", e.what(), ")");
-  }
-  LOOM_CHECK(j.is_object(), source, ": expected a JSON object, got ", j.type_name());
+  const json j = config_json::parse_object(text, source);
+  config_json::check_class_name(j, "UNet2DConditionModel", source);
   const Reader r{j, source};
   UNet2DConditionConfig c;
-  if (j.contains("_class_name") && j.at("_class_name").is_string())
-    LOOM_CHECK(j.at("_class_name") == "UNet2DConditionModel", source, ": _class_name is ", j.at("_class_name").dump(),
-               ", not UNet2DConditionModel");
   r.opt("in_channels", c.in_channels);
   r.opt("out_channels", c.out_channels);
   if (r.has("sample_size") && j.at("sample_size").is_number_integer()) c.sample_size = j.at("sample_size").get<int64_t>();
@@ -200,23 +143,12 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json_text(const std::string& t
   // Read by diffusers only for block types loom refuses anyway (Simple/KCrossAttn blocks, "text" embeddings).
   static const std::set<std::string> unused_here = {"mid_block_only_cross_attention", "cross_attention_norm",
                                                     "addition_embed_type_num_heads"};
-  for (const auto& [key, value] : j.items()) {
-    if (known.count(key) || key.rfind("_", 0) == 0) continue;
-    if (unused_here.count(key)) {
-      c.notes.push_back(source + ": '" + key + "' (" + value.dump() + ") has no effect on the supported block types");
-      continue;
-    }
-    c.notes.push_back(source + ": ignoring unknown key '" + key + "' (" + value.dump() + ")");
-  }
+  config_json::note_unknown_keys(j, known, unused_here, source, c.notes);
   return c;
 }
 
 UNet2DConditionConfig UNet2DConditionConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
-  LOOM_CHECK(in.good(), path, ": cannot open the config file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return from_json_text(ss.str(), path);
+  return from_json_text(config_json::read_text(path), path);
 }
 
 }  // namespace loom::unet

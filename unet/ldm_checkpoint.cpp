@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "io/tensor_file.h"
+#include "unet/config_json.h"
 
 namespace loom::unet {
 
@@ -85,18 +86,11 @@ std::map<std::string, std::string> ldm_names(const UNet2DConditionModel& model) 
 LoadedUNet load_unet_single_file(const std::string& weights_path, const std::string& config_path,
                                  const UNetLoadOptions& options) {
   LoadedUNet r;
-  UNet2DConditionConfig config;
-  try {
-    config = UNet2DConditionConfig::from_file(config_path);
-  } catch (const io::FileError&) {
-    throw;
-  } catch (const Error& e) {
-    throw io::FileError(config_path, e.what());
-  }
+  const auto config = config_json::read_config_file<UNet2DConditionConfig>(config_path);
   r.notes = config.notes;
   Generator gen(0);
   r.model = std::make_shared<UNet2DConditionModel>(config, gen, options.dtype, options.device);
-  const io::TensorFile file = io::read_tensor_file(weights_path);
+  const io::TensorFile file = io::read_weight_file(weights_path, r.notes);
   r.weight_files.push_back(weights_path);
   std::map<std::string, const Tensor*> unet_keys;  // original name (prefix stripped) -> tensor
   int64_t others = 0;
@@ -119,6 +113,11 @@ LoadedUNet load_unet_single_file(const std::string& weights_path, const std::str
     Tensor t = *it->second;
     const Shape want = state.at(name).shape();
     if (t.shape() != want && reshape_compatible(t.shape(), want)) t = t.reshape(want);
+    if (t.shape() != want)
+      throw io::FileError(weights_path, ::loom::detail::concat("key '", kUNetPrefix, ldm, "' (diffusers '", name,
+                                                               "') has shape ", it->second->shape(), " but the model "
+                                                               "built from ", config_path, " needs ", want,
+                                                               ": wrong config for this checkpoint?"));
     dict[name] = t;
     unet_keys.erase(it);
   }

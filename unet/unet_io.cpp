@@ -1,39 +1,22 @@
 #include "unet/unet_io.h"
 
-#include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "io/tensor_file.h"
+#include "unet/config_json.h"
+#include "unet/ldm_checkpoint.h"
 
 namespace loom::unet {
 
 namespace fs = std::filesystem;
-using nlohmann::json;
+using config_json::json;
 
 namespace {
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  if (!in.good()) throw io::FileError(path, "cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  try {
-    return json::parse(ss.str());
-  } catch (const json::exception& e) {
-    throw io::FileError(path, std::string("not valid JSON (") + e.what() + ")");
-  }
-}
-
-// Adds the tensors of one weight file; what the read could not check (e.g. an h5py file without
-// checksums) goes to `notes`, naming the file.
-void add_tensors(const std::string& path, std::map<std::string, Tensor>& out, std::vector<std::string>* notes) {
-  io::TensorFile f = io::read_tensor_file(path);
-  if (notes)
-    for (const std::string& n : f.notes) notes->push_back(path + ": " + n);
+// Adds the tensors of one weight file (io::read_weight_file: finite values, notes naming the file).
+void add_tensors(const std::string& path, std::map<std::string, Tensor>& out, std::vector<std::string>& notes) {
+  io::TensorFile f = io::read_weight_file(path, notes);
   for (auto& [name, t] : f.tensors) {
     if (out.count(name)) throw io::FileError(path, "tensor '" + name + "' also appears in another weight file");
     out.emplace(name, t);
@@ -42,8 +25,8 @@ void add_tensors(const std::string& path, std::map<std::string, Tensor>& out, st
 
 // A sharded checkpoint: the index's weight_map names the shard of every tensor.
 void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& out, std::vector<std::string>& files,
-                  std::vector<std::string>* notes) {
-  const json idx = read_json(index_path);
+                  std::vector<std::string>& notes) {
+  const json idx = config_json::read_json_file(index_path);
   if (!idx.is_object() || !idx.contains("weight_map") || !idx.at("weight_map").is_object())
     throw io::FileError(index_path, "no \"weight_map\" object");
   std::set<std::string> shards;
@@ -65,25 +48,11 @@ void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& 
 
 }  // namespace
 
-bool is_unet_dir(const std::string& dir) {
-  const fs::path p = fs::path(dir) / "config.json";
-  if (!fs::is_regular_file(p)) return false;
-  try {
-    const json j = read_json(p.string());
-    return j.is_object() && j.contains("_class_name") && j.at("_class_name") == "UNet2DConditionModel";
-  } catch (const Error&) {
-    return false;
-  }
-}
-
-std::map<std::string, Tensor> read_unet_weights(const std::string& dir, const std::string& variant,
-                                                std::vector<std::string>& files_read, std::vector<std::string>* notes) {
-  return read_model_weights(dir, variant, files_read, "UNet", notes);
-}
+bool is_unet_dir(const std::string& dir) { return config_json::dir_has_class(dir, "UNet2DConditionModel"); }
 
 std::map<std::string, Tensor> read_model_weights(const std::string& dir, const std::string& variant,
                                                  std::vector<std::string>& files_read, const std::string& what,
-                                                 std::vector<std::string>* notes) {
+                                                 std::vector<std::string>& notes) {
   LOOM_CHECK(variant.empty() || variant == "fp16", what, " weights: variant \"", variant, "\" is not supported (fp16)");
   const fs::path d(dir);
   std::vector<std::string> order = {"diffusion_pytorch_model.safetensors",
@@ -113,30 +82,41 @@ LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options)
   const fs::path config_path = fs::path(dir) / "config.json";
   if (!fs::is_regular_file(config_path)) throw io::FileError(config_path.string(), "missing (a UNet directory holds config.json)");
   LoadedUNet r;
-  UNet2DConditionConfig config;
-  try {
-    config = UNet2DConditionConfig::from_file(config_path.string());
-  } catch (const io::FileError&) {
-    throw;
-  } catch (const Error& e) {
-    throw io::FileError(config_path.string(), e.what());
-  }
+  const auto config = config_json::read_config_file<UNet2DConditionConfig>(config_path.string());
   r.notes = config.notes;
   Generator gen(0);  // the initial values are overwritten by the load
   r.model = std::make_shared<UNet2DConditionModel>(config, gen, options.dtype, options.device);
-  const auto weights = read_unet_weights(dir, options.variant, r.weight_files, &r.notes);
-  for (const auto& [key, t] : weights) {  // finiteness, also where no checksum guards the values
-    if (!is_floating(t.dtype())) continue;
-    for (double v : t.to_vector())
-      if (!std::isfinite(v))
-        throw io::FileError(r.weight_files.size() == 1 ? r.weight_files.front() : dir, "key '" + key + "' holds NaN or Inf values");
-  }
+  const auto weights = read_model_weights(dir, options.variant, r.weight_files, "UNet", r.notes);
   try {
     r.model->load_state_dict(weights, true);
   } catch (const Error& e) {
     throw io::FileError(r.weight_files.empty() ? dir : r.weight_files.front(), e.what());
   }
   return r;
+}
+
+bool is_unet_model(const std::string& model_path, const std::string& config_path) {
+  return !config_path.empty() || fs::is_regular_file(model_path) || is_unet_dir(model_path);
+}
+
+LoadedUNet load_unet(const std::string& model_path, const std::string& config_path, const UNetLoadOptions& options) {
+  const bool is_dir = fs::is_directory(model_path);
+  if (!config_path.empty()) {
+    if (is_dir)
+      throw io::FileError(model_path, "is a directory: --config " + config_path +
+                                          " is for a single-file checkpoint (a UNet directory's own config.json "
+                                          "is used; leave --config out)");
+    return load_unet_single_file(model_path, config_path, options);
+  }
+  if (fs::is_regular_file(model_path))
+    throw io::FileError(model_path, "is a single file: an original checkpoint (model.diffusion_model.… keys) needs "
+                                    "--config with the diffusers UNet config.json");
+  if (!is_dir) throw io::FileError(model_path, "no such file or directory");
+  if (fs::exists(fs::path(model_path) / "config.json") && !is_unet_dir(model_path))
+    throw io::FileError((fs::path(model_path) / "config.json").string(),
+                        "does not say \"_class_name\": \"UNet2DConditionModel\" (a UNet directory's config.json "
+                        "does; a single-file checkpoint needs --config)");
+  return load_unet_dir(model_path, options);
 }
 
 }  // namespace loom::unet

@@ -1,8 +1,6 @@
 #include "unet/vae.h"
 
 #include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
 
 #include "attention/attention.h"
 #include "autograd/ops.h"
@@ -10,6 +8,7 @@
 #include "nn/conv.h"
 #include "nn/norm.h"
 #include "tensor/ops.h"
+#include "unet/config_json.h"
 #include "unet/embeddings.h"
 #include "unet/resnet.h"
 #include "unet/unet_io.h"
@@ -241,35 +240,18 @@ int rename_deprecated_attention_keys(std::map<std::string, Tensor>& weights) {
   return int(moves.size());
 }
 
-bool is_vae_dir(const std::string& dir) {
-  const fs::path p = fs::path(dir) / "config.json";
-  if (!fs::is_regular_file(p)) return false;
-  try {
-    std::ifstream in(p);
-    const auto j = nlohmann::json::parse(in, nullptr, false);
-    return j.is_object() && j.contains("_class_name") && j.at("_class_name") == "AutoencoderKL";
-  } catch (...) {
-    return false;
-  }
-}
+bool is_vae_dir(const std::string& dir) { return config_json::dir_has_class(dir, "AutoencoderKL"); }
 
 LoadedVae load_vae_dir(const std::string& dir, const VaeLoadOptions& options) {
   const fs::path config_path = fs::path(dir) / "config.json";
   if (!fs::is_regular_file(config_path))
     throw io::FileError(config_path.string(), "missing (a VAE directory holds diffusers' config.json)");
   LoadedVae r;
-  AutoencoderKLConfig config;
-  try {
-    config = AutoencoderKLConfig::from_file(config_path.string());
-  } catch (const io::FileError&) {
-    throw;
-  } catch (const Error& e) {
-    throw io::FileError(config_path.string(), e.what());
-  }
+  const auto config = config_json::read_config_file<AutoencoderKLConfig>(config_path.string());
   r.notes = config.notes;
   Generator gen(0);  // the initial values are overwritten by the load
   r.model = std::make_shared<AutoencoderKL>(config, gen, options.dtype, options.device);
-  auto weights = read_model_weights(dir, options.variant, r.weight_files, "VAE");
+  auto weights = read_model_weights(dir, options.variant, r.weight_files, "VAE", r.notes);
   const std::string file = r.weight_files.empty() ? dir : r.weight_files.front();
   try {
     if (const int renamed = rename_deprecated_attention_keys(weights))

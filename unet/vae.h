@@ -30,6 +30,7 @@
 
 #include "nn/module.h"
 #include "tensor/random.h"
+#include "unet/unet_io.h"  // ModelLoadOptions, read_model_weights
 #include "unet/vae_config.h"
 
 namespace loom::unet {
@@ -109,22 +110,18 @@ Tensor unscale_latents(const Tensor& latents, const AutoencoderKLConfig& config)
 // diffusers' _convert_deprecated_attention_blocks does. Returns how many keys it renamed.
 int rename_deprecated_attention_keys(std::map<std::string, Tensor>& weights);
 
-struct VaeLoadOptions {
-  DType dtype = DType::F32;
-  Device device = Device::cpu();
-  std::string variant;  // "" or "fp16"
-};
+using VaeLoadOptions = ModelLoadOptions;  // unet/unet_io.h
 
 struct LoadedVae {
   std::shared_ptr<AutoencoderKL> model;
   std::vector<std::string> weight_files;
-  std::vector<std::string> notes;  // config keys ignored, deprecated names renamed
+  std::vector<std::string> notes;  // config keys ignored, deprecated names renamed, weights without checksums
 };
 
 // True when dir/config.json says `"_class_name": "AutoencoderKL"`.
 bool is_vae_dir(const std::string& dir);
 // A diffusers AutoencoderKL directory: config.json and the weights, found as
-// read_unet_weights finds them (diffusion_pytorch_model.safetensors, .fp16, sharded,
+// read_model_weights finds them (diffusion_pytorch_model.safetensors, .fp16, sharded,
 // model.safetensors, model.h5). Strict: a missing, unexpected or mis-shaped key is an
 // io::FileError naming it; a bad config is an io::FileError naming config.json and the key.
 LoadedVae load_vae_dir(const std::string& dir, const VaeLoadOptions& options = {});

@@ -2,38 +2,19 @@
 // SDXL-like UNets of tests/unet/fixtures (golden.safetensors holds diffusers' inputs and its f32
 // output), and the errors a user meets (missing tensors, shapes that do not fit, --prefix).
 #include "tests/cli/cli_fixture.h"
-
-#ifndef LOOM_UNET_FIXTURE_DIR
-#error "LOOM_UNET_FIXTURE_DIR must be defined by CMake"
-#endif
+#include "tests/cli/unet_fixture.h"
 
 namespace loom {
 namespace {
 
-const std::string kFixtures = LOOM_UNET_FIXTURE_DIR;
-
 class CliRunUNet : public Cli {};
-
-// The golden inputs without the golden outputs (which loom run would report as unused).
-std::string inputs_of(const std::string& config, const std::string& dir) {
-  io::TensorFile f = io::read_tensor_file(kFixtures + "/" + config + "/golden.safetensors");
-  std::vector<std::pair<std::string, Tensor>> in;
-  for (const auto& [name, t] : f.tensors)
-    if (name.rfind("output", 0) != 0) in.emplace_back(name, t.to(DType::F32));
-  const std::string file = dir + "/" + config + "_inputs.safetensors";
-  io::write_safetensors(file, in);
-  return file;
-}
-
-Tensor golden_output(const std::string& config) {
-  return *io::read_tensor_file(kFixtures + "/" + config + "/golden.safetensors").find("output_f32");
-}
 
 TEST_F(CliRunUNet, MatchesDiffusersForSd1AndSdxlConfigs) {
   for (const std::string config : {"sd1", "sdxl"}) {
     SCOPED_TRACE(config);
     const std::string out = path(config + "_out.safetensors");
-    const Result r = run_loom({"run", "--model", kFixtures + "/" + config, "--input", inputs_of(config, path(".")),
+    const Result r = run_loom({"run", "--model", unet_fixture(config), "--input",
+                               write_golden_inputs(config, path(config + "_inputs.safetensors")),
                                "--output", out, "--batch-size", "1"},
                               path("."));
     ASSERT_EQ(r.code, 0) << r;
@@ -44,7 +25,7 @@ TEST_F(CliRunUNet, MatchesDiffusersForSd1AndSdxlConfigs) {
 }
 
 TEST_F(CliRunUNet, ErrorsNameTheTensorAndTheFlag) {
-  const std::string model = kFixtures + "/sd1";
+  const std::string model = unet_fixture("sd1");
   // a missing tensor: exit 3 naming the file and the tensor
   std::vector<std::pair<std::string, Tensor>> partial = {{"sample", Tensor::zeros({1, 4, 8, 8})},
                                                          {"timestep", Tensor::zeros({1})}};
@@ -62,8 +43,8 @@ TEST_F(CliRunUNet, ErrorsNameTheTensorAndTheFlag) {
   EXPECT_EQ(r.code, 3) << r;
   EXPECT_THAT(r.err, HasSubstr("encoder_hidden_states"));
   // --prefix with a whole UNet: a usage error naming the flag
-  r = run_loom({"run", "--model", model, "--input", inputs_of("sd1", path(".")), "--output", path("o.safetensors"),
-                "--prefix", "down_blocks.0.attentions.0"},
+  r = run_loom({"run", "--model", model, "--input", write_golden_inputs("sd1", path("sd1_inputs.safetensors")),
+                "--output", path("o.safetensors"), "--prefix", "down_blocks.0.attentions.0"},
                path("."));
   EXPECT_EQ(r.code, 2) << r;
   EXPECT_THAT(r.err, HasSubstr("--prefix"));

@@ -3,20 +3,15 @@
 // f64 goldens; seeded noise, adapters at weights, HDF5 output, an SDXL-like UNet with
 // --scheduler-config; and every kind of bad input with its exit code and message (ctest -L cli).
 #include "tests/cli/cli_fixture.h"
+#include "tests/cli/unet_fixture.h"
 #include "trainer/sample.h"
 
 #include "adapters/lora.h"
 #include "io/adapter_io.h"
 #include "unet/unet_io.h"
 
-#ifndef LOOM_UNET_FIXTURE_DIR
-#error "LOOM_UNET_FIXTURE_DIR must name tests/unet/fixtures"
-#endif
-
 namespace loom {
 namespace {
-
-std::string unet_fixture(const std::string& name) { return std::string(LOOM_UNET_FIXTURE_DIR) + "/" + name; }
 
 class CliSample : public Cli {
  protected:

@@ -233,6 +233,26 @@ TEST(UNetLoad, SingleFileOriginalCheckpointsGiveDiffusersNumbers) {
                io::FileError);  // diffusers names: not an original checkpoint
 }
 
+// A Linear projection stored as a 1×1 conv (proj_in / proj_out of a checkpoint written with conv
+// projections, loaded with use_linear_projection) is reshaped, not refused: the same numbers.
+TEST(UNetLoad, SingleFileReshapesOneByOneConvProjections) {
+  TempDir t("ldm_conv_proj");
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  int reshaped = 0;
+  for (const auto& [k, v] : io::read_tensor_file(fixture("sd2/ldm_unet.safetensors")).tensors) {
+    const bool proj = (k.find(".proj_in.weight") != std::string::npos || k.find(".proj_out.weight") != std::string::npos);
+    ASSERT_TRUE(!proj || v.dim() == 2) << k;  // sd2 uses linear projections
+    tensors.emplace_back(k, proj ? v.reshape({v.size(0), v.size(1), 1, 1}) : v);
+    reshaped += proj;
+  }
+  EXPECT_GT(reshaped, 0);
+  const std::string file = (t.path / "conv_proj.safetensors").string();
+  io::write_safetensors(file, tensors);
+  const LoadedUNet u = load_unet_single_file(file, fixture("sd2/config.json"), in_dtype(F64));
+  const Golden g{io::read_safetensors(fixture("sd2/golden.safetensors"))};
+  EXPECT_LE(rel_error(run_golden(*u.model, g, F64), g.get("output_f64", F64)), 1e-10);
+}
+
 // ---- f64 gradient checks of the layers ----------------------------------------------------------
 
 void randomize(nn::Module& m, Generator& gen) {

@@ -10,6 +10,7 @@
 #include <png.h>
 
 #include <filesystem>
+#include <limits>
 
 #include "attention/sdpa.h"
 #include "autograd/gradcheck.h"
@@ -192,6 +193,24 @@ TEST(VaeModel, StrictLoadNamesTheKey) {
   fs::remove(dir / "diffusion_pytorch_model.safetensors");
   EXPECT_THAT(error_of([&] { load_vae_dir(dir.path()); }),
               AllOf(HasSubstr("no VAE weights found"), HasSubstr("diffusion_pytorch_model.safetensors")));
+}
+
+// The VAE reads its files with io::read_weight_file, as the UNet does: a NaN weight is an error
+// naming the file and the key.
+TEST(VaeModel, NonFiniteWeightNamesTheFileAndKey) {
+  TempDir dir;
+  fs::copy_file(fixture("tiny") + "/config.json", dir / "config.json");
+  io::TensorFile f = io::read_tensor_file(fixture("tiny") + "/diffusion_pytorch_model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& [name, t] : f.tensors) {
+    Tensor v = t.to(DType::F64).contiguous();
+    if (name == "decoder.conv_out.bias") v.data<double>()[0] = std::numeric_limits<double>::infinity();
+    tensors.emplace_back(name, v.to(t.dtype()));
+  }
+  io::write_safetensors(dir / "diffusion_pytorch_model.safetensors", tensors);
+  EXPECT_THAT(error_of([&] { load_vae_dir(dir.path()); }),
+              AllOf(HasSubstr("diffusion_pytorch_model.safetensors"), HasSubstr("'decoder.conv_out.bias'"),
+                    HasSubstr("NaN or Inf")));
 }
 
 TEST(VaeConfig, DefaultsAndErrorsNameTheKey) {
