@@ -195,7 +195,8 @@ std::vector<Variable> lora_forward_shared(const std::vector<const nn::Linear*>& 
       if (!later_in_some_list(adapters[i][next[i]])) a = adapters[i][next[i]];
     }
     if (!unfinished) break;
-    LOOM_CHECK(a != nullptr, "lora_forward_shared: the adapter lists of '", paths[0], "' and its peers are not in one order");
+    LOOM_CHECK(a != nullptr, "lora_forward_shared: the adapter lists of '", paths[0],
+               "' and its peers are not in one order");
     std::vector<size_t> shared, alone;
     for (size_t i = 0; i < n; ++i) {
       if (next[i] >= adapters[i].size() || adapters[i][next[i]] != a) continue;

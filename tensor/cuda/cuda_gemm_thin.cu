@@ -297,7 +297,8 @@ void launch_reduce_k(ReduceKParams p, int device) {
   p.vec_wide = reinterpret_cast<uintptr_t>(p.wide) % align == 0 && (uintptr_t(p.ld_wide) * sizeof(T)) % align == 0;
   const Tensor partial = Tensor::empty({p.splits, p.S, p.W}, DType::F32, Device::cuda(device));
   p.partial = static_cast<float*>(partial.raw_data());
-  reduce_k_partial_kernel<T, kS, kC><<<dim3(unsigned(col_tiles), unsigned(p.splits)), kThreads, 0, compute_stream()>>>(p);
+  const dim3 grid(unsigned(col_tiles), unsigned(p.splits));
+  reduce_k_partial_kernel<T, kS, kC><<<grid, kThreads, 0, compute_stream()>>>(p);
   check_last_launch("thin gemm kernel (sum over k, partials)");
   const int64_t finish_blocks = std::min<int64_t>((p.S * p.W + kThreads - 1) / kThreads, int64_t(sm_count(device)) * 8);
   reduce_k_finish_kernel<T><<<unsigned(finish_blocks), kThreads, 0, compute_stream()>>>(p);
