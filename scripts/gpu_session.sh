@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the H200 machine (../shared/GPU.md): build the named targets, run the GPU tests and
 # the GPU benchmarks (loom and PyTorch in the same call). Logs go to $OUT (or ./out).
-#   STEPS="tests ctest bench benchmath torch model unet cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
+#   STEPS="tests ctest bench benchmath torch model unet profile conv cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -27,7 +27,7 @@ for s in $steps; do
       ./build-gpu/tests/test_gpu ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} >"$out/test_gpu.log" 2>&1
       echo "test_gpu rc=$?"; grep -E "^\[  (PASSED|FAILED) |tests ran|Failure|error" "$out/test_gpu.log" | head -40 ;;
     ctest)
-      ctest --test-dir build-gpu -L gpu --output-on-failure >"$out/ctest-gpu.log" 2>&1
+      ctest --test-dir build-gpu -L gpu -j${CTEST_JOBS:-1} --output-on-failure >"$out/ctest-gpu.log" 2>&1
       echo "ctest -L gpu rc=$?"; grep -E "tests passed|tests failed|Failed" "$out/ctest-gpu.log" | head -30 ;;
     bench)
       ./build-gpu/bench/loom_bench_flash --reps 30 | tee "$out/bench_flash.txt" ;;
@@ -41,6 +41,9 @@ for s in $steps; do
       bash bench/gpu/run_unet_bench.sh "$out" ;;
     profile)
       bash bench/gpu/profile_steps.sh "$out" ;;
+    conv)
+      ./build-gpu/bench/loom_bench_conv --reps ${REPS:-20} | tee "$out/bench_conv.txt"
+      python3 bench/gpu/torch_conv.py --reps ${REPS:-20} | tee "$out/torch_conv.txt" ;;
     cudnn)
       ls /usr/include/cudnn*.h /usr/local/cuda/include/cudnn*.h /usr/lib/x86_64-linux-gnu/libcudnn* 2>&1 | head
       python3 -c 'import torch; print("torch cudnn", torch.backends.cudnn.version())' ;;

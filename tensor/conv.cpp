@@ -1,7 +1,11 @@
 #include "tensor/conv.h"
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "tensor/ops.h"
 
@@ -86,15 +90,42 @@ void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
 namespace {
 // The device's direct convolution (Backend::conv2d, e.g. CUDA's implicit GEMM in bf16 / f16) is
 // used where its backend supports OpKind::Conv2d and the kernel is at most kConv2dMaxKernel on a
-// side, unless LOOM_CONV_IM2COL=1 asks for im2col + GEMM
-// (read at every call, so that a benchmark can time both paths in one process).
+// side, when LOOM_CONV=igemm asks for it; by default (and with LOOM_CONV=im2col) im2col + GEMM
+// runs, which measured faster on the H200 at Stable Diffusion's shapes (docs/gpu-bench.md).
+// Read at every call, so that a benchmark can time both paths in one process.
 bool direct_conv(const Tensor& t, const Im2ColArgs& g) {
   if (g.kernel_h > kConv2dMaxKernel || g.kernel_w > kConv2dMaxKernel) return false;
-  const char* env = std::getenv("LOOM_CONV_IM2COL");
-  if (env && std::string(env) == "1") return false;
+  const char* env = std::getenv("LOOM_CONV");
+  if (!env || std::string(env) != "igemm") return false;
   return backend_for(t.device()).supports(OpKind::Conv2d, t.dtype());
 }
 }  // namespace
+
+namespace {
+// The kk×kk exchange matrix J (J[a][b] = 1 where a + b = kk − 1) in `dtype` on `device`: X·J
+// reverses the order of X's columns exactly (one product by 1 per output, the rest add 0). Made
+// once per (kk, dtype, device) and kept for the process (so no host copy happens inside a step,
+// which a CUDA graph capture would refuse; never freed, like the cuBLAS handles).
+const Tensor& exchange_matrix(int64_t kk, DType dtype, Device device) {
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int, std::string>, const Tensor*> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const Tensor*& slot = cache[{kk, int(dtype), device.str()}];
+  if (!slot) {
+    std::vector<double> j(size_t(kk * kk), 0.0);
+    for (int64_t a = 0; a < kk; ++a) j[size_t(a * kk + (kk - 1 - a))] = 1.0;
+    slot = new Tensor(Tensor::from_values(j, {kk, kk}, dtype, device));
+  }
+  return *slot;
+}
+}  // namespace
+
+// w [O, C, kh, kw] -> [C, O, kh, kw] with w'[c, o, i, j] = w[o, c, kh − 1 − i, kw − 1 − j].
+Tensor flipped_transposed(const Tensor& w) {
+  const int64_t O = w.size(0), C = w.size(1), kh = w.size(2), kw = w.size(3);
+  const Tensor rows = w.permute({1, 0, 2, 3}).contiguous().reshape({C * O, kh * kw});
+  return matmul(rows, exchange_matrix(kh * kw, w.dtype(), w.device())).reshape({C, O, kh, kw});
+}
 
 Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2dParams& p) {
   check_conv(x, w, bias);
@@ -128,6 +159,16 @@ Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape,
     a.dx = Tensor::empty(x_shape, g.dtype(), g.device());
     if (a.dx.numel()) backend_for("conv2d_input_grad", OpKind::Conv2d, g.device(), g.dtype()).conv2d_input_grad(a);
     return a.dx;
+  }
+  // Stride 1, k > 1: the input gradient is the convolution of g with the flipped, transposed
+  // weight at padding k − 1 − p, i.e. im2col of g and one GEMM writing dx in place — no
+  // [N, C·kk, L] columns of dx and no col2im gather (the columns are of g: O·kk rows, fewer than
+  // C·kk where O < C, e.g. the up blocks' 960 → 320).
+  if (p.stride_h == 1 && p.stride_w == 1 && !pointwise(geo) && p.pad_h <= geo.kernel_h - 1 &&
+      p.pad_w <= geo.kernel_w - 1) {
+    Conv2dParams q;
+    q.pad_h = geo.kernel_h - 1 - p.pad_h, q.pad_w = geo.kernel_w - 1 - p.pad_w;
+    return conv2d(g, flipped_transposed(w), Tensor(), q);
   }
   // [C·kk, O] x [N, O, L] -> [N, C·kk, L]
   const Tensor dcols = matmul(w.reshape({O, -1}).transpose(0, 1), g.reshape({geo.batch, O, -1}));

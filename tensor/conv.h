@@ -3,8 +3,8 @@
 // method, tensor/cpu/cpu_conv.cpp and tensor/cuda/cuda_conv.cu) followed by one
 // batched GEMM; a 1×1 convolution with stride 1 and no padding skips im2col. Where the device
 // has a direct kernel (Backend::conv2d, supports(OpKind::Conv2d): CUDA bf16 / f16, an implicit
-// GEMM on tensor cores), conv2d and, for stride 1, conv2d_input_grad use it instead, unless the
-// environment has LOOM_CONV_IM2COL=1 (read at every call).
+// GEMM on tensor cores), conv2d and, for stride 1, conv2d_input_grad use it when the environment
+// has LOOM_CONV=igemm (read at every call; off by default: im2col + cuBLAS measured faster).
 //
 //   x [N, C, H, W], w [O, C, kh, kw] (PyTorch's layout), bias [O] (optional)
 //   y [N, O, oh, ow],  oh = (H + 2·pad_h − kh) / stride_h + 1 (likewise ow)
@@ -30,7 +30,12 @@ Tensor im2col(const Tensor& x, const Im2ColArgs& g);
 Tensor col2im(const Tensor& cols, const Im2ColArgs& g);
 
 Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2dParams& p);
-// dL/dx for dL/dy = g [N, O, oh, ow]: col2im(Wᵀ·g), shaped like x_shape.
+// w [O, C, kh, kw] -> [C, O, kh, kw] flipped in space: w'[c, o, i, j] = w[o, c, kh − 1 − i, kw − 1 − j]
+// (the weight of the input gradient as a convolution).
+Tensor flipped_transposed(const Tensor& w);
+// dL/dx for dL/dy = g [N, O, oh, ow], shaped like x_shape: at stride 1 with k > 1 and padding
+// ≤ k − 1, conv2d(g, flipped_transposed(w)) at padding k − 1 − p (im2col of g, one GEMM);
+// otherwise col2im(Wᵀ·g).
 Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape, const Conv2dParams& p);
 // dL/dw for dL/dy = g: Σ_n g[n]·cols(x)[n]ᵀ, shaped like w_shape [O, C, kh, kw].
 Tensor conv2d_weight_grad(const Tensor& g, const Tensor& x, const Shape& w_shape, const Conv2dParams& p);

@@ -122,7 +122,7 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
 }
 
 // Sets (or, with value nullptr, unsets) an environment variable for the guard's lifetime and
-// restores the previous state afterwards, e.g. ScopedEnv im2col("LOOM_CONV_IM2COL", "1").
+// restores the previous state afterwards, e.g. ScopedEnv im2col("LOOM_CONV", "im2col").
 class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {

@@ -1,6 +1,6 @@
 // 2-D convolution on a CUDA device at Stable Diffusion UNet shapes (SDXL at 128×128 latents,
 // SD 1.5 at 64×64, batch 4): loom's implicit-GEMM kernel ("loom_igemm") and its im2col + cuBLAS
-// path ("loom_im2col", LOOM_CONV_IM2COL=1 set for those rows), the forward with bias ("fwd") and
+// path ("loom_im2col", LOOM_CONV=im2col set for those rows; LOOM_CONV=igemm for the others), the forward with bias ("fwd") and
 // the gradient w.r.t. the input ("bwd_input"; at stride 2 both rows take GEMM + col2im), bf16
 // (or --dtype f16). Median of --reps (default 20) after 5 warm-ups, each call timed with CUDA
 // events; peak device memory of the timed calls above what was held before (inputs excluded).
@@ -40,8 +40,7 @@ const std::vector<ConvShape> kShapes = {
 };
 
 void set_im2col(bool on) {
-  if (on) ::setenv("LOOM_CONV_IM2COL", "1", 1);
-  else ::unsetenv("LOOM_CONV_IM2COL");
+  ::setenv("LOOM_CONV", on ? "im2col" : "igemm", 1);
 }
 
 }  // namespace

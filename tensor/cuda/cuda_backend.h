@@ -21,6 +21,8 @@ void cuda_timer_destroy(void* timer);
 //   A not transposed, B not too big: 1 ≤ n ≤ 16, m ≥ 64, k ≥ 32, op(B) staged in shared memory
 //     (n rounded up to 4/8/16, times k, ≤ 96 KiB): LoRA's down Z = X·Aᵀ and its dZ = dY·B; or
 //   A transposed, B not: 1 ≤ min(m, n) ≤ 16, k ≥ 256 (a sum over k rows): dA = dZᵀ·X, dB = dYᵀ·Z.
-// LOOM_THIN_GEMM=0 in the environment turns them off (everything on cuBLAS). False without CUDA.
+// Off by default (cuBLAS measured faster on the UNet step); LOOM_THIN_GEMM=1 in the environment
+// or set_cuda_thin_gemm(true) turns them on. False without CUDA.
 bool cuda_thin_gemm_fits(const GemmBatch& g);
+void set_cuda_thin_gemm(bool on);
 }  // namespace loom

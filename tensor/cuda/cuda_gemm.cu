@@ -20,11 +20,9 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <string>
 
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_common.h"
@@ -85,12 +83,7 @@ void launch_gemm(const GemmBatch& g) {
   LOOM_CHECK(g.batch == 1 || g.stride_c != 0, "cuda gemm: a batch of ", g.batch,
              " needs a non-zero C batch stride");
 
-  // LOOM_CUDA_THIN_GEMM=0 sends them to cuBLAS too (read once; for A/B benchmarks).
-  static const bool thin_kernel = [] {
-    const char* env = std::getenv("LOOM_CUDA_THIN_GEMM");
-    return !(env && std::string(env) == "0");
-  }();
-  if (thin_kernel && cuda_thin_gemm_fits(g)) {  // n ≤ 16 columns, A row-major: LoRA's down GEMM and dZ
+  if (cuda_thin_gemm_fits(g)) {  // n ≤ 16 columns, A row-major: LoRA's down GEMM and dZ
     launch_thin_gemm(g);
     return;
   }

@@ -68,12 +68,18 @@ size_t staged_bytes(DType t, int64_t n, int64_t k) {
   return size_t(padded_n(n)) * size_t(round_up(k, per_vec)) * elem_size(t);
 }
 
+// Off unless LOOM_THIN_GEMM=1 or set_cuda_thin_gemm(true): on the SDXL UNet LoRA step (H200,
+// batch 4, docs/gpu-bench.md) cuBLAS ran these shapes faster (step 303.7 vs 312.7 ms).
+std::atomic<int> thin_gemm_state{-1};  // -1: not decided yet; 0 off; 1 on
+
 bool thin_gemm_enabled() {
-  static const bool on = [] {
+  int s = thin_gemm_state.load(std::memory_order_relaxed);
+  if (s < 0) {
     const char* v = std::getenv("LOOM_THIN_GEMM");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
-  return on;
+    s = v && std::strcmp(v, "1") == 0 ? 1 : 0;
+    thin_gemm_state.store(s, std::memory_order_relaxed);
+  }
+  return s == 1;
 }
 
 int sm_count(int device) {
@@ -373,5 +379,7 @@ bool cuda_thin_gemm_fits(const GemmBatch& g) {
   const bool dtype_ok = g.dtype == DType::F32 || g.dtype == DType::BF16 || g.dtype == DType::F16;
   return cuda::thin_gemm_enabled() && dtype_ok && (g.trans_a ? cuda::reduce_k_fits(g) : cuda::rows_fit(g));
 }
+
+void set_cuda_thin_gemm(bool on) { cuda::thin_gemm_state.store(on ? 1 : 0, std::memory_order_relaxed); }
 
 }  // namespace loom

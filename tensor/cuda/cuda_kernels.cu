@@ -539,6 +539,20 @@ void launch_unary(const UnaryParams& p) {
   });
 }
 
+// The launch's name for check_last_launch and LOOM_CUDA_PROFILE: op and path (the contiguous
+// 16-byte vector path, or strided / broadcast).
+static const char* binary_launch_name(BinaryOp op, bool vec) {
+  switch (op) {
+    case BinaryOp::Add: return vec ? "binary_kernel add" : "binary_kernel add (strided)";
+    case BinaryOp::Sub: return vec ? "binary_kernel sub" : "binary_kernel sub (strided)";
+    case BinaryOp::Mul: return vec ? "binary_kernel mul" : "binary_kernel mul (strided)";
+    case BinaryOp::Div: return vec ? "binary_kernel div" : "binary_kernel div (strided)";
+    case BinaryOp::Max: return vec ? "binary_kernel max" : "binary_kernel max (strided)";
+    case BinaryOp::Min: return vec ? "binary_kernel min" : "binary_kernel min (strided)";
+  }
+  return "binary_kernel";
+}
+
 void launch_binary(const BinaryParams& p) {
   if (p.numel == 0) return;
   LOOM_CHECK(p.ndim >= 1 && p.ndim <= kMaxDims, "cuda binary: ", p.ndim,
@@ -548,7 +562,8 @@ void launch_binary(const BinaryParams& p) {
     using T = decltype(tag);
     dispatch_binary_op(p.op, [&](auto op_tag) {
       constexpr BinaryOp op = decltype(op_tag)::value;
-      if (contiguous && aligned16(p.out) && aligned16(p.a) && aligned16(p.b)) {
+      const bool vec = contiguous && aligned16(p.out) && aligned16(p.a) && aligned16(p.b);
+      if (vec) {
         binary_vec_kernel<T, op><<<grid_for(p.numel / Pack16<T>::kSize + 1), kThreads, 0, compute_stream()>>>(
             static_cast<T*>(p.out), static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.numel);
       } else if (fits_32bit(p.numel, p.ndim, p.shape, p.a_strides, p.b_strides)) {
@@ -556,7 +571,7 @@ void launch_binary(const BinaryParams& p) {
       } else {
         binary_kernel<T, op, int64_t><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(p);
       }
-      check_last_launch("binary_kernel");
+      check_last_launch(binary_launch_name(op, vec));
     });
   });
 }

@@ -16,6 +16,7 @@ void cuda_timer_record(void*, int) {}
 double cuda_timer_elapsed_ms(void*) { return 0.0; }
 void cuda_timer_destroy(void*) {}
 bool cuda_thin_gemm_fits(const GemmBatch&) { return false; }
+void set_cuda_thin_gemm(bool) {}
 }  // namespace loom
 
 namespace loom::cuda {

@@ -5,7 +5,7 @@
 // without bias: the forward and the stride-1 input gradient, each through the Backend slot itself
 // and through ops::conv2d / conv2d_input_grad (the dispatch; the two must agree bit for bit).
 // The reference is the f64 result on the same bf16 / f16-rounded inputs; the error (max |Δ| over
-// max |ref|) must be at most 2× that of the im2col + cuBLAS path (LOOM_CONV_IM2COL=1) on the same
+// max |ref|) must be at most 2× that of the im2col + cuBLAS path (LOOM_CONV=im2col) on the same
 // inputs, plus a small floor, and below 1e-2 (bf16) / 2e-3 (f16). ctest -L gpu; skips without a GPU.
 #include <gtest/gtest.h>
 
@@ -80,7 +80,7 @@ class ConvImplicitGemm : public ::testing::TestWithParam<Case> {};
 TEST_P(ConvImplicitGemm, ForwardMatchesCpuF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   const Case k = GetParam();
-  ScopedEnv direct("LOOM_CONV_IM2COL", nullptr);
+  ScopedEnv direct("LOOM_CONV", "igemm");
   for (DType dt : {DType::BF16, DType::F16}) {
     SCOPED_TRACE(dtype_name(dt));
     Generator gen(::testing::UnitTest::GetInstance()->random_seed() + 11);
@@ -97,7 +97,7 @@ TEST_P(ConvImplicitGemm, ForwardMatchesCpuF64) {
     const Tensor via_ops = ops::conv2d(in.x, in.w, in.b, k.params());
     Tensor im2col;
     {
-      ScopedEnv old_path("LOOM_CONV_IM2COL", "1");
+      ScopedEnv old_path("LOOM_CONV", "im2col");
       im2col = ops::conv2d(in.x, in.w, in.b, k.params());
     }
     const double err = max_rel(a.y, ref), err_im2col = max_rel(im2col, ref);
@@ -111,7 +111,7 @@ TEST_P(ConvImplicitGemm, InputGradientMatchesCpuF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   const Case k = GetParam();
   if (!k.input_grad_direct()) GTEST_SKIP() << "stride 2 / padding ≥ kernel: the input gradient keeps GEMM + col2im";
-  ScopedEnv direct("LOOM_CONV_IM2COL", nullptr);
+  ScopedEnv direct("LOOM_CONV", "igemm");
   for (DType dt : {DType::BF16, DType::F16}) {
     SCOPED_TRACE(dtype_name(dt));
     Generator gen(::testing::UnitTest::GetInstance()->random_seed() + 23);
@@ -129,7 +129,7 @@ TEST_P(ConvImplicitGemm, InputGradientMatchesCpuF64) {
     const Tensor via_ops = ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params());
     Tensor col2im;
     {
-      ScopedEnv old_path("LOOM_CONV_IM2COL", "1");
+      ScopedEnv old_path("LOOM_CONV", "im2col");
       col2im = ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params());
     }
     const double err = max_rel(a.dx, ref), err_col2im = max_rel(col2im, ref);

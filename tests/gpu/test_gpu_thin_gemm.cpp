@@ -98,8 +98,15 @@ Tensor run_gemm(GemmBatch g, const Operands& o, DType dtype, Device device) {
   return c.to(Device::cpu()).to(DType::F64);
 }
 
+// The kernels are off by default (set_cuda_thin_gemm): each test turns them on while it runs.
+struct ThinGemmOn {
+  ThinGemmOn() { set_cuda_thin_gemm(true); }
+  ~ThinGemmOn() { set_cuda_thin_gemm(false); }
+};
+
 TEST(GpuThinGemm, LoraShapesMatchTheCpuInF64AtOddSizes) {
   LOOM_SKIP_WITHOUT_CUDA();
+  ThinGemmOn thin;
   Generator gen(::testing::UnitTest::GetInstance()->random_seed() * 31 + 7);
   const int64_t m_rows = 1007;
   for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
@@ -132,6 +139,7 @@ TEST(GpuThinGemm, LoraShapesMatchTheCpuInF64AtOddSizes) {
 // n columns of each row are written.
 TEST(GpuThinGemm, WritesOnlyItsColumnsOfAStridedC) {
   LOOM_SKIP_WITHOUT_CUDA();
+  ThinGemmOn thin;
   Generator gen(11);
   const int64_t m_rows = 515, k_big = 96, r = 5, ldc = 9;
   const Tensor x = Tensor::randn({m_rows, k_big}, gen, DType::F64).to(DType::F32);
@@ -156,6 +164,7 @@ TEST(GpuThinGemm, WritesOnlyItsColumnsOfAStridedC) {
 // LoRA's term as the choke point runs it: y + s·(x·Aᵀ)·Bᵀ, forward and all gradients.
 TEST(GpuThinGemm, LoraTermThroughAutogradMatchesTheCpu) {
   LOOM_SKIP_WITHOUT_CUDA();
+  ThinGemmOn thin;
   Generator gen(13);
   for (DType dtype : {DType::F32, DType::BF16}) {
     SCOPED_TRACE(dtype_name(dtype));

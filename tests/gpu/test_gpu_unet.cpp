@@ -78,18 +78,18 @@ TEST_P(GpuUNet, MatchesDiffusersAndTheCpu) {
 
 // bf16 on CUDA, where convolutions take the implicit-GEMM kernel (forward, and the input gradient
 // at stride 1), against the f64 CPU run, next to the same bf16 run through im2col + cuBLAS
-// (LOOM_CONV_IM2COL=1): the output and the sample's gradient may be at most 2× as far from f64
+// (LOOM_CONV=im2col): the output and the sample's gradient may be at most 2× as far from f64
 // as that run's, plus 1e-3.
 TEST_P(GpuUNet, Bf16ImplicitGemmConvIsAsCloseAsIm2col) {
   LOOM_SKIP_WITHOUT_CUDA();
   const RunResult cpu64 = run(GetParam(), DType::F64, Device::cpu(), true);
   RunResult direct, im2col;
   {
-    loom::testing::ScopedEnv env("LOOM_CONV_IM2COL", nullptr);
+    loom::testing::ScopedEnv env("LOOM_CONV", "igemm");
     direct = run(GetParam(), DType::BF16, Device::cuda(0), true);
   }
   {
-    loom::testing::ScopedEnv env("LOOM_CONV_IM2COL", "1");
+    loom::testing::ScopedEnv env("LOOM_CONV", "im2col");
     im2col = run(GetParam(), DType::BF16, Device::cuda(0), true);
   }
   const double out = rel_error(direct.out, cpu64.out), out_im2col = rel_error(im2col.out, cpu64.out);

@@ -62,6 +62,41 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ConvVsDirect,
                                            ConvCase{{3, 4, 5, 3}, {5, 4, 1, 1}, {1, 1, 0, 0}},
                                            ConvCase{{1, 1, 4, 4}, {1, 1, 4, 4}, {3, 3, 0, 0}}));
 
+// At stride 1 the input gradient runs as a convolution of g with the flipped, transposed weight;
+// it equals col2im(Wᵀ·g) (the definition) in f64 for every padding 0 … k − 1, square or not.
+TEST(Conv2dInputGrad, FlippedConvolutionEqualsCol2im) {
+  Generator gen(23);
+  struct Case { Shape x, w; int64_t ph, pw; };
+  for (const Case& c : {Case{{2, 3, 7, 5}, {4, 3, 3, 3}, 1, 1}, Case{{1, 5, 6, 9}, {2, 5, 3, 3}, 0, 2},
+                        Case{{2, 2, 5, 6}, {3, 2, 2, 3}, 1, 0}, Case{{1, 3, 8, 8}, {6, 3, 5, 5}, 2, 4}}) {
+    SCOPED_TRACE(::testing::PrintToString(c.w) + " pad " + std::to_string(c.ph) + "," + std::to_string(c.pw));
+    ops::Conv2dParams p;
+    p.pad_h = c.ph, p.pad_w = c.pw;
+    const Im2ColArgs geo = ops::conv2d_geometry(c.x, c.w[2], c.w[3], p);
+    const Tensor w = Tensor::randn(c.w, gen, DType::F64);
+    const Tensor g = Tensor::randn({c.x[0], c.w[0], geo.out_h, geo.out_w}, gen, DType::F64);
+    const Tensor ref = ops::col2im(
+        ops::matmul(w.reshape({c.w[0], -1}).transpose(0, 1), g.reshape({c.x[0], c.w[0], -1})), geo);
+    const Tensor got = ops::conv2d_input_grad(g, w, c.x, p);
+    ASSERT_EQ(got.shape(), c.x);
+    const auto a = got.to_vector(), b = ref.to_vector();
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-12 * (1 + std::abs(b[i]))) << i;
+  }
+}
+
+TEST(Conv2dInputGrad, FlippedTransposedWeight) {
+  Generator gen(24);
+  const Tensor w = Tensor::randn({3, 2, 2, 3}, gen, DType::F64);
+  const Tensor f = ops::flipped_transposed(w);
+  ASSERT_EQ(f.shape(), Shape({2, 3, 2, 3}));
+  const auto wv = w.to_vector(), fv = f.to_vector();
+  for (int64_t o = 0; o < 3; ++o)
+    for (int64_t c = 0; c < 2; ++c)
+      for (int64_t i = 0; i < 2; ++i)
+        for (int64_t j = 0; j < 3; ++j)
+          EXPECT_EQ(fv[size_t(((c * 3 + o) * 2 + i) * 3 + j)], wv[size_t(((o * 2 + c) * 2 + (1 - i)) * 3 + (2 - j))]);
+}
+
 // <col2im(c), x> == <c, im2col(x)> for random c and x (the adjoint identity).
 TEST(Col2Im, IsTheAdjointOfIm2Col) {
   Generator gen(5);
