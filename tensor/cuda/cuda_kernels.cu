@@ -200,6 +200,33 @@ __global__ void binary_vec_kernel(T* __restrict__ out, const T* __restrict__ a, 
     out[i] = narrow<T>(apply_binary<op>(widen(a[i]), widen(b[i])));
 }
 
+// out = op(a, b) where one operand is contiguous (like out) and the other constant along the
+// innermost dim (stride 0 there: a per-channel bias, a [N, C, 1, 1] time embedding), over 16-byte
+// packs of the contiguous one: the innermost extent `inner` is a multiple of the pack, so every
+// pack reads one value of the broadcast operand (offset from the outer dims' strides).
+// kBroadcastA: a is the broadcast operand (op(s, x)); else b is (op(x, s)).
+template <typename T, BinaryOp op, bool kBroadcastA>
+__global__ void binary_inner_bcast_kernel(BinaryParams p, int64_t inner) {
+  using P = Pack16<T>;
+  const T* full = static_cast<const T*>(kBroadcastA ? p.b : p.a);
+  const T* bcast = static_cast<const T*>(kBroadcastA ? p.a : p.b);
+  const int64_t* bstrides = kBroadcastA ? p.a_strides : p.b_strides;
+  const int64_t packs = p.numel / P::kSize, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < packs; q += stride) {
+    int64_t row = q * P::kSize / inner, off = 0;
+    for (int d = p.ndim - 2; d >= 0; --d) {
+      off += (row % p.shape[d]) * bstrides[d];
+      row /= p.shape[d];
+    }
+    const compute_t<T> s = widen(bcast[off]);
+    P x = reinterpret_cast<const P*>(full)[q];
+#pragma unroll
+    for (int k = 0; k < P::kSize; ++k)
+      x.v[k] = narrow<T>(kBroadcastA ? apply_binary<op>(s, widen(x.v[k])) : apply_binary<op>(widen(x.v[k]), s));
+    reinterpret_cast<P*>(p.out)[q] = x;
+  }
+}
+
 template <BinaryOp op> using BinaryTag = std::integral_constant<BinaryOp, op>;
 
 template <typename F>
@@ -541,6 +568,23 @@ void launch_unary(const UnaryParams& p) {
 
 // The launch's name for check_last_launch and LOOM_CUDA_PROFILE: op and path (the contiguous
 // 16-byte vector path, or strided / broadcast).
+// Which operand of a merged binary problem is broadcast along the innermost dim while the other
+// is contiguous and 16-byte aligned (binary_inner_bcast_kernel's case): 'a', 'b' or 0.
+static char inner_broadcast_side(const BinaryParams& p, int pack) {
+  if (p.ndim < 1 || p.shape[p.ndim - 1] % pack != 0 || !aligned16(p.out)) return 0;
+  auto contiguous = [&](const int64_t* s) {
+    int64_t want = 1;
+    for (int d = p.ndim - 1; d >= 0; --d) {
+      if (p.shape[d] != 1 && s[d] != want) return false;
+      want *= p.shape[d];
+    }
+    return true;
+  };
+  if (p.b_strides[p.ndim - 1] == 0 && contiguous(p.a_strides) && aligned16(p.a)) return 'b';
+  if (p.a_strides[p.ndim - 1] == 0 && contiguous(p.b_strides) && aligned16(p.b)) return 'a';
+  return 0;
+}
+
 static const char* binary_launch_name(BinaryOp op, bool vec) {
   switch (op) {
     case BinaryOp::Add: return vec ? "binary_kernel add" : "binary_kernel add (strided)";
@@ -563,6 +607,16 @@ void launch_binary(const BinaryParams& p) {
     dispatch_binary_op(p.op, [&](auto op_tag) {
       constexpr BinaryOp op = decltype(op_tag)::value;
       const bool vec = contiguous && aligned16(p.out) && aligned16(p.a) && aligned16(p.b);
+      const char side = vec ? 0 : inner_broadcast_side(p, Pack16<T>::kSize);
+      if (side) {
+        const int64_t inner = p.shape[p.ndim - 1];
+        if (side == 'a')
+          binary_inner_bcast_kernel<T, op, true><<<grid_for(p.numel / Pack16<T>::kSize), kThreads, 0, compute_stream()>>>(p, inner);
+        else
+          binary_inner_bcast_kernel<T, op, false><<<grid_for(p.numel / Pack16<T>::kSize), kThreads, 0, compute_stream()>>>(p, inner);
+        check_last_launch(binary_launch_name(op, false));
+        return;
+      }
       if (vec) {
         binary_vec_kernel<T, op><<<grid_for(p.numel / Pack16<T>::kSize + 1), kThreads, 0, compute_stream()>>>(
             static_cast<T*>(p.out), static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.numel);

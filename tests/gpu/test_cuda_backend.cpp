@@ -349,6 +349,32 @@ TEST(CudaBackend, BinaryBroadcastMatchesCpu) {
 // The elementwise launchers take 16-byte vector paths when every pointer is aligned and a
 // scalar path otherwise; both must give the CPU's values at every length (tails of n % 8) and
 // at element offsets that break the alignment (views starting at element 1 or 3).
+// One operand constant along the innermost dim, the other contiguous (a conv's per-channel bias,
+// a [N, C, 1, 1] time embedding, a scalar tensor): the 16-byte pack path when the inner extent is
+// a multiple of the pack (both operand orders, every op), the strided path otherwise.
+TEST(CudaBackend, InnerBroadcastPathsMatchCpu) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(12);
+  using BinFn = Tensor (*)(const Tensor&, const Tensor&);
+  const std::vector<std::pair<const char*, BinFn>> fns = {
+      {"add", ops::add}, {"sub", ops::sub}, {"mul", ops::mul},
+      {"div", ops::div}, {"maximum", ops::maximum}, {"minimum", ops::minimum}};
+  struct Case { Shape full, bcast; };
+  for (const Case& c : {Case{{3, 5, 64}, {5, 1}}, Case{{2, 7, 6, 8}, {2, 7, 1, 1}}, Case{{4, 24}, {4, 1}},
+                        Case{{40}, {1}}, Case{{3, 5, 66}, {5, 1}}, Case{{2, 3, 16}, {1, 3, 1}}}) {
+    const Tensor x = Tensor::randn(c.full, gen, DType::F64);
+    const Tensor y = Tensor::rand(c.bcast, gen, DType::F64, Device::cpu(), 0.5, 2.0);
+    for (DType dtype : kFloatDtypes) {
+      const Tensor xr = x.to(dtype), yr = y.to(dtype);
+      for (const auto& [name, f] : fns) {
+        SCOPED_TRACE(std::string(name) + " " + dtype_name(dtype) + " " + ::testing::PrintToString(c.full));
+        EXPECT_LE(rel_err(f(xr.to(kCuda), yr.to(kCuda)), f(xr.to(DType::F64), yr.to(DType::F64))), tol_for(dtype));
+        EXPECT_LE(rel_err(f(yr.to(kCuda), xr.to(kCuda)), f(yr.to(DType::F64), xr.to(DType::F64))), tol_for(dtype));
+      }
+    }
+  }
+}
+
 TEST(CudaBackend, VectorAndScalarElementwisePathsMatchCpu) {
   LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(11);
