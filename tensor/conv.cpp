@@ -108,15 +108,17 @@ namespace {
 // which a CUDA graph capture would refuse; never freed, like the cuBLAS handles).
 const Tensor& exchange_matrix(int64_t kk, DType dtype, Device device) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, int, std::string>, const Tensor*> cache;
+  // Never destroyed (a static pointer, not a static map): device memory must not be freed after
+  // the CUDA runtime is gone, and the entries stay reachable for leak checkers.
+  static auto* cache = new std::map<std::tuple<int64_t, int, std::string>, Tensor>();
   std::lock_guard<std::mutex> lock(mu);
-  const Tensor*& slot = cache[{kk, int(dtype), device.str()}];
-  if (!slot) {
+  Tensor& slot = (*cache)[{kk, int(dtype), device.str()}];
+  if (!slot.defined()) {
     std::vector<double> j(size_t(kk * kk), 0.0);
     for (int64_t a = 0; a < kk; ++a) j[size_t(a * kk + (kk - 1 - a))] = 1.0;
-    slot = new Tensor(Tensor::from_values(j, {kk, kk}, dtype, device));
+    slot = Tensor::from_values(j, {kk, kk}, dtype, device);
   }
-  return *slot;
+  return slot;
 }
 }  // namespace
 
