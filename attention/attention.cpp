@@ -136,17 +136,9 @@ bool Attention::has_projection(const std::string& name) const {
   return std::dynamic_pointer_cast<nn::Linear>(find_module(name)) != nullptr;
 }
 
-Variable Attention::head_to_batch(const Variable& x) const {
-  const int64_t b = x.size(0), s = x.size(1), h = options_.heads;
-  // [B, S, h·d] -> [B, S, h, d] -> [B, h, S, d] -> [B·h, S, d]
-  return reshape(permute(reshape(x, {b, s, h, -1}), {0, 2, 1, 3}), {b * h, s, -1});
-}
+Variable Attention::head_to_batch(const Variable& x) const { return split_heads(x, options_.heads); }
 
-Variable Attention::batch_to_head(const Variable& x) const {
-  const int64_t h = options_.heads, b = x.size(0) / h, s = x.size(1);
-  // [B·h, S, d] -> [B, h, S, d] -> [B, S, h, d] -> [B, S, h·d]
-  return reshape(permute(reshape(x, {b, h, s, -1}), {0, 2, 1, 3}), {b, s, -1});
-}
+Variable Attention::batch_to_head(const Variable& x) const { return merge_heads(x, options_.heads); }
 
 Variable Attention::apply_group_norm(const Variable& x) const {
   const auto norm = std::dynamic_pointer_cast<nn::UnaryModule>(find_module("group_norm"));
@@ -173,24 +165,22 @@ Tensor Attention::prepare_mask(const Tensor& mask, int64_t batch, int64_t querie
   return m;
 }
 
-Variable Attention::attend(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const {
+SdpaOptions Attention::sdpa_options(const Tensor& mask) const {
   SdpaOptions o;
   o.mask = mask;
   o.heads = options_.heads;
   o.scale = scale();
   o.backend = slice_size_ > 0 ? std::optional<BackendKind>(BackendKind::Sliced) : backend_;
   o.slice_size = slice_size_;
-  return scaled_dot_product_attention(q, k, v, o);
+  return o;
+}
+
+Variable Attention::attend(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const {
+  return scaled_dot_product_attention(q, k, v, sdpa_options(mask));
 }
 
 Variable Attention::attend_heads(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const {
-  SdpaOptions o;
-  o.mask = mask;
-  o.heads = options_.heads;
-  o.scale = scale();
-  o.backend = slice_size_ > 0 ? std::optional<BackendKind>(BackendKind::Sliced) : backend_;
-  o.slice_size = slice_size_;
-  return scaled_dot_product_attention_packed(q, k, v, o);
+  return scaled_dot_product_attention_packed(q, k, v, sdpa_options(mask));
 }
 
 Variable Attention::project_out(const Variable& x) const {

@@ -125,6 +125,8 @@ class Attention : public nn::Module {
   // The same on the projections' own layout: q [B, Q, heads·d], k, v [B, K, heads·d] ->
   // [B, Q, heads·dv] (scaled_dot_product_attention_packed: no head split copies on CUDA flash).
   Variable attend_heads(const Variable& q, const Variable& k, const Variable& v, const Tensor& mask) const;
+  // This layer's scale, heads, backend and slicing for a call with `mask`.
+  SdpaOptions sdpa_options(const Tensor& mask) const;
   // to_out.0 then to_out.1 (dropout).
   Variable project_out(const Variable& x) const;
 

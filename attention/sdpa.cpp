@@ -213,16 +213,6 @@ Variable scaled_dot_product_attention(const Variable& q, const Variable& k, cons
 namespace {
 std::atomic<int64_t> packed_calls{0};
 
-// [B, S, H·d] -> [B·H, S, d] and back (copies).
-Variable split_heads(const Variable& x, int64_t h) {
-  const int64_t b = x.size(0), s = x.size(1);
-  return reshape(permute(reshape(x, {b, s, h, -1}), {0, 2, 1, 3}), {b * h, s, -1});
-}
-Variable merge_heads(const Variable& x, int64_t h) {
-  const int64_t b = x.size(0) / h, s = x.size(1);
-  return reshape(permute(reshape(x, {b, h, s, -1}), {0, 2, 1, 3}), {b, s, -1});
-}
-
 // The packed problem when the backend this call resolves to reads it (else nullopt).
 std::optional<SdpaProblem> packed_problem(const Variable& q, const Variable& k, const Variable& v,
                                           const SdpaOptions& o) {
@@ -250,6 +240,15 @@ std::optional<SdpaProblem> packed_problem(const Variable& q, const Variable& k, 
   return p;
 }
 }  // namespace
+
+Variable split_heads(const Variable& x, int64_t h) {
+  const int64_t b = x.size(0), s = x.size(1);
+  return reshape(permute(reshape(x, {b, s, h, -1}), {0, 2, 1, 3}), {b * h, s, -1});
+}
+Variable merge_heads(const Variable& x, int64_t h) {
+  const int64_t b = x.size(0) / h, s = x.size(1);
+  return reshape(permute(reshape(x, {b, h, s, -1}), {0, 2, 1, 3}), {b, s, -1});
+}
 
 namespace detail {
 int64_t packed_flash_calls() { return packed_calls.load(); }

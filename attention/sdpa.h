@@ -83,6 +83,10 @@ struct SdpaOptions {
 Variable scaled_dot_product_attention(const Variable& q, const Variable& k, const Variable& v,
                                       const SdpaOptions& options = {});
 
+// [B, S, heads·d] -> [B·heads, S, d] and back (copies): the head split and merge of the layers.
+Variable split_heads(const Variable& x, int64_t heads);
+Variable merge_heads(const Variable& x, int64_t heads);
+
 // The same with the heads packed in the channels, as the projections write them:
 //   q [B, Q, H·d], k [B, K, H·d], v [B, K, H·dv] -> out [B, Q, H·dv], H = options.heads;
 // head h of batch b is problem row b·H + h above. Equal to splitting the heads
