@@ -20,6 +20,13 @@ void set_cuda_thin_gemm(bool) {}
 }  // namespace loom
 
 namespace loom::cuda {
+void* cached_malloc(size_t nbytes, int) {
+  if (nbytes == 0) return nullptr;
+  LOOM_FAIL("cuda allocator: loom was built without CUDA");
+}
+void cached_free(void* ptr, size_t, int) {
+  if (ptr != nullptr) LOOM_FAIL("cuda allocator: loom was built without CUDA (a pointer it never handed out)");
+}
 uint64_t create_graph_pool(int) { LOOM_FAIL("cuda graph pool: loom was built without CUDA"); }
 void begin_graph_pool_allocation(int, uint64_t) { LOOM_FAIL("cuda graph pool: loom was built without CUDA"); }
 void end_graph_pool_allocation(int) {}
