@@ -65,6 +65,23 @@ inline double rel_error(const Tensor& x, const Tensor& ref) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
+// max |a − b| over all elements (any device and dtype, compared in f64 on the CPU); INFINITY when
+// the shapes differ or an element of a is NaN, so a comparison against a tolerance fails.
+inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  if (a.shape() != b.shape()) return INFINITY;
+  const std::vector<double> x = a.to_vector(), y = b.to_vector();
+  double m = 0;
+  for (size_t i = 0; i < x.size(); ++i) m = std::max(m, std::isnan(x[i]) ? INFINITY : std::abs(x[i] - y[i]));
+  return m;
+}
+
+// max |a| over all elements (0 for an empty tensor).
+inline double max_abs(const Tensor& a) {
+  double m = 0;
+  for (double x : a.to_vector()) m = std::max(m, std::abs(x));
+  return m;
+}
+
 // A fresh directory under the test temp dir (mkdtemp), removed with its files at the end.
 class TempDir {
  public:

@@ -21,6 +21,9 @@ namespace loom::test {
 namespace {
 
 using attention::BackendKind;
+using loom::testing::max_abs;
+using loom::testing::max_abs_diff;
+using loom::testing::rel_error;
 
 enum class MaskKind { None, PerKey, PerKey3, PerQuery, KeepMaskFullyMasked, Causal };
 
@@ -40,24 +43,6 @@ struct Result {
   Tensor out, lse, dq, dk, dv;  // f64 on the CPU
 };
 
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  const std::vector<double> x = a.to_vector(), y = b.to_vector();
-  double m = 0;
-  for (size_t i = 0; i < x.size(); ++i) m = std::max(m, std::isnan(x[i]) ? INFINITY : std::abs(x[i] - y[i]));
-  return m;
-}
-double max_abs(const Tensor& a) {
-  double m = 0;
-  for (double x : a.to_vector()) m = std::max(m, std::abs(x));
-  return m;
-}
-double rel_error(const Tensor& x, const Tensor& ref) {
-  const std::vector<double> a = x.to_vector(), b = ref.to_vector();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
-  if (!std::isfinite(num)) return INFINITY;
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 // The additive mask of a case, [Bm, Qm, K] in f64 (undefined for None / Causal).
 Tensor make_mask(const FlashCase& c, Generator& gen) {

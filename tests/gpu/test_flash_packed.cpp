@@ -20,6 +20,8 @@ namespace loom::test {
 namespace {
 
 using attention::BackendKind;
+using loom::testing::max_abs;
+using loom::testing::max_abs_diff;
 
 struct PackedCase {
   DType dtype;
@@ -37,17 +39,6 @@ struct Outputs {
   Tensor out, dq, dk, dv;  // f64 on the CPU, packed layout
 };
 
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  const std::vector<double> x = a.to_vector(), y = b.to_vector();
-  double m = 0;
-  for (size_t i = 0; i < x.size(); ++i) m = std::max(m, std::isnan(x[i]) ? INFINITY : std::abs(x[i] - y[i]));
-  return m;
-}
-double max_abs(const Tensor& a) {
-  double m = 0;
-  for (double x : a.to_vector()) m = std::max(m, std::abs(x));
-  return m;
-}
 
 // [B, S, H·d] -> [B·H, S, d] (a copy, for the split-layout calls)
 Tensor split(const Tensor& x, int64_t h) {

@@ -23,6 +23,7 @@ namespace loom::test {
 namespace {
 
 using loom::testing::error_of;
+using loom::testing::max_abs_diff;
 using loom::testing::ScopedEnv;
 
 // max |a − ref| / max |ref| (ref on the CPU in f64).
@@ -35,14 +36,6 @@ double max_rel(const Tensor& a, const Tensor& ref) {
     den = std::max(den, std::abs(y[i]));
   }
   return num / (den > 0 ? den : 1);
-}
-
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  const auto x = a.to(Device::cpu()).to(DType::F64).to_vector(), y = b.to(Device::cpu()).to(DType::F64).to_vector();
-  EXPECT_EQ(x.size(), y.size());
-  double d = 0;
-  for (size_t i = 0; i < x.size() && i < y.size(); ++i) d = std::max(d, std::abs(x[i] - y[i]));
-  return d;
 }
 
 struct Case {
