@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole check on a fresh machine (CI runs this: .ci/run): set-up, one build, every test.
 #
-# One build, not a plain one and a sanitized one: the host C++ is compiled once, with
-# AddressSanitizer + UndefinedBehaviorSanitizer at -O2, and every test runs under them; the CUDA
-# kernels are compiled too when nvcc is found (nvcc's host code is not instrumented), so CUDA code
-# that does not build never lands. On CI's two cores this halves the time of the old two builds.
+# One build, not a plain one and a sanitized one: the library and the CLI are compiled once, with
+# AddressSanitizer + UndefinedBehaviorSanitizer at -O2, the tests' and benchmarks' own code plainly
+# at -O1 (it links the sanitizers' runtime; the library it calls is what they check), and every test
+# runs once; the CUDA kernels are compiled too when nvcc is found (nvcc's host code is not
+# instrumented), so CUDA code that does not build never lands. Measured on a 2-core machine like
+# CI's, 2026-11-30: the old two builds and two test runs about 50 minutes; see docs/ci.md.
 # A plain optimized build for work and benchmarks: cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 #
 #   LOOM_TEST_BUILD_DIR  the build directory (default build-ci)
