@@ -6,12 +6,11 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-#include <type_traits>
 
 #include "autograd/ops.h"
+#include "io/config_json.h"
 #include "nn/feedforward.h"
 #include "nn/norm.h"
 
@@ -64,68 +63,28 @@ Variable BasicTransformerBlock::forward(const Variable& x, const Variable& conte
 
 // ---- Transformer2DConfig -------------------------------------------------------------------
 
-namespace {
-
-using nlohmann::json;
-
-template <typename T>
-T json_value(const json& j, const std::string& key, const std::string& source) {
-  if constexpr (std::is_same_v<T, int64_t>) {  // nlohmann would truncate 4.5 to 4
-    LOOM_CHECK(j.at(key).is_number_integer(), source, ": key '", key, "' must be an integer, got ", j.at(key).dump());
-  }
-  try {
-    return j.at(key).get<T>();
-  } catch (const json::exception&) {
-    LOOM_FAIL(source, ": key '", key, "' has the wrong type (", j.at(key).type_name(), ": ", j.at(key).dump(), ")");
-  }
-}
-
-template <typename T>
-void read_optional(const json& j, const std::string& key, const std::string& source, T& field) {
-  if (j.contains(key) && !j.at(key).is_null()) field = json_value<T>(j, key, source);
-}
-
-template <typename T>
-void read_optional(const json& j, const std::string& key, const std::string& source, std::optional<T>& field) {
-  if (j.contains(key) && !j.at(key).is_null()) field = json_value<T>(j, key, source);
-}
-
-int64_t read_required(const json& j, const std::string& key, const std::string& source) {
-  LOOM_CHECK(j.contains(key) && !j.at(key).is_null(), source, ": required key '", key, "' is missing");
-  const int64_t v = json_value<int64_t>(j, key, source);
-  LOOM_CHECK(v > 0, source, ": key '", key, "' must be positive, got ", v);
-  return v;
-}
-
-}  // namespace
-
 Transformer2DConfig Transformer2DConfig::from_json_text(const std::string& text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    LOOM_FAIL(source, ": not valid JSON (", e.what(), ")");
-  }
-  LOOM_CHECK(j.is_object(), source, ": expected a JSON object, got ", j.type_name());
+  const io::config_json::json j = io::config_json::parse_object(text, source);
+  const io::config_json::Reader r{j, source};
   Transformer2DConfig c;
-  c.in_channels = read_required(j, "in_channels", source);
-  c.num_attention_heads = read_required(j, "num_attention_heads", source);
-  c.attention_head_dim = read_required(j, "attention_head_dim", source);
-  read_optional(j, "out_channels", source, c.out_channels);
-  read_optional(j, "num_layers", source, c.num_layers);
-  read_optional(j, "cross_attention_dim", source, c.cross_attention_dim);
-  read_optional(j, "norm_num_groups", source, c.norm_num_groups);
-  read_optional(j, "use_linear_projection", source, c.use_linear_projection);
-  read_optional(j, "attention_bias", source, c.attention_bias);
-  read_optional(j, "only_cross_attention", source, c.only_cross_attention);
-  read_optional(j, "double_self_attention", source, c.double_self_attention);
-  read_optional(j, "upcast_attention", source, c.upcast_attention);
-  read_optional(j, "activation_fn", source, c.activation_fn);
-  read_optional(j, "norm_elementwise_affine", source, c.norm_elementwise_affine);
-  read_optional(j, "norm_eps", source, c.norm_eps);
-  read_optional(j, "dropout", source, c.dropout);
+  c.in_channels = r.required_positive("in_channels");
+  c.num_attention_heads = r.required_positive("num_attention_heads");
+  c.attention_head_dim = r.required_positive("attention_head_dim");
+  r.opt("out_channels", c.out_channels);
+  r.opt("num_layers", c.num_layers);
+  r.opt("cross_attention_dim", c.cross_attention_dim);
+  r.opt("norm_num_groups", c.norm_num_groups);
+  r.opt("use_linear_projection", c.use_linear_projection);
+  r.opt("attention_bias", c.attention_bias);
+  r.opt("only_cross_attention", c.only_cross_attention);
+  r.opt("double_self_attention", c.double_self_attention);
+  r.opt("upcast_attention", c.upcast_attention);
+  r.opt("activation_fn", c.activation_fn);
+  r.opt("norm_elementwise_affine", c.norm_elementwise_affine);
+  r.opt("norm_eps", c.norm_eps);
+  r.opt("dropout", c.dropout);
   std::string norm_type = "layer_norm";
-  read_optional(j, "norm_type", source, norm_type);
+  r.opt("norm_type", norm_type);
   LOOM_CHECK(norm_type == "layer_norm", source, ": norm_type '", norm_type, "' is not supported (layer_norm only)");
   LOOM_CHECK(c.num_layers >= 1, source, ": num_layers must be ≥ 1, got ", c.num_layers);
   LOOM_CHECK(c.norm_num_groups > 0, source, ": key 'norm_num_groups' must be positive, got ", c.norm_num_groups);
@@ -138,10 +97,7 @@ Transformer2DConfig Transformer2DConfig::from_json_text(const std::string& text,
       "cross_attention_dim", "norm_num_groups", "use_linear_projection", "attention_bias", "only_cross_attention",
       "double_self_attention", "upcast_attention", "activation_fn", "norm_elementwise_affine", "norm_eps",
       "dropout", "norm_type"};
-  for (const auto& [key, value] : j.items()) {
-    if (known.count(key) || key.rfind("_", 0) == 0) continue;  // "_class_name", "_diffusers_version": metadata
-    c.notes.push_back(source + ": ignoring key '" + key + "' (" + value.dump() + ")");
-  }
+  io::config_json::note_unknown_keys(j, known, {}, source, c.notes);
   return c;
 }
 

@@ -2,13 +2,13 @@
 
 #include <set>
 
-#include "unet/config_json.h"
+#include "io/config_json.h"
 
 namespace loom::unet {
 namespace {
 
-using config_json::json;
-using config_json::Reader;
+using io::config_json::json;
+using io::config_json::Reader;
 
 void expect_value(const Reader& r, const std::string& key, const json& supported, const std::string& what) {
   if (!r.j.contains(key)) return;
@@ -20,8 +20,8 @@ void expect_value(const Reader& r, const std::string& key, const json& supported
 }  // namespace
 
 UNet2DConditionConfig UNet2DConditionConfig::from_json_text(const std::string& text, const std::string& source) {
-  const json j = config_json::parse_object(text, source);
-  config_json::check_class_name(j, "UNet2DConditionModel", source);
+  const json j = io::config_json::parse_object(text, source);
+  io::config_json::check_class_name(j, "UNet2DConditionModel", source);
   const Reader r{j, source};
   UNet2DConditionConfig c;
   r.opt("in_channels", c.in_channels);
@@ -143,12 +143,12 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json_text(const std::string& t
   // Read by diffusers only for block types loom refuses anyway (Simple/KCrossAttn blocks, "text" embeddings).
   static const std::set<std::string> unused_here = {"mid_block_only_cross_attention", "cross_attention_norm",
                                                     "addition_embed_type_num_heads"};
-  config_json::note_unknown_keys(j, known, unused_here, source, c.notes);
+  io::config_json::note_unknown_keys(j, known, unused_here, source, c.notes);
   return c;
 }
 
 UNet2DConditionConfig UNet2DConditionConfig::from_file(const std::string& path) {
-  return from_json_text(config_json::read_text(path), path);
+  return from_json_text(io::config_json::read_text(path), path);
 }
 
 }  // namespace loom::unet

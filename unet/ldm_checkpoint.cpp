@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "io/tensor_file.h"
-#include "unet/config_json.h"
+#include "io/config_json.h"
 
 namespace loom::unet {
 
@@ -86,7 +86,7 @@ std::map<std::string, std::string> ldm_names(const UNet2DConditionModel& model) 
 LoadedUNet load_unet_single_file(const std::string& weights_path, const std::string& config_path,
                                  const UNetLoadOptions& options) {
   LoadedUNet r;
-  const auto config = config_json::read_config_file<UNet2DConditionConfig>(config_path);
+  const auto config = io::config_json::read_config_file<UNet2DConditionConfig>(config_path);
   r.notes = config.notes;
   Generator gen(0);
   r.model = std::make_shared<UNet2DConditionModel>(config, gen, options.dtype, options.device);

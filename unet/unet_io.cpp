@@ -4,13 +4,13 @@
 #include <set>
 
 #include "io/tensor_file.h"
-#include "unet/config_json.h"
+#include "io/config_json.h"
 #include "unet/ldm_checkpoint.h"
 
 namespace loom::unet {
 
 namespace fs = std::filesystem;
-using config_json::json;
+using io::config_json::json;
 
 namespace {
 
@@ -26,7 +26,7 @@ void add_tensors(const std::string& path, std::map<std::string, Tensor>& out, st
 // A sharded checkpoint: the index's weight_map names the shard of every tensor.
 void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& out, std::vector<std::string>& files,
                   std::vector<std::string>& notes) {
-  const json idx = config_json::read_json_file(index_path);
+  const json idx = io::config_json::read_json_file(index_path);
   if (!idx.is_object() || !idx.contains("weight_map") || !idx.at("weight_map").is_object())
     throw io::FileError(index_path, "no \"weight_map\" object");
   std::set<std::string> shards;
@@ -48,7 +48,7 @@ void read_sharded(const std::string& index_path, std::map<std::string, Tensor>& 
 
 }  // namespace
 
-bool is_unet_dir(const std::string& dir) { return config_json::dir_has_class(dir, "UNet2DConditionModel"); }
+bool is_unet_dir(const std::string& dir) { return io::config_json::dir_has_class(dir, "UNet2DConditionModel"); }
 
 std::map<std::string, Tensor> read_model_weights(const std::string& dir, const std::string& variant,
                                                  std::vector<std::string>& files_read, const std::string& what,
@@ -82,7 +82,7 @@ LoadedUNet load_unet_dir(const std::string& dir, const UNetLoadOptions& options)
   const fs::path config_path = fs::path(dir) / "config.json";
   if (!fs::is_regular_file(config_path)) throw io::FileError(config_path.string(), "missing (a UNet directory holds config.json)");
   LoadedUNet r;
-  const auto config = config_json::read_config_file<UNet2DConditionConfig>(config_path.string());
+  const auto config = io::config_json::read_config_file<UNet2DConditionConfig>(config_path.string());
   r.notes = config.notes;
   Generator gen(0);  // the initial values are overwritten by the load
   r.model = std::make_shared<UNet2DConditionModel>(config, gen, options.dtype, options.device);

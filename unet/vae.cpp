@@ -8,7 +8,7 @@
 #include "nn/conv.h"
 #include "nn/norm.h"
 #include "tensor/ops.h"
-#include "unet/config_json.h"
+#include "io/config_json.h"
 #include "unet/embeddings.h"
 #include "unet/resnet.h"
 #include "unet/unet_io.h"
@@ -240,14 +240,14 @@ int rename_deprecated_attention_keys(std::map<std::string, Tensor>& weights) {
   return int(moves.size());
 }
 
-bool is_vae_dir(const std::string& dir) { return config_json::dir_has_class(dir, "AutoencoderKL"); }
+bool is_vae_dir(const std::string& dir) { return io::config_json::dir_has_class(dir, "AutoencoderKL"); }
 
 LoadedVae load_vae_dir(const std::string& dir, const VaeLoadOptions& options) {
   const fs::path config_path = fs::path(dir) / "config.json";
   if (!fs::is_regular_file(config_path))
     throw io::FileError(config_path.string(), "missing (a VAE directory holds diffusers' config.json)");
   LoadedVae r;
-  const auto config = config_json::read_config_file<AutoencoderKLConfig>(config_path.string());
+  const auto config = io::config_json::read_config_file<AutoencoderKLConfig>(config_path.string());
   r.notes = config.notes;
   Generator gen(0);  // the initial values are overwritten by the load
   r.model = std::make_shared<AutoencoderKL>(config, gen, options.dtype, options.device);

@@ -3,17 +3,17 @@
 #include <cmath>
 #include <set>
 
-#include "unet/config_json.h"
+#include "io/config_json.h"
 #include "unet/embeddings.h"
 
 namespace loom::unet {
 
-using config_json::json;
+using io::config_json::json;
 
 AutoencoderKLConfig AutoencoderKLConfig::from_json_text(const std::string& text, const std::string& source) {
-  const json j = config_json::parse_object(text, source);
-  config_json::check_class_name(j, "AutoencoderKL", source, " (the only VAE loom implements)");
-  const config_json::Reader r{j, source};
+  const json j = io::config_json::parse_object(text, source);
+  io::config_json::check_class_name(j, "AutoencoderKL", source, " (the only VAE loom implements)");
+  const io::config_json::Reader r{j, source};
   AutoencoderKLConfig c;
   r.opt("in_channels", c.in_channels);
   r.opt("out_channels", c.out_channels);
@@ -78,12 +78,12 @@ AutoencoderKLConfig AutoencoderKLConfig::from_json_text(const std::string& text,
       "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
       "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor", "shift_factor", "latents_mean",
       "latents_std", "force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"};
-  config_json::note_unknown_keys(j, known, {}, source, c.notes);
+  io::config_json::note_unknown_keys(j, known, {}, source, c.notes);
   return c;
 }
 
 AutoencoderKLConfig AutoencoderKLConfig::from_file(const std::string& path) {
-  return from_json_text(config_json::read_text(path), path);
+  return from_json_text(io::config_json::read_text(path), path);
 }
 
 }  // namespace loom::unet

@@ -1,10 +1,10 @@
-#include "unet/config_json.h"
+#include "io/config_json.h"
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
-namespace loom::unet::config_json {
+namespace loom::io::config_json {
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path);
@@ -71,6 +71,13 @@ int64_t Reader::integer(const json& v, const std::string& key) const {
   return v.get<int64_t>();
 }
 
+int64_t Reader::required_positive(const std::string& key) const {
+  LOOM_CHECK(has(key), source, ": required key '", key, "' is missing");
+  const int64_t v = integer(j.at(key), key);
+  LOOM_CHECK(v > 0, source, ": key '", key, "' must be positive, got ", v);
+  return v;
+}
+
 double Reader::number(const json& v, const std::string& key) const {
   LOOM_CHECK(v.is_number(), source, ": key '", key, "' must be a number, got ", v.dump());
   return v.get<double>();
@@ -94,4 +101,4 @@ std::vector<std::string> Reader::strings(const std::string& key) const {
   return out;
 }
 
-}  // namespace loom::unet::config_json
+}  // namespace loom::io::config_json

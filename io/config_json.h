@@ -1,17 +1,18 @@
-// The config.json helpers shared by unet/'s model configs (UNet2DConditionConfig in config.cpp,
-// AutoencoderKLConfig in vae_config.cpp) and loaders (unet_io.cpp, ldm_checkpoint.cpp, vae.cpp).
-// Internal to loom_unet (it includes nlohmann/json, a private dependency). Every error names the
-// file (`source`) and the key.
+// The config.json helpers shared by loom's model configs (attention/'s Transformer2DConfig, unet/'s
+// UNet2DConditionConfig and AutoencoderKLConfig) and loaders (unet_io.cpp, ldm_checkpoint.cpp,
+// vae.cpp). It includes nlohmann/json: its users link nlohmann_json privately. Every error names
+// the file (`source`) and the key.
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "io/tensor_file.h"
 
-namespace loom::unet::config_json {
+namespace loom::io::config_json {
 
 using nlohmann::json;
 
@@ -53,6 +54,9 @@ struct Reader {
   void opt(const std::string& key, double& f) const { if (has(key)) f = number(j.at(key), key); }
   void opt(const std::string& key, bool& f) const { if (has(key)) f = boolean(j.at(key), key); }
   void opt(const std::string& key, std::string& f) const { if (has(key)) f = string(j.at(key), key); }
+  void opt(const std::string& key, std::optional<int64_t>& f) const { if (has(key)) f = integer(j.at(key), key); }
+  // A positive integer that must be present; Error "<source>: required key 'k' is missing".
+  int64_t required_positive(const std::string& key) const;
 
   // A non-empty list of block type names.
   std::vector<std::string> strings(const std::string& key) const;
@@ -84,4 +88,4 @@ Config read_config_file(const std::string& path) {
   }
 }
 
-}  // namespace loom::unet::config_json
+}  // namespace loom::io::config_json
