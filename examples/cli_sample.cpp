@@ -58,6 +58,9 @@ CLI::App* add_sample(CLI::App& app, SampleArgs& a) {
   s->add_option("--device", a.device, "cpu | cuda | cuda:N | auto (cuda:0 when a GPU is usable, else cpu)")
       ->capture_default_str();
   s->add_option("--precision", a.precision, "f32 | tf32 | bf16 | f16 (default: bf16 on CUDA, f32 on the CPU)");
+  s->add_flag("--no-cuda-graph", a.no_cuda_graph,
+              "On CUDA, run the UNet eagerly at every step instead of replaying a CUDA graph of its forward "
+              "captured at the second step");
   return s;
 }
 
@@ -81,7 +84,7 @@ int run_sample(const SampleArgs& a, const CLI::App& cmd) {
   } catch (const Error& e) {
     throw trainer::OptionError(e.what());
   }
-  o.device = a.device, o.precision = a.precision;
+  o.device = a.device, o.precision = a.precision, o.cuda_graph = !a.no_cuda_graph;
   if (same_existing_file(a.output, a.input))
     throw trainer::OptionError("--output " + a.output + " is the --input file " + a.input + ": it would be replaced");
   for (const auto& spec : o.adapters)
@@ -91,6 +94,10 @@ int run_sample(const SampleArgs& a, const CLI::App& cmd) {
   const trainer::SampleInputs inputs = trainer::SampleInputs::load(a.input);
   const trainer::SampleResult r =
       trainer::sample_model(o, inputs, a.input, &std::cerr, a.quiet ? nullptr : &std::cerr);
+  if (!r.graph_note.empty()) std::cerr << "loom: warning: " << r.graph_note << "\n";
+  if (r.graph_replays > 0)
+    std::cerr << "loom: " << r.graph_replays << " of " << r.timesteps.size()
+              << " steps replayed the UNet from a CUDA graph (--no-cuda-graph: none)\n";
   write_latents(a.output, r.latents);
   // Hook for decoding (issue 11, `--vae DIR`): r.latents [N, 4, h, w] are the UNet's latents;
   // divide by the VAE's scaling_factor and decode them into PNGs here.

@@ -17,6 +17,7 @@ struct SampleArgs {
   uint64_t seed = 0;
   int64_t height = 0, width = 0;
   bool quiet = false;
+  bool no_cuda_graph = false;
   std::string device, precision;
 };
 

@@ -134,6 +134,7 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
   so.steps = o.steps;
   so.guidance_scale = o.guidance_scale;
   so.model_dtype = storage_dtype(where.precision);
+  so.cuda_graph = o.cuda_graph;
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   auto report = [&](const unet::SamplingStep& s) {
@@ -146,9 +147,12 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
          << clock_text(per_step * double(s.num_steps - s.step - 1)) << "\n";
     *progress << line.str() << std::flush;
   };
-  result.latents = unet::sample_latents(*model, *scheduler, latents.to(where.device), in.cond, so, report)
+  unet::SamplingReport sampling;
+  result.latents = unet::sample_latents(*model, *scheduler, latents.to(where.device), in.cond, so, report, &sampling)
                        .to(DType::F32)
                        .to(Device::cpu());
+  result.graph_replays = sampling.graph_replays;
+  result.graph_note = sampling.graph_note;
   for (double v : result.latents.to_vector())
     if (!std::isfinite(v)) throw NumericalError("sample: the final latents hold NaN or Inf");
   return result;

@@ -45,6 +45,7 @@ struct SampleOptions {
   bool strict = true;
   std::string device = "cpu";  // cpu | cuda | cuda:N | auto
   std::string precision;       // empty: the device's default (SPEC §7)
+  bool cuda_graph = true;      // on CUDA: replay the UNet's forward from a graph (unet::SamplingOptions)
 };
 
 struct SampleResult {
@@ -53,6 +54,8 @@ struct SampleResult {
   double init_noise_sigma = 1.0;
   std::vector<io::AdapterLoadReport> reports;
   std::vector<std::string> notes;  // model config and scheduler config notes, unused input keys
+  int64_t graph_replays = 0;       // steps whose UNet forward was a CUDA graph replay
+  std::string graph_note;          // why graphs were not used although asked for, or ""
 };
 
 // The latent size of seeded noise: VAE downsampling factor of Stable Diffusion's autoencoders.

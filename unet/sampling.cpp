@@ -1,8 +1,10 @@
 #include "unet/sampling.h"
 
+#include <memory>
 #include <sstream>
 
 #include "autograd/variable.h"
+#include "tensor/graph.h"
 #include "tensor/ops.h"
 
 namespace loom::unet {
@@ -49,6 +51,82 @@ UNetBatch unet_batch(const SamplingConditioning& c, bool guided, DType dtype, De
   }
   return b;
 }
+
+// ε = unet(x_in, t) for one sampling step. With graphs (CUDA): eager at the first call (which
+// warms up the libraries' handles and the allocator), captured at the second and replayed from
+// then on. The captured forward reads what changes from step to step from tensors that stay alive
+// and are refilled before each replay (the scaled latents, the timestep's sinusoidal projection,
+// which the UNet computes on the host either way); the conditioning, and SDXL's time_ids
+// projection, are the same at every step and are captured as they are. A capture that fails is
+// noted in the report and the steps run eagerly.
+class UNetStepForward {
+ public:
+  UNetStepForward(const UNet2DConditionModel& unet, const UNetBatch& batch, bool graphs, SamplingReport& report)
+      : unet_(unet), batch_(batch), graphs_(graphs), report_(report) {}
+
+  // x_in: [B, C, h, w] on the UNet's device in its activation dtype. Returns ε [B, C_out, h, w]
+  // in that dtype, a tensor of its own (not the graph's output, which the next replay rewrites).
+  Tensor operator()(const Tensor& x_in, double t) {
+    const bool replay = graphs_ && calls_++ > 0;
+    if (replay && !graph_) capture(x_in, t);
+    if (!graph_) return unet_.forward(eager_inputs(x_in, t)).tensor();
+    sample_.copy_(x_in);
+    upload_.copy(timestep_proj_, host_projection(x_in, t).timestep_proj);
+    graph_->replay();
+    ++report_.graph_replays;
+    return out_.clone();
+  }
+
+ private:
+  UNetInputs eager_inputs(const Tensor& x_in, double t) const {
+    UNetInputs in;
+    in.sample = Variable(x_in);
+    in.timestep = Tensor::from_values({t}, {1}, DType::F64);
+    in.encoder_hidden_states = batch_.encoder_hidden_states;
+    in.encoder_attention_mask = batch_.encoder_attention_mask;
+    in.text_embeds = batch_.text_embeds;
+    in.time_ids = batch_.time_ids;
+    return in;
+  }
+
+  // The step's timestep (and time_ids) projections, on the host in x_in's dtype.
+  UNetInputs host_projection(const Tensor& x_in, double t) const {
+    UNetInputs in = eager_inputs(x_in, t);
+    unet_.project_timesteps(in, x_in.size(0), x_in.dtype(), Device::cpu());
+    return in;
+  }
+
+  void capture(const Tensor& x_in, double t) {
+    const Device device = x_in.device();
+    const UNetInputs host = host_projection(x_in, t);
+    sample_ = Tensor::empty(x_in.shape(), x_in.dtype(), device);
+    timestep_proj_ = Tensor::empty(host.timestep_proj.shape(), host.timestep_proj.dtype(), device);
+    if (host.time_ids_proj.defined()) time_ids_proj_ = host.time_ids_proj.to(device);
+    UNetInputs in = eager_inputs(sample_, t);
+    in.timestep_proj = timestep_proj_;
+    in.time_ids_proj = time_ids_proj_;
+    auto graph = std::make_unique<DeviceGraph>(device);
+    try {
+      graph->capture([&] { out_ = unet_.forward(in).tensor(); });
+      graph_ = std::move(graph);
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      report_.graph_note = "CUDA graph capture of the UNet's forward failed, sampling eagerly: " +
+                           what.substr(0, what.find('\n'));
+      graphs_ = false;
+      sample_ = timestep_proj_ = time_ids_proj_ = out_ = Tensor();
+    }
+  }
+
+  const UNet2DConditionModel& unet_;
+  const UNetBatch& batch_;
+  bool graphs_;
+  SamplingReport& report_;
+  int64_t calls_ = 0;
+  std::unique_ptr<DeviceGraph> graph_;
+  Tensor sample_, timestep_proj_, time_ids_proj_, out_;  // the captured forward's inputs and output
+  PinnedUpload upload_;
+};
 
 }  // namespace
 
@@ -103,25 +181,22 @@ void check_sampling_inputs(const UNet2DConditionConfig& config, const Shape& lat
 }
 
 Tensor sample_latents(const UNet2DConditionModel& unet, Scheduler& scheduler, const Tensor& latents,
-                      const SamplingConditioning& cond, const SamplingOptions& options, const SamplingCallback& on_step) {
+                      const SamplingConditioning& cond, const SamplingOptions& options, const SamplingCallback& on_step,
+                      SamplingReport* report) {
   check_sampling_inputs(unet.config(), latents.shape(), cond, options.guidance_scale);
   NoGradGuard no_grad;
   const bool guided = options.guidance_scale > 1.0;
   const int64_t n = latents.size(0);
   const UNetBatch batch = unet_batch(cond, guided, options.model_dtype, latents.device());
   scheduler.set_timesteps(options.steps);
+  SamplingReport local_report;
+  SamplingReport& rep = report ? *report : local_report;
+  UNetStepForward unet_step(unet, batch, options.cuda_graph && device_graphs_supported(latents.device()), rep);
   Tensor x = latents;
   for (int64_t i = 0; i < scheduler.num_steps(); ++i) {
     const double t = scheduler.timesteps()[size_t(i)];
     Tensor x_in = scheduler.scale_model_input(guided ? ops::cat({x, x}, 0) : x, i);
-    UNetInputs in;
-    in.sample = Variable(x_in.to(options.model_dtype));
-    in.timestep = Tensor::from_values({t}, {1}, DType::F64);
-    in.encoder_hidden_states = batch.encoder_hidden_states;
-    in.encoder_attention_mask = batch.encoder_attention_mask;
-    in.text_embeds = batch.text_embeds;
-    in.time_ids = batch.time_ids;
-    Tensor eps = unet.forward(in).tensor().to(x.dtype());
+    Tensor eps = unet_step(x_in.to(options.model_dtype), t).to(x.dtype());
     if (guided) {  // [2N] -> uncond [N], cond [N]
       const Tensor uncond = eps.narrow(0, 0, n), text = eps.narrow(0, n, n);
       eps = ops::add(uncond, ops::mul_scalar(ops::sub(text, uncond), options.guidance_scale));

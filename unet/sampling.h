@@ -14,6 +14,7 @@
 #pragma once
 
 #include <functional>
+#include <string>
 
 #include "unet/schedulers.h"
 #include "unet/unet.h"
@@ -36,6 +37,16 @@ struct SamplingOptions {
   int64_t steps = 30;
   double guidance_scale = 7.5;
   DType model_dtype = DType::F32;  // the UNet's activation dtype
+  // On a device with graphs (CUDA): the UNet's forward runs eagerly at the first step, is captured
+  // as a graph at the second and replayed from then on, with the same numbers (tensor/graph.h).
+  // Ignored where device_graphs_supported() is false.
+  bool cuda_graph = false;
+};
+
+// What sample_latents did besides its result.
+struct SamplingReport {
+  int64_t graph_replays = 0;  // steps whose UNet forward was a graph replay
+  std::string graph_note;     // why graphs were not used although asked for (a failed capture), or ""
 };
 
 struct SamplingStep {
@@ -52,9 +63,10 @@ void check_sampling_inputs(const UNet2DConditionConfig& config, const Shape& lat
 
 // Runs scheduler.set_timesteps(options.steps) and every step; returns the final latents.
 // `latents` is the first step's input (noise already multiplied by init_noise_sigma), on the
-// UNet's device; `on_step` is called after each step. No autograd graph is built.
+// UNet's device; `on_step` is called after each step; `report`, when given, says whether the
+// steps were graph replays. No autograd graph is built.
 Tensor sample_latents(const UNet2DConditionModel& unet, Scheduler& scheduler, const Tensor& latents,
                       const SamplingConditioning& cond, const SamplingOptions& options,
-                      const SamplingCallback& on_step = {});
+                      const SamplingCallback& on_step = {}, SamplingReport* report = nullptr);
 
 }  // namespace loom::unet

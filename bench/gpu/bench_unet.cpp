@@ -11,8 +11,12 @@
 // outside the graph, the AdamW update eager after each replay); null, with graph_failure saying
 // why, when the capture fails.
 // --no-cuda-graph times only the eager way. step_ms / forward_ms stay the eager times.
+// sample_loop_step_ms: `loom sample`'s own loop (unet::sample_latents, DDIM, 10 steps, guidance
+// 7.5: the UNet on 2N), its time over the steps; the UNet replayed from a graph after the first
+// step unless --no-cuda-graph (sample_loop_graph_replays says how many steps were replays).
 //
 //   loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME] [--no-cuda-graph]
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -28,6 +32,8 @@
 #include "tensor/precision.h"
 #include "tensor/random.h"
 #include "unet/config.h"
+#include "unet/sampling.h"
+#include "unet/schedulers.h"
 #include "unet/diffusion.h"
 #include "unet/unet.h"
 
@@ -168,11 +174,31 @@ int main(int argc, char** argv) {
     const Tensor u = y.narrow(0, 0, batch), c = y.narrow(0, batch, batch);
     (void)ops::add(u, ops::mul_scalar(ops::sub(c, u), 7.5));
   });
+  // `loom sample`'s loop: DDIM, 10 steps, guidance 7.5, per step
+  const int64_t loop_steps = 10;
+  unet::SamplingConditioning cond;
+  cond.encoder_hidden_states = Tensor::randn({batch, 77, cross}, gen, DType::F32, dev);
+  cond.negative_encoder_hidden_states = Tensor::randn({batch, 77, cross}, gen, DType::F32, dev);
+  if (text_time) {
+    cond.text_embeds = Tensor::randn({batch, cfg.text_embeds_dim()}, gen, DType::F32, dev);
+    cond.negative_text_embeds = Tensor::zeros({batch, cfg.text_embeds_dim()}, DType::F32, dev);
+    cond.time_ids = Tensor::full({batch, 6}, 1024.0, DType::F32, dev);
+  }
+  unet::SamplingOptions so;
+  so.steps = loop_steps, so.guidance_scale = 7.5, so.model_dtype = act, so.cuda_graph = graphs;
+  unet::SamplingReport loop_report;
+  const double loop_ms = median_ms(dev, std::max(1, reps / 4), [&] {
+    const auto scheduler = unet::make_scheduler(unet::SchedulerConfig::stable_diffusion_v1_5(unet::SchedulerKind::DDIM));
+    loop_report = {};
+    unet::sample_latents(*model, *scheduler, latents, cond, so, {}, &loop_report);
+  });
   std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"batch\":%d,\"precision\":\"%s\",\"step_ms\":%.3f,"
               "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"cfg_sample_step_ms\":%.3f,"
-              "\"weights_gb\":%.3f,\"step_graph_ms\":%s,\"forward_graph_ms\":%s,\"graph_failure\":%s}\n",
+              "\"weights_gb\":%.3f,\"step_graph_ms\":%s,\"forward_graph_ms\":%s,\"graph_failure\":%s,"
+              "\"sample_loop_step_ms\":%.3f,\"sample_loop_graph_replays\":%lld,\"sample_loop_note\":%s}\n",
               name.c_str(), batch, precision.c_str(), step_ms, step_peak, fwd_ms, fwd_peak, sample_ms,
               double(weights) / 1e9, bench::json_ms(step_graph.ms).c_str(), bench::json_ms(fwd_graph.ms).c_str(),
-              graphs ? bench::json_string(failure).c_str() : "null");
+              graphs ? bench::json_string(failure).c_str() : "null", loop_ms / double(loop_steps),
+              (long long)loop_report.graph_replays, bench::json_string(loop_report.graph_note).c_str());
   return 0;
 }

@@ -78,6 +78,13 @@ TEST_F(CliSample, WritesWhatTheLibraryComputesAndFollowsDiffusers) {
   ASSERT_TRUE(exists(path("out.h5")));
   EXPECT_EQ(io::detect_format(path("out.h5")), io::FileFormat::Hdf5);
   EXPECT_EQ(rel_error(latents_of(path("out.h5")), cli), 0.0);
+
+  // --no-cuda-graph is accepted anywhere (the CPU has no graphs: the same numbers, no replay line)
+  const Result e = sample(in, "eager.safetensors", {"--steps", "4", "--scheduler", "dpmpp_2m", "--no-cuda-graph"});
+  ASSERT_EQ(e.code, 0) << e;
+  EXPECT_THAT(e.err, Not(HasSubstr("replayed")));
+  EXPECT_EQ(rel_error(latents_of(path("eager.safetensors")), cli), 0.0);
+  EXPECT_THAT(loom({"sample", "--help"}).out, HasSubstr("--no-cuda-graph"));
 }
 
 TEST_F(CliSample, SdxlLikeUNetWithSchedulerConfigFile) {
