@@ -56,7 +56,7 @@ TensorFile parse_safetensors(const uint8_t* data, size_t size, const std::string
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
-// ---- HDF5 (io/hdf5.cpp) ------------------------------------------------------------------
+// ---- HDF5 (io/hdf5_*.cpp) ----------------------------------------------------------------
 // One dataset per tensor at the path made from its dotted name (dots become groups),
 // little-endian f32/f64 (other dtypes are written as f32 after a lossless widening:
 // bf16/f16 -> f32; i64 stays i64), PyTorch shapes. Atomic.

@@ -6,7 +6,8 @@
 # at -O1 (it links the sanitizers' runtime; the library it calls is what they check), and every test
 # runs once; the CUDA kernels are compiled too when nvcc is found (nvcc's host code is not
 # instrumented), so CUDA code that does not build never lands. Measured on a 2-core machine like
-# CI's, 2026-11-30: the old two builds and two test runs about 50 minutes; see docs/ci.md.
+# CI's, 2026-11-30: the old two builds and two test runs about 50 minutes, this one 21-23 minutes
+# (docs/ci.md).
 # A plain optimized build for work and benchmarks: cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 #
 #   LOOM_TEST_BUILD_DIR  the build directory (default build-ci)

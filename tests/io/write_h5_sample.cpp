@@ -1,4 +1,4 @@
-// Writes a small HDF5 file with loom (io/hdf5.cpp) for tests/io/check_loom_h5.py, which reads it
+// Writes a small HDF5 file with loom (io/hdf5_write.cpp) for tests/io/check_loom_h5.py, which reads it
 // with h5py (CTest: io_h5py_interop). Usage: write_h5_sample OUT.h5
 #include <cstdio>
 #include <exception>
