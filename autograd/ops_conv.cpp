@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "autograd/ops.h"
+#include "tensor/constants.h"
 #include "tensor/ops.h"
 
 namespace loom {
@@ -33,15 +34,19 @@ Variable conv2d(const Variable& x, const Variable& w, const Variable& bias, cons
 }
 
 namespace {
-// One-hot selection matrix [out, in]: row o picks PyTorch's nearest source index.
-Tensor nearest_selection(int64_t in, int64_t out, DType dtype, Device device) {
-  std::vector<double> s(size_t(out * in), 0.0);
-  const float scale = float(in) / float(out);
-  for (int64_t o = 0; o < out; ++o) {
-    const int64_t src = std::min(int64_t(std::floor(float(o) * scale)), in - 1);
-    s[size_t(o * in + src)] = 1.0;
-  }
-  return Tensor::from_values(s, {out, in}, dtype, device);
+// One-hot selection matrix [out, in]: row o picks PyTorch's nearest source index. Made once per
+// (in, out, dtype, device) and kept (tensor/constants.h): no host copy inside a step, which a CUDA
+// graph capture of a UNet whose skips are not exactly twice the upsampled size would refuse.
+const Tensor& nearest_selection(int64_t in, int64_t out, DType dtype, Device device) {
+  return cached_constant("nearest_selection", {out, in}, dtype, device, [in, out] {
+    std::vector<double> s(size_t(out * in), 0.0);
+    const float scale = float(in) / float(out);
+    for (int64_t o = 0; o < out; ++o) {
+      const int64_t src = std::min(int64_t(std::floor(float(o) * scale)), in - 1);
+      s[size_t(o * in + src)] = 1.0;
+    }
+    return s;
+  });
 }
 }  // namespace
 

@@ -1,12 +1,10 @@
 #include "tensor/conv.h"
 
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <string>
-#include <tuple>
 #include <vector>
 
+#include "tensor/constants.h"
 #include "tensor/ops.h"
 
 namespace loom::ops {
@@ -104,21 +102,13 @@ bool direct_conv(const Tensor& t, const Im2ColArgs& g) {
 namespace {
 // The kk×kk exchange matrix J (J[a][b] = 1 where a + b = kk − 1) in `dtype` on `device`: X·J
 // reverses the order of X's columns exactly (one product by 1 per output, the rest add 0). Made
-// once per (kk, dtype, device) and kept for the process (so no host copy happens inside a step,
-// which a CUDA graph capture would refuse; never freed, like the cuBLAS handles).
+// once per (kk, dtype, device) and kept (tensor/constants.h: no host copy inside a step).
 const Tensor& exchange_matrix(int64_t kk, DType dtype, Device device) {
-  static std::mutex mu;
-  // Never destroyed (a static pointer, not a static map): device memory must not be freed after
-  // the CUDA runtime is gone, and the entries stay reachable for leak checkers.
-  static auto* cache = new std::map<std::tuple<int64_t, int, std::string>, Tensor>();
-  std::lock_guard<std::mutex> lock(mu);
-  Tensor& slot = (*cache)[{kk, int(dtype), device.str()}];
-  if (!slot.defined()) {
+  return cached_constant("exchange_matrix", {kk, kk}, dtype, device, [kk] {
     std::vector<double> j(size_t(kk * kk), 0.0);
     for (int64_t a = 0; a < kk; ++a) j[size_t(a * kk + (kk - 1 - a))] = 1.0;
-    slot = Tensor::from_values(j, {kk, kk}, dtype, device);
-  }
-  return slot;
+    return j;
+  });
 }
 }  // namespace
 

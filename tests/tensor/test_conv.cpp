@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "tensor/constants.h"
 #include "tensor/conv.h"
 #include "tensor/ops.h"
 #include "tensor/random.h"
@@ -118,6 +119,25 @@ TEST(Conv2d, ErrorsNameTheShapes) {
     EXPECT_NE(std::string(e.what()).find("[2, 4, 3, 3]"), std::string::npos) << e.what();
   }
   EXPECT_THROW(ops::conv2d(Tensor::zeros({1, 4, 2, 2}), w, Tensor(), {}), Error);  // kernel larger than input
+}
+
+// A cached constant is made once per (name, shape, dtype, device): the second call returns the
+// same tensor without calling values() again (so no host copy happens inside a graph capture).
+TEST(CachedConstant, MadeOncePerKeyAndKept) {
+  int made = 0;
+  auto values = [&made] {
+    ++made;
+    return std::vector<double>{1, 2, 3, 4, 5, 6};
+  };
+  const Tensor& a = cached_constant("test_constant", {2, 3}, DType::F64, Device::cpu(), values);
+  const Tensor& b = cached_constant("test_constant", {2, 3}, DType::F64, Device::cpu(), values);
+  EXPECT_EQ(&a, &b);
+  EXPECT_EQ(made, 1);
+  EXPECT_EQ(a.to_vector(), (std::vector<double>{1, 2, 3, 4, 5, 6}));
+  const Tensor& c = cached_constant("test_constant", {3, 2}, DType::F32, Device::cpu(), values);
+  EXPECT_EQ(made, 2);
+  EXPECT_EQ(c.shape(), (Shape{3, 2}));
+  EXPECT_EQ(c.dtype(), DType::F32);
 }
 
 }  // namespace
