@@ -1,6 +1,8 @@
 // The tensor-core backward (bf16 / f16); see cuda_flash_fwd.cu for the layouts and cuda_flash.h
 // for the contract.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "tensor/cuda/cuda_flash_tc.cuh"
 
@@ -40,11 +42,22 @@ __global__ void flash_convert_kernel(T* dst, const float* src, FlashParams p, in
   }
 }
 
-template <typename T, int D>
+// The backward kernel: one block per 64 keys (and query split), looping over 64-query tiles.
+// Its 4 warps' layout: kAtoms 16-key atoms per warp (keys kr0 … kr0 + 16·kAtoms − 1), kQSplit
+// warps over the query tile (each takes kRows / kQSplit of its queries). Every product's B fragment (Q, dO) feeds kAtoms mma per
+// ldmatrix, so shared-memory traffic per mma falls as kAtoms grows; the dK / dV accumulators grow
+// with it (kAtoms·D/2 registers each), which is why the wide layout is for small head dims.
+//   <1, 1>: 4 × 16 keys, all 64 queries each (d ≥ 72);
+//   <2, 2>: 2 × 32 keys, 32 queries each (d ≤ 64); the two warps of one key slice add their
+//           partial dK, dV into the f32 buffers like two query splits.
+template <typename T, int D, int kAtoms, int kQSplit>
 __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(const FlashParams p, int query_tiles_per_block) {
   using S = TcShape<D>;
   constexpr int kDp = S::kDp, kLd = S::kLd, kRows = S::kRows, kCols = S::kCols, kWarps = S::kWarps;
   constexpr int kLdS = kCols + 8;  // dS tile [kRows][kLdS]
+  constexpr int kKeySlices = kCols / (16 * kAtoms);
+  constexpr int kQw = kRows / kQSplit;  // queries per warp per tile
+  static_assert(kKeySlices * kQSplit == kWarps && kQw % 16 == 0, "the warp layout must cover the tile with 4 warps");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kCols * kLd;
@@ -66,13 +79,15 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
 
-  float dk[D / 8][4], dv[D / 8][4];
+  float dk[kAtoms][D / 8][4], dv[kAtoms][D / 8][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j)
+  for (int at = 0; at < kAtoms; ++at)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
-  const int kr0 = warp * 16;                                  // this warp's key rows in the tile
-  const int64_t key[2] = {j0 + kr0 + g, j0 + kr0 + g + 8};
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[at][j][e] = dv[at][j][e] = 0.f;
+  const int kr0 = (warp % kKeySlices) * 16 * kAtoms;  // this warp's key rows in the tile
+  const int qw0 = (warp / kKeySlices) * kQw;          // this warp's query rows in the tile
 
   // query tiles of this block: [first, last)
   const int64_t all_tiles = (p.q_len + kRows - 1) / kRows;
@@ -99,6 +114,63 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   if (first < last) load_query_tile(first, 0);
   cp_async_commit();
 
+  // Pᵀ-like [kAtoms][kQw/8][4] accumulators → the A fragment of rows atom `at`, queries kk·16…
+  auto a_of = [](const float (*x)[4], int kk, uint32_t* a) {
+    a[0] = Half2<T>::pack(x[2 * kk][0], x[2 * kk][1]);
+    a[1] = Half2<T>::pack(x[2 * kk][2], x[2 * kk][3]);
+    a[2] = Half2<T>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[3] = Half2<T>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+  };
+  // acc[at] += X[at]ᵀ·M, X the warp's [keys × kQw] tile in registers, M rows qw0… of a [kRows][kLd]
+  // tile in shared memory (dV += Pᵀ·dO, dK += dSᵀ·Q).
+  auto add_xt_m = [&](float (*acc)[D / 8][4], const float (*x)[kQw / 8][4], const T* m) {
+#pragma unroll
+    for (int kk = 0; kk < kQw / 16; ++kk) {
+      uint32_t a[kAtoms][4];
+#pragma unroll
+      for (int at = 0; at < kAtoms; ++at) a_of(x[at], kk, a[at]);
+#pragma unroll
+      for (int j = 0; j + 1 < D / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_trans_pair(b, m, qw0 + kk * 16, j * 8, kLd, lane);
+#pragma unroll
+        for (int at = 0; at < kAtoms; ++at) {
+          mma16816(acc[at][j], a[at], b, T());
+          mma16816(acc[at][j + 1], a[at], b + 2, T());
+        }
+      }
+      if constexpr (D / 8 % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix_b_trans(b, m, qw0 + kk * 16, (D / 8 - 1) * 8, kLd, lane);
+#pragma unroll
+        for (int at = 0; at < kAtoms; ++at) mma16816(acc[at][D / 8 - 1], a[at], b, T());
+      }
+    }
+  };
+  // x[at] = A[kr0 + 16·at …]·Mᵀ over the warp's queries: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ.
+  auto a_mt = [&](float (*x)[kQw / 8][4], const T* a_tile, const T* m) {
+#pragma unroll
+    for (int at = 0; at < kAtoms; ++at)
+#pragma unroll
+      for (int j = 0; j < kQw / 8; ++j) x[at][j][0] = x[at][j][1] = x[at][j][2] = x[at][j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kDp / 16; ++kk) {
+      uint32_t a[kAtoms][4];
+#pragma unroll
+      for (int at = 0; at < kAtoms; ++at) ldsm_a(a[at], a_tile, kr0 + at * 16, kk * 16, kLd, lane);
+#pragma unroll
+      for (int j = 0; j < kQw / 8; j += 2) {
+        uint32_t b[4];
+        ldsm_b_pair(b, m, qw0 + j * 8, kk * 16, kLd, lane);
+#pragma unroll
+        for (int at = 0; at < kAtoms; ++at) {
+          mma16816(x[at][j], a[at], b, T());
+          mma16816(x[at][j + 1], a[at], b + 2, T());
+        }
+      }
+    }
+  };
+
   for (int64_t it = first; it < last; ++it) {
     const int64_t i0 = it * kRows;
     const int buf = int((it - first) & 1);
@@ -111,115 +183,54 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
     if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
     cp_async_commit();
 
-    // Sᵀ = K·Qᵀ: 16 keys × 64 queries per warp
-    float st[kRows / 8][4];
-#pragma unroll
-    for (int j = 0; j < kRows / 8; ++j) st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kDp / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_a(a, sK, kr0, kk * 16, kLd, lane);
-#pragma unroll
-      for (int j = 0; j < kRows / 8; j += 2) {
-        uint32_t b[4];
-        ldsm_b_pair(b, sQ, j * 8, kk * 16, kLd, lane);
-        mma16816(st[j], a, b, T());
-        mma16816(st[j + 1], a, b + 2, T());
-      }
-    }
+    // Sᵀ = K·Qᵀ: 16·kAtoms keys × kQw queries per warp
+    float st[kAtoms][kQw / 8][4];
+    a_mt(st, sK, sQ);
     // Pᵀ = exp2(s2 − L2); bounds, causal and mask only on the last / diagonal tiles or with a mask
     const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || i0 >= j0 + kCols - 1);
     if (plain) {
 #pragma unroll
-      for (int j = 0; j < kRows / 8; ++j) {
+      for (int at = 0; at < kAtoms; ++at)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int ql = j * 8 + 2 * t + (e & 1);
-          st[j][e] = fast_exp2(fmaf(st[j][e], sl2, -sL[ql] * kLog2e));
-        }
-      }
+        for (int j = 0; j < kQw / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            st[at][j][e] = fast_exp2(fmaf(st[at][j][e], sl2, -sL[qw0 + j * 8 + 2 * t + (e & 1)] * kLog2e));
     } else {
 #pragma unroll
-      for (int j = 0; j < kRows / 8; ++j) {
+      for (int at = 0; at < kAtoms; ++at) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int ql = j * 8 + 2 * t + (e & 1);
-          const int64_t qi = i0 + ql, kj = key[e / 2];
-          float x = st[j][e] * sl2;
-          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-          st[j][e] = fast_exp2(x - sL[ql] * kLog2e);
+        for (int j = 0; j < kQw / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int ql = qw0 + j * 8 + 2 * t + (e & 1);
+            const int64_t qi = i0 + ql, kj = j0 + kr0 + at * 16 + g + (e / 2) * 8;
+            float x = st[at][j][e] * sl2;
+            if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+            else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+            st[at][j][e] = fast_exp2(x - sL[ql] * kLog2e);
+          }
         }
       }
     }
-    // dV += Pᵀ·dO
-#pragma unroll
-    for (int kk = 0; kk < kRows / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Half2<T>::pack(st[2 * kk][0], st[2 * kk][1]);
-      a[1] = Half2<T>::pack(st[2 * kk][2], st[2 * kk][3]);
-      a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-#pragma unroll
-      for (int j = 0; j + 1 < D / 8; j += 2) {
-        uint32_t b[4];
-        ldsm_b_trans_pair(b, sdO, kk * 16, j * 8, kLd, lane);
-        mma16816(dv[j], a, b, T());
-        mma16816(dv[j + 1], a, b + 2, T());
-      }
-      if constexpr (D / 8 % 2 == 1) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sdO, kk * 16, (D / 8 - 1) * 8, kLd, lane);
-        mma16816(dv[D / 8 - 1], a, b, T());
-      }
-    }
+    add_xt_m(dv, st, sdO);  // dV += Pᵀ·dO
     // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ∘(dPᵀ − D)
-    float dpt[kRows / 8][4];
+    float dpt[kAtoms][kQw / 8][4];
+    a_mt(dpt, sV, sdO);
 #pragma unroll
-    for (int j = 0; j < kRows / 8; ++j) dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
+    for (int at = 0; at < kAtoms; ++at) {
 #pragma unroll
-    for (int kk = 0; kk < kDp / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_a(a, sV, kr0, kk * 16, kLd, lane);
+      for (int j = 0; j < kQw / 8; ++j) {
 #pragma unroll
-      for (int j = 0; j < kRows / 8; j += 2) {
-        uint32_t b[4];
-        ldsm_b_pair(b, sdO, j * 8, kk * 16, kLd, lane);
-        mma16816(dpt[j], a, b, T());
-        mma16816(dpt[j + 1], a, b + 2, T());
+        for (int e = 0; e < 4; ++e) {
+          const int ql = qw0 + j * 8 + 2 * t + (e & 1);
+          const float ds = st[at][j][e] * (dpt[at][j][e] - sD[ql]);
+          st[at][j][e] = ds;
+          sdS[ql * kLdS + kr0 + at * 16 + g + (e / 2) * 8] = Half2<T>::from_float(ds);
+        }
       }
     }
-#pragma unroll
-    for (int j = 0; j < kRows / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = j * 8 + 2 * t + (e & 1);
-        const float ds = st[j][e] * (dpt[j][e] - sD[ql]);
-        st[j][e] = ds;
-        sdS[ql * kLdS + kr0 + g + (e / 2) * 8] = Half2<T>::from_float(ds);
-      }
-    }
-    // dK += dSᵀ·Q (scale applied at the end)
-#pragma unroll
-    for (int kk = 0; kk < kRows / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Half2<T>::pack(st[2 * kk][0], st[2 * kk][1]);
-      a[1] = Half2<T>::pack(st[2 * kk][2], st[2 * kk][3]);
-      a[2] = Half2<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      a[3] = Half2<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-#pragma unroll
-      for (int j = 0; j + 1 < D / 8; j += 2) {
-        uint32_t b[4];
-        ldsm_b_trans_pair(b, sQ, kk * 16, j * 8, kLd, lane);
-        mma16816(dk[j], a, b, T());
-        mma16816(dk[j + 1], a, b + 2, T());
-      }
-      if constexpr (D / 8 % 2 == 1) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sQ, kk * 16, (D / 8 - 1) * 8, kLd, lane);
-        mma16816(dk[D / 8 - 1], a, b, T());
-      }
-    }
+    add_xt_m(dk, st, sQ);  // dK += dSᵀ·Q (scale applied at the end)
     __syncthreads();  // dS complete in shared memory
     // dQ += dS·K: each warp a 16-query slice, added into the f32 buffer
     if (p.dq_accum) {
@@ -256,16 +267,19 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
     }
   }
   cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
-  // dK, dV of this block's keys into the f32 buffers
+  // dK, dV of this warp's keys into the f32 buffers
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t kj = key[h];
-    if (kj >= p.k_len) continue;
+  for (int at = 0; at < kAtoms; ++at) {
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t;
-      if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[j][2 * h], dk[j][2 * h + 1]);
-      if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[j][2 * h], dv[j][2 * h + 1]);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t kj = j0 + kr0 + at * 16 + g + h * 8;
+      if (kj >= p.k_len) continue;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t;
+        if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[at][j][2 * h], dk[at][j][2 * h + 1]);
+        if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[at][j][2 * h], dv[at][j][2 * h + 1]);
+      }
     }
   }
 }
@@ -276,6 +290,26 @@ size_t tc_bwd_smem() {
   // K, V; Q and dO double-buffered; dS; lse and delta double-buffered
   return size_t(2 * S::kCols + 4 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (S::kCols + 8) * 2 +
          4 * S::kRows * sizeof(float);
+}
+
+// The layout of the backward's warps for head dim D: two 16-key atoms per warp while
+// their dK / dV accumulators fit in registers (d ≤ 64), one above. LOOM_FLASH_BWD_ATOMS=1 forces
+// the one-atom layout everywhere (to compare both in one benchmark call).
+template <int D>
+bool wide_bwd_layout() {
+  static const bool forced_narrow = [] {
+    const char* v = std::getenv("LOOM_FLASH_BWD_ATOMS");
+    return v && std::string(v) == "1";
+  }();
+  return D <= 64 && !forced_narrow;
+}
+
+template <typename T, int D, int kAtoms, int kQSplit>
+void launch_bwd_tc(const FlashParams& p, dim3 grid, size_t smem, int per_block) {
+  auto kernel = flash_bwd_tc_kernel<T, D, kAtoms, kQSplit>;
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<grid, TcShape<D>::kThreads, smem, compute_stream()>>>(p, per_block);
+  check_last_launch("flash_bwd_tc_kernel");
 }
 
 template <typename T, int D>
@@ -290,7 +324,6 @@ void tc_backward(const FlashParams& p) {
   LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv, compute_stream()));
 
   const size_t smem = tc_bwd_smem<D>();
-  LOOM_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const int64_t key_blocks = (p.k_len + S::kCols - 1) / S::kCols;
   const int64_t query_tiles = (p.q_len + S::kRows - 1) / S::kRows;
   // Split the query tiles over blocks until the grid fills the GPU about twice.
@@ -301,8 +334,15 @@ void tc_backward(const FlashParams& p) {
   const int64_t per_block = (query_tiles + splits - 1) / splits;
   splits = (query_tiles + per_block - 1) / per_block;
   const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
-  flash_bwd_tc_kernel<T, D><<<grid, S::kThreads, smem, compute_stream()>>>(p, int(per_block));
-  check_last_launch("flash_bwd_tc_kernel");
+  if constexpr (D <= 64) {
+    if (wide_bwd_layout<D>()) {
+      launch_bwd_tc<T, D, 2, 2>(p, grid, smem, int(per_block));
+    } else {
+      launch_bwd_tc<T, D, 1, 1>(p, grid, smem, int(per_block));
+    }
+  } else {
+    launch_bwd_tc<T, D, 1, 1>(p, grid, smem, int(per_block));
+  }
 
   const float scale = float(p.scale);
   auto convert = [&](void* dst, const float* src, int64_t len, float s) {
