@@ -42,22 +42,62 @@ __global__ void flash_convert_kernel(T* dst, const float* src, FlashParams p, in
   }
 }
 
-// The backward kernel: one block per 64 keys (and query split), looping over 64-query tiles.
-// Its 4 warps' layout: kAtoms 16-key atoms per warp (keys kr0 … kr0 + 16·kAtoms − 1), kQSplit
-// warps over the query tile (each takes kRows / kQSplit of its queries). Every product's B fragment (Q, dO) feeds kAtoms mma per
+// dQ[rows i0 + 16·slice …, n-blocks kNb0 … kNb1 − 1 of 8 columns] += dS·K over the block's kCols
+// keys: dS [kRows][kCols + 8] and K [kCols][kLd] in shared memory; f32 atomics into p.dq_accum.
+template <typename T, int D, int kCols, int kNb0, int kNb1>
+__device__ __forceinline__ void dq_part(const FlashParams& p, const T* sdS, const T* sK, int64_t n, int64_t i0,
+                                        int slice, int lane) {
+  constexpr int kLd = TcShape<D>::kLd, kLdS = kCols + 8, kNb = kNb1 - kNb0;
+  const int g = lane / 4, t = lane % 4;
+  float acc[kNb][4];
+#pragma unroll
+  for (int j = 0; j < kNb; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_a(a, sdS, slice * 16, kk * 16, kLdS, lane);
+#pragma unroll
+    for (int j = 0; j + 1 < kNb; j += 2) {
+      uint32_t b[4];
+      ldsm_b_trans_pair(b, sK, kk * 16, (kNb0 + j) * 8, kLd, lane);
+      mma16816(acc[j], a, b, T());
+      mma16816(acc[j + 1], a, b + 2, T());
+    }
+    if constexpr (kNb % 2 == 1) {
+      uint32_t b[2];
+      ldmatrix_b_trans(b, sK, kk * 16, (kNb1 - 1) * 8, kLd, lane);
+      mma16816(acc[kNb - 1], a, b, T());
+    }
+  }
+  float* dq = p.dq_accum + (n * p.q_len + i0 + slice * 16) * D + kNb0 * 8;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = g + h * 8;
+    if (i0 + slice * 16 + r >= p.q_len) continue;
+#pragma unroll
+    for (int j = 0; j < kNb; ++j) atomic_add2(dq + r * D + j * 8 + 2 * t, acc[j][2 * h], acc[j][2 * h + 1]);
+  }
+}
+
+// The backward kernel: one block per 16·kAtoms·kKeySlices keys (and query split), looping over
+// 64-query tiles. Its kKeySlices·kQSplit warps: kAtoms 16-key atoms per warp (keys kr0 … kr0 +
+// 16·kAtoms − 1), kQSplit warps over the query tile (each takes kRows / kQSplit of its queries). Every product's B fragment (Q, dO) feeds kAtoms mma per
 // ldmatrix, so shared-memory traffic per mma falls as kAtoms grows; the dK / dV accumulators grow
 // with it (kAtoms·D/2 registers each), which is why the wide layout is for small head dims.
-//   <1, 1>: 4 × 16 keys, all 64 queries each (d ≥ 72);
-//   <2, 2>: 2 × 32 keys, 32 queries each (d ≤ 64); the two warps of one key slice add their
-//           partial dK, dV into the f32 buffers like two query splits.
-template <typename T, int D, int kAtoms, int kQSplit>
-__global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(const FlashParams p, int query_tiles_per_block) {
+// (BwdLayout below names the ones built.) The warps of one key slice add their partial dK, dV
+// into the f32 buffers like query splits. Fewer keys per block mean more dQ atomics: every block
+// adds its [64 × d] dQ share of each query tile.
+template <typename T, int D, int kAtoms, int kKeySlices, int kQSplit>
+__global__ void __launch_bounds__(32 * kKeySlices * kQSplit)
+    flash_bwd_tc_kernel(const FlashParams p, int query_tiles_per_block) {
   using S = TcShape<D>;
-  constexpr int kDp = S::kDp, kLd = S::kLd, kRows = S::kRows, kCols = S::kCols, kWarps = S::kWarps;
-  constexpr int kLdS = kCols + 8;  // dS tile [kRows][kLdS]
-  constexpr int kKeySlices = kCols / (16 * kAtoms);
+  constexpr int kDp = S::kDp, kLd = S::kLd, kRows = S::kRows;
+  constexpr int kCols = 16 * kAtoms * kKeySlices, kWarps = kKeySlices * kQSplit, kThreads = 32 * kWarps;
+  constexpr int kLdS = kCols + 8;       // dS tile [kRows][kLdS]
   constexpr int kQw = kRows / kQSplit;  // queries per warp per tile
-  static_assert(kKeySlices * kQSplit == kWarps && kQw % 16 == 0, "the warp layout must cover the tile with 4 warps");
+  constexpr int kDSplit = kWarps / (kRows / 16);  // warps over d in dQ += dS·K (1 or 2)
+  static_assert(kQw % 16 == 0 && (kDSplit == 1 || kDSplit == 2) && kWarps % (kRows / 16) == 0,
+                "the warp layout must cover the tile");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kCols * kLd;
@@ -99,9 +139,9 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   // have dO = 0 and D = 0, so whatever P they get adds nothing to dV, dK, and dQ skips them).
   auto load_query_tile = [&](int64_t it, int buf) {
     const int64_t i0 = it * kRows;
-    load_tile_async<T, kDp>(sQ0 + buf * kRows * kLd, kLd, q, i0, kRows, p.q_len, D, qr.stride, tid, S::kThreads);
-    load_tile_async<T, kDp>(sdO0 + buf * kRows * kLd, kLd, dout, i0, kRows, p.q_len, D, qr.stride, tid, S::kThreads);
-    for (int r = tid; r < 2 * kRows; r += S::kThreads) {
+    load_tile_async<T, kDp>(sQ0 + buf * kRows * kLd, kLd, q, i0, kRows, p.q_len, D, qr.stride, tid, kThreads);
+    load_tile_async<T, kDp>(sdO0 + buf * kRows * kLd, kLd, dout, i0, kRows, p.q_len, D, qr.stride, tid, kThreads);
+    for (int r = tid; r < 2 * kRows; r += kThreads) {
       const int rr = r % kRows;
       const bool in = i0 + rr < p.q_len;
       if (r < kRows) cp_async4(sL0 + buf * kRows + rr, in ? lse + i0 + rr : lse, in);
@@ -109,8 +149,8 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
     }
   };
 
-  load_tile_async<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
-  load_tile_async<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, kr.stride, tid, S::kThreads);
+  load_tile_async<T, kDp>(sK, kLd, k, j0, kCols, p.k_len, D, kr.stride, tid, kThreads);
+  load_tile_async<T, kDp>(sV, kLd, v, j0, kCols, p.k_len, D, kr.stride, tid, kThreads);
   if (first < last) load_query_tile(first, 0);
   cp_async_commit();
 
@@ -232,38 +272,13 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
     }
     add_xt_m(dk, st, sQ);  // dK += dSᵀ·Q (scale applied at the end)
     __syncthreads();  // dS complete in shared memory
-    // dQ += dS·K: each warp a 16-query slice, added into the f32 buffer
+    // dQ += dS·K: each warp a 16-query slice (and half of d with 8 warps), into the f32 buffer
     if (p.dq_accum) {
-      for (int slice = warp; slice < kRows / 16; slice += kWarps) {
-        float acc[D / 8][4];
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < kCols / 16; ++kk) {
-          uint32_t a[4];
-          ldsm_a(a, sdS, slice * 16, kk * 16, kLdS, lane);
-#pragma unroll
-          for (int j = 0; j + 1 < D / 8; j += 2) {
-            uint32_t b[4];
-            ldsm_b_trans_pair(b, sK, kk * 16, j * 8, kLd, lane);
-            mma16816(acc[j], a, b, T());
-            mma16816(acc[j + 1], a, b + 2, T());
-          }
-          if constexpr (D / 8 % 2 == 1) {
-            uint32_t b[2];
-            ldmatrix_b_trans(b, sK, kk * 16, (D / 8 - 1) * 8, kLd, lane);
-            mma16816(acc[D / 8 - 1], a, b, T());
-          }
-        }
-        float* dq = p.dq_accum + (n * p.q_len + i0 + slice * 16) * D;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = g + h * 8;
-          if (i0 + slice * 16 + r >= p.q_len) continue;
-#pragma unroll
-          for (int j = 0; j < D / 8; ++j) atomic_add2(dq + r * D + j * 8 + 2 * t, acc[j][2 * h], acc[j][2 * h + 1]);
-        }
-      }
+      const int slice = warp % (kRows / 16);
+      constexpr int kNb = D / 8, kHalf = (kNb + 1) / 2;
+      if (kDSplit == 1) dq_part<T, D, kCols, 0, kNb>(p, sdS, sK, n, i0, slice, lane);
+      else if (warp < kRows / 16) dq_part<T, D, kCols, 0, kHalf>(p, sdS, sK, n, i0, slice, lane);
+      else dq_part<T, D, kCols, kHalf, kNb>(p, sdS, sK, n, i0, slice, lane);
     }
   }
   cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
@@ -284,37 +299,43 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_bwd_tc_kernel(cons
   }
 }
 
-template <int D>
+template <int D, int kCols>
 size_t tc_bwd_smem() {
   using S = TcShape<D>;
   // K, V; Q and dO double-buffered; dS; lse and delta double-buffered
-  return size_t(2 * S::kCols + 4 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (S::kCols + 8) * 2 +
+  return size_t(2 * kCols + 4 * S::kRows) * S::kLd * 2 + size_t(S::kRows) * (kCols + 8) * 2 +
          4 * S::kRows * sizeof(float);
 }
 
-// The layout of the backward's warps for head dim D: two 16-key atoms per warp while
-// their dK / dV accumulators fit in registers (d ≤ 64), one above. LOOM_FLASH_BWD_ATOMS=1 forces
-// the one-atom layout everywhere (to compare both in one benchmark call).
+// The warp layouts built: <kAtoms, kKeySlices, kQSplit> of flash_bwd_tc_kernel.
+//   narrow64   <1, 4, 1>  64 keys, 4 warps × 16 keys × 64 queries
+//   narrow128  <1, 8, 1>  128 keys, 8 warps × 16 keys × 64 queries
+//   wide64     <2, 2, 2>  64 keys, 4 warps × 32 keys × 32 queries (d ≤ 64: registers)
+//   wide128    <2, 4, 2>  128 keys, 8 warps × 32 keys × 32 queries (d ≤ 64)
+enum class BwdLayout { Narrow64, Narrow128, Wide64, Wide128 };
+
+// The layout for head dim D: the measured best (docs/flash-notes.md), or LOOM_FLASH_BWD_LAYOUT
+// (narrow64 | narrow128 | wide64 | wide128; read at every call so that one benchmark run or test
+// can compare them; a wide layout asked for at d > 64 falls back to its narrow twin).
 template <int D>
-bool wide_bwd_layout() {
-  static const bool forced_narrow = [] {
-    const char* v = std::getenv("LOOM_FLASH_BWD_ATOMS");
-    return v && std::string(v) == "1";
-  }();
-  return D <= 64 && !forced_narrow;
+BwdLayout bwd_layout() {
+  BwdLayout l = D <= 64 ? BwdLayout::Wide128 : BwdLayout::Narrow128;
+  if (const char* v = std::getenv("LOOM_FLASH_BWD_LAYOUT")) {
+    const std::string s = v;
+    if (s == "narrow64") l = BwdLayout::Narrow64;
+    else if (s == "narrow128") l = BwdLayout::Narrow128;
+    else if (s == "wide64") l = D <= 64 ? BwdLayout::Wide64 : BwdLayout::Narrow64;
+    else if (s == "wide128") l = D <= 64 ? BwdLayout::Wide128 : BwdLayout::Narrow128;
+    else LOOM_FAIL("LOOM_FLASH_BWD_LAYOUT=", s, ": expected narrow64, narrow128, wide64 or wide128");
+  }
+  return l;
 }
 
-template <typename T, int D, int kAtoms, int kQSplit>
-void launch_bwd_tc(const FlashParams& p, dim3 grid, size_t smem, int per_block) {
-  auto kernel = flash_bwd_tc_kernel<T, D, kAtoms, kQSplit>;
-  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<grid, TcShape<D>::kThreads, smem, compute_stream()>>>(p, per_block);
-  check_last_launch("flash_bwd_tc_kernel");
-}
-
-template <typename T, int D>
-void tc_backward(const FlashParams& p) {
+// D = rowsum(dO∘O), the zeroed f32 accumulators, the kernel, the conversions.
+template <typename T, int D, int kAtoms, int kKeySlices, int kQSplit>
+void run_bwd_tc(const FlashParams& p) {
   using S = TcShape<D>;
+  constexpr int kCols = 16 * kAtoms * kKeySlices, kThreadsPerBlock = 32 * kKeySlices * kQSplit;
   const int64_t rows = p.n * p.q_len;
   flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, D);
   check_last_launch("flash_delta_half_kernel");
@@ -323,26 +344,21 @@ void tc_backward(const FlashParams& p) {
   LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv, compute_stream()));
   LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv, compute_stream()));
 
-  const size_t smem = tc_bwd_smem<D>();
-  const int64_t key_blocks = (p.k_len + S::kCols - 1) / S::kCols;
+  const size_t smem = tc_bwd_smem<D, kCols>();
+  const int64_t key_blocks = (p.k_len + kCols - 1) / kCols;
   const int64_t query_tiles = (p.q_len + S::kRows - 1) / S::kRows;
-  // Split the query tiles over blocks until the grid fills the GPU about twice.
-  const int64_t want = 2 * int64_t(flash_sm_count());
+  // Split the query tiles over blocks until the grid fills the GPU about twice (in warps).
+  const int64_t want = 2 * int64_t(flash_sm_count()) * 4 / (kThreadsPerBlock / 32) + 1;
   int64_t splits = 1;
   while (key_blocks * p.n * splits < want && splits < query_tiles) splits *= 2;
   splits = std::min(splits, query_tiles);
   const int64_t per_block = (query_tiles + splits - 1) / splits;
   splits = (query_tiles + per_block - 1) / per_block;
   const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
-  if constexpr (D <= 64) {
-    if (wide_bwd_layout<D>()) {
-      launch_bwd_tc<T, D, 2, 2>(p, grid, smem, int(per_block));
-    } else {
-      launch_bwd_tc<T, D, 1, 1>(p, grid, smem, int(per_block));
-    }
-  } else {
-    launch_bwd_tc<T, D, 1, 1>(p, grid, smem, int(per_block));
-  }
+  auto kernel = flash_bwd_tc_kernel<T, D, kAtoms, kKeySlices, kQSplit>;
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<grid, kThreadsPerBlock, smem, compute_stream()>>>(p, int(per_block));
+  check_last_launch("flash_bwd_tc_kernel");
 
   const float scale = float(p.scale);
   auto convert = [&](void* dst, const float* src, int64_t len, float s) {
@@ -354,6 +370,17 @@ void tc_backward(const FlashParams& p) {
   convert(p.dq, p.dq_accum, p.q_len, scale);
   convert(p.dk, p.dk_accum, p.k_len, scale);
   convert(p.dv_out, p.dv_accum, p.k_len, 1.f);
+}
+
+template <typename T, int D>
+void tc_backward(const FlashParams& p) {
+  const BwdLayout l = bwd_layout<D>();
+  if constexpr (D <= 64) {
+    if (l == BwdLayout::Wide64) return run_bwd_tc<T, D, 2, 2, 2>(p);
+    if (l == BwdLayout::Wide128) return run_bwd_tc<T, D, 2, 4, 2>(p);
+  }
+  if (l == BwdLayout::Narrow64) return run_bwd_tc<T, D, 1, 4, 1>(p);
+  return run_bwd_tc<T, D, 1, 8, 1>(p);
 }
 
 template <typename T>

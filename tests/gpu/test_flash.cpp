@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <sstream>
 
@@ -174,6 +175,24 @@ INSTANTIATE_TEST_SUITE_P(Kernels, FlashCuda, ::testing::ValuesIn(cases()),
                              if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            return s;
                          });
+
+// Every warp layout of the tensor-core backward (LOOM_FLASH_BWD_LAYOUT; the default picks one per
+// head dim) against the f64 CPU reference, at tails of both tile sizes (64 and 128 keys), with
+// masks and causal rows.
+TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  for (const char* layout : {"narrow64", "narrow128", "wide64", "wide128"}) {
+    SCOPED_TRACE(std::string("LOOM_FLASH_BWD_LAYOUT=") + layout);
+    setenv("LOOM_FLASH_BWD_LAYOUT", layout, 1);
+    for (int64_t d : {40, 64, 80}) {
+      check_case({DType::BF16, 2, 3, 77, 333, d});
+      check_case({DType::F16, 1, 2, 130, 129, d, MaskKind::PerQuery});
+    }
+    check_case({DType::BF16, 1, 2, 200, 200, 64, MaskKind::Causal});
+    check_case({DType::BF16, 2, 4, 333, 77, 40, MaskKind::PerKey});
+  }
+  unsetenv("LOOM_FLASH_BWD_LAYOUT");
+}
 
 // Asking the CUDA flash kernel for what it lacks names the feature (never a silent fallback).
 TEST(FlashCudaChecks, NamesWhatItLacks) {
