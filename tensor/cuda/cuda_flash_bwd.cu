@@ -319,7 +319,10 @@ enum class BwdLayout { Narrow64, Narrow128, Wide64, Wide128 };
 // can compare them; a wide layout asked for at d > 64 falls back to its narrow twin).
 template <int D>
 BwdLayout bwd_layout() {
-  BwdLayout l = D <= 64 ? BwdLayout::Wide128 : BwdLayout::Narrow128;
+  // H200, 2026-11-30 (docs/flash-notes.md): d = 40 narrow64 (1.094 ms at (2,8,4096,40) against
+  // 1.17–1.20 for the others: its 165 registers let 3 blocks share an SM), d = 64 wide128 (1.335
+  // against 1.45–1.54), d ≥ 72 narrow128 (d = 80: 0.172 against 0.190 ms).
+  BwdLayout l = D == 40 ? BwdLayout::Narrow64 : D <= 64 ? BwdLayout::Wide128 : BwdLayout::Narrow128;
   if (const char* v = std::getenv("LOOM_FLASH_BWD_LAYOUT")) {
     const std::string s = v;
     if (s == "narrow64") l = BwdLayout::Narrow64;
