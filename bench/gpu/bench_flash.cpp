@@ -4,10 +4,15 @@
 // allocator) next to the bytes the inputs, outputs and gradients need. Not a test.
 //
 //   loom_bench_flash [--dtype bf16|f16|f32] [--backend flash|math] [--reps N] [--json]
+//                    [--shape B,H,Q,K,d]… [--kv-only]
+// --shape (repeatable) replaces the default shapes (e.g. to profile one kernel with ncu);
+// --kv-only adds a pass "bwd_kv": forward+backward with q not requiring grad (no dQ), which sizes
+// the dQ share of the backward by difference.
 //
 // TFLOP/s counts the forward as 4·B·H·Q·K·d and forward+backward as 3.5 times that, as the
 // PyTorch figures in docs/gpu-bench.md do (bench/gpu/torch_attention.py prints the same table).
 #include <algorithm>
+#include <cinttypes>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -35,15 +40,26 @@ using bench::median_ms;
 int main(int argc, char** argv) {
   std::string dtype_name_arg = "bf16", backend = "flash";
   int reps = 30;
-  bool json = false;
+  bool json = false, kv_only = false;
+  std::vector<Shape4> given;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--dtype" && i + 1 < argc) dtype_name_arg = argv[++i];
     else if (a == "--backend" && i + 1 < argc) backend = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--json") json = true;
-    else {
-      std::fprintf(stderr, "usage: loom_bench_flash [--dtype bf16|f16|f32] [--backend flash|math] [--reps N] [--json]\n");
+    else if (a == "--kv-only") kv_only = true;
+    else if (a == "--shape" && i + 1 < argc) {
+      Shape4 s{};
+      if (std::sscanf(argv[++i], "%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64 ",%" SCNd64, &s.b, &s.h, &s.q, &s.k, &s.d) != 5 || s.b < 1 || s.h < 1 ||
+          s.q < 1 || s.k < 1 || s.d < 1) {
+        std::fprintf(stderr, "loom_bench_flash: --shape %s: expected five positive integers B,H,Q,K,d\n", argv[i]);
+        return 2;
+      }
+      given.push_back(s);
+    } else {
+      std::fprintf(stderr, "usage: loom_bench_flash [--dtype bf16|f16|f32] [--backend flash|math] [--reps N] [--json] "
+                           "[--shape B,H,Q,K,d]... [--kv-only]\n");
       return 2;
     }
   }
@@ -56,6 +72,7 @@ int main(int argc, char** argv) {
   std::vector<Shape4> shapes = {{2, 8, 4096, 4096, 40}, {2, 8, 4096, 4096, 64}, {2, 10, 4096, 4096, 64},
                                 {2, 20, 1024, 1024, 64}, {2, 8, 1024, 1024, 80}, {2, 8, 256, 256, 160},
                                 {2, 8, 4096, 77, 40},    {1, 8, 16384, 16384, 64}};
+  if (!given.empty()) shapes = given;
   Generator gen(1);
   if (!json) std::printf("%-6s %-24s %-7s %10s %9s %10s %10s\n", "dtype", "B,H,Q,K,d", "pass", "ms", "TFLOP/s", "peak MB", "needed MB");
   for (const Shape4& s : shapes) {
@@ -68,8 +85,10 @@ int main(int argc, char** argv) {
     o.backend = attention::parse_backend(backend);
     const double fwd_flops = 4.0 * double(n) * double(s.q) * double(s.k) * double(s.d);
     const double io_bytes = double(itemsize(dt)) * double(n) * double(2 * s.q + 2 * s.k) * double(s.d);
-    for (const char* pass : {"fwd", "fwdbwd"}) {
-      const bool bwd = std::strcmp(pass, "fwdbwd") == 0;
+    std::vector<const char*> passes = {"fwd", "fwdbwd"};
+    if (kv_only) passes.push_back("bwd_kv");
+    for (const char* pass : passes) {
+      const bool bwd = std::strcmp(pass, "fwd") != 0, dq = std::strcmp(pass, "fwdbwd") == 0;
       reset_peak_device_memory(dev);
       const size_t base = device_memory(dev).in_use;
       const double ms = median_ms(dev, reps, [&] {
@@ -78,7 +97,7 @@ int main(int argc, char** argv) {
           attention::scaled_dot_product_attention(Variable(q), Variable(k), Variable(v), o);
           return;
         }
-        Variable vq(q, true), vk(k, true), vv(v, true);
+        Variable vq(q, dq), vk(k, true), vv(v, true);
         attention::scaled_dot_product_attention(vq, vk, vv, o).backward(dout);
       });
       const double peak_mb = double(device_memory(dev).peak - base) / 1e6 + io_bytes / 1e6;

@@ -67,6 +67,11 @@ void launch_flash_forward(const FlashParams& p);
 void flash_tc_forward(const FlashParams& p);             // cuda_flash_fwd.cu
 void flash_tc_backward(const FlashParams& p);            // cuda_flash_bwd.cu
 void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
+// dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into
+// p.dq (cuda_flash_dq.cu), instead of f32 atomics from the key-stationary kernel; chosen by
+// LOOM_FLASH_BWD_DQ=separate (default atomic), read at every call.
+void flash_tc_dq_separate(const FlashParams& p);
+bool flash_dq_separate();
 int flash_sm_count();                                    // of the current device
 // Needs delta (and the three f32 accumulators on the tensor-core path) allocated by the caller.
 void launch_flash_backward(const FlashParams& p);

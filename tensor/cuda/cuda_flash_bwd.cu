@@ -266,12 +266,12 @@ __global__ void __launch_bounds__(32 * kKeySlices * kQSplit)
           const int ql = qw0 + j * 8 + 2 * t + (e & 1);
           const float ds = st[at][j][e] * (dpt[at][j][e] - sD[ql]);
           st[at][j][e] = ds;
-          sdS[ql * kLdS + kr0 + at * 16 + g + (e / 2) * 8] = Half2<T>::from_float(ds);
+          if (p.dq_accum) sdS[ql * kLdS + kr0 + at * 16 + g + (e / 2) * 8] = Half2<T>::from_float(ds);
         }
       }
     }
     add_xt_m(dk, st, sQ);  // dK += dSᵀ·Q (scale applied at the end)
-    __syncthreads();  // dS complete in shared memory
+    if (p.dq_accum) __syncthreads();  // dS complete in shared memory (uniform: a kernel argument)
     // dQ += dS·K: each warp a 16-query slice (and half of d with 8 warps), into the f32 buffer
     if (p.dq_accum) {
       const int slice = warp % (kRows / 16);
@@ -370,7 +370,8 @@ void run_bwd_tc(const FlashParams& p) {
                                                                                         len, D, s);
     check_last_launch("flash_convert_kernel");
   };
-  convert(p.dq, p.dq_accum, p.q_len, scale);
+  if (p.dq_accum) convert(p.dq, p.dq_accum, p.q_len, scale);
+  else if (p.dq) flash_tc_dq_separate(p);  // LOOM_FLASH_BWD_DQ=separate (the host left dq_accum null)
   convert(p.dk, p.dk_accum, p.k_len, scale);
   convert(p.dv_out, p.dv_accum, p.k_len, 1.f);
 }

@@ -87,7 +87,7 @@ void flash_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor
   p.delta = delta.raw_data();
   Tensor dq_acc, dk_acc, dv_acc;  // f32 accumulators of the tensor-core path
   if (p.dtype == DType::BF16 || p.dtype == DType::F16) {
-    if (dq.defined()) dq_acc = Tensor::empty(a.q.shape(), DType::F32, dev);
+    if (dq.defined() && !flash_dq_separate()) dq_acc = Tensor::empty(a.q.shape(), DType::F32, dev);
     dk_acc = Tensor::empty(a.k.shape(), DType::F32, dev);
     dv_acc = Tensor::empty(a.v.shape(), DType::F32, dev);
     p.dq_accum = static_cast<float*>(data_or_null(dq_acc));

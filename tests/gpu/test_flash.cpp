@@ -177,21 +177,28 @@ INSTANTIATE_TEST_SUITE_P(Kernels, FlashCuda, ::testing::ValuesIn(cases()),
                          });
 
 // Every warp layout of the tensor-core backward (LOOM_FLASH_BWD_LAYOUT; the default picks one per
-// head dim) against the f64 CPU reference, at tails of both tile sizes (64 and 128 keys), with
-// masks and causal rows.
+// head dim), with dQ from f32 atomics and from its own kernel (LOOM_FLASH_BWD_DQ), against the f64
+// CPU reference, at tails of both tile sizes (64 and 128 keys), with masks and causal rows.
 TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
-  for (const char* layout : {"narrow64", "narrow128", "wide64", "wide128"}) {
-    SCOPED_TRACE(std::string("LOOM_FLASH_BWD_LAYOUT=") + layout);
-    setenv("LOOM_FLASH_BWD_LAYOUT", layout, 1);
-    for (int64_t d : {40, 64, 80}) {
-      check_case({DType::BF16, 2, 3, 77, 333, d});
-      check_case({DType::F16, 1, 2, 130, 129, d, MaskKind::PerQuery});
+  for (const char* dq : {"atomic", "separate"}) {
+    setenv("LOOM_FLASH_BWD_DQ", dq, 1);
+    for (const char* layout : {"narrow64", "narrow128", "wide64", "wide128"}) {
+      SCOPED_TRACE(std::string("LOOM_FLASH_BWD_LAYOUT=") + layout + " LOOM_FLASH_BWD_DQ=" + dq);
+      setenv("LOOM_FLASH_BWD_LAYOUT", layout, 1);
+      for (int64_t d : {40, 64, 80}) {
+        check_case({DType::BF16, 2, 3, 77, 333, d});
+        check_case({DType::F16, 1, 2, 130, 129, d, MaskKind::PerQuery});
+      }
+      check_case({DType::BF16, 1, 2, 200, 200, 64, MaskKind::Causal});
+      check_case({DType::BF16, 2, 4, 333, 77, 40, MaskKind::PerKey});
     }
-    check_case({DType::BF16, 1, 2, 200, 200, 64, MaskKind::Causal});
-    check_case({DType::BF16, 2, 4, 333, 77, 40, MaskKind::PerKey});
   }
+  // dQ from its own kernel at every other head dim, with the keep-mask's fully masked batch
+  for (int64_t d : {72, 96, 128, 160}) check_case({DType::BF16, 2, 3, 77, 333, d});
+  check_case({DType::BF16, 3, 2, 65, 77, 80, MaskKind::KeepMaskFullyMasked});
   unsetenv("LOOM_FLASH_BWD_LAYOUT");
+  unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
 // Asking the CUDA flash kernel for what it lacks names the feature (never a silent fallback).

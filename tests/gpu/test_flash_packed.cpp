@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <sstream>
 
@@ -111,6 +112,14 @@ class FlashPackedCuda : public ::testing::TestWithParam<PackedCase> {};
 TEST_P(FlashPackedCuda, MatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   check_case(GetParam());
+}
+
+// The same with dQ from its own kernel (LOOM_FLASH_BWD_DQ=separate), which writes the packed layout.
+TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithSeparateDq) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  setenv("LOOM_FLASH_BWD_DQ", "separate", 1);
+  check_case(GetParam());
+  unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
 std::vector<PackedCase> cases() {
