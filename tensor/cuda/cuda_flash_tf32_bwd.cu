@@ -4,7 +4,8 @@
 // 1. delta[r] = Σ_c tf32(dO[r, c])·O[r, c] (f32; dO rounded as the dP products round it, so that
 //    dP − D is free of dO's rounding: with one key, dS is then 0 up to f32 sums, as it must be).
 // 2. block = (64 keys, row n, a share of the query tiles), 4 warps of 16 keys; per query tile
-//    (Q, dO, lse, delta cp.async double-buffered where shared memory allows, d ≤ 128):
+//    (Q, dO, lse, delta cp.async double-buffered for d = 96, 128; single-buffered where that
+//    lets more blocks share an SM, d = 40…80, or where two buffers do not fit, d = 160):
 //      Sᵀ = K·Qᵀ, Pᵀ = exp2(s2 − L2), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = scale·Pᵀ∘(dPᵀ − D),
 //      dK += dSᵀ·Q, dS to shared memory [query][key], dQ += dS·K (each warp 16 queries, in
 //      column chunks of ≤ 80, added into dq with atomics).
@@ -42,7 +43,13 @@ struct Tf32BwdShape {
   // K, V, dS, and per stage Q, dO, lse, delta
   static constexpr size_t kFixed = size_t(2 * S::kCols * S::kLd + S::kRows * S::kLdS) * sizeof(float);
   static constexpr size_t kStage = size_t(2 * S::kRows * S::kLd + 2 * S::kRows) * sizeof(float);
-  static constexpr int kStages = kFixed + 2 * kStage <= 227 * 1024 ? 2 : 1;
+  // Blocks per SM that shared memory allows (228 KB per SM, 1 KB of it reserved per block).
+  static constexpr int blocks_per_sm(int stages) {
+    return kFixed + stages * kStage > 227 * 1024 ? 0 : int(228 * 1024 / (kFixed + stages * kStage + 1024));
+  }
+  // Double-buffered unless one stage lets more blocks share an SM (d = 40…80: the other blocks
+  // then hide the copy) or two do not fit (d = 160).
+  static constexpr int kStages = blocks_per_sm(2) >= blocks_per_sm(1) && blocks_per_sm(2) > 0 ? 2 : 1;
   static constexpr size_t kSmem = kFixed + kStages * kStage;
   // dQ's columns per pass, in n-tiles of 8: the largest divisor of D / 8 up to 10 (at most 40
   // accumulator registers): 5, 8, 9, 10, 6, 8, 10 for d = 40 … 160
@@ -50,6 +57,9 @@ struct Tf32BwdShape {
   static_assert(D / 8 % kDqChunk == 0, "dQ chunks must tile the head dim");
 };
 static_assert(Tf32BwdShape<160>::kSmem <= 227 * 1024, "the backward's shared memory exceeds 227 KB");
+static_assert(Tf32BwdShape<40>::kStages == 1 && Tf32BwdShape<80>::kStages == 1 && Tf32BwdShape<96>::kStages == 2 &&
+                  Tf32BwdShape<128>::kStages == 2 && Tf32BwdShape<160>::kStages == 1,
+              "the stage counts the comment at the top describes");
 
 // Adds the pair (x, y) at row `row`, columns c, c + 1 of a gradient in the params' layout.
 __device__ __forceinline__ void add_grad(float* grad, const FlashRows& rows, int64_t row, int c, float x, float y) {
