@@ -6,11 +6,12 @@
 // 2. block = (64 keys, row n, a share of the query tiles), 4 warps of 16 keys; per query tile
 //    (Q, dO, lse, delta cp.async double-buffered for d = 96, 128; single-buffered where that
 //    lets more blocks share an SM, d = 40…80, or where two buffers do not fit, d = 160):
-//      Sᵀ = K·Qᵀ, Pᵀ = exp2(s2 − L2), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = scale·Pᵀ∘(dPᵀ − D),
-//      dK += dSᵀ·Q, dS to shared memory [query][key], dQ += dS·K (each warp 16 queries, in
-//      column chunks of ≤ 80, added into dq with atomics).
-//    The scale is folded into dS, so dQ, dK and dV are the f32 outputs themselves, zeroed first
-//    and added into with atomics (any split of the query tiles adds into them) in the layout of
+//      Sᵀ = K·Qᵀ, Pᵀ = exp2(s2 − L2), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − D),
+//      dK += dSᵀ·Q, dS to shared memory [query][key], dQ += scale·dS·K (each warp 16 queries,
+//      in column chunks of ≤ 80, added into dq with atomics).
+//    dQ, dK and dV are the f32 outputs themselves, zeroed first and added into with atomics (any
+//    split of the query tiles adds into them), the scale applied as they are added (dS enters
+//    the products unscaled, rounded to TF32 as math's TF32 GEMMs round it), in the layout of
 //    FlashParams (plain or packed); no accumulator buffers, no conversion pass. Nothing of
 //    size Q×K exists.
 #include <algorithm>
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(Tf32Shape<D>::kThreads) flash_bwd_tf32_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sK = reinterpret_cast<float*>(smem_raw);  // [kCols][kLd]
   float* sV = sK + kCols * kLd;                    // [kCols][kLd]
-  float* sdS = sV + kCols * kLd;                   // [kRows][kLdS]: scale·dS, [query][key]
+  float* sdS = sV + kCols * kLd;                   // [kRows][kLdS]: dS, [query][key]
   float* sQ0 = sdS + kRows * kLdS;                 // Q and dO: [stage][kRows][kLd]
   float* sdO0 = sQ0 + kStages * kRows * kLd;
   float* sL0 = sdO0 + kStages * kRows * kLd;  // [stage][kRows]: raw lse (natural log)
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(Tf32Shape<D>::kThreads) flash_bwd_tf32_kernel(
         mma_tf32(dv[j], a, b);
       }
     }
-    // dPᵀ = V·dOᵀ, then dSᵀ = scale·Pᵀ∘(dPᵀ − D), kept in sc and stored [query][key]
+    // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ∘(dPᵀ − D), kept in sc and stored [query][key]
     {
       float dpt[kRows / 8][4];
 #pragma unroll
@@ -205,13 +206,13 @@ __global__ void __launch_bounds__(Tf32Shape<D>::kThreads) flash_bwd_tf32_kernel(
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int ql = j * 8 + 2 * t + (e & 1);
-          const float ds = scale * sc[j][e] * (dpt[j][e] - sD[ql]);
+          const float ds = sc[j][e] * (dpt[j][e] - sD[ql]);
           sc[j][e] = ds;
           sdS[ql * kLdS + kr0 + g + (e / 2) * 8] = ds;
         }
       }
     }
-    // dK += dSᵀ·Q (dSᵀ from the accumulators, kPair; Q a [query][d] tile)
+    // dK += dSᵀ·Q (dSᵀ from the accumulators, kPair; Q a [query][d] tile; scale applied at the end)
 #pragma unroll
     for (int kk = 0; kk < kRows / 8; ++kk) {
       uint32_t a[4];
@@ -224,8 +225,8 @@ __global__ void __launch_bounds__(Tf32Shape<D>::kThreads) flash_bwd_tf32_kernel(
       }
     }
     __syncthreads();  // dS complete in shared memory
-    // dQ += dS·K: warp w the queries 16w…16w+15, in column chunks (dS a kPair [query][key]
-    // tile, K a [key][d] tile), added into dq
+    // dQ += scale·dS·K: warp w the queries 16w…16w+15, in column chunks (dS a kPair
+    // [query][key] tile, K a [key][d] tile), added into dq
     if (p.dq) {
       const int qs = warp * 16;
 #pragma unroll 1
@@ -250,7 +251,8 @@ __global__ void __launch_bounds__(Tf32Shape<D>::kThreads) flash_bwd_tf32_kernel(
           if (qi >= p.q_len) continue;
 #pragma unroll
           for (int j = 0; j < B::kDqChunk; ++j)
-            add_grad(static_cast<float*>(p.dq), qr, qi, (c0 + j) * 8 + 2 * t, acc[j][2 * h], acc[j][2 * h + 1]);
+            add_grad(static_cast<float*>(p.dq), qr, qi, (c0 + j) * 8 + 2 * t, scale * acc[j][2 * h],
+                     scale * acc[j][2 * h + 1]);
         }
       }
     }
@@ -268,7 +270,8 @@ __global__ void __launch_bounds__(Tf32Shape<D>::kThreads) flash_bwd_tf32_kernel(
     if (kj >= p.k_len) continue;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      if (p.dk) add_grad(static_cast<float*>(p.dk), kr, kj, j * 8 + 2 * t, dk[j][2 * h], dk[j][2 * h + 1]);
+      if (p.dk)
+        add_grad(static_cast<float*>(p.dk), kr, kj, j * 8 + 2 * t, scale * dk[j][2 * h], scale * dk[j][2 * h + 1]);
       if (p.dv_out) add_grad(static_cast<float*>(p.dv_out), kr, kj, j * 8 + 2 * t, dv[j][2 * h], dv[j][2 * h + 1]);
     }
   }

@@ -223,7 +223,7 @@ std::vector<Tf32Case> cases() {
   cs.push_back({2, 4, 333, 77, 40, Tf32Mask::BK});
   cs.push_back({2, 2, 77, 130, 64, Tf32Mask::B1K});
   cs.push_back({2, 2, 130, 129, 80, Tf32Mask::BQK});
-  cs.push_back({2, 2, 1, 333, 128, Tf32Mask::BQK});
+  cs.push_back({2, 8, 1, 333, 128, Tf32Mask::BQK});  // 16 rows: a max over 16·128 elements, not 4·128
   cs.push_back({3, 2, 65, 77, 72, Tf32Mask::KeepBK});
   cs.push_back({1, 2, 200, 200, 96, Tf32Mask::Causal});
   cs.push_back({2, 1, 333, 7, 64, Tf32Mask::Causal});
