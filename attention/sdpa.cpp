@@ -12,6 +12,7 @@
 #include "autograd/ops.h"
 #include "tensor/backend.h"
 #include "tensor/ops.h"
+#include "tensor/precision.h"
 
 namespace loom::attention {
 
@@ -95,9 +96,13 @@ void note_once(const std::string& note) {
 BackendKind auto_backend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, int64_t heads) {
   const Device dev = q.device();
   const DType dt = q.dtype();
-  if (dev.is_cuda() && (dt == DType::F32 || dt == DType::F64)) {
+  // CUDA in f64, or f32 without TF32: the exact flash kernel (CUDA cores) loses to cuBLAS. f32 with
+  // TF32 (--precision tf32) has tensor-core flash kernels: flash where they cover the call.
+  if (dev.is_cuda() && (dt == DType::F64 || (dt == DType::F32 && !allow_tf32()))) {
     note_once(std::string("attention on ") + dev.str() + " in " + dtype_name(dt) +
-              ": auto uses 'math' (cuBLAS; the exact flash kernel is slower there); --backend flash to insist");
+              (dt == DType::F32 ? " without TF32" : "") +
+              ": auto uses 'math' (cuBLAS; the exact flash kernel is slower there); --backend flash to insist" +
+              (dt == DType::F32 ? " (--precision tf32 has tensor-core flash kernels)" : ""));
     return BackendKind::Math;
   }
   FlashAttentionArgs a;
@@ -218,7 +223,10 @@ std::optional<SdpaProblem> packed_problem(const Variable& q, const Variable& k, 
                                           const SdpaOptions& o) {
   BackendKind kind = resolve_backend(o.backend);
   if (kind != BackendKind::Flash && kind != BackendKind::Auto) return std::nullopt;
-  if (!q.device().is_cuda() || (q.dtype() != DType::BF16 && q.dtype() != DType::F16)) return std::nullopt;
+  // the tensor-core families: bf16 / f16, and f32 with TF32
+  const DType dt = q.dtype();
+  const bool tensor_cores = dt == DType::BF16 || dt == DType::F16 || (dt == DType::F32 && allow_tf32());
+  if (!q.device().is_cuda() || !tensor_cores) return std::nullopt;
   if (scanning_checks_enabled() || o.causal) return std::nullopt;
   SdpaProblem p;
   p.q = q.tensor().contiguous(), p.k = k.tensor().contiguous(), p.v = v.tensor().contiguous();

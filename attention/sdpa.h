@@ -9,17 +9,18 @@
 // Backends:
 //   math    materialises P = softmax(S) ([N, Q, K]); the reference.
 //   flash   the device's flash kernel (Backend::flash_attention_*: CPU f32/f64,
-//           bf16/f16 through f32; CUDA bf16/f16 on tensor cores, f32/f64 exact):
+//           bf16/f16 through f32; CUDA bf16/f16 on tensor cores, f32 on TF32 tensor
+//           cores when allow_tf32() (--precision tf32), else f32/f64 exact):
 //           tiled online softmax; the forward keeps O and one log-sum-exp per
 //           query row; the backward recomputes P tile by tile. Nothing of size
 //           Q×K is ever allocated.
 //   sliced  the math algorithm over `slice_size` rows of N at a time (smaller
 //           peak memory, same numbers); the backward recomputes P per slice.
 //   auto    the default: flash where the device's flash kernel is the fast path
-//           and can run the call (the CPU; CUDA in bf16/f16), math otherwise
-//           (CUDA in f32/f64, where cuBLAS beats the exact flash kernel, or a
-//           head dim the kernel lacks); the first such choice of math is said
-//           once on stderr.
+//           and can run the call (the CPU; CUDA in bf16/f16, and in f32 with
+//           TF32), math otherwise (CUDA in f64 and in f32 without TF32, where
+//           cuBLAS beats the exact flash kernel, or a head dim the kernel lacks);
+//           the first such choice of math is said once on stderr.
 //
 // Choosing the backend, strongest first: a ScopedAttentionBackend guard (the
 // innermost one), then a per-call (per-layer) override, then the process
@@ -92,7 +93,8 @@ Variable merge_heads(const Variable& x, int64_t heads);
 // head h of batch b is problem row b·H + h above. Equal to splitting the heads
 // ([B, S, H·d] -> [B·H, S, d]), scaled_dot_product_attention and merging them back, which is
 // what it does unless the chosen backend reads the packed layout itself (CUDA's flash kernels in
-// bf16 / f16): then no copy is made for the split or the merge, forward or backward.
+// bf16 / f16, and in f32 with TF32): then no copy is made for the split or the merge, forward or
+// backward.
 Variable scaled_dot_product_attention_packed(const Variable& q, const Variable& k, const Variable& v,
                                              const SdpaOptions& options = {});
 

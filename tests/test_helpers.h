@@ -1,6 +1,7 @@
 // Helpers shared by the test executables (one copy, not one per file): error capture,
 // relative error, scratch directories, whole-file reads and writes, a scoped environment
-// variable, and the skip of GPU tests where no CUDA device is usable.
+// variable, the TF32 switch and rounding, the flash attention slot run on any device, and the
+// skip of GPU tests where no CUDA device is usable.
 #pragma once
 
 #include <dirent.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -20,6 +22,7 @@
 
 #include "tensor/backend.h"
 #include "tensor/error.h"
+#include "tensor/precision.h"
 #include "tensor/tensor.h"
 
 namespace loom::testing {
@@ -158,6 +161,63 @@ class ScopedEnv {
   std::string name_, old_;
   bool had_ = false;
 };
+
+// Sets allow_tf32() (the switch of --precision tf32) for the guard's lifetime and restores the
+// previous value afterwards.
+class ScopedAllowTf32 {
+ public:
+  explicit ScopedAllowTf32(bool on) : old_(allow_tf32()) { set_allow_tf32(on); }
+  ~ScopedAllowTf32() { set_allow_tf32(old_); }
+  ScopedAllowTf32(const ScopedAllowTf32&) = delete;
+  ScopedAllowTf32& operator=(const ScopedAllowTf32&) = delete;
+
+ private:
+  bool old_;
+};
+
+// x (any dtype, on the CPU) through f32 rounded to TF32 as cvt.rna.tf32.f32 rounds it: 10 mantissa
+// bits, to nearest, ties away from zero; returned in f64.
+inline Tensor round_to_tf32(const Tensor& x) {
+  std::vector<double> v = x.to_vector();
+  for (double& e : v) {
+    float f = float(e);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;  // inf / NaN stay
+    std::memcpy(&f, &u, 4);
+    e = f;
+  }
+  return Tensor::from_values(v, x.shape(), DType::F64);
+}
+
+// What the flash attention slot (Backend::flash_attention_*) returns, in f64 on the CPU.
+struct FlashSlotResult {
+  Tensor out, lse, dq, dk, dv;
+};
+
+// a's q, k, v (and mask) in `dtype` on `dev`.
+inline FlashAttentionArgs flash_args_on(const FlashAttentionArgs& a, DType dtype, Device dev) {
+  FlashAttentionArgs b = a;
+  b.q = a.q.to(dtype).to(dev), b.k = a.k.to(dtype).to(dev), b.v = a.v.to(dtype).to(dev);
+  if (a.mask.defined()) b.mask = a.mask.to(dtype).to(dev).contiguous();
+  return b;
+}
+
+// Forward and backward through the slot on `dev` in `dtype` (either layout of a: plain
+// [N, len, d] or packed [B, len, heads·d]), the outputs poisoned with NaN first.
+inline FlashSlotResult run_flash_slot(const FlashAttentionArgs& a64, const Tensor& grad_out64, DType dtype, Device dev) {
+  const FlashAttentionArgs a = flash_args_on(a64, dtype, dev);
+  Backend& be = backend_for(dev);
+  const int64_t problems = a.q.size(0) * (a.packed_heads ? a.heads : 1);
+  const Tensor out = Tensor::full({a.q.size(0), a.q.size(1), a.v.size(2)}, NAN, dtype, dev);
+  const Tensor lse = Tensor::full({problems, a.q.size(1)}, NAN, flash_stats_dtype(dtype), dev);
+  be.flash_attention_forward(a, out, lse);
+  const Tensor dq = Tensor::full(a.q.shape(), NAN, dtype, dev), dk = Tensor::full(a.k.shape(), NAN, dtype, dev),
+               dv = Tensor::full(a.v.shape(), NAN, dtype, dev);
+  be.flash_attention_backward(a, out, lse, grad_out64.to(dtype).to(dev), dq, dk, dv);
+  auto host = [](const Tensor& t) { return t.to(Device::cpu()).to(DType::F64); };
+  return {host(out), host(lse), host(dq), host(dk), host(dv)};
+}
 
 }  // namespace loom::testing
 

@@ -1,6 +1,7 @@
 // Flash attention on CUDA: which kernel family runs a call (cuda_flash.h has the contract).
 //   cuda_flash_fwd.cu, cuda_flash_bwd.cu   tensor-core family (bf16 / f16)
-//   cuda_flash_exact.cu                    exact family (f32 / f64)
+//   cuda_flash_tf32.cu, cuda_flash_tf32_bwd.cu  tf32 family (f32 with allow_tf32(): p.tf32)
+//   cuda_flash_exact.cu                    exact family (f32 without TF32, f64)
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
 
@@ -13,6 +14,8 @@ void dispatch(const FlashParams& p, bool backward) {
     case DType::BF16:
     case DType::F16: return backward ? flash_tc_backward(p) : flash_tc_forward(p);
     case DType::F32:
+      if (p.tf32) return backward ? flash_tf32_backward(p) : flash_tf32_forward(p);
+      return flash_exact(p, backward);
     case DType::F64: return flash_exact(p, backward);
     default: break;
   }

@@ -1,15 +1,20 @@
 // Internal to tensor/cuda/: the flash attention launchers behind Backend::flash_attention_*
 // (tensor/backend.h, SPEC §2) and their plain parameter struct. Host checks live in
-// cuda_flash_host.cu; kernels in cuda_flash_{fwd,bwd,exact}.cu.
+// cuda_flash_host.cu; kernels in cuda_flash_{fwd,bwd,exact,tf32,tf32_bwd}.cu.
 //
-// Two kernel families:
+// Three kernel families:
 //   tensor-core  bf16 / f16 inputs, f32 accumulation (mma.sync m16n8k16), head dims
 //                40, 64, 72, 80, 96, 128, 160 (d == dv), any Q and K;
-//   exact        f32 / f64 inputs, plain FMA in the input precision, head dims up to 256.
-// Both: forward saves O and one log-sum-exp per query row; the backward computes
+//   tf32         f32 inputs when allow_tf32() (--precision tf32): the same shapes, layouts and
+//                head dims on TF32 tensor cores (mma.sync m16n8k8, operands rounded to TF32,
+//                f32 accumulation);
+//   exact        f32 (allow_tf32() off) / f64 inputs, plain FMA in the input precision, head
+//                dims up to 256.
+// All: forward saves O and one log-sum-exp per query row; the backward computes
 // D = rowsum(dO∘O) first, then recomputes P tile by tile from the log-sum-exp; no buffer
 // of size Q×K exists. The tensor-core backward accumulates dQ, dK, dV in f32 buffers
-// with atomics (any split of the work adds into them), then converts them once.
+// with atomics (any split of the work adds into them), then converts them once; the tf32
+// backward adds into the (f32) gradients themselves.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +44,8 @@ struct FlashParams {
   const void* mask = nullptr;    // [mask_batches, mask_rows, k_len] additive, or null
   int64_t n = 0, q_len = 0, k_len = 0, d = 0, dv = 0;
   int64_t heads = 1, mask_batches = 0, mask_rows = 0;
-  bool packed = false;           // the packed layout above
+  bool packed = false;           // the packed layout above (tensor-core and tf32 families)
+  bool tf32 = false;             // f32 inputs on the tf32 family (allow_tf32() at the call)
   double scale = 1.0;
   bool causal = false;
   // forward outputs / backward inputs
@@ -51,12 +57,13 @@ struct FlashParams {
   void* dk = nullptr;            // [n, k_len, d], or null
   void* dv_out = nullptr;        // [n, k_len, dv], or null
   void* delta = nullptr;         // scratch [n, q_len] in the lse dtype
+  // f32 accumulators of the tensor-core path (unused by the tf32 and exact families)
   float* dq_accum = nullptr;     // scratch [n, q_len, d] f32 (tensor-core path)
   float* dk_accum = nullptr;     // scratch [n, k_len, d] f32 (tensor-core path)
   float* dv_accum = nullptr;     // scratch [n, k_len, dv] f32 (tensor-core path)
 };
 
-// Whether the tensor-core kernels cover head dim d (== dv).
+// Whether the tensor-core (and tf32) kernels cover head dim d (== dv).
 bool flash_tensor_core_head_dim(int64_t d);
 // The largest head dim of the exact (f32 / f64) kernels.
 constexpr int64_t kFlashExactMaxHeadDim = 256;
@@ -66,6 +73,8 @@ void launch_flash_forward(const FlashParams& p);
 // The families behind the launchers (each checks its dtypes).
 void flash_tc_forward(const FlashParams& p);             // cuda_flash_fwd.cu
 void flash_tc_backward(const FlashParams& p);            // cuda_flash_bwd.cu
+void flash_tf32_forward(const FlashParams& p);           // cuda_flash_tf32.cu
+void flash_tf32_backward(const FlashParams& p);          // cuda_flash_tf32_bwd.cu
 void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
 // dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into
 // p.dq (cuda_flash_dq.cu), instead of f32 atomics from the key-stationary kernel; chosen by
@@ -73,7 +82,8 @@ void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
 void flash_tc_dq_separate(const FlashParams& p);
 bool flash_dq_separate();
 int flash_sm_count();                                    // of the current device
-// Needs delta (and the three f32 accumulators on the tensor-core path) allocated by the caller.
+// Needs delta (and the three f32 accumulators on the tensor-core path) allocated by the caller;
+// the tf32 family zeroes dq, dk, dv itself and adds into them.
 void launch_flash_backward(const FlashParams& p);
 
 }  // namespace loom::cuda

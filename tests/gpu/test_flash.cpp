@@ -40,9 +40,9 @@ struct FlashCase {
   }
 };
 
-struct Result {
-  Tensor out, lse, dq, dk, dv;  // f64 on the CPU
-};
+using Result = loom::testing::FlashSlotResult;  // f64 on the CPU
+using loom::testing::flash_args_on;
+using loom::testing::run_flash_slot;
 
 
 // The additive mask of a case, [Bm, Qm, K] in f64 (undefined for None / Causal).
@@ -63,30 +63,9 @@ Tensor make_mask(const FlashCase& c, Generator& gen) {
   }
 }
 
-FlashAttentionArgs args_on(const FlashAttentionArgs& a, DType dtype, Device dev) {
-  FlashAttentionArgs b = a;
-  b.q = a.q.to(dtype).to(dev), b.k = a.k.to(dtype).to(dev), b.v = a.v.to(dtype).to(dev);
-  if (a.mask.defined()) b.mask = a.mask.to(dtype).to(dev).contiguous();
-  return b;
-}
-
-// The slot on `dev` in `dtype`, outputs poisoned with NaN first; results in f64 on the CPU.
-Result run_slot(const FlashAttentionArgs& a64, const Tensor& grad_out64, DType dtype, Device dev) {
-  const FlashAttentionArgs a = args_on(a64, dtype, dev);
-  Backend& be = backend_for(dev);
-  const Tensor out = Tensor::full({a.q.size(0), a.q.size(1), a.v.size(2)}, NAN, dtype, dev);
-  const Tensor lse = Tensor::full({a.q.size(0), a.q.size(1)}, NAN, flash_stats_dtype(dtype), dev);
-  be.flash_attention_forward(a, out, lse);
-  const Tensor dq = Tensor::full(a.q.shape(), NAN, dtype, dev), dk = Tensor::full(a.k.shape(), NAN, dtype, dev),
-               dv = Tensor::full(a.v.shape(), NAN, dtype, dev);
-  be.flash_attention_backward(a, out, lse, grad_out64.to(dtype).to(dev), dq, dk, dv);
-  auto host = [](const Tensor& t) { return t.to(Device::cpu()).to(DType::F64); };
-  return {host(out), host(lse), host(dq), host(dk), host(dv)};
-}
-
 // The math backend through autograd on `dev` in `dtype` (the "same-precision reference").
 Result run_math(const FlashAttentionArgs& a64, const Tensor& grad_out64, DType dtype, Device dev) {
-  const FlashAttentionArgs a = args_on(a64, dtype, dev);
+  const FlashAttentionArgs a = flash_args_on(a64, dtype, dev);
   Variable q(a.q, true), k(a.k, true), v(a.v, true);
   attention::SdpaOptions o;
   o.mask = a.mask, o.heads = a.heads, o.scale = a.scale, o.causal = a.causal, o.backend = BackendKind::Math;
@@ -112,11 +91,11 @@ void check_case(const FlashCase& c) {
   a64.scale = 1.0 / std::sqrt(double(c.d));
   a64.causal = c.mask == MaskKind::Causal;
   // The f64 reference sees exactly the values the kernel gets.
-  FlashAttentionArgs ref_args = args_on(a64, c.dtype, Device::cpu());
-  ref_args = args_on(ref_args, DType::F64, Device::cpu());
+  FlashAttentionArgs ref_args = flash_args_on(a64, c.dtype, Device::cpu());
+  ref_args = flash_args_on(ref_args, DType::F64, Device::cpu());
   const Tensor grad_out = Tensor::randn({n, c.q_len, c.d}, gen, DType::F64).to(c.dtype).to(DType::F64);
-  const Result ref = run_slot(ref_args, grad_out, DType::F64, Device::cpu());
-  const Result got = run_slot(ref_args, grad_out, c.dtype, Device::cuda(0));
+  const Result ref = run_flash_slot(ref_args, grad_out, DType::F64, Device::cpu());
+  const Result got = run_flash_slot(ref_args, grad_out, c.dtype, Device::cuda(0));
   const char* names[] = {"out", "dq", "dk", "dv"};
   const Tensor Result::*fields[] = {&Result::out, &Result::dq, &Result::dk, &Result::dv};
   if (c.dtype == DType::F64 || c.dtype == DType::F32) {

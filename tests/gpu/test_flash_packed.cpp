@@ -140,7 +140,7 @@ INSTANTIATE_TEST_SUITE_P(Kernels, FlashPackedCuda, ::testing::ValuesIn(cases()),
                            return s;
                          });
 
-// On the CPU (and in f32 on CUDA) the packed entry is split + attention + merge: same numbers as
+// On the CPU (and in f32 on CUDA without TF32) the packed entry is split + attention + merge: same numbers as
 // the split call, gradients included (f64 exact).
 TEST(FlashPacked, SplitPathOnTheCpuIsExact) {
   Generator gen(7);
