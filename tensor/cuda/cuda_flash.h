@@ -1,6 +1,6 @@
 // Internal to tensor/cuda/: the flash attention launchers behind Backend::flash_attention_*
 // (tensor/backend.h, SPEC §2) and their plain parameter struct. Host checks live in
-// cuda_flash_host.cu; kernels in cuda_flash_{fwd,bwd,exact,tf32,tf32_bwd}.cu.
+// cuda_flash_host.cu; kernels in cuda_flash_{fwd,bwd,dq,exact,tf32,tf32_bwd}.cu.
 //
 // Three kernel families:
 //   tensor-core  bf16 / f16 inputs, f32 accumulation (mma.sync m16n8k16), head dims
@@ -13,7 +13,8 @@
 // All: forward saves O and one log-sum-exp per query row; the backward computes
 // D = rowsum(dO∘O) first, then recomputes P tile by tile from the log-sum-exp; no buffer
 // of size Q×K exists. The tensor-core backward accumulates dQ, dK, dV in f32 buffers
-// with atomics (any split of the work adds into them), then converts them once; the tf32
+// with atomics (any split of the work adds into them), then converts them once (or, with
+// LOOM_FLASH_BWD_DQ=separate, writes dQ from a kernel of its own); the tf32
 // backward adds into the (f32) gradients themselves.
 #pragma once
 

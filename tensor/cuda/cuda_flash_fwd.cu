@@ -7,8 +7,8 @@
 //             loops over key tiles of 64, cp.async double-buffered (tile it + 1 is copied
 //             while tile it is used); the head dim is padded with zeros to a multiple of 16 in
 //             shared memory only (QKᵀ's k-dim); P·V runs over the exact head dim in steps of 8.
-//   backward  block = (64 keys, row n, a share of the query tiles); per query tile (Q, dO,
-//             lse, delta cp.async double-buffered):
+//   backward  block = (64 or 128 keys, row n, a share of the query tiles; the warp layouts of
+//             cuda_flash_bwd.cu); per 64-query tile (Q, dO, lse, delta cp.async double-buffered):
 //             Sᵀ = K·Qᵀ, Pᵀ, dVᵀ += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q,
 //             dS to shared memory, dQ += dS·K; dQ, dK, dV added into f32 buffers (atomics).
 //   Interior tiles (no mask, every key in range, wholly below the causal diagonal) skip the
