@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tensor/cpu/cpu_kernels.h"
 #include "tensor/cpu/cpu_math.h"
 #include "tensor/error.h"
 
@@ -27,7 +28,8 @@ constexpr int64_t kSumBlock = 128;                    // values per block of a s
 
 // ---- dtype plumbing ----------------------------------------------------------------
 
-template <typename T> struct Tag { using type = T; };
+using detail::Tag;
+using detail::visit_floating;  // the four floating dtypes (cpu_kernels.h)
 
 template <typename T>
 constexpr bool is_half_v = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
@@ -40,19 +42,6 @@ template <typename T> compute_t<T> ld(T v) {
   else return v;
 }
 template <typename T> T st(compute_t<T> v) { return T(v); }
-
-// Calls f(Tag<T>{}) for the floating storage dtypes.
-template <typename F>
-void visit_storage(DType t, const char* op, F&& f) {
-  switch (t) {
-    case DType::F32: return f(Tag<float>{});
-    case DType::F64: return f(Tag<double>{});
-    case DType::BF16: return f(Tag<bf16>{});
-    case DType::F16: return f(Tag<f16>{});
-    case DType::I64: break;
-  }
-  LOOM_FAIL("cpu ", op, ": dtype ", dtype_name(t), " is not supported (f32, f64, bf16, f16)");
-}
 
 template <typename T> const T* in_ptr(const Tensor& t) {
   return t.defined() ? static_cast<const T*>(t.raw_data()) : nullptr;
@@ -397,39 +386,39 @@ void unscale_check_finite_typed(const UnscaleArgs& a) {
 
 void unscale_check_finite(const UnscaleArgs& a) {
   if (a.grads.empty()) return;
-  visit_storage(a.grads.front().dtype(), "unscale_check_finite",
+  visit_floating(a.grads.front().dtype(), "unscale_check_finite",
                 [&](auto tag) { unscale_check_finite_typed<typename decltype(tag)::type>(a); });
 }
 
 void bias_residual(const BiasResidualArgs& a) {
-  visit_storage(a.y.dtype(), "bias_residual",
+  visit_floating(a.y.dtype(), "bias_residual",
                 [&](auto tag) { bias_residual_typed<typename decltype(tag)::type>(a); });
 }
 
 void layer_norm(const LayerNormArgs& a) {
-  visit_storage(a.x.dtype(), "layer_norm", [&](auto tag) { layer_norm_typed<typename decltype(tag)::type>(a); });
+  visit_floating(a.x.dtype(), "layer_norm", [&](auto tag) { layer_norm_typed<typename decltype(tag)::type>(a); });
 }
 
 void layer_norm_backward(const LayerNormGradArgs& a) {
-  visit_storage(a.x.dtype(), "layer_norm_backward",
+  visit_floating(a.x.dtype(), "layer_norm_backward",
                 [&](auto tag) { layer_norm_backward_typed<typename decltype(tag)::type>(a); });
 }
 
 void group_norm(const GroupNormArgs& a) {
-  visit_storage(a.x.dtype(), "group_norm", [&](auto tag) { group_norm_typed<typename decltype(tag)::type>(a); });
+  visit_floating(a.x.dtype(), "group_norm", [&](auto tag) { group_norm_typed<typename decltype(tag)::type>(a); });
 }
 
 void group_norm_backward(const GroupNormGradArgs& a) {
-  visit_storage(a.x.dtype(), "group_norm_backward",
+  visit_floating(a.x.dtype(), "group_norm_backward",
                 [&](auto tag) { group_norm_backward_typed<typename decltype(tag)::type>(a); });
 }
 
 void geglu(const GegluArgs& a) {
-  visit_storage(a.x.dtype(), "geglu", [&](auto tag) { geglu_typed<typename decltype(tag)::type>(a); });
+  visit_floating(a.x.dtype(), "geglu", [&](auto tag) { geglu_typed<typename decltype(tag)::type>(a); });
 }
 
 void geglu_backward(const GegluGradArgs& a) {
-  visit_storage(a.x.dtype(), "geglu_backward",
+  visit_floating(a.x.dtype(), "geglu_backward",
                 [&](auto tag) { geglu_backward_typed<typename decltype(tag)::type>(a); });
 }
 

@@ -49,6 +49,16 @@ void visit_any(DType t, const char* op, F&& f) {
   LOOM_FAIL("cpu ", op, ": unknown dtype code ", int(t));
 }
 
+// Calls f(Tag<T>{}) for the four floating dtypes (f32, f64, bf16, f16); throws naming op and
+// dtype for i64.
+template <typename F>
+void visit_floating(DType t, const char* op, F&& f) {
+  if (t == DType::I64) LOOM_FAIL("cpu ", op, ": dtype ", dtype_name(t), " is not supported (f32, f64, bf16, f16)");
+  visit_any(t, op, [&](auto tag) {
+    if constexpr (!std::is_same_v<typename decltype(tag)::type, int64_t>) f(tag);
+  });
+}
+
 // Calls f(Tag<T>{}) for f32 / f64; throws naming op and dtype for the others.
 template <typename F>
 void visit_float(DType t, const char* op, F&& f) {
