@@ -16,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "tensor/backend.h"
 #include "tensor/error.h"
 #include "tensor/precision.h"
+#include "tensor/random.h"
 #include "tensor/tensor.h"
 
 namespace loom::testing {
@@ -230,3 +232,176 @@ inline FlashSlotResult run_flash_slot(const FlashAttentionArgs& a64, const Tenso
       GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0 (loom built without CUDA, no driver, " \
                       "no GPU, or none visible)";                                                     \
   } while (0)
+
+// ---- op-test references (tests/tensor/test_ops*.cpp) ----------------------------------------
+// Row-major index arithmetic, NumPy broadcasting, relative errors, and inputs of a logical shape
+// laid out contiguous, transposed or sliced with their values as a reference vector.
+
+// Runs body in a child process (thread-safe death-test style) and expects it to exit with 0.
+#define LOOM_EXPECT_CHILD_EXITS_0(body)             \
+  do {                                               \
+    GTEST_FLAG_SET(death_test_style, "threadsafe"); \
+    EXPECT_EXIT(body, ::testing::ExitedWithCode(0), ""); \
+  } while (0)
+
+namespace loom::testing::opsref {
+
+using loom::Device;
+using loom::DType;
+using loom::Generator;
+using loom::Shape;
+using loom::Tensor;
+
+inline constexpr double kInf = std::numeric_limits<double>::infinity();
+
+
+
+inline int64_t numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+inline std::vector<int64_t> unravel(int64_t i, const Shape& shape) {
+  std::vector<int64_t> idx(shape.size());
+  for (int64_t d = int64_t(shape.size()) - 1; d >= 0; --d) {
+    idx[size_t(d)] = i % shape[size_t(d)];
+    i /= shape[size_t(d)];
+  }
+  return idx;
+}
+
+inline int64_t ravel(const std::vector<int64_t>& idx, const Shape& shape) {
+  int64_t i = 0;
+  for (size_t d = 0; d < shape.size(); ++d) i = i * shape[d] + idx[d];
+  return i;
+}
+
+inline std::string shape_str(const Shape& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// NumPy broadcast of two shapes (the test's own version).
+inline Shape broadcast(const Shape& a, const Shape& b) {
+  const size_t n = std::max(a.size(), b.size());
+  Shape out(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t da = i < n - a.size() ? 1 : a[i - (n - a.size())];
+    const int64_t db = i < n - b.size() ? 1 : b[i - (n - b.size())];
+    out[i] = da == 1 ? db : da;
+  }
+  return out;
+}
+
+// Index into a tensor of `shape` that broadcasts to `out` at out-index `oi`.
+inline int64_t broadcast_index(const std::vector<int64_t>& oi, const Shape& shape) {
+  const size_t lead = oi.size() - shape.size();
+  std::vector<int64_t> idx(shape.size());
+  for (size_t d = 0; d < shape.size(); ++d) idx[d] = shape[d] == 1 ? 0 : oi[lead + d];
+  return ravel(idx, shape);
+}
+
+inline double rel_err(const std::vector<double>& x, const std::vector<double>& ref) {
+  EXPECT_EQ(x.size(), ref.size());
+  if (x.size() != ref.size()) return kInf;
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    num += (x[i] - ref[i]) * (x[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  if (std::isnan(num)) return kInf;
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Like rel_err, but with ||ref|| floored at sqrt(n) (an RMS of 1): for functions
+// evaluated near one of their roots (gelu_grad, log near 1, tanh near 0) the
+// absolute rounding error of f32 is ~eps·O(1) however small the value is.
+inline double scaled_err(const std::vector<double>& x, const std::vector<double>& ref) {
+  double den = 0.0;
+  for (double r : ref) den += r * r;
+  const double floor = std::sqrt(double(ref.size()));
+  const double re = rel_err(x, ref);
+  return den > 0 ? re * std::sqrt(den) / std::max(std::sqrt(den), floor) : re / std::max(floor, 1.0);
+}
+
+inline bool all_finite(const std::vector<double>& v) {
+  return std::all_of(v.begin(), v.end(), [](double x) { return std::isfinite(x); });
+}
+
+// Tolerances for elementwise ops / reductions / softmax; matmul uses its own.
+inline double tol(DType dt) { return dt == DType::F64 ? 1e-12 : 1e-6; }
+
+enum class Layout { Contiguous, Transposed, Sliced };
+inline const Layout kLayouts[] = {Layout::Contiguous, Layout::Transposed, Layout::Sliced};
+inline const DType kFloatTypes[] = {DType::F32, DType::F64};
+
+inline const char* layout_name(Layout l) {
+  switch (l) {
+    case Layout::Contiguous: return "contiguous";
+    case Layout::Transposed: return "transposed";
+    case Layout::Sliced: return "sliced";
+  }
+  return "?";
+}
+
+inline std::string trace(DType dt, Layout la) { return std::string(loom::dtype_name(dt)) + ", " + layout_name(la); }
+
+// A tensor of logical shape `shape` with values uniform in [lo, hi), laid out as
+// asked, and its logical values in row-major order (computed from the
+// contiguous base it views, by index arithmetic).
+struct Input {
+  Tensor t;
+  std::vector<double> ref;
+};
+
+inline Input make_input(const Shape& shape, Generator& gen, DType dt, Layout layout, double lo = -3.0, double hi = 3.0) {
+  const int64_t r = int64_t(shape.size());
+  if (layout == Layout::Transposed && r < 2) layout = Layout::Sliced;
+  Input in;
+  in.ref.resize(size_t(numel(shape)));
+  if (layout == Layout::Contiguous) {
+    in.t = Tensor::rand(shape, gen, dt, Device::cpu(), lo, hi);
+    in.ref = in.t.contiguous().to_vector();
+  } else if (layout == Layout::Transposed) {
+    Shape bs = shape;
+    std::swap(bs[size_t(r - 1)], bs[size_t(r - 2)]);
+    const Tensor base = Tensor::rand(bs, gen, dt, Device::cpu(), lo, hi);
+    const std::vector<double> bv = base.to_vector();
+    in.t = base.transpose(-1, -2);
+    for (int64_t i = 0; i < numel(shape); ++i) {
+      std::vector<int64_t> idx = unravel(i, shape);
+      std::swap(idx[size_t(r - 1)], idx[size_t(r - 2)]);
+      in.ref[size_t(i)] = bv[size_t(ravel(idx, bs))];
+    }
+  } else {  // every other element of a last dim of 2n+1: x[..., j] = base[..., 1 + 2j]
+    if (r == 0) {
+      const Tensor base = Tensor::rand({3}, gen, dt, Device::cpu(), lo, hi);
+      in.t = base.select(0, 1);
+      in.ref = {base.to_vector()[1]};
+      return in;
+    }
+    Shape bs = shape;
+    bs[size_t(r - 1)] = 2 * shape[size_t(r - 1)] + 1;
+    const Tensor base = Tensor::rand(bs, gen, dt, Device::cpu(), lo, hi);
+    const std::vector<double> bv = base.to_vector();
+    in.t = base.slice(-1, 1, bs[size_t(r - 1)], 2);
+    for (int64_t i = 0; i < numel(shape); ++i) {
+      std::vector<int64_t> idx = unravel(i, shape);
+      idx[size_t(r - 1)] = 1 + 2 * idx[size_t(r - 1)];
+      in.ref[size_t(i)] = bv[size_t(ravel(idx, bs))];
+    }
+  }
+  EXPECT_EQ(in.t.shape(), shape);
+  // the views really are non-contiguous wherever their layout allows it
+  if (layout == Layout::Transposed && shape[size_t(r - 1)] > 1 && shape[size_t(r - 2)] > 1) {
+    EXPECT_FALSE(in.t.is_contiguous());
+  }
+  if (layout == Layout::Sliced && r > 0 && shape.back() > 1) {
+    EXPECT_FALSE(in.t.is_contiguous());
+  }
+  return in;
+}
+
+}  // namespace loom::testing::opsref
