@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -232,6 +233,16 @@ inline FlashSlotResult run_flash_slot(const FlashAttentionArgs& a64, const Tenso
       GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0 (loom built without CUDA, no driver, " \
                       "no GPU, or none visible)";                                                     \
   } while (0)
+
+namespace loom::testing {
+// A GoogleTest parameter name from free text: every character that is not a letter or a digit
+// becomes '_'.
+inline std::string gtest_param_name(std::string s) {
+  for (char& ch : s)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return s;
+}
+}  // namespace loom::testing
 
 // ---- op-test references (tests/tensor/test_ops*.cpp) ----------------------------------------
 // Row-major index arithmetic, NumPy broadcasting, relative errors, and inputs of a logical shape

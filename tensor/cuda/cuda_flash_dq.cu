@@ -197,14 +197,7 @@ void tc_dq(const FlashParams& p) {
 
 template <typename T>
 void flash_tc_dq_for(const FlashParams& p) {
-  switch (p.d) {
-#define LOOM_FLASH_CASE(D) \
-  case D:                  \
-    return tc_dq<T, D>(p);
-    LOOM_FLASH_HEAD_DIMS(LOOM_FLASH_CASE)
-#undef LOOM_FLASH_CASE
-  }
-  LOOM_FAIL("attention backend 'flash' does not support head dim ", p.d, " on cuda");
+  dispatch_head_dim(p.d, "", [&](auto dim) { tc_dq<T, decltype(dim)::value>(p); });
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
@@ -166,6 +167,21 @@ struct TcShape {
   static constexpr int kRows = 64;                // queries per tile (16 per warp)
   static constexpr int kCols = 64;                // keys per tile
 };
+
+// Calls f(std::integral_constant<int, D>{}) for head dim d among LOOM_FLASH_HEAD_DIMS (the host
+// side of every tensor-core launcher); other dims throw "attention backend 'flash' does not
+// support head dim d on cuda" followed by `where` (e.g. " in f32 with TF32").
+template <typename F>
+void dispatch_head_dim(int64_t d, const char* where, F&& f) {
+  switch (d) {
+#define LOOM_FLASH_CASE(D) \
+  case D:                  \
+    return f(std::integral_constant<int, D>{});
+    LOOM_FLASH_HEAD_DIMS(LOOM_FLASH_CASE)
+#undef LOOM_FLASH_CASE
+  }
+  LOOM_FAIL("attention backend 'flash' does not support head dim ", d, " on cuda", where);
+}
 
 // The additive mask entry (query qi, key kj) of problem row n, in the log2 domain.
 template <typename T>

@@ -311,14 +311,7 @@ void tf32_backward(const FlashParams& p) {
 
 void flash_tf32_backward(const FlashParams& p) {
   LOOM_CHECK(p.dtype == DType::F32, "flash_tf32_backward: dtype ", p.dtype, " is not f32");
-  switch (p.d) {
-#define LOOM_FLASH_CASE(D) \
-  case D:                  \
-    return tf32_backward<D>(p);
-    LOOM_FLASH_HEAD_DIMS(LOOM_FLASH_CASE)
-#undef LOOM_FLASH_CASE
-  }
-  LOOM_FAIL("attention backend 'flash' does not support head dim ", p.d, " on cuda in f32 with TF32");
+  dispatch_head_dim(p.d, " in f32 with TF32", [&](auto dim) { tf32_backward<decltype(dim)::value>(p); });
 }
 
 }  // namespace loom::cuda

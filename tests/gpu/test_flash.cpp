@@ -148,12 +148,7 @@ std::vector<FlashCase> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, FlashCuda, ::testing::ValuesIn(cases()),
-                         [](const ::testing::TestParamInfo<FlashCase>& info) {
-                           std::string s = info.param.name();
-                           for (char& ch : s)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return s;
-                         });
+                         [](const ::testing::TestParamInfo<FlashCase>& info) { return loom::testing::gtest_param_name(info.param.name()); });
 
 // Every warp layout of the tensor-core backward (LOOM_FLASH_BWD_LAYOUT; the default picks one per
 // head dim), with dQ from f32 atomics and from its own kernel (LOOM_FLASH_BWD_DQ), against the f64

@@ -133,12 +133,7 @@ std::vector<PackedCase> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, FlashPackedCuda, ::testing::ValuesIn(cases()),
-                         [](const ::testing::TestParamInfo<PackedCase>& info) {
-                           std::string s = info.param.name();
-                           for (char& ch : s)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return s;
-                         });
+                         [](const ::testing::TestParamInfo<PackedCase>& info) { return loom::testing::gtest_param_name(info.param.name()); });
 
 // On the CPU (and in f32 on CUDA without TF32) the packed entry is split + attention + merge: same numbers as
 // the split call, gradients included (f64 exact).

@@ -233,12 +233,7 @@ std::vector<Tf32Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, FlashTf32Cuda, ::testing::ValuesIn(cases()),
-                         [](const ::testing::TestParamInfo<Tf32Case>& info) {
-                           std::string s = info.param.name();
-                           for (char& ch : s)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return s;
-                         });
+                         [](const ::testing::TestParamInfo<Tf32Case>& info) { return loom::testing::gtest_param_name(info.param.name()); });
 
 // With allow_tf32() off, f32 runs the exact kernels (≤ 1e-5 relative against f64, at a head dim the
 // TF32 kernels also cover); switched on, the same call visibly rounds to TF32.

@@ -83,24 +83,9 @@ TEST_P(GpuSampling, GraphLoopEqualsTheEagerLoopInF32AndBf16) {
 TEST_P(GpuSampling, F64LoopMatchesDiffusers) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device available (built without CUDA or no GPU present)";
   const auto [model, name] = GetParam();
-  const io::TensorFile g = golden(model);
-  const nlohmann::json c = nlohmann::json::parse(g.metadata.at(name));
-  UNetLoadOptions lo;
-  lo.dtype = DType::F64, lo.device = Device::cuda(0);
-  const auto unet = load_unet_dir(fixture(model), lo).model;
-  SamplingConditioning cond;
-  auto get = [&](const std::string& k) { return g.find(k) ? g.find(k)->to(DType::F64) : Tensor(); };
-  cond.encoder_hidden_states = get("encoder_hidden_states");
-  cond.negative_encoder_hidden_states = get("negative_encoder_hidden_states");
-  cond.text_embeds = get("text_embeds"), cond.negative_text_embeds = get("negative_text_embeds");
-  cond.time_ids = get("time_ids"), cond.negative_time_ids = get("negative_time_ids");
-  const auto s = make_scheduler(SchedulerConfig::from_json_text(c.at("config").dump(),
-                                                               parse_scheduler_kind(c.at("scheduler"))));
-  SamplingOptions o;
-  o.steps = c.at("steps"), o.guidance_scale = c.at("guidance_scale"), o.model_dtype = DType::F64;
-  const Tensor out = sample_latents(*unet, *s, get(std::string(name) + ".latents").to(Device::cuda(0)), cond, o);
+  const Tensor out = golden_loop(model, name, DType::F64, SamplingOptions{}.cuda_graph).out;
   EXPECT_TRUE(out.device().is_cuda());
-  EXPECT_LE(rel_error(cpu64(out), get(std::string(name) + ".output")), 1e-10);
+  EXPECT_LE(rel_error(cpu64(out), golden(model).find(std::string(name) + ".output")->to(DType::F64)), 1e-10);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, GpuSampling,
