@@ -77,6 +77,12 @@ void flash_tc_backward(const FlashParams& p);            // cuda_flash_bwd.cu
 void flash_tf32_forward(const FlashParams& p);           // cuda_flash_tf32.cu
 void flash_tf32_backward(const FlashParams& p);          // cuda_flash_tf32_bwd.cu
 void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
+// The Hopper forward (cuda_flash_wgmma.cu: wgmma, sm_90a) for bf16 / f16 at head dim 64, used by
+// flash_tc_forward when flash_wgmma_available() (built for sm_90a, device of compute capability
+// 9.0), unless LOOM_FLASH_FWD=mma; LOOM_FLASH_FWD_TILE picks its block (3x128: 3 warpgroups of 64
+// queries, 128-key tiles; 2x128; 2x64). Both variables are read at every call.
+bool flash_wgmma_available();
+void flash_wgmma_forward(const FlashParams& p);
 // dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into
 // p.dq (cuda_flash_dq.cu), instead of f32 atomics from the key-stationary kernel; chosen by
 // LOOM_FLASH_BWD_DQ=separate (default atomic), read at every call.

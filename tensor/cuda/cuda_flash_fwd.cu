@@ -26,6 +26,9 @@
 //
 // Exact family (f32 / f64): one thread per query row (forward, dQ) or per key row (dK, dV),
 // tiles of the other side staged in shared memory; the CPU flash algorithm, in FMA.
+#include <cstdlib>
+#include <string>
+
 #include "tensor/cuda/cuda_flash_tc.cuh"
 
 namespace loom::cuda {
@@ -260,7 +263,20 @@ void flash_tc_forward_for(const FlashParams& p) {
 
 }  // namespace
 
+// Whether the forward of p runs on wgmma (cuda_flash.h): head dim 64 on a device that has it,
+// unless LOOM_FLASH_FWD=mma; LOOM_FLASH_FWD=wgmma where it is missing is an error.
+bool forward_on_wgmma(const FlashParams& p) {
+  const char* choice = std::getenv("LOOM_FLASH_FWD");
+  const std::string c = choice ? choice : "";
+  LOOM_CHECK(c.empty() || c == "mma" || c == "wgmma", "LOOM_FLASH_FWD='", c, "' is not mma or wgmma");
+  if (c == "mma" || p.d != 64) return false;
+  LOOM_CHECK(c.empty() || flash_wgmma_available(),
+             "LOOM_FLASH_FWD=wgmma: this build or device has no sm_90a wgmma kernels");
+  return flash_wgmma_available();
+}
+
 void flash_tc_forward(const FlashParams& p) {
+  if (forward_on_wgmma(p)) return flash_wgmma_forward(p);
   if (p.dtype == DType::BF16) return flash_tc_forward_for<__nv_bfloat16>(p);
   if (p.dtype == DType::F16) return flash_tc_forward_for<__half>(p);
   LOOM_FAIL("flash_tc_forward: dtype ", p.dtype, " is not bf16 / f16");

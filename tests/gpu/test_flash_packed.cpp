@@ -122,6 +122,14 @@ TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithSeparateDq) {
   unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
+// The same with the mma.sync forward where the default is Hopper's wgmma (head dim 64 on sm_90).
+TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheMmaForward) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  setenv("LOOM_FLASH_FWD", "mma", 1);
+  check_case(GetParam());
+  unsetenv("LOOM_FLASH_FWD");
+}
+
 std::vector<PackedCase> cases() {
   std::vector<PackedCase> v;
   for (int64_t d : {40, 64, 72, 80, 96, 128, 160}) v.push_back({DType::BF16, 2, 3, 77, 131, d});

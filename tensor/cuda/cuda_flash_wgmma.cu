@@ -1,0 +1,243 @@
+// Flash attention forward on Hopper's warpgroup tensor cores (wgmma, sm_90a), head dim 64,
+// bf16 / f16 with f32 accumulation: the same contract and arithmetic as cuda_flash_fwd.cu (log2-
+// domain online softmax, O and one natural-log LSE per row), built on the operands wgmma reads
+// from shared memory instead of mma.sync's fragments.
+//
+//   block   kWg warpgroups; warpgroup w owns the 64 query rows i0 + 64w…; keys in tiles of kN.
+//   S = Q·Kᵀ   wgmma m64nkNk16 × 4 (d = 64 in k-steps of 16), Q and K both from shared memory
+//              (K-major, 128-byte swizzle; cuda_wgmma.cuh), S in registers (kN / 2 per thread);
+//   softmax    in registers, on mma.sync's C layout (the warpgroup accumulator layout);
+//   O += P·V   wgmma m64n64k16 × kN / 16, P from registers (the accumulators rounded to T:
+//              the A layout), V from shared memory read MN-major (imm-trans-b).
+// K and V tiles are cp.async double-buffered (tile it + 1 is copied while tile it is used), made
+// visible to wgmma by fence.proxy.async and the barrier that opens each tile.
+//
+// Compiled for sm_90a only (tensor/CMakeLists.txt: loom_tensor_sm90a); flash_wgmma_available()
+// says whether the current device runs it. Shapes: flash_wgmma_forward's comment.
+#include "tensor/cuda/cuda_flash_tc.cuh"
+#include "tensor/cuda/cuda_wgmma.cuh"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace loom::cuda {
+
+namespace {
+
+constexpr int kWgD = 64;  // head dim of this kernel
+
+// Rows [r0, r0 + rows) of a [len, 64] matrix (rows `stride` elements apart) into a 128-byte-
+// swizzled [rows][64] tile with cp.async; zero beyond len.
+template <typename T>
+__device__ __forceinline__ void load_sw128_async(T* tile, const T* src, int64_t r0, int rows, int64_t len,
+                                                 int64_t stride, int tid, int threads) {
+  unsigned char* dst = reinterpret_cast<unsigned char*>(tile);
+  for (int idx = tid; idx < rows * 8; idx += threads) {
+    const int r = idx >> 3, c = idx & 7;
+    const bool in = r0 + r < len;
+    cp_async16(dst + sw128_offset(r, c), in ? src + (r0 + r) * stride + c * 8 : src, in);
+  }
+}
+
+template <int kWg, int kN>
+struct WgShape {
+  static constexpr int kRows = 64 * kWg;
+  static constexpr int kThreads = 128 * kWg;
+  static constexpr int kMinBlocks = kN == 64 ? 2 : 1;  // registers: kN / 2 for S, 32 for O
+  // Q [kRows][64], then K and V two buffers each [2][kN][64], 1024 bytes of alignment slack
+  static constexpr size_t kSmem = 1024 + size_t(kRows + 4 * kN) * 128;
+};
+
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_qk(float (&s)[kN / 2], uint64_t q_desc, uint64_t k_desc) {
+#pragma unroll
+  for (int kk = 0; kk < kWgD / 16; ++kk) {  // the k-slice 16kk…: 32 bytes further in each row
+    if constexpr (kN == 128) wgmma_ss_m64n128k16(s, q_desc + 2 * kk, k_desc + 2 * kk, kk, T());
+    else wgmma_ss_m64n64k16(s, q_desc + 2 * kk, k_desc + 2 * kk, kk, T());
+  }
+}
+
+template <typename T, int kWg, int kN>
+__global__ void __launch_bounds__(WgShape<kWg, kN>::kThreads, WgShape<kWg, kN>::kMinBlocks)
+    flash_fwd_wgmma_kernel(const FlashParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = WgShape<kWg, kN>;
+  constexpr int kRows = S::kRows, kThreads = S::kThreads;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK0 = sQ + kRows * kWgD;  // [2][kN][64]
+  T* sV0 = sK0 + 2 * kN * kWgD;
+
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
+  const FlashRows qr = flash_rows(p, n, p.q_len, kWgD), kr = flash_rows(p, n, p.k_len, kWgD);
+  const T* q = static_cast<const T*>(p.q) + qr.base;
+  const T* k = static_cast<const T*>(p.k) + kr.base;
+  const T* v = static_cast<const T*>(p.v) + kr.base;
+  const T* mask = static_cast<const T*>(p.mask);
+  const float sl2 = float(p.scale) * kLog2e;
+
+  int64_t tiles = (p.k_len + kN - 1) / kN;
+  if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kN + 1);
+
+  load_sw128_async<T>(sQ, q, i0, kRows, p.q_len, qr.stride, tid, kThreads);
+  if (tiles > 0) {
+    load_sw128_async<T>(sK0, k, 0, kN, p.k_len, kr.stride, tid, kThreads);
+    load_sw128_async<T>(sV0, v, 0, kN, p.k_len, kr.stride, tid, kThreads);
+  }
+  cp_async_commit();
+
+  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * kWgD, 16, 1024);
+  float o[kWgD / 2];
+#pragma unroll
+  for (int i = 0; i < kWgD / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int64_t row0 = i0 + wg * 64 + warp * 16 + g;
+  const int64_t row_q[2] = {row0, row0 + 8};
+
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int64_t j0 = it * kN;
+    const int buf = int(it & 1);
+    const T* sK = sK0 + buf * kN * kWgD;
+    const T* sV = sV0 + buf * kN * kWgD;
+    cp_async_wait_all();
+    fence_async_shared();
+    __syncthreads();  // tile it landed for every thread; every warpgroup is done with tile it − 1
+    if (it + 1 < tiles) {
+      load_sw128_async<T>(sK0 + (buf ^ 1) * kN * kWgD, k, j0 + kN, kN, p.k_len, kr.stride, tid, kThreads);
+      load_sw128_async<T>(sV0 + (buf ^ 1) * kN * kWgD, v, j0 + kN, kN, p.k_len, kr.stride, tid, kThreads);
+    }
+    cp_async_commit();
+
+    float s[kN / 2];  // s[4j + e]: mma.sync's C fragment of column block j
+    wgmma_fence();
+    wgmma_qk<T, kN>(s, q_desc, sw128_desc(sK, 16, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(s);
+
+    const bool plain = !mask && j0 + kN <= p.k_len && (!p.causal || j0 + kN - 1 <= i0);
+    if (plain) {
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) s[i] *= sl2;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[e / 2];
+          float x = s[4 * j + e] * sl2;
+          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+          s[4 * j + e] = x;
+        }
+      }
+    }
+    // the online softmax of rows g (h = 0) and g + 8 (h = 1)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[h], mx);
+      const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
+      const float corr = fast_exp2(m[h] - shift);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) {
+        s[4 * j + 2 * h] = fast_exp2(s[4 * j + 2 * h] - shift);
+        s[4 * j + 2 * h + 1] = fast_exp2(s[4 * j + 2 * h + 1] - shift);
+        sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+      }
+      l[h] = l[h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
+      m[h] = m_new;
+#pragma unroll
+      for (int j = 0; j < kWgD / 8; ++j) o[4 * j + 2 * h] *= corr, o[4 * j + 2 * h + 1] *= corr;
+    }
+    // O += P·V, P from the accumulators: k-step kk is column blocks 2kk and 2kk + 1
+    uint32_t pa[kN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      pa[kk][0] = Half2<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = Half2<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = Half2<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = Half2<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    const uint64_t v_desc = sw128_desc(sV, 16, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_m64n64k16_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(o);
+  }
+
+  T* out = static_cast<T*>(p.out) + qr.base;
+  float* lse = static_cast<float*>(p.lse) + n * p.q_len;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    const int64_t qi = row_q[h];
+    if (qi >= p.q_len) continue;
+    const float inv = 1.f / l[h];
+#pragma unroll
+    for (int j = 0; j < kWgD / 8; ++j) {
+      const uint32_t packed = Half2<T>::pack(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      *reinterpret_cast<uint32_t*>(out + qi * qr.stride + j * 8 + 2 * t) = packed;
+    }
+    if (t == 0) lse[qi] = (m[h] + log2f(l[h])) * kLn2;
+  }
+#else
+  (void)p;
+  __trap();  // built without sm_90a: flash_wgmma_available() is false there
+#endif
+}
+
+template <typename T, int kWg, int kN>
+void wgmma_forward(const FlashParams& p) {
+  using S = WgShape<kWg, kN>;
+  auto* kernel = flash_fwd_wgmma_kernel<T, kWg, kN>;
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
+  const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
+  kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p);
+  check_last_launch("flash_fwd_wgmma_kernel");
+}
+
+template <typename T>
+void wgmma_forward_for(const FlashParams& p, const char* tile) {
+  if (std::strcmp(tile, "2x128") == 0) return wgmma_forward<T, 2, 128>(p);
+  if (std::strcmp(tile, "2x64") == 0) return wgmma_forward<T, 2, 64>(p);
+  if (std::strcmp(tile, "3x128") == 0) return wgmma_forward<T, 3, 128>(p);
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 2x128, 2x64");
+}
+
+}  // namespace
+
+bool flash_wgmma_available() {
+#if !defined(LOOM_BUILT_FOR_SM90A)
+  return false;
+#endif
+  static const bool available = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+    return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
+  }();
+  return available;
+}
+
+void flash_wgmma_forward(const FlashParams& p) {
+  LOOM_CHECK(p.d == kWgD && p.dv == kWgD, "flash_wgmma_forward: head dim ", p.d, " is not ", kWgD);
+  const char* tile = std::getenv("LOOM_FLASH_FWD_TILE");
+  if (!tile || !*tile) tile = "3x128";
+  if (p.dtype == DType::BF16) return wgmma_forward_for<__nv_bfloat16>(p, tile);
+  if (p.dtype == DType::F16) return wgmma_forward_for<__half>(p, tile);
+  LOOM_FAIL("flash_wgmma_forward: dtype ", p.dtype, " is not bf16 / f16");
+}
+
+}  // namespace loom::cuda
