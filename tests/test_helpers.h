@@ -1,7 +1,9 @@
 // Helpers shared by the test executables (one copy, not one per file): error capture,
-// relative error, scratch directories, whole-file reads and writes, a scoped environment
-// variable, the TF32 switch and rounding, the flash attention slot run on any device, and the
-// skip of GPU tests where no CUDA device is usable.
+// relative error, scratch directories, whole-file reads and writes, little-endian lengths, a
+// scoped environment variable, the TF32 switch and rounding, the flash attention slot run on any
+// device, and the skip of GPU tests where no CUDA device is usable; then, each in a namespace of
+// its own, what the files of one split test family share: op and tensor references (opsref),
+// LoRA helpers (lora) and adapter-file helpers (adapter_io).
 #pragma once
 
 #include <dirent.h>
@@ -18,10 +20,14 @@
 #include <functional>
 #include <iterator>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "adapters/lora.h"
+#include "attention/transformer.h"
+#include "autograd/variable.h"
 #include "tensor/backend.h"
 #include "tensor/error.h"
 #include "tensor/precision.h"
@@ -144,6 +150,13 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
   f << bytes;
 }
 
+// The 8 bytes of n, little-endian (a safetensors header length).
+inline std::string le64(uint64_t n) {
+  std::string s(8, '\0');
+  for (int i = 0; i < 8; ++i) s[i] = char((n >> (8 * i)) & 0xff);
+  return s;
+}
+
 // Sets (or, with value nullptr, unsets) an environment variable for the guard's lifetime and
 // restores the previous state afterwards, e.g. ScopedEnv im2col("LOOM_CONV", "im2col").
 class ScopedEnv {
@@ -244,9 +257,10 @@ inline std::string gtest_param_name(std::string s) {
 }
 }  // namespace loom::testing
 
-// ---- op-test references (tests/tensor/test_ops*.cpp) ----------------------------------------
-// Row-major index arithmetic, NumPy broadcasting, relative errors, and inputs of a logical shape
-// laid out contiguous, transposed or sliced with their values as a reference vector.
+// ---- op-test references (tests/tensor/test_ops*.cpp, test_tensor.cpp, test_tensor_copy.cpp) ----
+// Row-major index arithmetic, NumPy broadcasting, relative errors, inputs of a logical shape
+// laid out contiguous, transposed or sliced with their values as a reference vector, and tensors
+// whose element i holds i.
 
 // Runs body in a child process (thread-safe death-test style) and expects it to exit with 0.
 #define LOOM_EXPECT_CHILD_EXITS_0(body)             \
@@ -286,6 +300,18 @@ inline int64_t ravel(const std::vector<int64_t>& idx, const Shape& shape) {
   int64_t i = 0;
   for (size_t d = 0; d < shape.size(); ++d) i = i * shape[d] + idx[d];
   return i;
+}
+
+// 0, 1, 2, ... n-1 as doubles.
+inline std::vector<double> iota(int64_t n, double start = 0.0) {
+  std::vector<double> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[size_t(i)] = start + double(i);
+  return v;
+}
+
+// A contiguous tensor whose element at row-major index i holds the value i.
+inline Tensor iota_tensor(const Shape& shape, DType dtype = DType::F64) {
+  return Tensor::from_values(iota(loom::shape_numel(shape)), shape, dtype);
 }
 
 inline std::string shape_str(const Shape& s) {
@@ -416,3 +442,138 @@ inline Input make_input(const Shape& shape, Generator& gen, DType dt, Layout lay
 }
 
 }  // namespace loom::testing::opsref
+
+// ---- LoRA-test helpers (tests/adapters/test_lora.cpp, test_lora_patterns_fuse.cpp, test_lora_gradcheck.cpp)
+// A tiny Transformer2DModel and random inputs for it, its output as doubles, every LoRA target,
+// random up weights (B = 0 makes an adapter the identity change), relative differences and the
+// message of a loom::Error.
+
+namespace loom::testing::lora {
+
+// in_channels 4, 2 heads of dim 2 (inner 4), 2 groups, cross_attention_dim 3.
+inline attention::Transformer2DConfig tiny_config(bool linear_projection = false, int64_t head_dim = 2) {
+  attention::Transformer2DConfig c;
+  c.in_channels = 4;
+  c.num_attention_heads = 2;
+  c.attention_head_dim = head_dim;
+  c.norm_num_groups = 2;
+  c.cross_attention_dim = 3;
+  c.use_linear_projection = linear_projection;
+  return c;
+}
+
+inline std::shared_ptr<attention::Transformer2DModel> tiny_model(uint64_t seed, DType dtype,
+                                                                 bool linear_projection = false,
+                                                                 int64_t head_dim = 2) {
+  Generator gen(seed);
+  return std::make_shared<attention::Transformer2DModel>(tiny_config(linear_projection, head_dim), gen, dtype);
+}
+
+// Every optional target as well as the defaults.
+inline std::vector<std::string> all_targets() {
+  return {"to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"};
+}
+
+// B = 0 makes the adapter an identity change (and dA = 0): give it small random values.
+inline void randomize_up(const adapters::LoraAdapter& a, Generator& gen, double std = 0.3) {
+  for (const auto& [path, m] : a.modules())
+    m.up.tensor().copy_(Tensor::randn(m.up.shape(), gen, DType::F64, Device::cpu(), 0.0, std));
+}
+
+inline std::vector<double> run(const attention::Transformer2DModel& model, const Tensor& x, const Tensor& ctx) {
+  NoGradGuard no_grad;
+  return model.forward(Variable(x), Variable(ctx)).tensor().to_vector();
+}
+
+// max |a − b| / max |b|
+inline double rel_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    num = std::max(num, std::abs(a[i] - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  return den > 0.0 ? num / den : num;
+}
+
+inline std::vector<double> minus(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> r(a.size());
+  for (size_t i = 0; i < a.size(); ++i) r[i] = a[i] - b[i];
+  return r;
+}
+
+// The message of the loom::Error that `f` throws; "(no exception)" when it throws nothing.
+inline std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
+struct Inputs {
+  Tensor x, ctx;
+};
+
+inline Inputs random_inputs(uint64_t seed, DType dtype, int64_t batch = 2) {
+  Generator gen(seed);
+  Inputs in;
+  in.x = Tensor::randn({batch, 4, 3, 3}, gen, dtype);
+  in.ctx = Tensor::randn({batch, 3, 3}, gen, dtype);
+  return in;
+}
+
+}  // namespace loom::testing::lora
+
+// ---- adapter-file-test helpers (tests/io/test_adapter_io*.cpp, test_model_dir_checkpoint.cpp) --
+// A tiny Transformer2DModel (two layers, eval mode), its inputs and output, and a LoRA on it that
+// changes the output.
+
+namespace loom::testing::adapter_io {
+
+inline attention::Transformer2DConfig tiny_config(bool linear_projection = false) {
+  attention::Transformer2DConfig c;
+  c.in_channels = 4, c.num_attention_heads = 2, c.attention_head_dim = 3, c.num_layers = 2;
+  c.cross_attention_dim = 5, c.norm_num_groups = 2, c.use_linear_projection = linear_projection;
+  return c;
+}
+
+inline std::shared_ptr<attention::Transformer2DModel> tiny_model(DType dtype = DType::F32,
+                                                                 bool linear_projection = false) {
+  Generator gen(11);
+  auto m = std::make_shared<attention::Transformer2DModel>(tiny_config(linear_projection), gen, dtype);
+  m->eval();
+  return m;
+}
+
+struct Inputs {
+  Variable x, ctx;
+};
+inline Inputs tiny_inputs(DType dtype) {
+  Generator gen(5);
+  return {Variable(Tensor::randn({2, 4, 3, 3}, gen, dtype)), Variable(Tensor::randn({2, 4, 5}, gen, dtype))};
+}
+
+// A LoRA with non-zero up weights (so it changes the output), per-module ranks and alphas.
+inline adapters::LoraAdapter& trained_like(adapters::LoraSet& set, const std::string& name, uint64_t seed,
+                                           std::vector<std::string> targets = adapters::default_lora_targets()) {
+  adapters::LoraConfig cfg;
+  cfg.rank = 2, cfg.alpha = 3.0, cfg.targets = std::move(targets);
+  cfg.rank_pattern["attn2.to_k"] = 3;
+  cfg.alpha_pattern["attn1.to_v"] = 1.5;
+  Generator gen(seed);
+  adapters::LoraAdapter& a = set.add(name, cfg, gen);
+  for (const auto& [path, m] : a.modules()) {
+    const Tensor& up = m.up.tensor();
+    m.up.tensor().copy_(Tensor::randn(up.shape(), gen, up.dtype(), up.device(), 0.0, 0.5));
+  }
+  return a;
+}
+
+inline Tensor run(const attention::Transformer2DModel& m, const Inputs& in) {
+  NoGradGuard ng;
+  return m.forward(in.x, in.ctx).tensor();
+}
+
+}  // namespace loom::testing::adapter_io

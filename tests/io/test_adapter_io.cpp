@@ -1,23 +1,24 @@
-// Adapter files: every key family in and out, conversions that keep outputs,
-// load reports, strict errors, prefixes, Custom Diffusion, model directories,
-// checkpoints that resume exactly (ctest -L io).
+// Adapter files (io/adapter_io.h): LoRA key families in and out, conversions, spellings, prefixes, Custom Diffusion.
+//
+// Bad files and non-finite values: test_adapter_io_errors.cpp; model directories and checkpoints:
+// test_model_dir_checkpoint.cpp (ctest -L io).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
 
 #include "adapters/custom_diffusion.h"
 #include "adapters/lora.h"
 #include "io/adapter_io.h"
-#include "io/checkpoint.h"
-#include "autograd/ops.h"
-#include "optim/optim.h"
 #include "tensor/ops.h"
 #include "tests/test_helpers.h"
 
@@ -25,53 +26,15 @@ namespace loom::io {
 namespace {
 
 using ::testing::HasSubstr;
-namespace fs = std::filesystem;
 using loom::testing::error_of;
 using loom::testing::rel_error;
 using loom::testing::TempDir;
-
-attention::Transformer2DConfig tiny_config(bool linear_projection = false) {
-  attention::Transformer2DConfig c;
-  c.in_channels = 4, c.num_attention_heads = 2, c.attention_head_dim = 3, c.num_layers = 2;
-  c.cross_attention_dim = 5, c.norm_num_groups = 2, c.use_linear_projection = linear_projection;
-  return c;
-}
-
-std::shared_ptr<attention::Transformer2DModel> tiny_model(DType dtype = DType::F32, bool linear_projection = false) {
-  Generator gen(11);
-  auto m = std::make_shared<attention::Transformer2DModel>(tiny_config(linear_projection), gen, dtype);
-  m->eval();
-  return m;
-}
-
-struct Inputs {
-  Variable x, ctx;
-};
-Inputs tiny_inputs(DType dtype) {
-  Generator gen(5);
-  return {Variable(Tensor::randn({2, 4, 3, 3}, gen, dtype)), Variable(Tensor::randn({2, 4, 5}, gen, dtype))};
-}
-
-// A LoRA with non-zero up weights (so it changes the output), per-module ranks and alphas.
-adapters::LoraAdapter& trained_like(adapters::LoraSet& set, const std::string& name, uint64_t seed,
-                                    std::vector<std::string> targets = adapters::default_lora_targets()) {
-  adapters::LoraConfig cfg;
-  cfg.rank = 2, cfg.alpha = 3.0, cfg.targets = std::move(targets);
-  cfg.rank_pattern["attn2.to_k"] = 3;
-  cfg.alpha_pattern["attn1.to_v"] = 1.5;
-  Generator gen(seed);
-  adapters::LoraAdapter& a = set.add(name, cfg, gen);
-  for (const auto& [path, m] : a.modules()) {
-    const Tensor& up = m.up.tensor();
-    m.up.tensor().copy_(Tensor::randn(up.shape(), gen, up.dtype(), up.device(), 0.0, 0.5));
-  }
-  return a;
-}
-
-Tensor run(const attention::Transformer2DModel& m, const Inputs& in) {
-  NoGradGuard ng;
-  return m.forward(in.x, in.ctx).tensor();
-}
+using loom::testing::adapter_io::Inputs;
+using loom::testing::adapter_io::run;
+using loom::testing::adapter_io::tiny_config;
+using loom::testing::adapter_io::tiny_inputs;
+using loom::testing::adapter_io::tiny_model;
+using loom::testing::adapter_io::trained_like;
 
 // ---- LoRA families ---------------------------------------------------------------------
 
@@ -414,163 +377,6 @@ TEST(LoraRead, KohyaAlphaOfAnyDtypeAndPeftMetadata) {
   }
 }
 
-// A bad alpha is a bad file (exit 3 at load time), never a NaN output at run time.
-TEST(LoraRead, BadKohyaAlphasAreFileErrorsNamingTheKey) {
-  TempDir dir;
-  auto model = tiny_model();
-  adapters::LoraSet set(model);
-  adapters::LoraAdapter& a = trained_like(set, "a", 21);
-  const std::vector<std::pair<std::string, Tensor>> bad_alphas{
-      {"two values", Tensor::from_values({1.0, 2.0}, {2})},
-      {"empty", Tensor::zeros({0})},
-      {"a matrix", Tensor::from_values({4.0}, {1, 1})},
-      {"NaN", Tensor::scalar(NAN, DType::F32)},
-      {"Inf", Tensor::scalar(INFINITY, DType::F32)},
-      {"-Inf in f16", Tensor::scalar(-INFINITY, DType::F32).to(DType::F16)}};
-  for (const auto& [what, bad] : bad_alphas) {
-    auto tensors = lora_tensors(a, *model, KeyFamily::Kohya, "", nullptr);
-    std::string alpha_key;
-    for (auto& [key, t] : tensors)
-      if (alpha_key.empty() && key.size() > 6 && key.substr(key.size() - 6) == ".alpha") alpha_key = key, t = bad;
-    write_safetensors(dir.file("k.safetensors"), tensors);
-    auto fresh = tiny_model();
-    adapters::LoraSet s(fresh);
-    for (bool strict : {true, false}) {
-      AdapterLoadOptions o;
-      o.strict = strict;
-      bool file_error = false;
-      std::string err;
-      try {
-        load_lora(s, "k", dir.file("k.safetensors"), o);
-      } catch (const FileError& e) {
-        file_error = true, err = e.what();
-      }
-      EXPECT_TRUE(file_error) << what;
-      EXPECT_THAT(err, HasSubstr(alpha_key)) << what;
-      EXPECT_THAT(err, HasSubstr("k.safetensors")) << what;
-    }
-    EXPECT_FALSE(s.has("k"));
-    // Without a model (inspect, convert): the same error, and no output file.
-    EXPECT_THAT(error_of([&] { convert_adapter_file(dir.file("k.safetensors"), dir.file("out.safetensors"), KeyFamily::Peft); }),
-                HasSubstr(alpha_key)) << what;
-    EXPECT_FALSE(fs::exists(dir.file("out.safetensors"))) << what;
-  }
-}
-
-TEST(LoraRead, NullOrNonFiniteAlphasInPeftMetadataAreFileErrors) {
-  TempDir dir;
-  auto model = tiny_model();
-  adapters::LoraSet set(model);
-  adapters::LoraAdapter& a = trained_like(set, "a", 22);
-  const auto tensors = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
-  for (const std::string meta : {R"({"unet.r": 2, "unet.lora_alpha": null})", R"({"r": 2, "lora_alpha": 3, "alpha_pattern": {"to_v": null}})",
-                                 R"({"r": null, "lora_alpha": 3})"}) {
-    write_safetensors(dir.file("p.safetensors"), tensors, {{"lora_adapter_metadata", meta}});
-    auto fresh = tiny_model();
-    adapters::LoraSet s(fresh);
-    const std::string err = error_of([&] { load_lora(s, "p", dir.file("p.safetensors")); });
-    EXPECT_THAT(err, HasSubstr("lora_adapter_metadata")) << meta;
-    EXPECT_THAT(err, HasSubstr("null")) << meta;
-  }
-  // A loom HDF5 file whose module attribute says alpha = NaN.
-  std::map<std::string, Attributes> groups{{"transformer_blocks.0.attn1.to_q", {{"alpha", double(NAN)}, {"rank", int64_t(2)}}}};
-  write_hdf5(dir.file("l.h5"), lora_tensors(a, *model, KeyFamily::Loom, "", nullptr),
-             {{"format", std::string("loom")}, {"kind", std::string("lora")}}, groups);
-  auto fresh = tiny_model();
-  adapters::LoraSet s(fresh);
-  const std::string err = error_of([&] { load_lora(s, "l", dir.file("l.h5")); });
-  EXPECT_THAT(err, HasSubstr("transformer_blocks.0.attn1.to_q"));
-  EXPECT_THAT(err, HasSubstr("NaN"));
-}
-
-TEST(LoraWrite, WritersRefuseNonFiniteAlphasAndConvertRefusesNonFiniteCustomDiffusion) {
-  TempDir dir;
-  auto model = tiny_model();
-  adapters::LoraSet set(model);
-  adapters::LoraConfig cfg;
-  cfg.rank = 2, cfg.alpha = NAN;
-  Generator gen(23);
-  adapters::LoraAdapter& a = set.add("a", cfg, gen);
-  for (KeyFamily f : {KeyFamily::Peft, KeyFamily::Diffusers, KeyFamily::Kohya, KeyFamily::Loom}) {
-    EXPECT_THAT(error_of([&] { save_lora(a, *model, dir.file("a.out"), f); }), HasSubstr("non-finite alpha")) << family_name(f);
-    EXPECT_FALSE(fs::exists(dir.file("a.out")));
-  }
-  auto cd = tiny_model();
-  const auto params = adapters::apply_custom_diffusion(*cd, "crossattn");
-  save_custom_diffusion(*cd, dir.file("cd.safetensors"));
-  auto tensors = read_safetensors(dir.file("cd.safetensors")).tensors;
-  std::vector<double> v = tensors[0].second.to_vector();
-  v[1] = NAN;
-  tensors[0].second = Tensor::from_values(v, tensors[0].second.shape());
-  write_safetensors(dir.file("cd_nan.safetensors"), tensors);
-  bool file_error = false;
-  try {
-    convert_adapter_file(dir.file("cd_nan.safetensors"), dir.file("cd.h5"), KeyFamily::Loom);
-  } catch (const FileError& e) {
-    file_error = true;
-    EXPECT_THAT(e.what(), HasSubstr(tensors[0].first));
-  }
-  EXPECT_TRUE(file_error);
-  EXPECT_FALSE(fs::exists(dir.file("cd.h5")));
-}
-
-TEST(LoraRead, StrictErrorsNameTheKeyAndBothShapes) {
-  TempDir dir;
-  auto model = tiny_model();
-  adapters::LoraSet set(model);
-  adapters::LoraAdapter& a = trained_like(set, "a", 2);
-  auto tensors = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
-  tensors[0].second = Tensor::zeros({2, 7});  // wrong in_features
-  write_safetensors(dir.file("bad.safetensors"), tensors);
-  auto fresh = tiny_model();
-  adapters::LoraSet s(fresh);
-  const std::string err = error_of([&] { load_lora(s, "b", dir.file("bad.safetensors")); });
-  EXPECT_THAT(err, HasSubstr(tensors[0].first));
-  EXPECT_THAT(err, HasSubstr("[2, 7]"));
-  EXPECT_THAT(err, HasSubstr("wrong base model or prefix?"));
-  EXPECT_FALSE(s.has("b"));  // nothing partly loaded
-
-  AdapterLoadOptions lenient;
-  lenient.strict = false;
-  const AdapterLoadReport r = load_lora(s, "b", dir.file("bad.safetensors"), lenient);
-  EXPECT_EQ(r.shape_mismatches.size(), 1u);
-
-  auto extra = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
-  extra.emplace_back("unet.transformer_blocks.7.attn1.to_q.lora_A.weight", Tensor::zeros({2, 6}));
-  write_safetensors(dir.file("extra.safetensors"), extra);
-  EXPECT_THAT(error_of([&] { load_lora(s, "c", dir.file("extra.safetensors")); }),
-              HasSubstr("transformer_blocks.7.attn1.to_q.lora_A.weight"));
-}
-
-TEST(LoraRead, AFileThatMatchesNothingIsAnError) {
-  TempDir dir;
-  write_safetensors(dir.file("other.safetensors"), {{"some.unrelated.weight", Tensor::zeros({2, 2})}});
-  auto model = tiny_model();
-  adapters::LoraSet s(model);
-  AdapterLoadOptions lenient;
-  lenient.strict = false;
-  EXPECT_THAT(error_of([&] { load_lora(s, "x", dir.file("other.safetensors"), lenient); }),
-              HasSubstr("no LoRA key matches"));
-}
-
-TEST(LoraRead, NonFiniteWeightsAreReportedAndRefusedByStrictLoads) {
-  TempDir dir;
-  auto model = tiny_model();
-  adapters::LoraSet set(model);
-  adapters::LoraAdapter& a = trained_like(set, "a", 8);
-  auto tensors = lora_tensors(a, *model, KeyFamily::Peft, "", nullptr);
-  std::vector<double> v = tensors[1].second.to_vector();
-  v[0] = NAN;
-  tensors[1].second = Tensor::from_values(v, tensors[1].second.shape());
-  write_safetensors(dir.file("nan.safetensors"), tensors);
-  auto fresh = tiny_model();
-  adapters::LoraSet s(fresh);
-  EXPECT_THAT(error_of([&] { load_lora(s, "n", dir.file("nan.safetensors")); }), HasSubstr("NaN"));
-  AdapterLoadOptions lenient;
-  lenient.strict = false;
-  EXPECT_EQ(load_lora(s, "n", dir.file("nan.safetensors"), lenient).non_finite.size(), 1u);
-}
-
 TEST(LoraRead, PrefixSelectsOneBlockOfAFullUnetFile) {
   TempDir dir;
   const Inputs in = tiny_inputs(DType::F32);
@@ -597,18 +403,6 @@ TEST(LoraRead, PrefixSelectsOneBlockOfAFullUnetFile) {
     o.prefix = "mid_block.attentions.0";
     EXPECT_THAT(error_of([&] { load_lora(s2, "u", dir.file("unet.safetensors"), o); }), HasSubstr("prefix"));
   }
-}
-
-TEST(LoraWrite, RefusesNonFiniteWeightsAndKeepsThePreviousFile) {
-  TempDir dir;
-  auto model = tiny_model();
-  adapters::LoraSet set(model);
-  adapters::LoraAdapter& a = trained_like(set, "a", 1);
-  save_lora(a, *model, dir.file("a.safetensors"));
-  const auto before = read_safetensors(dir.file("a.safetensors")).tensors.size();
-  a.modules().begin()->second.down.tensor().fill_(INFINITY);
-  EXPECT_THAT(error_of([&] { save_lora(a, *model, dir.file("a.safetensors")); }), HasSubstr("NaN or Inf"));
-  EXPECT_EQ(read_safetensors(dir.file("a.safetensors")).tensors.size(), before);
 }
 
 TEST(LoraWrite, LoomHdf5CarriesRankAlphaConventionTargetsAndFingerprint) {
@@ -660,144 +454,6 @@ TEST(CustomDiffusionFiles, SaveLoadKeepsTheOutputInBothFormats) {
       EXPECT_TRUE(r.clean()) << r.summary();
       EXPECT_LE(rel_error(run(*fresh, in), want), 1e-6) << recipe << " " << file;
     }
-}
-
-// ---- model directories --------------------------------------------------------------------------
-
-TEST(ModelDir, LoadsConfigAndWeightsAndABlockOfAFullUnetFile) {
-  TempDir dir;
-  const Inputs in = tiny_inputs(DType::F32);
-  auto model = tiny_model();
-  {
-    std::ofstream cfg(dir.file("config.json"));
-    cfg << R"({"_class_name": "Transformer2DModel", "in_channels": 4, "num_attention_heads": 2,
-              "attention_head_dim": 3, "num_layers": 2, "cross_attention_dim": 5, "norm_num_groups": 2})";
-  }
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const auto& [k, t] : model->state_dict()) tensors.emplace_back("mid_block.attentions.0." + k, t);
-  tensors.emplace_back("conv_in.weight", Tensor::zeros({3}));
-  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), tensors);
-  const auto loaded = load_model_dir(dir.file(""), "mid_block.attentions.0");
-  EXPECT_EQ(run(*loaded, in).to_vector(), run(*model, in).to_vector());
-  EXPECT_THAT(error_of([&] { load_model_dir(dir.file("")); }), HasSubstr("diffusion_pytorch_model.safetensors"));
-  EXPECT_THAT(error_of([&] { load_model_dir(dir.file("nowhere")); }), HasSubstr("config.json"));
-}
-
-// A directory holding one block with bare keys (save_pretrained of a Transformer2DModel) and a LoRA
-// for the whole UNet: --prefix then selects the adapter's keys only.
-TEST(ModelDir, ABareBlockWithAPrefixSelectsOnlyTheAdaptersKeys) {
-  TempDir dir;
-  const Inputs in = tiny_inputs(DType::F32);
-  auto model = tiny_model();
-  {
-    std::ofstream cfg(dir.file("config.json"));
-    cfg << R"({"_class_name": "Transformer2DModel", "in_channels": 4, "num_attention_heads": 2,
-              "attention_head_dim": 3, "num_layers": 2, "cross_attention_dim": 5, "norm_num_groups": 2})";
-  }
-  std::vector<std::pair<std::string, Tensor>> bare;
-  for (const auto& [k, t] : model->state_dict()) bare.emplace_back(k, t);
-  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), bare);
-  adapters::LoraSet set(model);
-  adapters::LoraAdapter& a = trained_like(set, "a", 61);
-  const Tensor want = run(*model, in);
-  auto unet_lora = lora_tensors(a, *model, KeyFamily::Kohya, "down_blocks.1.attentions.0", nullptr);
-  const auto other = lora_tensors(a, *model, KeyFamily::Kohya, "up_blocks.1.attentions.2", nullptr);
-  unet_lora.insert(unet_lora.end(), other.begin(), other.end());
-  write_safetensors(dir.file("unet_lora.safetensors"), unet_lora);
-
-  const std::string prefix = "down_blocks.1.attentions.0";
-  const auto loaded = load_model_dir(dir.file(""), prefix);
-  adapters::LoraSet s(loaded);
-  AdapterLoadOptions o;
-  o.prefix = prefix;
-  const AdapterLoadReport r = load_lora(s, "u", dir.file("unet_lora.safetensors"), o);
-  EXPECT_EQ(r.outside_prefix.size(), other.size()) << r.summary();
-  EXPECT_LE(rel_error(run(*loaded, in), want), 1e-6);
-  // Without a prefix the bare block loads as before; a file of neither kind is a named error.
-  EXPECT_NO_THROW(load_model_dir(dir.file("")));
-  write_safetensors(dir.file("diffusion_pytorch_model.safetensors"), {{"conv_in.weight", Tensor::zeros({2})}});
-  EXPECT_THAT(error_of([&] { load_model_dir(dir.file(""), prefix); }), HasSubstr("no key under the prefix"));
-}
-
-// ---- checkpoints ---------------------------------------------------------------------------------
-
-// N steps of Adam on a LoRA, with batches drawn from `gen`; from a checkpoint when given.
-struct TrainingRun {
-  std::shared_ptr<attention::Transformer2DModel> model = tiny_model(DType::F32);
-  std::unique_ptr<adapters::LoraSet> set = std::make_unique<adapters::LoraSet>(model);
-  std::unique_ptr<optim::Optimizer> opt;
-  Generator gen{1234};
-  int64_t step = 0;
-
-  TrainingRun() {
-    adapters::LoraConfig cfg;
-    cfg.rank = 2, cfg.alpha = 2.0;
-    Generator init(7);
-    set->add("default", cfg, init);
-    opt = optim::make_optimizer("adamw", set->trainable_parameters(), 1e-2);
-  }
-  void train(int64_t steps) {
-    Generator data(42);
-    const Tensor xs = Tensor::randn({6, 4, 3, 3}, data), ctx = Tensor::randn({6, 4, 5}, data);
-    const Tensor target = Tensor::randn({6, 4, 3, 3}, data);
-    for (int64_t i = 0; i < steps; ++i, ++step) {
-      const int64_t b = int64_t(gen.uniform() * 5);  // a random batch of 2 from the stream
-      opt->zero_grad();
-      const Variable y = model->forward(Variable(xs.narrow(0, b, 2)), Variable(ctx.narrow(0, b, 2)));
-      loom::mse_loss(y, Variable(target.narrow(0, b, 2))).backward();
-      opt->step();
-    }
-  }
-  Checkpoint checkpoint() const {
-    Checkpoint c;
-    c.adapter_kind = "lora";
-    for (const auto& [n, v] : set->trainable_parameters()) c.adapter.emplace_back(n, v.tensor());
-    c.optimizer = opt->state_dict();
-    c.step = step;
-    c.rng_state = gen.state();
-    c.options_json = R"({"optimizer": "adamw", "lr": 0.01})";
-    return c;
-  }
-  void restore(const Checkpoint& c) {
-    const auto params = set->trainable_parameters();
-    ASSERT_EQ(c.adapter.size(), params.size());
-    for (size_t i = 0; i < params.size(); ++i) {
-      ASSERT_EQ(c.adapter[i].first, params[i].first);
-      params[i].second.tensor().copy_(c.adapter[i].second);
-    }
-    opt->load_state_dict(c.optimizer);
-    gen.set_state(c.rng_state);
-    step = c.step;
-  }
-  std::vector<double> weights() const {
-    std::vector<double> all;
-    for (const auto& [n, v] : set->trainable_parameters()) {
-      const auto w = v.tensor().to_vector();
-      all.insert(all.end(), w.begin(), w.end());
-    }
-    return all;
-  }
-};
-
-TEST(Checkpoint, ResumingGivesTheUninterruptedRunBitForBit) {
-  TempDir dir;
-  TrainingRun straight;
-  straight.train(7);
-  TrainingRun first;
-  first.train(3);
-  save_checkpoint(dir.file("ckpt.h5"), first.checkpoint());
-  TrainingRun resumed;
-  resumed.restore(load_checkpoint(dir.file("ckpt.h5")));
-  EXPECT_EQ(resumed.step, 3);
-  resumed.train(4);
-  EXPECT_EQ(resumed.weights(), straight.weights());
-  EXPECT_NE(first.weights(), straight.weights());
-}
-
-TEST(Checkpoint, AForeignFileIsRefused) {
-  TempDir dir;
-  write_hdf5(dir.file("x.h5"), {{"a", Tensor::zeros({2})}}, {{"format", std::string("loom")}, {"kind", std::string("lora")}});
-  EXPECT_THAT(error_of([&] { load_checkpoint(dir.file("x.h5")); }), HasSubstr("not a loom checkpoint"));
 }
 
 }  // namespace
