@@ -334,11 +334,11 @@ BwdLayout bwd_layout() {
   return l;
 }
 
-// D = rowsum(dO∘O), the zeroed f32 accumulators, the kernel, the conversions.
-template <typename T, int D, int kAtoms, int kKeySlices, int kQSplit>
-void run_bwd_tc(const FlashParams& p) {
+// D = rowsum(dO∘O), the zeroed f32 accumulators, launch(grid, query tiles per block) of a kernel
+// whose blocks take kCols keys and 64-query tiles with kThreadsPerBlock threads, the conversions.
+template <typename T, int D, typename Launch>
+void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, Launch&& launch) {
   using S = TcShape<D>;
-  constexpr int kCols = 16 * kAtoms * kKeySlices, kThreadsPerBlock = 32 * kKeySlices * kQSplit;
   const int64_t rows = p.n * p.q_len;
   flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, D);
   check_last_launch("flash_delta_half_kernel");
@@ -347,7 +347,6 @@ void run_bwd_tc(const FlashParams& p) {
   LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv, compute_stream()));
   LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv, compute_stream()));
 
-  const size_t smem = tc_bwd_smem<D, kCols>();
   const int64_t key_blocks = (p.k_len + kCols - 1) / kCols;
   const int64_t query_tiles = (p.q_len + S::kRows - 1) / S::kRows;
   // Split the query tiles over blocks until the grid fills the GPU about twice (in warps).
@@ -357,11 +356,7 @@ void run_bwd_tc(const FlashParams& p) {
   splits = std::min(splits, query_tiles);
   const int64_t per_block = (query_tiles + splits - 1) / splits;
   splits = (query_tiles + per_block - 1) / per_block;
-  const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
-  auto kernel = flash_bwd_tc_kernel<T, D, kAtoms, kKeySlices, kQSplit>;
-  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<grid, kThreadsPerBlock, smem, compute_stream()>>>(p, int(per_block));
-  check_last_launch("flash_bwd_tc_kernel");
+  launch(dim3(unsigned(key_blocks), unsigned(p.n), unsigned(splits)), int(per_block));
 
   const float scale = float(p.scale);
   auto convert = [&](void* dst, const float* src, int64_t len, float s) {
@@ -376,8 +371,37 @@ void run_bwd_tc(const FlashParams& p) {
   convert(p.dv_out, p.dv_accum, p.k_len, 1.f);
 }
 
+// The mma.sync kernel in the warp layout <kAtoms, kKeySlices, kQSplit>.
+template <typename T, int D, int kAtoms, int kKeySlices, int kQSplit>
+void run_bwd_tc(const FlashParams& p) {
+  constexpr int kCols = 16 * kAtoms * kKeySlices, kThreadsPerBlock = 32 * kKeySlices * kQSplit;
+  run_bwd<T, D>(p, kCols, kThreadsPerBlock, [&](dim3 grid, int per_block) {
+    const size_t smem = tc_bwd_smem<D, kCols>();
+    auto kernel = flash_bwd_tc_kernel<T, D, kAtoms, kKeySlices, kQSplit>;
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<grid, kThreadsPerBlock, smem, compute_stream()>>>(p, per_block);
+    check_last_launch("flash_bwd_tc_kernel");
+  });
+}
+
+// Whether the backward of p runs on wgmma (cuda_flash.h): head dim 64 on a device that has it,
+// unless LOOM_FLASH_BWD=mma; LOOM_FLASH_BWD=wgmma where it is missing is an error.
+bool backward_on_wgmma(const FlashParams& p) {
+  const char* choice = std::getenv("LOOM_FLASH_BWD");
+  const std::string c = choice ? choice : "";
+  LOOM_CHECK(c.empty() || c == "mma" || c == "wgmma", "LOOM_FLASH_BWD='", c, "' is not mma or wgmma");
+  if (c == "mma" || p.d != 64) return false;
+  LOOM_CHECK(c.empty() || flash_wgmma_available(),
+             "LOOM_FLASH_BWD=wgmma: this build or device has no sm_90a wgmma kernels");
+  return flash_wgmma_available();
+}
+
 template <typename T, int D>
 void tc_backward(const FlashParams& p) {
+  if (backward_on_wgmma(p))  // 128-key blocks of 2 warpgroups (cuda_flash_wgmma_bwd.cu)
+    return run_bwd<T, D>(p, 128, 256, [&](dim3 grid, int per_block) {
+      flash_wgmma_backward_launch(p, grid.x, grid.z, per_block);
+    });
   const BwdLayout l = bwd_layout<D>();
   if constexpr (D <= 64) {
     if (l == BwdLayout::Wide64) return run_bwd_tc<T, D, 2, 2, 2>(p);

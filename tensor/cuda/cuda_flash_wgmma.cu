@@ -18,7 +18,7 @@
 #include "tensor/cuda/cuda_wgmma.cuh"
 
 #include <cstdlib>
-#include <cstring>
+#include <string>
 
 namespace loom::cuda {
 
@@ -26,28 +26,19 @@ namespace {
 
 constexpr int kWgD = 64;  // head dim of this kernel
 
-// Rows [r0, r0 + rows) of a [len, 64] matrix (rows `stride` elements apart) into a 128-byte-
-// swizzled [rows][64] tile with cp.async; zero beyond len.
-template <typename T>
-__device__ __forceinline__ void load_sw128_async(T* tile, const T* src, int64_t r0, int rows, int64_t len,
-                                                 int64_t stride, int tid, int threads) {
-  unsigned char* dst = reinterpret_cast<unsigned char*>(tile);
-  for (int idx = tid; idx < rows * 8; idx += threads) {
-    const int r = idx >> 3, c = idx & 7;
-    const bool in = r0 + r < len;
-    cp_async16(dst + sw128_offset(r, c), in ? src + (r0 + r) * stride + c * 8 : src, in);
-  }
-}
-
-template <int kWg, int kN>
+// kWg warpgroups of 64 queries, kN-key tiles; kPipe: P·V of tile it − 1 runs on the tensor cores
+// while the softmax of tile it runs on the other units (V then needs a third buffer).
+template <int kWg, int kN, bool kPipe>
 struct WgShape {
   static constexpr int kRows = 64 * kWg;
   static constexpr int kThreads = 128 * kWg;
+  static constexpr int kVBufs = kPipe ? 3 : 2;
   static constexpr int kMinBlocks = kN == 64 ? 2 : 1;  // registers: kN / 2 for S, 32 for O
-  // Q [kRows][64], then K and V two buffers each [2][kN][64], 1024 bytes of alignment slack
-  static constexpr size_t kSmem = 1024 + size_t(kRows + 4 * kN) * 128;
+  // Q [kRows][64], K [2][kN][64], V [kVBufs][kN][64], 1024 bytes of alignment slack
+  static constexpr size_t kSmem = 1024 + size_t(kRows + (2 + kVBufs) * kN) * 128;
 };
 
+// s = Q·Kᵀ for the warpgroup's 64 queries and the kN keys of the tile (issued, not waited for).
 template <typename T, int kN>
 __device__ __forceinline__ void wgmma_qk(float (&s)[kN / 2], uint64_t q_desc, uint64_t k_desc) {
 #pragma unroll
@@ -57,17 +48,70 @@ __device__ __forceinline__ void wgmma_qk(float (&s)[kN / 2], uint64_t q_desc, ui
   }
 }
 
-template <typename T, int kWg, int kN>
-__global__ void __launch_bounds__(WgShape<kWg, kN>::kThreads, WgShape<kWg, kN>::kMinBlocks)
+// o += P·V with P in A fragments pa (k-step kk = keys 16kk…) and V's [kN][64] tile (issued).
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_pv(float (&o)[kWgD / 2], const uint32_t (&pa)[kN / 16][4], uint64_t v_desc) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_m64n64k16_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
+}
+
+// One tile of the online softmax for this thread's rows row_q[0] (g) and row_q[1] (g + 8): s
+// (scores of keys j0…) becomes P = exp2(s·scale·log2e + mask − m_new); m and l are updated and
+// corr[h] = exp2(m_old − m_new) is what O must be multiplied by before P·V is added.
+template <typename T, int kN>
+__device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], float (&l)[2], float (&corr)[2],
+                                             const FlashParams& p, const T* mask, int64_t n, int64_t i0, int64_t j0,
+                                             const int64_t (&row_q)[2], int t, float sl2) {
+  const bool plain = !mask && j0 + kN <= p.k_len && (!p.causal || j0 + kN - 1 <= i0);
+  if (plain) {
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) s[i] *= sl2;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[e / 2];
+        float x = s[4 * j + e] * sl2;
+        if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+        else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+        s[4 * j + e] = x;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[h], mx);
+    const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
+    corr[h] = fast_exp2(m[h] - shift);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      s[4 * j + 2 * h] = fast_exp2(s[4 * j + 2 * h] - shift);
+      s[4 * j + 2 * h + 1] = fast_exp2(s[4 * j + 2 * h + 1] - shift);
+      sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+    }
+    l[h] = l[h] * corr[h] + sum;  // this thread's share of the row; summed over the 4 lanes at the end
+    m[h] = m_new;
+  }
+}
+
+template <typename T, int kWg, int kN, bool kPipe>
+__global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg, kN, kPipe>::kMinBlocks)
     flash_fwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using S = WgShape<kWg, kN>;
-  constexpr int kRows = S::kRows, kThreads = S::kThreads;
+  using S = WgShape<kWg, kN, kPipe>;
+  constexpr int kRows = S::kRows, kThreads = S::kThreads, kTile = kN * kWgD;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK0 = sQ + kRows * kWgD;  // [2][kN][64]
-  T* sV0 = sK0 + 2 * kN * kWgD;
+  T* sV0 = sK0 + 2 * kTile;    // [kVBufs][kN][64]
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
@@ -77,14 +121,16 @@ __global__ void __launch_bounds__(WgShape<kWg, kN>::kThreads, WgShape<kWg, kN>::
   const T* v = static_cast<const T*>(p.v) + kr.base;
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
+  auto k_tile = [&](int64_t it) { return sK0 + int(it & 1) * kTile; };
+  auto v_tile = [&](int64_t it) { return sV0 + int(it % S::kVBufs) * kTile; };
 
   int64_t tiles = (p.k_len + kN - 1) / kN;
   if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kN + 1);
 
   load_sw128_async<T>(sQ, q, i0, kRows, p.q_len, qr.stride, tid, kThreads);
   if (tiles > 0) {
-    load_sw128_async<T>(sK0, k, 0, kN, p.k_len, kr.stride, tid, kThreads);
-    load_sw128_async<T>(sV0, v, 0, kN, p.k_len, kr.stride, tid, kThreads);
+    load_sw128_async<T>(k_tile(0), k, 0, kN, p.k_len, kr.stride, tid, kThreads);
+    load_sw128_async<T>(v_tile(0), v, 0, kN, p.k_len, kr.stride, tid, kThreads);
   }
   cp_async_commit();
 
@@ -95,70 +141,39 @@ __global__ void __launch_bounds__(WgShape<kWg, kN>::kThreads, WgShape<kWg, kN>::
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int64_t row0 = i0 + wg * 64 + warp * 16 + g;
   const int64_t row_q[2] = {row0, row0 + 8};
+  uint32_t pa[kN / 16][4];  // P of the tile as A fragments (with kPipe: of the previous tile, in flight)
 
   for (int64_t it = 0; it < tiles; ++it) {
-    const int64_t j0 = it * kN;
-    const int buf = int(it & 1);
-    const T* sK = sK0 + buf * kN * kWgD;
-    const T* sV = sV0 + buf * kN * kWgD;
     cp_async_wait_all();
     fence_async_shared();
-    __syncthreads();  // tile it landed for every thread; every warpgroup is done with tile it − 1
+    __syncthreads();  // tile it landed for every thread; no warpgroup still reads the buffers refilled next
     if (it + 1 < tiles) {
-      load_sw128_async<T>(sK0 + (buf ^ 1) * kN * kWgD, k, j0 + kN, kN, p.k_len, kr.stride, tid, kThreads);
-      load_sw128_async<T>(sV0 + (buf ^ 1) * kN * kWgD, v, j0 + kN, kN, p.k_len, kr.stride, tid, kThreads);
+      load_sw128_async<T>(k_tile(it + 1), k, (it + 1) * kN, kN, p.k_len, kr.stride, tid, kThreads);
+      load_sw128_async<T>(v_tile(it + 1), v, (it + 1) * kN, kN, p.k_len, kr.stride, tid, kThreads);
     }
     cp_async_commit();
 
     float s[kN / 2];  // s[4j + e]: mma.sync's C fragment of column block j
     wgmma_fence();
-    wgmma_qk<T, kN>(s, q_desc, sw128_desc(sK, 16, 1024));
+    wgmma_qk<T, kN>(s, q_desc, sw128_desc(k_tile(it), 16, 1024));
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(s);
-
-    const bool plain = !mask && j0 + kN <= p.k_len && (!p.causal || j0 + kN - 1 <= i0);
-    if (plain) {
-#pragma unroll
-      for (int i = 0; i < kN / 2; ++i) s[i] *= sl2;
+    if (kPipe && it > 0) {  // P·V of the previous tile behind it; wait for S only
+      wgmma_pv<T, kN>(o, pa, sw128_desc(v_tile(it - 1), 16, 1024));
+      wgmma_commit();
+      wgmma_wait<1>();
     } else {
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[e / 2];
-          float x = s[4 * j + e] * sl2;
-          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-          s[4 * j + e] = x;
-        }
-      }
+      wgmma_wait<0>();
     }
-    // the online softmax of rows g (h = 0) and g + 8 (h = 1)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
-      const float corr = fast_exp2(m[h] - shift);
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) {
-        s[4 * j + 2 * h] = fast_exp2(s[4 * j + 2 * h] - shift);
-        s[4 * j + 2 * h + 1] = fast_exp2(s[4 * j + 2 * h + 1] - shift);
-        sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-      }
-      l[h] = l[h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
-      m[h] = m_new;
-#pragma unroll
-      for (int j = 0; j < kWgD / 8; ++j) o[4 * j + 2 * h] *= corr, o[4 * j + 2 * h + 1] *= corr;
+    fence_operands(s);
+    float corr[2];
+    softmax_tile<T, kN>(s, m, l, corr, p, mask, n, i0, it * kN, row_q, t, sl2);
+    if constexpr (kPipe) {
+      wgmma_wait<0>();
+      fence_operands(o);
     }
-    // O += P·V, P from the accumulators: k-step kk is column blocks 2kk and 2kk + 1
-    uint32_t pa[kN / 16][4];
+#pragma unroll
+    for (int j = 0; j < kWgD / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
+    // P from the accumulators: k-step kk is column blocks 2kk and 2kk + 1
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
       pa[kk][0] = Half2<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
@@ -166,10 +181,17 @@ __global__ void __launch_bounds__(WgShape<kWg, kN>::kThreads, WgShape<kWg, kN>::
       pa[kk][2] = Half2<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = Half2<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
-    const uint64_t v_desc = sw128_desc(sV, 16, 1024);
+    if constexpr (!kPipe) {
+      wgmma_fence();
+      wgmma_pv<T, kN>(o, pa, sw128_desc(v_tile(it), 16, 1024));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(o);
+    }
+  }
+  if (kPipe && tiles > 0) {  // the last tile's P·V
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_m64n64k16_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
+    wgmma_pv<T, kN>(o, pa, sw128_desc(v_tile(tiles - 1), 16, 1024));
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(o);
@@ -197,10 +219,10 @@ __global__ void __launch_bounds__(WgShape<kWg, kN>::kThreads, WgShape<kWg, kN>::
 #endif
 }
 
-template <typename T, int kWg, int kN>
+template <typename T, int kWg, int kN, bool kPipe>
 void wgmma_forward(const FlashParams& p) {
-  using S = WgShape<kWg, kN>;
-  auto* kernel = flash_fwd_wgmma_kernel<T, kWg, kN>;
+  using S = WgShape<kWg, kN, kPipe>;
+  auto* kernel = flash_fwd_wgmma_kernel<T, kWg, kN, kPipe>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
   const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
   kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p);
@@ -209,10 +231,14 @@ void wgmma_forward(const FlashParams& p) {
 
 template <typename T>
 void wgmma_forward_for(const FlashParams& p, const char* tile) {
-  if (std::strcmp(tile, "2x128") == 0) return wgmma_forward<T, 2, 128>(p);
-  if (std::strcmp(tile, "2x64") == 0) return wgmma_forward<T, 2, 64>(p);
-  if (std::strcmp(tile, "3x128") == 0) return wgmma_forward<T, 3, 128>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 2x128, 2x64");
+  const std::string name = tile;
+  if (name == "3x128") return wgmma_forward<T, 3, 128, false>(p);
+  if (name == "2x128") return wgmma_forward<T, 2, 128, false>(p);
+  if (name == "2x64") return wgmma_forward<T, 2, 64, false>(p);
+  if (name == "3x128p") return wgmma_forward<T, 3, 128, true>(p);
+  if (name == "2x128p") return wgmma_forward<T, 2, 128, true>(p);
+  if (name == "2x64p") return wgmma_forward<T, 2, 64, true>(p);
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", name, "' is not one of 3x128, 2x128, 2x64, 3x128p, 2x128p, 2x64p");
 }
 
 }  // namespace

@@ -12,13 +12,14 @@
 //
 // Shared-memory tiles (the 128-byte swizzle, TMA's SWIZZLE_128B): rows of exactly 128 bytes
 // (64 elements), the tile 1024-byte aligned, the 16-byte chunk c of row r stored at chunk
-// c ^ (r % 8) of that row (sw128_offset). Such a tile of [rows][64] is
+// c ^ (r % 8) of that row (sw128_offset, cuda_flash_tc.cuh). Such a tile of [rows][64] is
 //   K-major for A / B when its rows are M / N and its 64 columns are K: the descriptor's stride
 //     byte offset is 1024 (8 rows), the leading byte offset unused; the k-slice 16k…16k+15 is
 //     the descriptor whose start address is 32·k bytes further;
-//   MN-major for B (imm-trans-b = 1) when its rows are K and its 64 columns are N: stride byte
-//     offset 1024 (8 rows of K), leading byte offset the distance to the next 64 columns of N
-//     (unused when N = 64); the k-slice 16k… starts 16·128·k bytes further.
+//   MN-major for A / B (imm-trans-a / -b = 1) when its rows are K and its 64 columns are M / N:
+//     stride byte offset 1024 (8 rows of K), leading byte offset the distance to the next 64
+//     columns (unused when M or N ≤ 64); the k-slice 16k… starts 16·128·k bytes further, and
+//     N columns 8c… start 16·c bytes further (inside the row's 128 bytes).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,9 +29,6 @@
 
 namespace loom::cuda {
 namespace {
-
-// Byte offset of 16-byte chunk `chunk` (0…7) of row `row` in a 128-byte-swizzled tile.
-__device__ __forceinline__ int sw128_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
 // The matrix descriptor of a 128-byte-swizzled tile starting at `smem` (1024-byte aligned, or
 // a k-slice offset from such a start inside the first 128 bytes of a row).
@@ -64,6 +62,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 // wgmma_ss_m64nNk16(d, desc_a, desc_b, scale_d, T()): d (+)= A·B with A [64×16] and B [16×N]
 // from shared memory, both K-major; d = A·B when scale_d == 0.
 // wgmma_rs_m64n64k16_tb(d, a, desc_b, scale_d, T()): A from registers (a[0..3]), B MN-major.
+// wgmma_ss_m64n32k16_ta_tb(d, desc_a, desc_b, scale_d, T()): A M-major, B N-major (both trans).
 // Operand numbering: %0… the accumulators, then the A operand(s), the B descriptor, scale_d.
 __device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d, __nv_bfloat16) {
   asm volatile(
@@ -160,6 +159,28 @@ __device__ __forceinline__ void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_ss_m64n32k16_ta_tb(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d, __nv_bfloat16) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+      "}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_ss_m64n32k16_ta_tb(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d, __half) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+      "}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
 }  // namespace

@@ -155,11 +155,30 @@ std::vector<FlashCase> cases() {
 INSTANTIATE_TEST_SUITE_P(Kernels, FlashCuda, ::testing::ValuesIn(cases()),
                          [](const ::testing::TestParamInfo<FlashCase>& info) { return loom::testing::gtest_param_name(info.param.name()); });
 
+// Whether LOOM_FLASH_FWD=wgmma runs here (a build with sm_90a kernels on a compute-capability-9.0
+// device); elsewhere asking for it must fail with an error that says so.
+bool wgmma_kernels_run() {
+  setenv("LOOM_FLASH_FWD", "wgmma", 1);
+  FlashAttentionArgs a;
+  a.q = Tensor::zeros({1, 3, 64}, DType::F64);
+  a.k = a.q, a.v = a.q, a.scale = 0.125;
+  bool runs = true;
+  try {
+    run_flash_slot(a, Tensor::zeros({1, 3, 64}, DType::F64), DType::BF16, Device::cuda(0));
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("no sm_90a wgmma kernels"));
+    runs = false;
+  }
+  unsetenv("LOOM_FLASH_FWD");
+  return runs;
+}
+
 // Every warp layout of the tensor-core backward (LOOM_FLASH_BWD_LAYOUT; the default picks one per
 // head dim), with dQ from f32 atomics and from its own kernel (LOOM_FLASH_BWD_DQ), against the f64
 // CPU reference, at tails of both tile sizes (64 and 128 keys), with masks and causal rows.
 TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
+  setenv("LOOM_FLASH_BWD", "mma", 1);  // the layouts are those of the mma.sync kernel (d = 64: not the default on sm_90)
   for (const char* dq : {"atomic", "separate"}) {
     setenv("LOOM_FLASH_BWD_DQ", dq, 1);
     for (const char* layout : {"narrow64", "narrow128", "wide64", "wide128"}) {
@@ -178,34 +197,45 @@ TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
   check_case({DType::BF16, 3, 2, 65, 77, 80, MaskKind::KeepMaskFullyMasked});
   unsetenv("LOOM_FLASH_BWD_LAYOUT");
   unsetenv("LOOM_FLASH_BWD_DQ");
+  unsetenv("LOOM_FLASH_BWD");
 }
 
-// Whether LOOM_FLASH_FWD=wgmma runs here (a build with sm_90a kernels on a compute-capability-9.0
-// device); elsewhere asking for it must fail with an error that says so.
-bool wgmma_forward_runs() {
-  setenv("LOOM_FLASH_FWD", "wgmma", 1);
-  FlashAttentionArgs a;
-  a.q = Tensor::zeros({1, 3, 64}, DType::F64);
-  a.k = a.q, a.v = a.q, a.scale = 0.125;
-  bool runs = true;
-  try {
-    run_flash_slot(a, Tensor::zeros({1, 3, 64}, DType::F64), DType::BF16, Device::cuda(0));
-  } catch (const Error& e) {
-    EXPECT_THAT(e.what(), ::testing::HasSubstr("no sm_90a wgmma kernels"));
-    runs = false;
-  }
-  unsetenv("LOOM_FLASH_FWD");
-  return runs;
+// Both backward kernels at head dim 64 (LOOM_FLASH_BWD: mma.sync, and Hopper's wgmma where this
+// build and device have it), dQ from atomics and from its own kernel, against the f64 CPU
+// reference: tails of 128-key blocks and 64-query tiles, one key, masks of every shape, causal.
+TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  std::vector<std::string> kernels = {"mma"};
+  if (wgmma_kernels_run()) kernels.push_back("wgmma");
+  for (const std::string& kernel : kernels)
+    for (const char* dq : {"atomic", "separate"}) {
+      SCOPED_TRACE("LOOM_FLASH_BWD=" + kernel + " LOOM_FLASH_BWD_DQ=" + dq);
+      setenv("LOOM_FLASH_BWD", kernel.c_str(), 1);
+      setenv("LOOM_FLASH_BWD_DQ", dq, 1);
+      check_case({DType::BF16, 2, 3, 77, 333, 64});
+      check_case({DType::F16, 1, 2, 7, 1, 64});
+      check_case({DType::BF16, 1, 1, 1, 4095, 64});
+      check_case({DType::F16, 1, 2, 200, 385, 64});
+      check_case({DType::BF16, 2, 2, 130, 129, 64, MaskKind::PerQuery});
+      check_case({DType::BF16, 2, 4, 333, 77, 64, MaskKind::PerKey});
+      check_case({DType::F16, 2, 2, 129, 200, 64, MaskKind::PerKey3});
+      check_case({DType::BF16, 3, 2, 65, 77, 64, MaskKind::KeepMaskFullyMasked});
+      check_case({DType::F16, 1, 2, 200, 200, 64, MaskKind::Causal});
+      check_case({DType::BF16, 1, 1, 450, 450, 64, MaskKind::Causal});
+      check_case({DType::BF16, 2, 2, 1000, 1000, 64});
+    }
+  unsetenv("LOOM_FLASH_BWD");
+  unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
 // Both forwards at head dim 64 (LOOM_FLASH_FWD: mma.sync, and Hopper's wgmma with each block shape
-// of LOOM_FLASH_FWD_TILE) against the f64 CPU reference: tails of 64- and 128-key tiles and of 64-,
+// of LOOM_FLASH_FWD_TILE, with and without P·V overlapping the next softmax) against the f64 CPU reference: tails of 64- and 128-key tiles and of 64-,
 // 128- and 192-query blocks, one key, one query, masks of every shape, causal, cross-attention.
 TEST(FlashCudaForwardPaths, EveryForwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   std::vector<std::pair<std::string, std::string>> paths = {{"mma", ""}};
-  if (wgmma_forward_runs())
-    for (const char* tile : {"3x128", "2x128", "2x64"}) paths.push_back({"wgmma", tile});
+  if (wgmma_kernels_run())
+    for (const char* tile : {"3x128", "2x128", "2x64", "3x128p", "2x128p", "2x64p"}) paths.push_back({"wgmma", tile});
   for (const auto& [fwd, tile] : paths) {
     SCOPED_TRACE("LOOM_FLASH_FWD=" + fwd + " LOOM_FLASH_FWD_TILE=" + tile);
     setenv("LOOM_FLASH_FWD", fwd.c_str(), 1);

@@ -122,12 +122,14 @@ TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithSeparateDq) {
   unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
-// The same with the mma.sync forward where the default is Hopper's wgmma (head dim 64 on sm_90).
-TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheMmaForward) {
+// The same with the mma.sync kernels where the default is Hopper's wgmma (head dim 64 on sm_90).
+TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheMmaKernels) {
   LOOM_SKIP_WITHOUT_CUDA();
   setenv("LOOM_FLASH_FWD", "mma", 1);
+  setenv("LOOM_FLASH_BWD", "mma", 1);
   check_case(GetParam());
   unsetenv("LOOM_FLASH_FWD");
+  unsetenv("LOOM_FLASH_BWD");
 }
 
 std::vector<PackedCase> cases() {

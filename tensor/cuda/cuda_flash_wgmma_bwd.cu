@@ -1,0 +1,217 @@
+// Flash attention backward on Hopper's warpgroup tensor cores (wgmma, sm_90a), head dim 64,
+// bf16 / f16 with f32 accumulation: the kernel behind run_bwd_tc's launch step (cuda_flash_bwd.cu
+// computes D = rowsum(dO∘O) before it, zeroes the f32 accumulators, and converts them after it,
+// scaling dQ and dK), with the same arithmetic as the mma.sync kernel there.
+//
+//   block   128 keys j0… (2 warpgroups × 64 keys), row n, query tiles [first, last) of 64;
+//           K and V of the block stay in shared memory; Q, dO, lse, D of tile it + 1 are
+//           cp.async'ed while tile it is used. Per query tile and warpgroup w (keys j0 + 64w…):
+//     Sᵀ  = K_w·Qᵀ    wgmma m64n64k16 × 4 from shared memory (both K-major)
+//     dPᵀ = V_w·dOᵀ   likewise
+//     Pᵀ  = exp2(Sᵀ·scale·log2e + mask − lse·log2e), dSᵀ = Pᵀ∘(dPᵀ − D)   in registers
+//     dV += Pᵀ·dO, dK += dSᵀ·Q   wgmma m64n64k16 × 4, A from registers, B read N-major
+//     dSᵀ → shared memory; then dQ[:, 32w…32w+31] = dS·K[:, 32w…] over all 128 keys
+//           (wgmma m64n32k16 × 8, A read M-major from dSᵀ, B N-major), added into dQ's f32
+//           buffer with vector atomics
+//   and at the end dK, dV of the block's keys are added into their f32 buffers.
+// Shared-memory tiles are 128-byte swizzled ([rows][64], cuda_wgmma.cuh).
+#include "tensor/cuda/cuda_flash_tc.cuh"
+#include "tensor/cuda/cuda_wgmma.cuh"
+
+namespace loom::cuda {
+
+namespace {
+
+constexpr int kBwdD = 64;        // head dim
+constexpr int kBwdKeys = 128;    // keys per block (64 per warpgroup)
+constexpr int kBwdRows = 64;     // queries per tile
+constexpr int kBwdThreads = 256;
+constexpr int kTileBytes = 64 * 128;  // one [64][64] swizzled tile
+// K, V [128][64]; Q, dO [2][64][64]; dSᵀ [128][64]; lse, D [2][64] f32; 1024 bytes of alignment
+constexpr size_t kBwdSmem = 1024 + 2 * 2 * kTileBytes + 4 * kTileBytes + 2 * kTileBytes + 4 * kBwdRows * sizeof(float);
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
+  T* sK = reinterpret_cast<T*>(smem);                  // [128][64]
+  T* sV = reinterpret_cast<T*>(smem + 2 * kTileBytes);  // [128][64]
+  T* sQ0 = reinterpret_cast<T*>(smem + 4 * kTileBytes);   // [2][64][64]
+  T* sdO0 = reinterpret_cast<T*>(smem + 6 * kTileBytes);  // [2][64][64]
+  unsigned char* sdS = smem + 8 * kTileBytes;             // dSᵀ [128 keys][64 queries]
+  float* sL0 = reinterpret_cast<float*>(smem + 10 * kTileBytes);  // [2][64] raw lse (natural log)
+  float* sD0 = sL0 + 2 * kBwdRows;                                // [2][64]
+
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kBwdKeys;
+  const FlashRows qr = flash_rows(p, n, p.q_len, kBwdD), kr = flash_rows(p, n, p.k_len, kBwdD);
+  const T* q = static_cast<const T*>(p.q) + qr.base;
+  const T* k = static_cast<const T*>(p.k) + kr.base;
+  const T* v = static_cast<const T*>(p.v) + kr.base;
+  const T* dout = static_cast<const T*>(p.grad_out) + qr.base;
+  const float* lse = static_cast<const float*>(p.lse) + n * p.q_len;
+  const float* delta = static_cast<const float*>(p.delta) + n * p.q_len;
+  const T* mask = static_cast<const T*>(p.mask);
+  const float sl2 = float(p.scale) * kLog2e;
+
+  // query tiles of this block: [first, last)
+  const int64_t all_tiles = (p.q_len + kBwdRows - 1) / kBwdRows;
+  int64_t first = int64_t(blockIdx.z) * query_tiles_per_block;
+  const int64_t last = min(all_tiles, first + query_tiles_per_block);
+  if (p.causal) first = max(first, j0 / kBwdRows);  // earlier query tiles see none of these keys
+
+  // Q, dO, lse, D of query tile `it` into buffer `buf` (zero past q_len: such rows have dO = 0
+  // and D = 0, so whatever P they get adds nothing to dV, dK; dQ skips them).
+  auto load_query_tile = [&](int64_t it, int buf) {
+    const int64_t i0 = it * kBwdRows;
+    load_sw128_async<T>(sQ0 + buf * 64 * 64, q, i0, kBwdRows, p.q_len, qr.stride, tid, kBwdThreads);
+    load_sw128_async<T>(sdO0 + buf * 64 * 64, dout, i0, kBwdRows, p.q_len, qr.stride, tid, kBwdThreads);
+    if (tid < 2 * kBwdRows) {
+      const int rr = tid % kBwdRows;
+      const bool in = i0 + rr < p.q_len;
+      if (tid < kBwdRows) cp_async4(sL0 + buf * kBwdRows + rr, in ? lse + i0 + rr : lse, in);
+      else cp_async4(sD0 + buf * kBwdRows + rr, in ? delta + i0 + rr : delta, in);
+    }
+  };
+  load_sw128_async<T>(sK, k, j0, kBwdKeys, p.k_len, kr.stride, tid, kBwdThreads);
+  load_sw128_async<T>(sV, v, j0, kBwdKeys, p.k_len, kr.stride, tid, kBwdThreads);
+  if (first < last) load_query_tile(first, 0);
+  cp_async_commit();
+
+  float dk[32], dv[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0.f;
+  const uint64_t k_desc = sw128_desc(reinterpret_cast<unsigned char*>(sK) + wg * kTileBytes, 16, 1024);
+  const uint64_t v_desc = sw128_desc(reinterpret_cast<unsigned char*>(sV) + wg * kTileBytes, 16, 1024);
+  const int key_local = wg * 64 + warp * 16 + g;  // this thread's key rows key_local, key_local + 8
+
+  for (int64_t it = first; it < last; ++it) {
+    const int64_t i0 = it * kBwdRows;
+    const int buf = int((it - first) & 1);
+    const T* sQ = sQ0 + buf * 64 * 64;
+    const T* sdO = sdO0 + buf * 64 * 64;
+    const float* sL = sL0 + buf * kBwdRows;
+    const float* sD = sD0 + buf * kBwdRows;
+    cp_async_wait_all();
+    fence_async_shared();
+    __syncthreads();  // tile it landed; no warpgroup still reads the other buffers or dSᵀ
+    if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
+    cp_async_commit();
+
+    // Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ: [64 keys][64 queries] each
+    float st[32], dpt[32];
+    const uint64_t q_desc = sw128_desc(sQ, 16, 1024), do_desc = sw128_desc(sdO, 16, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdD / 16; ++kk) wgmma_ss_m64n64k16(st, k_desc + 2 * kk, q_desc + 2 * kk, kk, T());
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kBwdD / 16; ++kk) wgmma_ss_m64n64k16(dpt, v_desc + 2 * kk, do_desc + 2 * kk, kk, T());
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_operands(st);
+
+    // Pᵀ = exp2(s2 − L2): element (key row key_local + 8·(e / 2), query column 8j + 2t + (e & 1))
+    const bool plain = !mask && j0 + kBwdKeys <= p.k_len && (!p.causal || i0 >= j0 + kBwdKeys - 1);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ql = j * 8 + 2 * t + (e & 1);
+        float x = st[4 * j + e] * sl2;
+        if (!plain) {
+          const int64_t qi = i0 + ql, kj = j0 + key_local + (e / 2) * 8;
+          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+        }
+        st[4 * j + e] = fast_exp2(x - sL[ql] * kLog2e);
+      }
+    }
+    wgmma_wait<0>();
+    fence_operands(dpt);
+    // dSᵀ = Pᵀ∘(dPᵀ − D) (unscaled: the conversion scales dQ and dK); both as A fragments, and
+    // dSᵀ to shared memory as bf16 / f16 pairs (row key, columns 2t, 2t + 1 of chunk j)
+    uint32_t pa[4][4], dsa[4][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dpt[4 * j + e] = st[4 * j + e] * (dpt[4 * j + e] - sD[j * 8 + 2 * t + (e & 1)]);
+      const uint32_t lo = Half2<T>::pack(dpt[4 * j + 0], dpt[4 * j + 1]);
+      const uint32_t hi = Half2<T>::pack(dpt[4 * j + 2], dpt[4 * j + 3]);
+      *reinterpret_cast<uint32_t*>(sdS + sw128_offset(key_local, j) + 4 * t) = lo;
+      *reinterpret_cast<uint32_t*>(sdS + sw128_offset(key_local + 8, j) + 4 * t) = hi;
+      dsa[j / 2][(j % 2) * 2 + 0] = lo;
+      dsa[j / 2][(j % 2) * 2 + 1] = hi;
+      pa[j / 2][(j % 2) * 2 + 0] = Half2<T>::pack(st[4 * j + 0], st[4 * j + 1]);
+      pa[j / 2][(j % 2) * 2 + 1] = Half2<T>::pack(st[4 * j + 2], st[4 * j + 3]);
+    }
+    // dV += Pᵀ·dO, dK += dSᵀ·Q: k-step kk = queries 16kk… (rows of the tiles: 16·128·kk bytes)
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_m64n64k16_tb(dv, pa[kk], do_desc + kk * 128, 1, T());
+#pragma unroll
+    for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_m64n64k16_tb(dk, dsa[kk], q_desc + kk * 128, 1, T());
+    wgmma_commit();
+    if (p.dq_accum) {  // the same for the whole block
+      fence_async_shared();
+      __syncthreads();  // dSᵀ of both warpgroups written
+      // dQ[:, 32·wg …] = dS·K[:, 32·wg …] over the block's 128 keys (k-step kk = keys 16kk…)
+      float dq[16];
+      const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
+      const uint64_t kq_desc = sw128_desc(reinterpret_cast<unsigned char*>(sK) + 64 * wg, 16, 1024);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBwdKeys / 16; ++kk)
+        wgmma_ss_m64n32k16_ta_tb(dq, ds_desc + kk * 128, kq_desc + kk * 128, kk, T());
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dq);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t qi = i0 + warp * 16 + g + 8 * h;
+        if (qi >= p.q_len) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          atomic_add2(p.dq_accum + (n * p.q_len + qi) * kBwdD + 32 * wg + 8 * j + 2 * t, dq[4 * j + 2 * h],
+                      dq[4 * j + 2 * h + 1]);
+      }
+    }
+    wgmma_wait<0>();
+    fence_operands(dk);
+    fence_operands(dv);
+  }
+  cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t kj = j0 + key_local + 8 * h;
+    if (kj >= p.k_len) continue;
+#pragma unroll
+    for (int j = 0; j < kBwdD / 8; ++j) {
+      const int64_t off = (n * p.k_len + kj) * kBwdD + j * 8 + 2 * t;
+      if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[4 * j + 2 * h], dk[4 * j + 2 * h + 1]);
+      if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[4 * j + 2 * h], dv[4 * j + 2 * h + 1]);
+    }
+  }
+#else
+  (void)p, (void)query_tiles_per_block;
+  __trap();  // built without sm_90a: flash_wgmma_available() is false there
+#endif
+}
+
+}  // namespace
+
+void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block) {
+  const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
+  LOOM_CHECK(p.d == kBwdD && p.dv == kBwdD, "flash_wgmma_backward_launch: head dim ", p.d, " is not ", kBwdD);
+  auto launch = [&](auto* kernel) {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBwdSmem)));
+    kernel<<<grid, kBwdThreads, kBwdSmem, compute_stream()>>>(p, query_tiles_per_block);
+    check_last_launch("flash_bwd_wgmma_kernel");
+  };
+  if (p.dtype == DType::BF16) return launch(flash_bwd_wgmma_kernel<__nv_bfloat16>);
+  if (p.dtype == DType::F16) return launch(flash_bwd_wgmma_kernel<__half>);
+  LOOM_FAIL("flash_wgmma_backward_launch: dtype ", p.dtype, " is not bf16 / f16");
+}
+
+}  // namespace loom::cuda
