@@ -77,16 +77,18 @@ void flash_tc_backward(const FlashParams& p);            // cuda_flash_bwd.cu
 void flash_tf32_forward(const FlashParams& p);           // cuda_flash_tf32.cu
 void flash_tf32_backward(const FlashParams& p);          // cuda_flash_tf32_bwd.cu
 void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
-// The Hopper forward (cuda_flash_wgmma.cu: wgmma, sm_90a) for bf16 / f16 at head dim 64, used by
-// flash_tc_forward when flash_wgmma_available() (built for sm_90a, device of compute capability
-// 9.0), unless LOOM_FLASH_FWD=mma; LOOM_FLASH_FWD_TILE picks its block (3x128: 3 warpgroups of 64
-// queries, 128-key tiles; 2x128; 2x64; with a "p" suffix P·V of one tile overlaps the softmax of
-// the next). Both variables are read at every call.
+// The Hopper kernels (wgmma, sm_90a) for bf16 / f16 at head dims 40 and 64: used by
+// flash_tc_forward / flash_tc_backward when flash_wgmma_available() (built for sm_90a, device of
+// compute capability 9.0) where they were measured faster (forward: ≥ 128 keys; backward: d = 64),
+// or as LOOM_FLASH_FWD / LOOM_FLASH_BWD (mma | wgmma) say (wgmma where missing is an error). The forward (cuda_flash_wgmma.cu): LOOM_FLASH_FWD_TILE picks its block
+// (3x128: 3 warpgroups of 64 queries, 128-key tiles; 2x128; 2x64; 4x64; 2x128p: P·V of one tile
+// overlapping the softmax of the next). All variables are read at every call.
 bool flash_wgmma_available();
+bool flash_wgmma_head_dim(int64_t d);
 void flash_wgmma_forward(const FlashParams& p);
-// The Hopper backward's kernel for head dim 64 (cuda_flash_wgmma_bwd.cu): grid (key_blocks of
-// 128 keys, p.n, splits of query_tiles_per_block 64-query tiles), adding into the f32 accumulators as the mma.sync kernel does; used by
-// flash_tc_backward when flash_wgmma_available(), unless LOOM_FLASH_BWD=mma (read at every call).
+// The backward's kernel (cuda_flash_wgmma_bwd.cu): grid (key_blocks of 128 keys, p.n, splits of
+// query_tiles_per_block 64-query tiles), adding into the f32 accumulators as the mma.sync kernel
+// does (run_bwd in cuda_flash_bwd.cu does the rest).
 void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block);
 // dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into
 // p.dq (cuda_flash_dq.cu), instead of f32 atomics from the key-stationary kernel; chosen by

@@ -263,16 +263,19 @@ void flash_tc_forward_for(const FlashParams& p) {
 
 }  // namespace
 
-// Whether the forward of p runs on wgmma (cuda_flash.h): head dim 64 on a device that has it,
-// unless LOOM_FLASH_FWD=mma; LOOM_FLASH_FWD=wgmma where it is missing is an error.
+// Whether the forward of p runs on wgmma (cuda_flash.h). By default: head dims 40, 64 on a device
+// that has it, with at least 128 keys (H200, docs/gpu-bench.md run 10: 0.227 against 0.266 ms at
+// (2,8,4096,40), 0.243 against 0.298 at (2,8,4096,64); at 77 keys its 128-key tile is mostly
+// padding, 0.034 against 0.030 ms). LOOM_FLASH_FWD=mma / wgmma force either (wgmma where it is
+// missing is an error).
 bool forward_on_wgmma(const FlashParams& p) {
   const char* choice = std::getenv("LOOM_FLASH_FWD");
   const std::string c = choice ? choice : "";
   LOOM_CHECK(c.empty() || c == "mma" || c == "wgmma", "LOOM_FLASH_FWD='", c, "' is not mma or wgmma");
-  if (c == "mma" || p.d != 64) return false;
+  if (c == "mma" || !flash_wgmma_head_dim(p.d)) return false;
   LOOM_CHECK(c.empty() || flash_wgmma_available(),
              "LOOM_FLASH_FWD=wgmma: this build or device has no sm_90a wgmma kernels");
-  return flash_wgmma_available();
+  return flash_wgmma_available() && (c == "wgmma" || p.k_len >= 128);
 }
 
 void flash_tc_forward(const FlashParams& p) {

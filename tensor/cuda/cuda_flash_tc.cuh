@@ -162,15 +162,16 @@ __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, i
 // 128 bytes, the chunk stored at c ^ (row % 8): the layout wgmma reads, cuda_wgmma.cuh).
 __device__ __forceinline__ int sw128_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
-// Rows [r0, r0 + rows) of a [len, 64] matrix (rows `stride` elements apart) into a 128-byte-
-// swizzled [rows][64] tile with cp.async; zero beyond len. Lands like load_tile_async.
+// Rows [r0, r0 + rows) of a [len, d] matrix (d ≤ 64 a multiple of 8, rows `stride` elements
+// apart) into a 128-byte-swizzled [rows][64] tile with cp.async; zero beyond len and in columns
+// d…63. Lands like load_tile_async.
 template <typename T>
 __device__ __forceinline__ void load_sw128_async(T* tile, const T* src, int64_t r0, int rows, int64_t len,
-                                                 int64_t stride, int tid, int threads) {
+                                                 int d, int64_t stride, int tid, int threads) {
   unsigned char* dst = reinterpret_cast<unsigned char*>(tile);
   for (int idx = tid; idx < rows * 8; idx += threads) {
     const int r = idx >> 3, c = idx & 7;
-    const bool in = r0 + r < len;
+    const bool in = r0 + r < len && c * 8 < d;
     cp_async16(dst + sw128_offset(r, c), in ? src + (r0 + r) * stride + c * 8 : src, in);
   }
 }

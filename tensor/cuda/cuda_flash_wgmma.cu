@@ -1,13 +1,14 @@
-// Flash attention forward on Hopper's warpgroup tensor cores (wgmma, sm_90a), head dim 64,
+// Flash attention forward on Hopper's warpgroup tensor cores (wgmma, sm_90a), head dims 40 and 64,
 // bf16 / f16 with f32 accumulation: the same contract and arithmetic as cuda_flash_fwd.cu (log2-
 // domain online softmax, O and one natural-log LSE per row), built on the operands wgmma reads
 // from shared memory instead of mma.sync's fragments.
 //
 //   block   kWg warpgroups; warpgroup w owns the 64 query rows i0 + 64w…; keys in tiles of kN.
-//   S = Q·Kᵀ   wgmma m64nkNk16 × 4 (d = 64 in k-steps of 16), Q and K both from shared memory
-//              (K-major, 128-byte swizzle; cuda_wgmma.cuh), S in registers (kN / 2 per thread);
+//   S = Q·Kᵀ   wgmma m64nkNk16 × ⌈d / 16⌉ (d in k-steps of 16; d = 40 zero-padded to 48 in
+//              shared memory), Q and K both from shared memory (K-major, rows of 64 elements
+//              in the 128-byte swizzle; cuda_wgmma.cuh), S in registers (kN / 2 per thread);
 //   softmax    in registers, on mma.sync's C layout (the warpgroup accumulator layout);
-//   O += P·V   wgmma m64n64k16 × kN / 16, P from registers (the accumulators rounded to T:
+//   O += P·V   wgmma m64ndk16 × kN / 16, P from registers (the accumulators rounded to T:
 //              the A layout), V from shared memory read MN-major (imm-trans-b).
 // K and V tiles are cp.async double-buffered (tile it + 1 is copied while tile it is used), made
 // visible to wgmma by fence.proxy.async and the barrier that opens each tile.
@@ -24,8 +25,6 @@ namespace loom::cuda {
 
 namespace {
 
-constexpr int kWgD = 64;  // head dim of this kernel
-
 // kWg warpgroups of 64 queries, kN-key tiles; kPipe: P·V of tile it − 1 runs on the tensor cores
 // while the softmax of tile it runs on the other units (V then needs a third buffer).
 template <int kWg, int kN, bool kPipe>
@@ -33,26 +32,25 @@ struct WgShape {
   static constexpr int kRows = 64 * kWg;
   static constexpr int kThreads = 128 * kWg;
   static constexpr int kVBufs = kPipe ? 3 : 2;
-  static constexpr int kMinBlocks = kN == 64 ? 2 : 1;  // registers: kN / 2 for S, 32 for O
+  // registers: kN / 2 for S, d / 2 for O; two blocks of 2 warpgroups fit an SM with kN = 64
+  static constexpr int kMinBlocks = kN == 64 && kWg <= 2 ? 2 : 1;
   // Q [kRows][64], K [2][kN][64], V [kVBufs][kN][64], 1024 bytes of alignment slack
   static constexpr size_t kSmem = 1024 + size_t(kRows + (2 + kVBufs) * kN) * 128;
 };
 
 // s = Q·Kᵀ for the warpgroup's 64 queries and the kN keys of the tile (issued, not waited for).
-template <typename T, int kN>
+template <typename T, int D, int kN>
 __device__ __forceinline__ void wgmma_qk(float (&s)[kN / 2], uint64_t q_desc, uint64_t k_desc) {
 #pragma unroll
-  for (int kk = 0; kk < kWgD / 16; ++kk) {  // the k-slice 16kk…: 32 bytes further in each row
-    if constexpr (kN == 128) wgmma_ss_m64n128k16(s, q_desc + 2 * kk, k_desc + 2 * kk, kk, T());
-    else wgmma_ss_m64n64k16(s, q_desc + 2 * kk, k_desc + 2 * kk, kk, T());
-  }
+  for (int kk = 0; kk < (D + 15) / 16; ++kk)  // the k-slice 16kk…: 32 bytes further in each row
+    wgmma_ss(s, q_desc + 2 * kk, k_desc + 2 * kk, kk, T());
 }
 
 // o += P·V with P in A fragments pa (k-step kk = keys 16kk…) and V's [kN][64] tile (issued).
-template <typename T, int kN>
-__device__ __forceinline__ void wgmma_pv(float (&o)[kWgD / 2], const uint32_t (&pa)[kN / 16][4], uint64_t v_desc) {
+template <typename T, int D, int kN>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&pa)[kN / 16][4], uint64_t v_desc) {
 #pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_m64n64k16_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
+  for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
 }
 
 // One tile of the online softmax for this thread's rows row_q[0] (g) and row_q[1] (g + 8): s
@@ -101,21 +99,21 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], 
   }
 }
 
-template <typename T, int kWg, int kN, bool kPipe>
+template <typename T, int D, int kWg, int kN, bool kPipe>
 __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg, kN, kPipe>::kMinBlocks)
     flash_fwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = WgShape<kWg, kN, kPipe>;
-  constexpr int kRows = S::kRows, kThreads = S::kThreads, kTile = kN * kWgD;
+  constexpr int kRows = S::kRows, kThreads = S::kThreads, kTile = kN * 64;  // elements of a K / V tile
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK0 = sQ + kRows * kWgD;  // [2][kN][64]
+  T* sK0 = sQ + kRows * 64;    // [2][kN][64]
   T* sV0 = sK0 + 2 * kTile;    // [kVBufs][kN][64]
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
-  const FlashRows qr = flash_rows(p, n, p.q_len, kWgD), kr = flash_rows(p, n, p.k_len, kWgD);
+  const FlashRows qr = flash_rows(p, n, p.q_len, D), kr = flash_rows(p, n, p.k_len, D);
   const T* q = static_cast<const T*>(p.q) + qr.base;
   const T* k = static_cast<const T*>(p.k) + kr.base;
   const T* v = static_cast<const T*>(p.v) + kr.base;
@@ -127,17 +125,17 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
   int64_t tiles = (p.k_len + kN - 1) / kN;
   if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kN + 1);
 
-  load_sw128_async<T>(sQ, q, i0, kRows, p.q_len, qr.stride, tid, kThreads);
+  load_sw128_async<T>(sQ, q, i0, kRows, p.q_len, D, qr.stride, tid, kThreads);
   if (tiles > 0) {
-    load_sw128_async<T>(k_tile(0), k, 0, kN, p.k_len, kr.stride, tid, kThreads);
-    load_sw128_async<T>(v_tile(0), v, 0, kN, p.k_len, kr.stride, tid, kThreads);
+    load_sw128_async<T>(k_tile(0), k, 0, kN, p.k_len, D, kr.stride, tid, kThreads);
+    load_sw128_async<T>(v_tile(0), v, 0, kN, p.k_len, D, kr.stride, tid, kThreads);
   }
   cp_async_commit();
 
-  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * kWgD, 16, 1024);
-  float o[kWgD / 2];
+  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 64, 16, 1024);
+  float o[D / 2];
 #pragma unroll
-  for (int i = 0; i < kWgD / 2; ++i) o[i] = 0.f;
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int64_t row0 = i0 + wg * 64 + warp * 16 + g;
   const int64_t row_q[2] = {row0, row0 + 8};
@@ -148,17 +146,17 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
     fence_async_shared();
     __syncthreads();  // tile it landed for every thread; no warpgroup still reads the buffers refilled next
     if (it + 1 < tiles) {
-      load_sw128_async<T>(k_tile(it + 1), k, (it + 1) * kN, kN, p.k_len, kr.stride, tid, kThreads);
-      load_sw128_async<T>(v_tile(it + 1), v, (it + 1) * kN, kN, p.k_len, kr.stride, tid, kThreads);
+      load_sw128_async<T>(k_tile(it + 1), k, (it + 1) * kN, kN, p.k_len, D, kr.stride, tid, kThreads);
+      load_sw128_async<T>(v_tile(it + 1), v, (it + 1) * kN, kN, p.k_len, D, kr.stride, tid, kThreads);
     }
     cp_async_commit();
 
     float s[kN / 2];  // s[4j + e]: mma.sync's C fragment of column block j
     wgmma_fence();
-    wgmma_qk<T, kN>(s, q_desc, sw128_desc(k_tile(it), 16, 1024));
+    wgmma_qk<T, D, kN>(s, q_desc, sw128_desc(k_tile(it), 16, 1024));
     wgmma_commit();
     if (kPipe && it > 0) {  // P·V of the previous tile behind it; wait for S only
-      wgmma_pv<T, kN>(o, pa, sw128_desc(v_tile(it - 1), 16, 1024));
+      wgmma_pv<T, D, kN>(o, pa, sw128_desc(v_tile(it - 1), 16, 1024));
       wgmma_commit();
       wgmma_wait<1>();
     } else {
@@ -172,7 +170,7 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
       fence_operands(o);
     }
 #pragma unroll
-    for (int j = 0; j < kWgD / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
+    for (int j = 0; j < D / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
     // P from the accumulators: k-step kk is column blocks 2kk and 2kk + 1
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
@@ -183,7 +181,7 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
     }
     if constexpr (!kPipe) {
       wgmma_fence();
-      wgmma_pv<T, kN>(o, pa, sw128_desc(v_tile(it), 16, 1024));
+      wgmma_pv<T, D, kN>(o, pa, sw128_desc(v_tile(it), 16, 1024));
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(o);
@@ -191,7 +189,7 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
   }
   if (kPipe && tiles > 0) {  // the last tile's P·V
     wgmma_fence();
-    wgmma_pv<T, kN>(o, pa, sw128_desc(v_tile(tiles - 1), 16, 1024));
+    wgmma_pv<T, D, kN>(o, pa, sw128_desc(v_tile(tiles - 1), 16, 1024));
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(o);
@@ -207,7 +205,7 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
     if (qi >= p.q_len) continue;
     const float inv = 1.f / l[h];
 #pragma unroll
-    for (int j = 0; j < kWgD / 8; ++j) {
+    for (int j = 0; j < D / 8; ++j) {
       const uint32_t packed = Half2<T>::pack(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
       *reinterpret_cast<uint32_t*>(out + qi * qr.stride + j * 8 + 2 * t) = packed;
     }
@@ -219,26 +217,30 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
 #endif
 }
 
-template <typename T, int kWg, int kN, bool kPipe>
+template <typename T, int D, int kWg, int kN, bool kPipe>
 void wgmma_forward(const FlashParams& p) {
   using S = WgShape<kWg, kN, kPipe>;
-  auto* kernel = flash_fwd_wgmma_kernel<T, kWg, kN, kPipe>;
+  auto* kernel = flash_fwd_wgmma_kernel<T, D, kWg, kN, kPipe>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
   const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
   kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p);
   check_last_launch("flash_fwd_wgmma_kernel");
 }
 
+template <typename T, int D>
+void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
+  if (tile == "3x128") return wgmma_forward<T, D, 3, 128, false>(p);
+  if (tile == "2x128") return wgmma_forward<T, D, 2, 128, false>(p);
+  if (tile == "2x64") return wgmma_forward<T, D, 2, 64, false>(p);
+  if (tile == "4x64") return wgmma_forward<T, D, 4, 64, false>(p);
+  if (tile == "2x128p") return wgmma_forward<T, D, 2, 128, true>(p);
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 2x128, 2x64, 4x64, 2x128p");
+}
+
 template <typename T>
-void wgmma_forward_for(const FlashParams& p, const char* tile) {
-  const std::string name = tile;
-  if (name == "3x128") return wgmma_forward<T, 3, 128, false>(p);
-  if (name == "2x128") return wgmma_forward<T, 2, 128, false>(p);
-  if (name == "2x64") return wgmma_forward<T, 2, 64, false>(p);
-  if (name == "3x128p") return wgmma_forward<T, 3, 128, true>(p);
-  if (name == "2x128p") return wgmma_forward<T, 2, 128, true>(p);
-  if (name == "2x64p") return wgmma_forward<T, 2, 64, true>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", name, "' is not one of 3x128, 2x128, 2x64, 3x128p, 2x128p, 2x64p");
+void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
+  if (p.d == 40) return wgmma_forward_for<T, 40>(p, tile);
+  return wgmma_forward_for<T, 64>(p, tile);
 }
 
 }  // namespace
@@ -257,10 +259,12 @@ bool flash_wgmma_available() {
   return available;
 }
 
+bool flash_wgmma_head_dim(int64_t d) { return d == 40 || d == 64; }
+
 void flash_wgmma_forward(const FlashParams& p) {
-  LOOM_CHECK(p.d == kWgD && p.dv == kWgD, "flash_wgmma_forward: head dim ", p.d, " is not ", kWgD);
-  const char* tile = std::getenv("LOOM_FLASH_FWD_TILE");
-  if (!tile || !*tile) tile = "3x128";
+  LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_forward: head dim ", p.d, " is not 40 or 64");
+  const char* env = std::getenv("LOOM_FLASH_FWD_TILE");
+  const std::string tile = env && *env ? env : "3x128";
   if (p.dtype == DType::BF16) return wgmma_forward_for<__nv_bfloat16>(p, tile);
   if (p.dtype == DType::F16) return wgmma_forward_for<__half>(p, tile);
   LOOM_FAIL("flash_wgmma_forward: dtype ", p.dtype, " is not bf16 / f16");

@@ -1,4 +1,4 @@
-// Flash attention backward on Hopper's warpgroup tensor cores (wgmma, sm_90a), head dim 64,
+// Flash attention backward on Hopper's warpgroup tensor cores (wgmma, sm_90a), head dims 40, 64,
 // bf16 / f16 with f32 accumulation: the kernel behind run_bwd_tc's launch step (cuda_flash_bwd.cu
 // computes D = rowsum(dO∘O) before it, zeroes the f32 accumulators, and converts them after it,
 // scaling dQ and dK), with the same arithmetic as the mma.sync kernel there.
@@ -6,13 +6,14 @@
 //   block   128 keys j0… (2 warpgroups × 64 keys), row n, query tiles [first, last) of 64;
 //           K and V of the block stay in shared memory; Q, dO, lse, D of tile it + 1 are
 //           cp.async'ed while tile it is used. Per query tile and warpgroup w (keys j0 + 64w…):
-//     Sᵀ  = K_w·Qᵀ    wgmma m64n64k16 × 4 from shared memory (both K-major)
+//     Sᵀ  = K_w·Qᵀ    wgmma m64n64k16 × ⌈d / 16⌉ from shared memory (both K-major; d = 40
+//                     zero-padded to 48)
 //     dPᵀ = V_w·dOᵀ   likewise
 //     Pᵀ  = exp2(Sᵀ·scale·log2e + mask − lse·log2e), dSᵀ = Pᵀ∘(dPᵀ − D)   in registers
-//     dV += Pᵀ·dO, dK += dSᵀ·Q   wgmma m64n64k16 × 4, A from registers, B read N-major
-//     dSᵀ → shared memory; then dQ[:, 32w…32w+31] = dS·K[:, 32w…] over all 128 keys
-//           (wgmma m64n32k16 × 8, A read M-major from dSᵀ, B N-major), added into dQ's f32
-//           buffer with vector atomics
+//     dV += Pᵀ·dO, dK += dSᵀ·Q   wgmma m64ndk16 × 4, A from registers, B read N-major
+//     dSᵀ → shared memory; then dQ's columns split over the warpgroups (d = 64: 32 + 32,
+//           d = 40: 24 + 16) = dS·K[:, those columns] over all 128 keys (wgmma m64nNk16 × 8,
+//           A read M-major from dSᵀ, B N-major), added into dQ's f32 buffer with vector atomics
 //   and at the end dK, dV of the block's keys are added into their f32 buffers.
 // Shared-memory tiles are 128-byte swizzled ([rows][64], cuda_wgmma.cuh).
 #include "tensor/cuda/cuda_flash_tc.cuh"
@@ -22,7 +23,6 @@ namespace loom::cuda {
 
 namespace {
 
-constexpr int kBwdD = 64;        // head dim
 constexpr int kBwdKeys = 128;    // keys per block (64 per warpgroup)
 constexpr int kBwdRows = 64;     // queries per tile
 constexpr int kBwdThreads = 256;
@@ -30,7 +30,31 @@ constexpr int kTileBytes = 64 * 128;  // one [64][64] swizzled tile
 // K, V [128][64]; Q, dO [2][64][64]; dSᵀ [128][64]; lse, D [2][64] f32; 1024 bytes of alignment
 constexpr size_t kBwdSmem = 1024 + 2 * 2 * kTileBytes + 4 * kTileBytes + 2 * kTileBytes + 4 * kBwdRows * sizeof(float);
 
-template <typename T>
+// dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) over the block's 128 keys: dSᵀ [128][64] and K [128][64]
+// in shared memory (k-step kk = keys 16kk…, 16 rows = 2048 bytes further in both).
+template <typename T, int D, int N>
+__device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned char* sdS, const T* sK, int c0, int64_t n,
+                                        int64_t i0, int warp, int g, int t) {
+  float dq[N / 2];
+  const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
+  const uint64_t k_desc = sw128_desc(reinterpret_cast<const unsigned char*>(sK) + 2 * c0, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBwdKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t qi = i0 + warp * 16 + g + 8 * h;
+    if (qi >= p.q_len) continue;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+      atomic_add2(p.dq_accum + (n * p.q_len + qi) * D + c0 + 8 * j + 2 * t, dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
+  }
+}
+
+template <typename T, int D>
 __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -45,7 +69,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kBwdKeys;
-  const FlashRows qr = flash_rows(p, n, p.q_len, kBwdD), kr = flash_rows(p, n, p.k_len, kBwdD);
+  const FlashRows qr = flash_rows(p, n, p.q_len, D), kr = flash_rows(p, n, p.k_len, D);
   const T* q = static_cast<const T*>(p.q) + qr.base;
   const T* k = static_cast<const T*>(p.k) + kr.base;
   const T* v = static_cast<const T*>(p.v) + kr.base;
@@ -65,8 +89,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
   // and D = 0, so whatever P they get adds nothing to dV, dK; dQ skips them).
   auto load_query_tile = [&](int64_t it, int buf) {
     const int64_t i0 = it * kBwdRows;
-    load_sw128_async<T>(sQ0 + buf * 64 * 64, q, i0, kBwdRows, p.q_len, qr.stride, tid, kBwdThreads);
-    load_sw128_async<T>(sdO0 + buf * 64 * 64, dout, i0, kBwdRows, p.q_len, qr.stride, tid, kBwdThreads);
+    load_sw128_async<T>(sQ0 + buf * 64 * 64, q, i0, kBwdRows, p.q_len, D, qr.stride, tid, kBwdThreads);
+    load_sw128_async<T>(sdO0 + buf * 64 * 64, dout, i0, kBwdRows, p.q_len, D, qr.stride, tid, kBwdThreads);
     if (tid < 2 * kBwdRows) {
       const int rr = tid % kBwdRows;
       const bool in = i0 + rr < p.q_len;
@@ -74,14 +98,14 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
       else cp_async4(sD0 + buf * kBwdRows + rr, in ? delta + i0 + rr : delta, in);
     }
   };
-  load_sw128_async<T>(sK, k, j0, kBwdKeys, p.k_len, kr.stride, tid, kBwdThreads);
-  load_sw128_async<T>(sV, v, j0, kBwdKeys, p.k_len, kr.stride, tid, kBwdThreads);
+  load_sw128_async<T>(sK, k, j0, kBwdKeys, p.k_len, D, kr.stride, tid, kBwdThreads);
+  load_sw128_async<T>(sV, v, j0, kBwdKeys, p.k_len, D, kr.stride, tid, kBwdThreads);
   if (first < last) load_query_tile(first, 0);
   cp_async_commit();
 
-  float dk[32], dv[32];
+  float dk[D / 2], dv[D / 2];
 #pragma unroll
-  for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0.f;
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
   const uint64_t k_desc = sw128_desc(reinterpret_cast<unsigned char*>(sK) + wg * kTileBytes, 16, 1024);
   const uint64_t v_desc = sw128_desc(reinterpret_cast<unsigned char*>(sV) + wg * kTileBytes, 16, 1024);
   const int key_local = wg * 64 + warp * 16 + g;  // this thread's key rows key_local, key_local + 8
@@ -104,10 +128,10 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
     const uint64_t q_desc = sw128_desc(sQ, 16, 1024), do_desc = sw128_desc(sdO, 16, 1024);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBwdD / 16; ++kk) wgmma_ss_m64n64k16(st, k_desc + 2 * kk, q_desc + 2 * kk, kk, T());
+    for (int kk = 0; kk < (D + 15) / 16; ++kk) wgmma_ss(st, k_desc + 2 * kk, q_desc + 2 * kk, kk, T());
     wgmma_commit();
 #pragma unroll
-    for (int kk = 0; kk < kBwdD / 16; ++kk) wgmma_ss_m64n64k16(dpt, v_desc + 2 * kk, do_desc + 2 * kk, kk, T());
+    for (int kk = 0; kk < (D + 15) / 16; ++kk) wgmma_ss(dpt, v_desc + 2 * kk, do_desc + 2 * kk, kk, T());
     wgmma_commit();
     wgmma_wait<1>();
     fence_operands(st);
@@ -149,33 +173,17 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
     // dV += Pᵀ·dO, dK += dSᵀ·Q: k-step kk = queries 16kk… (rows of the tiles: 16·128·kk bytes)
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_m64n64k16_tb(dv, pa[kk], do_desc + kk * 128, 1, T());
+    for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_tb(dv, pa[kk], do_desc + kk * 128, 1, T());
 #pragma unroll
-    for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_m64n64k16_tb(dk, dsa[kk], q_desc + kk * 128, 1, T());
+    for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_tb(dk, dsa[kk], q_desc + kk * 128, 1, T());
     wgmma_commit();
     if (p.dq_accum) {  // the same for the whole block
       fence_async_shared();
       __syncthreads();  // dSᵀ of both warpgroups written
-      // dQ[:, 32·wg …] = dS·K[:, 32·wg …] over the block's 128 keys (k-step kk = keys 16kk…)
-      float dq[16];
-      const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
-      const uint64_t kq_desc = sw128_desc(reinterpret_cast<unsigned char*>(sK) + 64 * wg, 16, 1024);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBwdKeys / 16; ++kk)
-        wgmma_ss_m64n32k16_ta_tb(dq, ds_desc + kk * 128, kq_desc + kk * 128, kk, T());
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(dq);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t qi = i0 + warp * 16 + g + 8 * h;
-        if (qi >= p.q_len) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          atomic_add2(p.dq_accum + (n * p.q_len + qi) * kBwdD + 32 * wg + 8 * j + 2 * t, dq[4 * j + 2 * h],
-                      dq[4 * j + 2 * h + 1]);
-      }
+      // dQ's columns [0, kSplit) from warpgroup 0, [kSplit, D) from warpgroup 1
+      constexpr int kSplit = D == 64 ? 32 : 24;
+      if (wg == 0) dq_part<T, D, kSplit>(p, sdS, sK, 0, n, i0, warp, g, t);
+      else dq_part<T, D, D - kSplit>(p, sdS, sK, kSplit, n, i0, warp, g, t);
     }
     wgmma_wait<0>();
     fence_operands(dk);
@@ -187,8 +195,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
     const int64_t kj = j0 + key_local + 8 * h;
     if (kj >= p.k_len) continue;
 #pragma unroll
-    for (int j = 0; j < kBwdD / 8; ++j) {
-      const int64_t off = (n * p.k_len + kj) * kBwdD + j * 8 + 2 * t;
+    for (int j = 0; j < D / 8; ++j) {
+      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t;
       if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[4 * j + 2 * h], dk[4 * j + 2 * h + 1]);
       if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[4 * j + 2 * h], dv[4 * j + 2 * h + 1]);
     }
@@ -202,15 +210,19 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
 }  // namespace
 
 void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block) {
+  LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_backward_launch: head dim ", p.d,
+             " is not 40 or 64");
   const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
-  LOOM_CHECK(p.d == kBwdD && p.dv == kBwdD, "flash_wgmma_backward_launch: head dim ", p.d, " is not ", kBwdD);
   auto launch = [&](auto* kernel) {
     LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBwdSmem)));
     kernel<<<grid, kBwdThreads, kBwdSmem, compute_stream()>>>(p, query_tiles_per_block);
     check_last_launch("flash_bwd_wgmma_kernel");
   };
-  if (p.dtype == DType::BF16) return launch(flash_bwd_wgmma_kernel<__nv_bfloat16>);
-  if (p.dtype == DType::F16) return launch(flash_bwd_wgmma_kernel<__half>);
+  const bool d40 = p.d == 40;
+  if (p.dtype == DType::BF16)
+    return d40 ? launch(flash_bwd_wgmma_kernel<__nv_bfloat16, 40>) : launch(flash_bwd_wgmma_kernel<__nv_bfloat16, 64>);
+  if (p.dtype == DType::F16)
+    return d40 ? launch(flash_bwd_wgmma_kernel<__half, 40>) : launch(flash_bwd_wgmma_kernel<__half, 64>);
   LOOM_FAIL("flash_wgmma_backward_launch: dtype ", p.dtype, " is not bf16 / f16");
 }
 
