@@ -180,10 +180,15 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
     if (p.dq_accum) {  // the same for the whole block
       fence_async_shared();
       __syncthreads();  // dSᵀ of both warpgroups written
-      // dQ's columns [0, kSplit) from warpgroup 0, [kSplit, D) from warpgroup 1
-      constexpr int kSplit = D == 64 ? 32 : 24;
-      if (wg == 0) dq_part<T, D, kSplit>(p, sdS, sK, 0, n, i0, warp, g, t);
-      else dq_part<T, D, D - kSplit>(p, sdS, sK, kSplit, n, i0, warp, g, t);
+      // dQ's columns: d = 64 32·wg…32·wg + 31 (one code path for both warpgroups: with a branch
+      // per warpgroup the d = 64 kernel measured ~12% slower, 1.235 against 1.096 ms); d = 40
+      // [0, 24) from warpgroup 0, [24, 40) from warpgroup 1
+      if constexpr (D == 64) {
+        dq_part<T, D, 32>(p, sdS, sK, 32 * wg, n, i0, warp, g, t);
+      } else {
+        if (wg == 0) dq_part<T, D, 24>(p, sdS, sK, 0, n, i0, warp, g, t);
+        else dq_part<T, D, 16>(p, sdS, sK, 24, n, i0, warp, g, t);
+      }
     }
     wgmma_wait<0>();
     fence_operands(dk);
