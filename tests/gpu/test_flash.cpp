@@ -174,6 +174,27 @@ bool wgmma_kernels_run() {
   return runs;
 }
 
+// The cases both paths of the forward and of the backward run at the head dims of the Hopper
+// kernels (40, 64): tails of 64- / 128-key tiles and of 64- / 128- / 192-query blocks, one key,
+// one query, masks of every shape, causal, a longer sequence.
+std::vector<FlashCase> hopper_path_cases() {
+  std::vector<FlashCase> cs;
+  for (int64_t d : {40, 64}) {
+    cs.push_back({DType::BF16, 2, 3, 77, 333, d});
+    cs.push_back({DType::F16, 1, 2, 7, 1, d});
+    cs.push_back({DType::BF16, 1, 1, 1, 4095, d});
+    cs.push_back({DType::F16, 1, 2, 200, 385, d});
+    cs.push_back({DType::BF16, 2, 2, 130, 129, d, MaskKind::PerQuery});
+    cs.push_back({DType::BF16, 2, 4, 333, 77, d, MaskKind::PerKey});
+    cs.push_back({DType::F16, 2, 2, 129, 200, d, MaskKind::PerKey3});
+    cs.push_back({DType::BF16, 3, 2, 65, 77, d, MaskKind::KeepMaskFullyMasked});
+    cs.push_back({DType::F16, 1, 2, 200, 200, d, MaskKind::Causal});
+    cs.push_back({DType::BF16, 1, 1, 450, 450, d, MaskKind::Causal});
+    cs.push_back({DType::BF16, 2, 2, 1000, 1000, d});
+  }
+  return cs;
+}
+
 // Every warp layout of the tensor-core backward (LOOM_FLASH_BWD_LAYOUT; the default picks one per
 // head dim), with dQ from f32 atomics and from its own kernel (LOOM_FLASH_BWD_DQ), against the f64
 // CPU reference, at tails of both tile sizes (64 and 128 keys), with masks and causal rows.
@@ -201,9 +222,9 @@ TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
   unsetenv("LOOM_FLASH_BWD");
 }
 
-// Both backward kernels at head dims 40 and 64 (LOOM_FLASH_BWD: mma.sync, and Hopper's wgmma where this
-// build and device have it), dQ from atomics and from its own kernel, against the f64 CPU
-// reference: tails of 128-key blocks and 64-query tiles, one key, masks of every shape, causal.
+// Both backward kernels (LOOM_FLASH_BWD: mma.sync, and Hopper's wgmma where this build and device
+// have it), dQ from atomics and from its own kernel, on hopper_path_cases against the f64 CPU
+// reference.
 TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   std::vector<std::string> kernels = {"mma"};
@@ -213,27 +234,14 @@ TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
       SCOPED_TRACE("LOOM_FLASH_BWD=" + kernel + " LOOM_FLASH_BWD_DQ=" + dq);
       setenv("LOOM_FLASH_BWD", kernel.c_str(), 1);
       setenv("LOOM_FLASH_BWD_DQ", dq, 1);
-      for (int64_t d : {40, 64}) {
-        check_case({DType::BF16, 2, 3, 77, 333, d});
-        check_case({DType::F16, 1, 2, 7, 1, d});
-        check_case({DType::BF16, 1, 1, 1, 4095, d});
-        check_case({DType::F16, 1, 2, 200, 385, d});
-        check_case({DType::BF16, 2, 2, 130, 129, d, MaskKind::PerQuery});
-        check_case({DType::BF16, 2, 4, 333, 77, d, MaskKind::PerKey});
-        check_case({DType::F16, 2, 2, 129, 200, d, MaskKind::PerKey3});
-        check_case({DType::BF16, 3, 2, 65, 77, d, MaskKind::KeepMaskFullyMasked});
-        check_case({DType::F16, 1, 2, 200, 200, d, MaskKind::Causal});
-        check_case({DType::BF16, 1, 1, 450, 450, d, MaskKind::Causal});
-        check_case({DType::BF16, 2, 2, 1000, 1000, d});
-      }
+      for (const FlashCase& c : hopper_path_cases()) check_case(c);
     }
   unsetenv("LOOM_FLASH_BWD");
   unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
-// Both forwards at head dims 40 and 64 (LOOM_FLASH_FWD: mma.sync, and Hopper's wgmma with each block shape
-// of LOOM_FLASH_FWD_TILE, with and without P·V overlapping the next softmax) against the f64 CPU reference: tails of 64- and 128-key tiles and of 64-,
-// 128- and 192-query blocks, one key, one query, masks of every shape, causal, cross-attention.
+// Both forwards (LOOM_FLASH_FWD: mma.sync, and Hopper's wgmma with each block shape of
+// LOOM_FLASH_FWD_TILE) on hopper_path_cases against the f64 CPU reference.
 TEST(FlashCudaForwardPaths, EveryForwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   std::vector<std::pair<std::string, std::string>> paths = {{"mma", ""}};
@@ -243,18 +251,7 @@ TEST(FlashCudaForwardPaths, EveryForwardMatchesTheCpuInF64) {
     SCOPED_TRACE("LOOM_FLASH_FWD=" + fwd + " LOOM_FLASH_FWD_TILE=" + tile);
     setenv("LOOM_FLASH_FWD", fwd.c_str(), 1);
     setenv("LOOM_FLASH_FWD_TILE", tile.c_str(), 1);
-    for (int64_t d : {40, 64}) {
-      check_case({DType::BF16, 2, 3, 77, 333, d});
-      check_case({DType::F16, 1, 2, 7, 1, d});
-      check_case({DType::BF16, 1, 1, 1, 4095, d});
-      check_case({DType::F16, 1, 2, 200, 385, d});
-      check_case({DType::BF16, 2, 2, 130, 129, d, MaskKind::PerQuery});
-      check_case({DType::BF16, 2, 4, 333, 77, d, MaskKind::PerKey});
-      check_case({DType::F16, 2, 2, 129, 200, d, MaskKind::PerKey3});
-      check_case({DType::BF16, 3, 2, 65, 77, d, MaskKind::KeepMaskFullyMasked});
-      check_case({DType::BF16, 1, 2, 200, 200, d, MaskKind::Causal});
-      check_case({DType::F16, 1, 1, 450, 450, d, MaskKind::Causal});
-    }
+    for (const FlashCase& c : hopper_path_cases()) check_case(c);
   }
   unsetenv("LOOM_FLASH_FWD");
   unsetenv("LOOM_FLASH_FWD_TILE");
