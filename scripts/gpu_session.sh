@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One call on the H200 machine (../shared/GPU.md): build the named targets, run the GPU tests and
 # the GPU benchmarks (loom and PyTorch in the same call). Logs go to $OUT (or ./out).
-#   STEPS="tests ctest bench benchmath torch model unet profile conv cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
+#   STEPS="tests ctest bench variants benchmath torch model unet profile conv cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
+# STEPS unset runs "tests bench torch"; STEPS="" builds only. "variants": the flash kernels' other
+# paths at the head dims where they compete (mma.sync against wgmma, the wgmma forward's blocks).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
 mkdir -p "$out"
-steps=${STEPS:-"tests bench torch"}
+steps=${STEPS-"tests bench torch"}
 targets=${TARGETS:-"test_gpu loom_bench_flash loom"}
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
@@ -31,6 +33,12 @@ for s in $steps; do
       echo "ctest -L gpu rc=$?"; grep -E "tests passed|tests failed|Failed" "$out/ctest-gpu.log" | head -30 ;;
     bench)
       ./build-gpu/bench/loom_bench_flash --reps 30 | tee "$out/bench_flash.txt" ;;
+    variants)
+      shapes="--shape 2,8,4096,4096,40 --shape 2,8,4096,4096,64 --shape 2,10,4096,4096,64 --shape 2,20,1024,1024,64"
+      for v in "LOOM_FLASH_FWD=mma LOOM_FLASH_BWD=mma" "LOOM_FLASH_BWD=wgmma" "LOOM_FLASH_FWD_TILE=2x64" \
+               "LOOM_FLASH_FWD_TILE=2x128"; do
+        echo "== $v"; env $v ./build-gpu/bench/loom_bench_flash --reps 30 $shapes
+      done | tee "$out/bench_variants.txt" ;;
     benchmath)
       ./build-gpu/bench/loom_bench_flash --backend math --reps 20 | tee "$out/bench_math.txt" ;;
     torch)
