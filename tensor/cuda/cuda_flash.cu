@@ -2,6 +2,9 @@
 //   cuda_flash_fwd.cu, cuda_flash_bwd.cu   tensor-core family (bf16 / f16)
 //   cuda_flash_tf32.cu, cuda_flash_tf32_bwd.cu  tf32 family (f32 with allow_tf32(): p.tf32)
 //   cuda_flash_exact.cu                    exact family (f32 without TF32, f64)
+#include <cstdlib>
+#include <string>
+
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
 
@@ -32,6 +35,15 @@ int flash_sm_count() {
     return c;
   }();
   return count;
+}
+
+bool flash_wgmma_chosen(const FlashParams& p, const char* variable, bool measured_faster) {
+  const char* choice = std::getenv(variable);
+  const std::string c = choice ? choice : "";
+  LOOM_CHECK(c.empty() || c == "mma" || c == "wgmma", variable, "='", c, "' is not mma or wgmma");
+  if (c == "mma" || !flash_wgmma_head_dim(p.d)) return false;
+  LOOM_CHECK(c.empty() || flash_wgmma_available(), variable, "=wgmma: this build or device has no sm_90a wgmma kernels");
+  return flash_wgmma_available() && (c == "wgmma" || measured_faster);
 }
 
 bool flash_tensor_core_head_dim(int64_t d) {

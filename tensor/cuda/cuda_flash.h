@@ -85,6 +85,10 @@ void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
 // overlapping the softmax of the next). All variables are read at every call.
 bool flash_wgmma_available();
 bool flash_wgmma_head_dim(int64_t d);
+// Whether p runs on wgmma (cuda_flash.cu): `variable` (LOOM_FLASH_FWD / LOOM_FLASH_BWD) = mma or
+// wgmma forces either (wgmma where it is missing, or another value, is an error); unset, wgmma
+// where it is available, covers p's head dim and measured_faster.
+bool flash_wgmma_chosen(const FlashParams& p, const char* variable, bool measured_faster);
 void flash_wgmma_forward(const FlashParams& p);
 // The backward's kernel (cuda_flash_wgmma_bwd.cu): grid (key_blocks of 128 keys, p.n, splits of
 // query_tiles_per_block 64-query tiles), adding into the f32 accumulators as the mma.sync kernel

@@ -387,16 +387,8 @@ void run_bwd_tc(const FlashParams& p) {
 // Whether the backward of p runs on wgmma (cuda_flash.h). By default: head dim 64 on a device that
 // has it (H200, docs/gpu-bench.md run 10: (2,8,4096,64) fwd+bwd 1.235 against 1.328 ms); at d = 40
 // the mma.sync narrow64 layout stays faster (1.091 against 1.139 ms: 3 blocks per SM against
-// one). LOOM_FLASH_BWD=mma / wgmma force either (wgmma: d = 40 or 64; where it is missing an error).
-bool backward_on_wgmma(const FlashParams& p) {
-  const char* choice = std::getenv("LOOM_FLASH_BWD");
-  const std::string c = choice ? choice : "";
-  LOOM_CHECK(c.empty() || c == "mma" || c == "wgmma", "LOOM_FLASH_BWD='", c, "' is not mma or wgmma");
-  if (c == "mma" || !flash_wgmma_head_dim(p.d)) return false;
-  LOOM_CHECK(c.empty() || flash_wgmma_available(),
-             "LOOM_FLASH_BWD=wgmma: this build or device has no sm_90a wgmma kernels");
-  return flash_wgmma_available() && (c == "wgmma" || p.d == 64);
-}
+// one). LOOM_FLASH_BWD=mma / wgmma force either (wgmma: d = 40 or 64).
+bool backward_on_wgmma(const FlashParams& p) { return flash_wgmma_chosen(p, "LOOM_FLASH_BWD", p.d == 64); }
 
 template <typename T, int D>
 void tc_backward(const FlashParams& p) {

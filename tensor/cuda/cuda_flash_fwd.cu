@@ -26,9 +26,6 @@
 //
 // Exact family (f32 / f64): one thread per query row (forward, dQ) or per key row (dK, dV),
 // tiles of the other side staged in shared memory; the CPU flash algorithm, in FMA.
-#include <cstdlib>
-#include <string>
-
 #include "tensor/cuda/cuda_flash_tc.cuh"
 
 namespace loom::cuda {
@@ -266,17 +263,8 @@ void flash_tc_forward_for(const FlashParams& p) {
 // Whether the forward of p runs on wgmma (cuda_flash.h). By default: head dims 40, 64 on a device
 // that has it, with at least 128 keys (H200, docs/gpu-bench.md run 10: 0.227 against 0.266 ms at
 // (2,8,4096,40), 0.243 against 0.298 at (2,8,4096,64); at 77 keys its 128-key tile is mostly
-// padding, 0.034 against 0.030 ms). LOOM_FLASH_FWD=mma / wgmma force either (wgmma where it is
-// missing is an error).
-bool forward_on_wgmma(const FlashParams& p) {
-  const char* choice = std::getenv("LOOM_FLASH_FWD");
-  const std::string c = choice ? choice : "";
-  LOOM_CHECK(c.empty() || c == "mma" || c == "wgmma", "LOOM_FLASH_FWD='", c, "' is not mma or wgmma");
-  if (c == "mma" || !flash_wgmma_head_dim(p.d)) return false;
-  LOOM_CHECK(c.empty() || flash_wgmma_available(),
-             "LOOM_FLASH_FWD=wgmma: this build or device has no sm_90a wgmma kernels");
-  return flash_wgmma_available() && (c == "wgmma" || p.k_len >= 128);
-}
+// padding, 0.034 against 0.030 ms). LOOM_FLASH_FWD=mma / wgmma force either.
+bool forward_on_wgmma(const FlashParams& p) { return flash_wgmma_chosen(p, "LOOM_FLASH_FWD", p.k_len >= 128); }
 
 void flash_tc_forward(const FlashParams& p) {
   if (forward_on_wgmma(p)) return flash_wgmma_forward(p);

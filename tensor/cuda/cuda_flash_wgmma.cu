@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
   using S = WgShape<kWg, kN, kPipe>;
   constexpr int kRows = S::kRows, kThreads = S::kThreads, kTile = kN * 64;  // elements of a K / V tile
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = align_1024(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK0 = sQ + kRows * 64;    // [2][kN][64]
   T* sV0 = sK0 + 2 * kTile;    // [kVBufs][kN][64]

@@ -58,7 +58,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = align_1024(smem_raw);
   T* sK = reinterpret_cast<T*>(smem);                  // [128][64]
   T* sV = reinterpret_cast<T*>(smem + 2 * kTileBytes);  // [128][64]
   T* sQ0 = reinterpret_cast<T*>(smem + 4 * kTileBytes);   // [2][64][64]

@@ -30,6 +30,12 @@
 namespace loom::cuda {
 namespace {
 
+// The first 1024-byte-aligned address at or after a dynamic shared-memory start (the swizzle
+// pattern follows address bits; launches ask for 1024 bytes of slack).
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* smem) {
+  return smem + ((1024 - (__cvta_generic_to_shared(smem) & 1023)) & 1023);
+}
+
 // The matrix descriptor of a 128-byte-swizzled tile starting at `smem` (1024-byte aligned, or
 // a k-slice offset from such a start inside the first 128 bytes of a row).
 __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes) {
