@@ -1,7 +1,10 @@
 // Every differentiable op of the harness run on CUDA and compared with the CPU
 // in f64, forward and all input gradients, on fresh random inputs
 // (ctest -L gpu). f32: relative error ≤ 1e-5; bf16: ≤ 1e-2 (against the f64
-// result on the same bf16-rounded inputs). Skips, with the reason, without a GPU.
+// result on the same bf16-rounded inputs), or twice the error of the same op run
+// in bf16 on the CPU where that is larger: the bf16 rounding of an intermediate
+// (softmax's output, say) can alone exceed 1e-2 after cancellation, and no
+// kernel can do better than its inputs. Skips, with the reason, without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -52,7 +55,19 @@ void compare_on_gpu(const OpCase& c, DType dtype, double tol) {
   const RunResult gpu = run_case(c, gpu_in, upstream);
   ASSERT_EQ(gpu.out.device(), Device::cuda(0)) << c.name();
   ASSERT_EQ(gpu.out.dtype(), dtype) << c.name();
-  EXPECT_LE(rel_error(gpu.out, ref.out), tol) << c.name() << " forward";
+
+  // The same op in the same dtype on the CPU: its error against f64 is what rounding alone costs.
+  RunResult cpu_same_dtype;
+  if (dtype != DType::F32) {
+    std::vector<Variable> cpu_in;
+    for (size_t i = 0; i < gpu_in.size(); ++i)
+      cpu_in.emplace_back(gpu_in[i].tensor().to(Device::cpu()), c.inputs[i].requires_grad);
+    cpu_same_dtype = run_case(c, cpu_in, upstream);
+  }
+  auto bound = [&](const Tensor& cpu_result, const Tensor& f64_result) {
+    return cpu_result.defined() ? std::max(tol, 2 * rel_error(cpu_result, f64_result)) : tol;
+  };
+  EXPECT_LE(rel_error(gpu.out, ref.out), bound(cpu_same_dtype.out, ref.out)) << c.name() << " forward";
   for (size_t i = 0; i < gpu_in.size(); ++i) {
     if (!c.inputs[i].requires_grad) {
       EXPECT_FALSE(gpu.grads[i].defined()) << c.name() << " frozen input " << i << " got a gradient";
@@ -60,7 +75,9 @@ void compare_on_gpu(const OpCase& c, DType dtype, double tol) {
     }
     ASSERT_TRUE(gpu.grads[i].defined()) << c.name() << " input " << i;
     EXPECT_EQ(gpu.grads[i].device(), Device::cuda(0));
-    EXPECT_LE(rel_error(gpu.grads[i], ref.grads[i]), tol) << c.name() << " gradient of input " << i;
+    const Tensor cpu_grad = cpu_same_dtype.grads.empty() ? Tensor() : cpu_same_dtype.grads[i];
+    EXPECT_LE(rel_error(gpu.grads[i], ref.grads[i]), bound(cpu_grad, ref.grads[i]))
+        << c.name() << " gradient of input " << i;
   }
 }
 
