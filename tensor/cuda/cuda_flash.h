@@ -79,7 +79,7 @@ void flash_tf32_backward(const FlashParams& p);          // cuda_flash_tf32_bwd.
 void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
 // The Hopper kernels (wgmma, sm_90a) for bf16 / f16 at head dims 40 and 64: used by
 // flash_tc_forward / flash_tc_backward when flash_wgmma_available() (built for sm_90a, device of
-// compute capability 9.0) where they were measured faster (forward: ≥ 128 keys; backward: d = 64),
+// compute capability 9.0) where they were measured faster (forward: ≥ 128 keys; backward: always),
 // or as LOOM_FLASH_FWD / LOOM_FLASH_BWD (mma | wgmma) say (wgmma where missing is an error). The forward (cuda_flash_wgmma.cu): LOOM_FLASH_FWD_TILE picks its block
 // (3x128: 3 warpgroups of 64 queries, 128-key tiles; 2x128; 2x64; 4x64; 2x128p: P·V of one tile
 // overlapping the softmax of the next). All variables are read at every call.
@@ -90,10 +90,15 @@ bool flash_wgmma_head_dim(int64_t d);
 // where it is available, covers p's head dim and measured_faster.
 bool flash_wgmma_chosen(const FlashParams& p, const char* variable, bool measured_faster);
 void flash_wgmma_forward(const FlashParams& p);
-// The backward's kernel (cuda_flash_wgmma_bwd.cu): grid (key_blocks of 128 keys, p.n, splits of
-// query_tiles_per_block 64-query tiles), adding into the f32 accumulators as the mma.sync kernel
-// does (run_bwd in cuda_flash_bwd.cu does the rest).
-void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block);
+// The backward's kernel (cuda_flash_wgmma_bwd.cu): grid (key_blocks of flash_wgmma_backward_keys(d)
+// keys, p.n, splits of query_tiles_per_block 64-query tiles), adding dQ into its f32 accumulator as
+// the mma.sync kernel does (run_bwd in cuda_flash_bwd.cu does the rest); dK, dV likewise, or, with
+// direct_kv (splits == 1: one block per key), written as p.dk = dK·scale and p.dv_out by the kernel.
+// Keys per block: 128 (2 warpgroups) at d = 64, 64 (1 warpgroup, 3 blocks per SM) at d = 40, or
+// as LOOM_FLASH_BWD_WGMMA_KEYS = 64 | 128 says (read at every call).
+int flash_wgmma_backward_keys(int64_t d);
+void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block,
+                                 bool direct_kv);
 // dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into
 // p.dq (cuda_flash_dq.cu), instead of f32 atomics from the key-stationary kernel; chosen by
 // LOOM_FLASH_BWD_DQ=separate (default atomic), read at every call.

@@ -334,18 +334,17 @@ BwdLayout bwd_layout() {
   return l;
 }
 
-// D = rowsum(dO∘O), the zeroed f32 accumulators, launch(grid, query tiles per block) of a kernel
-// whose blocks take kCols keys and 64-query tiles with kThreadsPerBlock threads, the conversions.
+// D = rowsum(dO∘O), the zeroed f32 accumulators, launch(grid, query tiles per block, direct_kv) of
+// a kernel whose blocks take kCols keys and 64-query tiles with kThreadsPerBlock threads, the
+// conversions. direct_kv (only where kv_direct_ok, the kernel can write dK, dV itself, and the
+// query tiles are not split over blocks): dK, dV skip their accumulators and conversions.
 template <typename T, int D, typename Launch>
-void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, Launch&& launch) {
+void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, bool kv_direct_ok, Launch&& launch) {
   using S = TcShape<D>;
   const int64_t rows = p.n * p.q_len;
   flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, D);
   check_last_launch("flash_delta_half_kernel");
   if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float), compute_stream()));
-  const size_t kv = size_t(p.n * p.k_len) * D * sizeof(float);
-  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv, compute_stream()));
-  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv, compute_stream()));
 
   const int64_t key_blocks = (p.k_len + kCols - 1) / kCols;
   const int64_t query_tiles = (p.q_len + S::kRows - 1) / S::kRows;
@@ -356,7 +355,13 @@ void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, Launch&& lau
   splits = std::min(splits, query_tiles);
   const int64_t per_block = (query_tiles + splits - 1) / splits;
   splits = (query_tiles + per_block - 1) / per_block;
-  launch(dim3(unsigned(key_blocks), unsigned(p.n), unsigned(splits)), int(per_block));
+  const bool direct_kv = kv_direct_ok && splits == 1;
+  if (!direct_kv) {
+    const size_t kv = size_t(p.n * p.k_len) * D * sizeof(float);
+    LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv, compute_stream()));
+    LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv, compute_stream()));
+  }
+  launch(dim3(unsigned(key_blocks), unsigned(p.n), unsigned(splits)), int(per_block), direct_kv);
 
   const float scale = float(p.scale);
   auto convert = [&](void* dst, const float* src, int64_t len, float s) {
@@ -367,6 +372,7 @@ void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, Launch&& lau
   };
   if (p.dq_accum) convert(p.dq, p.dq_accum, p.q_len, scale);
   else if (p.dq) flash_tc_dq_separate(p);  // LOOM_FLASH_BWD_DQ=separate (the host left dq_accum null)
+  if (direct_kv) return;
   convert(p.dk, p.dk_accum, p.k_len, scale);
   convert(p.dv_out, p.dv_accum, p.k_len, 1.f);
 }
@@ -375,7 +381,7 @@ void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, Launch&& lau
 template <typename T, int D, int kAtoms, int kKeySlices, int kQSplit>
 void run_bwd_tc(const FlashParams& p) {
   constexpr int kCols = 16 * kAtoms * kKeySlices, kThreadsPerBlock = 32 * kKeySlices * kQSplit;
-  run_bwd<T, D>(p, kCols, kThreadsPerBlock, [&](dim3 grid, int per_block) {
+  run_bwd<T, D>(p, kCols, kThreadsPerBlock, false, [&](dim3 grid, int per_block, bool) {
     const size_t smem = tc_bwd_smem<D, kCols>();
     auto kernel = flash_bwd_tc_kernel<T, D, kAtoms, kKeySlices, kQSplit>;
     LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -384,18 +390,20 @@ void run_bwd_tc(const FlashParams& p) {
   });
 }
 
-// Whether the backward of p runs on wgmma (cuda_flash.h). By default: head dim 64 on a device that
-// has it (H200, docs/gpu-bench.md run 10: (2,8,4096,64) fwd+bwd 1.235 against 1.328 ms); at d = 40
-// the mma.sync narrow64 layout stays faster (1.091 against 1.139 ms: 3 blocks per SM against
-// one). LOOM_FLASH_BWD=mma / wgmma force either (wgmma: d = 40 or 64).
-bool backward_on_wgmma(const FlashParams& p) { return flash_wgmma_chosen(p, "LOOM_FLASH_BWD", p.d == 64); }
+// Whether the backward of p runs on wgmma (cuda_flash.h). By default: at both of its head dims on a
+// device that has it (H200, docs/gpu-bench.md run 12: (2,8,4096,64) fwd+bwd 0.975 against the
+// mma.sync kernel's 1.344 ms in run 11; (2,8,4096,40) 0.817 against 1.076). LOOM_FLASH_BWD=mma /
+// wgmma force either (wgmma: d = 40 or 64).
+bool backward_on_wgmma(const FlashParams& p) { return flash_wgmma_chosen(p, "LOOM_FLASH_BWD", true); }
 
 template <typename T, int D>
 void tc_backward(const FlashParams& p) {
-  if (backward_on_wgmma(p))  // 128-key blocks of 2 warpgroups (cuda_flash_wgmma_bwd.cu)
-    return run_bwd<T, D>(p, 128, 256, [&](dim3 grid, int per_block) {
-      flash_wgmma_backward_launch(p, grid.x, grid.z, per_block);
+  if (backward_on_wgmma(p)) {  // blocks of 1 or 2 warpgroups × 64 keys (cuda_flash_wgmma_bwd.cu)
+    const int keys = flash_wgmma_backward_keys(p.d);
+    return run_bwd<T, D>(p, keys, 2 * keys, true, [&](dim3 grid, int per_block, bool direct_kv) {
+      flash_wgmma_backward_launch(p, grid.x, grid.z, per_block, direct_kv);
     });
+  }
   const BwdLayout l = bwd_layout<D>();
   if constexpr (D <= 64) {
     if (l == BwdLayout::Wide64) return run_bwd_tc<T, D, 2, 2, 2>(p);

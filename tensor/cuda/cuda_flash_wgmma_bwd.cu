@@ -3,7 +3,8 @@
 // computes D = rowsum(dO∘O) before it, zeroes the f32 accumulators, and converts them after it,
 // scaling dQ and dK), with the same arithmetic as the mma.sync kernel there.
 //
-//   block   128 keys j0… (2 warpgroups × 64 keys), row n, query tiles [first, last) of 64;
+//   block   64·kWgs keys j0… (kWgs = 1 or 2 warpgroups × 64 keys), row n, query tiles
+//           [first, last) of 64;
 //           K and V of the block stay in shared memory; Q, dO, lse, D of tile it + 1 are
 //           cp.async'ed while tile it is used. Per query tile and warpgroup w (keys j0 + 64w…):
 //     Sᵀ  = K_w·Qᵀ    wgmma m64n64k16 × ⌈d / 16⌉ from shared memory (both K-major; d = 40
@@ -11,10 +12,12 @@
 //     dPᵀ = V_w·dOᵀ   likewise
 //     Pᵀ  = exp2(Sᵀ·scale·log2e + mask − lse·log2e), dSᵀ = Pᵀ∘(dPᵀ − D)   in registers
 //     dV += Pᵀ·dO, dK += dSᵀ·Q   wgmma m64ndk16 × 4, A from registers, B read N-major
-//     dSᵀ → shared memory; then dQ's columns split over the warpgroups (d = 64: 32 + 32,
-//           d = 40: 24 + 16) = dS·K[:, those columns] over all 128 keys (wgmma m64nNk16 × 8,
-//           A read M-major from dSᵀ, B N-major), added into dQ's f32 buffer with vector atomics
-//   and at the end dK, dV of the block's keys are added into their f32 buffers.
+//     dSᵀ → shared memory; then dQ's columns split over the warpgroups (one: all d; two: d = 64
+//           32 + 32, d = 40 24 + 16) = dS·K[:, those columns] over all the block's keys (wgmma
+//           m64nNk16, A read M-major from dSᵀ, B N-major), added into dQ's f32 buffer with vector
+//           atomics
+//   and at the end dK, dV of the block's keys are added into their f32 buffers, or written as
+//   the gradients themselves where the block holds every query tile of its keys (direct_kv).
 // Shared-memory tiles are 128-byte swizzled ([rows][64], cuda_wgmma.cuh).
 #include "tensor/cuda/cuda_flash_tc.cuh"
 #include "tensor/cuda/cuda_wgmma.cuh"
@@ -23,16 +26,18 @@ namespace loom::cuda {
 
 namespace {
 
-constexpr int kBwdKeys = 128;    // keys per block (64 per warpgroup)
 constexpr int kBwdRows = 64;     // queries per tile
-constexpr int kBwdThreads = 256;
 constexpr int kTileBytes = 64 * 128;  // one [64][64] swizzled tile
-// K, V [128][64]; Q, dO [2][64][64]; dSᵀ [128][64]; lse, D [2][64] f32; 1024 bytes of alignment
-constexpr size_t kBwdSmem = 1024 + 2 * 2 * kTileBytes + 4 * kTileBytes + 2 * kTileBytes + 4 * kBwdRows * sizeof(float);
+// kWgs warpgroups of 64 keys each. Shared memory: K, V [64·kWgs][64]; Q, dO [2][64][64];
+// dSᵀ [64·kWgs][64]; lse, D [2][64] f32; 1024 bytes of alignment.
+template <int kWgs>
+constexpr size_t bwd_smem() {
+  return 1024 + 2 * kWgs * kTileBytes + 4 * kTileBytes + kWgs * kTileBytes + 4 * kBwdRows * sizeof(float);
+}
 
-// dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) over the block's 128 keys: dSᵀ [128][64] and K [128][64]
-// in shared memory (k-step kk = keys 16kk…, 16 rows = 2048 bytes further in both).
-template <typename T, int D, int N>
+// dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) over the block's kKeys keys: dSᵀ [kKeys][64] and K
+// [kKeys][64] in shared memory (k-step kk = keys 16kk…, 16 rows = 2048 bytes further in both).
+template <typename T, int D, int N, int kKeys>
 __device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned char* sdS, const T* sK, int c0, int64_t n,
                                         int64_t i0, int warp, int g, int t) {
   float dq[N / 2];
@@ -40,7 +45,7 @@ __device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned cha
   const uint64_t k_desc = sw128_desc(reinterpret_cast<const unsigned char*>(sK) + 2 * c0, 16, 1024);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < kBwdKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
+  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
   wgmma_commit();
   wgmma_wait<0>();
   fence_operands(dq);
@@ -54,18 +59,24 @@ __device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned cha
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block) {
+// direct_kv: this block is the only one for its keys (no split of the query tiles), so it writes
+// dK·scale and dV into p.dk / p.dv_out itself instead of adding into the f32 accumulators.
+// Blocks per SM: one of 2 warpgroups; of 1 warpgroup 3 at d = 40 (152 registers), 2 at d = 64
+// (3 there, at 166 registers, measured slower: run 12).
+template <typename T, int D, int kWgs>
+__global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
+    flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block, bool direct_kv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kBwdKeys = 64 * kWgs, kBwdThreads = 128 * kWgs;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
-  T* sK = reinterpret_cast<T*>(smem);                  // [128][64]
-  T* sV = reinterpret_cast<T*>(smem + 2 * kTileBytes);  // [128][64]
-  T* sQ0 = reinterpret_cast<T*>(smem + 4 * kTileBytes);   // [2][64][64]
-  T* sdO0 = reinterpret_cast<T*>(smem + 6 * kTileBytes);  // [2][64][64]
-  unsigned char* sdS = smem + 8 * kTileBytes;             // dSᵀ [128 keys][64 queries]
-  float* sL0 = reinterpret_cast<float*>(smem + 10 * kTileBytes);  // [2][64] raw lse (natural log)
-  float* sD0 = sL0 + 2 * kBwdRows;                                // [2][64]
+  T* sK = reinterpret_cast<T*>(smem);                          // [kBwdKeys][64]
+  T* sV = reinterpret_cast<T*>(smem + kWgs * kTileBytes);      // [kBwdKeys][64]
+  T* sQ0 = reinterpret_cast<T*>(smem + 2 * kWgs * kTileBytes);  // [2][64][64]
+  T* sdO0 = reinterpret_cast<T*>(smem + (2 * kWgs + 2) * kTileBytes);  // [2][64][64]
+  unsigned char* sdS = smem + (2 * kWgs + 4) * kTileBytes;             // dSᵀ [kBwdKeys keys][64 queries]
+  float* sL0 = reinterpret_cast<float*>(smem + (3 * kWgs + 4) * kTileBytes);  // [2][64] raw lse (natural log)
+  float* sD0 = sL0 + 2 * kBwdRows;                                            // [2][64]
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kBwdKeys;
@@ -137,21 +148,27 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
     fence_operands(st);
 
     // Pᵀ = exp2(s2 − L2): element (key row key_local + 8·(e / 2), query column 8j + 2t + (e & 1))
-    const bool plain = !mask && j0 + kBwdKeys <= p.k_len && (!p.causal || i0 >= j0 + kBwdKeys - 1);
+    // The interior-tile path (no mask, no key past k_len, no causal cut) is its own copy of the
+    // loop: left to the compiler, one copy with the checks inside measured ~17% slower at d = 64.
+    auto exp_tile = [&](auto plain_tag) {
+      constexpr bool kPlain = decltype(plain_tag)::value;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = j * 8 + 2 * t + (e & 1);
-        float x = st[4 * j + e] * sl2;
-        if (!plain) {
-          const int64_t qi = i0 + ql, kj = j0 + key_local + (e / 2) * 8;
-          if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-          else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+        for (int e = 0; e < 4; ++e) {
+          const int ql = j * 8 + 2 * t + (e & 1);
+          float x = st[4 * j + e] * sl2;
+          if constexpr (!kPlain) {
+            const int64_t qi = i0 + ql, kj = j0 + key_local + (e / 2) * 8;
+            if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
+            else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+          }
+          st[4 * j + e] = fast_exp2(x - sL[ql] * kLog2e);
         }
-        st[4 * j + e] = fast_exp2(x - sL[ql] * kLog2e);
       }
-    }
+    };
+    if (!mask && j0 + kBwdKeys <= p.k_len && (!p.causal || i0 >= j0 + kBwdKeys - 1)) exp_tile(std::true_type());
+    else exp_tile(std::false_type());
     wgmma_wait<0>();
     fence_operands(dpt);
     // dSᵀ = Pᵀ∘(dPᵀ − D) (unscaled: the conversion scales dQ and dK); both as A fragments, and
@@ -170,7 +187,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
       pa[j / 2][(j % 2) * 2 + 0] = Half2<T>::pack(st[4 * j + 0], st[4 * j + 1]);
       pa[j / 2][(j % 2) * 2 + 1] = Half2<T>::pack(st[4 * j + 2], st[4 * j + 3]);
     }
-    // dV += Pᵀ·dO, dK += dSᵀ·Q: k-step kk = queries 16kk… (rows of the tiles: 16·128·kk bytes)
+    // dV += Pᵀ·dO, dK += dSᵀ·Q: k-step kk = queries 16kk… (rows of the tiles: 16·128·kk bytes).
+    // (Sending dV before dS is computed, to overlap the two, measured no faster: run 12.)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_tb(dv, pa[kk], do_desc + kk * 128, 1, T());
@@ -183,11 +201,13 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
       // dQ's columns: d = 64 32·wg…32·wg + 31 (one code path for both warpgroups: with a branch
       // per warpgroup the d = 64 kernel measured ~12% slower, 1.235 against 1.096 ms); d = 40
       // [0, 24) from warpgroup 0, [24, 40) from warpgroup 1
-      if constexpr (D == 64) {
-        dq_part<T, D, 32>(p, sdS, sK, 32 * wg, n, i0, warp, g, t);
+      if constexpr (kWgs == 1) {
+        dq_part<T, D, D, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
+      } else if constexpr (D == 64) {
+        dq_part<T, D, 32, kBwdKeys>(p, sdS, sK, 32 * wg, n, i0, warp, g, t);
       } else {
-        if (wg == 0) dq_part<T, D, 24>(p, sdS, sK, 0, n, i0, warp, g, t);
-        else dq_part<T, D, 16>(p, sdS, sK, 24, n, i0, warp, g, t);
+        if (wg == 0) dq_part<T, D, 24, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
+        else dq_part<T, D, 16, kBwdKeys>(p, sdS, sK, 24, n, i0, warp, g, t);
       }
     }
     wgmma_wait<0>();
@@ -195,39 +215,64 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_bwd_wgmma_kernel(const F
     fence_operands(dv);
   }
   cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
+  const float dk_scale = float(p.scale);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t kj = j0 + key_local + 8 * h;
     if (kj >= p.k_len) continue;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      const int64_t off = (n * p.k_len + kj) * D + j * 8 + 2 * t;
-      if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[4 * j + 2 * h], dk[4 * j + 2 * h + 1]);
-      if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[4 * j + 2 * h], dv[4 * j + 2 * h + 1]);
+      const int c = j * 8 + 2 * t, e = 4 * j + 2 * h;
+      if (direct_kv) {  // the gradients in the layout of k: row kj of head n
+        const int64_t at = kr.base + kj * kr.stride + c;
+        if (p.dk) *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + at) = Half2<T>::pack(dk[e] * dk_scale, dk[e + 1] * dk_scale);
+        if (p.dv_out) *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv_out) + at) = Half2<T>::pack(dv[e], dv[e + 1]);
+      } else {
+        const int64_t off = (n * p.k_len + kj) * D + c;
+        if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[e], dk[e + 1]);
+        if (p.dv_accum) atomic_add2(p.dv_accum + off, dv[e], dv[e + 1]);
+      }
     }
   }
 #else
-  (void)p, (void)query_tiles_per_block;
+  (void)p, (void)query_tiles_per_block, (void)direct_kv;
   __trap();  // built without sm_90a: flash_wgmma_available() is false there
 #endif
 }
 
 }  // namespace
 
-void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block) {
+int flash_wgmma_backward_keys(int64_t d) {
+  const char* keys = std::getenv("LOOM_FLASH_BWD_WGMMA_KEYS");
+  const std::string k = keys ? keys : "";
+  LOOM_CHECK(k.empty() || k == "64" || k == "128", "LOOM_FLASH_BWD_WGMMA_KEYS='", k, "' is not 64 or 128");
+  if (!k.empty()) return k == "64" ? 64 : 128;
+  // H200, docs/gpu-bench.md run 12: (2,8,4096,40) fwd+bwd 0.817 ms with 64 keys (3 blocks per SM)
+  // against 0.847 with 128; (2,8,4096,64) 0.975 with 128 against 1.013 with 64 (2 blocks per SM)
+  return d == 40 ? 64 : 128;
+}
+
+void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block,
+                                 bool direct_kv) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_backward_launch: head dim ", p.d,
              " is not 40 or 64");
   const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
-  auto launch = [&](auto* kernel) {
-    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBwdSmem)));
-    kernel<<<grid, kBwdThreads, kBwdSmem, compute_stream()>>>(p, query_tiles_per_block);
+  const int wgs = flash_wgmma_backward_keys(p.d) / 64;
+  auto launch = [&](auto* kernel, size_t smem) {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<grid, 128 * wgs, smem, compute_stream()>>>(p, query_tiles_per_block, direct_kv);
     check_last_launch("flash_bwd_wgmma_kernel");
   };
-  const bool d40 = p.d == 40;
-  if (p.dtype == DType::BF16)
-    return d40 ? launch(flash_bwd_wgmma_kernel<__nv_bfloat16, 40>) : launch(flash_bwd_wgmma_kernel<__nv_bfloat16, 64>);
-  if (p.dtype == DType::F16)
-    return d40 ? launch(flash_bwd_wgmma_kernel<__half, 40>) : launch(flash_bwd_wgmma_kernel<__half, 64>);
+  auto for_dtype = [&](auto tag) {
+    using T = decltype(tag);
+    if (wgs == 1)
+      return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 1>, bwd_smem<1>())
+                       : launch(flash_bwd_wgmma_kernel<T, 64, 1>, bwd_smem<1>());
+    return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 2>, bwd_smem<2>())
+                     : launch(flash_bwd_wgmma_kernel<T, 64, 2>, bwd_smem<2>());
+  };
+  if (p.dtype == DType::BF16) return for_dtype(__nv_bfloat16());
+  if (p.dtype == DType::F16) return for_dtype(__half());
   LOOM_FAIL("flash_wgmma_backward_launch: dtype ", p.dtype, " is not bf16 / f16");
 }
 

@@ -70,7 +70,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 //       shared memory, both K-major; N = 64, 128. d = A·B when scale_d == 0.
 //   wgmma_rs_tb(d, a, desc_b, scale_d, T())          A from registers (a[0..3]), B N-major;
 //       N = 40, 64.
-//   wgmma_ss_ta_tb(d, desc_a, desc_b, scale_d, T())  A M-major, B N-major; N = 16, 24, 32.
+//   wgmma_ss_ta_tb(d, desc_a, desc_b, scale_d, T())  A M-major, B N-major; N = 16, 24, 32, 40, 64.
 // Operand numbering: %0… the accumulators, then the A operand(s), the B descriptor, scale_d.
 // One macro writes the family for bf16 and for f16 (TN the PTX type name); each function is one
 // wgmma.mma_async with its register list written out.
@@ -159,6 +159,31 @@ __device__ __forceinline__ void wgmma_ss_ta_tb(float (&d)[16], uint64_t desc_a, 
       "}, %16, %17, p, 1, 1, 1, 1;\n}\n"                                                                               \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])           \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                                       \
+}                                                                                                                      \
+__device__ __forceinline__ void wgmma_ss_ta_tb(float (&d)[20], uint64_t desc_a, uint64_t desc_b, int scale_d, T) {     \
+  asm volatile(                                                                                                        \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %22, 0;\n"                                                                     \
+      "wgmma.mma_async.sync.aligned.m64n40k16.f32." TN "." TN " {"                                                     \
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                                         \
+      "%16,%17,%18,%19"                                                                                                \
+      "}, %20, %21, p, 1, 1, 1, 1;\n}\n"                                                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),          \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19])                                                             \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                                       \
+}                                                                                                                      \
+__device__ __forceinline__ void wgmma_ss_ta_tb(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d, T) {     \
+  asm volatile(                                                                                                        \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                                     \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TN "." TN " {"                                                     \
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                                         \
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"                                                \
+      "}, %32, %33, p, 1, 1, 1, 1;\n}\n"                                                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),          \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),        \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])         \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                                       \
 }
 LOOM_WGMMA_WRAPPERS(__nv_bfloat16, "bf16")

@@ -191,6 +191,10 @@ std::vector<FlashCase> hopper_path_cases() {
     cs.push_back({DType::F16, 1, 2, 200, 200, d, MaskKind::Causal});
     cs.push_back({DType::BF16, 1, 1, 450, 450, d, MaskKind::Causal});
     cs.push_back({DType::BF16, 2, 2, 1000, 1000, d});
+    // 160 heads: enough blocks that the query tiles are not split, so the wgmma backward writes
+    // dK, dV itself (direct_kv), here also with causal rows and a partial last key block
+    cs.push_back({DType::BF16, 4, 40, 100, 300, d});
+    cs.push_back({DType::F16, 2, 80, 150, 150, d, MaskKind::Causal});
   }
   return cs;
 }
@@ -228,13 +232,16 @@ TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
 TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   std::vector<std::string> kernels = {"mma"};
-  if (wgmma_kernels_run()) kernels.push_back("wgmma");
+  if (wgmma_kernels_run()) kernels.insert(kernels.end(), {"wgmma:128", "wgmma:64"});
   for (const std::string& kernel : kernels)
     for (const char* dq : {"atomic", "separate"}) {
       SCOPED_TRACE("LOOM_FLASH_BWD=" + kernel + " LOOM_FLASH_BWD_DQ=" + dq);
-      setenv("LOOM_FLASH_BWD", kernel.c_str(), 1);
+      const size_t colon = kernel.find(':');
+      setenv("LOOM_FLASH_BWD", kernel.substr(0, colon).c_str(), 1);
+      if (colon != std::string::npos) setenv("LOOM_FLASH_BWD_WGMMA_KEYS", kernel.substr(colon + 1).c_str(), 1);
       setenv("LOOM_FLASH_BWD_DQ", dq, 1);
       for (const FlashCase& c : hopper_path_cases()) check_case(c);
+      unsetenv("LOOM_FLASH_BWD_WGMMA_KEYS");
     }
   unsetenv("LOOM_FLASH_BWD");
   unsetenv("LOOM_FLASH_BWD_DQ");

@@ -139,6 +139,9 @@ std::vector<PackedCase> cases() {
   v.push_back({DType::F16, 3, 5, 129, 129, 64});
   v.push_back({DType::F16, 1, 10, 7, 1, 64, true});
   v.push_back({DType::BF16, 1, 1, 4095, 65, 64});
+  // enough heads for one block per key range: the wgmma backward writes dK, dV itself (direct_kv)
+  v.push_back({DType::BF16, 4, 40, 100, 300, 64});
+  v.push_back({DType::F16, 4, 40, 100, 300, 40, true});
   return v;
 }
 
