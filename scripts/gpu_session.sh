@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the H200 machine (../shared/GPU.md): build the named targets, run the GPU tests and
 # the GPU benchmarks (loom and PyTorch in the same call). Logs go to $OUT (or ./out).
-#   STEPS="tests ctest bench variants benchmath torch model unet profile conv cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
+#   STEPS="tests ctest bench variants benchmath torch model unet profile ncu conv cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
 # STEPS unset runs "tests bench torch"; STEPS="" builds only. "variants": the flash kernels' other
 # paths at the head dims where they compete (mma.sync against wgmma, the wgmma forward's blocks).
 set -uo pipefail
@@ -49,6 +49,8 @@ for s in $steps; do
       bash bench/gpu/run_unet_bench.sh "$out" ;;
     profile)
       bash bench/gpu/profile_steps.sh "$out" ;;
+    ncu)
+      bash bench/gpu/ncu_flash.sh "$out" ;;
     conv)
       ./build-gpu/bench/loom_bench_conv --reps ${REPS:-20} | tee "$out/bench_conv.txt"
       python3 bench/gpu/torch_conv.py --reps ${REPS:-20} | tee "$out/torch_conv.txt" ;;
