@@ -74,6 +74,9 @@ void launch_flash_forward(const FlashParams& p);
 // The families behind the launchers (each checks its dtypes).
 void flash_tc_forward(const FlashParams& p);             // cuda_flash_fwd.cu
 void flash_tc_backward(const FlashParams& p);            // cuda_flash_bwd.cu
+// Whether flash_tc_backward(p) writes dK and dV itself (the wgmma kernel with one block per key
+// range), so that p.dk_accum / p.dv_accum may stay null (cuda_flash_bwd.cu).
+bool flash_tc_backward_writes_kv(const FlashParams& p);
 void flash_tf32_forward(const FlashParams& p);           // cuda_flash_tf32.cu
 void flash_tf32_backward(const FlashParams& p);          // cuda_flash_tf32_bwd.cu
 void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
@@ -105,8 +108,9 @@ void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64
 void flash_tc_dq_separate(const FlashParams& p);
 bool flash_dq_separate();
 int flash_sm_count();                                    // of the current device
-// Needs delta (and the three f32 accumulators on the tensor-core path) allocated by the caller;
-// the tf32 family zeroes dq, dk, dv itself and adds into them.
+// Needs delta (and the f32 accumulators on the tensor-core path: dQ's, and dK's / dV's unless
+// flash_tc_backward_writes_kv) allocated by the caller; the tf32 family zeroes dq, dk, dv itself
+// and adds into them.
 void launch_flash_backward(const FlashParams& p);
 
 }  // namespace loom::cuda

@@ -334,34 +334,47 @@ BwdLayout bwd_layout() {
   return l;
 }
 
-// D = rowsum(dO∘O), the zeroed f32 accumulators, launch(grid, query tiles per block, direct_kv) of
-// a kernel whose blocks take kCols keys and 64-query tiles with kThreadsPerBlock threads, the
-// conversions. direct_kv (only where kv_direct_ok, the kernel can write dK, dV itself, and the
-// query tiles are not split over blocks): dK, dV skip their accumulators and conversions.
-template <typename T, int D, typename Launch>
-void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, bool kv_direct_ok, Launch&& launch) {
-  using S = TcShape<D>;
-  const int64_t rows = p.n * p.q_len;
-  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, D);
-  check_last_launch("flash_delta_half_kernel");
-  if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float), compute_stream()));
-
+// The grid of a key-stationary backward whose blocks take kCols keys with kThreadsPerBlock threads:
+// the query tiles (64 queries) are split over blocks until the grid fills the GPU about twice (in
+// warps).
+struct BwdGrid {
+  int64_t key_blocks, splits, per_block;
+};
+BwdGrid bwd_grid(const FlashParams& p, int kCols, int kThreadsPerBlock) {
+  constexpr int kRows = 64;  // TcShape<D>::kRows, the wgmma kernel's kBwdRows
   const int64_t key_blocks = (p.k_len + kCols - 1) / kCols;
-  const int64_t query_tiles = (p.q_len + S::kRows - 1) / S::kRows;
-  // Split the query tiles over blocks until the grid fills the GPU about twice (in warps).
+  const int64_t query_tiles = (p.q_len + kRows - 1) / kRows;
   const int64_t want = 2 * int64_t(flash_sm_count()) * 4 / (kThreadsPerBlock / 32) + 1;
   int64_t splits = 1;
   while (key_blocks * p.n * splits < want && splits < query_tiles) splits *= 2;
   splits = std::min(splits, query_tiles);
   const int64_t per_block = (query_tiles + splits - 1) / splits;
-  splits = (query_tiles + per_block - 1) / per_block;
-  const bool direct_kv = kv_direct_ok && splits == 1;
+  return {key_blocks, (query_tiles + per_block - 1) / per_block, per_block};
+}
+
+// D = rowsum(dO∘O), the zeroed f32 accumulators, launch(grid, query tiles per block, direct_kv) of
+// a kernel whose blocks take kCols keys and 64-query tiles with kThreadsPerBlock threads, the
+// conversions. direct_kv (only where kv_direct_ok, the kernel can write dK, dV itself, and the
+// query tiles are not split over blocks): dK, dV skip their accumulators and conversions (which
+// the caller then need not allocate: flash_tc_backward_writes_kv).
+template <typename T, int D, typename Launch>
+void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, bool kv_direct_ok, Launch&& launch) {
+  static_assert(TcShape<D>::kRows == 64, "bwd_grid counts 64-query tiles");
+  const int64_t rows = p.n * p.q_len;
+  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, D);
+  check_last_launch("flash_delta_half_kernel");
+  if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float), compute_stream()));
+
+  const BwdGrid g = bwd_grid(p, kCols, kThreadsPerBlock);
+  const bool direct_kv = kv_direct_ok && g.splits == 1;
   if (!direct_kv) {
+    LOOM_CHECK(p.dk_accum && p.dv_accum, "flash backward: the dK / dV accumulators were not allocated although the "
+               "query tiles are split over ", g.splits, " blocks");
     const size_t kv = size_t(p.n * p.k_len) * D * sizeof(float);
     LOOM_CUDA_CHECK(cudaMemsetAsync(p.dk_accum, 0, kv, compute_stream()));
     LOOM_CUDA_CHECK(cudaMemsetAsync(p.dv_accum, 0, kv, compute_stream()));
   }
-  launch(dim3(unsigned(key_blocks), unsigned(p.n), unsigned(splits)), int(per_block), direct_kv);
+  launch(dim3(unsigned(g.key_blocks), unsigned(p.n), unsigned(g.splits)), int(g.per_block), direct_kv);
 
   const float scale = float(p.scale);
   auto convert = [&](void* dst, const float* src, int64_t len, float s) {
@@ -396,6 +409,13 @@ void run_bwd_tc(const FlashParams& p) {
 // wgmma force either (wgmma: d = 40 or 64).
 bool backward_on_wgmma(const FlashParams& p) { return flash_wgmma_chosen(p, "LOOM_FLASH_BWD", true); }
 
+// The grid tc_backward's wgmma path launches (keys per block, 128 threads per 64 keys): the one
+// flash_tc_backward_writes_kv asks about.
+BwdGrid wgmma_bwd_grid(const FlashParams& p) {
+  const int keys = flash_wgmma_backward_keys(p.d);
+  return bwd_grid(p, keys, 2 * keys);
+}
+
 template <typename T, int D>
 void tc_backward(const FlashParams& p) {
   if (backward_on_wgmma(p)) {  // blocks of 1 or 2 warpgroups × 64 keys (cuda_flash_wgmma_bwd.cu)
@@ -419,6 +439,12 @@ void flash_tc_backward_for(const FlashParams& p) {
 }
 
 }  // namespace
+
+bool flash_tc_backward_writes_kv(const FlashParams& p) {
+  if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
+  if (!flash_wgmma_head_dim(p.d) || p.dv != p.d || !backward_on_wgmma(p)) return false;
+  return wgmma_bwd_grid(p).splits == 1;
+}
 
 void flash_tc_backward(const FlashParams& p) {
   if (p.dtype == DType::BF16) return flash_tc_backward_for<__nv_bfloat16>(p);

@@ -100,11 +100,13 @@ void flash_backward(const FlashAttentionArgs& a, const Tensor& out, const Tensor
   Tensor dq_acc, dk_acc, dv_acc;  // f32 accumulators of the tensor-core path
   if (p.dtype == DType::BF16 || p.dtype == DType::F16) {
     if (dq.defined() && !flash_dq_separate()) dq_acc = Tensor::empty(a.q.shape(), DType::F32, dev);
-    dk_acc = Tensor::empty(a.k.shape(), DType::F32, dev);
-    dv_acc = Tensor::empty(a.v.shape(), DType::F32, dev);
+    if (!flash_tc_backward_writes_kv(p)) {
+      dk_acc = Tensor::empty(a.k.shape(), DType::F32, dev);
+      dv_acc = Tensor::empty(a.v.shape(), DType::F32, dev);
+    }
     p.dq_accum = static_cast<float*>(data_or_null(dq_acc));
-    p.dk_accum = static_cast<float*>(dk_acc.raw_data());
-    p.dv_accum = static_cast<float*>(dv_acc.raw_data());
+    p.dk_accum = static_cast<float*>(data_or_null(dk_acc));
+    p.dv_accum = static_cast<float*>(data_or_null(dv_acc));
   }
   launch_flash_backward(p);
 }
