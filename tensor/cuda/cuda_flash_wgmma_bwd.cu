@@ -149,7 +149,8 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
 
     // Pᵀ = exp2(s2 − L2): element (key row key_local + 8·(e / 2), query column 8j + 2t + (e & 1))
     // The interior-tile path (no mask, no key past k_len, no causal cut) is its own copy of the
-    // loop: left to the compiler, one copy with the checks inside measured ~17% slower at d = 64.
+    // loop: left to the compiler, whether it made one depended on unrelated code, and one copy
+    // with the checks inside measured ~22% slower at d = 64 (1.256 against 0.975 ms, run 12).
     auto exp_tile = [&](auto plain_tag) {
       constexpr bool kPlain = decltype(plain_tag)::value;
 #pragma unroll
@@ -198,9 +199,8 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     if (p.dq_accum) {  // the same for the whole block
       fence_async_shared();
       __syncthreads();  // dSᵀ of both warpgroups written
-      // dQ's columns: d = 64 32·wg…32·wg + 31 (one code path for both warpgroups: with a branch
-      // per warpgroup the d = 64 kernel measured ~12% slower, 1.235 against 1.096 ms); d = 40
-      // [0, 24) from warpgroup 0, [24, 40) from warpgroup 1
+      // dQ's columns: one warpgroup all of them; two: d = 64 32·wg…32·wg + 31, d = 40 [0, 24)
+      // from warpgroup 0, [24, 40) from warpgroup 1
       if constexpr (kWgs == 1) {
         dq_part<T, D, D, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
       } else if constexpr (D == 64) {
@@ -225,8 +225,11 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
       const int c = j * 8 + 2 * t, e = 4 * j + 2 * h;
       if (direct_kv) {  // the gradients in the layout of k: row kj of head n
         const int64_t at = kr.base + kj * kr.stride + c;
-        if (p.dk) *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + at) = Half2<T>::pack(dk[e] * dk_scale, dk[e + 1] * dk_scale);
-        if (p.dv_out) *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv_out) + at) = Half2<T>::pack(dv[e], dv[e + 1]);
+        if (p.dk)
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + at) =
+              Half2<T>::pack(dk[e] * dk_scale, dk[e + 1] * dk_scale);
+        if (p.dv_out)
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv_out) + at) = Half2<T>::pack(dv[e], dv[e + 1]);
       } else {
         const int64_t off = (n * p.k_len + kj) * D + c;
         if (p.dk_accum) atomic_add2(p.dk_accum + off, dk[e], dk[e + 1]);
