@@ -344,6 +344,7 @@ BwdGrid bwd_grid(const FlashParams& p, int kCols, int kThreadsPerBlock) {
   constexpr int kRows = 64;  // TcShape<D>::kRows, the wgmma kernel's kBwdRows
   const int64_t key_blocks = (p.k_len + kCols - 1) / kCols;
   const int64_t query_tiles = (p.q_len + kRows - 1) / kRows;
+  if (query_tiles == 0) return {key_blocks, 1, 1};  // no query: one block per key range writes zeros
   const int64_t want = 2 * int64_t(flash_sm_count()) * 4 / (kThreadsPerBlock / 32) + 1;
   int64_t splits = 1;
   while (key_blocks * p.n * splits < want && splits < query_tiles) splits *= 2;
