@@ -3,7 +3,8 @@
 # the GPU benchmarks (loom and PyTorch in the same call). Logs go to $OUT (or ./out).
 #   STEPS="tests ctest bench variants benchmath torch model unet profile ncu conv cudnn cli" TARGETS="test_gpu loom_bench_flash" bash scripts/gpu_session.sh
 # STEPS unset runs "tests bench torch"; STEPS="" builds only. "variants": the flash kernels' other
-# paths at the head dims where they compete (mma.sync against wgmma, the wgmma forward's blocks).
+# paths at the head dims where they compete (mma.sync against wgmma, the wgmma backward's block
+# sizes, a forward block), or the settings VARIANTS lists ("A=1 B=2;C=3": ';' between settings).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -34,9 +35,10 @@ for s in $steps; do
     bench)
       ./build-gpu/bench/loom_bench_flash --reps 30 | tee "$out/bench_flash.txt" ;;
     variants)
+      # VARIANTS: environment settings separated by ';' (each a space-separated list of NAME=VALUE)
       shapes="--shape 2,8,4096,4096,40 --shape 2,8,4096,4096,64 --shape 2,10,4096,4096,64 --shape 2,20,1024,1024,64"
-      for v in "LOOM_FLASH_FWD=mma LOOM_FLASH_BWD=mma" "LOOM_FLASH_BWD=wgmma" "LOOM_FLASH_FWD_TILE=2x64" \
-               "LOOM_FLASH_FWD_TILE=2x128"; do
+      IFS=';' read -ra vs <<<"${VARIANTS:-LOOM_X=default;LOOM_FLASH_FWD=mma LOOM_FLASH_BWD=mma;LOOM_FLASH_BWD_WGMMA_KEYS=64;LOOM_FLASH_BWD_WGMMA_KEYS=128;LOOM_FLASH_FWD_TILE=2x64}"
+      for v in "${vs[@]}"; do
         echo "== $v"; env $v ./build-gpu/bench/loom_bench_flash --reps 30 $shapes
       done | tee "$out/bench_variants.txt" ;;
     benchmath)
