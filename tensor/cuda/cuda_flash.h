@@ -93,15 +93,15 @@ bool flash_wgmma_head_dim(int64_t d);
 // where it is available, covers p's head dim and measured_faster.
 bool flash_wgmma_chosen(const FlashParams& p, const char* variable, bool measured_faster);
 void flash_wgmma_forward(const FlashParams& p);
-// The backward's kernel (cuda_flash_wgmma_bwd.cu): grid (key_blocks of flash_wgmma_backward_keys(d)
-// keys, p.n, splits of query_tiles_per_block 64-query tiles), adding dQ into its f32 accumulator as
+// The backward's kernel (cuda_flash_wgmma_bwd.cu): grid (key_blocks of keys_per_block =
+// flash_wgmma_backward_keys(d) keys, p.n, splits of query_tiles_per_block 64-query tiles), adding dQ into its f32 accumulator as
 // the mma.sync kernel does (run_bwd in cuda_flash_bwd.cu does the rest); dK, dV likewise, or, with
 // direct_kv (splits == 1: one block per key), written as p.dk = dK·scale and p.dv_out by the kernel.
 // Keys per block: 128 (2 warpgroups) at d = 64, 64 (1 warpgroup, 3 blocks per SM) at d = 40, or
 // as LOOM_FLASH_BWD_WGMMA_KEYS = 64 | 128 says (read at every call).
 int flash_wgmma_backward_keys(int64_t d);
-void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block,
-                                 bool direct_kv);
+void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
+                                 int query_tiles_per_block, bool direct_kv);
 // dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into
 // p.dq (cuda_flash_dq.cu), instead of f32 atomics from the key-stationary kernel; chosen by
 // LOOM_FLASH_BWD_DQ=separate (default atomic), read at every call.

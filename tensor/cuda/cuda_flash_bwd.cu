@@ -422,7 +422,7 @@ void tc_backward(const FlashParams& p) {
   if (backward_on_wgmma(p)) {  // blocks of 1 or 2 warpgroups × 64 keys (cuda_flash_wgmma_bwd.cu)
     const int keys = flash_wgmma_backward_keys(p.d);
     return run_bwd<T, D>(p, keys, 2 * keys, true, [&](dim3 grid, int per_block, bool direct_kv) {
-      flash_wgmma_backward_launch(p, grid.x, grid.z, per_block, direct_kv);
+      flash_wgmma_backward_launch(p, keys, grid.x, grid.z, per_block, direct_kv);
     });
   }
   const BwdLayout l = bwd_layout<D>();

@@ -255,12 +255,14 @@ int flash_wgmma_backward_keys(int64_t d) {
   return d == 40 ? 64 : 128;
 }
 
-void flash_wgmma_backward_launch(const FlashParams& p, int64_t key_blocks, int64_t splits, int query_tiles_per_block,
-                                 bool direct_kv) {
+void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
+                                 int query_tiles_per_block, bool direct_kv) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_backward_launch: head dim ", p.d,
              " is not 40 or 64");
+  LOOM_CHECK(keys_per_block == 64 || keys_per_block == 128, "flash_wgmma_backward_launch: ", keys_per_block,
+             " keys per block (64 or 128)");
   const dim3 grid(unsigned(key_blocks), unsigned(p.n), unsigned(splits));
-  const int wgs = flash_wgmma_backward_keys(p.d) / 64;
+  const int wgs = keys_per_block / 64;
   auto launch = [&](auto* kernel, size_t smem) {
     LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<grid, 128 * wgs, smem, compute_stream()>>>(p, query_tiles_per_block, direct_kv);
