@@ -140,16 +140,13 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
         }
       }
     }
-    // scale; on the last / diagonal tiles and with a mask also bounds, causal and mask
+    // on the last / diagonal tiles and with a mask: scale, bounds, causal and mask; other tiles
+    // keep s raw and scale it inside the exponent's FFMA (fs)
     const bool plain = !mask && j0 + kCols <= p.k_len && (!p.causal || j0 + kCols - 1 <= i0);
+    const float fs = plain ? sl2 : 1.f;
 #pragma unroll
     for (int a = 0; a < kAtoms; ++a) {
-      if (plain) {
-#pragma unroll
-        for (int j = 0; j < kCols / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[a][j][e] *= sl2;
-      } else {
+      if (!plain) {
 #pragma unroll
         for (int j = 0; j < kCols / 8; ++j) {
 #pragma unroll
@@ -162,7 +159,8 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
           }
         }
       }
-      // the online softmax of rows g (h = 0) and g + 8 (h = 1)
+      // the online softmax of rows g (h = 0) and g + 8 (h = 1); m moves only when the tile's
+      // maximum exceeds it by more than kMaxLag (cuda_flash_tc.cuh), so most tiles skip O's rescale
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float mx = -INFINITY;
@@ -170,20 +168,23 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
         for (int j = 0; j < kCols / 8; ++j) mx = fmaxf(mx, fmaxf(s[a][j][2 * h], s[a][j][2 * h + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[a][h], mx);
-        const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
-        const float corr = fast_exp2(m[a][h] - shift);
+        mx *= fs;  // fs > 0
+        const float m_new = mx > m[a][h] + kMaxLag ? mx : m[a][h];  // m = −inf takes any finite mx
+        const float shift = m_new == -INFINITY ? 0.f : m_new;       // a row masked so far keeps P = 0
+        const float corr = m_new == m[a][h] ? 1.f : fast_exp2(m[a][h] - shift);
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < kCols / 8; ++j) {
-          s[a][j][2 * h] = fast_exp2(s[a][j][2 * h] - shift);
-          s[a][j][2 * h + 1] = fast_exp2(s[a][j][2 * h + 1] - shift);
+          s[a][j][2 * h] = fast_exp2(fmaf(s[a][j][2 * h], fs, -shift));
+          s[a][j][2 * h + 1] = fast_exp2(fmaf(s[a][j][2 * h + 1], fs, -shift));
           sum += s[a][j][2 * h] + s[a][j][2 * h + 1];
         }
         l[a][h] = l[a][h] * corr + sum;  // this thread's share of the row; summed over the 4 lanes at the end
         m[a][h] = m_new;
+        if (__any_sync(0xffffffffu, corr != 1.f)) {
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) o[a][j][2 * h] *= corr, o[a][j][2 * h + 1] *= corr;
+          for (int j = 0; j < D / 8; ++j) o[a][j][2 * h] *= corr, o[a][j][2 * h + 1] *= corr;
+        }
       }
     }
     // O += P·V, P straight from the accumulators

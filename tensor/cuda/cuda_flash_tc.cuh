@@ -21,6 +21,11 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// How far (log2 units) the forward's running row maximum may lag the true one before O and l are
+// rescaled: P then reaches at most 2^8, safe in f32 sums and in bf16 / f16, and after the first
+// tiles almost no tile rescales (FlashAttention-4's conditional rescaling). The LSE m + log2(l)
+// is the same.
+constexpr float kMaxLag = 8.f;
 
 // ================================ tensor-core family =================================
 

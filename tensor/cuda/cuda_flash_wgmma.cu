@@ -53,18 +53,53 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&pa)
   for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
 }
 
+// 2^x for x ≤ 8 on the FMA pipe instead of the MUFU unit (which does 16 ex2 per SM and clock,
+// an eighth of the FMA rate): x = n + f with n = round(x) (the 1.5·2²³ trick), 2^f by a cubic on
+// [−0.5, 0.5] (minimax in relative error, 7.5e-5: below half an f16 ulp, far below bf16's), 2^n
+// added to the exponent bits. x is clamped at −125 (2^x then ~1e-38 instead of 0): only for tiles
+// whose scores are all finite.
+__device__ __forceinline__ float poly_exp2(float x) {
+  x = fmaxf(x, -125.f);
+  const float t = x + 12582912.f;  // n in the low mantissa bits of t
+  const float f = x - (t - 12582912.f);
+  float p = fmaf(fmaf(fmaf(0.05517085269f, f, 0.2426093966f), f, 0.6932609677f), f, 0.9999281764f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
+// Row h of this thread's scores: s ← 2^(s·fs − shift), every kPoly-th column block through
+// poly_exp2 (kPoly = 0: all on the MUFU unit); returns their sum.
+template <int kN, int kPoly>
+__device__ __forceinline__ float exp_row(float (&s)[kN / 2], int h, float fs, float shift) {
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+    float& a = s[4 * j + 2 * h];
+    float& b = s[4 * j + 2 * h + 1];
+    if (kPoly > 0 && j % kPoly == kPoly - 1) {
+      a = poly_exp2(fmaf(a, fs, -shift));
+      b = poly_exp2(fmaf(b, fs, -shift));
+    } else {
+      a = fast_exp2(fmaf(a, fs, -shift));
+      b = fast_exp2(fmaf(b, fs, -shift));
+    }
+    sum += a + b;
+  }
+  return sum;
+}
+
 // One tile of the online softmax for this thread's rows row_q[0] (g) and row_q[1] (g + 8): s
-// (scores of keys j0…) becomes P = exp2(s·scale·log2e + mask − m_new); m and l are updated and
-// corr[h] = exp2(m_old − m_new) is what O must be multiplied by before P·V is added.
-template <typename T, int kN>
+// (raw scores of keys j0…) becomes P = exp2(s·scale·log2e + mask − m); m and l are updated and
+// corr[h] = exp2(m_old − m_new) is what O must be multiplied by before P·V is added (exactly 1 when
+// m stayed: m moves only when the tile's maximum exceeds it by more than kMaxLag). Tiles without
+// masked entries exponentiate every kPoly-th column block on the FMA pipe (0: none).
+template <typename T, int kN, int kPoly>
 __device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], float (&l)[2], float (&corr)[2],
                                              const FlashParams& p, const T* mask, int64_t n, int64_t i0, int64_t j0,
                                              const int64_t (&row_q)[2], int t, float sl2) {
   const bool plain = !mask && j0 + kN <= p.k_len && (!p.causal || j0 + kN - 1 <= i0);
-  if (plain) {
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) s[i] *= sl2;
-  } else {
+  float fs = sl2;  // log2-domain score = s · fs (plain tiles keep s raw: the scale rides in the FFMA)
+  if (!plain) {
+    fs = 1.f;
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
@@ -84,22 +119,17 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], 
     for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m[h], mx);
+    mx *= fs;  // fs > 0
+    const float m_new = mx > m[h] + kMaxLag ? mx : m[h];  // m = −inf takes any finite mx
     const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
-    corr[h] = fast_exp2(m[h] - shift);
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-      s[4 * j + 2 * h] = fast_exp2(s[4 * j + 2 * h] - shift);
-      s[4 * j + 2 * h + 1] = fast_exp2(s[4 * j + 2 * h + 1] - shift);
-      sum += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-    }
+    corr[h] = m_new == m[h] ? 1.f : fast_exp2(m[h] - shift);
+    const float sum = plain ? exp_row<kN, kPoly>(s, h, fs, shift) : exp_row<kN, 0>(s, h, fs, shift);
     l[h] = l[h] * corr[h] + sum;  // this thread's share of the row; summed over the 4 lanes at the end
     m[h] = m_new;
   }
 }
 
-template <typename T, int D, int kWg, int kN, bool kPipe>
+template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly>
 __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg, kN, kPipe>::kMinBlocks)
     flash_fwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -164,13 +194,15 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
     }
     fence_operands(s);
     float corr[2];
-    softmax_tile<T, kN>(s, m, l, corr, p, mask, n, i0, it * kN, row_q, t, sl2);
+    softmax_tile<T, kN, kPoly>(s, m, l, corr, p, mask, n, i0, it * kN, row_q, t, sl2);
     if constexpr (kPipe) {
       wgmma_wait<0>();
       fence_operands(o);
     }
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {  // rare after the first tiles
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
+      for (int j = 0; j < D / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
+    }
     // P from the accumulators: k-step kk is column blocks 2kk and 2kk + 1
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
@@ -217,10 +249,10 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
 #endif
 }
 
-template <typename T, int D, int kWg, int kN, bool kPipe>
+template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly = 0>
 void wgmma_forward(const FlashParams& p) {
   using S = WgShape<kWg, kN, kPipe>;
-  auto* kernel = flash_fwd_wgmma_kernel<T, D, kWg, kN, kPipe>;
+  auto* kernel = flash_fwd_wgmma_kernel<T, D, kWg, kN, kPipe, kPoly>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
   const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
   kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p);
@@ -234,7 +266,9 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   if (tile == "2x64") return wgmma_forward<T, D, 2, 64, false>(p);
   if (tile == "4x64") return wgmma_forward<T, D, 4, 64, false>(p);
   if (tile == "2x128p") return wgmma_forward<T, D, 2, 128, true>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 2x128, 2x64, 4x64, 2x128p");
+  // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default at d = 40)
+  if (tile == "3x128e4") return wgmma_forward<T, D, 3, 128, false, 4>(p);
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 2x128, 2x64, 4x64, 2x128p");
 }
 
 template <typename T>
@@ -264,7 +298,9 @@ bool flash_wgmma_head_dim(int64_t d) { return d == 40 || d == 64; }
 void flash_wgmma_forward(const FlashParams& p) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_forward: head dim ", p.d, " is not 40 or 64");
   const char* env = std::getenv("LOOM_FLASH_FWD_TILE");
-  const std::string tile = env && *env ? env : "3x128";
+  // measured on the H200 (docs/gpu-bench.md, attention run 13): the cubic exp2 on a quarter of the
+  // columns pays at d = 40 (0.211 against 0.221 ms at (2,8,4096,40)), not at d = 64 (0.245 / 0.236)
+  const std::string tile = env && *env ? env : (p.d == 40 ? "3x128e4" : "3x128");
   if (p.dtype == DType::BF16) return wgmma_forward_for<__nv_bfloat16>(p, tile);
   if (p.dtype == DType::F16) return wgmma_forward_for<__half>(p, tile);
   LOOM_FAIL("flash_wgmma_forward: dtype ", p.dtype, " is not bf16 / f16");
