@@ -147,14 +147,23 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
 #pragma unroll
     for (int a = 0; a < kAtoms; ++a) {
       if (!plain) {
+        // the last column of this tile that row h of slice a may see (tile-relative, 32-bit):
+        // the keys in range, and with causal those ≤ the row's query
+        int last[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          int64_t lim = p.k_len - j0 < kCols ? p.k_len - j0 - 1 : kCols - 1;
+          if (p.causal && row_q[a][h] - j0 < lim) lim = row_q[a][h] - j0;
+          last[h] = lim < 0 ? -1 : int(lim);
+        }
 #pragma unroll
         for (int j = 0; j < kCols / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[a][e / 2];
+            const int col = j * 8 + 2 * t + (e & 1);
             float x = s[a][j][e] * sl2;
-            if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-            else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
+            if (col > last[e / 2]) x = -INFINITY;
+            else if (mask && row_q[a][e / 2] < p.q_len) x += mask_log2(p, mask, n, row_q[a][e / 2], j0 + col);
             s[a][j][e] = x;
           }
         }
