@@ -18,8 +18,18 @@ targets=${TARGETS:-"test_gpu loom_bench_flash loom"}
   nvcc --version | tail -1
   python3 -c 'import torch; print("torch", torch.__version__)' 2>/dev/null
 } | tee "$out/env.txt"
+# cuDNN (LOOM_CONV=cudnn): the toolkit's, else the nvidia-cudnn wheel of the PyTorch install (it
+# carries include/cudnn.h and lib/libcudnn*.so.9; the H200 machine's toolkit has no cuDNN headers)
+if [ -z "${CUDNN_ROOT:-}" ]; then
+  CUDNN_ROOT=$(python3 -c 'import nvidia.cudnn as c; print(list(c.__path__)[0])' 2>/dev/null || true)
+fi
+if [ -n "${CUDNN_ROOT:-}" ] && [ -f "$CUDNN_ROOT/include/cudnn.h" ]; then
+  export CUDNN_ROOT LD_LIBRARY_PATH="$CUDNN_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "cudnn root: $CUDNN_ROOT" | tee -a "$out/env.txt"
+fi
 t0=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/configure.log" 2>&1 \
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DCUDNN_ROOT="${CUDNN_ROOT:-}" >"$out/configure.log" 2>&1 \
   || { tail -30 "$out/configure.log"; exit 1; }
 cmake --build build-gpu -j16 --target $targets -- -k 0 >"$out/build.log" 2>&1 \
   || { echo "BUILD FAILED"; grep -E "error|FAILED" -A3 "$out/build.log" | head -40; }
@@ -58,6 +68,8 @@ for s in $steps; do
       python3 bench/gpu/torch_conv.py --reps ${REPS:-20} | tee "$out/torch_conv.txt" ;;
     cudnn)
       ls /usr/include/cudnn*.h /usr/local/cuda/include/cudnn*.h /usr/lib/x86_64-linux-gnu/libcudnn* 2>&1 | head
+      ls "${CUDNN_ROOT:-/nonexistent}"/include/cudnn.h "${CUDNN_ROOT:-/nonexistent}"/lib 2>&1 | head
+      grep -i cudnn "$out/configure.log" | head -3
       python3 -c 'import torch; print("torch cudnn", torch.backends.cudnn.version())' ;;
     cli)
       bash bench/gpu/cli_gpu_check.sh "$out" 2>&1 | tee "$out/cli_gpu.txt" ;;

@@ -24,6 +24,7 @@ enum class OpKind {
   Random,                                                       // counter-based RNG (tensor/random.h)
   UnscaleCheckFinite,                                           // loss scaling (tensor/ops_fused.h)
   Conv2d,                                                       // direct convolution (tensor/conv.h)
+  Conv2dLibrary,                                                // the device's convolution library (CUDA: cuDNN)
 };
 const char* op_kind_name(OpKind k);
 
@@ -117,6 +118,16 @@ struct Conv2dInputGradArgs {
   Im2ColArgs geo;
 };
 
+// The gradient of Conv2dArgs in w: dw[o,c,i,j] = Σ_{n,oy,ox} dy[n,o,oy,ox]·x[n, c, oy·stride_h + i − pad_h,
+// ox·stride_w + j − pad_w]. dy [N, O, oh, ow], x [N, C, H, W], dw [O, C, kh, kw] (output,
+// overwritten); geo as for the forward. (The library slots below; the im2col path computes it as
+// im2col + GEMM.)
+struct Conv2dWeightGradArgs {
+  Tensor dy, x;
+  Tensor dw;  // output
+  Im2ColArgs geo;
+};
+
 // Thrown by the default of a fused slot: "<op>: backend '<name>' has no kernel for this fused op".
 [[noreturn]] inline void missing_fused_kernel(const char* op, const char* backend) {
   LOOM_FAIL(op, ": backend '", backend, "' has no kernel for this fused op");
@@ -181,6 +192,17 @@ class Backend {
   // im2col + GEMM (+ bias add) and GEMM + col2im (CUDA bf16/f16: cuda/cuda_conv_igemm.cu).
   virtual void conv2d(const Conv2dArgs&) { missing_fused_kernel("conv2d", name()); }
   virtual void conv2d_input_grad(const Conv2dInputGradArgs&) { missing_fused_kernel("conv2d_input_grad", name()); }
+  // ---- convolution by the device's library (CUDA: cuDNN), where supports(OpKind::Conv2dLibrary) ----
+  // Same contracts as the direct slots above, with any stride and padding for the input gradient
+  // (dilation 1, groups 1), plus the weight gradient. The bias is added after the convolution's
+  // rounding to y's dtype (two roundings, as im2col + GEMM + add).
+  virtual void library_conv2d(const Conv2dArgs&) { missing_fused_kernel("library_conv2d", name()); }
+  virtual void library_conv2d_input_grad(const Conv2dInputGradArgs&) {
+    missing_fused_kernel("library_conv2d_input_grad", name());
+  }
+  virtual void library_conv2d_weight_grad(const Conv2dWeightGradArgs&) {
+    missing_fused_kernel("library_conv2d_weight_grad", name());
+  }
   // ---- fused ops: norms, GEGLU, optimizer update (fused family) ----
   // Contracts: the parameter structs of tensor/fused_args.h. The defaults throw
   // naming op and backend, so a backend without a kernel says so (its supports()

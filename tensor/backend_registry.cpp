@@ -25,6 +25,7 @@ const char* op_kind_name(OpKind k) {
     case OpKind::Random: return "random";
     case OpKind::UnscaleCheckFinite: return "unscale_check_finite";
     case OpKind::Conv2d: return "conv2d";
+    case OpKind::Conv2dLibrary: return "conv2d (library)";
   }
   return "unknown";
 }

@@ -86,16 +86,36 @@ void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
 }  // namespace
 
 namespace {
-// The device's direct convolution (Backend::conv2d, e.g. CUDA's implicit GEMM in bf16 / f16) is
-// used where its backend supports OpKind::Conv2d and the kernel is at most kConv2dMaxKernel on a
-// side, when LOOM_CONV=igemm asks for it; by default (and with LOOM_CONV=im2col) im2col + GEMM
-// runs, which measured faster on the H200 at Stable Diffusion's shapes (docs/gpu-bench.md).
-// Read at every call, so that a benchmark can time both paths in one process.
-bool direct_conv(const Tensor& t, const Im2ColArgs& g) {
-  if (g.kernel_h > kConv2dMaxKernel || g.kernel_w > kConv2dMaxKernel) return false;
+// Which convolution runs (LOOM_CONV, read at every call so that a benchmark can time every path
+// in one process):
+//   im2col (default)  im2col + GEMM (+ bias add); GEMM + col2im for the input gradient — measured
+//                     faster than the implicit GEMM on the H200 at Stable Diffusion's shapes
+//                     (docs/gpu-bench.md);
+//   igemm             the device's direct kernel (Backend::conv2d, supports(OpKind::Conv2d): CUDA
+//                     bf16 / f16) for kernels up to kConv2dMaxKernel; the input gradient at
+//                     stride 1; the weight gradient stays im2col + GEMM;
+//   cudnn             the device's convolution library (Backend::library_conv2d*, supports(
+//                     OpKind::Conv2dLibrary): cuDNN for CUDA bf16 / f16) for the forward and both
+//                     gradients. Other devices and dtypes keep im2col + GEMM; a CUDA build
+//                     without cuDNN is an error naming it.
+enum class ConvPath { Im2col, Direct, Library };
+
+ConvPath conv_path(const Tensor& t, const Im2ColArgs& g) {
   const char* env = std::getenv("LOOM_CONV");
-  if (!env || std::string(env) != "igemm") return false;
-  return backend_for(t.device()).supports(OpKind::Conv2d, t.dtype());
+  const std::string choice = env ? env : "";
+  LOOM_CHECK(choice.empty() || choice == "im2col" || choice == "igemm" || choice == "cudnn", "LOOM_CONV='", choice,
+             "' is not im2col, igemm or cudnn");
+  Backend& be = backend_for(t.device());
+  if (choice == "cudnn" && t.device().is_cuda()) {
+    if (t.dtype() != DType::BF16 && t.dtype() != DType::F16) return ConvPath::Im2col;  // f32 / f64 stay exact
+    LOOM_CHECK(be.supports(OpKind::Conv2dLibrary, t.dtype()), "LOOM_CONV=cudnn: backend '", be.name(),
+               "' has no convolution library here (a CUDA build finds cuDNN through CMake: the toolkit's, or "
+               "-DCUDNN_ROOT=DIR with DIR/include/cudnn.h and DIR/lib/libcudnn.so.9; cuda_conv_cudnn.h)");
+    return ConvPath::Library;
+  }
+  if (choice != "igemm") return ConvPath::Im2col;
+  if (g.kernel_h > kConv2dMaxKernel || g.kernel_w > kConv2dMaxKernel) return ConvPath::Im2col;
+  return be.supports(OpKind::Conv2d, t.dtype()) ? ConvPath::Direct : ConvPath::Im2col;
 }
 }  // namespace
 
@@ -123,12 +143,17 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2d
   check_conv(x, w, bias);
   const Im2ColArgs g = conv2d_geometry(x.shape(), w.size(2), w.size(3), p);
   const int64_t O = w.size(0);
-  if (direct_conv(x, g)) {
+  const ConvPath path = conv_path(x, g);
+  if (path != ConvPath::Im2col) {
     Conv2dArgs a;
     a.x = x.contiguous(), a.w = w.contiguous(), a.geo = g;
     if (bias.defined()) a.bias = bias.contiguous();
     a.y = Tensor::empty({g.batch, O, g.out_h, g.out_w}, x.dtype(), x.device());
-    if (a.y.numel()) backend_for("conv2d", OpKind::Conv2d, x.device(), x.dtype()).conv2d(a);
+    if (a.y.numel() == 0) return a.y;
+    if (path == ConvPath::Library)
+      backend_for("conv2d", OpKind::Conv2dLibrary, x.device(), x.dtype()).library_conv2d(a);
+    else
+      backend_for("conv2d", OpKind::Conv2d, x.device(), x.dtype()).conv2d(a);
     return a.y;
   }
   const Tensor cols = im2col(x, g);                                      // [N, C·kk, L]
@@ -142,14 +167,20 @@ Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape,
   const int64_t O = w.size(0);
   LOOM_CHECK(g.shape() == Shape({geo.batch, O, geo.out_h, geo.out_w}), "conv2d backward: gradient ", g.shape(),
              " does not match the output [", geo.batch, ", ", O, ", ", geo.out_h, ", ", geo.out_w, "]");
-  // The direct kernel takes stride 1 with padding ≤ kernel − 1 (a convolution of g with the
-  // flipped weight); other strides keep GEMM + col2im.
-  if (p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= geo.kernel_h - 1 && p.pad_w <= geo.kernel_w - 1 &&
-      g.device() == w.device() && g.dtype() == w.dtype() && direct_conv(g, geo)) {
+  // The library takes any stride and padding; the direct kernel stride 1 with padding ≤ kernel − 1
+  // (a convolution of g with the flipped weight); other strides keep GEMM + col2im.
+  const ConvPath path = g.device() == w.device() && g.dtype() == w.dtype() ? conv_path(g, geo) : ConvPath::Im2col;
+  const bool direct_fits = p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= geo.kernel_h - 1 &&
+                           p.pad_w <= geo.kernel_w - 1;
+  if (path == ConvPath::Library || (path == ConvPath::Direct && direct_fits)) {
     Conv2dInputGradArgs a;
     a.dy = g.contiguous(), a.w = w.contiguous(), a.geo = geo;
     a.dx = Tensor::empty(x_shape, g.dtype(), g.device());
-    if (a.dx.numel()) backend_for("conv2d_input_grad", OpKind::Conv2d, g.device(), g.dtype()).conv2d_input_grad(a);
+    if (a.dx.numel() == 0) return a.dx;
+    if (path == ConvPath::Library)
+      backend_for("conv2d_input_grad", OpKind::Conv2dLibrary, g.device(), g.dtype()).library_conv2d_input_grad(a);
+    else
+      backend_for("conv2d_input_grad", OpKind::Conv2d, g.device(), g.dtype()).conv2d_input_grad(a);
     return a.dx;
   }
   // Stride 1, k > 1: the input gradient is the convolution of g with the flipped, transposed
@@ -170,6 +201,15 @@ Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape,
 Tensor conv2d_weight_grad(const Tensor& g, const Tensor& x, const Shape& w_shape, const Conv2dParams& p) {
   const Im2ColArgs geo = conv2d_geometry(x.shape(), w_shape[2], w_shape[3], p);
   const int64_t O = w_shape[0];
+  if (g.device() == x.device() && g.dtype() == x.dtype() && conv_path(x, geo) == ConvPath::Library) {
+    Conv2dWeightGradArgs a;
+    a.dy = g.contiguous(), a.x = x.contiguous(), a.geo = geo;
+    a.dw = Tensor::empty(w_shape, x.dtype(), x.device());
+    if (a.dw.numel() == 0) return a.dw;
+    if (a.dy.numel() == 0) return Tensor::zeros(w_shape, x.dtype(), x.device());
+    backend_for("conv2d_weight_grad", OpKind::Conv2dLibrary, x.device(), x.dtype()).library_conv2d_weight_grad(a);
+    return a.dw;
+  }
   const Tensor cols = im2col(x, geo);  // [N, C·kk, L]
   // [N, O, L] x [N, L, C·kk] -> [N, O, C·kk], summed over N
   const Tensor per_sample = matmul(g.reshape({geo.batch, O, -1}), cols.transpose(-1, -2));

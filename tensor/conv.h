@@ -1,10 +1,12 @@
 // 2-D convolution on tensors (namespace loom::ops), non-differentiable: the
 // forward and the two products its gradient needs. Written as im2col (a Backend
 // method, tensor/cpu/cpu_conv.cpp and tensor/cuda/cuda_conv.cu) followed by one
-// batched GEMM; a 1×1 convolution with stride 1 and no padding skips im2col. Where the device
-// has a direct kernel (Backend::conv2d, supports(OpKind::Conv2d): CUDA bf16 / f16, an implicit
-// GEMM on tensor cores), conv2d and, for stride 1, conv2d_input_grad use it when the environment
-// has LOOM_CONV=igemm (read at every call; off by default: im2col + cuBLAS measured faster).
+// batched GEMM; a 1×1 convolution with stride 1 and no padding skips im2col. LOOM_CONV (read at
+// every call; tensor/conv.cpp) picks another path for CUDA bf16 / f16: `igemm`, the device's
+// direct kernel (Backend::conv2d, an implicit GEMM on tensor cores) for the forward and the
+// stride-1 input gradient; `cudnn`, the device's convolution library (Backend::library_conv2d*,
+// cuDNN) for the forward and both gradients. The default stays im2col + GEMM until the H200
+// measures otherwise (docs/gpu-bench.md).
 //
 //   x [N, C, H, W], w [O, C, kh, kw] (PyTorch's layout), bias [O] (optional)
 //   y [N, O, oh, ow],  oh = (H + 2·pad_h − kh) / stride_h + 1 (likewise ow)

@@ -1,15 +1,16 @@
 // 2-D convolution on a CUDA device at Stable Diffusion UNet shapes (SDXL at 128×128 latents,
-// SD 1.5 at 64×64, batch 4): loom's implicit-GEMM kernel ("loom_igemm") and its im2col + cuBLAS
-// path ("loom_im2col", LOOM_CONV=im2col set for those rows; LOOM_CONV=igemm for the others), the forward with bias ("fwd") and
-// the gradient w.r.t. the input ("bwd_input"; at stride 2 both rows take GEMM + col2im), bf16
-// (or --dtype f16). Median of --reps (default 20) after 5 warm-ups, each call timed with CUDA
-// events; peak device memory of the timed calls above what was held before (inputs excluded).
-// bench/gpu/torch_conv.py prints PyTorch's (cuDNN) rows at the same shapes in the same format;
-// run both in one call. Not a test.
+// SD 1.5 at 64×64, batch 4), through each path of LOOM_CONV (set for each row): loom's
+// implicit-GEMM kernel ("loom_igemm"), im2col + cuBLAS ("loom_im2col") and cuDNN ("loom_cudnn",
+// where the build has it): the forward with bias ("fwd"), the gradient w.r.t. the input
+// ("bwd_input"; igemm at stride 2 takes GEMM + col2im) and w.r.t. the weight ("bwd_weight";
+// im2col + GEMM except with cuDNN), bf16 (or --dtype f16). Median of --reps (default 20) after 5
+// warm-ups, each call timed with CUDA events; peak device memory of the timed calls above what
+// was held before (inputs excluded). bench/gpu/torch_conv.py prints PyTorch's (cuDNN) rows at the
+// same shapes in the same format; run both in one call. Not a test.
 //
 //   loom_bench_conv [--dtype bf16|f16] [--reps N] [--json]
 //
-// "shape" is "N,C,H,W,O,k,stride" (padding k / 2); TFLOP/s counts 2·N·O·oh·ow·C·k·k for either pass.
+// "shape" is "N,C,H,W,O,k,stride" (padding k / 2); TFLOP/s counts 2·N·O·oh·ow·C·k·k for each pass.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -39,9 +40,6 @@ const std::vector<ConvShape> kShapes = {
     {"sd15_640_32", 4, 640, 640, 32, 32, 3, 1, 1},      {"sd15_1280_16", 4, 1280, 1280, 16, 16, 3, 1, 1},
 };
 
-void set_im2col(bool on) {
-  ::setenv("LOOM_CONV", on ? "im2col" : "igemm", 1);
-}
 
 }  // namespace
 
@@ -83,11 +81,15 @@ int main(int argc, char** argv) {
     const Im2ColArgs g = ops::conv2d_geometry(x.shape(), s.k, s.k, p);
     const Tensor dy = Tensor::randn({s.n, s.o, g.out_h, g.out_w}, gen, dt, dev);
     const double flops = 2.0 * s.n * s.o * g.out_h * g.out_w * s.c * s.k * s.k;
-    for (const bool im2col : {false, true}) {
-      set_im2col(im2col);
-      for (const bool backward : {false, true}) {
+    std::vector<std::string> paths = {"igemm", "im2col"};
+    if (backend_for(dev).supports(OpKind::Conv2dLibrary, dt)) paths.push_back("cudnn");
+    for (const std::string& path : paths) {
+      ::setenv("LOOM_CONV", path.c_str(), 1);
+      for (const char* pass : {"fwd", "bwd_input", "bwd_weight"}) {
+        const std::string which = pass;
         auto call = [&] {
-          if (backward) (void)ops::conv2d_input_grad(dy, w, x.shape(), p);
+          if (which == "bwd_input") (void)ops::conv2d_input_grad(dy, w, x.shape(), p);
+          else if (which == "bwd_weight") (void)ops::conv2d_weight_grad(dy, x, w.shape(), p);
           else (void)ops::conv2d(x, w, b, p);
         };
         backend_for(dev).synchronize(dev.index);
@@ -96,20 +98,19 @@ int main(int argc, char** argv) {
         const double ms = bench::median_ms(dev, reps, call);
         const size_t peak = device_memory(dev).peak;
         const double peak_mb = double(peak > before ? peak - before : 0) / 1e6;
-        const char* impl = im2col ? "loom_im2col" : "loom_igemm";
-        const char* pass = backward ? "bwd_input" : "fwd";
+        const std::string impl = "loom_" + path;
         const double tflops = flops / (ms * 1e-3) / 1e12;
         if (json)
           std::printf("{\"impl\": \"%s\", \"dtype\": \"%s\", \"name\": \"%s\", \"shape\": \"%lld,%lld,%lld,%lld,%lld,%lld,%lld\", "
                       "\"pass\": \"%s\", \"ms\": %.4f, \"tflops\": %.1f, \"peak_mb\": %.1f}\n",
-                      impl, dtype_arg.c_str(), s.name, (long long)s.n, (long long)s.c, (long long)s.h, (long long)s.w,
-                      (long long)s.o, (long long)s.k, (long long)s.stride, pass, ms, tflops, peak_mb);
+                      impl.c_str(), dtype_arg.c_str(), s.name, (long long)s.n, (long long)s.c, (long long)s.h,
+                      (long long)s.w, (long long)s.o, (long long)s.k, (long long)s.stride, pass, ms, tflops, peak_mb);
         else
-          std::printf("%-12s %-20s %-10s %10.4f %9.1f %10.1f\n", impl, s.name, pass, ms, tflops, peak_mb);
+          std::printf("%-12s %-20s %-10s %10.4f %9.1f %10.1f\n", impl.c_str(), s.name, pass, ms, tflops, peak_mb);
         std::fflush(stdout);
       }
     }
-    set_im2col(false);
+    ::unsetenv("LOOM_CONV");
   }
   return 0;
 }

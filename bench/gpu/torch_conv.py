@@ -1,6 +1,7 @@
 """PyTorch's convolution (cuDNN) at the shapes of bench/gpu/bench_conv.cpp, in the same call on the
-same GPU: torch.nn.functional.conv2d with bias ("fwd", under no_grad) and the gradient w.r.t. the
-input alone ("bwd_input", torch.nn.grad.conv2d_input: cuDNN's backward-data), bf16 (or --dtype
+same GPU: torch.nn.functional.conv2d with bias ("fwd", under no_grad), the gradient w.r.t. the
+input alone ("bwd_input", torch.nn.grad.conv2d_input: cuDNN's backward-data) and w.r.t. the weight
+("bwd_weight", torch.nn.grad.conv2d_weight: cuDNN's backward-filter), bf16 (or --dtype
 f16), channels-first (NCHW) like loom; median of --reps after 5 warm-ups, CUDA events; peak memory
 (torch.cuda.max_memory_allocated) of the timed calls above what was held before. One JSON line per
 row (--json, the format of loom_bench_conv) or a table."""
@@ -34,11 +35,13 @@ def main():
         oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
         dy = torch.randn(n, o, oh, ow, device="cuda", dtype=dt)
         flops = 2.0 * n * o * oh * ow * c * k * k
-        for bwd in (False, True):
+        for pass_ in ("fwd", "bwd_input", "bwd_weight"):
             def run():
                 with torch.no_grad():
-                    if bwd:
+                    if pass_ == "bwd_input":
                         torch.nn.grad.conv2d_input(x.shape, wt, dy, stride=s, padding=pad)
+                    elif pass_ == "bwd_weight":
+                        torch.nn.grad.conv2d_weight(x, wt.shape, dy, stride=s, padding=pad)
                     else:
                         F.conv2d(x, wt, b, stride=s, padding=pad)
             torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
@@ -46,7 +49,7 @@ def main():
             ms = time_ms(run, args.reps)
             peak = (torch.cuda.max_memory_allocated() - base) / 1e6
             row = dict(impl="torch_cudnn", dtype=args.dtype, name=name, shape=f"{n},{c},{h},{w},{o},{k},{s}",
-                       **{"pass": "bwd_input" if bwd else "fwd"}, ms=round(ms, 4),
+                       **{"pass": pass_}, ms=round(ms, 4),
                        tflops=round(flops / (ms * 1e-3) / 1e12, 1), peak_mb=round(peak, 1))
             print(json.dumps(row) if args.json else
                   f"{row['impl']:<12} {name:<20} {row['pass']:<10} {ms:10.4f} {row['tflops']:9.1f} {peak:10.1f}",

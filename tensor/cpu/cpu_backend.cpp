@@ -193,7 +193,7 @@ class CpuBackend final : public Backend {
   bool supports(OpKind op, DType dtype) const override {
     if (op == OpKind::Copy || op == OpKind::Fill) return true;  // every dtype
     if (op == OpKind::OptimizerUpdate) return dtype == DType::F32 || dtype == DType::F64;
-    if (op == OpKind::Conv2d) return false;  // no direct kernel: tensor/conv.cpp uses im2col + GEMM
+    if (op == OpKind::Conv2d || op == OpKind::Conv2dLibrary) return false;  // tensor/conv.cpp: im2col + GEMM
     return dtype == DType::F32 || dtype == DType::F64 || is_half_dtype(dtype);
   }
 

@@ -4,7 +4,8 @@
 //               Unary, Binary, Reduce, Softmax, Gemm for f32, f64, bf16, f16;
 //               the fused LayerNorm, GroupNorm, Geglu for f32, f64, bf16, f16 and
 //               OptimizerUpdate for f32, f64 (cuda_fused.h);
-//               Conv2d (the implicit-GEMM convolution, cuda_conv_igemm.h) for bf16, f16.
+//               Conv2d (the implicit-GEMM convolution, cuda_conv_igemm.h) for bf16, f16;
+//               Conv2dLibrary (cuDNN, cuda_conv_cudnn.h) for bf16, f16 where the build has it.
 //
 // Each method checks its operands on the host (device, dtype, shape, layout),
 // fills a plain parameter struct (cuda_common.h), makes the operands' device
@@ -23,6 +24,7 @@
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
 #include "tensor/cuda/cuda_conv.h"
+#include "tensor/cuda/cuda_conv_cudnn.h"
 #include "tensor/cuda/cuda_conv_igemm.h"
 #include "tensor/cuda/cuda_fused.h"
 
@@ -118,6 +120,8 @@ class CudaBackend final : public Backend {
         return dtype == DType::F32 || dtype == DType::F64;
       case OpKind::Conv2d:  // tensor cores; f32 / f64 keep im2col + cuBLAS
         return dtype == DType::BF16 || dtype == DType::F16;
+      case OpKind::Conv2dLibrary:  // cuDNN where this build has it (cuda_conv_cudnn.h); bf16 / f16 as above
+        return (dtype == DType::BF16 || dtype == DType::F16) && cuda::cudnn_conv_available();
     }
     return false;
   }
@@ -304,6 +308,9 @@ class CudaBackend final : public Backend {
   // the implicit-GEMM convolution, bf16 / f16 (cuda_conv_igemm.cu)
   void conv2d(const Conv2dArgs& a) override { cuda::conv2d_implicit_gemm(a); }
   void conv2d_input_grad(const Conv2dInputGradArgs& a) override { cuda::conv2d_input_grad_implicit_gemm(a); }
+  void library_conv2d(const Conv2dArgs& a) override { cuda::cudnn_conv2d(a); }
+  void library_conv2d_input_grad(const Conv2dInputGradArgs& a) override { cuda::cudnn_conv2d_input_grad(a); }
+  void library_conv2d_weight_grad(const Conv2dWeightGradArgs& a) override { cuda::cudnn_conv2d_weight_grad(a); }
 
   // ---- fused ops: norms, GEGLU, optimizer update (fused family; host checks in cuda_fused.cu) ----
   void layer_norm(const LayerNormArgs& a) override { cuda::fused_layer_norm(a); }

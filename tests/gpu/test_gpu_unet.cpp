@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <string>
 
 #include "io/tensor_file.h"
 #include "tensor/backend.h"
@@ -76,27 +78,39 @@ TEST_P(GpuUNet, MatchesDiffusersAndTheCpu) {
   EXPECT_LE(rel_error(gpu32.out, *g.find("output_f32")), 1e-4);
 }
 
-// bf16 on CUDA, where convolutions take the implicit-GEMM kernel (forward, and the input gradient
-// at stride 1), against the f64 CPU run, next to the same bf16 run through im2col + cuBLAS
-// (LOOM_CONV=im2col): the output and the sample's gradient may be at most 2× as far from f64
-// as that run's, plus 1e-3.
-TEST_P(GpuUNet, Bf16ImplicitGemmConvIsAsCloseAsIm2col) {
+// bf16 on CUDA through each direct convolution of LOOM_CONV — igemm (the implicit-GEMM kernel:
+// forward, input gradient at stride 1) and cudnn (forward and both gradients, where the build has
+// cuDNN) — against the f64 CPU run, next to the same bf16 run through im2col + cuBLAS
+// (LOOM_CONV=im2col): the output, the sample's gradient and a conv weight's gradient may be at
+// most 2× as far from f64 as that run's, plus 1e-3.
+TEST_P(GpuUNet, Bf16DirectConvsAreAsCloseAsIm2col) {
   LOOM_SKIP_WITHOUT_CUDA();
   const RunResult cpu64 = run(GetParam(), DType::F64, Device::cpu(), true);
-  RunResult direct, im2col;
-  {
-    loom::testing::ScopedEnv env("LOOM_CONV", "igemm");
-    direct = run(GetParam(), DType::BF16, Device::cuda(0), true);
-  }
+  RunResult im2col;
   {
     loom::testing::ScopedEnv env("LOOM_CONV", "im2col");
     im2col = run(GetParam(), DType::BF16, Device::cuda(0), true);
   }
-  const double out = rel_error(direct.out, cpu64.out), out_im2col = rel_error(im2col.out, cpu64.out);
-  EXPECT_LE(out, 2 * out_im2col + 1e-3) << "output: implicit GEMM " << out << ", im2col " << out_im2col;
-  const double gs = rel_error(direct.grad_sample, cpu64.grad_sample);
-  const double gs_im2col = rel_error(im2col.grad_sample, cpu64.grad_sample);
-  EXPECT_LE(gs, 2 * gs_im2col + 1e-3) << "sample gradient: implicit GEMM " << gs << ", im2col " << gs_im2col;
+  for (const char* path : {"igemm", "cudnn"}) {
+    SCOPED_TRACE(std::string("LOOM_CONV=") + path);
+    if (std::string(path) == "cudnn" && !backend_for(Device::cuda(0)).supports(OpKind::Conv2dLibrary, DType::BF16)) {
+      std::printf("[ note ] this build or device has no cuDNN: LOOM_CONV=cudnn not checked\n");
+      continue;
+    }
+    RunResult direct;
+    {
+      loom::testing::ScopedEnv env("LOOM_CONV", path);
+      direct = run(GetParam(), DType::BF16, Device::cuda(0), true);
+    }
+    const double out = rel_error(direct.out, cpu64.out), out_im2col = rel_error(im2col.out, cpu64.out);
+    EXPECT_LE(out, 2 * out_im2col + 1e-3) << "output: " << path << " " << out << ", im2col " << out_im2col;
+    const double gs = rel_error(direct.grad_sample, cpu64.grad_sample);
+    const double gs_im2col = rel_error(im2col.grad_sample, cpu64.grad_sample);
+    EXPECT_LE(gs, 2 * gs_im2col + 1e-3) << "sample gradient: " << path << " " << gs << ", im2col " << gs_im2col;
+    const double gc = rel_error(direct.grad_conv, cpu64.grad_conv);
+    const double gc_im2col = rel_error(im2col.grad_conv, cpu64.grad_conv);
+    EXPECT_LE(gc, 2 * gc_im2col + 1e-3) << "conv weight gradient: " << path << " " << gc << ", im2col " << gc_im2col;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, GpuUNet, ::testing::Values("sd1", "sd2", "sdxl"));

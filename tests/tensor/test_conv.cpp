@@ -8,6 +8,7 @@
 #include "tensor/conv.h"
 #include "tensor/ops.h"
 #include "tensor/random.h"
+#include "tests/test_helpers.h"
 
 namespace loom::test {
 namespace {
@@ -119,6 +120,25 @@ TEST(Conv2d, ErrorsNameTheShapes) {
     EXPECT_NE(std::string(e.what()).find("[2, 4, 3, 3]"), std::string::npos) << e.what();
   }
   EXPECT_THROW(ops::conv2d(Tensor::zeros({1, 4, 2, 2}), w, Tensor(), {}), Error);  // kernel larger than input
+}
+
+// LOOM_CONV names a path; a misspelt one is an error naming it, and cudnn / igemm on the CPU
+// (which has neither) keep im2col + GEMM, giving the same numbers bit for bit.
+TEST(Conv2d, ConvPathVariable) {
+  Generator gen(9);
+  const Tensor x = Tensor::randn({2, 3, 7, 6}, gen, DType::F64), w = Tensor::randn({4, 3, 3, 3}, gen, DType::F64);
+  const ops::Conv2dParams p{1, 1, 1, 1};
+  const Tensor plain = ops::conv2d(x, w, Tensor(), p);
+  for (const char* path : {"cudnn", "igemm", "im2col"}) {
+    loom::testing::ScopedEnv env("LOOM_CONV", path);
+    EXPECT_EQ(loom::testing::max_abs_diff(ops::conv2d(x, w, Tensor(), p), plain), 0.0) << path;
+    const Tensor g = Tensor::randn(plain.shape(), gen, DType::F64);
+    EXPECT_EQ(ops::conv2d_weight_grad(g, x, w.shape(), p).shape(), w.shape()) << path;
+  }
+  loom::testing::ScopedEnv bad("LOOM_CONV", "cudnnn");
+  EXPECT_NE(loom::testing::error_of([&] { ops::conv2d(x, w, Tensor(), p); })
+                .find("LOOM_CONV='cudnnn' is not im2col, igemm or cudnn"),
+            std::string::npos);
 }
 
 // A cached constant is made once per (name, shape, dtype, device): the second call returns the

@@ -1,9 +1,13 @@
-// The implicit-GEMM convolution (CUDA bf16 / f16, tensor/cuda/cuda_conv_igemm.cu) against the CPU
-// in f64 on fresh random inputs, at sizes that are no multiple of its 128 × 128 × 32 tile (odd
-// N·oh·ow, O of 7 / 64 / 130, K = C·kh·kw of 5 … 2880, both its A paths: K % 8 == 0 through
-// cp.async and not), kernels 1×1 / 3×3 / 5×5 / 2×3, stride 1 and 2, padding 0 / 1 / 2, with and
-// without bias: the forward and the stride-1 input gradient, each through the Backend slot itself
-// and through ops::conv2d / conv2d_input_grad (the dispatch; the two must agree bit for bit).
+// The direct convolutions of CUDA bf16 / f16 against the CPU in f64 on fresh random inputs:
+//
+// The implicit-GEMM kernel (LOOM_CONV=igemm, tensor/cuda/cuda_conv_igemm.cu) at sizes that are no
+// multiple of its 128 × 128 × 32 tile (odd N·oh·ow, O of 7 / 64 / 130, K = C·kh·kw of 5 … 2880,
+// both its A paths: K % 8 == 0 through cp.async and not), kernels 1×1 / 3×3 / 5×5 / 2×3, stride 1
+// and 2, padding 0 / 1 / 2, with and without bias: the forward and the stride-1 input gradient,
+// each through the Backend slot itself and through ops::conv2d / conv2d_input_grad (the
+// dispatch; the two must agree bit for bit). The library convolution (LOOM_CONV=cudnn,
+// tensor/cuda/cuda_conv_cudnn.cu, where the build has cuDNN) on the same cases: the forward and
+// both gradients at every stride.
 // The reference is the f64 result on the same bf16 / f16-rounded inputs; the error (max |Δ| over
 // max |ref|) must be at most 2× that of the im2col + cuBLAS path (LOOM_CONV=im2col) on the same
 // inputs, plus a small floor, and below 1e-2 (bf16) / 2e-3 (f16). ctest -L gpu; skips without a GPU.
@@ -132,29 +136,120 @@ TEST_P(ConvImplicitGemm, InputGradientMatchesCpuF64) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    OddSizes, ConvImplicitGemm,
-    ::testing::Values(Case{3, 5, 7, 9, 11, 3, 3, 1, 1, 1, true},       // K = 45: A by plain loads
-                      Case{3, 5, 7, 9, 11, 3, 3, 2, 1, 1, false},      // stride 2
-                      Case{3, 37, 64, 33, 17, 3, 3, 1, 1, 1, true},    // K = 333
-                      Case{3, 37, 64, 33, 17, 3, 3, 2, 0, 0, true},    // stride 2, no padding
-                      Case{3, 320, 64, 9, 11, 3, 3, 1, 1, 1, true},    // K = 2880: A through cp.async
-                      Case{3, 320, 64, 33, 17, 3, 3, 2, 1, 1, false},  // SD's Downsample2D shape
-                      Case{3, 320, 7, 33, 17, 1, 1, 1, 0, 0, true},    // pointwise, cp.async A
-                      Case{3, 5, 64, 33, 17, 1, 1, 1, 0, 0, false},    // pointwise, K = 5
-                      Case{3, 37, 7, 9, 11, 1, 1, 2, 0, 0, true},      // pointwise, stride 2
-                      Case{1, 8, 24, 7, 5, 1, 1, 1, 1, 1, true},       // pointwise with padding
-                      Case{3, 37, 130, 9, 11, 3, 3, 1, 0, 0, true},    // O over one tile; backward pad 2
-                      Case{2, 4, 320, 16, 16, 3, 3, 1, 1, 1, true},    // conv_in: C = 4, K = 36
-                      Case{2, 16, 9, 13, 10, 5, 5, 1, 2, 2, true},     // 5×5, K = 400
-                      Case{2, 6, 5, 9, 7, 2, 3, 1, 1, 0, true}),       // 2×3, padding (1, 0)
-    [](const ::testing::TestParamInfo<Case>& info) {
-      const Case& k = info.param;
-      return "n" + std::to_string(k.n) + "_c" + std::to_string(k.c) + "_o" + std::to_string(k.o) + "_" +
-             std::to_string(k.h) + "x" + std::to_string(k.w) + "_k" + std::to_string(k.kh) + "x" +
-             std::to_string(k.kw) + "_s" + std::to_string(k.stride) + "_p" + std::to_string(k.pad_h) +
-             std::to_string(k.pad_w) + (k.bias ? "_bias" : "");
-    });
+// Sizes that are no multiple of the implicit GEMM's tile (module comment); cuDNN runs them too.
+const std::vector<Case> kOddCases = {
+    Case{3, 5, 7, 9, 11, 3, 3, 1, 1, 1, true},       // K = 45: A by plain loads
+    Case{3, 5, 7, 9, 11, 3, 3, 2, 1, 1, false},      // stride 2
+    Case{3, 37, 64, 33, 17, 3, 3, 1, 1, 1, true},    // K = 333
+    Case{3, 37, 64, 33, 17, 3, 3, 2, 0, 0, true},    // stride 2, no padding
+    Case{3, 320, 64, 9, 11, 3, 3, 1, 1, 1, true},    // K = 2880: A through cp.async
+    Case{3, 320, 64, 33, 17, 3, 3, 2, 1, 1, false},  // SD's Downsample2D shape
+    Case{3, 320, 7, 33, 17, 1, 1, 1, 0, 0, true},    // pointwise, cp.async A
+    Case{3, 5, 64, 33, 17, 1, 1, 1, 0, 0, false},    // pointwise, K = 5
+    Case{3, 37, 7, 9, 11, 1, 1, 2, 0, 0, true},      // pointwise, stride 2
+    Case{1, 8, 24, 7, 5, 1, 1, 1, 1, 1, true},       // pointwise with padding
+    Case{3, 37, 130, 9, 11, 3, 3, 1, 0, 0, true},    // O over one tile; backward pad 2
+    Case{2, 4, 320, 16, 16, 3, 3, 1, 1, 1, true},    // conv_in: C = 4, K = 36
+    Case{2, 16, 9, 13, 10, 5, 5, 1, 2, 2, true},     // 5×5, K = 400
+    Case{2, 6, 5, 9, 7, 2, 3, 1, 1, 0, true},       // 2×3, padding (1, 0)
+};
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  const Case& k = info.param;
+  return "n" + std::to_string(k.n) + "_c" + std::to_string(k.c) + "_o" + std::to_string(k.o) + "_" +
+         std::to_string(k.h) + "x" + std::to_string(k.w) + "_k" + std::to_string(k.kh) + "x" + std::to_string(k.kw) +
+         "_s" + std::to_string(k.stride) + "_p" + std::to_string(k.pad_h) + std::to_string(k.pad_w) +
+         (k.bias ? "_bias" : "");
+}
+
+INSTANTIATE_TEST_SUITE_P(OddSizes, ConvImplicitGemm, ::testing::ValuesIn(kOddCases), case_name);
+
+// ---- the library convolution (LOOM_CONV=cudnn: Backend::library_conv2d*, cuDNN) ----
+
+bool has_library(DType dt) { return backend_for(Device::cuda(0)).supports(OpKind::Conv2dLibrary, dt); }
+
+class ConvLibrary : public ::testing::TestWithParam<Case> {};
+
+// The forward and both gradients at every stride and padding, through the slots and through ops::
+// (which must take them: equal bit for bit for y and dx), against f64 on the same rounded inputs,
+// each at most 2× as far as the im2col + cuBLAS path's, plus a floor.
+TEST_P(ConvLibrary, ForwardAndBothGradientsMatchCpuF64) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  if (!has_library(DType::BF16)) GTEST_SKIP() << "this build or device has no cuDNN";
+  const Case k = GetParam();
+  ScopedEnv library("LOOM_CONV", "cudnn");
+  Backend& be = backend_for(Device::cuda(0));
+  for (DType dt : {DType::BF16, DType::F16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    Generator gen(::testing::UnitTest::GetInstance()->random_seed() + 31);
+    const Inputs in = make_inputs(k, dt, gen);
+    const Im2ColArgs geo = ops::conv2d_geometry(in.x.shape(), k.kh, k.kw, k.params());
+    const Tensor dy64 = Tensor::randn({k.n, k.o, geo.out_h, geo.out_w}, gen, DType::F64).to(dt).to(DType::F64);
+    const Tensor dy = dy64.to(dt).to(Device::cuda(0));
+    const Tensor y_ref = ops::conv2d(in.x64, in.w64, in.b64, k.params());
+    const Tensor dx_ref = ops::conv2d_input_grad(dy64, in.w64, in.x64.shape(), k.params());
+    const Tensor dw_ref = ops::conv2d_weight_grad(dy64, in.x64, in.w64.shape(), k.params());
+
+    Conv2dArgs f;
+    f.x = in.x, f.w = in.w, f.bias = in.b, f.geo = geo;
+    f.y = Tensor::empty(y_ref.shape(), dt, Device::cuda(0));
+    be.library_conv2d(f);
+    Conv2dInputGradArgs gi;
+    gi.dy = dy, gi.w = in.w, gi.geo = geo;
+    gi.dx = Tensor::empty(in.x.shape(), dt, Device::cuda(0));
+    be.library_conv2d_input_grad(gi);
+    Conv2dWeightGradArgs gw;
+    gw.dy = dy, gw.x = in.x, gw.geo = geo;
+    gw.dw = Tensor::empty(in.w.shape(), dt, Device::cuda(0));
+    be.library_conv2d_weight_grad(gw);
+
+    EXPECT_EQ(max_abs_diff(ops::conv2d(in.x, in.w, in.b, k.params()), f.y), 0.0) << "ops::conv2d";
+    EXPECT_EQ(max_abs_diff(ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params()), gi.dx), 0.0)
+        << "ops::conv2d_input_grad";
+    const double dw_ops = max_rel(ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params()), dw_ref);
+    Tensor y_im2col, dx_im2col, dw_im2col;
+    {
+      ScopedEnv old_path("LOOM_CONV", "im2col");
+      y_im2col = ops::conv2d(in.x, in.w, in.b, k.params());
+      dx_im2col = ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params());
+      dw_im2col = ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params());
+    }
+    const double floor = 1e-4;
+    const double y_err = max_rel(f.y, y_ref), dx_err = max_rel(gi.dx, dx_ref), dw_err = max_rel(gw.dw, dw_ref);
+    EXPECT_LE(y_err, 2 * max_rel(y_im2col, y_ref) + floor) << "forward";
+    EXPECT_LE(dx_err, 2 * max_rel(dx_im2col, dx_ref) + floor) << "input gradient";
+    EXPECT_LE(dw_err, 2 * max_rel(dw_im2col, dw_ref) + floor) << "weight gradient";
+    EXPECT_LE(dw_ops, 2 * max_rel(dw_im2col, dw_ref) + floor) << "weight gradient through ops::";
+    for (double e : {y_err, dx_err, dw_err}) EXPECT_LE(e, tolerance(dt));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(OddSizes, ConvLibrary, ::testing::ValuesIn(kOddCases), case_name);
+
+// LOOM_CONV=cudnn keeps f32 on the exact im2col path; a misspelt LOOM_CONV is an error naming it.
+TEST(ConvLibraryChoice, F32StaysExactAndUnknownNamesFail) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  const Device dev = Device::cuda(0);
+  Generator gen(5);
+  const Tensor x = Tensor::randn({2, 3, 9, 7}, gen, DType::F32, dev), w = Tensor::randn({4, 3, 3, 3}, gen, DType::F32, dev);
+  const ops::Conv2dParams p{1, 1, 1, 1};
+  Tensor lib, plain;
+  {
+    ScopedEnv library("LOOM_CONV", "cudnn");
+    if (!has_library(DType::BF16))
+      EXPECT_NE(error_of([&] { ops::conv2d(x.to(DType::BF16), w.to(DType::BF16), Tensor(), p); }).find("cuDNN"),
+                std::string::npos);
+    lib = ops::conv2d(x, w, Tensor(), p);
+  }
+  {
+    ScopedEnv old_path("LOOM_CONV", "im2col");
+    plain = ops::conv2d(x, w, Tensor(), p);
+  }
+  EXPECT_EQ(max_abs_diff(lib, plain), 0.0);
+  ScopedEnv bad("LOOM_CONV", "cudnnn");
+  EXPECT_NE(error_of([&] { ops::conv2d(x, w, Tensor(), p); }).find("LOOM_CONV='cudnnn' is not im2col, igemm or cudnn"),
+            std::string::npos);
+}
 
 // The slots refuse what the kernel does not do, naming it; ops:: then never calls them (the
 // input gradient for stride 2 above goes through GEMM + col2im).
