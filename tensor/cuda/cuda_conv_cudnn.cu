@@ -135,11 +135,14 @@ int check_operands(const char* op, const Im2ColArgs& g, int64_t out_channels, co
 
 enum class Pass { Forward, InputGrad, WeightGrad };
 
-// The algorithm and workspace of a (pass, dtype, geometry, out_channels), chosen once.
+// The algorithm, its math type and workspace of a (pass, dtype, geometry, out_channels), chosen
+// once. Algorithms needing more than kMaxWorkspace bytes of workspace are passed over.
 struct Choice {
   int algo = 0;
+  cudnnMathType_t math = CUDNN_TENSOR_OP_MATH;
   size_t workspace = 0;
 };
+constexpr size_t kMaxWorkspace = size_t(1) << 30;
 using ChoiceKey = std::tuple<int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                              int64_t, int64_t, int64_t>;
 std::mutex g_choices_mutex;
@@ -151,9 +154,9 @@ Choice first_usable(const char* op, const std::vector<Perf>& perfs, int returned
   for (int pass = want_deterministic ? 0 : 1; pass < 2; ++pass)
     for (int i = 0; i < returned; ++i) {
       const Perf& p = perfs[size_t(i)];
-      if (p.status != CUDNN_STATUS_SUCCESS) continue;
+      if (p.status != CUDNN_STATUS_SUCCESS || p.memory > kMaxWorkspace) continue;
       if (pass == 0 && p.determinism != CUDNN_DETERMINISTIC) continue;
-      return Choice{int(p.algo), p.memory};
+      return Choice{int(p.algo), p.mathType, p.memory};
     }
   LOOM_FAIL(op, ": cuDNN offers no algorithm for this convolution");
 }
@@ -174,6 +177,7 @@ Choice choose(const char* op, Pass pass, cudnnHandle_t h, const ConvDescriptors&
     LOOM_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(h, d.x, d.w, d.conv, d.y, int(perfs.size()), &returned,
                                                             perfs.data()));
     c = first_usable(op, perfs, returned, false);
+    LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
     LOOM_CUDNN_CHECK(cudnnGetConvolutionForwardWorkspaceSize(h, d.x, d.w, d.conv, d.y,
                                                              cudnnConvolutionFwdAlgo_t(c.algo), &c.workspace));
   } else if (pass == Pass::InputGrad) {
@@ -181,6 +185,7 @@ Choice choose(const char* op, Pass pass, cudnnHandle_t h, const ConvDescriptors&
     LOOM_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithm_v7(h, d.w, d.y, d.conv, d.x, int(perfs.size()),
                                                                  &returned, perfs.data()));
     c = first_usable(op, perfs, returned, true);
+    LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
     LOOM_CUDNN_CHECK(cudnnGetConvolutionBackwardDataWorkspaceSize(h, d.w, d.y, d.conv, d.x,
                                                                   cudnnConvolutionBwdDataAlgo_t(c.algo), &c.workspace));
   } else {
@@ -188,6 +193,7 @@ Choice choose(const char* op, Pass pass, cudnnHandle_t h, const ConvDescriptors&
     LOOM_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, d.x, d.y, d.conv, d.w, int(perfs.size()),
                                                                    &returned, perfs.data()));
     c = first_usable(op, perfs, returned, true);
+    LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
     LOOM_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterWorkspaceSize(
         h, d.x, d.y, d.conv, d.w, cudnnConvolutionBwdFilterAlgo_t(c.algo), &c.workspace));
   }
@@ -224,6 +230,7 @@ void cudnn_conv2d(const Conv2dArgs& a) {
   const cudnnHandle_t h = handle_for(device);
   const ConvDescriptors d(a.geo, O, cudnn_dtype(op, a.x.dtype()));
   const Choice c = choose(op, Pass::Forward, h, d, a.x.dtype(), device, a.geo, O);
+  LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
   const Tensor ws = workspace(c.workspace, a.x.device());
   const float one = 1.f, zero = 0.f;
   LOOM_CUDNN_CHECK(cudnnConvolutionForward(h, &one, d.x, a.x.raw_data(), d.w, a.w.raw_data(), d.conv,
@@ -251,6 +258,7 @@ void cudnn_conv2d_input_grad(const Conv2dInputGradArgs& a) {
   const cudnnHandle_t h = handle_for(device);
   const ConvDescriptors d(a.geo, O, cudnn_dtype(op, a.dx.dtype()));
   const Choice c = choose(op, Pass::InputGrad, h, d, a.dx.dtype(), device, a.geo, O);
+  LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
   const Tensor ws = workspace(c.workspace, a.dx.device());
   const float one = 1.f, zero = 0.f;
   LOOM_CUDNN_CHECK(cudnnConvolutionBackwardData(h, &one, d.w, a.w.raw_data(), d.y, a.dy.raw_data(), d.conv,
@@ -267,6 +275,7 @@ void cudnn_conv2d_weight_grad(const Conv2dWeightGradArgs& a) {
   const cudnnHandle_t h = handle_for(device);
   const ConvDescriptors d(a.geo, O, cudnn_dtype(op, a.x.dtype()));
   const Choice c = choose(op, Pass::WeightGrad, h, d, a.x.dtype(), device, a.geo, O);
+  LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
   const Tensor ws = workspace(c.workspace, a.x.device());
   const float one = 1.f, zero = 0.f;
   LOOM_CUDNN_CHECK(cudnnConvolutionBackwardFilter(h, &one, d.x, a.x.raw_data(), d.y, a.dy.raw_data(), d.conv,

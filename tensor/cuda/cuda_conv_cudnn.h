@@ -6,8 +6,9 @@
 // cudnn_conv_available() is false and the entry points throw saying so.
 //
 // Algorithms: cuDNN's heuristics (the _v7 queries: no benchmarking, so a CUDA graph can capture
-// every call), the first that runs, preferring deterministic ones for both gradients; cached per
-// shape. The workspace comes from loom's caching allocator.
+// every call), the first that runs with at most 1 GiB of workspace, preferring deterministic ones
+// for both gradients, run with the math type cuDNN reported for it; cached per shape. The
+// workspace comes from loom's caching allocator.
 #pragma once
 
 #include <string>
