@@ -7,7 +7,9 @@
 //   S = Q·Kᵀ   wgmma m64nkNk16 × ⌈d / 16⌉ (d in k-steps of 16; d = 40 zero-padded to 48 in
 //              shared memory), Q and K both from shared memory (K-major, rows of 64 elements
 //              in the 128-byte swizzle; cuda_wgmma.cuh), S in registers (kN / 2 per thread);
-//   softmax    in registers, on mma.sync's C layout (the warpgroup accumulator layout);
+//   softmax    in registers, on mma.sync's C layout (the warpgroup accumulator layout); the
+//              row maximum lags by up to kMaxLag (O rescaled only when a warp's rows move), and
+//              with kPoly every kPoly-th column block is exponentiated on the FMA pipe;
 //   O += P·V   wgmma m64ndk16 × kN / 16, P from registers (the accumulators rounded to T:
 //              the A layout), V from shared memory read MN-major (imm-trans-b).
 // K and V tiles are cp.async double-buffered (tile it + 1 is copied while tile it is used), made
