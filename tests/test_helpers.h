@@ -94,6 +94,13 @@ inline double max_abs(const Tensor& a) {
   return m;
 }
 
+// max |x − ref| / max |ref| (max |x − ref| when ref is all zeros), in f64 on the CPU; INFINITY
+// when the shapes differ or an element of x is NaN (max_abs_diff).
+inline double max_rel_error(const Tensor& x, const Tensor& ref) {
+  const double d = max_abs_diff(x, ref), r = max_abs(ref);
+  return r > 0 ? d / r : d;
+}
+
 // A fresh directory under the test temp dir (mkdtemp), removed with its files at the end.
 class TempDir {
  public:

@@ -14,15 +14,7 @@
 namespace loom::test {
 namespace {
 
-double max_rel(const Tensor& a, const Tensor& b) {
-  const auto x = a.to(Device::cpu()).to(DType::F64).to_vector(), y = b.to_vector();
-  double num = 0, den = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    num = std::max(num, std::abs(x[i] - y[i]));
-    den = std::max(den, std::abs(y[i]));
-  }
-  return num / (den > 0 ? den : 1);
-}
+using loom::testing::max_rel_error;
 
 struct Geo {
   Shape x, w;
@@ -56,9 +48,9 @@ TEST_P(GpuConv, MatchesCpuF64ForwardAndBackward) {
     run(Device::cpu(), DType::F64, y_ref, up, g_ref);
     run(Device::cuda(0), dtype, y_gpu, up, g_gpu);
     const double tol = dtype == DType::F64 ? 1e-12 : 1e-5;
-    EXPECT_LE(max_rel(y_gpu, y_ref), tol) << "forward " << dtype_name(dtype);
+    EXPECT_LE(max_rel_error(y_gpu, y_ref), tol) << "forward " << dtype_name(dtype);
     for (size_t i = 0; i < 3; ++i)
-      EXPECT_LE(max_rel(g_gpu[i], g_ref[i]), tol) << "gradient " << i << " " << dtype_name(dtype);
+      EXPECT_LE(max_rel_error(g_gpu[i], g_ref[i]), tol) << "gradient " << i << " " << dtype_name(dtype);
   }
 }
 

@@ -28,19 +28,8 @@ namespace {
 
 using loom::testing::error_of;
 using loom::testing::max_abs_diff;
+using loom::testing::max_rel_error;
 using loom::testing::ScopedEnv;
-
-// max |a − ref| / max |ref| (ref on the CPU in f64).
-double max_rel(const Tensor& a, const Tensor& ref) {
-  const auto x = a.to(Device::cpu()).to(DType::F64).to_vector(), y = ref.to_vector();
-  EXPECT_EQ(x.size(), y.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < x.size() && i < y.size(); ++i) {
-    num = std::max(num, std::abs(x[i] - y[i]));
-    den = std::max(den, std::abs(y[i]));
-  }
-  return num / (den > 0 ? den : 1);
-}
 
 struct Case {
   int64_t n, c, o, h, w, kh, kw, stride, pad_h, pad_w;
@@ -97,7 +86,7 @@ TEST_P(ConvImplicitGemm, ForwardMatchesCpuF64) {
       ScopedEnv old_path("LOOM_CONV", "im2col");
       im2col = ops::conv2d(in.x, in.w, in.b, k.params());
     }
-    const double err = max_rel(a.y, ref), err_im2col = max_rel(im2col, ref);
+    const double err = max_rel_error(a.y, ref), err_im2col = max_rel_error(im2col, ref);
     EXPECT_LE(err, 2 * err_im2col + 1e-4) << "implicit GEMM " << err << ", im2col + cuBLAS " << err_im2col;
     EXPECT_LE(err, tolerance(dt));
     EXPECT_EQ(max_abs_diff(via_ops, a.y), 0.0) << "ops::conv2d did not take the implicit-GEMM kernel";
@@ -129,7 +118,7 @@ TEST_P(ConvImplicitGemm, InputGradientMatchesCpuF64) {
       ScopedEnv old_path("LOOM_CONV", "im2col");
       col2im = ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params());
     }
-    const double err = max_rel(a.dx, ref), err_col2im = max_rel(col2im, ref);
+    const double err = max_rel_error(a.dx, ref), err_col2im = max_rel_error(col2im, ref);
     EXPECT_LE(err, 2 * err_col2im + 1e-4) << "implicit GEMM " << err << ", cuBLAS + col2im " << err_col2im;
     EXPECT_LE(err, tolerance(dt));
     EXPECT_EQ(max_abs_diff(via_ops, a.dx), 0.0) << "ops::conv2d_input_grad did not take the implicit-GEMM kernel";
@@ -206,7 +195,7 @@ TEST_P(ConvLibrary, ForwardAndBothGradientsMatchCpuF64) {
     EXPECT_EQ(max_abs_diff(ops::conv2d(in.x, in.w, in.b, k.params()), f.y), 0.0) << "ops::conv2d";
     EXPECT_EQ(max_abs_diff(ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params()), gi.dx), 0.0)
         << "ops::conv2d_input_grad";
-    const double dw_ops = max_rel(ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params()), dw_ref);
+    const double dw_ops = max_rel_error(ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params()), dw_ref);
     Tensor y_im2col, dx_im2col, dw_im2col;
     {
       ScopedEnv old_path("LOOM_CONV", "im2col");
@@ -215,11 +204,11 @@ TEST_P(ConvLibrary, ForwardAndBothGradientsMatchCpuF64) {
       dw_im2col = ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params());
     }
     const double floor = 1e-4;
-    const double y_err = max_rel(f.y, y_ref), dx_err = max_rel(gi.dx, dx_ref), dw_err = max_rel(gw.dw, dw_ref);
-    EXPECT_LE(y_err, 2 * max_rel(y_im2col, y_ref) + floor) << "forward";
-    EXPECT_LE(dx_err, 2 * max_rel(dx_im2col, dx_ref) + floor) << "input gradient";
-    EXPECT_LE(dw_err, 2 * max_rel(dw_im2col, dw_ref) + floor) << "weight gradient";
-    EXPECT_LE(dw_ops, 2 * max_rel(dw_im2col, dw_ref) + floor) << "weight gradient through ops::";
+    const double y_err = max_rel_error(f.y, y_ref), dx_err = max_rel_error(gi.dx, dx_ref), dw_err = max_rel_error(gw.dw, dw_ref);
+    EXPECT_LE(y_err, 2 * max_rel_error(y_im2col, y_ref) + floor) << "forward";
+    EXPECT_LE(dx_err, 2 * max_rel_error(dx_im2col, dx_ref) + floor) << "input gradient";
+    EXPECT_LE(dw_err, 2 * max_rel_error(dw_im2col, dw_ref) + floor) << "weight gradient";
+    EXPECT_LE(dw_ops, 2 * max_rel_error(dw_im2col, dw_ref) + floor) << "weight gradient through ops::";
     for (double e : {y_err, dx_err, dw_err}) EXPECT_LE(e, tolerance(dt));
   }
 }
