@@ -208,6 +208,24 @@ Tensor workspace(size_t bytes, Device device) {
   return Tensor::empty({int64_t((bytes + 7) / 8) + 1}, DType::I64, device);
 }
 
+// What one call needs once its operands are checked: `device` current, its handle on the compute
+// stream, the descriptors set to the chosen algorithm's math type, the workspace.
+struct PreparedConv {
+  DeviceGuard guard;
+  cudnnHandle_t h;
+  ConvDescriptors d;
+  Choice c;
+  Tensor ws;
+  PreparedConv(const char* op, Pass pass, int device, DType dt, const Im2ColArgs& g, int64_t out_channels)
+      : guard(device),
+        h(handle_for(device)),
+        d(g, out_channels, cudnn_dtype(op, dt)),
+        c(choose(op, pass, h, d, dt, device, g, out_channels)),
+        ws(workspace(c.workspace, Device::cuda(device))) {
+    LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
+  }
+};
+
 }  // namespace
 
 bool cudnn_conv_available() {
@@ -226,16 +244,13 @@ void cudnn_conv2d(const Conv2dArgs& a) {
   const int64_t O = a.w.defined() ? a.w.size(0) : 0;
   LOOM_CHECK(a.y.defined(), op, ": output undefined");
   const int device = check_operands(op, a.geo, O, a.x, a.w, a.y, a.bias);
-  DeviceGuard guard(device);
-  const cudnnHandle_t h = handle_for(device);
-  const ConvDescriptors d(a.geo, O, cudnn_dtype(op, a.x.dtype()));
-  const Choice c = choose(op, Pass::Forward, h, d, a.x.dtype(), device, a.geo, O);
-  LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
-  const Tensor ws = workspace(c.workspace, a.x.device());
+  const PreparedConv p(op, Pass::Forward, device, a.x.dtype(), a.geo, O);
+  const cudnnHandle_t h = p.h;
+  const ConvDescriptors& d = p.d;
   const float one = 1.f, zero = 0.f;
   LOOM_CUDNN_CHECK(cudnnConvolutionForward(h, &one, d.x, a.x.raw_data(), d.w, a.w.raw_data(), d.conv,
-                                           cudnnConvolutionFwdAlgo_t(c.algo), ws.raw_data(), c.workspace, &zero,
-                                           d.y, a.y.raw_data()));
+                                           cudnnConvolutionFwdAlgo_t(p.c.algo), p.ws.raw_data(), p.c.workspace,
+                                           &zero, d.y, a.y.raw_data()));
   if (a.bias.defined()) {
     cudnnTensorDescriptor_t b = nullptr;
     LOOM_CUDNN_CHECK(cudnnCreateTensorDescriptor(&b));
@@ -254,16 +269,11 @@ void cudnn_conv2d_input_grad(const Conv2dInputGradArgs& a) {
   const int64_t O = a.w.defined() ? a.w.size(0) : 0;
   LOOM_CHECK(a.dx.defined() && a.dy.defined(), op, ": dx or dy undefined");
   const int device = check_operands(op, a.geo, O, a.dx, a.w, a.dy, Tensor());
-  DeviceGuard guard(device);
-  const cudnnHandle_t h = handle_for(device);
-  const ConvDescriptors d(a.geo, O, cudnn_dtype(op, a.dx.dtype()));
-  const Choice c = choose(op, Pass::InputGrad, h, d, a.dx.dtype(), device, a.geo, O);
-  LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
-  const Tensor ws = workspace(c.workspace, a.dx.device());
+  const PreparedConv p(op, Pass::InputGrad, device, a.dx.dtype(), a.geo, O);
   const float one = 1.f, zero = 0.f;
-  LOOM_CUDNN_CHECK(cudnnConvolutionBackwardData(h, &one, d.w, a.w.raw_data(), d.y, a.dy.raw_data(), d.conv,
-                                                cudnnConvolutionBwdDataAlgo_t(c.algo), ws.raw_data(), c.workspace,
-                                                &zero, d.x, a.dx.raw_data()));
+  LOOM_CUDNN_CHECK(cudnnConvolutionBackwardData(p.h, &one, p.d.w, a.w.raw_data(), p.d.y, a.dy.raw_data(), p.d.conv,
+                                                cudnnConvolutionBwdDataAlgo_t(p.c.algo), p.ws.raw_data(),
+                                                p.c.workspace, &zero, p.d.x, a.dx.raw_data()));
 }
 
 void cudnn_conv2d_weight_grad(const Conv2dWeightGradArgs& a) {
@@ -271,16 +281,11 @@ void cudnn_conv2d_weight_grad(const Conv2dWeightGradArgs& a) {
   LOOM_CHECK(a.dw.defined() && a.dw.dim() == 4, op, ": dw must be a defined [O, C, kh, kw] tensor");
   const int64_t O = a.dw.size(0);
   const int device = check_operands(op, a.geo, O, a.x, a.dw, a.dy, Tensor());
-  DeviceGuard guard(device);
-  const cudnnHandle_t h = handle_for(device);
-  const ConvDescriptors d(a.geo, O, cudnn_dtype(op, a.x.dtype()));
-  const Choice c = choose(op, Pass::WeightGrad, h, d, a.x.dtype(), device, a.geo, O);
-  LOOM_CUDNN_CHECK(cudnnSetConvolutionMathType(d.conv, c.math));
-  const Tensor ws = workspace(c.workspace, a.x.device());
+  const PreparedConv p(op, Pass::WeightGrad, device, a.x.dtype(), a.geo, O);
   const float one = 1.f, zero = 0.f;
-  LOOM_CUDNN_CHECK(cudnnConvolutionBackwardFilter(h, &one, d.x, a.x.raw_data(), d.y, a.dy.raw_data(), d.conv,
-                                                  cudnnConvolutionBwdFilterAlgo_t(c.algo), ws.raw_data(),
-                                                  c.workspace, &zero, d.w, a.dw.raw_data()));
+  LOOM_CUDNN_CHECK(cudnnConvolutionBackwardFilter(p.h, &one, p.d.x, a.x.raw_data(), p.d.y, a.dy.raw_data(), p.d.conv,
+                                                  cudnnConvolutionBwdFilterAlgo_t(p.c.algo), p.ws.raw_data(),
+                                                  p.c.workspace, &zero, p.d.w, a.dw.raw_data()));
 }
 
 }  // namespace loom::cuda
