@@ -88,9 +88,14 @@ void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
 namespace {
 // Which convolution runs (LOOM_CONV, read at every call so that a benchmark can time every path
 // in one process):
-//   im2col (default)  im2col + GEMM (+ bias add); GEMM + col2im for the input gradient — measured
-//                     faster than the implicit GEMM on the H200 at Stable Diffusion's shapes
-//                     (docs/gpu-bench.md);
+//   auto (default)    on a device with a convolution library (CUDA bf16 / f16 with cuDNN), the two
+//                     gradients of k×k convolutions (k > 1) through the library, everything else
+//                     im2col + GEMM — the fastest of the three on the H200 at Stable Diffusion's
+//                     shapes, pass by pass (docs/gpu-bench.md, conv run of the eighth session):
+//                     cuDNN's gradients beat GEMM + col2im / im2col + GEMM at every k×k shape and
+//                     hold no column buffer; its forward (v7 heuristics) is slower than im2col +
+//                     cuBLAS at 7 of 8 shapes; 1×1 convolutions are plain GEMMs;
+//   im2col            im2col + GEMM (+ bias add); GEMM + col2im for the input gradient;
 //   igemm             the device's direct kernel (Backend::conv2d, supports(OpKind::Conv2d): CUDA
 //                     bf16 / f16) for kernels up to kConv2dMaxKernel; the input gradient at
 //                     stride 1; the weight gradient stays im2col + GEMM;
@@ -99,13 +104,23 @@ namespace {
 //                     gradients. Other devices and dtypes keep im2col + GEMM; a CUDA build
 //                     without cuDNN is an error naming it.
 enum class ConvPath { Im2col, Direct, Library };
+enum class ConvPass { Forward, InputGrad, WeightGrad };
 
-ConvPath conv_path(const Tensor& t, const Im2ColArgs& g) {
+bool library_takes(const Tensor& t) {
+  return t.device().is_cuda() && (t.dtype() == DType::BF16 || t.dtype() == DType::F16) &&
+         backend_for(t.device()).supports(OpKind::Conv2dLibrary, t.dtype());
+}
+
+ConvPath conv_path(const Tensor& t, const Im2ColArgs& g, ConvPass pass) {
   const char* env = std::getenv("LOOM_CONV");
   const std::string choice = env ? env : "";
-  LOOM_CHECK(choice.empty() || choice == "im2col" || choice == "igemm" || choice == "cudnn", "LOOM_CONV='", choice,
-             "' is not im2col, igemm or cudnn");
+  LOOM_CHECK(choice.empty() || choice == "auto" || choice == "im2col" || choice == "igemm" || choice == "cudnn",
+             "LOOM_CONV='", choice, "' is not auto, im2col, igemm or cudnn");
   Backend& be = backend_for(t.device());
+  if (choice.empty() || choice == "auto") {
+    const bool kxk = g.kernel_h > 1 || g.kernel_w > 1;
+    return pass != ConvPass::Forward && kxk && library_takes(t) ? ConvPath::Library : ConvPath::Im2col;
+  }
   if (choice == "cudnn" && t.device().is_cuda()) {
     if (t.dtype() != DType::BF16 && t.dtype() != DType::F16) return ConvPath::Im2col;  // f32 / f64 stay exact
     LOOM_CHECK(be.supports(OpKind::Conv2dLibrary, t.dtype()), "LOOM_CONV=cudnn: backend '", be.name(),
@@ -113,7 +128,7 @@ ConvPath conv_path(const Tensor& t, const Im2ColArgs& g) {
                "-DCUDNN_ROOT=DIR with DIR/include/cudnn.h and DIR/lib/libcudnn.so.9; cuda_conv_cudnn.h)");
     return ConvPath::Library;
   }
-  if (choice != "igemm") return ConvPath::Im2col;
+  if (choice != "igemm" || pass == ConvPass::WeightGrad) return ConvPath::Im2col;
   if (g.kernel_h > kConv2dMaxKernel || g.kernel_w > kConv2dMaxKernel) return ConvPath::Im2col;
   return be.supports(OpKind::Conv2d, t.dtype()) ? ConvPath::Direct : ConvPath::Im2col;
 }
@@ -143,7 +158,7 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2d
   check_conv(x, w, bias);
   const Im2ColArgs g = conv2d_geometry(x.shape(), w.size(2), w.size(3), p);
   const int64_t O = w.size(0);
-  const ConvPath path = conv_path(x, g);
+  const ConvPath path = conv_path(x, g, ConvPass::Forward);
   if (path != ConvPath::Im2col) {
     Conv2dArgs a;
     a.x = x.contiguous(), a.w = w.contiguous(), a.geo = g;
@@ -169,7 +184,9 @@ Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape,
              " does not match the output [", geo.batch, ", ", O, ", ", geo.out_h, ", ", geo.out_w, "]");
   // The library takes any stride and padding; the direct kernel stride 1 with padding ≤ kernel − 1
   // (a convolution of g with the flipped weight); other strides keep GEMM + col2im.
-  const ConvPath path = g.device() == w.device() && g.dtype() == w.dtype() ? conv_path(g, geo) : ConvPath::Im2col;
+  const ConvPath path = g.device() == w.device() && g.dtype() == w.dtype()
+                            ? conv_path(g, geo, ConvPass::InputGrad)
+                            : ConvPath::Im2col;
   const bool direct_fits = p.stride_h == 1 && p.stride_w == 1 && p.pad_h <= geo.kernel_h - 1 &&
                            p.pad_w <= geo.kernel_w - 1;
   if (path == ConvPath::Library || (path == ConvPath::Direct && direct_fits)) {
@@ -201,7 +218,8 @@ Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape,
 Tensor conv2d_weight_grad(const Tensor& g, const Tensor& x, const Shape& w_shape, const Conv2dParams& p) {
   const Im2ColArgs geo = conv2d_geometry(x.shape(), w_shape[2], w_shape[3], p);
   const int64_t O = w_shape[0];
-  if (g.device() == x.device() && g.dtype() == x.dtype() && conv_path(x, geo) == ConvPath::Library) {
+  if (g.device() == x.device() && g.dtype() == x.dtype() &&
+      conv_path(x, geo, ConvPass::WeightGrad) == ConvPath::Library) {
     Conv2dWeightGradArgs a;
     a.dy = g.contiguous(), a.x = x.contiguous(), a.geo = geo;
     a.dw = Tensor::empty(w_shape, x.dtype(), x.device());

@@ -161,7 +161,8 @@ class ConvLibrary : public ::testing::TestWithParam<Case> {};
 
 // The forward and both gradients at every stride and padding, through the slots and through ops::
 // (which must take them: equal bit for bit for y and dx), against f64 on the same rounded inputs,
-// each at most 2× as far as the im2col + cuBLAS path's, plus a floor.
+// each at most 2× as far as the im2col + cuBLAS path's, plus a floor. The default path (auto)
+// must be im2col's forward and, for k×k kernels, the library's input gradient, bit for bit.
 TEST_P(ConvLibrary, ForwardAndBothGradientsMatchCpuF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   if (!has_library(DType::BF16)) GTEST_SKIP() << "this build or device has no cuDNN";
@@ -203,6 +204,17 @@ TEST_P(ConvLibrary, ForwardAndBothGradientsMatchCpuF64) {
       dx_im2col = ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params());
       dw_im2col = ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params());
     }
+    {  // the default (LOOM_CONV=auto): im2col's forward, the library's gradients where k > 1
+      ScopedEnv auto_path("LOOM_CONV", "auto");
+      const bool kxk = k.kh > 1 || k.kw > 1;
+      EXPECT_EQ(max_abs_diff(ops::conv2d(in.x, in.w, in.b, k.params()), y_im2col), 0.0) << "auto forward";
+      EXPECT_EQ(max_abs_diff(ops::conv2d_input_grad(dy, in.w, in.x.shape(), k.params()), kxk ? gi.dx : dx_im2col),
+                0.0)
+          << "auto input gradient";
+      const Tensor dw_auto = ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params());
+      if (!kxk) EXPECT_EQ(max_abs_diff(dw_auto, dw_im2col), 0.0) << "auto weight gradient (1×1: GEMM)";
+      EXPECT_LE(max_rel_error(dw_auto, dw_ref), 2 * max_rel_error(dw_im2col, dw_ref) + 1e-4) << "auto weight gradient";
+    }
     const double floor = 1e-4;
     const double y_err = max_rel_error(f.y, y_ref), dx_err = max_rel_error(gi.dx, dx_ref), dw_err = max_rel_error(gw.dw, dw_ref);
     EXPECT_LE(y_err, 2 * max_rel_error(y_im2col, y_ref) + floor) << "forward";
@@ -236,7 +248,7 @@ TEST(ConvLibraryChoice, F32StaysExactAndUnknownNamesFail) {
   }
   EXPECT_EQ(max_abs_diff(lib, plain), 0.0);
   ScopedEnv bad("LOOM_CONV", "cudnnn");
-  EXPECT_NE(error_of([&] { ops::conv2d(x, w, Tensor(), p); }).find("LOOM_CONV='cudnnn' is not im2col, igemm or cudnn"),
+  EXPECT_NE(error_of([&] { ops::conv2d(x, w, Tensor(), p); }).find("LOOM_CONV='cudnnn' is not auto, im2col, igemm or cudnn"),
             std::string::npos);
 }
 

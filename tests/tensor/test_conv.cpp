@@ -129,7 +129,7 @@ TEST(Conv2d, ConvPathVariable) {
   const Tensor x = Tensor::randn({2, 3, 7, 6}, gen, DType::F64), w = Tensor::randn({4, 3, 3, 3}, gen, DType::F64);
   const ops::Conv2dParams p{1, 1, 1, 1};
   const Tensor plain = ops::conv2d(x, w, Tensor(), p);
-  for (const char* path : {"cudnn", "igemm", "im2col"}) {
+  for (const char* path : {"auto", "cudnn", "igemm", "im2col"}) {
     loom::testing::ScopedEnv env("LOOM_CONV", path);
     EXPECT_EQ(loom::testing::max_abs_diff(ops::conv2d(x, w, Tensor(), p), plain), 0.0) << path;
     const Tensor g = Tensor::randn(plain.shape(), gen, DType::F64);
@@ -137,7 +137,7 @@ TEST(Conv2d, ConvPathVariable) {
   }
   loom::testing::ScopedEnv bad("LOOM_CONV", "cudnnn");
   EXPECT_NE(loom::testing::error_of([&] { ops::conv2d(x, w, Tensor(), p); })
-                .find("LOOM_CONV='cudnnn' is not im2col, igemm or cudnn"),
+                .find("LOOM_CONV='cudnnn' is not auto, im2col, igemm or cudnn"),
             std::string::npos);
 }
 
