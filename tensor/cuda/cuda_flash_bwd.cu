@@ -27,6 +27,51 @@ __global__ void flash_delta_half_kernel(const FlashParams p, int d) {
   if (lane == 0) static_cast<float*>(p.delta)[r] = sum;
 }
 
+// The same with kLanes lanes per row (32 / kLanes rows per warp), each lane reading 8 elements of
+// O and of dO as one 16-byte load: for d a multiple of 8 up to 8·kLanes, rows 16-byte aligned (the
+// tensor-core kernels' cp.async tiles need that too; run_bwd checks it).
+template <typename T, int kLanes>
+__global__ void flash_delta_vec_kernel(const FlashParams p, int d) {
+  const int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int lane = threadIdx.x % kLanes, c = 8 * lane;
+  float sum = 0;
+  if (r < p.n * p.q_len && c < d) {
+    const FlashRows rows = flash_rows(p, r / p.q_len, p.q_len, d);
+    const int64_t off = rows.base + (r % p.q_len) * rows.stride + c;
+    const uint4 go = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.grad_out) + off);
+    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + off);
+    const T* a = reinterpret_cast<const T*>(&go);
+    const T* b = reinterpret_cast<const T*>(&o);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += Half2<T>::to_float(a[e]) * Half2<T>::to_float(b[e]);
+  }
+#pragma unroll
+  for (int o = kLanes / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0 && r < p.n * p.q_len) static_cast<float*>(p.delta)[r] = sum;
+}
+
+// delta = rowsum(dO∘O) for the tensor-core backward: the vector kernel where rows are 16-byte
+// aligned (8 lanes per row up to d = 64, 16 up to 128, 32 up to 256), else one warp per row.
+template <typename T>
+void launch_flash_delta(const FlashParams& p, int d) {
+  const int64_t rows = p.n * p.q_len;
+  const int64_t stride = p.packed ? int64_t(p.heads) * d : d;
+  const bool aligned = d % 8 == 0 && stride % 8 == 0 && d <= 256 &&
+                       (reinterpret_cast<uintptr_t>(p.out) | reinterpret_cast<uintptr_t>(p.grad_out)) % 16 == 0;
+  if (!aligned) {
+    flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, d);
+    return check_last_launch("flash_delta_half_kernel");
+  }
+  auto launch = [&](auto* kernel, int lanes) {
+    const int64_t threads = rows * lanes;
+    kernel<<<unsigned((threads + 255) / 256), 256, 0, compute_stream()>>>(p, d);
+    check_last_launch("flash_delta_vec_kernel");
+  };
+  if (d <= 64) return launch(flash_delta_vec_kernel<T, 8>, 8);
+  if (d <= 128) return launch(flash_delta_vec_kernel<T, 16>, 16);
+  launch(flash_delta_vec_kernel<T, 32>, 32);
+}
+
 // dst = T(src·scale): src an f32 accumulator [n, len, d], dst the gradient in the params' layout.
 template <typename T>
 __global__ void flash_convert_kernel(T* dst, const float* src, FlashParams p, int64_t len, int d, float scale) {
@@ -340,6 +385,18 @@ BwdLayout bwd_layout() {
 struct BwdGrid {
   int64_t key_blocks, splits, per_block;
 };
+
+// LOOM_FLASH_BWD_SPLITS=N: split every key block's query tiles over N blocks (a benchmark knob:
+// measures the grid's wave quantisation against the f32 dK / dV accumulators that splits need).
+// Unset or 0: the grid below chooses.
+int64_t forced_bwd_splits() {
+  const char* env = std::getenv("LOOM_FLASH_BWD_SPLITS");
+  if (!env || !*env) return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  LOOM_CHECK(*end == '\0' && v >= 0 && v <= 4096, "LOOM_FLASH_BWD_SPLITS='", env, "' is not a count from 0 to 4096");
+  return int64_t(v);
+}
 BwdGrid bwd_grid(const FlashParams& p, int kCols, int kThreadsPerBlock) {
   constexpr int kRows = 64;  // TcShape<D>::kRows, the wgmma kernel's kBwdRows
   const int64_t key_blocks = (p.k_len + kCols - 1) / kCols;
@@ -348,6 +405,7 @@ BwdGrid bwd_grid(const FlashParams& p, int kCols, int kThreadsPerBlock) {
   const int64_t want = 2 * int64_t(flash_sm_count()) * 4 / (kThreadsPerBlock / 32) + 1;
   int64_t splits = 1;
   while (key_blocks * p.n * splits < want && splits < query_tiles) splits *= 2;
+  if (const int64_t forced = forced_bwd_splits(); forced > 0) splits = forced;
   splits = std::min(splits, query_tiles);
   const int64_t per_block = (query_tiles + splits - 1) / splits;
   return {key_blocks, (query_tiles + per_block - 1) / per_block, per_block};
@@ -362,8 +420,7 @@ template <typename T, int D, typename Launch>
 void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, bool kv_direct_ok, Launch&& launch) {
   static_assert(TcShape<D>::kRows == 64, "bwd_grid counts 64-query tiles");
   const int64_t rows = p.n * p.q_len;
-  flash_delta_half_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, compute_stream()>>>(p, D);
-  check_last_launch("flash_delta_half_kernel");
+  launch_flash_delta<T>(p, D);
   if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float), compute_stream()));
 
   const BwdGrid g = bwd_grid(p, kCols, kThreadsPerBlock);

@@ -30,9 +30,11 @@ constexpr int kBwdRows = 64;     // queries per tile
 constexpr int kTileBytes = 64 * 128;  // one [64][64] swizzled tile
 // kWgs warpgroups of 64 keys each. Shared memory: K, V [64·kWgs][64]; Q, dO [2][64][64];
 // dSᵀ [64·kWgs][64]; lse, D [2][64] f32; 1024 bytes of alignment.
-template <int kWgs>
+// With kBulkDq, dQ's f32 tile [64][D] follows (bulk_dq_part).
+template <int kWgs, int D = 0, bool kBulkDq = false>
 constexpr size_t bwd_smem() {
-  return 1024 + 2 * kWgs * kTileBytes + 4 * kTileBytes + kWgs * kTileBytes + 4 * kBwdRows * sizeof(float);
+  return 1024 + 2 * kWgs * kTileBytes + 4 * kTileBytes + kWgs * kTileBytes + 4 * kBwdRows * sizeof(float) +
+         (kBulkDq ? size_t(kBwdRows) * D * sizeof(float) : 0);
 }
 
 // dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) over the block's kKeys keys: dSᵀ [kKeys][64] and K
@@ -59,11 +61,49 @@ __device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned cha
   }
 }
 
+// dQ[i0…i0 + 63, all D columns] += dS·K over the block's kKeys keys (one warpgroup), sent by the
+// bulk-copy engine instead of per-thread atomics: each warp stores its 16 rows [16][D] f32 into its
+// slice of sdQ (contiguous, like those rows of dq_accum [n, q_len, D]) and its lane 0 issues one
+// bulk reduction of them. Lane 0 first waits until its previous reduction has read the slice. At
+// D = 40 the rows are 160 bytes, so the float2 stores of a warp meet no bank conflict (D = 64 would
+// be 8-way: not offered).
+template <typename T, int D, int kKeys>
+__device__ __forceinline__ void bulk_dq_part(const FlashParams& p, const unsigned char* sdS, const T* sK, float* sdQ,
+                                             int64_t n, int64_t i0, int warp, int lane, int g, int t) {
+  static_assert(D == 40, "bulk dQ: rows of 160 bytes only (conflict-free stores)");
+  float dq[D / 2];
+  const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
+  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
+  wgmma_commit();
+  float* mine = sdQ + warp * 16 * D;
+  if (lane == 0) bulk_wait_read<0>();  // the previous tile's reduction has read this slice
+  __syncwarp();
+  wgmma_wait<0>();
+  fence_operands(dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<float2*>(mine + (g + 8 * h) * D + 8 * j + 2 * t) = make_float2(dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
+  fence_async_shared();
+  __syncwarp();
+  const int64_t r0 = i0 + warp * 16;
+  if (lane == 0 && r0 < p.q_len) {
+    const int64_t rows = min(int64_t(16), p.q_len - r0);
+    bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + r0) * D, mine, uint32_t(rows * D * sizeof(float)));
+    bulk_commit();
+  }
+}
+
 // direct_kv: this block is the only one for its keys (no split of the query tiles), so it writes
 // dK·scale and dV into p.dk / p.dv_out itself instead of adding into the f32 accumulators.
 // Blocks per SM: one of 2 warpgroups; of 1 warpgroup 3 at d = 40 (152 registers), 2 at d = 64
 // (3 there, at 166 registers, measured slower: run 12).
-template <typename T, int D, int kWgs>
+// kBulkDq (kWgs = 1, D = 40): dQ through bulk_dq_part.
+template <typename T, int D, int kWgs, bool kBulkDq = false>
 __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block, bool direct_kv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -77,6 +117,8 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
   unsigned char* sdS = smem + (2 * kWgs + 4) * kTileBytes;             // dSᵀ [kBwdKeys keys][64 queries]
   float* sL0 = reinterpret_cast<float*>(smem + (3 * kWgs + 4) * kTileBytes);  // [2][64] raw lse (natural log)
   float* sD0 = sL0 + 2 * kBwdRows;                                            // [2][64]
+  float* sdQ = sD0 + 2 * kBwdRows;  // kBulkDq: [64][D] f32
+  static_assert(!kBulkDq || (kWgs == 1 && D == 40), "bulk dQ: one warpgroup at d = 40");
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kBwdKeys;
@@ -201,7 +243,9 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
       __syncthreads();  // dSᵀ of both warpgroups written
       // dQ's columns: one warpgroup all of them; two: d = 64 32·wg…32·wg + 31, d = 40 [0, 24)
       // from warpgroup 0, [24, 40) from warpgroup 1
-      if constexpr (kWgs == 1) {
+      if constexpr (kBulkDq) {
+        bulk_dq_part<T, D, kBwdKeys>(p, sdS, sK, sdQ, n, i0, warp, lane, g, t);
+      } else if constexpr (kWgs == 1) {
         dq_part<T, D, D, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
       } else if constexpr (D == 64) {
         dq_part<T, D, 32, kBwdKeys>(p, sdS, sK, 32 * wg, n, i0, warp, g, t);
@@ -215,6 +259,9 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     fence_operands(dv);
   }
   cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
+  if constexpr (kBulkDq) {
+    if (lane == 0) bulk_wait<0>();  // sdQ must outlive the reductions reading it
+  }
   const float dk_scale = float(p.scale);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -255,6 +302,13 @@ int flash_wgmma_backward_keys(int64_t d) {
   return d == 40 ? 64 : 128;
 }
 
+bool flash_wgmma_bulk_dq() {
+  const char* env = std::getenv("LOOM_FLASH_BWD_DQ_BULK");
+  const std::string v = env ? env : "";
+  LOOM_CHECK(v.empty() || v == "0" || v == "1", "LOOM_FLASH_BWD_DQ_BULK='", v, "' is not 0 or 1");
+  return v == "1";
+}
+
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
                                  int query_tiles_per_block, bool direct_kv) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_backward_launch: head dim ", p.d,
@@ -268,8 +322,10 @@ void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64
     kernel<<<grid, 128 * wgs, smem, compute_stream()>>>(p, query_tiles_per_block, direct_kv);
     check_last_launch("flash_bwd_wgmma_kernel");
   };
+  const bool bulk_dq = wgs == 1 && p.d == 40 && flash_wgmma_bulk_dq();
   auto for_dtype = [&](auto tag) {
     using T = decltype(tag);
+    if (bulk_dq) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true>, bwd_smem<1, 40, true>());
     if (wgs == 1)
       return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 1>, bwd_smem<1>())
                        : launch(flash_bwd_wgmma_kernel<T, 64, 1>, bwd_smem<1>());

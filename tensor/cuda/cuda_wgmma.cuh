@@ -58,6 +58,25 @@ __device__ __forceinline__ void wgmma_wait() {
 // Makes this thread's shared-memory writes (st.shared, cp.async) visible to the async proxy that
 // wgmma reads through; a barrier must follow before other threads' wgmma read them.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The bulk-copy engine's reduction: global[dst…dst + bytes) += shared[src…) as f32, asynchronous
+// (bytes a multiple of 16, both addresses 16-byte aligned; the writes to src must have been made
+// visible to the async proxy by fence_async_shared). bulk_commit closes this thread's group;
+// bulk_wait_read<N>() waits until at most N of its groups still read shared memory, bulk_wait<N>()
+// until at most N are still running at all.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(uint32_t(__cvta_generic_to_shared(src))), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
 // Keeps the compiler from moving accesses of the accumulators across an asynchronous wgmma.
 template <int N>
 __device__ __forceinline__ void fence_operands(float (&d)[N]) {

@@ -228,22 +228,31 @@ TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
 
 // Both backward kernels (LOOM_FLASH_BWD: mma.sync, and Hopper's wgmma where this build and device
 // have it), dQ from atomics and from its own kernel, on hopper_path_cases against the f64 CPU
-// reference.
+// reference; on wgmma also dQ by bulk reductions (LOOM_FLASH_BWD_DQ_BULK, d = 40 with 64 keys) and
+// query tiles split over 3 blocks (LOOM_FLASH_BWD_SPLITS: dK, dV through their f32 accumulators).
 TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
-  std::vector<std::string> kernels = {"mma"};
-  if (wgmma_kernels_run()) kernels.insert(kernels.end(), {"wgmma:128", "wgmma:64"});
-  for (const std::string& kernel : kernels)
+  using Settings = std::vector<std::pair<const char*, const char*>>;
+  std::vector<Settings> kernels = {{{"LOOM_FLASH_BWD", "mma"}}};
+  if (wgmma_kernels_run()) {
+    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "128"}});
+    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}});
+    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}, {"LOOM_FLASH_BWD_DQ_BULK", "1"}});
+    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_DQ_BULK", "1"}, {"LOOM_FLASH_BWD_SPLITS", "3"}});
+  }
+  for (const Settings& kernel : kernels)
     for (const char* dq : {"atomic", "separate"}) {
-      SCOPED_TRACE("LOOM_FLASH_BWD=" + kernel + " LOOM_FLASH_BWD_DQ=" + dq);
-      const size_t colon = kernel.find(':');
-      setenv("LOOM_FLASH_BWD", kernel.substr(0, colon).c_str(), 1);
-      if (colon != std::string::npos) setenv("LOOM_FLASH_BWD_WGMMA_KEYS", kernel.substr(colon + 1).c_str(), 1);
+      if (kernel.size() > 2 && std::string(dq) == "separate") continue;  // bulk / splits: dQ's atomics path
+      std::string trace = std::string("LOOM_FLASH_BWD_DQ=") + dq;
+      for (const auto& [name, value] : kernel) {
+        setenv(name, value, 1);
+        trace += std::string(" ") + name + "=" + value;
+      }
+      SCOPED_TRACE(trace);
       setenv("LOOM_FLASH_BWD_DQ", dq, 1);
       for (const FlashCase& c : hopper_path_cases()) check_case(c);
-      unsetenv("LOOM_FLASH_BWD_WGMMA_KEYS");
+      for (const auto& [name, value] : kernel) unsetenv(name);
     }
-  unsetenv("LOOM_FLASH_BWD");
   unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
