@@ -101,7 +101,7 @@ void flash_wgmma_forward(const FlashParams& p);
 // as LOOM_FLASH_BWD_WGMMA_KEYS = 64 | 128 says (read at every call).
 int flash_wgmma_backward_keys(int64_t d);
 // Whether the d = 40 one-warpgroup backward sends dQ by bulk reductions (one per warp and query
-// tile) instead of per-thread f32 atomics: LOOM_FLASH_BWD_DQ_BULK = 1 | 0 (default 0).
+// tile) instead of per-thread f32 atomics: LOOM_FLASH_BWD_DQ_BULK = 1 | 0 (default 1).
 bool flash_wgmma_bulk_dq();
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
                                  int query_tiles_per_block, bool direct_kv);
