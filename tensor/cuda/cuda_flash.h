@@ -103,9 +103,6 @@ int flash_wgmma_backward_keys(int64_t d);
 // Whether the d = 40 one-warpgroup backward sends dQ by bulk reductions (one per warp and query
 // tile) instead of per-thread f32 atomics: LOOM_FLASH_BWD_DQ_BULK = 1 | 0 (default 1).
 bool flash_wgmma_bulk_dq();
-// Which column blocks of that kernel's interior tiles are exponentiated on the FMA pipe
-// (poly_exp2): every LOOM_FLASH_BWD_POLY-th = 2 | 4, or none = 0 (the default; a benchmark knob).
-int flash_wgmma_backward_poly();
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
                                  int query_tiles_per_block, bool direct_kv);
 // dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into

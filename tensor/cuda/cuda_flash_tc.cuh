@@ -114,20 +114,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 2^x for x ≤ 8 (the forward's lagging maximum) or ≤ 0 (the backward) on the FMA pipe instead of
-// the MUFU unit (which does 16 ex2 per SM and clock, an eighth of the FMA rate): x = n + f with
-// n = round(x) (the 1.5·2²³ trick), 2^f by a cubic on
-// [−0.5, 0.5] (minimax in relative error, 7.5e-5: below half an f16 ulp, far below bf16's), 2^n
-// added to the exponent bits. x is clamped at −125 (2^x then ~1e-38 instead of 0): only for tiles
-// whose scores are all finite.
-__device__ __forceinline__ float poly_exp2(float x) {
-  x = fmaxf(x, -125.f);
-  const float t = x + 12582912.f;  // n in the low mantissa bits of t
-  const float f = x - (t - 12582912.f);
-  float p = fmaf(fmaf(fmaf(0.05517085269f, f, 0.2426093966f), f, 0.6932609677f), f, 0.9999281764f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // 16-byte asynchronous global → shared copy (L2 only); zero-fills when !in.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));

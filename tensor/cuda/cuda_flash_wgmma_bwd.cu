@@ -103,9 +103,8 @@ __device__ __forceinline__ void bulk_dq_part(const FlashParams& p, const unsigne
 // dK·scale and dV into p.dk / p.dv_out itself instead of adding into the f32 accumulators.
 // Blocks per SM: one of 2 warpgroups; of 1 warpgroup 3 at d = 40 (152 registers), 2 at d = 64
 // (3 there, at 166 registers, measured slower: run 12).
-// kBulkDq (kWgs = 1, D = 40): dQ through bulk_dq_part. kPoly > 0: on interior tiles every kPoly-th
-// column block of Pᵀ is exponentiated on the FMA pipe (poly_exp2), the rest on the MUFU unit.
-template <typename T, int D, int kWgs, bool kBulkDq = false, int kPoly = 0>
+// kBulkDq (kWgs = 1, D = 40): dQ through bulk_dq_part.
+template <typename T, int D, int kWgs, bool kBulkDq = false>
 __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block, bool direct_kv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -208,9 +207,7 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
             if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
             else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
           }
-          constexpr int kEvery = kPoly > 0 ? kPoly : 1;  // j is unrolled: the test below is resolved at compile time
-          if (kPlain && kPoly > 0 && j % kEvery == kEvery - 1) st[4 * j + e] = poly_exp2(x - sL[ql] * kLog2e);
-          else st[4 * j + e] = fast_exp2(x - sL[ql] * kLog2e);
+          st[4 * j + e] = fast_exp2(x - sL[ql] * kLog2e);
         }
       }
     };
@@ -315,13 +312,6 @@ bool flash_wgmma_bulk_dq() {
   return v != "0";
 }
 
-int flash_wgmma_backward_poly() {
-  const char* env = std::getenv("LOOM_FLASH_BWD_POLY");
-  const std::string v = env ? env : "";
-  LOOM_CHECK(v.empty() || v == "0" || v == "2" || v == "4", "LOOM_FLASH_BWD_POLY='", v, "' is not 0, 2 or 4");
-  return v.empty() ? 0 : std::stoi(v);
-}
-
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
                                  int query_tiles_per_block, bool direct_kv) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_backward_launch: head dim ", p.d,
@@ -336,11 +326,8 @@ void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64
     check_last_launch("flash_bwd_wgmma_kernel");
   };
   const bool bulk_dq = wgs == 1 && p.d == 40 && flash_wgmma_bulk_dq();
-  const int poly = bulk_dq ? flash_wgmma_backward_poly() : 0;
   auto for_dtype = [&](auto tag) {
     using T = decltype(tag);
-    if (poly == 2) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true, 2>, bwd_smem<1, 40, true>());
-    if (poly == 4) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true, 4>, bwd_smem<1, 40, true>());
     if (bulk_dq) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true>, bwd_smem<1, 40, true>());
     if (wgs == 1)
       return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 1>, bwd_smem<1>())

@@ -230,8 +230,7 @@ TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
 // have it), dQ from atomics and from its own kernel, on hopper_path_cases against the f64 CPU
 // reference; on wgmma dQ by bulk reductions (the default at d = 40 with 64 keys) and by atomics
 // (LOOM_FLASH_BWD_DQ_BULK=0), and query tiles split over 3 blocks (LOOM_FLASH_BWD_SPLITS: dK, dV
-// through their f32 accumulators), and with a share of Pᵀ's exponentials on the FMA pipe
-// (LOOM_FLASH_BWD_POLY).
+// through their f32 accumulators).
 TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   using Settings = std::vector<std::pair<const char*, const char*>>;
@@ -241,8 +240,6 @@ TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}});
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}, {"LOOM_FLASH_BWD_DQ_BULK", "0"}});
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_DQ_BULK", "1"}, {"LOOM_FLASH_BWD_SPLITS", "3"}});
-    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}, {"LOOM_FLASH_BWD_POLY", "2"}});
-    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}, {"LOOM_FLASH_BWD_POLY", "4"}});
   }
   for (const Settings& kernel : kernels)
     for (const char* dq : {"atomic", "separate"}) {
