@@ -92,9 +92,9 @@ namespace {
 //                     gradients of k×k convolutions (k > 1) through the library, everything else
 //                     im2col + GEMM — the fastest of the three on the H200 at Stable Diffusion's
 //                     shapes, pass by pass (docs/gpu-bench.md, conv run of the eighth session):
-//                     cuDNN's gradients beat GEMM + col2im / im2col + GEMM at every k×k shape and
+//                     cuDNN's gradients beat GEMM + col2im / im2col + GEMM in 17 of 18 k×k cases and
 //                     hold no column buffer; its forward (v7 heuristics) is slower than im2col +
-//                     cuBLAS at 7 of 8 shapes; 1×1 convolutions are plain GEMMs;
+//                     cuBLAS at 7 of 9 k×k shapes; 1×1 convolutions are plain GEMMs;
 //   im2col            im2col + GEMM (+ bias add); GEMM + col2im for the input gradient;
 //   igemm             the device's direct kernel (Backend::conv2d, supports(OpKind::Conv2d): CUDA
 //                     bf16 / f16) for kernels up to kConv2dMaxKernel; the input gradient at

@@ -99,11 +99,47 @@ __device__ __forceinline__ void bulk_dq_part(const FlashParams& p, const unsigne
   }
 }
 
+// Two warpgroups: this warpgroup's columns [c0, c0 + N) of dQ = dS·K over the block's kKeys keys
+// into the shared f32 tile sdQ [64][D] (rows as in dq_accum); thread 0 sends the whole tile with
+// one bulk reduction after the next block barrier (flush_dq_tile). At D = 64 the float2 stores of a
+// warp fall into one 32-byte bank group per row (256-byte rows): 8-way conflicts, accepted.
+template <typename T, int D, int N, int kKeys>
+__device__ __forceinline__ void dq_part_to_tile(const unsigned char* sdS, const T* sK, float* sdQ, int c0, int warp,
+                                                int g, int t) {
+  float dq[N / 2];
+  const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
+  const uint64_t k_desc = sw128_desc(reinterpret_cast<const unsigned char*>(sK) + 2 * c0, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+      *reinterpret_cast<float2*>(sdQ + (warp * 16 + g + 8 * h) * D + c0 + 8 * j + 2 * t) =
+          make_float2(dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
+  fence_async_shared();  // for the bulk reduction, after the next barrier
+}
+
+// Thread 0 adds the tile sdQ of query tile it (rows past q_len left out) into dq_accum by one bulk
+// reduction; every thread's stores into it were fenced and a block barrier came since.
+template <int D>
+__device__ __forceinline__ void flush_dq_tile(const FlashParams& p, const float* sdQ, int64_t n, int64_t it) {
+  const int64_t i0 = it * kBwdRows, rows = min(int64_t(kBwdRows), p.q_len - i0);
+  bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + i0) * D, sdQ, uint32_t(rows * D * sizeof(float)));
+  bulk_commit();
+}
+
 // direct_kv: this block is the only one for its keys (no split of the query tiles), so it writes
 // dK·scale and dV into p.dk / p.dv_out itself instead of adding into the f32 accumulators.
 // Blocks per SM: one of 2 warpgroups; of 1 warpgroup 3 at d = 40 (152 registers), 2 at d = 64
 // (3 there, at 166 registers, measured slower: run 12).
-// kBulkDq (kWgs = 1, D = 40): dQ through bulk_dq_part.
+// kBulkDq: dQ by bulk reductions instead of atomics — one warpgroup (D = 40): bulk_dq_part, one
+// per warp; two warpgroups: dq_part_to_tile, one per block and query tile, sent by thread 0 after
+// the next iteration's first barrier (so no barrier is added), the last one after the loop.
 template <typename T, int D, int kWgs, bool kBulkDq = false>
 __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block, bool direct_kv) {
@@ -119,7 +155,8 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
   float* sL0 = reinterpret_cast<float*>(smem + (3 * kWgs + 4) * kTileBytes);  // [2][64] raw lse (natural log)
   float* sD0 = sL0 + 2 * kBwdRows;                                            // [2][64]
   float* sdQ = sD0 + 2 * kBwdRows;  // kBulkDq: [64][D] f32
-  static_assert(!kBulkDq || (kWgs == 1 && D == 40), "bulk dQ: one warpgroup at d = 40");
+  static_assert(!kBulkDq || kWgs == 2 || D == 40, "bulk dQ with one warpgroup: d = 40 only");
+  constexpr bool kTileDq = kBulkDq && kWgs == 2;  // dq_part_to_tile + flush_dq_tile
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t n = blockIdx.y, j0 = int64_t(blockIdx.x) * kBwdKeys;
@@ -176,6 +213,9 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     __syncthreads();  // tile it landed; no warpgroup still reads the other buffers or dSᵀ
     if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
     cp_async_commit();
+    if constexpr (kTileDq) {
+      if (tid == 0 && p.dq_accum && it > first) flush_dq_tile<D>(p, sdQ, n, it - 1);
+    }
 
     // Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ: [64 keys][64 queries] each
     float st[32], dpt[32];
@@ -241,10 +281,20 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     wgmma_commit();
     if (p.dq_accum) {  // the same for the whole block
       fence_async_shared();
-      __syncthreads();  // dSᵀ of both warpgroups written
+      if constexpr (kTileDq) {
+        if (tid == 0) bulk_wait_read<0>();  // the previous tile's reduction has read sdQ
+      }
+      __syncthreads();  // dSᵀ of both warpgroups written (and sdQ free again)
       // dQ's columns: one warpgroup all of them; two: d = 64 32·wg…32·wg + 31, d = 40 [0, 24)
       // from warpgroup 0, [24, 40) from warpgroup 1
-      if constexpr (kBulkDq) {
+      if constexpr (kTileDq) {
+        if constexpr (D == 64) {
+          dq_part_to_tile<T, D, 32, kBwdKeys>(sdS, sK, sdQ, 32 * wg, warp, g, t);
+        } else {
+          if (wg == 0) dq_part_to_tile<T, D, 24, kBwdKeys>(sdS, sK, sdQ, 0, warp, g, t);
+          else dq_part_to_tile<T, D, 16, kBwdKeys>(sdS, sK, sdQ, 24, warp, g, t);
+        }
+      } else if constexpr (kBulkDq) {
         bulk_dq_part<T, D, kBwdKeys>(p, sdS, sK, sdQ, n, i0, warp, lane, g, t);
       } else if constexpr (kWgs == 1) {
         dq_part<T, D, D, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
@@ -260,7 +310,13 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     fence_operands(dv);
   }
   cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
-  if constexpr (kBulkDq) {
+  if constexpr (kTileDq) {
+    if (p.dq_accum && first < last) {
+      __syncthreads();  // the last tile's dQ stored by both warpgroups
+      if (tid == 0) flush_dq_tile<D>(p, sdQ, n, last - 1);
+    }
+    if (tid == 0) bulk_wait<0>();  // sdQ must outlive the reductions reading it
+  } else if constexpr (kBulkDq) {
     if (lane == 0) bulk_wait<0>();  // sdQ must outlive the reductions reading it
   }
   const float dk_scale = float(p.scale);
@@ -303,13 +359,16 @@ int flash_wgmma_backward_keys(int64_t d) {
   return d == 40 ? 64 : 128;
 }
 
-bool flash_wgmma_bulk_dq() {
+int flash_wgmma_bulk_dq() {
   const char* env = std::getenv("LOOM_FLASH_BWD_DQ_BULK");
   const std::string v = env ? env : "";
-  LOOM_CHECK(v.empty() || v == "0" || v == "1", "LOOM_FLASH_BWD_DQ_BULK='", v, "' is not 0 or 1");
+  LOOM_CHECK(v.empty() || v == "0" || v == "1" || v == "all", "LOOM_FLASH_BWD_DQ_BULK='", v,
+             "' is not 0, 1 or all");
   // H200 (docs/gpu-bench.md attention run 14): (2,8,4096,40) fwd+bwd 0.719 ms with bulk
-  // reductions against 0.793 with per-thread atomics; the SD 1.5 block step 2.130 against 2.211
-  return v != "0";
+  // reductions against 0.793 with per-thread atomics; the SD 1.5 block step 2.130 against 2.211.
+  // "all" (the two-warpgroup kernel too, d = 40 and 64) is not yet measured.
+  if (v == "0") return 0;
+  return v == "all" ? 2 : 1;
 }
 
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
@@ -325,10 +384,14 @@ void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64
     kernel<<<grid, 128 * wgs, smem, compute_stream()>>>(p, query_tiles_per_block, direct_kv);
     check_last_launch("flash_bwd_wgmma_kernel");
   };
-  const bool bulk_dq = wgs == 1 && p.d == 40 && flash_wgmma_bulk_dq();
+  const int bulk = flash_wgmma_bulk_dq();  // 0 none, 1 one warpgroup at d = 40, 2 also two warpgroups
+  const bool bulk_dq = wgs == 1 ? p.d == 40 && bulk >= 1 : bulk == 2;
   auto for_dtype = [&](auto tag) {
     using T = decltype(tag);
-    if (bulk_dq) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true>, bwd_smem<1, 40, true>());
+    if (bulk_dq && wgs == 1) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true>, bwd_smem<1, 40, true>());
+    if (bulk_dq)
+      return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 2, true>, bwd_smem<2, 40, true>())
+                       : launch(flash_bwd_wgmma_kernel<T, 64, 2, true>, bwd_smem<2, 64, true>());
     if (wgs == 1)
       return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 1>, bwd_smem<1>())
                        : launch(flash_bwd_wgmma_kernel<T, 64, 1>, bwd_smem<1>());
