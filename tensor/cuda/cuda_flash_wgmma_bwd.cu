@@ -38,18 +38,38 @@ constexpr size_t bwd_smem() {
          (kBulkDq ? size_t(kBwdRows) * D * sizeof(float) : 0);
 }
 
-// dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) over the block's kKeys keys: dSᵀ [kKeys][64] and K
-// [kKeys][64] in shared memory (k-step kk = keys 16kk…, 16 rows = 2048 bytes further in both).
-template <typename T, int D, int N, int kKeys>
-__device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned char* sdS, const T* sK, int c0, int64_t n,
-                                        int64_t i0, int warp, int g, int t) {
-  float dq[N / 2];
+// Issues (and commits) dq = dS·K[:, c0…c0+N) over the block's kKeys keys: dSᵀ [kKeys][64] and K
+// [kKeys][64] in shared memory (k-step kk = keys 16kk…, 16 rows = 2048 bytes further in both);
+// the caller waits for it. dq holds mma.sync C fragments over N: rows g, g + 8 of the warp's 16,
+// columns 8j + 2t, + 1.
+template <typename T, int N, int kKeys>
+__device__ __forceinline__ void issue_dq(float (&dq)[N / 2], const unsigned char* sdS, const T* sK, int c0) {
   const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
   const uint64_t k_desc = sw128_desc(reinterpret_cast<const unsigned char*>(sK) + 2 * c0, 16, 1024);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
   wgmma_commit();
+}
+
+// The warp's two rows g, g + 8 of dq (columns c0 + 8j + 2t, + 1) into f32 rows ld floats apart
+// starting at rows (the warp's first row).
+template <int N>
+__device__ __forceinline__ void store_dq_rows(float* rows, int ld, const float (&dq)[N / 2], int c0, int g, int t) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+      *reinterpret_cast<float2*>(rows + (g + 8 * h) * ld + c0 + 8 * j + 2 * t) =
+          make_float2(dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
+}
+
+// dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) with vector f32 atomics.
+template <typename T, int D, int N, int kKeys>
+__device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned char* sdS, const T* sK, int c0, int64_t n,
+                                        int64_t i0, int warp, int g, int t) {
+  float dq[N / 2];
+  issue_dq<T, N, kKeys>(dq, sdS, sK, c0);
   wgmma_wait<0>();
   fence_operands(dq);
 #pragma unroll
@@ -73,22 +93,13 @@ __device__ __forceinline__ void bulk_dq_part(const FlashParams& p, const unsigne
                                              int64_t n, int64_t i0, int warp, int lane, int g, int t) {
   static_assert(D == 40, "bulk dQ: rows of 160 bytes only (conflict-free stores)");
   float dq[D / 2];
-  const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
-  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
-  wgmma_commit();
+  issue_dq<T, D, kKeys>(dq, sdS, sK, 0);
   float* mine = sdQ + warp * 16 * D;
   if (lane == 0) bulk_wait_read<0>();  // the previous tile's reduction has read this slice
   __syncwarp();
   wgmma_wait<0>();
   fence_operands(dq);
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<float2*>(mine + (g + 8 * h) * D + 8 * j + 2 * t) = make_float2(dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
+  store_dq_rows<D>(mine, D, dq, 0, g, t);
   fence_async_shared();
   __syncwarp();
   const int64_t r0 = i0 + warp * 16;
@@ -107,20 +118,10 @@ template <typename T, int D, int N, int kKeys>
 __device__ __forceinline__ void dq_part_to_tile(const unsigned char* sdS, const T* sK, float* sdQ, int c0, int warp,
                                                 int g, int t) {
   float dq[N / 2];
-  const uint64_t ds_desc = sw128_desc(sdS, 16, 1024);
-  const uint64_t k_desc = sw128_desc(reinterpret_cast<const unsigned char*>(sK) + 2 * c0, 16, 1024);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_ss_ta_tb(dq, ds_desc + kk * 128, k_desc + kk * 128, kk, T());
-  wgmma_commit();
+  issue_dq<T, N, kKeys>(dq, sdS, sK, c0);
   wgmma_wait<0>();
   fence_operands(dq);
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j)
-      *reinterpret_cast<float2*>(sdQ + (warp * 16 + g + 8 * h) * D + c0 + 8 * j + 2 * t) =
-          make_float2(dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
+  store_dq_rows<N>(sdQ + warp * 16 * D, D, dq, c0, g, t);
   fence_async_shared();  // for the bulk reduction, after the next barrier
 }
 
