@@ -19,6 +19,8 @@
 //           in shared memory and added by one bulk reduction per warp (bulk_dq_part)
 //   and at the end dK, dV of the block's keys are added into their f32 buffers, or written as
 //   the gradients themselves where the block holds every query tile of its keys (direct_kv).
+// LOOM_FLASH_BWD_PIPE=1 (d = 40, one warpgroup, bulk dQ; not yet measured) runs the same steps
+// with the next tile's Sᵀ, dPᵀ issued behind this tile's dQ (the kPipe loop).
 // Shared-memory tiles are 128-byte swizzled ([rows][64], cuda_wgmma.cuh).
 #include "tensor/cuda/cuda_flash_tc.cuh"
 #include "tensor/cuda/cuda_wgmma.cuh"
@@ -141,7 +143,8 @@ __device__ __forceinline__ void flush_dq_tile(const FlashParams& p, const float*
 // kBulkDq: dQ by bulk reductions instead of atomics — one warpgroup (D = 40): bulk_dq_part, one
 // per warp; two warpgroups: dq_part_to_tile, one per block and query tile, sent by thread 0 after
 // the next iteration's first barrier (so no barrier is added), the last one after the loop.
-template <typename T, int D, int kWgs, bool kBulkDq = false>
+// kPipe (kWgs = 1, D = 40, kBulkDq): the next tile's Sᵀ / dPᵀ issued behind this tile's dQ.
+template <typename T, int D, int kWgs, bool kBulkDq = false, bool kPipe = false>
 __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block, bool direct_kv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -202,25 +205,11 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
   const uint64_t v_desc = sw128_desc(reinterpret_cast<unsigned char*>(sV) + wg * kTileBytes, 16, 1024);
   const int key_local = wg * 64 + warp * 16 + g;  // this thread's key rows key_local, key_local + 8
 
-  for (int64_t it = first; it < last; ++it) {
-    const int64_t i0 = it * kBwdRows;
-    const int buf = int((it - first) & 1);
-    const T* sQ = sQ0 + buf * 64 * 64;
-    const T* sdO = sdO0 + buf * 64 * 64;
-    const float* sL = sL0 + buf * kBwdRows;
-    const float* sD = sD0 + buf * kBwdRows;
-    cp_async_wait_all();
-    fence_async_shared();
-    __syncthreads();  // tile it landed; no warpgroup still reads the other buffers or dSᵀ
-    if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
-    cp_async_commit();
-    if constexpr (kTileDq) {
-      if (tid == 0 && p.dq_accum && it > first) flush_dq_tile<D>(p, sdQ, n, it - 1);
-    }
-
-    // Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ: [64 keys][64 queries] each
-    float st[32], dpt[32];
-    const uint64_t q_desc = sw128_desc(sQ, 16, 1024), do_desc = sw128_desc(sdO, 16, 1024);
+  // Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ of the query tile in buffer buf, [64 keys][64 queries] each:
+  // issued as two groups (Sᵀ first).
+  auto issue_s_dp = [&](float (&st)[32], float (&dpt)[32], int buf) {
+    const uint64_t q_desc = sw128_desc(sQ0 + buf * 64 * 64, 16, 1024);
+    const uint64_t do_desc = sw128_desc(sdO0 + buf * 64 * 64, 16, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < (D + 15) / 16; ++kk) wgmma_ss(st, k_desc + 2 * kk, q_desc + 2 * kk, kk, T());
@@ -228,9 +217,16 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
 #pragma unroll
     for (int kk = 0; kk < (D + 15) / 16; ++kk) wgmma_ss(dpt, v_desc + 2 * kk, do_desc + 2 * kk, kk, T());
     wgmma_commit();
+  };
+  // Waits for Sᵀ (the second-newest group) and turns it into Pᵀ, then for dPᵀ (the newest) and
+  // computes dSᵀ = Pᵀ∘(dPᵀ − D) (unscaled: the conversion scales dQ and dK); both as A fragments
+  // pa, dsa, and dSᵀ to shared memory as bf16 / f16 pairs (row key, columns 2t, 2t + 1 of chunk j).
+  auto p_and_ds = [&](float (&st)[32], float (&dpt)[32], uint32_t (&pa)[4][4], uint32_t (&dsa)[4][4], int64_t i0,
+                      int buf) {
+    const float* sL = sL0 + buf * kBwdRows;
+    const float* sD = sD0 + buf * kBwdRows;
     wgmma_wait<1>();
     fence_operands(st);
-
     // Pᵀ = exp2(s2 − L2): element (key row key_local + 8·(e / 2), query column 8j + 2t + (e & 1))
     // The interior-tile path (no mask, no key past k_len, no causal cut) is its own copy of the
     // loop: left to the compiler, whether it made one depended on unrelated code, and one copy
@@ -256,9 +252,6 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     else exp_tile(std::false_type());
     wgmma_wait<0>();
     fence_operands(dpt);
-    // dSᵀ = Pᵀ∘(dPᵀ − D) (unscaled: the conversion scales dQ and dK); both as A fragments, and
-    // dSᵀ to shared memory as bf16 / f16 pairs (row key, columns 2t, 2t + 1 of chunk j)
-    uint32_t pa[4][4], dsa[4][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
@@ -272,43 +265,122 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
       pa[j / 2][(j % 2) * 2 + 0] = Half2<T>::pack(st[4 * j + 0], st[4 * j + 1]);
       pa[j / 2][(j % 2) * 2 + 1] = Half2<T>::pack(st[4 * j + 2], st[4 * j + 3]);
     }
-    // dV += Pᵀ·dO, dK += dSᵀ·Q: k-step kk = queries 16kk… (rows of the tiles: 16·128·kk bytes).
-    // (Sending dV before dS is computed, to overlap the two, measured no faster: run 12.)
+  };
+  // dV += Pᵀ·dO, dK += dSᵀ·Q of the tile in buffer buf: k-step kk = queries 16kk… (rows of the
+  // tiles: 16·128·kk bytes); one group. (Sending dV before dS is computed, to overlap the two,
+  // measured no faster: run 12.)
+  auto issue_dv_dk = [&](const uint32_t (&pa)[4][4], const uint32_t (&dsa)[4][4], int buf) {
+    const uint64_t q_desc = sw128_desc(sQ0 + buf * 64 * 64, 16, 1024);
+    const uint64_t do_desc = sw128_desc(sdO0 + buf * 64 * 64, 16, 1024);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_tb(dv, pa[kk], do_desc + kk * 128, 1, T());
 #pragma unroll
     for (int kk = 0; kk < kBwdRows / 16; ++kk) wgmma_rs_tb(dk, dsa[kk], q_desc + kk * 128, 1, T());
     wgmma_commit();
-    if (p.dq_accum) {  // the same for the whole block
+  };
+
+  if constexpr (kPipe) {
+    // One warpgroup, d = 40, dQ by bulk reductions, with the next tile's Sᵀ and dPᵀ on the tensor
+    // cores while this tile's dQ is stored and sent, the barrier passed and the tile after next
+    // requested: per tile, once dV / dK are done, Sᵀ(it + 1), dPᵀ(it + 1) are issued behind dQ(it)
+    // and waited for at the end of the iteration, so that no group is in flight across the loop's
+    // back edge (ptxas serialises every wgmma of the kernel otherwise: C7515). On the last tile the
+    // issue reads buffer buf ^ 1 anyway and its result is dropped. Q, dO of tile it + 1 are loaded
+    // during tile it (buffer buf ^ 1) and have landed by the barrier after dSᵀ; tile it + 2 goes
+    // into buffer buf once every warp is done with it.
+    static_assert(!kPipe || (kWgs == 1 && kBulkDq), "the pipelined loop: one warpgroup, bulk dQ");
+    if (first + 1 < last) load_query_tile(first + 1, 1);
+    cp_async_commit();
+    float st[32], dpt[32];
+    if (first < last) {
+      cp_async_wait_all();
       fence_async_shared();
-      if constexpr (kTileDq) {
-        if (tid == 0) bulk_wait_read<0>();  // the previous tile's reduction has read sdQ
-      }
-      __syncthreads();  // dSᵀ of both warpgroups written (and sdQ free again)
-      // dQ's columns: one warpgroup all of them; two: d = 64 32·wg…32·wg + 31, d = 40 [0, 24)
-      // from warpgroup 0, [24, 40) from warpgroup 1
-      if constexpr (kTileDq) {
-        if constexpr (D == 64) {
-          dq_part_to_tile<T, D, 32, kBwdKeys>(sdS, sK, sdQ, 32 * wg, warp, g, t);
-        } else {
-          if (wg == 0) dq_part_to_tile<T, D, 24, kBwdKeys>(sdS, sK, sdQ, 0, warp, g, t);
-          else dq_part_to_tile<T, D, 16, kBwdKeys>(sdS, sK, sdQ, 24, warp, g, t);
-        }
-      } else if constexpr (kBulkDq) {
-        bulk_dq_part<T, D, kBwdKeys>(p, sdS, sK, sdQ, n, i0, warp, lane, g, t);
-      } else if constexpr (kWgs == 1) {
-        dq_part<T, D, D, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
-      } else if constexpr (D == 64) {
-        dq_part<T, D, 32, kBwdKeys>(p, sdS, sK, 32 * wg, n, i0, warp, g, t);
-      } else {
-        if (wg == 0) dq_part<T, D, 24, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
-        else dq_part<T, D, 16, kBwdKeys>(p, sdS, sK, 24, n, i0, warp, g, t);
-      }
+      __syncthreads();  // K, V and tiles first, first + 1 landed
+      issue_s_dp(st, dpt, 0);
+      wgmma_wait<0>();
     }
-    wgmma_wait<0>();
+    for (int64_t it = first; it < last; ++it) {
+      const int64_t i0 = it * kBwdRows;
+      const int buf = int((it - first) & 1);
+      uint32_t pa[4][4], dsa[4][4];
+      p_and_ds(st, dpt, pa, dsa, i0, buf);  // its waits find nothing in flight
+      issue_dv_dk(pa, dsa, buf);
+      cp_async_wait_all();
+      fence_async_shared();
+      __syncthreads();  // dSᵀ written by every warp; tile it + 1 landed
+      float dq[D / 2];
+      issue_dq<T, D, kBwdKeys>(dq, sdS, sK, 0);
+      wgmma_wait<1>();  // dV, dK: pa, dsa and buffer buf's Q, dO are free
+      issue_s_dp(st, dpt, buf ^ 1);
+      float* mine = sdQ + warp * 16 * D;
+      if (lane == 0) bulk_wait_read<0>();  // the previous tile's reduction has read this slice
+      __syncwarp();
+      wgmma_wait<2>();  // dQ
+      fence_operands(dq);
+      store_dq_rows<D>(mine, D, dq, 0, g, t);
+      fence_async_shared();
+      __syncwarp();
+      const int64_t r0 = i0 + warp * 16;
+      if (lane == 0 && r0 < p.q_len) {
+        bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + r0) * D, mine,
+                            uint32_t(min(int64_t(16), p.q_len - r0) * D * sizeof(float)));
+        bulk_commit();
+      }
+      __syncthreads();  // no warp still reads buffer buf or dSᵀ
+      if (it + 2 < last) load_query_tile(it + 2, buf);
+      cp_async_commit();
+      wgmma_wait<0>();  // Sᵀ(it + 1), dPᵀ(it + 1)
+    }
     fence_operands(dk);
     fence_operands(dv);
+  } else {
+    for (int64_t it = first; it < last; ++it) {
+      const int64_t i0 = it * kBwdRows;
+      const int buf = int((it - first) & 1);
+      cp_async_wait_all();
+      fence_async_shared();
+      __syncthreads();  // tile it landed; no warpgroup still reads the other buffers or dSᵀ
+      if (it + 1 < last) load_query_tile(it + 1, buf ^ 1);
+      cp_async_commit();
+      if constexpr (kTileDq) {
+        if (tid == 0 && p.dq_accum && it > first) flush_dq_tile<D>(p, sdQ, n, it - 1);
+      }
+      float st[32], dpt[32];
+      issue_s_dp(st, dpt, buf);
+      uint32_t pa[4][4], dsa[4][4];
+      p_and_ds(st, dpt, pa, dsa, i0, buf);
+      issue_dv_dk(pa, dsa, buf);
+      if (p.dq_accum) {  // the same for the whole block
+        fence_async_shared();
+        if constexpr (kTileDq) {
+          if (tid == 0) bulk_wait_read<0>();  // the previous tile's reduction has read sdQ
+        }
+        __syncthreads();  // dSᵀ of both warpgroups written (and sdQ free again)
+        // dQ's columns: one warpgroup all of them; two: d = 64 32·wg…32·wg + 31, d = 40 [0, 24)
+        // from warpgroup 0, [24, 40) from warpgroup 1
+        if constexpr (kTileDq) {
+          if constexpr (D == 64) {
+            dq_part_to_tile<T, D, 32, kBwdKeys>(sdS, sK, sdQ, 32 * wg, warp, g, t);
+          } else {
+            if (wg == 0) dq_part_to_tile<T, D, 24, kBwdKeys>(sdS, sK, sdQ, 0, warp, g, t);
+            else dq_part_to_tile<T, D, 16, kBwdKeys>(sdS, sK, sdQ, 24, warp, g, t);
+          }
+        } else if constexpr (kBulkDq) {
+          bulk_dq_part<T, D, kBwdKeys>(p, sdS, sK, sdQ, n, i0, warp, lane, g, t);
+        } else if constexpr (kWgs == 1) {
+          dq_part<T, D, D, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
+        } else if constexpr (D == 64) {
+          dq_part<T, D, 32, kBwdKeys>(p, sdS, sK, 32 * wg, n, i0, warp, g, t);
+        } else {
+          if (wg == 0) dq_part<T, D, 24, kBwdKeys>(p, sdS, sK, 0, n, i0, warp, g, t);
+          else dq_part<T, D, 16, kBwdKeys>(p, sdS, sK, 24, n, i0, warp, g, t);
+        }
+      }
+      wgmma_wait<0>();
+      fence_operands(dk);
+      fence_operands(dv);
+    }
   }
   cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
   if constexpr (kTileDq) {
@@ -372,6 +444,13 @@ int flash_wgmma_bulk_dq() {
   return v == "all" ? 2 : 1;
 }
 
+bool flash_wgmma_backward_pipelined() {
+  const char* env = std::getenv("LOOM_FLASH_BWD_PIPE");
+  const std::string v = env ? env : "";
+  LOOM_CHECK(v.empty() || v == "0" || v == "1", "LOOM_FLASH_BWD_PIPE='", v, "' is not 0 or 1");
+  return v == "1";
+}
+
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
                                  int query_tiles_per_block, bool direct_kv) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_backward_launch: head dim ", p.d,
@@ -389,6 +468,8 @@ void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64
   const bool bulk_dq = wgs == 1 ? p.d == 40 && bulk >= 1 : bulk == 2;
   auto for_dtype = [&](auto tag) {
     using T = decltype(tag);
+    if (bulk_dq && wgs == 1 && p.dq_accum && flash_wgmma_backward_pipelined())
+      return launch(flash_bwd_wgmma_kernel<T, 40, 1, true, true>, bwd_smem<1, 40, true>());
     if (bulk_dq && wgs == 1) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true>, bwd_smem<1, 40, true>());
     if (bulk_dq)
       return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 2, true>, bwd_smem<2, 40, true>())

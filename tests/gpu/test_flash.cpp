@@ -230,8 +230,8 @@ TEST(FlashCudaBackwardLayouts, EveryLayoutMatchesTheCpuInF64) {
 // have it), dQ from atomics and from its own kernel, on hopper_path_cases against the f64 CPU
 // reference; on wgmma dQ by bulk reductions (the default at d = 40 with 64 keys) and by atomics
 // (LOOM_FLASH_BWD_DQ_BULK=0), on the two-warpgroup kernel too (=all: one reduction per block and
-// tile), and query tiles split over 3 blocks (LOOM_FLASH_BWD_SPLITS: dK, dV through their f32
-// accumulators).
+// tile), query tiles split over 3 blocks (LOOM_FLASH_BWD_SPLITS: dK, dV through their f32
+// accumulators), and the d = 40 loop with the next tile's Sᵀ / dPᵀ issued early (LOOM_FLASH_BWD_PIPE).
 TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   using Settings = std::vector<std::pair<const char*, const char*>>;
@@ -243,6 +243,7 @@ TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_DQ_BULK", "1"}, {"LOOM_FLASH_BWD_SPLITS", "3"}});
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "128"}, {"LOOM_FLASH_BWD_DQ_BULK", "all"}});
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_DQ_BULK", "all"}, {"LOOM_FLASH_BWD_SPLITS", "3"}});
+    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}, {"LOOM_FLASH_BWD_PIPE", "1"}});
   }
   for (const Settings& kernel : kernels)
     for (const char* dq : {"atomic", "separate"}) {
