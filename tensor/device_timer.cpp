@@ -32,5 +32,6 @@ DeviceMemory device_memory(Device device) {
 void reset_peak_device_memory(Device device) {
   if (device.is_cuda()) cuda_reset_peak_stats(device.index);
 }
+void print_device_profile_section(const char* title) { cuda_profile_print_section(title); }
 
 }  // namespace loom

@@ -33,4 +33,9 @@ struct DeviceMemory {
 DeviceMemory device_memory(Device device);
 void reset_peak_device_memory(Device device);
 
+// With LOOM_CUDA_PROFILE=1 on a CUDA build: prints the table of the kernels launched since the
+// previous section (or the start) under `title` to stderr and starts a new section, so that a
+// benchmark can report each phase on its own. A no-op otherwise.
+void print_device_profile_section(const char* title);
+
 }  // namespace loom

@@ -11,6 +11,8 @@
 // outside the graph, the AdamW update eager after each replay); null, with graph_failure saying
 // why, when the capture fails.
 // --no-cuda-graph times only the eager way. step_ms / forward_ms stay the eager times.
+// With LOOM_CUDA_PROFILE=1 each phase's kernel table goes to stderr on its own (the sampling loop's
+// at exit); run with --no-cuda-graph for tables of every phase (graph replays are not profiled).
 // sample_loop_step_ms: `loom sample`'s own loop (unet::sample_latents, DDIM, 10 steps, guidance
 // 7.5: the UNet on 2N), its time over the steps; the UNet replayed from a graph after the first
 // step unless --no-cuda-graph (sample_loop_graph_replays says how many steps were replays).
@@ -119,6 +121,7 @@ int main(int argc, char** argv) {
   train_in.timestep = Tensor::from_vector(tsteps, {batch}, dev);
 
   model->train();
+  print_device_profile_section("setup");  // LOOM_CUDA_PROFILE=1: one table per phase from here
   reset_peak_device_memory(dev);
   const size_t weights = device_memory(dev).in_use;
   const double step_ms = median_ms(dev, reps, [&] {
@@ -130,6 +133,7 @@ int main(int argc, char** argv) {
     opt->step();
   });
   const double step_peak = double(device_memory(dev).peak) / 1e9;
+  print_device_profile_section("training step, eager (warm-ups and timed reps)");
   bench::GraphTiming step_graph;
   if (graphs) {
     // once, outside the graph: the noisy latents and the time projections (host work)
@@ -145,6 +149,7 @@ int main(int argc, char** argv) {
         [&] { opt->step(); });
   }
 
+  print_device_profile_section("training step from a CUDA graph (replays are not profiled)");
   model->eval();
   const unet::UNetInputs fwd_in = inputs(batch);
   reset_peak_device_memory(dev);
@@ -153,6 +158,7 @@ int main(int argc, char** argv) {
     model->forward(fwd_in);
   });
   const double fwd_peak = double(device_memory(dev).peak) / 1e9;
+  print_device_profile_section("forward, eager");
   bench::GraphTiming fwd_graph;
   if (graphs) {
     unet::UNetInputs projected = fwd_in;
@@ -165,6 +171,7 @@ int main(int argc, char** argv) {
         },
         [] {});
   }
+  print_device_profile_section("forward from a CUDA graph (replays are not profiled)");
   const std::string failure = !step_graph.failure.empty() ? step_graph.failure : fwd_graph.failure;
   // a sampling step with guidance: the UNet on uncond + cond (2N), then the guidance combination
   const unet::UNetInputs cfg_in = inputs(2 * batch);
@@ -174,6 +181,7 @@ int main(int argc, char** argv) {
     const Tensor u = y.narrow(0, 0, batch), c = y.narrow(0, batch, batch);
     (void)ops::add(u, ops::mul_scalar(ops::sub(c, u), 7.5));
   });
+  print_device_profile_section("guided sampling step (the UNet on 2N latents), eager");
   // `loom sample`'s loop: DDIM, 10 steps, guidance 7.5, per step
   const int64_t loop_steps = 10;
   unet::SamplingConditioning cond;

@@ -16,6 +16,9 @@ void* cuda_timer_create(int device);
 void cuda_timer_record(void* timer, int which);
 double cuda_timer_elapsed_ms(void* timer);
 void cuda_timer_destroy(void* timer);
+// LOOM_CUDA_PROFILE=1 (cuda_profile.cu): print the per-kernel table of the launches since the last
+// print or start under `title` to stderr and start a new one (no-op when profiling is off).
+void cuda_profile_print_section(const char* title);
 // Whether the CUDA gemm runs `g` with its thin kernels (tensor/cuda/cuda_gemm_thin.cu) instead of
 // cuBLAS: f32 / bf16 / f16, one problem (batch 1), and either
 //   A not transposed, B not too big: 1 ≤ n ≤ 16, m ≥ 64, k ≥ 32, op(B) staged in shared memory

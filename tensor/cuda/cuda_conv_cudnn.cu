@@ -268,6 +268,7 @@ void cudnn_conv2d(const Conv2dArgs& a) {
   LOOM_CUDNN_CHECK(cudnnConvolutionForward(h, &one, d.x, a.x.raw_data(), d.w, a.w.raw_data(), d.conv,
                                            cudnnConvolutionFwdAlgo_t(p.c.algo), p.ws.raw_data(), p.c.workspace,
                                            &zero, d.y, a.y.raw_data()));
+  if (kernel_profile_enabled()) kernel_profile_mark("cudnn conv forward");
   if (a.bias.defined()) {
     cudnnTensorDescriptor_t b = nullptr;
     LOOM_CUDNN_CHECK(cudnnCreateTensorDescriptor(&b));
@@ -278,6 +279,7 @@ void cudnn_conv2d(const Conv2dArgs& a) {
                                   : st;
     cudnnDestroyTensorDescriptor(b);
     LOOM_CUDNN_CHECK(add);
+    if (kernel_profile_enabled()) kernel_profile_mark("cudnn add bias");
   }
 }
 
@@ -291,6 +293,7 @@ void cudnn_conv2d_input_grad(const Conv2dInputGradArgs& a) {
   LOOM_CUDNN_CHECK(cudnnConvolutionBackwardData(p.h, &one, p.d.w, a.w.raw_data(), p.d.y, a.dy.raw_data(), p.d.conv,
                                                 cudnnConvolutionBwdDataAlgo_t(p.c.algo), p.ws.raw_data(),
                                                 p.c.workspace, &zero, p.d.x, a.dx.raw_data()));
+  if (kernel_profile_enabled()) kernel_profile_mark("cudnn conv input grad");
 }
 
 void cudnn_conv2d_weight_grad(const Conv2dWeightGradArgs& a) {
@@ -303,6 +306,7 @@ void cudnn_conv2d_weight_grad(const Conv2dWeightGradArgs& a) {
   LOOM_CUDNN_CHECK(cudnnConvolutionBackwardFilter(p.h, &one, p.d.x, a.x.raw_data(), p.d.y, a.dy.raw_data(), p.d.conv,
                                                   cudnnConvolutionBwdFilterAlgo_t(p.c.algo), p.ws.raw_data(),
                                                   p.c.workspace, &zero, p.d.w, a.dw.raw_data()));
+  if (kernel_profile_enabled()) kernel_profile_mark("cudnn conv weight grad");
 }
 
 }  // namespace loom::cuda

@@ -1,11 +1,12 @@
 // Kernel-time attribution for LOOM_CUDA_PROFILE=1 (see cuda_common.h): an event is recorded on
-// the device's compute stream after every launch (check_last_launch) and every cuBLAS call; the
+// the device's compute stream after every launch (check_last_launch), cuBLAS and cuDNN call; the
 // time between consecutive events is charged to the later launch's name. With a busy GPU (the
 // host ahead of it) that is the kernel's own time; idle gaps (a synchronize, a slow host) are
 // charged to the next launch. Events are folded into per-name totals every kBatch marks and at
 // exit, when the table (name, launches, total ms, share) goes to stderr. Not thread-safe beyond
 // one launching thread, which is loom's model. Off by default: then the cost is one branch.
-// Paused during a CUDA graph capture (set_kernel_profile_paused, cuda_graph.h).
+// Paused during a CUDA graph capture (set_kernel_profile_paused, cuda_graph.h). A benchmark can
+// print one table per phase (cuda_profile_print_section, through print_device_profile_section).
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -35,6 +36,7 @@ struct Profile {
   cudaEvent_t last{};                    // the last event of the previous fold
   bool has_last = false;
   std::map<std::string, Totals> totals;
+  bool sectioned = false;                // cuda_profile_print_section was called
 
   void fold() {
     if (used == 0) return;
@@ -64,8 +66,9 @@ struct Profile {
     ++used;
   }
 
-  void report() {
+  void report(const char* title = nullptr) {
     fold();
+    if (title) std::fprintf(stderr, "== %s\n", title);
     double all = 0;
     int64_t launches = 0;
     std::vector<std::pair<std::string, Totals>> rows(totals.begin(), totals.end());
@@ -82,7 +85,10 @@ struct Profile {
 Profile& profile() {
   static Profile* p = [] {
     auto* q = new Profile;  // never destroyed: reported from atexit, before CUDA's own teardown
-    std::atexit([] { profile().report(); });
+    std::atexit([] {
+      Profile& pr = profile();
+      pr.report(pr.sectioned ? "the rest of the run (after the last section)" : nullptr);
+    });
     return q;
   }();
   return *p;
@@ -107,3 +113,13 @@ void set_kernel_profile_paused(bool paused) noexcept { g_paused.store(paused, st
 void kernel_profile_mark(const char* name) { profile().mark(name); }
 
 }  // namespace loom::cuda
+
+namespace loom {
+void cuda_profile_print_section(const char* title) {
+  if (!cuda::kernel_profile_enabled()) return;
+  cuda::Profile& p = cuda::profile();
+  p.report(title);
+  p.sectioned = true;
+  p.totals.clear();  // the next section starts from here (the table at exit: what follows)
+}
+}  // namespace loom

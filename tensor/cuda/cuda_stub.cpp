@@ -15,6 +15,7 @@ void* cuda_timer_create(int) { return nullptr; }
 void cuda_timer_record(void*, int) {}
 double cuda_timer_elapsed_ms(void*) { return 0.0; }
 void cuda_timer_destroy(void*) {}
+void cuda_profile_print_section(const char*) {}
 bool cuda_thin_gemm_fits(const GemmBatch&) { return false; }
 void set_cuda_thin_gemm(bool) {}
 }  // namespace loom
