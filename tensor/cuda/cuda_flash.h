@@ -105,8 +105,9 @@ int flash_wgmma_backward_keys(int64_t d);
 // LOOM_FLASH_BWD_DQ_BULK = 0 (nowhere: 0), 1 (the default: the one-warpgroup kernel at d = 40: 1),
 // all (also the two-warpgroup kernel at d = 40 and 64: 2).
 int flash_wgmma_bulk_dq();
-// Whether the one-warpgroup d = 40 bulk-dQ backward issues the next query tile's Sᵀ / dPᵀ while
-// this tile's dQ is computed and sent: LOOM_FLASH_BWD_PIPE = 1 | 0 (default 0; not yet measured).
+// Whether the wgmma backward (one warpgroup at d = 40 with bulk dQ, two at d = 64) issues the next
+// query tile's Sᵀ / dPᵀ while this tile's dQ is computed and sent: LOOM_FLASH_BWD_PIPE = 1 | 0
+// (default 0; not yet measured).
 bool flash_wgmma_backward_pipelined();
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
                                  int query_tiles_per_block, bool direct_kv);

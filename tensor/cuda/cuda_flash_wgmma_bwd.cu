@@ -19,8 +19,9 @@
 //           in shared memory and added by one bulk reduction per warp (bulk_dq_part)
 //   and at the end dK, dV of the block's keys are added into their f32 buffers, or written as
 //   the gradients themselves where the block holds every query tile of its keys (direct_kv).
-// LOOM_FLASH_BWD_PIPE=1 (d = 40, one warpgroup, bulk dQ; not yet measured) runs the same steps
-// with the next tile's Sᵀ, dPᵀ issued behind this tile's dQ (the kPipe loop).
+// LOOM_FLASH_BWD_PIPE=1 (d = 40 with one warpgroup and bulk dQ, d = 64 with two; not yet
+// measured) runs the same steps with the next tile's Sᵀ, dPᵀ issued behind this tile's dQ (the
+// kPipe loop).
 // Shared-memory tiles are 128-byte swizzled ([rows][64], cuda_wgmma.cuh).
 #include "tensor/cuda/cuda_flash_tc.cuh"
 #include "tensor/cuda/cuda_wgmma.cuh"
@@ -66,14 +67,10 @@ __device__ __forceinline__ void store_dq_rows(float* rows, int ld, const float (
           make_float2(dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
 }
 
-// dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) with vector f32 atomics.
-template <typename T, int D, int N, int kKeys>
-__device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned char* sdS, const T* sK, int c0, int64_t n,
-                                        int64_t i0, int warp, int g, int t) {
-  float dq[N / 2];
-  issue_dq<T, N, kKeys>(dq, sdS, sK, c0);
-  wgmma_wait<0>();
-  fence_operands(dq);
+// dQ[i0 + the warp's rows, c0…c0+N) += dq with vector f32 atomics (rows past q_len left out).
+template <int D, int N>
+__device__ __forceinline__ void add_dq_atomic(const FlashParams& p, const float (&dq)[N / 2], int c0, int64_t n,
+                                              int64_t i0, int warp, int g, int t) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t qi = i0 + warp * 16 + g + 8 * h;
@@ -82,6 +79,17 @@ __device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned cha
     for (int j = 0; j < N / 8; ++j)
       atomic_add2(p.dq_accum + (n * p.q_len + qi) * D + c0 + 8 * j + 2 * t, dq[4 * j + 2 * h], dq[4 * j + 2 * h + 1]);
   }
+}
+
+// dQ[i0…, c0…c0+N) += dS·K[:, c0…c0+N) with vector f32 atomics.
+template <typename T, int D, int N, int kKeys>
+__device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned char* sdS, const T* sK, int c0, int64_t n,
+                                        int64_t i0, int warp, int g, int t) {
+  float dq[N / 2];
+  issue_dq<T, N, kKeys>(dq, sdS, sK, c0);
+  wgmma_wait<0>();
+  fence_operands(dq);
+  add_dq_atomic<D, N>(p, dq, c0, n, i0, warp, g, t);
 }
 
 // dQ[i0…i0 + 63, all D columns] += dS·K over the block's kKeys keys (one warpgroup), sent by the
@@ -143,7 +151,8 @@ __device__ __forceinline__ void flush_dq_tile(const FlashParams& p, const float*
 // kBulkDq: dQ by bulk reductions instead of atomics — one warpgroup (D = 40): bulk_dq_part, one
 // per warp; two warpgroups: dq_part_to_tile, one per block and query tile, sent by thread 0 after
 // the next iteration's first barrier (so no barrier is added), the last one after the loop.
-// kPipe (kWgs = 1, D = 40, kBulkDq): the next tile's Sᵀ / dPᵀ issued behind this tile's dQ.
+// kPipe (kWgs = 1 at D = 40 with kBulkDq, or kWgs = 2 at D = 64): the next tile's Sᵀ / dPᵀ issued
+// behind this tile's dQ.
 template <typename T, int D, int kWgs, bool kBulkDq = false, bool kPipe = false>
 __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
     flash_bwd_wgmma_kernel(const FlashParams p, int query_tiles_per_block, bool direct_kv) {
@@ -281,15 +290,19 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
   };
 
   if constexpr (kPipe) {
-    // One warpgroup, d = 40, dQ by bulk reductions, with the next tile's Sᵀ and dPᵀ on the tensor
-    // cores while this tile's dQ is stored and sent, the barrier passed and the tile after next
-    // requested: per tile, once dV / dK are done, Sᵀ(it + 1), dPᵀ(it + 1) are issued behind dQ(it)
-    // and waited for at the end of the iteration, so that no group is in flight across the loop's
-    // back edge (ptxas serialises every wgmma of the kernel otherwise: C7515). On the last tile the
-    // issue reads buffer buf ^ 1 anyway and its result is dropped. Q, dO of tile it + 1 are loaded
-    // during tile it (buffer buf ^ 1) and have landed by the barrier after dSᵀ; tile it + 2 goes
-    // into buffer buf once every warp is done with it.
-    static_assert(!kPipe || (kWgs == 1 && kBulkDq), "the pipelined loop: one warpgroup, bulk dQ");
+    // The next tile's Sᵀ and dPᵀ on the tensor cores while this tile's dQ is finished and sent,
+    // the barrier passed and the tile after next requested: per tile, once dV / dK are done,
+    // Sᵀ(it + 1), dPᵀ(it + 1) are issued behind dQ(it) and waited for at the end of the iteration,
+    // so that no group is in flight across the loop's back edge (ptxas serialises every wgmma of
+    // the kernel otherwise: C7515). On the last tile the issue reads buffer buf ^ 1 anyway and its
+    // result is dropped. Q, dO of tile it + 1 are loaded during tile it (buffer buf ^ 1) and have
+    // landed by the barrier after dSᵀ; tile it + 2 goes into buffer buf once every warp is done
+    // with it. dQ: one warpgroup at d = 40 all columns, by a bulk reduction per warp; two at
+    // d = 64 32 columns each, by atomics or (kTileDq) the shared tile, flushed after the barrier.
+    static_assert((kWgs == 1 && D == 40 && kBulkDq) || (kWgs == 2 && D == 64),
+                  "the pipelined loop: one warpgroup at d = 40 with bulk dQ, or two at d = 64");
+    constexpr int kN = kWgs == 1 ? D : D / 2;  // dQ columns of this warpgroup
+    const int c0 = kN * wg;
     if (first + 1 < last) load_query_tile(first + 1, 1);
     cp_async_commit();
     float st[32], dpt[32];
@@ -308,26 +321,41 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
       issue_dv_dk(pa, dsa, buf);
       cp_async_wait_all();
       fence_async_shared();
+      if constexpr (kTileDq) {
+        if (tid == 0) bulk_wait_read<0>();  // the previous tile's reduction has read sdQ
+      }
       __syncthreads();  // dSᵀ written by every warp; tile it + 1 landed
-      float dq[D / 2];
-      issue_dq<T, D, kBwdKeys>(dq, sdS, sK, 0);
+      float dq[kN / 2];
+      issue_dq<T, kN, kBwdKeys>(dq, sdS, sK, c0);
       wgmma_wait<1>();  // dV, dK: pa, dsa and buffer buf's Q, dO are free
       issue_s_dp(st, dpt, buf ^ 1);
       float* mine = sdQ + warp * 16 * D;
-      if (lane == 0) bulk_wait_read<0>();  // the previous tile's reduction has read this slice
-      __syncwarp();
+      if constexpr (kBulkDq && !kTileDq) {
+        if (lane == 0) bulk_wait_read<0>();  // the previous tile's reduction has read this slice
+        __syncwarp();
+      }
       wgmma_wait<2>();  // dQ
       fence_operands(dq);
-      store_dq_rows<D>(mine, D, dq, 0, g, t);
-      fence_async_shared();
-      __syncwarp();
-      const int64_t r0 = i0 + warp * 16;
-      if (lane == 0 && r0 < p.q_len) {
-        bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + r0) * D, mine,
-                            uint32_t(min(int64_t(16), p.q_len - r0) * D * sizeof(float)));
-        bulk_commit();
+      if constexpr (kTileDq) {
+        store_dq_rows<kN>(mine, D, dq, c0, g, t);
+        fence_async_shared();  // for the flush after the barrier below
+      } else if constexpr (kBulkDq) {
+        store_dq_rows<kN>(mine, D, dq, c0, g, t);
+        fence_async_shared();
+        __syncwarp();
+        const int64_t r0 = i0 + warp * 16;
+        if (lane == 0 && r0 < p.q_len) {
+          bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + r0) * D, mine,
+                              uint32_t(min(int64_t(16), p.q_len - r0) * D * sizeof(float)));
+          bulk_commit();
+        }
+      } else {
+        add_dq_atomic<D, kN>(p, dq, c0, n, i0, warp, g, t);
       }
-      __syncthreads();  // no warp still reads buffer buf or dSᵀ
+      __syncthreads();  // no warp still reads buffer buf or dSᵀ (and sdQ is complete)
+      if constexpr (kTileDq) {
+        if (tid == 0) flush_dq_tile<D>(p, sdQ, n, it);
+      }
       if (it + 2 < last) load_query_tile(it + 2, buf);
       cp_async_commit();
       wgmma_wait<0>();  // Sᵀ(it + 1), dPᵀ(it + 1)
@@ -384,7 +412,7 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
   }
   cp_async_wait_all();  // a block with no query tile (causal) still has K/V copies in flight
   if constexpr (kTileDq) {
-    if (p.dq_accum && first < last) {
+    if (!kPipe && p.dq_accum && first < last) {  // (the pipelined loop flushed every tile itself)
       __syncthreads();  // the last tile's dQ stored by both warpgroups
       if (tid == 0) flush_dq_tile<D>(p, sdQ, n, last - 1);
     }
@@ -466,10 +494,14 @@ void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64
   };
   const int bulk = flash_wgmma_bulk_dq();  // 0 none, 1 one warpgroup at d = 40, 2 also two warpgroups
   const bool bulk_dq = wgs == 1 ? p.d == 40 && bulk >= 1 : bulk == 2;
+  // the pipelined loop (LOOM_FLASH_BWD_PIPE=1): one warpgroup at d = 40 with bulk dQ, two at d = 64
+  const bool pipe = p.dq_accum && flash_wgmma_backward_pipelined() &&
+                    ((wgs == 1 && bulk_dq) || (wgs == 2 && p.d == 64));
   auto for_dtype = [&](auto tag) {
     using T = decltype(tag);
-    if (bulk_dq && wgs == 1 && p.dq_accum && flash_wgmma_backward_pipelined())
-      return launch(flash_bwd_wgmma_kernel<T, 40, 1, true, true>, bwd_smem<1, 40, true>());
+    if (pipe && wgs == 1) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true, true>, bwd_smem<1, 40, true>());
+    if (pipe && bulk_dq) return launch(flash_bwd_wgmma_kernel<T, 64, 2, true, true>, bwd_smem<2, 64, true>());
+    if (pipe) return launch(flash_bwd_wgmma_kernel<T, 64, 2, false, true>, bwd_smem<2>());
     if (bulk_dq && wgs == 1) return launch(flash_bwd_wgmma_kernel<T, 40, 1, true>, bwd_smem<1, 40, true>());
     if (bulk_dq)
       return p.d == 40 ? launch(flash_bwd_wgmma_kernel<T, 40, 2, true>, bwd_smem<2, 40, true>())

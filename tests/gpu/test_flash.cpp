@@ -244,6 +244,8 @@ TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "128"}, {"LOOM_FLASH_BWD_DQ_BULK", "all"}});
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_DQ_BULK", "all"}, {"LOOM_FLASH_BWD_SPLITS", "3"}});
     kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "64"}, {"LOOM_FLASH_BWD_PIPE", "1"}});
+    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_WGMMA_KEYS", "128"}, {"LOOM_FLASH_BWD_PIPE", "1"}});
+    kernels.push_back({{"LOOM_FLASH_BWD", "wgmma"}, {"LOOM_FLASH_BWD_DQ_BULK", "all"}, {"LOOM_FLASH_BWD_PIPE", "1"}});
   }
   for (const Settings& kernel : kernels)
     for (const char* dq : {"atomic", "separate"}) {
