@@ -92,6 +92,20 @@ __device__ __forceinline__ void dq_part(const FlashParams& p, const unsigned cha
   add_dq_atomic<D, N>(p, dq, c0, n, i0, warp, g, t);
 }
 
+// The warp's 16 rows r0… of dQ, stored as f32 rows [16][D] at `mine` by every lane, are added into
+// dq_accum (those below q_len) by one bulk reduction that lane 0 issues.
+template <int D>
+__device__ __forceinline__ void send_warp_dq_rows(const FlashParams& p, const float* mine, int64_t n, int64_t r0,
+                                                  int lane) {
+  fence_async_shared();  // every lane's stores, visible to the bulk-copy engine
+  __syncwarp();
+  if (lane == 0 && r0 < p.q_len) {
+    const int64_t rows = min(int64_t(16), p.q_len - r0);
+    bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + r0) * D, mine, uint32_t(rows * D * sizeof(float)));
+    bulk_commit();
+  }
+}
+
 // dQ[i0…i0 + 63, all D columns] += dS·K over the block's kKeys keys (one warpgroup), sent by the
 // bulk-copy engine instead of per-thread atomics: each warp stores its 16 rows [16][D] f32 into its
 // slice of sdQ (contiguous, like those rows of dq_accum [n, q_len, D]) and its lane 0 issues one
@@ -110,14 +124,7 @@ __device__ __forceinline__ void bulk_dq_part(const FlashParams& p, const unsigne
   wgmma_wait<0>();
   fence_operands(dq);
   store_dq_rows<D>(mine, D, dq, 0, g, t);
-  fence_async_shared();
-  __syncwarp();
-  const int64_t r0 = i0 + warp * 16;
-  if (lane == 0 && r0 < p.q_len) {
-    const int64_t rows = min(int64_t(16), p.q_len - r0);
-    bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + r0) * D, mine, uint32_t(rows * D * sizeof(float)));
-    bulk_commit();
-  }
+  send_warp_dq_rows<D>(p, mine, n, i0 + warp * 16, lane);
 }
 
 // Two warpgroups: this warpgroup's columns [c0, c0 + N) of dQ = dS·K over the block's kKeys keys
@@ -341,14 +348,7 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
         fence_async_shared();  // for the flush after the barrier below
       } else if constexpr (kBulkDq) {
         store_dq_rows<kN>(mine, D, dq, c0, g, t);
-        fence_async_shared();
-        __syncwarp();
-        const int64_t r0 = i0 + warp * 16;
-        if (lane == 0 && r0 < p.q_len) {
-          bulk_reduce_add_f32(p.dq_accum + (n * p.q_len + r0) * D, mine,
-                              uint32_t(min(int64_t(16), p.q_len - r0) * D * sizeof(float)));
-          bulk_commit();
-        }
+        send_warp_dq_rows<D>(p, mine, n, i0 + warp * 16, lane);
       } else {
         add_dq_atomic<D, kN>(p, dq, c0, n, i0, warp, g, t);
       }
