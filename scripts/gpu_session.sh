@@ -47,7 +47,8 @@ for s in $steps; do
     variants)
       # VARIANTS: environment settings separated by ';' (each a space-separated list of NAME=VALUE)
       shapes="--shape 2,8,4096,4096,40 --shape 2,8,4096,4096,64 --shape 2,10,4096,4096,64 --shape 2,20,1024,1024,64"
-      IFS=';' read -ra vs <<<"${VARIANTS:-LOOM_X=default;LOOM_FLASH_FWD=mma LOOM_FLASH_BWD=mma;LOOM_FLASH_BWD_WGMMA_KEYS=64;LOOM_FLASH_BWD_WGMMA_KEYS=128;LOOM_FLASH_FWD_TILE=2x64}"
+      # default: the backward switches not yet measured (docs/flash-notes.md, eighth session)
+      IFS=';' read -ra vs <<<"${VARIANTS:-LOOM_X=default;LOOM_FLASH_BWD_PIPE=1;LOOM_FLASH_BWD_DQ_BULK=all;LOOM_FLASH_BWD_PIPE=1 LOOM_FLASH_BWD_DQ_BULK=all;LOOM_FLASH_BWD_DQ_BULK=all LOOM_FLASH_BWD_WGMMA_KEYS=128}"
       for v in "${vs[@]}"; do
         echo "== $v"; env $v ./build-gpu/bench/loom_bench_flash --reps 30 $shapes
       done | tee "$out/bench_variants.txt" ;;
