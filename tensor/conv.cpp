@@ -116,11 +116,11 @@ ConvPath conv_path(const Tensor& t, const Im2ColArgs& g, ConvPass pass) {
   const std::string choice = env ? env : "";
   LOOM_CHECK(choice.empty() || choice == "auto" || choice == "im2col" || choice == "igemm" || choice == "cudnn",
              "LOOM_CONV='", choice, "' is not auto, im2col, igemm or cudnn");
-  Backend& be = backend_for(t.device());
   if (choice.empty() || choice == "auto") {
     const bool kxk = g.kernel_h > 1 || g.kernel_w > 1;
     return pass != ConvPass::Forward && kxk && library_takes(t) ? ConvPath::Library : ConvPath::Im2col;
   }
+  Backend& be = backend_for(t.device());
   if (choice == "cudnn" && t.device().is_cuda()) {
     if (t.dtype() != DType::BF16 && t.dtype() != DType::F16) return ConvPath::Im2col;  // f32 / f64 stay exact
     LOOM_CHECK(be.supports(OpKind::Conv2dLibrary, t.dtype()), "LOOM_CONV=cudnn: backend '", be.name(),

@@ -61,6 +61,20 @@ Inputs make_inputs(const Case& k, DType dt, Generator& gen) {
   return in;
 }
 
+// A random output gradient for case k (drawn after make_inputs, from the same generator), rounded
+// to dt: in f64 on the CPU and in dt on the GPU, with the geometry it has.
+struct OutputGrad {
+  Im2ColArgs geo;
+  Tensor dy64, dy;
+};
+OutputGrad make_output_grad(const Case& k, const Inputs& in, DType dt, Generator& gen) {
+  OutputGrad g;
+  g.geo = ops::conv2d_geometry(in.x.shape(), k.kh, k.kw, k.params());
+  g.dy64 = Tensor::randn({k.n, k.o, g.geo.out_h, g.geo.out_w}, gen, DType::F64).to(dt).to(DType::F64);
+  g.dy = g.dy64.to(dt).to(Device::cuda(0));
+  return g;
+}
+
 class ConvImplicitGemm : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ConvImplicitGemm, ForwardMatchesCpuF64) {
@@ -102,9 +116,9 @@ TEST_P(ConvImplicitGemm, InputGradientMatchesCpuF64) {
     SCOPED_TRACE(dtype_name(dt));
     Generator gen(::testing::UnitTest::GetInstance()->random_seed() + 23);
     const Inputs in = make_inputs(k, dt, gen);
-    const Im2ColArgs geo = ops::conv2d_geometry(in.x.shape(), k.kh, k.kw, k.params());
-    const Tensor dy64 = Tensor::randn({k.n, k.o, geo.out_h, geo.out_w}, gen, DType::F64).to(dt).to(DType::F64);
-    const Tensor dy = dy64.to(dt).to(Device::cuda(0));
+    const OutputGrad og = make_output_grad(k, in, dt, gen);
+    const Im2ColArgs& geo = og.geo;
+    const Tensor &dy64 = og.dy64, &dy = og.dy;
     const Tensor ref = ops::conv2d_input_grad(dy64, in.w64, in.x64.shape(), k.params());
 
     Conv2dInputGradArgs a;
@@ -173,9 +187,9 @@ TEST_P(ConvLibrary, ForwardAndBothGradientsMatchCpuF64) {
     SCOPED_TRACE(dtype_name(dt));
     Generator gen(::testing::UnitTest::GetInstance()->random_seed() + 31);
     const Inputs in = make_inputs(k, dt, gen);
-    const Im2ColArgs geo = ops::conv2d_geometry(in.x.shape(), k.kh, k.kw, k.params());
-    const Tensor dy64 = Tensor::randn({k.n, k.o, geo.out_h, geo.out_w}, gen, DType::F64).to(dt).to(DType::F64);
-    const Tensor dy = dy64.to(dt).to(Device::cuda(0));
+    const OutputGrad og = make_output_grad(k, in, dt, gen);
+    const Im2ColArgs& geo = og.geo;
+    const Tensor &dy64 = og.dy64, &dy = og.dy;
     const Tensor y_ref = ops::conv2d(in.x64, in.w64, in.b64, k.params());
     const Tensor dx_ref = ops::conv2d_input_grad(dy64, in.w64, in.x64.shape(), k.params());
     const Tensor dw_ref = ops::conv2d_weight_grad(dy64, in.x64, in.w64.shape(), k.params());
