@@ -267,10 +267,14 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   if (tile == "2x128") return wgmma_forward<T, D, 2, 128, false>(p);
   if (tile == "2x64") return wgmma_forward<T, D, 2, 64, false>(p);
   if (tile == "4x64") return wgmma_forward<T, D, 4, 64, false>(p);
+  // 256 queries per block: 16 blocks per (2,·,4096) head against 3x128's 22 (the last one a third
+  // full), so the grid ends in fewer partial waves; 512 threads leave ≤ 128 registers each
+  if (tile == "4x128") return wgmma_forward<T, D, 4, 128, false>(p);
+  if (tile == "4x128e4") return wgmma_forward<T, D, 4, 128, false, 4>(p);
   if (tile == "2x128p") return wgmma_forward<T, D, 2, 128, true>(p);
   // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default at d = 40)
   if (tile == "3x128e4") return wgmma_forward<T, D, 3, 128, false, 4>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 2x128, 2x64, 4x64, 2x128p");
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
 }
 
 template <typename T>
