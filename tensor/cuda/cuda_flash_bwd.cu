@@ -11,12 +11,15 @@ namespace loom::cuda {
 namespace {
 
 // delta[r] = Σ_c dO[r, c]·O[r, c] for the rows r = n·q_len + i of the problem (one warp per row;
-// O and dO in either layout of FlashParams).
+// O and dO in either layout of FlashParams); dQ's f32 accumulator rows [r][d] zeroed on the way
+// (when there is one: one launch instead of a memset more).
 template <typename T>
 __global__ void flash_delta_half_kernel(const FlashParams p, int d) {
   const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= p.n * p.q_len) return;
+  if (p.dq_accum)
+    for (int c = lane; c < d; c += 32) p.dq_accum[r * d + c] = 0.f;
   const FlashRows rows = flash_rows(p, r / p.q_len, p.q_len, d);
   const int64_t off = rows.base + (r % p.q_len) * rows.stride;
   const T* dout = static_cast<const T*>(p.grad_out) + off;
@@ -28,8 +31,9 @@ __global__ void flash_delta_half_kernel(const FlashParams p, int d) {
 }
 
 // The same with kLanes lanes per row (32 / kLanes rows per warp), each lane reading 8 elements of
-// O and of dO as one 16-byte load: for d a multiple of 8 up to 8·kLanes, rows 16-byte aligned (the
-// tensor-core kernels' cp.async tiles need that too; run_bwd checks it).
+// O and of dO as one 16-byte load (and zeroing those 8 of dQ's accumulator row): for d a multiple
+// of 8 up to 8·kLanes, rows 16-byte aligned (the tensor-core kernels' cp.async tiles need that
+// too; run_bwd checks it).
 template <typename T, int kLanes>
 __global__ void flash_delta_vec_kernel(const FlashParams p, int d) {
   const int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
@@ -44,6 +48,10 @@ __global__ void flash_delta_vec_kernel(const FlashParams p, int d) {
     const T* b = reinterpret_cast<const T*>(&o);
 #pragma unroll
     for (int e = 0; e < 8; ++e) sum += Half2<T>::to_float(a[e]) * Half2<T>::to_float(b[e]);
+    if (p.dq_accum) {
+      float4* acc = reinterpret_cast<float4*>(p.dq_accum + r * d + c);
+      acc[0] = acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
 #pragma unroll
   for (int o = kLanes / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -72,18 +80,29 @@ void launch_flash_delta(const FlashParams& p, int d) {
   launch(flash_delta_vec_kernel<T, 32>, 32);
 }
 
-// dst = T(src·scale): src an f32 accumulator [n, len, d], dst the gradient in the params' layout.
-template <typename T>
+// dst = T(src·scale): src an f32 accumulator [n, len, d], dst the gradient in the params' layout;
+// kVec consecutive elements per thread and step (kVec = 4: d a multiple of 4, dst 8-byte aligned,
+// src 16-byte aligned: one float4 load and one 8-byte store).
+template <typename T, int kVec>
 __global__ void flash_convert_kernel(T* dst, const float* src, FlashParams p, int64_t len, int d, float scale) {
-  const int64_t count = p.n * len * d;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t count = p.n * len * d / kVec;
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < count; v += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = v * kVec;
     int64_t at = i;
     if (p.packed) {
       const int64_t row = i / d;
       const FlashRows rows = flash_rows(p, row / len, len, d);
       at = rows.base + (row % len) * rows.stride + (i - row * d);
     }
-    dst[at] = Half2<T>::from_float(src[i] * scale);
+    if constexpr (kVec == 4) {
+      const float4 x = *reinterpret_cast<const float4*>(src + i);
+      uint2 packed;
+      packed.x = Half2<T>::pack(x.x * scale, x.y * scale);
+      packed.y = Half2<T>::pack(x.z * scale, x.w * scale);
+      *reinterpret_cast<uint2*>(dst + at) = packed;
+    } else {
+      dst[at] = Half2<T>::from_float(src[i] * scale);
+    }
   }
 }
 
@@ -419,9 +438,7 @@ BwdGrid bwd_grid(const FlashParams& p, int kCols, int kThreadsPerBlock) {
 template <typename T, int D, typename Launch>
 void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, bool kv_direct_ok, Launch&& launch) {
   static_assert(TcShape<D>::kRows == 64, "bwd_grid counts 64-query tiles");
-  const int64_t rows = p.n * p.q_len;
-  launch_flash_delta<T>(p, D);
-  if (p.dq_accum) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * D * sizeof(float), compute_stream()));
+  launch_flash_delta<T>(p, D);  // also zeroes dq_accum [rows][D]
 
   const BwdGrid g = bwd_grid(p, kCols, kThreadsPerBlock);
   const bool direct_kv = kv_direct_ok && g.splits == 1;
@@ -437,8 +454,13 @@ void run_bwd(const FlashParams& p, int kCols, int kThreadsPerBlock, bool kv_dire
   const float scale = float(p.scale);
   auto convert = [&](void* dst, const float* src, int64_t len, float s) {
     if (!dst) return;
-    flash_convert_kernel<T><<<grid_for(p.n * len * D), kThreads, 0, compute_stream()>>>(static_cast<T*>(dst), src, p,
-                                                                                        len, D, s);
+    const bool vec = D % 4 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+    if (vec)
+      flash_convert_kernel<T, 4><<<grid_for(p.n * len * D / 4), kThreads, 0, compute_stream()>>>(static_cast<T*>(dst),
+                                                                                             src, p, len, D, s);
+    else
+      flash_convert_kernel<T, 1><<<grid_for(p.n * len * D), kThreads, 0, compute_stream()>>>(static_cast<T*>(dst), src,
+                                                                                          p, len, D, s);
     check_last_launch("flash_convert_kernel");
   };
   if (p.dq_accum) convert(p.dq, p.dq_accum, p.q_len, scale);

@@ -55,6 +55,29 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&pa)
   for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
 }
 
+// P (kN / 2 accumulators of mma.sync's C layout, column blocks j) as wgmma A fragments: k-step kk
+// is column blocks 2kk and 2kk + 1.
+template <typename T, int kN>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[kN / 16][4], const float (&s)[kN / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    pa[kk][0] = Half2<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = Half2<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = Half2<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = Half2<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// O's rows g (corr[0]) and g + 8 (corr[1]) times corr, when any row of the warp moved (rare after
+// the first tiles).
+template <int D>
+__device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&corr)[2]) {
+  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
+  }
+}
+
 // 2^x for x ≤ 8 on the FMA pipe instead of the MUFU unit (which does 16 ex2 per SM and clock,
 // an eighth of the FMA rate): x = n + f with n = round(x) (the 1.5·2²³ trick), 2^f by a cubic on
 // [−0.5, 0.5] (minimax in relative error, 7.5e-5: below half an f16 ulp, far below bf16's), 2^n
@@ -131,7 +154,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], 
   }
 }
 
-template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly>
+template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly, bool kHalves>
 __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg, kN, kPipe>::kMinBlocks)
     flash_fwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -183,6 +206,41 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
     }
     cp_async_commit();
 
+    if constexpr (kHalves) {
+      // the tile as two halves of 64 keys: S of the second half is computed while the first half's
+      // softmax runs, and the first half's P·V while the second half's softmax runs
+      constexpr int kH = kN / 2;
+      const uint64_t k_desc = sw128_desc(k_tile(it), 16, 1024), v_desc = sw128_desc(v_tile(it), 16, 1024);
+      float sa[kH / 2], sb[kH / 2];
+      wgmma_fence();
+      wgmma_qk<T, D, kH>(sa, q_desc, k_desc);
+      wgmma_commit();
+      wgmma_qk<T, D, kH>(sb, q_desc, k_desc + (kH * 128 >> 4));
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(sa);
+      float corr[2];
+      softmax_tile<T, kH, kPoly>(sa, m, l, corr, p, mask, n, i0, it * kN, row_q, t, sl2);
+      rescale_o<D>(o, corr);  // no P·V in flight here
+      uint32_t pa_a[kH / 16][4], pa_b[kH / 16][4];
+      pack_p<T, kH>(pa_a, sa);
+      wgmma_fence();
+      wgmma_pv<T, D, kH>(o, pa_a, v_desc);
+      wgmma_commit();
+      wgmma_wait<1>();  // S of the second half (P·V of the first may still run)
+      fence_operands(sb);
+      softmax_tile<T, kH, kPoly>(sb, m, l, corr, p, mask, n, i0, it * kN + kH, row_q, t, sl2);
+      pack_p<T, kH>(pa_b, sb);
+      wgmma_wait<0>();
+      fence_operands(o);
+      rescale_o<D>(o, corr);
+      wgmma_fence();
+      wgmma_pv<T, D, kH>(o, pa_b, v_desc + (kH * 128 >> 4));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(o);
+      continue;
+    }
     float s[kN / 2];  // s[4j + e]: mma.sync's C fragment of column block j
     wgmma_fence();
     wgmma_qk<T, D, kN>(s, q_desc, sw128_desc(k_tile(it), 16, 1024));
@@ -201,18 +259,8 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
       wgmma_wait<0>();
       fence_operands(o);
     }
-    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {  // rare after the first tiles
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
-    }
-    // P from the accumulators: k-step kk is column blocks 2kk and 2kk + 1
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      pa[kk][0] = Half2<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = Half2<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = Half2<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = Half2<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    rescale_o<D>(o, corr);
+    pack_p<T, kN>(pa, s);
     if constexpr (!kPipe) {
       wgmma_fence();
       wgmma_pv<T, D, kN>(o, pa, sw128_desc(v_tile(it), 16, 1024));
@@ -251,10 +299,11 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
 #endif
 }
 
-template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly = 0>
+template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly = 0, bool kHalves = false>
 void wgmma_forward(const FlashParams& p) {
+  static_assert(!(kPipe && kHalves), "one overlap scheme at a time");
   using S = WgShape<kWg, kN, kPipe>;
-  auto* kernel = flash_fwd_wgmma_kernel<T, D, kWg, kN, kPipe, kPoly>;
+  auto* kernel = flash_fwd_wgmma_kernel<T, D, kWg, kN, kPipe, kPoly, kHalves>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
   const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
   kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p);
@@ -271,16 +320,38 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   // full), so the grid ends in fewer partial waves; 512 threads leave ≤ 128 registers each
   if (tile == "4x128") return wgmma_forward<T, D, 4, 128, false>(p);
   if (tile == "4x128e4") return wgmma_forward<T, D, 4, 128, false, 4>(p);
+  // h: each tile in two halves of 64 keys, S of one half and P·V of the other overlapping a softmax
+  if (tile == "3x128h") return wgmma_forward<T, D, 3, 128, false, 0, true>(p);
+  if (tile == "3x128he4") return wgmma_forward<T, D, 3, 128, false, 4, true>(p);
+  if (tile == "4x128h") return wgmma_forward<T, D, 4, 128, false, 0, true>(p);
+  if (tile == "4x128he4") return wgmma_forward<T, D, 4, 128, false, 4, true>(p);
   if (tile == "2x128p") return wgmma_forward<T, D, 2, 128, true>(p);
   // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default at d = 40)
   if (tile == "3x128e4") return wgmma_forward<T, D, 3, 128, false, 4>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 4x128, 4x128e4, 3x128h, 3x128he4, 4x128h, 4x128he4, 2x128, 2x64, 4x64, 2x128p");
 }
 
 template <typename T>
 void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   if (p.d == 40) return wgmma_forward_for<T, 40>(p, tile);
   return wgmma_forward_for<T, 64>(p, tile);
+}
+
+// The block when LOOM_FLASH_FWD_TILE is unset: 3 or 4 warpgroups (192 or 256 queries), whichever
+// leaves the grid's last wave less empty — blocks of either kind run one per SM, so the cost is
+// ⌈blocks / SMs⌉ waves of the block's rows (ties go to 3). H200 (docs/gpu-bench.md, attention run
+// 16): (2,8,4096,·) 352 blocks of 192 = 3 waves against 256 of 256 = 2 waves, 0.199 against 0.211 ms
+// at d = 40; (2,10,4096,64) 4 waves of 192 and 3 of 256 tie, measured 0.313 against 0.327. The
+// cubic exp2 on a quarter of the columns pays at d = 40 (run 13: 0.211 against 0.221 ms), not at
+// d = 64 (0.245 / 0.236).
+std::string default_forward_tile(const FlashParams& p) {
+  const int64_t sms = flash_sm_count();
+  auto cost = [&](int64_t rows) {
+    const int64_t blocks = (p.q_len + rows - 1) / rows * p.n;
+    return (blocks + sms - 1) / sms * rows;
+  };
+  const std::string wgs = cost(256) < cost(192) ? "4x128" : "3x128";
+  return p.d == 40 ? wgs + "e4" : wgs;
 }
 
 }  // namespace
@@ -304,9 +375,7 @@ bool flash_wgmma_head_dim(int64_t d) { return d == 40 || d == 64; }
 void flash_wgmma_forward(const FlashParams& p) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_forward: head dim ", p.d, " is not 40 or 64");
   const char* env = std::getenv("LOOM_FLASH_FWD_TILE");
-  // measured on the H200 (docs/gpu-bench.md, attention run 13): the cubic exp2 on a quarter of the
-  // columns pays at d = 40 (0.211 against 0.221 ms at (2,8,4096,40)), not at d = 64 (0.245 / 0.236)
-  const std::string tile = env && *env ? env : (p.d == 40 ? "3x128e4" : "3x128");
+  const std::string tile = env && *env ? env : default_forward_tile(p);
   if (p.dtype == DType::BF16) return wgmma_forward_for<__nv_bfloat16>(p, tile);
   if (p.dtype == DType::F16) return wgmma_forward_for<__half>(p, tile);
   LOOM_FAIL("flash_wgmma_forward: dtype ", p.dtype, " is not bf16 / f16");
