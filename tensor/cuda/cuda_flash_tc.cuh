@@ -167,17 +167,68 @@ __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, i
 // 128 bytes, the chunk stored at c ^ (row % 8): the layout wgmma reads, cuda_wgmma.cuh).
 __device__ __forceinline__ int sw128_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
-// Rows [r0, r0 + rows) of a [len, d] matrix (d ≤ 64 a multiple of 8, rows `stride` elements
-// apart) into a 128-byte-swizzled [rows][64] tile with cp.async; zero beyond len and in columns
-// d…63. Lands like load_tile_async.
-template <typename T>
-__device__ __forceinline__ void load_sw128_async(T* tile, const T* src, int64_t r0, int rows, int64_t len,
-                                                 int d, int64_t stride, int tid, int threads) {
-  unsigned char* dst = reinterpret_cast<unsigned char*>(tile);
-  for (int idx = tid; idx < rows * 8; idx += threads) {
-    const int r = idx >> 3, c = idx & 7;
-    const bool in = r0 + r < len && c * 8 < d;
-    cp_async16(dst + sw128_offset(r, c), in ? src + (r0 + r) * stride + c * 8 : src, in);
+// Rows [r0, r0 + kRows) of a [len, D] matrix (D ≤ 64 a multiple of 8, rows `stride` elements
+// apart) into a 128-byte-swizzled [kRows][64] tile with cp.async by kThreads threads (tid one of
+// them): only the D / 8 chunks of 16 bytes that hold data, zero-filled past len. Columns D…63 are
+// not written: wgmma reads columns up to the next multiple of 16 (S = Q·Kᵀ's k-steps), and at
+// D = 40 that chunk (columns 40…47) is zeroed once per buffer by zero_sw128_pad. With at least as
+// many threads as rows, kThreads / kRows threads share a row (thread tid: row tid % kRows, every
+// (kThreads / kRows)-th chunk from tid / kRows), so a thread's row address, bounds check and
+// swizzle are computed once and each chunk costs a few instructions. Lands like load_tile_async.
+// load_sw128_tile_pair does the same for two matrices of one shape and stride (the backward's Q
+// and dO tiles), sharing the row arithmetic.
+template <typename T, int D, int kRows, int kThreads, int kMats>
+__device__ __forceinline__ void load_sw128_tiles(T* const (&tiles)[kMats], const T* const (&srcs)[kMats], int64_t r0,
+                                                 int64_t len, int64_t stride, int tid) {
+  static_assert(D % 8 == 0 && D <= 64, "rows of at most 64 elements, whole 16-byte chunks");
+  static_assert(kThreads % kRows == 0 || kRows % kThreads == 0, "threads a multiple or a divisor of the rows");
+  constexpr int kChunks = D / 8;
+  auto row_chunks = [&](int r, int first, int step) {
+    const bool in = r0 + r < len;
+    const int64_t row = in ? (r0 + r) * stride : 0;
+#pragma unroll
+    for (int c0 = 0; c0 < kChunks; c0 += step) {
+      const int c = c0 + first;
+      if (kChunks % step == 0 || c < kChunks)
+#pragma unroll
+        for (int m = 0; m < kMats; ++m)
+          cp_async16(reinterpret_cast<unsigned char*>(tiles[m]) + sw128_offset(r, c), srcs[m] + row + (in ? 8 * c : 0),
+                     in);
+    }
+  };
+  if constexpr (kThreads >= kRows) {
+    row_chunks(tid % kRows, tid / kRows, kThreads / kRows);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kRows / kThreads; ++i) row_chunks(tid + i * kThreads, 0, 1);
+  }
+}
+
+template <typename T, int D, int kRows, int kThreads>
+__device__ __forceinline__ void load_sw128_tile(T* tile, const T* src, int64_t r0, int64_t len, int64_t stride,
+                                                int tid) {
+  T* const tiles[1] = {tile};
+  const T* const srcs[1] = {src};
+  load_sw128_tiles<T, D, kRows, kThreads>(tiles, srcs, r0, len, stride, tid);
+}
+
+template <typename T, int D, int kRows, int kThreads>
+__device__ __forceinline__ void load_sw128_tile_pair(T* tile_a, const T* src_a, T* tile_b, const T* src_b, int64_t r0,
+                                                     int64_t len, int64_t stride, int tid) {
+  T* const tiles[2] = {tile_a, tile_b};
+  const T* const srcs[2] = {src_a, src_b};
+  load_sw128_tiles<T, D, kRows, kThreads, 2>(tiles, srcs, r0, len, stride, tid);
+}
+
+// Zeroes the chunk of columns D…D + 7 of every row of a [kRows][64] swizzled tile when D is not a
+// multiple of 16 (D = 40: the last k-step of 16 reads columns 40…47), with plain shared stores:
+// once per buffer, before its first use (made visible to wgmma by the fence.proxy.async and the
+// barrier that precede every use).
+template <int D, int kRows, int kThreads>
+__device__ __forceinline__ void zero_sw128_pad(void* tile, int tid) {
+  if constexpr (D % 16 != 0) {
+    for (int r = tid; r < kRows; r += kThreads)
+      *reinterpret_cast<uint4*>(static_cast<unsigned char*>(tile) + sw128_offset(r, D / 8)) = make_uint4(0, 0, 0, 0);
   }
 }
 

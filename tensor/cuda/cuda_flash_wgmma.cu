@@ -180,10 +180,11 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
   int64_t tiles = (p.k_len + kN - 1) / kN;
   if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kN + 1);
 
-  load_sw128_async<T>(sQ, q, i0, kRows, p.q_len, D, qr.stride, tid, kThreads);
+  zero_sw128_pad<D, kRows, kThreads>(sQ, tid);
+  zero_sw128_pad<D, (2 + S::kVBufs) * kN, kThreads>(sK0, tid);  // the K and V buffers follow each other
+  load_sw128_tile<T, D, kRows, kThreads>(sQ, q, i0, p.q_len, qr.stride, tid);
   if (tiles > 0) {
-    load_sw128_async<T>(k_tile(0), k, 0, kN, p.k_len, D, kr.stride, tid, kThreads);
-    load_sw128_async<T>(v_tile(0), v, 0, kN, p.k_len, D, kr.stride, tid, kThreads);
+    load_sw128_tile_pair<T, D, kN, kThreads>(k_tile(0), k, v_tile(0), v, 0, p.k_len, kr.stride, tid);
   }
   cp_async_commit();
 
@@ -201,8 +202,8 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
     fence_async_shared();
     __syncthreads();  // tile it landed for every thread; no warpgroup still reads the buffers refilled next
     if (it + 1 < tiles) {
-      load_sw128_async<T>(k_tile(it + 1), k, (it + 1) * kN, kN, p.k_len, D, kr.stride, tid, kThreads);
-      load_sw128_async<T>(v_tile(it + 1), v, (it + 1) * kN, kN, p.k_len, D, kr.stride, tid, kThreads);
+      load_sw128_tile_pair<T, D, kN, kThreads>(k_tile(it + 1), k, v_tile(it + 1), v, (it + 1) * kN, p.k_len, kr.stride,
+                                               tid);
     }
     cp_async_commit();
 

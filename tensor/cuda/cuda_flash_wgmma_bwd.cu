@@ -200,8 +200,8 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
   // and D = 0, so whatever P they get adds nothing to dV, dK; dQ skips them).
   auto load_query_tile = [&](int64_t it, int buf) {
     const int64_t i0 = it * kBwdRows;
-    load_sw128_async<T>(sQ0 + buf * 64 * 64, q, i0, kBwdRows, p.q_len, D, qr.stride, tid, kBwdThreads);
-    load_sw128_async<T>(sdO0 + buf * 64 * 64, dout, i0, kBwdRows, p.q_len, D, qr.stride, tid, kBwdThreads);
+    load_sw128_tile_pair<T, D, kBwdRows, kBwdThreads>(sQ0 + buf * 64 * 64, q, sdO0 + buf * 64 * 64, dout, i0,
+                                                       p.q_len, qr.stride, tid);
     if (tid < 2 * kBwdRows) {
       const int rr = tid % kBwdRows;
       const bool in = i0 + rr < p.q_len;
@@ -209,8 +209,8 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
       else cp_async4(sD0 + buf * kBwdRows + rr, in ? delta + i0 + rr : delta, in);
     }
   };
-  load_sw128_async<T>(sK, k, j0, kBwdKeys, p.k_len, D, kr.stride, tid, kBwdThreads);
-  load_sw128_async<T>(sV, v, j0, kBwdKeys, p.k_len, D, kr.stride, tid, kBwdThreads);
+  zero_sw128_pad<D, (2 * kWgs + 4) * 64, kBwdThreads>(sK, tid);  // K, V, then Q and dO [2] follow each other
+  load_sw128_tile_pair<T, D, kBwdKeys, kBwdThreads>(sK, k, sV, v, j0, p.k_len, kr.stride, tid);
   if (first < last) load_query_tile(first, 0);
   cp_async_commit();
 
