@@ -171,36 +171,30 @@ __device__ __forceinline__ int sw128_offset(int row, int chunk) { return row * 1
 // apart) into a 128-byte-swizzled [kRows][64] tile with cp.async by kThreads threads (tid one of
 // them): only the D / 8 chunks of 16 bytes that hold data, zero-filled past len. Columns D…63 are
 // not written: wgmma reads columns up to the next multiple of 16 (S = Q·Kᵀ's k-steps), and at
-// D = 40 that chunk (columns 40…47) is zeroed once per buffer by zero_sw128_pad. With at least as
-// many threads as rows, kThreads / kRows threads share a row (thread tid: row tid % kRows, every
-// (kThreads / kRows)-th chunk from tid / kRows), so a thread's row address, bounds check and
-// swizzle are computed once and each chunk costs a few instructions. Lands like load_tile_async.
-// load_sw128_tile_pair does the same for two matrices of one shape and stride (the backward's Q
-// and dO tiles), sharing the row arithmetic.
+// D = 40 that chunk (columns 40…47) is zeroed once per buffer by zero_sw128_pad.
+// Eight threads per row, thread tid on chunk tid % 8 (idle past D / 8) of rows tid / 8 + P·i,
+// P = kThreads / 8: a warp reads 4 whole rows (coalesced), and as P is a multiple of 8 a thread's
+// swizzle never changes, so each further chunk costs an address add and its bounds check.
+// load_sw128_tiles does this for kMats matrices of one shape and stride at once (the backward's Q
+// and dO tiles, the forward's K and V), sharing the row arithmetic. Lands like load_tile_async.
 template <typename T, int D, int kRows, int kThreads, int kMats>
 __device__ __forceinline__ void load_sw128_tiles(T* const (&tiles)[kMats], const T* const (&srcs)[kMats], int64_t r0,
                                                  int64_t len, int64_t stride, int tid) {
   static_assert(D % 8 == 0 && D <= 64, "rows of at most 64 elements, whole 16-byte chunks");
-  static_assert(kThreads % kRows == 0 || kRows % kThreads == 0, "threads a multiple or a divisor of the rows");
-  constexpr int kChunks = D / 8;
-  auto row_chunks = [&](int r, int first, int step) {
-    const bool in = r0 + r < len;
-    const int64_t row = in ? (r0 + r) * stride : 0;
+  constexpr int kPass = kThreads / 8;  // rows per pass
+  static_assert(kThreads % 64 == 0, "passes of a multiple of 8 rows: the swizzle stays");
+  const int c = tid % 8, r = tid / 8;
+  if (D % 64 != 0 && c >= D / 8) return;
+  const int dst = sw128_offset(r, c);
+  const int64_t step = kPass * stride;
+  int64_t at = (r0 + r) * stride + 8 * c;
 #pragma unroll
-    for (int c0 = 0; c0 < kChunks; c0 += step) {
-      const int c = c0 + first;
-      if (kChunks % step == 0 || c < kChunks)
+  for (int i = 0; i < (kRows + kPass - 1) / kPass; ++i, at += step) {
+    if (kRows % kPass != 0 && r + i * kPass >= kRows) break;
+    const bool in = r0 + r + i * kPass < len;
 #pragma unroll
-        for (int m = 0; m < kMats; ++m)
-          cp_async16(reinterpret_cast<unsigned char*>(tiles[m]) + sw128_offset(r, c), srcs[m] + row + (in ? 8 * c : 0),
-                     in);
-    }
-  };
-  if constexpr (kThreads >= kRows) {
-    row_chunks(tid % kRows, tid / kRows, kThreads / kRows);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kRows / kThreads; ++i) row_chunks(tid + i * kThreads, 0, 1);
+    for (int m = 0; m < kMats; ++m)
+      cp_async16(reinterpret_cast<unsigned char*>(tiles[m]) + dst + i * kPass * 128, in ? srcs[m] + at : srcs[m], in);
   }
 }
 
