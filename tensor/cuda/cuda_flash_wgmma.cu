@@ -100,7 +100,7 @@ __device__ __forceinline__ float exp_row(float (&s)[kN / 2], int h, float fs, fl
   for (int j = 0; j < kN / 8; ++j) {
     float& a = s[4 * j + 2 * h];
     float& b = s[4 * j + 2 * h + 1];
-    if (kPoly > 0 && j % kPoly == kPoly - 1) {
+    if (kPoly > 0 && j % (kPoly > 0 ? kPoly : 1) == kPoly - 1) {  // (no "% 0" in the kPoly = 0 copy)
       a = poly_exp2(fmaf(a, fs, -shift));
       b = poly_exp2(fmaf(b, fs, -shift));
     } else {
@@ -154,7 +154,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], 
   }
 }
 
-template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly, bool kHalves>
+template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly>
 __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg, kN, kPipe>::kMinBlocks)
     flash_fwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -207,41 +207,6 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
     }
     cp_async_commit();
 
-    if constexpr (kHalves) {
-      // the tile as two halves of 64 keys: S of the second half is computed while the first half's
-      // softmax runs, and the first half's P·V while the second half's softmax runs
-      constexpr int kH = kN / 2;
-      const uint64_t k_desc = sw128_desc(k_tile(it), 16, 1024), v_desc = sw128_desc(v_tile(it), 16, 1024);
-      float sa[kH / 2], sb[kH / 2];
-      wgmma_fence();
-      wgmma_qk<T, D, kH>(sa, q_desc, k_desc);
-      wgmma_commit();
-      wgmma_qk<T, D, kH>(sb, q_desc, k_desc + (kH * 128 >> 4));
-      wgmma_commit();
-      wgmma_wait<1>();
-      fence_operands(sa);
-      float corr[2];
-      softmax_tile<T, kH, kPoly>(sa, m, l, corr, p, mask, n, i0, it * kN, row_q, t, sl2);
-      rescale_o<D>(o, corr);  // no P·V in flight here
-      uint32_t pa_a[kH / 16][4], pa_b[kH / 16][4];
-      pack_p<T, kH>(pa_a, sa);
-      wgmma_fence();
-      wgmma_pv<T, D, kH>(o, pa_a, v_desc);
-      wgmma_commit();
-      wgmma_wait<1>();  // S of the second half (P·V of the first may still run)
-      fence_operands(sb);
-      softmax_tile<T, kH, kPoly>(sb, m, l, corr, p, mask, n, i0, it * kN + kH, row_q, t, sl2);
-      pack_p<T, kH>(pa_b, sb);
-      wgmma_wait<0>();
-      fence_operands(o);
-      rescale_o<D>(o, corr);
-      wgmma_fence();
-      wgmma_pv<T, D, kH>(o, pa_b, v_desc + (kH * 128 >> 4));
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(o);
-      continue;
-    }
     float s[kN / 2];  // s[4j + e]: mma.sync's C fragment of column block j
     wgmma_fence();
     wgmma_qk<T, D, kN>(s, q_desc, sw128_desc(k_tile(it), 16, 1024));
@@ -300,11 +265,10 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
 #endif
 }
 
-template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly = 0, bool kHalves = false>
+template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly = 0>
 void wgmma_forward(const FlashParams& p) {
-  static_assert(!(kPipe && kHalves), "one overlap scheme at a time");
   using S = WgShape<kWg, kN, kPipe>;
-  auto* kernel = flash_fwd_wgmma_kernel<T, D, kWg, kN, kPipe, kPoly, kHalves>;
+  auto* kernel = flash_fwd_wgmma_kernel<T, D, kWg, kN, kPipe, kPoly>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
   const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
   kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p);
@@ -321,15 +285,10 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   // full), so the grid ends in fewer partial waves; 512 threads leave ≤ 128 registers each
   if (tile == "4x128") return wgmma_forward<T, D, 4, 128, false>(p);
   if (tile == "4x128e4") return wgmma_forward<T, D, 4, 128, false, 4>(p);
-  // h: each tile in two halves of 64 keys, S of one half and P·V of the other overlapping a softmax
-  if (tile == "3x128h") return wgmma_forward<T, D, 3, 128, false, 0, true>(p);
-  if (tile == "3x128he4") return wgmma_forward<T, D, 3, 128, false, 4, true>(p);
-  if (tile == "4x128h") return wgmma_forward<T, D, 4, 128, false, 0, true>(p);
-  if (tile == "4x128he4") return wgmma_forward<T, D, 4, 128, false, 4, true>(p);
   if (tile == "2x128p") return wgmma_forward<T, D, 2, 128, true>(p);
   // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default at d = 40)
   if (tile == "3x128e4") return wgmma_forward<T, D, 3, 128, false, 4>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 4x128, 4x128e4, 3x128h, 3x128he4, 4x128h, 4x128he4, 2x128, 2x64, 4x64, 2x128p");
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
 }
 
 template <typename T>

@@ -19,9 +19,9 @@
 //           in shared memory and added by one bulk reduction per warp (bulk_dq_part)
 //   and at the end dK, dV of the block's keys are added into their f32 buffers, or written as
 //   the gradients themselves where the block holds every query tile of its keys (direct_kv).
-// The pipelined loop (the default; LOOM_FLASH_BWD_PIPE=0 turns it off; d = 40 with one
-// warpgroup and bulk dQ, d = 64 with two) runs the same steps with the next tile's Sᵀ, dPᵀ issued
-// behind this tile's dQ (the kPipe loop).
+// The pipelined loop (d = 40 with one warpgroup and bulk dQ, the default there; d = 64 with two
+// by LOOM_FLASH_BWD_PIPE=1) runs the same steps with the next tile's Sᵀ, dPᵀ issued behind this
+// tile's dQ (the kPipe loop).
 // Shared-memory tiles are 128-byte swizzled ([rows][64], cuda_wgmma.cuh).
 #include "tensor/cuda/cuda_flash_tc.cuh"
 #include "tensor/cuda/cuda_wgmma.cuh"
@@ -467,19 +467,22 @@ int flash_wgmma_bulk_dq() {
              "' is not 0, 1 or all");
   // H200 (docs/gpu-bench.md attention run 14): (2,8,4096,40) fwd+bwd 0.719 ms with bulk
   // reductions against 0.793 with per-thread atomics; the SD 1.5 block step 2.130 against 2.211.
-  // Run 16: "all" (the two-warpgroup kernel too) takes (2,8,4096,64) from 0.949 to 0.922 ms, and
-  // with LOOM_FLASH_BWD_PIPE=1 to 0.923 (d = 40 0.706 against 0.718): both are the default.
+  // Run 16: "all" (the two-warpgroup kernel too) takes (2,8,4096,64) from 0.949 to 0.922 ms: the
+  // default.
   if (v == "0") return 0;
   return v == "1" ? 1 : 2;
 }
 
-bool flash_wgmma_backward_pipelined() {
+// LOOM_FLASH_BWD_PIPE: 1 / 0 force the pipelined loop on / off; unset: on for the one-warpgroup
+// kernel (d = 40), off for the two-warpgroup one (d = 64). H200, attention run 19 (tiles loaded by
+// load_sw128_tiles): (2,8,4096,40) fwd+bwd 0.635 ms pipelined against 0.668; (2,8,4096,64) 0.805
+// against 0.730, (2,10,4096,64) 1.045 against 0.963.
+bool flash_wgmma_backward_pipelined(int warpgroups) {
   const char* env = std::getenv("LOOM_FLASH_BWD_PIPE");
   const std::string v = env ? env : "";
   LOOM_CHECK(v.empty() || v == "0" || v == "1", "LOOM_FLASH_BWD_PIPE='", v, "' is not 0 or 1");
-  // H200, attention run 16: (2,8,4096,64) 0.949 → 0.920 ms, (2,10,4096,64) 1.198 → 1.163,
-  // (2,8,4096,40) 0.718 → 0.710 (0.706 with the two-warpgroup bulk dQ): on by default
-  return v != "0";
+  if (v.empty()) return warpgroups == 1;
+  return v == "1";
 }
 
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
@@ -498,7 +501,7 @@ void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64
   const int bulk = flash_wgmma_bulk_dq();  // 0 none, 1 one warpgroup at d = 40, 2 also two warpgroups
   const bool bulk_dq = wgs == 1 ? p.d == 40 && bulk >= 1 : bulk == 2;
   // the pipelined loop (LOOM_FLASH_BWD_PIPE=1): one warpgroup at d = 40 with bulk dQ, two at d = 64
-  const bool pipe = p.dq_accum && flash_wgmma_backward_pipelined() &&
+  const bool pipe = p.dq_accum && flash_wgmma_backward_pipelined(wgs) &&
                     ((wgs == 1 && bulk_dq) || (wgs == 2 && p.d == 64));
   auto for_dtype = [&](auto tag) {
     using T = decltype(tag);
