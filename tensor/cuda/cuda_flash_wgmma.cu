@@ -286,7 +286,7 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   if (tile == "4x128") return wgmma_forward<T, D, 4, 128, false>(p);
   if (tile == "4x128e4") return wgmma_forward<T, D, 4, 128, false, 4>(p);
   if (tile == "2x128p") return wgmma_forward<T, D, 2, 128, true>(p);
-  // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default at d = 40)
+  // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default family at d = 40)
   if (tile == "3x128e4") return wgmma_forward<T, D, 3, 128, false, 4>(p);
   LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
 }
