@@ -100,15 +100,8 @@ void flash_wgmma_forward(const FlashParams& p);
 // Keys per block: 128 (2 warpgroups) at d = 64, 64 (1 warpgroup, 3 blocks per SM) at d = 40, or
 // as LOOM_FLASH_BWD_WGMMA_KEYS = 64 | 128 says (read at every call).
 int flash_wgmma_backward_keys(int64_t d);
-// Where the wgmma backward sends dQ by bulk reductions (one per warp and query tile, or one per
-// block and query tile with two warpgroups) instead of per-thread f32 atomics:
-// LOOM_FLASH_BWD_DQ_BULK = 0 (nowhere: 0), 1 (the one-warpgroup kernel at d = 40: 1), all (the
-// default: also the two-warpgroup kernel at d = 40 and 64: 2).
-int flash_wgmma_bulk_dq();
-// Whether the wgmma backward kernel of `warpgroups` warpgroups (one at d = 40 with bulk dQ, two at
-// d = 64) issues the next query tile's Sᵀ / dPᵀ while this tile's dQ is computed and sent:
-// LOOM_FLASH_BWD_PIPE = 1 | 0; unset: with one warpgroup only (measured best, attention run 19).
-bool flash_wgmma_backward_pipelined(int warpgroups);
+// flash_wgmma_backward_launch reads LOOM_FLASH_BWD_DQ_BULK (dQ by bulk reductions) and
+// LOOM_FLASH_BWD_PIPE (the pipelined loop) at every call: cuda_flash_wgmma_bwd.cu.
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
                                  int query_tiles_per_block, bool direct_kv);
 // dQ of the tensor-core backward by a query-stationary kernel of its own, written straight into

@@ -100,7 +100,9 @@ __device__ __forceinline__ float exp_row(float (&s)[kN / 2], int h, float fs, fl
   for (int j = 0; j < kN / 8; ++j) {
     float& a = s[4 * j + 2 * h];
     float& b = s[4 * j + 2 * h + 1];
-    if (kPoly > 0 && j % (kPoly > 0 ? kPoly : 1) == kPoly - 1) {  // (no "% 0" in the kPoly = 0 copy)
+    bool on_fma = false;
+    if constexpr (kPoly > 0) on_fma = j % kPoly == kPoly - 1;
+    if (on_fma) {
       a = poly_exp2(fmaf(a, fs, -shift));
       b = poly_exp2(fmaf(b, fs, -shift));
     } else {

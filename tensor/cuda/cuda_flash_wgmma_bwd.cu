@@ -448,18 +448,9 @@ __global__ void __launch_bounds__(128 * kWgs, kWgs == 1 ? (D == 40 ? 3 : 2) : 1)
 #endif
 }
 
-}  // namespace
-
-int flash_wgmma_backward_keys(int64_t d) {
-  const char* keys = std::getenv("LOOM_FLASH_BWD_WGMMA_KEYS");
-  const std::string k = keys ? keys : "";
-  LOOM_CHECK(k.empty() || k == "64" || k == "128", "LOOM_FLASH_BWD_WGMMA_KEYS='", k, "' is not 64 or 128");
-  if (!k.empty()) return k == "64" ? 64 : 128;
-  // H200, docs/gpu-bench.md run 12: (2,8,4096,40) fwd+bwd 0.817 ms with 64 keys (3 blocks per SM)
-  // against 0.847 with 128; (2,8,4096,64) 0.975 with 128 against 1.013 with 64 (2 blocks per SM)
-  return d == 40 ? 64 : 128;
-}
-
+// Where dQ goes by bulk reductions (one per warp and query tile, or one per block and query tile
+// with two warpgroups) instead of per-thread f32 atomics: LOOM_FLASH_BWD_DQ_BULK = 0 (nowhere: 0),
+// 1 (the one-warpgroup kernel at d = 40: 1), all (the default: also the two-warpgroup kernel: 2).
 int flash_wgmma_bulk_dq() {
   const char* env = std::getenv("LOOM_FLASH_BWD_DQ_BULK");
   const std::string v = env ? env : "";
@@ -473,8 +464,9 @@ int flash_wgmma_bulk_dq() {
   return v == "1" ? 1 : 2;
 }
 
-// LOOM_FLASH_BWD_PIPE: 1 / 0 force the pipelined loop on / off; unset: on for the one-warpgroup
-// kernel (d = 40), off for the two-warpgroup one (d = 64). H200, attention run 19 (tiles loaded by
+// Whether the kernel of `warpgroups` warpgroups issues the next query tile's Sᵀ / dPᵀ while this
+// tile's dQ is computed and sent. LOOM_FLASH_BWD_PIPE: 1 / 0 force the pipelined loop on / off;
+// unset: on for the one-warpgroup kernel (d = 40), off for the two-warpgroup one (d = 64). H200, attention run 19 (tiles loaded by
 // load_sw128_tiles): (2,8,4096,40) fwd+bwd 0.635 ms pipelined against 0.668; (2,8,4096,64) 0.805
 // against 0.730, (2,10,4096,64) 1.045 against 0.963.
 bool flash_wgmma_backward_pipelined(int warpgroups) {
@@ -483,6 +475,18 @@ bool flash_wgmma_backward_pipelined(int warpgroups) {
   LOOM_CHECK(v.empty() || v == "0" || v == "1", "LOOM_FLASH_BWD_PIPE='", v, "' is not 0 or 1");
   if (v.empty()) return warpgroups == 1;
   return v == "1";
+}
+
+}  // namespace
+
+int flash_wgmma_backward_keys(int64_t d) {
+  const char* keys = std::getenv("LOOM_FLASH_BWD_WGMMA_KEYS");
+  const std::string k = keys ? keys : "";
+  LOOM_CHECK(k.empty() || k == "64" || k == "128", "LOOM_FLASH_BWD_WGMMA_KEYS='", k, "' is not 64 or 128");
+  if (!k.empty()) return k == "64" ? 64 : 128;
+  // H200, docs/gpu-bench.md run 12: (2,8,4096,40) fwd+bwd 0.817 ms with 64 keys (3 blocks per SM)
+  // against 0.847 with 128; (2,8,4096,64) 0.975 with 128 against 1.013 with 64 (2 blocks per SM)
+  return d == 40 ? 64 : 128;
 }
 
 void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64_t key_blocks, int64_t splits,
