@@ -96,6 +96,11 @@ Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Vari
 // x [N, C, *]: normalises each of `groups` channel groups over (C/groups, *); weight/bias [C] optional.
 Variable group_norm(const Variable& x, int64_t groups, const Variable& weight = Variable(),
                     const Variable& bias = Variable(), double eps = 1e-5);
+// silu(group_norm(x, ...)) (ResnetBlock2D's norm and activation): where no gradient is recorded
+// (grad mode off, or no input requires one) one fused pass (ops::group_norm with silu); else the
+// two ops, recorded as such.
+Variable group_norm_silu(const Variable& x, int64_t groups, const Variable& weight = Variable(),
+                         const Variable& bias = Variable(), double eps = 1e-5);
 // x [..., 2h] -> [..., h]: x[..., :h]·gelu(x[..., h:]) (exact erf gelu unless tanh_approx).
 Variable geglu(const Variable& x, bool tanh_approx = false);
 // y + bias + residual in one pass (the projection bias and the residual connection);

@@ -61,6 +61,9 @@ CLI::App* add_sample(CLI::App& app, SampleArgs& a) {
   s->add_flag("--no-cuda-graph", a.no_cuda_graph,
               "On CUDA, run the UNet eagerly at every step instead of replaying a CUDA graph of its forward "
               "captured at the second step");
+  s->add_flag("--no-fuse", a.no_fuse,
+              "Apply LoRA adapters as low-rank products at every step instead of fusing them into the weights "
+              "once (W + w·scale·B·A in f64) before the first step");
   return s;
 }
 
@@ -84,7 +87,7 @@ int run_sample(const SampleArgs& a, const CLI::App& cmd) {
   } catch (const Error& e) {
     throw trainer::OptionError(e.what());
   }
-  o.device = a.device, o.precision = a.precision, o.cuda_graph = !a.no_cuda_graph;
+  o.device = a.device, o.precision = a.precision, o.cuda_graph = !a.no_cuda_graph, o.fuse = !a.no_fuse;
   if (same_existing_file(a.output, a.input))
     throw trainer::OptionError("--output " + a.output + " is the --input file " + a.input + ": it would be replaced");
   for (const auto& spec : o.adapters)

@@ -35,6 +35,12 @@ Variable GroupNorm::forward(const Variable& x) const {
   return group_norm(x, groups_, weight_, bias_, eps_);
 }
 
+Variable GroupNorm::forward_silu(const Variable& x) const {
+  LOOM_CHECK(x.defined() && x.dim() >= 2 && x.size(1) == channels_, "GroupNorm: expected input [N, ", channels_,
+             ", *], got ", x.defined() ? x.shape() : Shape{});
+  return group_norm_silu(x, groups_, weight_, bias_, eps_);
+}
+
 Dropout::Dropout(double p) : p_(p), gen_(&default_generator()) {
   LOOM_CHECK(p >= 0.0 && p < 1.0, "Dropout: probability must be in [0, 1), got ", p);
 }

@@ -40,6 +40,8 @@ class GroupNorm : public UnaryModule {
             Device device = Device::cpu());
   std::string type_name() const override { return "GroupNorm"; }
   Variable forward(const Variable& x) const override;  // [N, C, *] -> [N, C, *]
+  // silu(forward(x)), one fused pass where no gradient is recorded (autograd group_norm_silu).
+  Variable forward_silu(const Variable& x) const;
 
   int64_t groups() const { return groups_; }
   int64_t channels() const { return channels_; }

@@ -25,6 +25,7 @@ enum class OpKind {
   UnscaleCheckFinite,                                           // loss scaling (tensor/ops_fused.h)
   Conv2d,                                                       // direct convolution (tensor/conv.h)
   Conv2dLibrary,                                                // the device's convolution library (CUDA: cuDNN)
+  GemmBias,                                                     // gemm with GemmBatch::bias (in its epilogue)
 };
 const char* op_kind_name(OpKind k);
 
@@ -50,6 +51,9 @@ enum class ReduceOp { Sum, Max };
 // op(A) is m×k: stored m×k (lda ≥ k) or, with trans_a, k×m (lda ≥ m). Likewise op(B) k×n.
 // C is m×n with ldc ≥ n. A batch stride of 0 shares one matrix across the batch.
 // A, B, C have the same dtype; f32 accumulates in f32 (no TF32), bf16/f16 accumulate in f32.
+// bias: null, or n contiguous values in C's dtype added to every row of every C[i] after the
+// product (a Linear's bias): C[i][r, j] = alpha·(op(A)·op(B))[r, j] + beta·C[i][r, j] + bias[j],
+// rounded once. Only given where the backend supports(OpKind::GemmBias, dtype).
 struct GemmBatch {
   Device device;
   DType dtype = DType::F32;
@@ -62,6 +66,7 @@ struct GemmBatch {
   void* c = nullptr;
   int64_t ldc = 0, stride_c = 0;
   double alpha = 1.0, beta = 0.0;
+  const void* bias = nullptr;
 };
 
 // Flash attention (SPEC §2), the arguments shared by forward and backward.

@@ -26,6 +26,7 @@ const char* op_kind_name(OpKind k) {
     case OpKind::UnscaleCheckFinite: return "unscale_check_finite";
     case OpKind::Conv2d: return "conv2d";
     case OpKind::Conv2dLibrary: return "conv2d (library)";
+    case OpKind::GemmBias: return "gemm with bias";
   }
   return "unknown";
 }

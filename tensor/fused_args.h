@@ -47,6 +47,7 @@ struct GroupNormArgs {
   Tensor y, mean, rstd;  // outputs
   int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
   double eps = 1e-5;
+  bool silu = false;  // y = silu(x̂·w + b), one rounding (inference only: no backward takes this y)
 };
 
 // Backward of GroupNormArgs (the rule of LayerNormGradArgs per (sample, group));

@@ -211,8 +211,10 @@ Tensor sum_to(const Tensor& x, const Shape& shape) {
 
 // ---- matrix products ----------------------------------------------------------------
 
-Tensor matmul(const Tensor& a_in, const Tensor& b_in, double alpha) {
-  check_same("matmul", a_in, b_in);
+namespace {
+// matmul, with `bias` (undefined, or [n] in the operands' dtype, contiguous) added to every row in
+// the GEMM's epilogue: only where the backend supports(OpKind::GemmBias) (ops::linear checks).
+Tensor matmul_with_bias(const Tensor& a_in, const Tensor& b_in, double alpha, const Tensor& bias) {
   LOOM_CHECK(a_in.dim() >= 1 && b_in.dim() >= 1, "matmul: 0-d operand: ", a_in.shape(), " and ", b_in.shape());
   Backend& be = backend_for("matmul", OpKind::Gemm, a_in.device(), a_in.dtype());
   const Tensor a = a_in.dim() == 1 ? a_in.unsqueeze(0) : a_in;   // [..., m, k]
@@ -245,11 +247,18 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, double alpha) {
   g.b = B.ptr, g.trans_b = B.trans, g.ldb = B.ld, g.stride_b = B.batch_stride;
   g.c = out.raw_data(), g.ldc = std::max<int64_t>(n, 1), g.stride_c = m * n;
   g.alpha = alpha;
+  if (bias.defined()) g.bias = bias.raw_data();
   if (out.numel() > 0 && k == 0) out.fill_(0.0);
   if (out.numel() > 0 && k > 0) be.gemm(g);
   if (a_in.dim() == 1) out = out.squeeze(-2);
   if (b_in.dim() == 1) out = out.squeeze(-1);
   return out;
+}
+}  // namespace
+
+Tensor matmul(const Tensor& a_in, const Tensor& b_in, double alpha) {
+  check_same("matmul", a_in, b_in);
+  return matmul_with_bias(a_in, b_in, alpha, Tensor());
 }
 
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
@@ -258,12 +267,15 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   LOOM_CHECK(w.dim() == 2, "linear: weight must be 2-D (out, in), got ", w.shape());
   LOOM_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear: input ", x.shape(), " does not match weight ",
              w.shape(), " (in_features ", w.size(1), ")");
-  Tensor y = matmul(x, w.transpose(0, 1));  // [..., in] x [in, out] -> [..., out]
-  if (!bias.defined()) return y;
+  if (!bias.defined()) return matmul(x, w.transpose(0, 1));  // [..., in] x [in, out] -> [..., out]
   check_same("linear", x, bias);
   LOOM_CHECK(bias.dim() == 1 && bias.size(0) == w.size(0), "linear: bias ", bias.shape(),
              " does not match weight ", w.shape());
-  return add(y, bias);
+  // The bias in the GEMM's epilogue where the device has one (one rounding, no pass over y);
+  // else GEMM, then the broadcast add.
+  if (backend_for(x.device()).supports(OpKind::GemmBias, x.dtype()) && x.numel() > 0 && w.size(1) > 0)
+    return matmul_with_bias(x, w.transpose(0, 1), 1.0, bias.contiguous());
+  return add(matmul(x, w.transpose(0, 1)), bias);
 }
 
 // ---- softmax family ---------------------------------------------------------------------

@@ -114,7 +114,8 @@ NormGrads layer_norm_backward(const Tensor& dy, const Tensor& x, int64_t n, cons
 
 // ---- group norm ------------------------------------------------------------------------
 
-NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight, const Tensor& bias, double eps) {
+NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight, const Tensor& bias, double eps,
+                       bool silu) {
   check_input("group_norm", x_in);
   const GroupShape s = group_shape("group_norm", x_in, groups);
   LOOM_CHECK(eps >= 0, "group_norm: eps must be >= 0, got ", eps);
@@ -125,6 +126,7 @@ NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight,
   a.bias = check_vector("group_norm", "bias", bias, x_in, s.channels, x_in.dtype());
   a.batch = s.batch, a.channels = s.channels, a.spatial = s.spatial, a.groups = groups;
   a.eps = eps;
+  a.silu = silu;
   a.y = Tensor::empty(x_in.shape(), x_in.dtype(), x_in.device());
   a.mean = Tensor::empty({s.batch, groups}, stat_dtype(x_in.dtype()), x_in.device());
   a.rstd = Tensor::empty({s.batch, groups}, stat_dtype(x_in.dtype()), x_in.device());

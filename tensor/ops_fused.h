@@ -32,8 +32,10 @@ NormGrads layer_norm_backward(const Tensor& dy, const Tensor& x, int64_t n, cons
                               const Tensor& mean, const Tensor& rstd, NormNeeds needs = {});
 
 // Group norm of x [N, C, *] in `groups` groups; weight, bias [C] or undefined.
-// mean/rstd: [N, groups].
-NormForward group_norm(const Tensor& x, int64_t groups, const Tensor& weight, const Tensor& bias, double eps);
+// mean/rstd: [N, groups]. silu: y = silu(x̂·w + b) in one pass and one rounding (inference: the
+// backward takes the plain y's statistics, not this y).
+NormForward group_norm(const Tensor& x, int64_t groups, const Tensor& weight, const Tensor& bias, double eps,
+                       bool silu = false);
 NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups, const Tensor& weight,
                               const Tensor& mean, const Tensor& rstd, NormNeeds needs = {});
 

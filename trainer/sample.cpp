@@ -125,9 +125,11 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
   lo.strict = o.strict;
   const AttachedAdapters attached = attach_adapters(model, o.adapters, lo);
   result.reports = attached.reports;
+  if (o.fuse && attached.lora) attached.lora->fuse(), result.fused = true;
   if (log) {
     for (const std::string& n : result.notes) *log << "loom: note: " << n << "\n";
     for (const auto& rep : result.reports) *log << rep.summary() << "\n";
+    if (result.fused) *log << "loom: LoRA adapters fused into the UNet's weights for sampling (--no-fuse: applied at every step)\n";
   }
 
   unet::SamplingOptions so;

@@ -46,6 +46,11 @@ struct SampleOptions {
   std::string device = "cpu";  // cpu | cuda | cuda:N | auto
   std::string precision;       // empty: the device's default (SPEC §7)
   bool cuda_graph = true;      // on CUDA: replay the UNet's forward from a graph (unet::SamplingOptions)
+  // LoRA adapters (any LoraSet kind) fused into the weights before the first step (LoraSet::fuse:
+  // W + Σ w·s·B·A in f64, rounded once to the weights' dtype), as A1111 / ComfyUI and diffusers'
+  // fuse_lora() run them: the steps then cost what the plain UNet costs. false: the low-rank
+  // products run at every step (the same function; they differ by the dtype's rounding).
+  bool fuse = true;
 };
 
 struct SampleResult {
@@ -54,6 +59,7 @@ struct SampleResult {
   double init_noise_sigma = 1.0;
   std::vector<io::AdapterLoadReport> reports;
   std::vector<std::string> notes;  // model config and scheduler config notes, unused input keys
+  bool fused = false;              // the LoRA adapters were fused into the weights (SampleOptions::fuse)
   int64_t graph_replays = 0;       // steps whose UNet forward was a CUDA graph replay
   std::string graph_note;          // why graphs were not used although asked for, or ""
 };

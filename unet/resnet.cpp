@@ -5,6 +5,16 @@
 
 namespace loom::unet {
 
+namespace {
+// activation(norm(x)); a GroupNorm followed by SiLU runs as one pass where no gradient is
+// recorded (nn::GroupNorm::forward_silu).
+Variable norm_then_activation(const nn::UnaryModule& norm, const std::string& act, const Variable& x) {
+  const auto* gn = dynamic_cast<const nn::GroupNorm*>(&norm);
+  if (gn && (act == "silu" || act == "swish")) return gn->forward_silu(x);
+  return activation(act, norm.forward(x));
+}
+}  // namespace
+
 ResnetBlock2D::ResnetBlock2D(const ResnetBlock2DOptions& o, Generator& gen, DType dtype, Device device)
     : options_(o) {
   auto& opt = options_;
@@ -34,7 +44,7 @@ Variable ResnetBlock2D::forward(const Variable& x, const Variable& temb) const {
   const auto& o = options_;
   LOOM_CHECK(x.defined() && x.dim() == 4 && x.size(1) == o.in_channels, "ResnetBlock2D: expected input [N, ",
              o.in_channels, ", H, W], got ", x.defined() ? x.shape() : Shape{});
-  Variable h = activation(o.non_linearity, child_as<nn::UnaryModule>("norm1")->forward(x));
+  Variable h = norm_then_activation(*child_as<nn::UnaryModule>("norm1"), o.non_linearity, x);
   h = child_as<nn::UnaryModule>("conv1")->forward(h);
   Variable t;
   if (temb.defined() && find_module("time_emb_proj")) {
@@ -44,15 +54,15 @@ Variable ResnetBlock2D::forward(const Variable& x, const Variable& temb) const {
   const auto norm2 = child_as<nn::UnaryModule>("norm2");
   if (o.time_embedding_norm == "default") {
     if (t.defined()) h = add(h, t);
-    h = norm2->forward(h);
+    h = norm_then_activation(*norm2, o.non_linearity, h);
   } else {
     h = norm2->forward(h);
     if (t.defined()) {
       const auto parts = chunk(t, 2, 1);  // scale, shift
       h = add(mul(h, add_scalar(parts[0], 1.0)), parts[1]);
     }
+    h = activation(o.non_linearity, h);
   }
-  h = activation(o.non_linearity, h);
   h = child_as<nn::UnaryModule>("dropout")->forward(h);
   h = child_as<nn::UnaryModule>("conv2")->forward(h);
   const Variable shortcut = find_module("conv_shortcut") ? child_as<nn::UnaryModule>("conv_shortcut")->forward(x) : x;

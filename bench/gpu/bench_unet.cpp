@@ -16,6 +16,8 @@
 // sample_loop_step_ms: `loom sample`'s own loop (unet::sample_latents, DDIM, 10 steps, guidance
 // 7.5: the UNet on 2N), its time over the steps; the UNet replayed from a graph after the first
 // step unless --no-cuda-graph (sample_loop_graph_replays says how many steps were replays).
+// cfg_sample_step_fused_ms, sample_loop_fused_step_ms: the same with the LoRA fused into the
+// weights first (LoraSet::fuse), which is what `loom sample` does by default (--no-fuse: not).
 //
 //   loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME] [--no-cuda-graph]
 #include <algorithm>
@@ -175,12 +177,13 @@ int main(int argc, char** argv) {
   const std::string failure = !step_graph.failure.empty() ? step_graph.failure : fwd_graph.failure;
   // a sampling step with guidance: the UNet on uncond + cond (2N), then the guidance combination
   const unet::UNetInputs cfg_in = inputs(2 * batch);
-  const double sample_ms = median_ms(dev, reps, [&] {
+  auto guided_step = [&] {
     NoGradGuard ng;
     const Tensor y = model->forward(cfg_in).tensor();
     const Tensor u = y.narrow(0, 0, batch), c = y.narrow(0, batch, batch);
     (void)ops::add(u, ops::mul_scalar(ops::sub(c, u), 7.5));
-  });
+  };
+  const double sample_ms = median_ms(dev, reps, guided_step);
   print_device_profile_section("guided sampling step (the UNet on 2N latents), eager");
   // `loom sample`'s loop: DDIM, 10 steps, guidance 7.5, per step
   const int64_t loop_steps = 10;
@@ -194,19 +197,35 @@ int main(int argc, char** argv) {
   }
   unet::SamplingOptions so;
   so.steps = loop_steps, so.guidance_scale = 7.5, so.model_dtype = act, so.cuda_graph = graphs;
+  auto sample_loop = [&](unet::SamplingReport& report) {
+    return median_ms(dev, std::max(1, reps / 4), [&] {
+      const auto scheduler =
+          unet::make_scheduler(unet::SchedulerConfig::stable_diffusion_v1_5(unet::SchedulerKind::DDIM));
+      report = {};
+      unet::sample_latents(*model, *scheduler, latents, cond, so, {}, &report);
+    });
+  };
   unet::SamplingReport loop_report;
-  const double loop_ms = median_ms(dev, std::max(1, reps / 4), [&] {
-    const auto scheduler = unet::make_scheduler(unet::SchedulerConfig::stable_diffusion_v1_5(unet::SchedulerKind::DDIM));
-    loop_report = {};
-    unet::sample_latents(*model, *scheduler, latents, cond, so, {}, &loop_report);
-  });
+  const double loop_ms = sample_loop(loop_report);
+  print_device_profile_section("sampling loop, LoRA applied at every step");
+  // `loom sample`'s default: the LoRA fused into the weights before the first step
+  lora.fuse();
+  const double sample_fused_ms = median_ms(dev, reps, guided_step);
+  print_device_profile_section("guided sampling step, LoRA fused, eager");
+  unet::SamplingReport fused_report;
+  const double loop_fused_ms = sample_loop(fused_report);
+  print_device_profile_section("sampling loop, LoRA fused");
+  lora.unfuse();
   std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"batch\":%d,\"precision\":\"%s\",\"step_ms\":%.3f,"
               "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"cfg_sample_step_ms\":%.3f,"
               "\"weights_gb\":%.3f,\"step_graph_ms\":%s,\"forward_graph_ms\":%s,\"graph_failure\":%s,"
-              "\"sample_loop_step_ms\":%.3f,\"sample_loop_graph_replays\":%lld,\"sample_loop_note\":%s}\n",
+              "\"sample_loop_step_ms\":%.3f,\"sample_loop_graph_replays\":%lld,\"sample_loop_note\":%s,"
+              "\"cfg_sample_step_fused_ms\":%.3f,\"sample_loop_fused_step_ms\":%.3f,"
+              "\"sample_loop_fused_graph_replays\":%lld}\n",
               name.c_str(), batch, precision.c_str(), step_ms, step_peak, fwd_ms, fwd_peak, sample_ms,
               double(weights) / 1e9, bench::json_ms(step_graph.ms).c_str(), bench::json_ms(fwd_graph.ms).c_str(),
               graphs ? bench::json_string(failure).c_str() : "null", loop_ms / double(loop_steps),
-              (long long)loop_report.graph_replays, bench::json_string(loop_report.graph_note).c_str());
+              (long long)loop_report.graph_replays, bench::json_string(loop_report.graph_note).c_str(),
+              sample_fused_ms, loop_fused_ms / double(loop_steps), (long long)fused_report.graph_replays);
   return 0;
 }

@@ -1,7 +1,9 @@
 """diffusers + PEFT on the whole UNet, at the shapes of bench/gpu/bench_unet.cpp, in the same call on
 the same GPU: a LoRA training step with the diffusion objective (r4 α4 on to_q/to_k/to_v/to_out.0,
 AdamW, epsilon loss; frozen UNet in bf16, LoRA f32, bf16 autocast, as train_text_to_image_lora.py
-runs it), the inference forward, and a guided sampling step (the UNet on 2N). Random weights of the
+runs it), the inference forward, and a guided sampling step (the UNet on 2N), then the forward and
+the guided step again with the LoRA merged into the weights (forward_fused_ms,
+cfg_sample_step_fused_ms: PEFT's merge, as pipe.fuse_lora()). Random weights of the
 config given. Median of --reps after warm-ups, CUDA events; peak memory. One JSON line."""
 import argparse, json, torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -78,9 +80,18 @@ def main():
             u, c = y.chunk(2)
             return u + 7.5 * (c - u)
     sample_ms = time_ms(sample_step, args.reps)
+    # the LoRA merged into the weights (PEFT's merge, what pipe.fuse_lora() does): the forward and
+    # the guided step again
+    from peft.tuners.lora import LoraLayer
+    for m in unet.modules():
+        if isinstance(m, LoraLayer):
+            m.merge()
+    fwd_fused_ms = time_ms(fwd, args.reps)
+    sample_fused_ms = time_ms(sample_step, args.reps)
     print(json.dumps(dict(impl="diffusers+peft", config=args.name, batch=n, precision="bf16",
                           step_ms=round(step_ms, 3), step_peak_gb=round(step_peak, 3), forward_ms=round(fwd_ms, 3),
                           forward_peak_gb=round(fwd_peak, 3), cfg_sample_step_ms=round(sample_ms, 3),
+                          forward_fused_ms=round(fwd_fused_ms, 3), cfg_sample_step_fused_ms=round(sample_fused_ms, 3),
                           weights_gb=round(weights, 3))), flush=True)
 
 

@@ -194,6 +194,7 @@ class CpuBackend final : public Backend {
     if (op == OpKind::Copy || op == OpKind::Fill) return true;  // every dtype
     if (op == OpKind::OptimizerUpdate) return dtype == DType::F32 || dtype == DType::F64;
     if (op == OpKind::Conv2d || op == OpKind::Conv2dLibrary) return false;  // tensor/conv.cpp: im2col + GEMM
+    if (op == OpKind::GemmBias) return false;  // ops::linear: GEMM, then the bias added
     return dtype == DType::F32 || dtype == DType::F64 || is_half_dtype(dtype);
   }
 
@@ -275,7 +276,10 @@ class CpuBackend final : public Backend {
               int64_t inner) override {
     cpu::reduce(op, out, in, outer, n, inner);
   }
-  void gemm(const GemmBatch& g) override { cpu::gemm(g); }
+  void gemm(const GemmBatch& g) override {
+    LOOM_CHECK(g.bias == nullptr, "cpu gemm: no bias epilogue (supports(OpKind::GemmBias) is false)");
+    cpu::gemm(g);
+  }
   void softmax(const Tensor& out, const Tensor& in, int64_t rows, int64_t n, bool log) override {
     cpu::softmax(out, in, rows, n, log);
   }

@@ -179,7 +179,14 @@ void group_norm_typed(const GroupNormArgs& a) {
       const C wc = w ? ld(w[c0 + c]) : C(1), bc = b ? ld(b[c0 + c]) : C(0);
       const T* xc = x + base + c * S;
       T* yc = y + base + c * S;
-      for (int64_t s = 0; s < S; ++s) yc[s] = st<T>((ld(xc[s]) - mc) * rc * wc + bc);
+      if (a.silu) {
+        for (int64_t s = 0; s < S; ++s) {
+          const C v = (ld(xc[s]) - mc) * rc * wc + bc;
+          yc[s] = st<T>(v / (C(1) + std::exp(-v)));  // silu(v) = v·σ(v)
+        }
+      } else {
+        for (int64_t s = 0; s < S; ++s) yc[s] = st<T>((ld(xc[s]) - mc) * rc * wc + bc);
+      }
     }
   }
 }

@@ -122,6 +122,8 @@ class CudaBackend final : public Backend {
         return dtype == DType::BF16 || dtype == DType::F16;
       case OpKind::Conv2dLibrary:  // cuDNN where this build has it (cuda_conv_cudnn.h); bf16 / f16 as above
         return (dtype == DType::BF16 || dtype == DType::F16) && cuda::cudnn_conv_available();
+      case OpKind::GemmBias:  // cuBLASLt's bias epilogue (cuda_gemm_lt.cu); f32 / f64 keep GEMM + add
+        return dtype == DType::BF16 || dtype == DType::F16;
     }
     return false;
   }

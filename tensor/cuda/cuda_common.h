@@ -213,5 +213,7 @@ void launch_gemm(const GemmBatch& g);
 // cuda_gemm_thin.cu: a GEMM with n ≤ 16 output columns and a row-major A, one warp per row of A
 // (cuda_thin_gemm_fits in cuda_backend.h says which; launch_gemm sends them there).
 void launch_thin_gemm(const GemmBatch& g);
+// g with g.bias set (cuda_gemm_lt.cu): cuBLASLt's bias epilogue, else the GEMM and a bias pass.
+void launch_gemm_with_bias(const GemmBatch& g);
 
 }  // namespace loom::cuda

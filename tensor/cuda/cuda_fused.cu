@@ -69,6 +69,7 @@ void fused_group_norm(const GroupNormArgs& a) {
   p.x = cptr(a.x), p.weight = cptr(a.weight), p.bias = cptr(a.bias);
   p.y = mptr(a.y), p.mean = mptr(a.mean), p.rstd = mptr(a.rstd);
   p.batch = a.batch, p.channels = a.channels, p.spatial = a.spatial, p.groups = a.groups, p.eps = a.eps;
+  p.silu = a.silu;
   DeviceGuard guard(device);
   launch_group_norm(p);
 }

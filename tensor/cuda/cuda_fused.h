@@ -70,6 +70,7 @@ struct GroupNormParams {
   void* rstd = nullptr;
   int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
   double eps = 1e-5;
+  bool silu = false;  // y = silu(x̂·w + b)
 };
 
 // `sums` is scratch of 2·N·C stats-type values: Σ_s dy and Σ_s dy·x̂ per (n, c).

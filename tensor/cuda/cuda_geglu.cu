@@ -1,6 +1,8 @@
 // The fused elementwise family (params in cuda_fused.h), grid-stride loops:
 // GEGLU forward and backward over [rows, h] (x [rows, 2h] holds the halves h,
 // first, and g), and the bias + residual add over [rows, n].
+#include <type_traits>
+
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_fused.h"
 
@@ -19,34 +21,49 @@ __device__ __forceinline__ C gelu_grad_of(C v) {
   else return gelu_erf_grad(v);
 }
 
-// y[r, j] = x[r, j]·gelu(x[r, h + j])
-template <typename T, bool kApprox>
+// y[r, j] = x[r, j]·gelu(x[r, h + j]), over packs of V consecutive j (V = 1, or a 16-byte pack
+// when h is a multiple of it and x, y are aligned: the launcher's choice).
+template <typename T, bool kApprox, int V>
 __global__ void geglu_kernel(GegluParams p) {
+  using P = PackN<T, V>;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.out);
-  const int64_t total = p.rows * p.h;
+  const int64_t hp = p.h / V, total = p.rows * hp;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / p.h, j = i - r * p.h;
+    const int64_t r = i / hp, j = (i - r * hp) * V;
     const T* xr = x + r * 2 * p.h;
-    y[i] = narrow<T>(widen(xr[j]) * gelu_of<kApprox>(widen(xr[p.h + j])));
+    const P a = *reinterpret_cast<const P*>(xr + j), g = *reinterpret_cast<const P*>(xr + p.h + j);
+    P out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = narrow<T>(widen(a.v[k]) * gelu_of<kApprox>(widen(g.v[k])));
+    *reinterpret_cast<P*>(y + r * p.h + j) = out;
   }
 }
 
-// dx[r, j] = dy·gelu(g),  dx[r, h + j] = dy·x[r, j]·gelu'(g),  g = x[r, h + j]
-template <typename T, bool kApprox>
+// dx[r, j] = dy·gelu(g),  dx[r, h + j] = dy·x[r, j]·gelu'(g),  g = x[r, h + j]; packs as above.
+template <typename T, bool kApprox, int V>
 __global__ void geglu_backward_kernel(GegluParams p) {
   using C = compute_t<T>;
+  using P = PackN<T, V>;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.out);
-  const int64_t total = p.rows * p.h;
+  const int64_t hp = p.h / V, total = p.rows * hp;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / p.h, j = i - r * p.h;
+    const int64_t r = i / hp, j = (i - r * hp) * V;
     const T* xr = x + r * 2 * p.h;
     T* dxr = dx + r * 2 * p.h;
-    const C g = widen(dy[i]), hv = widen(xr[j]), gv = widen(xr[p.h + j]);
-    dxr[j] = narrow<T>(g * gelu_of<kApprox>(gv));
-    dxr[p.h + j] = narrow<T>(g * hv * gelu_grad_of<kApprox>(gv));
+    const P a = *reinterpret_cast<const P*>(xr + j), gp = *reinterpret_cast<const P*>(xr + p.h + j);
+    const P d = *reinterpret_cast<const P*>(dy + r * p.h + j);
+    P da, dg;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const C g = widen(d.v[k]), hv = widen(a.v[k]), gv = widen(gp.v[k]);
+      da.v[k] = narrow<T>(g * gelu_of<kApprox>(gv));
+      dg.v[k] = narrow<T>(g * hv * gelu_grad_of<kApprox>(gv));
+    }
+    *reinterpret_cast<P*>(dxr + j) = da;
+    *reinterpret_cast<P*>(dxr + p.h + j) = dg;
   }
 }
 
@@ -76,30 +93,42 @@ void launch_bias_residual(const BiasResidualParams& p) {
   });
 }
 
+namespace {
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Calls launch(T{}, integral_constant<int, V>{}, grid) with V the dtype's 16-byte pack where h
+// is a multiple of it and the pointers are `aligned`, else 1; grid covers rows·h/V packs.
+template <typename Launch>
+void launch_packed(const GegluParams& p, bool aligned, const char* what, Launch&& launch) {
+  dispatch_float(p.dtype, what, [&](auto tag) {
+    constexpr int V = Pack16<decltype(tag)>::kSize;
+    if (p.h % V == 0 && aligned) launch(tag, std::integral_constant<int, V>{}, grid_for(p.rows * (p.h / V)));
+    else launch(tag, std::integral_constant<int, 1>{}, grid_for(p.rows * p.h));
+  });
+}
+}  // namespace
+
 void launch_geglu(const GegluParams& p) {
   if (p.rows == 0 || p.h == 0) return;
-  dispatch_float(p.dtype, "cuda geglu", [&](auto tag) {
+  launch_packed(p, aligned16(p.x) && aligned16(p.out), "cuda geglu", [&](auto tag, auto v, unsigned grid) {
     using T = decltype(tag);
-    if (p.approximate) {
-      geglu_kernel<T, true><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
-    } else {
-      geglu_kernel<T, false><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
-    }
-    check_last_launch("geglu_kernel");
+    constexpr int V = decltype(v)::value;
+    if (p.approximate) geglu_kernel<T, true, V><<<grid, kThreads, 0, compute_stream()>>>(p);
+    else geglu_kernel<T, false, V><<<grid, kThreads, 0, compute_stream()>>>(p);
   });
+  check_last_launch("geglu_kernel");
 }
 
 void launch_geglu_backward(const GegluParams& p) {
   if (p.rows == 0 || p.h == 0) return;
-  dispatch_float(p.dtype, "cuda geglu_backward", [&](auto tag) {
+  const bool aligned = aligned16(p.x) && aligned16(p.dy) && aligned16(p.out);
+  launch_packed(p, aligned, "cuda geglu_backward", [&](auto tag, auto v, unsigned grid) {
     using T = decltype(tag);
-    if (p.approximate) {
-      geglu_backward_kernel<T, true><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
-    } else {
-      geglu_backward_kernel<T, false><<<grid_for(p.rows * p.h), kThreads, 0, compute_stream()>>>(p);
-    }
-    check_last_launch("geglu_backward_kernel");
+    constexpr int V = decltype(v)::value;
+    if (p.approximate) geglu_backward_kernel<T, true, V><<<grid, kThreads, 0, compute_stream()>>>(p);
+    else geglu_backward_kernel<T, false, V><<<grid, kThreads, 0, compute_stream()>>>(p);
   });
+  check_last_launch("geglu_backward_kernel");
 }
 
 }  // namespace loom::cuda

@@ -83,6 +83,10 @@ void launch_gemm(const GemmBatch& g) {
   LOOM_CHECK(g.batch == 1 || g.stride_c != 0, "cuda gemm: a batch of ", g.batch,
              " needs a non-zero C batch stride");
 
+  if (g.bias) {  // a Linear's bias in the epilogue (cuda_gemm_lt.cu)
+    launch_gemm_with_bias(g);
+    return;
+  }
   if (cuda_thin_gemm_fits(g)) {  // n ≤ 16 columns, A row-major: LoRA's down GEMM and dZ
     launch_thin_gemm(g);
     return;

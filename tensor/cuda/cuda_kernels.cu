@@ -199,12 +199,16 @@ __global__ void binary_vec_kernel(T* __restrict__ out, const T* __restrict__ a, 
     out[i] = narrow<T>(apply_binary<op>(widen(a[i]), widen(b[i])));
 }
 
-// out = op(a, b) where one operand is contiguous (like out) and the other constant along the
-// innermost dim (stride 0 there: a per-channel bias, a [N, C, 1, 1] time embedding), over 16-byte
-// packs of the contiguous one: the innermost extent `inner` is a multiple of the pack, so every
-// pack reads one value of the broadcast operand (offset from the outer dims' strides).
+// out = op(a, b) where one operand is contiguous (like out) and the other is broadcast, over
+// 16-byte packs of the contiguous one; the innermost extent `inner` is a multiple of the pack.
+// The broadcast operand is either
+//   constant along the innermost dim (kInnerContig false, stride 0 there: a conv's per-channel
+//   bias, a [N, C, 1, 1] time embedding): every pack reads one of its values, or
+//   contiguous along it (kInnerContig true, stride 1: a Linear's bias [C] over [rows, C], any row
+//   broadcast), with 16-byte aligned rows: every pack reads one pack of it.
+// Its offset comes from the outer dims' strides, once per pack.
 // kBroadcastA: a is the broadcast operand (op(s, x)); else b is (op(x, s)).
-template <typename T, BinaryOp op, bool kBroadcastA>
+template <typename T, BinaryOp op, bool kBroadcastA, bool kInnerContig>
 __global__ void binary_inner_bcast_kernel(BinaryParams p, int64_t inner) {
   using P = Pack16<T>;
   const T* full = static_cast<const T*>(kBroadcastA ? p.b : p.a);
@@ -212,16 +216,25 @@ __global__ void binary_inner_bcast_kernel(BinaryParams p, int64_t inner) {
   const int64_t* bstrides = kBroadcastA ? p.a_strides : p.b_strides;
   const int64_t packs = p.numel / P::kSize, stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < packs; q += stride) {
-    int64_t row = q * P::kSize / inner, off = 0;
+    const int64_t first = q * P::kSize, row0 = first / inner;
+    int64_t row = row0, off = 0;
     for (int d = p.ndim - 2; d >= 0; --d) {
       off += (row % p.shape[d]) * bstrides[d];
       row /= p.shape[d];
     }
-    const compute_t<T> s = widen(bcast[off]);
     P x = reinterpret_cast<const P*>(full)[q];
+    if constexpr (kInnerContig) {
+      const P s = *reinterpret_cast<const P*>(bcast + off + (first - row0 * inner));
 #pragma unroll
-    for (int k = 0; k < P::kSize; ++k)
-      x.v[k] = narrow<T>(kBroadcastA ? apply_binary<op>(s, widen(x.v[k])) : apply_binary<op>(widen(x.v[k]), s));
+      for (int k = 0; k < P::kSize; ++k)
+        x.v[k] = narrow<T>(kBroadcastA ? apply_binary<op>(widen(s.v[k]), widen(x.v[k]))
+                                       : apply_binary<op>(widen(x.v[k]), widen(s.v[k])));
+    } else {
+      const compute_t<T> s = widen(bcast[off]);
+#pragma unroll
+      for (int k = 0; k < P::kSize; ++k)
+        x.v[k] = narrow<T>(kBroadcastA ? apply_binary<op>(s, widen(x.v[k])) : apply_binary<op>(widen(x.v[k]), s));
+    }
     reinterpret_cast<P*>(p.out)[q] = x;
   }
 }
@@ -362,6 +375,18 @@ void launch_copy(const CopyParams& p) {
                                     cudaMemcpyDeviceToDevice, compute_stream()));
     return;
   }
+  // Rows of contiguous runs on both sides (a concatenation along the channels, a row slice), one
+  // dtype: the copy engine's 2-D copy, at the memory's rate, where the element kernel does index
+  // math per element.
+  if (p.ndim == 2 && p.dst_dtype == p.src_dtype && p.dst_strides[1] == 1 && p.src_strides[1] == 1 &&
+      p.dst_strides[0] >= p.shape[1] && p.src_strides[0] >= p.shape[1] &&
+      (p.dst_strides[0] | p.src_strides[0]) < (int64_t(1) << 28)) {  // pitches well inside the API's limit
+    const size_t item = itemsize(p.dst_dtype);
+    LOOM_CUDA_CHECK(cudaMemcpy2DAsync(p.dst, size_t(p.dst_strides[0]) * item, p.src, size_t(p.src_strides[0]) * item,
+                                      size_t(p.shape[1]) * item, size_t(p.shape[0]), cudaMemcpyDeviceToDevice,
+                                      compute_stream()));
+    return;
+  }
   dispatch_all(p.dst_dtype, "cuda copy", [&](auto dst_tag) {
     using Dst = decltype(dst_tag);
     dispatch_all(p.src_dtype, "cuda copy", [&](auto src_tag) {
@@ -450,12 +475,16 @@ void launch_unary(const UnaryParams& p) {
   });
 }
 
-// The launch's name for check_last_launch and LOOM_CUDA_PROFILE: op and path (the contiguous
-// 16-byte vector path, or strided / broadcast).
-// Which operand of a merged binary problem is broadcast along the innermost dim while the other
-// is contiguous and 16-byte aligned (binary_inner_bcast_kernel's case): 'a', 'b' or 0.
-static char inner_broadcast_side(const BinaryParams& p, int pack) {
-  if (p.ndim < 1 || p.shape[p.ndim - 1] % pack != 0 || !aligned16(p.out)) return 0;
+// A merged binary problem's 16-byte broadcast path (binary_inner_bcast_kernel): which operand is
+// broadcast ('a', 'b', or 0 for none) while the other is contiguous and aligned, and whether the
+// broadcast one is contiguous along the innermost dim (else constant along it).
+struct InnerBroadcast {
+  char side = 0;
+  bool inner_contig = false;
+};
+
+static InnerBroadcast inner_broadcast_of(const BinaryParams& p, int pack) {
+  if (p.ndim < 1 || p.shape[p.ndim - 1] % pack != 0 || !aligned16(p.out)) return {};
   auto contiguous = [&](const int64_t* s) {
     int64_t want = 1;
     for (int d = p.ndim - 1; d >= 0; --d) {
@@ -464,21 +493,54 @@ static char inner_broadcast_side(const BinaryParams& p, int pack) {
     }
     return true;
   };
-  if (p.b_strides[p.ndim - 1] == 0 && contiguous(p.a_strides) && aligned16(p.a)) return 'b';
-  if (p.a_strides[p.ndim - 1] == 0 && contiguous(p.b_strides) && aligned16(p.b)) return 'a';
-  return 0;
+  // the broadcast operand: stride 0 along the innermost dim, or stride 1 with every row offset a
+  // whole number of 16-byte packs (outer strides multiples of the pack, base aligned)
+  auto broadcast_kind = [&](const int64_t* s, const void* base) -> int {
+    if (s[p.ndim - 1] == 0) return 1;
+    if (s[p.ndim - 1] != 1 || !aligned16(base)) return 0;
+    for (int d = 0; d + 1 < p.ndim; ++d)
+      if (p.shape[d] != 1 && s[d] % pack != 0) return 0;
+    return 2;
+  };
+  if (contiguous(p.a_strides) && aligned16(p.a))
+    if (const int k = broadcast_kind(p.b_strides, p.b)) return {'b', k == 2};
+  if (contiguous(p.b_strides) && aligned16(p.b))
+    if (const int k = broadcast_kind(p.a_strides, p.a)) return {'a', k == 2};
+  return {};
 }
 
-static const char* binary_launch_name(BinaryOp op, bool vec) {
+// The launch's name for check_last_launch and LOOM_CUDA_PROFILE: op and path (the contiguous
+// 16-byte vector path, the 16-byte broadcast path, or the strided one).
+enum class BinaryPath { Vector, Broadcast, Strided };
+
+static const char* binary_launch_name(BinaryOp op, BinaryPath path) {
+  static const char* const names[6][3] = {
+      {"binary_kernel add", "binary_kernel add (broadcast)", "binary_kernel add (strided)"},
+      {"binary_kernel sub", "binary_kernel sub (broadcast)", "binary_kernel sub (strided)"},
+      {"binary_kernel mul", "binary_kernel mul (broadcast)", "binary_kernel mul (strided)"},
+      {"binary_kernel div", "binary_kernel div (broadcast)", "binary_kernel div (strided)"},
+      {"binary_kernel max", "binary_kernel max (broadcast)", "binary_kernel max (strided)"},
+      {"binary_kernel min", "binary_kernel min (broadcast)", "binary_kernel min (strided)"}};
+  int row = 0;
   switch (op) {
-    case BinaryOp::Add: return vec ? "binary_kernel add" : "binary_kernel add (strided)";
-    case BinaryOp::Sub: return vec ? "binary_kernel sub" : "binary_kernel sub (strided)";
-    case BinaryOp::Mul: return vec ? "binary_kernel mul" : "binary_kernel mul (strided)";
-    case BinaryOp::Div: return vec ? "binary_kernel div" : "binary_kernel div (strided)";
-    case BinaryOp::Max: return vec ? "binary_kernel max" : "binary_kernel max (strided)";
-    case BinaryOp::Min: return vec ? "binary_kernel min" : "binary_kernel min (strided)";
+    case BinaryOp::Add: row = 0; break;
+    case BinaryOp::Sub: row = 1; break;
+    case BinaryOp::Mul: row = 2; break;
+    case BinaryOp::Div: row = 3; break;
+    case BinaryOp::Max: row = 4; break;
+    case BinaryOp::Min: row = 5; break;
   }
-  return "binary_kernel";
+  return names[row][int(path)];
+}
+
+template <typename T, BinaryOp op, bool kBroadcastA>
+static void launch_inner_bcast(const BinaryParams& p, bool inner_contig) {
+  const int64_t inner = p.shape[p.ndim - 1];
+  const unsigned grid = grid_for(p.numel / Pack16<T>::kSize);
+  if (inner_contig)
+    binary_inner_bcast_kernel<T, op, kBroadcastA, true><<<grid, kThreads, 0, compute_stream()>>>(p, inner);
+  else
+    binary_inner_bcast_kernel<T, op, kBroadcastA, false><<<grid, kThreads, 0, compute_stream()>>>(p, inner);
 }
 
 void launch_binary(const BinaryParams& p) {
@@ -491,14 +553,11 @@ void launch_binary(const BinaryParams& p) {
     dispatch_binary_op(p.op, [&](auto op_tag) {
       constexpr BinaryOp op = decltype(op_tag)::value;
       const bool vec = contiguous && aligned16(p.out) && aligned16(p.a) && aligned16(p.b);
-      const char side = vec ? 0 : inner_broadcast_side(p, Pack16<T>::kSize);
-      if (side) {
-        const int64_t inner = p.shape[p.ndim - 1];
-        if (side == 'a')
-          binary_inner_bcast_kernel<T, op, true><<<grid_for(p.numel / Pack16<T>::kSize), kThreads, 0, compute_stream()>>>(p, inner);
-        else
-          binary_inner_bcast_kernel<T, op, false><<<grid_for(p.numel / Pack16<T>::kSize), kThreads, 0, compute_stream()>>>(p, inner);
-        check_last_launch(binary_launch_name(op, false));
+      const InnerBroadcast bc = vec ? InnerBroadcast{} : inner_broadcast_of(p, Pack16<T>::kSize);
+      if (bc.side) {
+        if (bc.side == 'a') launch_inner_bcast<T, op, true>(p, bc.inner_contig);
+        else launch_inner_bcast<T, op, false>(p, bc.inner_contig);
+        check_last_launch(binary_launch_name(op, BinaryPath::Broadcast));
         return;
       }
       if (vec) {
@@ -509,7 +568,7 @@ void launch_binary(const BinaryParams& p) {
       } else {
         binary_kernel<T, op, int64_t><<<grid_for(p.numel), kThreads, 0, compute_stream()>>>(p);
       }
-      check_last_launch(binary_launch_name(op, vec));
+      check_last_launch(binary_launch_name(op, vec ? BinaryPath::Vector : BinaryPath::Strided));
     });
   });
 }

@@ -10,6 +10,7 @@
 // Sums in float (double for f64), so results do not depend on the launch shape
 // beyond float rounding, and nothing uses atomics: runs are deterministic.
 #include <algorithm>
+#include <type_traits>
 
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_fused.h"
@@ -21,6 +22,8 @@ constexpr int64_t kWarpRowLimit = 1024;
 
 template <typename Acc> using RSum = Reducer<ReduceOp::Sum, Acc>;
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename T>
 __device__ __forceinline__ compute_t<T> load_or(const T* p, int64_t i, compute_t<T> fallback) {
   return p ? widen(p[i]) : fallback;
@@ -28,38 +31,55 @@ __device__ __forceinline__ compute_t<T> load_or(const T* p, int64_t i, compute_t
 
 // ---- layer norm ----------------------------------------------------------------------
 
-template <typename T, int kGroup>
+// One group of kGroup threads per row, over packs of V consecutive elements (V = 1, or a 16-byte
+// pack when n is a multiple of it and x, y are aligned: the launcher's choice).
+template <typename T, int kGroup, int V>
 __global__ void layer_norm_kernel(LayerNormParams p) {
   using Acc = compute_t<T>;
+  using P = PackN<T, V>;
   __shared__ Acc scratch[kGroup / 32];
   constexpr int kRowsPerBlock = kThreads / kGroup;
   const int lane = threadIdx.x % kGroup;
-  const T* x_all = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.weight);
   const T* b = static_cast<const T*>(p.bias);
-  T* y_all = static_cast<T*>(p.y);
   Acc* mean_out = static_cast<Acc*>(p.mean);
   Acc* rstd_out = static_cast<Acc*>(p.rstd);
   const Acc inv_n = Acc(1) / Acc(p.n);
+  const int64_t packs = p.n / V;
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroup; row < p.rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const T* x = x_all + row * p.n;
+    const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + row * p.n);
     Acc s = Acc(0);
-    for (int64_t j = lane; j < p.n; j += kGroup) s += widen(x[j]);
-    const Acc mean = group_reduce<kGroup, RSum<Acc>>(s, scratch) * inv_n;
-    Acc v = Acc(0);
-    for (int64_t j = lane; j < p.n; j += kGroup) {
-      const Acc d = widen(x[j]) - mean;
-      v += d * d;
+    for (int64_t j = lane; j < packs; j += kGroup) {
+      const P v = x[j];
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += widen(v.v[k]);
     }
-    const Acc rstd = Acc(1) / m_sqrt(group_reduce<kGroup, RSum<Acc>>(v, scratch) * inv_n + Acc(p.eps));
+    const Acc mean = group_reduce<kGroup, RSum<Acc>>(s, scratch) * inv_n;
+    Acc var = Acc(0);
+    for (int64_t j = lane; j < packs; j += kGroup) {
+      const P v = x[j];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const Acc d = widen(v.v[k]) - mean;
+        var += d * d;
+      }
+    }
+    const Acc rstd = Acc(1) / m_sqrt(group_reduce<kGroup, RSum<Acc>>(var, scratch) * inv_n + Acc(p.eps));
     if (lane == 0) {
       mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
-    T* y = y_all + row * p.n;
-    for (int64_t j = lane; j < p.n; j += kGroup)
-      y[j] = narrow<T>((widen(x[j]) - mean) * rstd * load_or(w, j, Acc(1)) + load_or(b, j, Acc(0)));
+    P* y = reinterpret_cast<P*>(static_cast<T*>(p.y) + row * p.n);
+    for (int64_t j = lane; j < packs; j += kGroup) {
+      P v = x[j];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t c = j * V + k;
+        v.v[k] = narrow<T>((widen(v.v[k]) - mean) * rstd * load_or(w, c, Acc(1)) + load_or(b, c, Acc(0)));
+      }
+      y[j] = v;
+    }
   }
 }
 
@@ -155,37 +175,58 @@ __global__ void param_grad_finish_kernel(const compute_t<T>* partial, int64_t ch
 // ---- group norm ----------------------------------------------------------------------
 
 // One block per (sample, group) item; the group's cg·S values are contiguous.
-template <typename T>
+// One block per (sample, group) item: mean, then variance (two passes over the group, which
+// stays in L1 / L2), then y = x̂·w + b, or silu of it with kSilu. kVec: over 16-byte packs (the
+// spatial extent a multiple of the pack and x, y aligned, so a pack never crosses a channel).
+template <typename T, bool kVec, bool kSilu>
 __global__ void group_norm_kernel(GroupNormParams p) {
   using Acc = compute_t<T>;
+  using P = std::conditional_t<kVec, Pack16<T>, PackN<T, 1>>;
+  constexpr int V = P::kSize;
   __shared__ Acc scratch[kThreads / 32];
   const T* w = static_cast<const T*>(p.weight);
   const T* b = static_cast<const T*>(p.bias);
   Acc* mean_out = static_cast<Acc*>(p.mean);
   Acc* rstd_out = static_cast<Acc*>(p.rstd);
-  const int64_t cg = p.channels / p.groups, count = cg * p.spatial;
+  const int64_t cg = p.channels / p.groups, count = cg * p.spatial, packs = count / V;
   const Acc inv_count = Acc(1) / Acc(count > 0 ? count : 1);
   for (int64_t item = blockIdx.x; item < p.batch * p.groups; item += gridDim.x) {
     const int64_t c0 = (item % p.groups) * cg;
     const int64_t base = (item / p.groups) * p.channels * p.spatial + c0 * p.spatial;
-    const T* x = static_cast<const T*>(p.x) + base;
-    T* y = static_cast<T*>(p.y) + base;
+    const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + base);
+    P* y = reinterpret_cast<P*>(static_cast<T*>(p.y) + base);
     Acc s = Acc(0);
-    for (int64_t i = threadIdx.x; i < count; i += kThreads) s += widen(x[i]);
-    const Acc mean = group_reduce<kThreads, RSum<Acc>>(s, scratch) * inv_count;
-    Acc v = Acc(0);
-    for (int64_t i = threadIdx.x; i < count; i += kThreads) {
-      const Acc d = widen(x[i]) - mean;
-      v += d * d;
+    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+      const P v = x[i];
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += widen(v.v[k]);
     }
-    const Acc rstd = Acc(1) / m_sqrt(group_reduce<kThreads, RSum<Acc>>(v, scratch) * inv_count + Acc(p.eps));
+    const Acc mean = group_reduce<kThreads, RSum<Acc>>(s, scratch) * inv_count;
+    Acc var = Acc(0);
+    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+      const P v = x[i];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const Acc d = widen(v.v[k]) - mean;
+        var += d * d;
+      }
+    }
+    const Acc rstd = Acc(1) / m_sqrt(group_reduce<kThreads, RSum<Acc>>(var, scratch) * inv_count + Acc(p.eps));
     if (threadIdx.x == 0) {
       mean_out[item] = mean;
       rstd_out[item] = rstd;
     }
-    for (int64_t i = threadIdx.x; i < count; i += kThreads) {
-      const int64_t c = c0 + i / p.spatial;
-      y[i] = narrow<T>((widen(x[i]) - mean) * rstd * load_or(w, c, Acc(1)) + load_or(b, c, Acc(0)));
+    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+      const int64_t c = c0 + i * V / p.spatial;
+      const Acc wc = load_or(w, c, Acc(1)), bc = load_or(b, c, Acc(0));
+      P v = x[i];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        Acc out = (widen(v.v[k]) - mean) * rstd * wc + bc;
+        if constexpr (kSilu) out = out / (Acc(1) + m_exp(-out));
+        v.v[k] = narrow<T>(out);
+      }
+      y[i] = v;
     }
   }
 }
@@ -273,9 +314,18 @@ void launch_layer_norm(const LayerNormParams& p) {
   if (p.rows == 0 || p.n == 0) return;
   dispatch_float(p.dtype, "cuda layer_norm", [&](auto tag) {
     using T = decltype(tag);
+    constexpr int V = Pack16<T>::kSize;
+    if (p.n % V == 0 && aligned16(p.x) && aligned16(p.y)) {  // 16-byte packs (rows start on one)
+      launch_rows(
+          p.rows, p.n, [&](unsigned grid) { layer_norm_kernel<T, 32, V><<<grid, kThreads, 0, compute_stream()>>>(p); },
+          [&](unsigned grid) { layer_norm_kernel<T, kThreads, V><<<grid, kThreads, 0, compute_stream()>>>(p); },
+          "layer_norm_kernel");
+      return;
+    }
     launch_rows(
-        p.rows, p.n, [&](unsigned grid) { layer_norm_kernel<T, 32><<<grid, kThreads, 0, compute_stream()>>>(p); },
-        [&](unsigned grid) { layer_norm_kernel<T, kThreads><<<grid, kThreads, 0, compute_stream()>>>(p); }, "layer_norm_kernel");
+        p.rows, p.n, [&](unsigned grid) { layer_norm_kernel<T, 32, 1><<<grid, kThreads, 0, compute_stream()>>>(p); },
+        [&](unsigned grid) { layer_norm_kernel<T, kThreads, 1><<<grid, kThreads, 0, compute_stream()>>>(p); },
+        "layer_norm_kernel");
   });
 }
 
@@ -305,8 +355,17 @@ void launch_group_norm(const GroupNormParams& p) {
   if (p.batch == 0 || p.channels == 0) return;
   dispatch_float(p.dtype, "cuda group_norm", [&](auto tag) {
     using T = decltype(tag);
-    group_norm_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads, 0, compute_stream()>>>(p);
-    check_last_launch("group_norm_kernel");
+    const bool vec = p.spatial % Pack16<T>::kSize == 0 && aligned16(p.x) && aligned16(p.y);
+    const unsigned grid = grid_for(p.batch * p.groups, 1);
+    auto launch = [&](auto vec_tag, auto silu_tag) {
+      group_norm_kernel<T, decltype(vec_tag)::value, decltype(silu_tag)::value>
+          <<<grid, kThreads, 0, compute_stream()>>>(p);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (vec) p.silu ? launch(Yes{}, Yes{}) : launch(Yes{}, No{});
+    else p.silu ? launch(No{}, Yes{}) : launch(No{}, No{});
+    check_last_launch(p.silu ? "group_norm_kernel (+ silu)" : "group_norm_kernel");
   });
 }
 

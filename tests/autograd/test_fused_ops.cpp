@@ -134,6 +134,33 @@ TEST(FusedGroupNorm, F32MatchesTheF64Reference) {
                  "f32", gen);
 }
 
+// group_norm_silu: recorded as group_norm then silu where a gradient is wanted (gradients as the
+// composed reference's), one fused pass (ops::group_norm with silu) where none is: the same values.
+TEST(FusedGroupNorm, SiluFusedWithoutGradsComposedWithGrads) {
+  Generator gen = fresh_generator("group_norm_silu");
+  for (const GroupCase& c : kGroupCases) {
+    const std::string what = "shape " + Tensor::empty(c.shape).str() + ", groups " + std::to_string(c.groups);
+    const int64_t ch = c.shape[1];
+    const std::vector<Tensor> in = {random_tensor(c.shape, gen, DType::F64, Device::cpu(), -0.3, 1.5),
+                                    random_tensor({ch}, gen), random_tensor({ch}, gen)};
+    const GroupCase cc = c;
+    auto composed = [cc](const Vars& v) { return silu(group_norm_composed(v[0], cc.groups, v[1], v[2], cc.eps)); };
+    expect_matches([cc](const Vars& v) { return group_norm_silu(v[0], cc.groups, v[1], v[2], cc.eps); }, composed,
+                   in, DType::F64, 1e-10, what, gen);
+    Tensor fused, reference;
+    {
+      NoGradGuard ng;
+      fused = group_norm_silu(Variable(in[0]), cc.groups, Variable(in[1]), Variable(in[2]), cc.eps).tensor();
+      reference = composed({Variable(in[0]), Variable(in[1]), Variable(in[2])}).tensor();
+    }
+    EXPECT_LE(rel_error(fused, reference), 1e-13) << what << " (no grad: the fused pass)";
+    const Tensor f32 =
+        group_norm_silu(Variable(in[0].to(DType::F32)), cc.groups, Variable(in[1].to(DType::F32)),
+                        Variable(in[2].to(DType::F32)), cc.eps).tensor();  // inputs need no grad: fused
+    EXPECT_LE(rel_error(f32, reference), 1e-5) << what << " f32";
+  }
+}
+
 // ---- GEGLU --------------------------------------------------------------------------------
 
 TEST(FusedGeglu, MatchesComposedInF64AtOddSizes) {

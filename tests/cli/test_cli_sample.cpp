@@ -143,9 +143,25 @@ TEST_F(CliSample, AdaptersApplyAtTheirWeights) {
   const Tensor styled = latents_of(path("styled.safetensors"));
   EXPECT_GT(rel_error(styled, latents_of(path("plain.safetensors"))), 1e-3);
 
+  EXPECT_THAT(r.err, HasSubstr("LoRA adapters fused"));  // the default: fused once, before the first step
+
   trainer::SampleOptions o = options("ddim", 3);
   o.adapters.push_back(trainer::AdapterSpec::parse(path("style.safetensors") + ":0.5"));
-  EXPECT_EQ(rel_error(styled, trainer::sample_model(o, trainer::SampleInputs::load(in), in).latents), 0.0);
+  const trainer::SampleResult fused = trainer::sample_model(o, trainer::SampleInputs::load(in), in);
+  EXPECT_TRUE(fused.fused);
+  EXPECT_EQ(rel_error(styled, fused.latents), 0.0);
+
+  // --no-fuse: the low-rank products at every step; the same function (f32 rounding apart)
+  const Result u = sample(in, "unfused.safetensors",
+                          {"--steps", "3", "--adapter", path("style.safetensors") + ":0.5", "--no-fuse"});
+  ASSERT_EQ(u.code, 0) << u;
+  EXPECT_THAT(u.err, Not(HasSubstr("LoRA adapters fused")));
+  const Tensor unfused = latents_of(path("unfused.safetensors"));
+  EXPECT_LE(rel_error(unfused, styled), 1e-5);
+  o.fuse = false;
+  const trainer::SampleResult lib_unfused = trainer::sample_model(o, trainer::SampleInputs::load(in), in);
+  EXPECT_FALSE(lib_unfused.fused);
+  EXPECT_EQ(rel_error(unfused, lib_unfused.latents), 0.0);
 }
 
 TEST_F(CliSample, BadInputsHaveNamedErrorsAndExitCodes) {

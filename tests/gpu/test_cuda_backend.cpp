@@ -123,6 +123,18 @@ TEST(CudaBackend, StridedCopiesMatchCpu) {
 
   // A strided source converted on the way.
   expect_same(g.transpose(0, 1).to(DType::BF16), x.transpose(0, 1).to(DType::BF16), "strided f32 -> bf16");
+
+  // Rows of contiguous runs on both sides, one dtype (a concatenation along the channels, a row
+  // slice): the 2-D copy path (cudaMemcpy2DAsync); with a dtype change, the element kernel.
+  for (DType dtype : {DType::F32, DType::BF16, DType::F64}) {
+    SCOPED_TRACE(std::string("rows of runs ") + dtype_name(dtype));
+    const Tensor a = Tensor::randn({2, 3, 5, 7}, gen).to(dtype), b = Tensor::randn({2, 4, 5, 7}, gen).to(dtype);
+    expect_same(ops::cat({a.to(kCuda), b.to(kCuda)}, 1), ops::cat({a, b}, 1), "cat along dim 1");
+    expect_same(g.slice(2, 1, 4).contiguous(), x.slice(2, 1, 4).contiguous(), "row slice");
+    const Tensor dst = Tensor::zeros({2, 7, 5, 7}, dtype, kCuda);
+    dst.narrow(1, 3, 4).copy_(b.to(kCuda).to(DType::F32));  // a dtype change: not a 2-D memcpy
+    expect_same(dst.narrow(1, 3, 4), b.to(DType::F32).to(dtype), "converting copy into a channel slice");
+  }
 }
 
 // Permutes between NCHW and NHWC (the spatial transformers' layout changes) take the tiled
@@ -275,6 +287,43 @@ TEST(CudaBackend, GemmMatchesCpu) {
   }
 }
 
+// ops::linear with a bias. bf16 / f16: the bias rides in cuBLASLt's epilogue (cuda_gemm_lt.cu)
+// where it can (one problem, a 16-byte aligned bias); else the GEMM, then a bias pass (a batch of
+// problems from a non-contiguous input; a bias view off the 16-byte grid). f32 / f64: GEMM, then
+// the broadcast add. Every path against the CPU in f64, sizes off every tile; the bias is large
+// enough that a lost or misplaced one fails the bound.
+TEST(CudaBackend, LinearBiasMatchesCpu) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(13);
+  struct Case {
+    Shape x;  // transposed(0, 1) first where `transposed`
+    int64_t out;
+    bool transposed;
+    int64_t bias_offset;
+  };
+  for (const Case& c : {Case{{67, 129}, 33, false, 0}, Case{{3, 37, 129}, 40, false, 0},
+                        Case{{37, 3, 129}, 40, true, 0}, Case{{67, 128}, 40, false, 1},
+                        Case{{5, 64}, 8, false, 0}, Case{{2, 11, 40}, 2560, false, 0}}) {
+    const Tensor x = Tensor::randn(c.x, gen, DType::F64);
+    const Tensor w = Tensor::randn({c.out, c.x.back()}, gen, DType::F64);
+    const Tensor b = ops::mul_scalar(Tensor::randn({c.out + c.bias_offset}, gen, DType::F64), 4.0);
+    for (DType dtype : kFloatDtypes) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + " x " + ::testing::PrintToString(c.x) + " out " +
+                   std::to_string(c.out) + (c.transposed ? " transposed" : "") + " bias offset " +
+                   std::to_string(c.bias_offset));
+      const Tensor xr = x.to(dtype), wr = w.to(dtype), br = b.to(dtype);
+      Tensor gx = xr.to(kCuda), rx = xr.to(DType::F64);
+      if (c.transposed) gx = gx.transpose(0, 1), rx = rx.transpose(0, 1);
+      const Tensor gb = br.to(kCuda).narrow(0, c.bias_offset, c.out);
+      const Tensor rb = br.to(DType::F64).narrow(0, c.bias_offset, c.out);
+      const Tensor out = ops::linear(gx, wr.to(kCuda), gb);
+      EXPECT_EQ(out.dtype(), dtype);
+      const double err = rel_err(out, ops::linear(rx, wr.to(DType::F64), rb));
+      EXPECT_LE(err, tol_for(dtype)) << "relative error " << err;
+    }
+  }
+}
+
 // ---- elementwise, reductions, softmax ----------------------------------------------------
 
 TEST(CudaBackend, UnaryMatchesCpu) {
@@ -350,8 +399,10 @@ TEST(CudaBackend, BinaryBroadcastMatchesCpu) {
 // scalar path otherwise; both must give the CPU's values at every length (tails of n % 8) and
 // at element offsets that break the alignment (views starting at element 1 or 3).
 // One operand constant along the innermost dim, the other contiguous (a conv's per-channel bias,
-// a [N, C, 1, 1] time embedding, a scalar tensor): the 16-byte pack path when the inner extent is
-// a multiple of the pack (both operand orders, every op), the strided path otherwise.
+// a [N, C, 1, 1] time embedding, a scalar tensor), or broadcast over outer dims and contiguous
+// along the innermost (a Linear's bias [C] over [rows, C], a [B, 1, C] row): the 16-byte pack
+// paths when the inner extent is a multiple of the pack (both operand orders, every op), the
+// strided path otherwise (odd extents; a broadcast operand whose rows are not 16-byte aligned).
 TEST(CudaBackend, InnerBroadcastPathsMatchCpu) {
   LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(12);
@@ -361,7 +412,10 @@ TEST(CudaBackend, InnerBroadcastPathsMatchCpu) {
       {"div", ops::div}, {"maximum", ops::maximum}, {"minimum", ops::minimum}};
   struct Case { Shape full, bcast; };
   for (const Case& c : {Case{{3, 5, 64}, {5, 1}}, Case{{2, 7, 6, 8}, {2, 7, 1, 1}}, Case{{4, 24}, {4, 1}},
-                        Case{{40}, {1}}, Case{{3, 5, 66}, {5, 1}}, Case{{2, 3, 16}, {1, 3, 1}}}) {
+                        Case{{40}, {1}}, Case{{3, 5, 66}, {5, 1}}, Case{{2, 3, 16}, {1, 3, 1}},
+                        Case{{37, 24}, {24}}, Case{{3, 5, 16}, {5, 16}}, Case{{2, 3, 40}, {2, 1, 40}},
+                        Case{{6, 20}, {20}}, Case{{3, 7, 8}, {3, 1, 8}}, Case{{5, 12}, {1, 12}},
+                        Case{{4, 3, 6}, {3, 6}}}) {
     const Tensor x = Tensor::randn(c.full, gen, DType::F64);
     const Tensor y = Tensor::rand(c.bcast, gen, DType::F64, Device::cpu(), 0.5, 2.0);
     for (DType dtype : kFloatDtypes) {
@@ -372,6 +426,15 @@ TEST(CudaBackend, InnerBroadcastPathsMatchCpu) {
         EXPECT_LE(rel_err(f(yr.to(kCuda), xr.to(kCuda)), f(yr.to(DType::F64), xr.to(DType::F64))), tol_for(dtype));
       }
     }
+  }
+  // a broadcast row starting off the 16-byte grid (a view at element 1) takes the strided path
+  const Tensor x = Tensor::randn({9, 16}, gen, DType::F64);
+  const Tensor row = Tensor::rand({17}, gen, DType::F64, Device::cpu(), 0.5, 2.0);
+  for (DType dtype : kFloatDtypes) {
+    SCOPED_TRACE(std::string("unaligned row ") + dtype_name(dtype));
+    const Tensor xr = x.to(dtype), rr = row.to(dtype);
+    const Tensor got = ops::add(xr.to(kCuda), rr.to(kCuda).narrow(0, 1, 16));
+    EXPECT_LE(rel_err(got, ops::add(xr.to(DType::F64), rr.to(DType::F64).narrow(0, 1, 16))), tol_for(dtype));
   }
 }
 

@@ -79,7 +79,10 @@ TEST(GpuFused, GroupNormMatchesCpuF64) {
     Shape shape;
     int64_t groups;
   };
-  const std::vector<Case> cases = {{{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4}, {{1, 8, 2000}, 2}, {{2, 9}, 3}};
+  // 16-byte packs where the spatial extent is a multiple of the pack ({1, 8, 2000}, {2, 64, 8, 8}),
+  // single elements otherwise
+  const std::vector<Case> cases = {
+      {{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4}, {{1, 8, 2000}, 2}, {{2, 9}, 3}, {{2, 64, 8, 8}, 32}};
   // (No groups of two elements: their normalised outputs are ±1 whatever the input, so dx is
   // rounding noise around an exact 0 and has no relative accuracy to compare.)
   for (DType dtype : kDtypes) {
@@ -98,7 +101,21 @@ TEST(GpuFused, GroupNormMatchesCpuF64) {
       expect_close(gg.dx, gc.dx, dtype, what + " dx");
       expect_close(gg.dweight, gc.dweight, dtype, what + " dweight");
       expect_close(gg.dbias, gc.dbias, dtype, what + " dbias");
+      // with SiLU fused (inference), against silu of the CPU's f64 norm
+      const Tensor sg = ops::group_norm(x.gpu, c.groups, w.gpu, b.gpu, 1e-6, true).y;
+      expect_close(sg, ops::silu(fc.y), dtype, what + " silu(y)");
+      EXPECT_LE(rel_error(ops::group_norm(x.cpu, c.groups, w.cpu, b.cpu, 1e-6, true).y, ops::silu(fc.y)), 1e-13)
+          << what << " silu(y) on the CPU";
     }
+  }
+  // x off the 16-byte grid (a view at element 1): the single-element path, same values
+  for (DType dtype : kDtypes) {
+    const Pair base = random_pair({1 + 2 * 16 * 64}, gen, dtype);
+    const Tensor xg = base.gpu.narrow(0, 1, 2 * 16 * 64).reshape({2, 16, 64});
+    const Tensor xc = base.cpu.narrow(0, 1, 2 * 16 * 64).reshape({2, 16, 64});
+    expect_close(ops::group_norm(xg, 4, Tensor(), Tensor(), 1e-6, true).y,
+                 ops::silu(ops::group_norm(xc, 4, Tensor(), Tensor(), 1e-6).y), dtype,
+                 std::string(dtype_name(dtype)) + " unaligned x, silu");
   }
 }
 
@@ -117,6 +134,15 @@ TEST(GpuFused, GegluMatchesCpuF64) {
                      what + " dx");
       }
     }
+    // 16-byte packs where h is a multiple of the pack and x is aligned (h = 40, 320 above); x off the
+    // 16-byte grid (a view at element 1) takes the single-element path
+    const Pair base = random_pair({1 + 5 * 2 * 64}, gen, dtype, 0.0, 2.0);
+    const Tensor xg = base.gpu.narrow(0, 1, 5 * 2 * 64).reshape({5, 2 * 64});
+    const Tensor xc = base.cpu.narrow(0, 1, 5 * 2 * 64).reshape({5, 2 * 64});
+    const Pair dy = random_pair({5, 64}, gen, dtype);
+    const std::string what = std::string(dtype_name(dtype)) + " unaligned x";
+    expect_close(ops::geglu(xg, false), ops::geglu(xc, false), dtype, what + " y");
+    expect_close(ops::geglu_backward(dy.gpu, xg, false), ops::geglu_backward(dy.cpu, xc, false), dtype, what + " dx");
   }
 }
 

@@ -1,0 +1,178 @@
+// Backend::gemm with a bias (GemmBatch::bias, OpKind::GemmBias: a Linear's y = x·Wᵀ + b) for
+// bf16 / f16, through cuBLASLt's bias epilogue: the bias is added to the f32 accumulator before
+// the one rounding to the output dtype, and no pass over y is spent on it. On Stable Diffusion's
+// UNet that pass was the largest elementwise cost of the forward (docs/gpu-bench.md).
+//
+// The column-major problem is cuda_gemm.cu's: loom's row-major C = op(A)·op(B) is cuBLAS's
+// Cᵀ (n×m) = op(B)ᵀ · op(A)ᵀ, so loom's per-column bias (length n) is a per-row bias of the
+// column-major D, which is what CUBLASLT_EPILOGUE_BIAS adds.
+//
+// A plan (descriptors and the heuristic's algorithm) is made once per shape, leading dims and
+// operand alignments and kept for the process, as cuBLAS keeps its handle (cuda_gemm.cu); the
+// bias pointer is set on the plan's descriptor at each call, under the device's mutex. Where
+// cuBLASLt offers no algorithm (or the problem is a batch, thin, or unaligned), the plain GEMM runs
+// and a kernel adds the bias (add_row_bias_kernel): the same values, rounded twice.
+#include <cublasLt.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "tensor/cuda/cuda_backend.h"
+#include "tensor/cuda/cuda_device.cuh"
+
+namespace loom::cuda {
+namespace {
+
+constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
+
+struct LtPlan {
+  bool usable = false;  // false: cuBLASLt offered no algorithm; the fallback runs
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;  // of the column-major A', B', C'
+  cublasLtMatmulAlgo_t algo{};
+};
+
+struct LtSlot {
+  std::mutex mu;  // held for the whole call (the plans' descriptors are shared)
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  std::map<std::vector<int64_t>, LtPlan> plans;  // never freed, like the handle
+};
+
+// The slot of `device`, made on first use; the caller has `device` current.
+LtSlot& lt_slot(int device) {
+  static std::mutex* registry_mu = new std::mutex();
+  static auto* slots = new std::map<int, std::unique_ptr<LtSlot>>();
+  std::lock_guard<std::mutex> lock(*registry_mu);
+  std::unique_ptr<LtSlot>& slot = (*slots)[device];
+  if (!slot) {
+    auto fresh = std::make_unique<LtSlot>();
+    LOOM_CUBLAS_CHECK(cublasLtCreate(&fresh->handle));
+    LOOM_CUDA_CHECK(cudaMalloc(&fresh->workspace, kLtWorkspaceBytes));  // nothing allocated per call (graphs)
+    slot = std::move(fresh);
+  }
+  return *slot;
+}
+
+// The largest power of two ≤ 256 that divides the address (cuBLASLt's alignment preferences).
+int64_t alignment_of(const void* p) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  int64_t align = 256;
+  while (align > 1 && addr % uintptr_t(align) != 0) align /= 2;
+  return align;
+}
+
+cublasOperation_t op_of(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+template <typename V>
+void set_desc(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const V& v) {
+  LOOM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d, attr, &v, sizeof(v)));
+}
+
+template <typename V>
+void set_pref(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t attr, const V& v) {
+  LOOM_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(p, attr, &v, sizeof(v)));
+}
+
+// The column-major stored matrix (rows × cols, leading dim ld) of one operand.
+cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols, int64_t ld) {
+  cublasLtMatrixLayout_t l = nullptr;
+  LOOM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l, t, uint64_t(rows), uint64_t(cols), ld));
+  return l;
+}
+
+// The plan of `g` (batch 1, bias set): D' (n × m, column-major) = op(B)ᵀ·op(A)ᵀ + bias.
+LtPlan make_plan(cublasLtHandle_t handle, const GemmBatch& g, cudaDataType_t t) {
+  LtPlan p;
+  const int64_t mp = g.n, np = g.m, k = g.k;  // column-major sizes
+  const cublasOperation_t ta = op_of(g.trans_b), tb = op_of(g.trans_a);
+  LOOM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  set_desc(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, ta);
+  set_desc(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, tb);
+  set_desc(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
+  set_desc(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  p.a = ta == CUBLAS_OP_N ? make_layout(t, mp, k, g.ldb) : make_layout(t, k, mp, g.ldb);  // A' = B
+  p.b = tb == CUBLAS_OP_N ? make_layout(t, k, np, g.lda) : make_layout(t, np, k, g.lda);  // B' = A
+  p.c = make_layout(t, mp, np, g.ldc);
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  LOOM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t(kLtWorkspaceBytes));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, uint32_t(alignment_of(g.b)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, uint32_t(alignment_of(g.a)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, uint32_t(alignment_of(g.c)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, uint32_t(alignment_of(g.c)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st =
+      cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  LOOM_CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+  p.usable = st == CUBLAS_STATUS_SUCCESS && found > 0;
+  if (p.usable) p.algo = result.algo;
+  return p;
+}
+
+// Runs `g` through cuBLASLt; false (nothing launched) where it cannot.
+bool try_lt(const GemmBatch& g) {
+  if (g.batch != 1 || g.alpha != 1.0 || g.beta != 0.0 || alignment_of(g.bias) < 16) return false;
+  if (g.dtype != DType::BF16 && g.dtype != DType::F16) return false;
+  const cudaDataType_t t = g.dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  LtSlot& slot = lt_slot(g.device.index);
+  std::lock_guard<std::mutex> lock(slot.mu);
+  const std::vector<int64_t> key = {int64_t(g.dtype), g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
+                                    alignment_of(g.a), alignment_of(g.b), alignment_of(g.c)};
+  auto it = slot.plans.find(key);
+  if (it == slot.plans.end()) it = slot.plans.emplace(key, make_plan(slot.handle, g, t)).first;
+  LtPlan& plan = it->second;
+  if (!plan.usable) return false;
+  set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  const float alpha = 1.f, beta = 0.f;
+  const cublasStatus_t st =
+      cublasLtMatmul(slot.handle, plan.desc, &alpha, g.b, plan.a, g.a, plan.b, &beta, g.c, plan.c, g.c, plan.c,
+                     &plan.algo, slot.workspace, kLtWorkspaceBytes, compute_stream());
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // not launched: this shape takes the fallback from now on
+    plan.usable = false;
+    return false;
+  }
+  LOOM_CUBLAS_CHECK(st);
+  if (kernel_profile_enabled()) kernel_profile_mark("cublasLt gemm + bias");
+  return true;
+}
+
+// C[i][r, j] += bias[j] over the m×n block of every C[i] (the fallback's second pass).
+template <typename T>
+__global__ void add_row_bias_kernel(T* c, const T* __restrict__ bias, int64_t m, int64_t n, int64_t ldc,
+                                    int64_t stride_c) {
+  T* ci = c + int64_t(blockIdx.y) * stride_c;
+  const int64_t total = m * n;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / n, j = i - r * n;
+    T& v = ci[r * ldc + j];
+    v = narrow<T>(widen(v) + widen(bias[j]));
+  }
+}
+
+}  // namespace
+
+void launch_gemm_with_bias(const GemmBatch& g) {
+  LOOM_CHECK(g.bias != nullptr, "cuda gemm: launch_gemm_with_bias without a bias");
+  if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+  DeviceGuard guard(g.device.index);
+  if (!cuda_thin_gemm_fits(g) && try_lt(g)) return;
+  GemmBatch plain = g;
+  plain.bias = nullptr;
+  launch_gemm(plain);
+  LOOM_CHECK(g.batch <= 65535, "cuda gemm: a batch of ", g.batch, " with a bias exceeds 65535");
+  dispatch_float(g.dtype, "cuda gemm bias", [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(grid_for(g.m * g.n), unsigned(g.batch));
+    add_row_bias_kernel<T><<<grid, kThreads, 0, compute_stream()>>>(static_cast<T*>(g.c), static_cast<const T*>(g.bias),
+                                                                    g.m, g.n, g.ldc, g.stride_c);
+    check_last_launch("add_row_bias_kernel");
+  });
+}
+
+}  // namespace loom::cuda
