@@ -17,7 +17,8 @@
 // 7.5: the UNet on 2N), its time over the steps; the UNet replayed from a graph after the first
 // step unless --no-cuda-graph (sample_loop_graph_replays says how many steps were replays).
 // cfg_sample_step_fused_ms, sample_loop_fused_step_ms: the same with the LoRA fused into the
-// weights first (LoraSet::fuse), which is what `loom sample` does by default (--no-fuse: not).
+// weights first (LoraSet::fuse), which is what `loom sample` does by default (--no-fuse: not);
+// sample_loop_unguided_fused_step_ms: that loop at guidance 1 (the UNet on N latents).
 //
 //   loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME] [--no-cuda-graph]
 #include <algorithm>
@@ -215,17 +216,23 @@ int main(int argc, char** argv) {
   unet::SamplingReport fused_report;
   const double loop_fused_ms = sample_loop(fused_report);
   print_device_profile_section("sampling loop, LoRA fused");
+  // without guidance (guidance_scale 1: the UNet on N latents, as diffusers' forward)
+  so.guidance_scale = 1.0;
+  unet::SamplingReport unguided_report;
+  const double loop_unguided_ms = sample_loop(unguided_report);
+  print_device_profile_section("sampling loop without guidance, LoRA fused");
   lora.unfuse();
   std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"batch\":%d,\"precision\":\"%s\",\"step_ms\":%.3f,"
               "\"step_peak_gb\":%.3f,\"forward_ms\":%.3f,\"forward_peak_gb\":%.3f,\"cfg_sample_step_ms\":%.3f,"
               "\"weights_gb\":%.3f,\"step_graph_ms\":%s,\"forward_graph_ms\":%s,\"graph_failure\":%s,"
               "\"sample_loop_step_ms\":%.3f,\"sample_loop_graph_replays\":%lld,\"sample_loop_note\":%s,"
               "\"cfg_sample_step_fused_ms\":%.3f,\"sample_loop_fused_step_ms\":%.3f,"
-              "\"sample_loop_fused_graph_replays\":%lld}\n",
+              "\"sample_loop_fused_graph_replays\":%lld,\"sample_loop_unguided_fused_step_ms\":%.3f}\n",
               name.c_str(), batch, precision.c_str(), step_ms, step_peak, fwd_ms, fwd_peak, sample_ms,
               double(weights) / 1e9, bench::json_ms(step_graph.ms).c_str(), bench::json_ms(fwd_graph.ms).c_str(),
               graphs ? bench::json_string(failure).c_str() : "null", loop_ms / double(loop_steps),
               (long long)loop_report.graph_replays, bench::json_string(loop_report.graph_note).c_str(),
-              sample_fused_ms, loop_fused_ms / double(loop_steps), (long long)fused_report.graph_replays);
+              sample_fused_ms, loop_fused_ms / double(loop_steps), (long long)fused_report.graph_replays,
+              loop_unguided_ms / double(loop_steps));
   return 0;
 }
