@@ -108,13 +108,22 @@ struct GroupCase {
 const std::vector<GroupCase> kGroupCases = {
     {{1, 6, 7, 5}, 3, 1e-5}, {{2, 320, 9, 13}, 32, 1e-6}, {{3, 12, 333}, 4, 1e-6}, {{2, 8}, 2, 1e-5}};
 
+std::string describe(const GroupCase& c) {
+  return "shape " + Tensor::empty(c.shape).str() + ", groups " + std::to_string(c.groups);
+}
+
+// x (mean −0.3, std 1.5), weight and bias [C], f64.
+std::vector<Tensor> group_inputs(const GroupCase& c, Generator& gen) {
+  const int64_t ch = c.shape[1];
+  return {random_tensor(c.shape, gen, DType::F64, Device::cpu(), -0.3, 1.5), random_tensor({ch}, gen),
+          random_tensor({ch}, gen)};
+}
+
 TEST(FusedGroupNorm, MatchesComposedInF64AtOddSizes) {
   Generator gen = fresh_generator("group_norm");
   for (const GroupCase& c : kGroupCases) {
-    const std::string what = "shape " + Tensor::empty(c.shape).str() + ", groups " + std::to_string(c.groups);
-    const int64_t ch = c.shape[1];
-    const std::vector<Tensor> in = {random_tensor(c.shape, gen, DType::F64, Device::cpu(), -0.3, 1.5),
-                                    random_tensor({ch}, gen), random_tensor({ch}, gen)};
+    const std::string what = describe(c);
+    const std::vector<Tensor> in = group_inputs(c, gen);
     const GroupCase cc = c;
     expect_matches([cc](const Vars& v) { return group_norm(v[0], cc.groups, v[1], v[2], cc.eps); },
                    [cc](const Vars& v) { return group_norm_composed(v[0], cc.groups, v[1], v[2], cc.eps); }, in,
@@ -139,10 +148,8 @@ TEST(FusedGroupNorm, F32MatchesTheF64Reference) {
 TEST(FusedGroupNorm, SiluFusedWithoutGradsComposedWithGrads) {
   Generator gen = fresh_generator("group_norm_silu");
   for (const GroupCase& c : kGroupCases) {
-    const std::string what = "shape " + Tensor::empty(c.shape).str() + ", groups " + std::to_string(c.groups);
-    const int64_t ch = c.shape[1];
-    const std::vector<Tensor> in = {random_tensor(c.shape, gen, DType::F64, Device::cpu(), -0.3, 1.5),
-                                    random_tensor({ch}, gen), random_tensor({ch}, gen)};
+    const std::string what = describe(c);
+    const std::vector<Tensor> in = group_inputs(c, gen);
     const GroupCase cc = c;
     auto composed = [cc](const Vars& v) { return silu(group_norm_composed(v[0], cc.groups, v[1], v[2], cc.eps)); };
     expect_matches([cc](const Vars& v) { return group_norm_silu(v[0], cc.groups, v[1], v[2], cc.eps); }, composed,
