@@ -211,6 +211,7 @@ int main(int argc, char** argv) {
   print_device_profile_section("sampling loop, LoRA applied at every step");
   // `loom sample`'s default: the LoRA fused into the weights before the first step
   lora.fuse();
+  print_device_profile_section("LoRA fused into the weights (once, f64)");
   const double sample_fused_ms = median_ms(dev, reps, guided_step);
   print_device_profile_section("guided sampling step, LoRA fused, eager");
   unet::SamplingReport fused_report;
