@@ -125,7 +125,10 @@ SampleResult sample_model(const SampleOptions& o, const SampleInputs& in, const 
   lo.strict = o.strict;
   const AttachedAdapters attached = attach_adapters(model, o.adapters, lo);
   result.reports = attached.reports;
-  if (o.fuse && attached.lora) attached.lora->fuse(), result.fused = true;
+  if (o.fuse && attached.lora) {  // fused once; the steps then run the plain UNet (SampleOptions::fuse)
+    attached.lora->fuse();
+    result.fused = true;
+  }
   if (log) {
     for (const std::string& n : result.notes) *log << "loom: note: " << n << "\n";
     for (const auto& rep : result.reports) *log << rep.summary() << "\n";
