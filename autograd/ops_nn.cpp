@@ -78,9 +78,7 @@ Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, c
 
 Variable group_norm_silu(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias,
                          double eps) {
-  const bool records = GradMode::is_enabled() && (x.requires_grad() || (weight.defined() && weight.requires_grad()) ||
-                                                  (bias.defined() && bias.requires_grad()));
-  if (records) return silu(group_norm(x, groups, weight, bias, eps));
+  if (records_gradient({x, weight, bias})) return silu(group_norm(x, groups, weight, bias, eps));
   check_group_norm(x, groups, weight, bias);
   return Variable(ops::group_norm(x.tensor(), groups, tensor_or_none(weight), tensor_or_none(bias), eps, true).y);
 }

@@ -65,11 +65,15 @@ std::string Variable::str() const {
 
 // ---- recording -------------------------------------------------------------------
 
+bool records_gradient(const std::vector<Variable>& inputs) {
+  if (!GradMode::is_enabled()) return false;
+  for (const Variable& v : inputs)
+    if (v.requires_grad()) return true;
+  return false;
+}
+
 Variable record(const char* op, Tensor out, const std::vector<Variable>& inputs, BackwardFn fn) {
-  bool any = false;
-  if (GradMode::is_enabled())
-    for (const Variable& v : inputs) any = any || v.requires_grad();
-  if (!any) return Variable(std::move(out), false);
+  if (!records_gradient(inputs)) return Variable(std::move(out), false);
 
   auto node = std::make_shared<Node>();
   node->op = op;

@@ -108,9 +108,13 @@ class NoGradGuard {
   bool prev_;
 };
 
+// Whether record() would create a node for `inputs`: grad mode on and some input requires a
+// gradient (undefined inputs require none).
+bool records_gradient(const std::vector<Variable>& inputs);
+
 // Records `out` as the result of op `op` on `inputs`, with gradient rule `fn`.
-// When grad mode is off or no input requires a gradient, no node is created
-// (and `fn` is dropped). Used by the op files in autograd/.
+// When !records_gradient(inputs), no node is created (and `fn` is dropped). Used by the op files
+// in autograd/.
 Variable record(const char* op, Tensor out, const std::vector<Variable>& inputs, BackwardFn fn);
 
 }  // namespace loom

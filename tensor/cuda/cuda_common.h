@@ -21,6 +21,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
 
 #include "tensor/backend.h"
 #include "tensor/error.h"
@@ -120,6 +123,26 @@ inline unsigned grid_for(int64_t n, int64_t threads = kThreads) {
   return unsigned(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
 }
 
+// Whether p lies on a 16-byte boundary (the vector paths' 16-byte packs).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The `Slot` of `device` (a library handle and what goes with it), made by make(slot) on first use
+// with `device` current, and kept for the process: never destroyed, as the CUDA runtime may be gone
+// by static destruction time. One registry per instantiation: fetch each Slot type from one place.
+template <typename Slot, typename Make>
+Slot& device_slot(int device, Make&& make) {
+  static std::mutex* registry_mu = new std::mutex();
+  static auto* slots = new std::map<int, std::unique_ptr<Slot>>();
+  std::lock_guard<std::mutex> lock(*registry_mu);
+  std::unique_ptr<Slot>& slot = (*slots)[device];
+  if (!slot) {
+    auto fresh = std::make_unique<Slot>();
+    make(*fresh);
+    slot = std::move(fresh);
+  }
+  return *slot;
+}
+
 // ---- launcher parameters ------------------------------------------------------------
 
 // Strided operands support up to this many dims (after merging dims that are
@@ -210,6 +233,11 @@ void launch_softmax(const SoftmaxParams& p);
 void launch_softmax_backward(const SoftmaxGradParams& p);
 // cuda_gemm.cu: g.device.index selects the device (the caller need not hold a guard).
 void launch_gemm(const GemmBatch& g);
+// The device's GEMM workspace (kGemmWorkspaceBytes, cuda_gemm.cu; `device` current): cuBLAS's,
+// shared with cuBLASLt (cuda_gemm_lt.cu), whose calls are ordered with cuBLAS's on the compute
+// stream. Allocated once, so that no GEMM allocates inside a CUDA graph capture.
+constexpr size_t kGemmWorkspaceBytes = size_t(32) << 20;
+void* gemm_workspace(int device);
 // cuda_gemm_thin.cu: a GEMM with n ≤ 16 output columns and a row-major A, one warp per row of A
 // (cuda_thin_gemm_fits in cuda_backend.h says which; launch_gemm sends them there).
 void launch_thin_gemm(const GemmBatch& g);

@@ -10,7 +10,7 @@ namespace loom::cuda {
 
 namespace {
 
-bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw_data()) % 16 == 0; }
+bool aligned16(const Tensor& t) { return loom::cuda::aligned16(t.raw_data()); }
 
 // Whether a call in dtype t runs on tensor cores: bf16 / f16 always, f32 with allow_tf32().
 bool on_tensor_cores(DType t) { return t == DType::BF16 || t == DType::F16 || (t == DType::F32 && allow_tf32()); }

@@ -94,7 +94,6 @@ void launch_bias_residual(const BiasResidualParams& p) {
 }
 
 namespace {
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Calls launch(T{}, integral_constant<int, V>{}, grid) with V the dtype's 16-byte pack where h
 // is a multiple of it and the pointers are `aligned`, else 1; grid covers rows·h/V packs.

@@ -20,8 +20,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <map>
-#include <memory>
 #include <mutex>
 
 #include "tensor/cuda/cuda_backend.h"
@@ -31,35 +29,26 @@
 namespace loom::cuda {
 namespace {
 
-constexpr size_t kCublasWorkspaceBytes = size_t(32) << 20;
-
 struct HandleSlot {
   std::mutex mu;  // held for the whole cuBLAS call
   cublasHandle_t handle = nullptr;
+  void* workspace = nullptr;  // kGemmWorkspaceBytes
 };
 
 // The slot for `device`, creating the handle on first use. The caller has
 // `device` current.
 HandleSlot& handle_slot(int device) {
-  static std::mutex* registry_mu = new std::mutex();
-  static auto* slots = new std::map<int, std::unique_ptr<HandleSlot>>();
-  std::lock_guard<std::mutex> lock(*registry_mu);
-  std::unique_ptr<HandleSlot>& slot = (*slots)[device];
-  if (!slot) {
-    auto fresh = std::make_unique<HandleSlot>();
-    LOOM_CUBLAS_CHECK(cublasCreate(&fresh->handle));
-    LOOM_CUBLAS_CHECK(cublasSetMathMode(fresh->handle, CUBLAS_DEFAULT_MATH));  // no TF32
-    LOOM_CUBLAS_CHECK(cublasSetPointerMode(fresh->handle, CUBLAS_POINTER_MODE_HOST));
-    LOOM_CUBLAS_CHECK(cublasSetStream(fresh->handle, compute_stream()));  // the device's compute stream
+  return device_slot<HandleSlot>(device, [](HandleSlot& s) {
+    LOOM_CUBLAS_CHECK(cublasCreate(&s.handle));
+    LOOM_CUBLAS_CHECK(cublasSetMathMode(s.handle, CUBLAS_DEFAULT_MATH));  // no TF32
+    LOOM_CUBLAS_CHECK(cublasSetPointerMode(s.handle, CUBLAS_POINTER_MODE_HOST));
+    LOOM_CUBLAS_CHECK(cublasSetStream(s.handle, compute_stream()));  // the device's compute stream
     // A workspace of our own (after cublasSetStream, which resets it): cuBLAS then allocates
     // nothing per call, which a CUDA graph capture needs (cuda_graph.cu). 32 MiB is cuBLAS's own
     // default on Hopper; never freed, like the handle.
-    void* workspace = nullptr;
-    LOOM_CUDA_CHECK(cudaMalloc(&workspace, kCublasWorkspaceBytes));
-    LOOM_CUBLAS_CHECK(cublasSetWorkspace(fresh->handle, workspace, kCublasWorkspaceBytes));
-    slot = std::move(fresh);
-  }
-  return *slot;
+    LOOM_CUDA_CHECK(cudaMalloc(&s.workspace, kGemmWorkspaceBytes));
+    LOOM_CUBLAS_CHECK(cublasSetWorkspace(s.handle, s.workspace, kGemmWorkspaceBytes));
+  });
 }
 
 int checked_int(int64_t v, const char* what) {
@@ -70,6 +59,8 @@ int checked_int(int64_t v, const char* what) {
 cublasOperation_t op_of(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
 }  // namespace
+
+void* gemm_workspace(int device) { return handle_slot(device).workspace; }
 
 void launch_gemm(const GemmBatch& g) {
   LOOM_CHECK(g.device.is_cuda(), "cuda gemm: device ", g.device, " is not a CUDA device");

@@ -26,8 +26,6 @@
 namespace loom::cuda {
 namespace {
 
-constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
-
 struct LtPlan {
   bool usable = false;  // false: cuBLASLt offered no algorithm; the fallback runs
   cublasLtMatmulDesc_t desc = nullptr;
@@ -38,23 +36,16 @@ struct LtPlan {
 struct LtSlot {
   std::mutex mu;  // held for the whole call (the plans' descriptors are shared)
   cublasLtHandle_t handle = nullptr;
-  void* workspace = nullptr;
+  void* workspace = nullptr;  // the device's GEMM workspace (gemm_workspace), shared with cuBLAS
   std::map<std::vector<int64_t>, LtPlan> plans;  // never freed, like the handle
 };
 
 // The slot of `device`, made on first use; the caller has `device` current.
 LtSlot& lt_slot(int device) {
-  static std::mutex* registry_mu = new std::mutex();
-  static auto* slots = new std::map<int, std::unique_ptr<LtSlot>>();
-  std::lock_guard<std::mutex> lock(*registry_mu);
-  std::unique_ptr<LtSlot>& slot = (*slots)[device];
-  if (!slot) {
-    auto fresh = std::make_unique<LtSlot>();
-    LOOM_CUBLAS_CHECK(cublasLtCreate(&fresh->handle));
-    LOOM_CUDA_CHECK(cudaMalloc(&fresh->workspace, kLtWorkspaceBytes));  // nothing allocated per call (graphs)
-    slot = std::move(fresh);
-  }
-  return *slot;
+  return device_slot<LtSlot>(device, [device](LtSlot& s) {
+    LOOM_CUBLAS_CHECK(cublasLtCreate(&s.handle));
+    s.workspace = gemm_workspace(device);
+  });
 }
 
 // The largest power of two ≤ 256 that divides the address (cuBLASLt's alignment preferences).
@@ -100,7 +91,7 @@ LtPlan make_plan(cublasLtHandle_t handle, const GemmBatch& g, cudaDataType_t t) 
 
   cublasLtMatmulPreference_t pref = nullptr;
   LOOM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t(kLtWorkspaceBytes));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t(kGemmWorkspaceBytes));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, uint32_t(alignment_of(g.b)));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, uint32_t(alignment_of(g.a)));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, uint32_t(alignment_of(g.c)));
@@ -132,7 +123,7 @@ bool try_lt(const GemmBatch& g) {
   const float alpha = 1.f, beta = 0.f;
   const cublasStatus_t st =
       cublasLtMatmul(slot.handle, plan.desc, &alpha, g.b, plan.a, g.a, plan.b, &beta, g.c, plan.c, g.c, plan.c,
-                     &plan.algo, slot.workspace, kLtWorkspaceBytes, compute_stream());
+                     &plan.algo, slot.workspace, kGemmWorkspaceBytes, compute_stream());
   if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // not launched: this shape takes the fallback from now on
     plan.usable = false;
     return false;

@@ -359,8 +359,6 @@ bool fits_32bit(int64_t numel, int ndim, const int64_t* shape, const int64_t* s0
   return max0 < kLimit && max1 < kLimit;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 // ---- launchers -------------------------------------------------------------------------

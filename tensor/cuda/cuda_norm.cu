@@ -22,8 +22,6 @@ constexpr int64_t kWarpRowLimit = 1024;
 
 template <typename Acc> using RSum = Reducer<ReduceOp::Sum, Acc>;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T>
 __device__ __forceinline__ compute_t<T> load_or(const T* p, int64_t i, compute_t<T> fallback) {
   return p ? widen(p[i]) : fallback;
