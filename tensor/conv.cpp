@@ -1,5 +1,6 @@
 #include "tensor/conv.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -147,6 +148,32 @@ const Tensor& exchange_matrix(int64_t kk, DType dtype, Device device) {
 }
 }  // namespace
 
+namespace {
+// The forward's im2col columns are built for at most this many bytes at once (when a sample's
+// alone exceed it, one sample at a time): SDXL's up-block 960 → 320 convolution at 128×128 would
+// otherwise hold 283 MB of columns per sample, 1.1 GB at batch 4 — more than the rest of the
+// forward's activations. Products stay one GEMM per sample either way.
+// LOOM_CONV_COLUMN_BYTES (read at every call) sets another budget, e.g. for tests.
+constexpr int64_t kColumnBudgetBytes = int64_t(256) << 20;
+
+int64_t column_budget() {
+  const char* env = std::getenv("LOOM_CONV_COLUMN_BYTES");
+  if (!env || !*env) return kColumnBudgetBytes;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  LOOM_CHECK(end && *end == '\0' && v > 0, "LOOM_CONV_COLUMN_BYTES='", env, "' is not a positive byte count");
+  return int64_t(v);
+}
+
+// Samples per im2col + GEMM chunk of the forward (≥ 1; g.batch when all fit the budget).
+int64_t column_chunk(const Im2ColArgs& g, DType dtype) {
+  const int64_t per_sample = g.channels * g.kernel_h * g.kernel_w * g.out_h * g.out_w * int64_t(itemsize(dtype));
+  const int64_t budget = column_budget();
+  if (per_sample <= 0 || per_sample * g.batch <= budget) return std::max<int64_t>(g.batch, 1);
+  return std::max<int64_t>(1, budget / per_sample);
+}
+}  // namespace
+
 // w [O, C, kh, kw] -> [C, O, kh, kw] with w'[c, o, i, j] = w[o, c, kh − 1 − i, kw − 1 − j].
 Tensor flipped_transposed(const Tensor& w) {
   const int64_t O = w.size(0), C = w.size(1), kh = w.size(2), kw = w.size(3);
@@ -171,8 +198,19 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2d
       backend_for("conv2d", OpKind::Conv2d, x.device(), x.dtype()).conv2d(a);
     return a.y;
   }
-  const Tensor cols = im2col(x, g);                                      // [N, C·kk, L]
-  Tensor y = matmul(w.reshape({O, -1}), cols);                           // [O, C·kk] x [N, C·kk, L] -> [N, O, L]
+  const Tensor w2 = w.reshape({O, -1});
+  const int64_t chunk = column_chunk(g, x.dtype());
+  Tensor y;
+  if (chunk >= g.batch) {
+    y = matmul(w2, im2col(x, g));  // [O, C·kk] x [N, C·kk, L] -> [N, O, L]
+  } else {  // the columns of `chunk` samples at a time, each product into its slice of y
+    y = Tensor::empty({g.batch, O, g.out_h * g.out_w}, x.dtype(), x.device());
+    for (int64_t s0 = 0; s0 < g.batch; s0 += chunk) {
+      Im2ColArgs part = g;
+      part.batch = std::min(chunk, g.batch - s0);
+      y.narrow(0, s0, part.batch).copy_(matmul(w2, im2col(x.narrow(0, s0, part.batch), part)));
+    }
+  }
   if (bias.defined()) y = add(y, bias.reshape({O, 1}));
   return y.reshape({g.batch, O, g.out_h, g.out_w});
 }

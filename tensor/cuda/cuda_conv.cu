@@ -97,6 +97,52 @@ __global__ void im2col_pack_kernel(T* __restrict__ cols, const T* __restrict__ i
   }
 }
 
+// The 3×3 convolution at stride 1, padding 1, dilation 1 (every k×k convolution of Stable
+// Diffusion's UNet and VAE but the downsamplers): out_h = H, out_w = W, needs W % V == 0 (V =
+// 16 / sizeof(T)). One thread per (plane, output row oy, pack of V positions x0 … x0 + V − 1)
+// writes that pack of all nine cols rows of the plane: per image row y = oy + i − 1 it loads the
+// V values at x0 as one 16-byte pack and their two neighbours x0 − 1, x0 + V (zero outside),
+// and stores the three shifted windows (taps j = 0, 1, 2) — 9 aligned stores from 3 pack loads,
+// where im2col_pack_kernel spends V scalar loads and 64-bit index math on every store.
+// Threads are numbered (plane, oy, pack) with 32-bit math (the launcher checks the count).
+template <typename T>
+__global__ void im2col_3x3_kernel(T* __restrict__ cols, const T* __restrict__ image, int H, int W,
+                                  uint32_t total) {
+  using P = Pack16<T>;
+  constexpr int V = P::kSize;
+  const uint32_t packs = uint32_t(W / V), per_plane = uint32_t(H) * packs;
+  const int64_t L = int64_t(H) * W;
+  for (uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+    const uint32_t plane = idx / per_plane, rem = idx - plane * per_plane;
+    const int oy = int(rem / packs), x0 = int(rem - uint32_t(oy) * packs) * V;
+    const T* src = image + int64_t(plane) * L;
+    T* dst = cols + int64_t(plane) * 9 * L + int64_t(oy) * W + x0;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      const int y = oy + i - 1;
+      T win[V + 2];  // image row y at x0 − 1 … x0 + V
+      if (unsigned(y) < unsigned(H)) {
+        const T* line = src + int64_t(y) * W;
+        const P mid = *reinterpret_cast<const P*>(line + x0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) win[e + 1] = mid.v[e];
+        win[0] = x0 > 0 ? line[x0 - 1] : T(0.0f);
+        win[V + 1] = x0 + V < W ? line[x0 + V] : T(0.0f);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V + 2; ++e) win[e] = T(0.0f);
+      }
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        P out;
+#pragma unroll
+        for (int e = 0; e < V; ++e) out.v[e] = win[e + j];
+        *reinterpret_cast<P*>(dst + int64_t(i * 3 + j) * L) = out;
+      }
+    }
+  }
+}
+
 // image index (n·C + c)·H·W + y·W + x; sums over the taps (i, j) whose output position
 // (oy, ox) reads (y, x): oy = (y + pad − i·dil) / stride when that divides exactly and is in range.
 // Grid: x = planes, y·blockDim = positions of the plane; 32-bit index math within a plane.
@@ -151,6 +197,14 @@ void dispatch_conv(DType dtype, const char* op, F&& f) {
 
 }  // namespace
 
+namespace {
+// A 3×3 kernel at stride 1, padding 1, dilation 1: the output plane is the input's (im2col_3x3_kernel).
+bool is_3x3_same(const Im2ColArgs& a) {
+  return a.kernel_h == 3 && a.kernel_w == 3 && a.stride_h == 1 && a.stride_w == 1 && a.pad_h == 1 && a.pad_w == 1 &&
+         a.dilation_h == 1 && a.dilation_w == 1 && a.out_h == a.height && a.out_w == a.width;
+}
+}  // namespace
+
 // 32-bit index math inside one image plane and one cols row (the kernels' assumption).
 void check_plane_sizes(const Im2ColArgs& a, const char* op) {
   constexpr int64_t kLimit = int64_t(1) << 31;
@@ -167,6 +221,14 @@ void launch_im2col(const Im2ColParams& p) {
   dispatch_conv(p.dtype, "cuda im2col", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = Pack16<T>::kSize;
+    const bool aligned = reinterpret_cast<uintptr_t>(p.cols) % 16 == 0 && reinterpret_cast<uintptr_t>(p.image) % 16 == 0;
+    const int64_t threads_3x3 = a.batch * a.channels * a.height * (a.width / V);
+    if (is_3x3_same(a) && a.width % V == 0 && aligned && threads_3x3 < (int64_t(1) << 31)) {
+      im2col_3x3_kernel<T><<<grid_for(threads_3x3), kThreads, 0, compute_stream()>>>(
+          static_cast<T*>(p.cols), static_cast<const T*>(p.image), int(a.height), int(a.width), uint32_t(threads_3x3));
+      check_last_launch("im2col_3x3_kernel");
+      return;
+    }
     if (a.out_w % V == 0 && reinterpret_cast<uintptr_t>(p.cols) % 16 == 0) {  // one 16-byte store per thread
       im2col_pack_kernel<T><<<grid_for(rows * (L / V)), kThreads, 0, compute_stream()>>>(
           static_cast<T*>(p.cols), static_cast<const T*>(p.image), a, rows);

@@ -110,6 +110,12 @@ void flash_wgmma_backward_launch(const FlashParams& p, int keys_per_block, int64
 void flash_tc_dq_separate(const FlashParams& p);
 bool flash_dq_separate();
 int flash_sm_count();                                    // of the current device
+// The forward for few keys (cuda_flash_short.cu): bf16 / f16, 1 ≤ k_len ≤ kShortKeys, no mask,
+// not causal (Stable Diffusion's cross-attention on CLIP's 77 tokens). Chosen where it fits unless
+// LOOM_FLASH_FWD_SHORT=0; =1 makes a call it does not fit an error (read at every call).
+constexpr int64_t kShortKeys = 80;
+bool flash_short_forward_chosen(const FlashParams& p);
+void flash_short_forward(const FlashParams& p);
 // Needs delta (and the f32 accumulators on the tensor-core path: dQ's, and dK's / dV's unless
 // flash_tc_backward_writes_kv) allocated by the caller; the tf32 family zeroes dq, dk, dv itself
 // and adds into them.

@@ -278,6 +278,7 @@ bool forward_on_wgmma(const FlashParams& p) { return flash_wgmma_chosen(p, "LOOM
 
 void flash_tc_forward(const FlashParams& p) {
   if (forward_on_wgmma(p)) return flash_wgmma_forward(p);
+  if (flash_short_forward_chosen(p)) return flash_short_forward(p);
   if (p.dtype == DType::BF16) return flash_tc_forward_for<__nv_bfloat16>(p);
   if (p.dtype == DType::F16) return flash_tc_forward_for<__half>(p);
   LOOM_FAIL("flash_tc_forward: dtype ", p.dtype, " is not bf16 / f16");

@@ -284,6 +284,45 @@ TEST(FlashCudaForwardPaths, EveryForwardMatchesTheCpuInF64) {
   unsetenv("LOOM_FLASH_FWD_TILE");
 }
 
+// The short-key forward (LOOM_FLASH_FWD_SHORT=1 forces it: a call it does not fit is an error) and
+// the general mma.sync forward on the same calls (=0), against the f64 CPU reference: every head
+// dim at 77 keys (CLIP's), 80 (the tile, no padding), 1 and 16; query counts off the 64- / 128-row
+// tiles; enough rows (160 heads × 1000 queries) that each block loops over several query tiles.
+TEST(FlashCudaShortKeys, BothForwardsMatchTheCpuInF64) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  std::vector<FlashCase> cs;
+  for (int64_t d : {40, 64, 72, 80, 96, 128, 160}) {
+    cs.push_back({DType::BF16, 2, 3, 333, 77, d});
+    cs.push_back({DType::F16, 1, 2, 129, 80, d});
+  }
+  cs.push_back({DType::BF16, 1, 2, 7, 1, 64});
+  cs.push_back({DType::F16, 2, 3, 65, 16, 40});
+  cs.push_back({DType::BF16, 4, 40, 1000, 77, 64});
+  cs.push_back({DType::F16, 2, 40, 1000, 77, 160});
+  for (const char* choice : {"1", "0"}) {
+    SCOPED_TRACE(std::string("LOOM_FLASH_FWD_SHORT=") + choice);
+    setenv("LOOM_FLASH_FWD_SHORT", choice, 1);
+    for (const FlashCase& c : cs) check_case(c);
+  }
+  unsetenv("LOOM_FLASH_FWD_SHORT");
+}
+
+// Forcing the short-key forward on a call it does not fit names why.
+TEST(FlashCudaShortKeys, ForcedOnACallItDoesNotFitSaysWhy) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  setenv("LOOM_FLASH_FWD_SHORT", "1", 1);
+  FlashAttentionArgs a;
+  a.q = Tensor::zeros({1, 3, 64}, DType::F64);
+  a.k = Tensor::zeros({1, 81, 64}, DType::F64);
+  a.v = a.k, a.scale = 0.125;
+  EXPECT_THAT([&] { run_flash_slot(a, Tensor::zeros({1, 3, 64}, DType::F64), DType::BF16, Device::cuda(0)); },
+              ::testing::ThrowsMessage<Error>(::testing::HasSubstr("does not fit the short-key forward")));
+  a.k = Tensor::zeros({1, 5, 64}, DType::F64), a.v = a.k, a.causal = true;
+  EXPECT_THAT([&] { run_flash_slot(a, Tensor::zeros({1, 3, 64}, DType::F64), DType::BF16, Device::cuda(0)); },
+              ::testing::ThrowsMessage<Error>(::testing::HasSubstr("it is causal")));
+  unsetenv("LOOM_FLASH_FWD_SHORT");
+}
+
 // Asking the CUDA flash kernel for what it lacks names the feature (never a silent fallback).
 TEST(FlashCudaChecks, NamesWhatItLacks) {
   LOOM_SKIP_WITHOUT_CUDA();

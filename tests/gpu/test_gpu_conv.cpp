@@ -69,13 +69,16 @@ INSTANTIATE_TEST_SUITE_P(OddSizes, GpuConv,
                          });
 
 // im2col is a copy: CUDA's columns equal the CPU's bit for bit in every dtype, on the 16-byte pack
-// path (out_w a multiple of the pack: 8 for bf16 / f16, 4 for f32, 2 for f64) and the scalar one.
+// path (out_w a multiple of the pack: 8 for bf16 / f16, 4 for f32, 2 for f64), the scalar one, and
+// the 3×3 / stride 1 / padding 1 kernel (width a multiple of the pack: one, two and three packs a
+// row, so that the first, the last and an inner pack take their neighbours; one image row).
 TEST(GpuIm2col, EqualsTheCpuExactlyInEveryDtype) {
   LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(31);
   struct Case { Shape x; int64_t k, stride, pad; };
   for (const Case& c : {Case{{2, 3, 9, 16}, 3, 1, 1}, Case{{1, 5, 17, 32}, 3, 2, 1}, Case{{3, 2, 6, 8}, 1, 1, 0},
-                        Case{{2, 4, 5, 7}, 3, 1, 1}, Case{{1, 3, 8, 24}, 5, 1, 2}}) {
+                        Case{{2, 4, 5, 7}, 3, 1, 1}, Case{{1, 3, 8, 24}, 5, 1, 2},
+                        Case{{1, 3, 5, 24}, 3, 1, 1}, Case{{2, 2, 3, 8}, 3, 1, 1}, Case{{1, 2, 1, 8}, 3, 1, 1}}) {
     for (DType dtype : {DType::BF16, DType::F16, DType::F32, DType::F64}) {
       SCOPED_TRACE(::testing::PrintToString(c.x) + " k" + std::to_string(c.k) + " " + dtype_name(dtype));
       const Tensor x = Tensor::randn(c.x, gen, DType::F64).to(dtype);

@@ -64,6 +64,28 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ConvVsDirect,
                                            ConvCase{{3, 4, 5, 3}, {5, 4, 1, 1}, {1, 1, 0, 0}},
                                            ConvCase{{1, 1, 4, 4}, {1, 1, 4, 4}, {3, 3, 0, 0}}));
 
+// Above the column budget (LOOM_CONV_COLUMN_BYTES here; 256 MiB by default) the forward builds the
+// im2col columns a few samples at a time: one sample per chunk (a budget below one sample's
+// columns), two and a remainder of one, and the whole batch give the direct loops' result.
+TEST(Conv2d, ColumnBudgetSplitsTheBatch) {
+  Generator gen(41);
+  const Tensor x = Tensor::randn({5, 3, 7, 5}, gen, DType::F64), w = Tensor::randn({4, 3, 3, 3}, gen, DType::F64);
+  const Tensor b = Tensor::randn({4}, gen, DType::F64);
+  const ops::Conv2dParams p{1, 1, 1, 1};
+  const auto ref = direct_conv(x, w, b, p, 7, 5);
+  const int64_t per_sample = 3 * 9 * 7 * 5 * 8;  // bytes of one sample's f64 columns
+  for (const std::string budget : {std::string("1"), std::to_string(2 * per_sample + 7), std::string("")}) {
+    SCOPED_TRACE("LOOM_CONV_COLUMN_BYTES=" + budget);
+    loom::testing::ScopedEnv env("LOOM_CONV_COLUMN_BYTES", budget.c_str());
+    const auto got = ops::conv2d(x, w, b, p).to_vector();
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-12 * (1 + std::abs(ref[i]))) << i;
+  }
+  loom::testing::ScopedEnv bad("LOOM_CONV_COLUMN_BYTES", "0");
+  EXPECT_NE(loom::testing::error_of([&] { ops::conv2d(x, w, b, p); }).find("LOOM_CONV_COLUMN_BYTES='0'"),
+            std::string::npos);
+}
+
 // At stride 1 the input gradient runs as a convolution of g with the flipped, transposed weight;
 // it equals col2im(Wᵀ·g) (the definition) in f64 for every padding 0 … k − 1, square or not.
 TEST(Conv2dInputGrad, FlippedConvolutionEqualsCol2im) {
