@@ -5,9 +5,9 @@
 // two 64-key tiles (the second mostly padding) and was measured bound by instruction fetch there
 // (docs/flash-notes.md: "no instruction" stalls; 93 µs for the SDXL 32×32 cross-attention on
 // 8 × 20 heads, where reading Q and writing O takes ~12 µs at the H200's bandwidth). Here:
-//   - all keys are one tile of kShortKeys rows (zero past k_len), loaded once per block and kept;
-//   - a block loops over `tiles_per_block` query tiles (Q double-buffered by cp.async), so its
-//     code is fetched once and run several times;
+//   - all keys are one tile of kShortKeys rows (zero past k_len), loaded once per problem row;
+//   - one wave of blocks, each looping over an equal share of the query tiles (Q double-buffered
+//     by cp.async), so its code is fetched once and run several times;
 //   - the softmax is exact per tile (every key is in the tile): no running maximum, no rescale.
 // Layouts, fragments and scores in the log2 domain as in cuda_flash_fwd.cu: s2 = q·k·scale·log2(e),
 // P = exp2(s2 − m2), lse = (m2 + log2 l)·ln 2.
@@ -34,48 +34,62 @@ struct ShortShape {
 template <int D>
 size_t short_smem() {
   using S = ShortShape<D>;
-  return size_t(2 * S::kKeys + 2 * S::kRows) * S::kLd * 2;  // K, V, Q double-buffered
+  return size_t(4 * S::kKeys + 2 * S::kRows) * S::kLd * 2;  // K, V and Q, each double-buffered
 }
 
-// Grid (blocks over the query tiles, p.n); block b runs query tiles [b·tiles_per_block, …).
+// Grid: one wave of resident blocks. The work is the list of (problem row n, query tile) pairs, n
+// major; block b runs the contiguous range [b·total / grid, (b + 1)·total / grid) of it, so every
+// block has the same number of tiles ± 1 (a wave quantised per row of problems left SDXL's 1280
+// tiles on 1.2 waves of 264 blocks: the time of two). K and V are loaded when n changes, into the
+// other of their two buffers while the current tile still reads the first; the next tile's Q is
+// loaded while this one is computed.
 template <typename T, int D>
-__global__ void __launch_bounds__(ShortShape<D>::kThreads) flash_fwd_short_kernel(const FlashParams p,
-                                                                                 int tiles_per_block) {
+__global__ void __launch_bounds__(ShortShape<D>::kThreads) flash_fwd_short_kernel(const FlashParams p) {
   using S = ShortShape<D>;
   constexpr int kDp = S::kDp, kLd = S::kLd, kAtoms = S::kAtoms, kRows = S::kRows, kKeys = S::kKeys;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);  // [kKeys][kLd]
-  T* sV = sK + kKeys * kLd;                // [kKeys][kLd]
-  T* sQ0 = sV + kKeys * kLd;               // [2][kRows][kLd]
+  T* sK0 = reinterpret_cast<T*>(smem_raw);  // [2][kKeys][kLd]
+  T* sV0 = sK0 + 2 * kKeys * kLd;           // [2][kKeys][kLd]
+  T* sQ0 = sV0 + 2 * kKeys * kLd;           // [2][kRows][kLd]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t n = blockIdx.y;
-  const int64_t q_tiles = (p.q_len + kRows - 1) / kRows;
-  const int64_t first = int64_t(blockIdx.x) * tiles_per_block;
-  const int64_t last = min(first + tiles_per_block, q_tiles);
+  const int64_t q_tiles = (p.q_len + kRows - 1) / kRows, total = q_tiles * p.n;
+  const int64_t first = int64_t(blockIdx.x) * total / gridDim.x;
+  const int64_t last = int64_t(blockIdx.x + 1) * total / gridDim.x;
   if (first >= last) return;
-  const FlashRows qr = flash_rows(p, n, p.q_len, D), kr = flash_rows(p, n, p.k_len, D);
-  const T* q = static_cast<const T*>(p.q) + qr.base;
-  const T* k = static_cast<const T*>(p.k) + kr.base;
-  const T* v = static_cast<const T*>(p.v) + kr.base;
-  T* out = static_cast<T*>(p.out) + qr.base;
-  float* lse = static_cast<float*>(p.lse) + n * p.q_len;
   const float sl2 = float(p.scale) * kLog2e;
   const int k_len = int(p.k_len);
 
-  load_tile_async<T, kDp>(sK, kLd, k, 0, kKeys, p.k_len, D, kr.stride, tid, S::kThreads);
-  load_tile_async<T, kDp>(sV, kLd, v, 0, kKeys, p.k_len, D, kr.stride, tid, S::kThreads);
-  load_tile_async<T, kDp>(sQ0, kLd, q, first * kRows, kRows, p.q_len, D, qr.stride, tid, S::kThreads);
+  // K and V of row n into buffer kv; Q tile `qt` of row n into buffer qb (cp.async, not committed)
+  auto load_kv = [&](int64_t n, int kv) {
+    const FlashRows kr = flash_rows(p, n, p.k_len, D);
+    load_tile_async<T, kDp>(sK0 + kv * kKeys * kLd, kLd, static_cast<const T*>(p.k) + kr.base, 0, kKeys, p.k_len, D,
+                            kr.stride, tid, S::kThreads);
+    load_tile_async<T, kDp>(sV0 + kv * kKeys * kLd, kLd, static_cast<const T*>(p.v) + kr.base, 0, kKeys, p.k_len, D,
+                            kr.stride, tid, S::kThreads);
+  };
+  auto load_q = [&](int64_t n, int64_t qt, int qb) {
+    const FlashRows qr = flash_rows(p, n, p.q_len, D);
+    load_tile_async<T, kDp>(sQ0 + qb * kRows * kLd, kLd, static_cast<const T*>(p.q) + qr.base, qt * kRows, kRows,
+                            p.q_len, D, qr.stride, tid, S::kThreads);
+  };
+  load_kv(first / q_tiles, 0);
+  load_q(first / q_tiles, first % q_tiles, 0);
   cp_async_commit();
 
-  for (int64_t tile = first; tile < last; ++tile) {
-    const int buf = int((tile - first) & 1);
-    const T* sQ = sQ0 + buf * kRows * kLd;
+  int kv = 0;
+  for (int64_t f = first; f < last; ++f) {
+    const int64_t n = f / q_tiles, qt = f - n * q_tiles;
+    const int qb = int((f - first) & 1);
+    const T* sQ = sQ0 + qb * kRows * kLd;
+    const T* sK = sK0 + kv * kKeys * kLd;
+    const T* sV = sV0 + kv * kKeys * kLd;
     cp_async_wait_all();
-    __syncthreads();  // this tile's Q (and K, V) landed; every warp is done with the other buffer
-    if (tile + 1 < last) {
-      load_tile_async<T, kDp>(sQ0 + (buf ^ 1) * kRows * kLd, kLd, q, (tile + 1) * kRows, kRows, p.q_len, D, qr.stride,
-                              tid, S::kThreads);
+    __syncthreads();  // this tile's Q, K, V landed; every warp is done with the previous tile
+    const bool next_row = f + 1 < last && qt + 1 == q_tiles;  // the next tile is of row n + 1
+    if (f + 1 < last) {
+      if (next_row) load_kv(n + 1, kv ^ 1);
+      load_q(next_row ? n + 1 : n, next_row ? 0 : qt + 1, qb ^ 1);
     }
     cp_async_commit();
 
@@ -171,7 +185,10 @@ __global__ void __launch_bounds__(ShortShape<D>::kThreads) flash_fwd_short_kerne
       }
     }
 
-    const int64_t i0 = tile * kRows;
+    const FlashRows qr = flash_rows(p, n, p.q_len, D);
+    T* out = static_cast<T*>(p.out) + qr.base;
+    float* lse = static_cast<float*>(p.lse) + n * p.q_len;
+    const int64_t i0 = qt * kRows;
 #pragma unroll
     for (int a = 0; a < kAtoms; ++a) {
 #pragma unroll
@@ -187,6 +204,7 @@ __global__ void __launch_bounds__(ShortShape<D>::kThreads) flash_fwd_short_kerne
         if (t == 0) lse[qi] = (m[a][h] + log2f(l[a][h])) * kLn2;
       }
     }
+    if (next_row) kv ^= 1;
   }
 }
 
@@ -199,12 +217,11 @@ void short_forward(const FlashParams& p) {
   int per_sm = 0;
   LOOM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, flash_fwd_short_kernel<T, D>, S::kThreads,
                                                                 smem));
-  // as many query tiles per block as fill one wave of resident blocks (at least one)
-  const int64_t q_tiles = (p.q_len + S::kRows - 1) / S::kRows;
+  // one wave of resident blocks, none without a tile
+  const int64_t total = (p.q_len + S::kRows - 1) / S::kRows * p.n;
   const int64_t resident = int64_t(flash_sm_count()) * std::max(per_sm, 1);
-  const int64_t per_block = std::min(q_tiles, std::max<int64_t>(1, (q_tiles * p.n + resident - 1) / resident));
-  const dim3 grid(unsigned((q_tiles + per_block - 1) / per_block), unsigned(p.n));
-  flash_fwd_short_kernel<T, D><<<grid, S::kThreads, smem, compute_stream()>>>(p, int(per_block));
+  const unsigned grid = unsigned(std::min(total, resident));
+  flash_fwd_short_kernel<T, D><<<grid, S::kThreads, smem, compute_stream()>>>(p);
   check_last_launch("flash_fwd_short_kernel");
 }
 

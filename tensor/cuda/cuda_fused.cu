@@ -70,6 +70,9 @@ void fused_group_norm(const GroupNormArgs& a) {
   p.y = mptr(a.y), p.mean = mptr(a.mean), p.rstd = mptr(a.rstd);
   p.batch = a.batch, p.channels = a.channels, p.spatial = a.spatial, p.groups = a.groups, p.eps = a.eps;
   p.silu = a.silu;
+  const Tensor partial =
+      Tensor::empty({a.batch * a.groups, group_norm_chunks(p), 2}, stat_dtype(p.dtype), a.x.device());
+  p.partial = partial.raw_data();
   DeviceGuard guard(device);
   launch_group_norm(p);
 }

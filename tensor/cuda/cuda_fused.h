@@ -71,7 +71,11 @@ struct GroupNormParams {
   int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
   double eps = 1e-5;
   bool silu = false;  // y = silu(x̂·w + b)
+  void* partial = nullptr;  // scratch: 2·batch·groups·group_norm_chunks(*this) stats-type values
 };
+// Values per chunk of the group-norm forward's statistics (cuda_norm.cu), and the chunks of a group.
+constexpr int64_t kGroupNormChunk = 16384;
+int64_t group_norm_chunks(const GroupNormParams& p);
 
 // `sums` is scratch of 2·N·C stats-type values: Σ_s dy and Σ_s dy·x̂ per (n, c).
 struct GroupNormGradParams {

@@ -236,60 +236,93 @@ __global__ void param_grad_finish_kernel(const compute_t<T>* partial, int64_t ch
 
 // ---- group norm ----------------------------------------------------------------------
 
-// One block per (sample, group) item; the group's cg·S values are contiguous.
-// One block per (sample, group) item: mean, then variance (two passes over the group, which
-// stays in L1 / L2), then y = x̂·w + b, or silu of it with kSilu. kVec: over 16-byte packs (the
-// spatial extent a multiple of the pack and x, y aligned, so a pack never crosses a channel).
-template <typename T, bool kVec, bool kSilu>
-__global__ void group_norm_kernel(GroupNormParams p) {
+// The forward in two kernels over the (sample, group) items, whose cg·S values are contiguous:
+//   statistics  grid (chunks, items): block (k, item) takes chunk k of kGroupNormChunk values of
+//               the item and writes its mean and M2 = Σ (x − mean)² (two passes over the chunk,
+//               which stays in L1) into `partial` [items][chunks][2];
+//   apply       grid (blocks per item, items): each block combines the item's chunks (Chan's
+//               formula: mean = Σ nᵢ·meanᵢ / n, M2 = Σ M2ᵢ + nᵢ·(meanᵢ − mean)², in the same order
+//               in every block), then y = x̂·w + b, or silu of it with kSilu, over its share.
+// The group is read twice from memory and written once, by thousands of blocks. (One block per
+// item read it three times from memory where it outgrew L1 — 328 KB at SDXL's 320 channels and
+// 128×128 — with 256 blocks on the whole GPU.) kVec: over 16-byte packs (the spatial extent a
+// multiple of the pack and x, y aligned, so a pack never crosses a channel).
+template <typename T, bool kVec>
+__global__ void group_norm_stats_kernel(GroupNormParams p) {
   using Acc = compute_t<T>;
   using P = std::conditional_t<kVec, Pack16<T>, PackN<T, 1>>;
   constexpr int V = P::kSize;
   __shared__ Acc scratch[kThreads / 32];
+  const int64_t item = blockIdx.y, chunks = gridDim.x;
+  const int64_t count = p.channels / p.groups * p.spatial;
+  const int64_t e0 = int64_t(blockIdx.x) * kGroupNormChunk, e1 = min(e0 + kGroupNormChunk, count);
+  const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + item * count + e0);
+  const int64_t packs = (e1 - e0) / V;
+  Acc s = Acc(0);
+  for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+    const P v = x[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) s += widen(v.v[k]);
+  }
+  const Acc n = Acc(e1 - e0);
+  const Acc mean = group_reduce<kThreads, RSum<Acc>>(s, scratch) / n;
+  Acc m2 = Acc(0);
+  for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+    const P v = x[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const Acc d = widen(v.v[k]) - mean;
+      m2 += d * d;
+    }
+  }
+  m2 = group_reduce<kThreads, RSum<Acc>>(m2, scratch);
+  if (threadIdx.x == 0) {
+    Acc* out = static_cast<Acc*>(p.partial) + (item * chunks + blockIdx.x) * 2;
+    out[0] = mean, out[1] = m2;
+  }
+}
+
+template <typename T, bool kVec, bool kSilu>
+__global__ void group_norm_apply_kernel(GroupNormParams p, int64_t chunks) {
+  using Acc = compute_t<T>;
+  using P = std::conditional_t<kVec, Pack16<T>, PackN<T, 1>>;
+  constexpr int V = P::kSize;
+  __shared__ Acc scratch[kThreads / 32];
+  const int64_t item = blockIdx.y;
+  const int64_t cg = p.channels / p.groups, count = cg * p.spatial, c0 = (item % p.groups) * cg;
+  // the item's statistics from its chunks (chunk k holds kGroupNormChunk values, the last the rest)
+  const Acc* part = static_cast<const Acc*>(p.partial) + item * chunks * 2;
+  auto chunk_n = [&](int64_t k) { return Acc(min(kGroupNormChunk, count - k * kGroupNormChunk)); };
+  Acc s = Acc(0);
+  for (int64_t k = threadIdx.x; k < chunks; k += kThreads) s += chunk_n(k) * part[2 * k];
+  const Acc mean = group_reduce<kThreads, RSum<Acc>>(s, scratch) / Acc(count);
+  Acc m2 = Acc(0);
+  for (int64_t k = threadIdx.x; k < chunks; k += kThreads) {
+    const Acc d = part[2 * k] - mean;
+    m2 += part[2 * k + 1] + chunk_n(k) * d * d;
+  }
+  const Acc var = group_reduce<kThreads, RSum<Acc>>(m2, scratch) / Acc(count);
+  const Acc rstd = Acc(1) / m_sqrt(var + Acc(p.eps));
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    static_cast<Acc*>(p.mean)[item] = mean;
+    static_cast<Acc*>(p.rstd)[item] = rstd;
+  }
   const T* w = static_cast<const T*>(p.weight);
   const T* b = static_cast<const T*>(p.bias);
-  Acc* mean_out = static_cast<Acc*>(p.mean);
-  Acc* rstd_out = static_cast<Acc*>(p.rstd);
-  const int64_t cg = p.channels / p.groups, count = cg * p.spatial, packs = count / V;
-  const Acc inv_count = Acc(1) / Acc(count > 0 ? count : 1);
-  for (int64_t item = blockIdx.x; item < p.batch * p.groups; item += gridDim.x) {
-    const int64_t c0 = (item % p.groups) * cg;
-    const int64_t base = (item / p.groups) * p.channels * p.spatial + c0 * p.spatial;
-    const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + base);
-    P* y = reinterpret_cast<P*>(static_cast<T*>(p.y) + base);
-    Acc s = Acc(0);
-    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
-      const P v = x[i];
+  const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + item * count);
+  P* y = reinterpret_cast<P*>(static_cast<T*>(p.y) + item * count);
+  const int64_t packs = count / V;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < packs; i += int64_t(gridDim.x) * kThreads) {
+    const int64_t c = c0 + i * V / p.spatial;
+    const Acc wc = rstd * load_or(w, c, Acc(1)), bc = load_or(b, c, Acc(0));
+    P v = x[i];
 #pragma unroll
-      for (int k = 0; k < V; ++k) s += widen(v.v[k]);
+    for (int k = 0; k < V; ++k) {
+      Acc out = (widen(v.v[k]) - mean) * wc + bc;
+      if constexpr (kSilu) out = out / (Acc(1) + m_exp(-out));
+      v.v[k] = narrow<T>(out);
     }
-    const Acc mean = group_reduce<kThreads, RSum<Acc>>(s, scratch) * inv_count;
-    Acc var = Acc(0);
-    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
-      const P v = x[i];
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const Acc d = widen(v.v[k]) - mean;
-        var += d * d;
-      }
-    }
-    const Acc rstd = Acc(1) / m_sqrt(group_reduce<kThreads, RSum<Acc>>(var, scratch) * inv_count + Acc(p.eps));
-    if (threadIdx.x == 0) {
-      mean_out[item] = mean;
-      rstd_out[item] = rstd;
-    }
-    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
-      const int64_t c = c0 + i * V / p.spatial;
-      const Acc wc = load_or(w, c, Acc(1)), bc = load_or(b, c, Acc(0));
-      P v = x[i];
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        Acc out = (widen(v.v[k]) - mean) * rstd * wc + bc;
-        if constexpr (kSilu) out = out / (Acc(1) + m_exp(-out));
-        v.v[k] = narrow<T>(out);
-      }
-      y[i] = v;
-    }
+    y[i] = v;
   }
 }
 
@@ -420,15 +453,29 @@ void launch_layer_norm_backward(const LayerNormGradParams& p) {
   });
 }
 
+int64_t group_norm_chunks(const GroupNormParams& p) {
+  const int64_t count = p.channels / p.groups * p.spatial;
+  return std::max<int64_t>(1, (count + kGroupNormChunk - 1) / kGroupNormChunk);
+}
+
 void launch_group_norm(const GroupNormParams& p) {
   if (p.batch == 0 || p.channels == 0) return;
+  LOOM_CHECK(p.partial != nullptr, "cuda group_norm: no scratch for the chunk statistics");
+  LOOM_CHECK(p.batch * p.groups <= 65535, "cuda group_norm: ", p.batch, " samples × ", p.groups,
+             " groups exceed 65535 grid rows");
   dispatch_float(p.dtype, "cuda group_norm", [&](auto tag) {
     using T = decltype(tag);
     const bool vec = p.spatial % Pack16<T>::kSize == 0 && aligned16(p.x) && aligned16(p.y);
-    const unsigned grid = grid_for(p.batch * p.groups, 1);
+    const int64_t items = p.batch * p.groups, chunks = group_norm_chunks(p);
+    const int64_t count = p.channels / p.groups * p.spatial, packs = vec ? count / Pack16<T>::kSize : count;
+    const dim3 stats_grid{unsigned(chunks), unsigned(items)};
+    const dim3 apply_grid{grid_for(packs, int64_t(kThreads) * 4), unsigned(items)};
     auto launch = [&](auto vec_tag, auto silu_tag) {
-      group_norm_kernel<T, decltype(vec_tag)::value, decltype(silu_tag)::value>
-          <<<grid, kThreads, 0, compute_stream()>>>(p);
+      constexpr bool kVec = decltype(vec_tag)::value;
+      group_norm_stats_kernel<T, kVec><<<stats_grid, kThreads, 0, compute_stream()>>>(p);
+      check_last_launch("group_norm_stats_kernel");
+      group_norm_apply_kernel<T, kVec, decltype(silu_tag)::value>
+          <<<apply_grid, kThreads, 0, compute_stream()>>>(p, chunks);
     };
     using Yes = std::true_type;
     using No = std::false_type;

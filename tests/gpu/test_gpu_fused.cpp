@@ -81,10 +81,13 @@ TEST(GpuFused, GroupNormMatchesCpuF64) {
     Shape shape;
     int64_t groups;
   };
-  // 16-byte packs where the spatial extent is a multiple of the pack ({1, 8, 2000}, {2, 64, 8, 8}),
-  // single elements otherwise
-  const std::vector<Case> cases = {
-      {{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4}, {{1, 8, 2000}, 2}, {{2, 9}, 3}, {{2, 64, 8, 8}, 32}};
+  // 16-byte packs where the spatial extent is a multiple of the pack ({1, 8, 2000}, {2, 64, 8, 8},
+  // {1, 64, 64, 72}), single elements otherwise; groups of several statistics chunks (16384
+  // values each) with a partial last one: {2, 6, 130, 131} (51090 values a group, single
+  // elements) and {1, 64, 64, 72} (73728, packs)
+  const std::vector<Case> cases = {{{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4},      {{1, 8, 2000}, 2},
+                                   {{2, 9}, 3},           {{2, 64, 8, 8}, 32},    {{2, 6, 130, 131}, 2},
+                                   {{1, 64, 64, 72}, 4}};
   // (No groups of two elements: their normalised outputs are ±1 whatever the input, so dx is
   // rounding noise around an exact 0 and has no relative accuracy to compare.)
   for (DType dtype : kDtypes) {
