@@ -157,33 +157,7 @@ __global__ void __launch_bounds__(ShortShape<D>::kThreads) flash_fwd_short_kerne
     for (int a = 0; a < kAtoms; ++a)
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) o[a][j][0] = o[a][j][1] = o[a][j][2] = o[a][j][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      uint32_t pa[kAtoms][4];
-#pragma unroll
-      for (int a = 0; a < kAtoms; ++a) {
-        pa[a][0] = Half2<T>::pack(s[a][2 * kk][0], s[a][2 * kk][1]);
-        pa[a][1] = Half2<T>::pack(s[a][2 * kk][2], s[a][2 * kk][3]);
-        pa[a][2] = Half2<T>::pack(s[a][2 * kk + 1][0], s[a][2 * kk + 1][1]);
-        pa[a][3] = Half2<T>::pack(s[a][2 * kk + 1][2], s[a][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int j = 0; j + 1 < D / 8; j += 2) {
-        uint32_t b[4];
-        ldsm_b_trans_pair(b, sV, kk * 16, j * 8, kLd, lane);
-#pragma unroll
-        for (int a = 0; a < kAtoms; ++a) {
-          mma16816(o[a][j], pa[a], b, T());
-          mma16816(o[a][j + 1], pa[a], b + 2, T());
-        }
-      }
-      if constexpr (D / 8 % 2 == 1) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sV, kk * 16, (D / 8 - 1) * 8, kLd, lane);
-#pragma unroll
-        for (int a = 0; a < kAtoms; ++a) mma16816(o[a][D / 8 - 1], pa[a], b, T());
-      }
-    }
+    accumulate_pv<T, D, kAtoms, kKeys>(o, s, sV, kLd, lane);
 
     const FlashRows qr = flash_rows(p, n, p.q_len, D);
     T* out = static_cast<T*>(p.out) + qr.base;
@@ -195,13 +169,7 @@ __global__ void __launch_bounds__(ShortShape<D>::kThreads) flash_fwd_short_kerne
       for (int h = 0; h < 2; ++h) {
         const int64_t qi = i0 + (warp * kAtoms + a) * 16 + g + 8 * h;
         if (qi >= p.q_len) continue;
-        const float inv = 1.f / l[a][h];
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          const uint32_t packed = Half2<T>::pack(o[a][j][2 * h] * inv, o[a][j][2 * h + 1] * inv);
-          *reinterpret_cast<uint32_t*>(out + qi * qr.stride + j * 8 + 2 * t) = packed;
-        }
-        if (t == 0) lse[qi] = (m[a][h] + log2f(l[a][h])) * kLn2;
+        store_output_row<T, D>(out + qi * qr.stride, lse + qi, o[a], h, m[a][h], l[a][h], t);
       }
     }
     if (next_row) kv ^= 1;

@@ -226,6 +226,59 @@ __device__ __forceinline__ void zero_sw128_pad(void* tile, int tid) {
   }
 }
 
+// O += P·V for each 16-row slice a of this warp over one tile of kCols keys (a multiple of 16):
+// P is the slice's score accumulators s[a] (after the exponential, f32), packed to T pairs (a C
+// tile pair is the A fragment of that k-step); V is a row-major [kCols][ld] tile in shared memory;
+// the head dim D in n-steps of 8 (pairs through ldmatrix.x4.trans, an odd last one through .x2).
+// (cuda_flash_fwd.cu still holds this loop and store_output_row's inline: calling these there
+// reorders its SASS, so the switch waits for a GPU run of its tests.)
+template <typename T, int D, int kAtoms, int kCols>
+__device__ __forceinline__ void accumulate_pv(float (&o)[kAtoms][D / 8][4], const float (&s)[kAtoms][kCols / 8][4],
+                                              const T* sV, int ld, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    uint32_t pa[kAtoms][4];
+#pragma unroll
+    for (int a = 0; a < kAtoms; ++a) {
+      pa[a][0] = Half2<T>::pack(s[a][2 * kk][0], s[a][2 * kk][1]);
+      pa[a][1] = Half2<T>::pack(s[a][2 * kk][2], s[a][2 * kk][3]);
+      pa[a][2] = Half2<T>::pack(s[a][2 * kk + 1][0], s[a][2 * kk + 1][1]);
+      pa[a][3] = Half2<T>::pack(s[a][2 * kk + 1][2], s[a][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int j = 0; j + 1 < D / 8; j += 2) {
+      uint32_t b[4];
+      ldsm_b_trans_pair(b, sV, kk * 16, j * 8, ld, lane);
+#pragma unroll
+      for (int a = 0; a < kAtoms; ++a) {
+        mma16816(o[a][j], pa[a], b, T());
+        mma16816(o[a][j + 1], pa[a], b + 2, T());
+      }
+    }
+    if constexpr (D / 8 % 2 == 1) {
+      uint32_t b[2];
+      ldmatrix_b_trans(b, sV, kk * 16, (D / 8 - 1) * 8, ld, lane);
+#pragma unroll
+      for (int a = 0; a < kAtoms; ++a) mma16816(o[a][D / 8 - 1], pa[a], b, T());
+    }
+  }
+}
+
+// Writes one query row of a slice's output: row g (h = 0) or g + 8 (h = 1) of the accumulators
+// oa, divided by the row's sum l (already summed over the row's 4 lanes), as T pairs at `out_row`
+// (columns 8j + 2t, 8j + 2t + 1); lane t = 0 writes the row's log-sum-exp (m + log2 l)·ln 2 at *lse.
+template <typename T, int D>
+__device__ __forceinline__ void store_output_row(T* out_row, float* lse, const float (&oa)[D / 8][4], int h, float m,
+                                                 float l, int t) {
+  const float inv = 1.f / l;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const uint32_t packed = Half2<T>::pack(oa[j][2 * h] * inv, oa[j][2 * h + 1] * inv);
+    *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * t) = packed;
+  }
+  if (t == 0) *lse = (m + log2f(l)) * kLn2;
+}
+
 template <int D>
 struct TcShape {
   static constexpr int kDp = (D + 15) / 16 * 16;  // QKᵀ's k-dim, zero-padded in shared memory
