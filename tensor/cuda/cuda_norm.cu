@@ -10,6 +10,7 @@
 // Sums in float (double for f64), so results do not depend on the launch shape
 // beyond float rounding, and nothing uses atomics: runs are deterministic.
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "tensor/cuda/cuda_device.cuh"
@@ -458,15 +459,13 @@ int64_t group_norm_chunks(const GroupNormParams& p) {
   return std::max<int64_t>(1, (count + kGroupNormChunk - 1) / kGroupNormChunk);
 }
 
-void launch_group_norm(const GroupNormParams& p) {
-  if (p.batch == 0 || p.channels == 0) return;
-  LOOM_CHECK(p.partial != nullptr, "cuda group_norm: no scratch for the chunk statistics");
-  LOOM_CHECK(p.batch * p.groups <= 65535, "cuda group_norm: ", p.batch, " samples × ", p.groups,
-             " groups exceed 65535 grid rows");
+namespace {
+// The two kernels over p's batch · groups items (≤ 65535: grid rows).
+void launch_group_norm_slice(const GroupNormParams& p, int64_t chunks) {
   dispatch_float(p.dtype, "cuda group_norm", [&](auto tag) {
     using T = decltype(tag);
     const bool vec = p.spatial % Pack16<T>::kSize == 0 && aligned16(p.x) && aligned16(p.y);
-    const int64_t items = p.batch * p.groups, chunks = group_norm_chunks(p);
+    const int64_t items = p.batch * p.groups;
     const int64_t count = p.channels / p.groups * p.spatial, packs = vec ? count / Pack16<T>::kSize : count;
     const dim3 stats_grid{unsigned(chunks), unsigned(items)};
     const dim3 apply_grid{grid_for(packs, int64_t(kThreads) * 4), unsigned(items)};
@@ -483,6 +482,34 @@ void launch_group_norm(const GroupNormParams& p) {
     else p.silu ? launch(No{}, Yes{}) : launch(No{}, No{});
     check_last_launch(p.silu ? "group_norm_kernel (+ silu)" : "group_norm_kernel");
   });
+}
+}  // namespace
+
+void launch_group_norm(const GroupNormParams& p) {
+  if (p.batch == 0 || p.channels == 0) return;
+  if (p.spatial == 0) {  // empty groups: nothing to normalise; the statistics as the CPU's (mean 0, rstd 1/√eps)
+    const DType stats = p.dtype == DType::F64 ? DType::F64 : DType::F32;
+    launch_fill({p.mean, stats, p.batch * p.groups, 0.0});
+    launch_fill({p.rstd, stats, p.batch * p.groups, 1.0 / std::sqrt(p.eps)});
+    return;
+  }
+  LOOM_CHECK(p.partial != nullptr, "cuda group_norm: no scratch for the chunk statistics");
+  // grid rows are (sample, group) items: at most kMaxRows a launch, so whole samples in slices
+  constexpr int64_t kMaxRows = 65535;
+  LOOM_CHECK(p.groups <= kMaxRows, "cuda group_norm: ", p.groups, " groups exceed ", kMaxRows);
+  const int64_t chunks = group_norm_chunks(p), per_launch = kMaxRows / p.groups;
+  const size_t elem = itemsize(p.dtype), stat = p.dtype == DType::F64 ? sizeof(double) : sizeof(float);
+  for (int64_t n0 = 0; n0 < p.batch; n0 += per_launch) {
+    GroupNormParams q = p;
+    q.batch = std::min(per_launch, p.batch - n0);
+    const int64_t items0 = n0 * p.groups, values0 = n0 * p.channels * p.spatial;
+    q.x = static_cast<const char*>(p.x) + values0 * elem;
+    q.y = static_cast<char*>(p.y) + values0 * elem;
+    q.mean = static_cast<char*>(p.mean) + items0 * stat;
+    q.rstd = static_cast<char*>(p.rstd) + items0 * stat;
+    q.partial = static_cast<char*>(p.partial) + items0 * chunks * 2 * stat;
+    launch_group_norm_slice(q, chunks);
+  }
 }
 
 void launch_group_norm_backward(const GroupNormGradParams& p) {

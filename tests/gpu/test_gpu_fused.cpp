@@ -124,6 +124,28 @@ TEST(GpuFused, GroupNormMatchesCpuF64) {
   }
 }
 
+// Group norm's launcher: empty groups (spatial extent 0) give the CPU's statistics (mean 0, rstd
+// 1/√eps) and no output values; more (sample, group) items than one launch's 65535 grid rows run
+// in slices of whole samples.
+TEST(GpuFused, GroupNormEmptyGroupsAndManyItemsMatchCpu) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_group_norm_edges");
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    const std::string what = dtype_name(dtype);
+    const Pair empty = random_pair({2, 4, 0}, gen, dtype);
+    const ops::NormForward eg = ops::group_norm(empty.gpu, 2, Tensor(), Tensor(), 1e-5);
+    const ops::NormForward ec = ops::group_norm(empty.cpu, 2, Tensor(), Tensor(), 1e-5);
+    EXPECT_EQ(eg.y.numel(), 0) << what;
+    expect_close(eg.mean, ec.mean, dtype, what + " empty groups: mean");
+    expect_close(eg.rstd, ec.rstd, dtype, what + " empty groups: rstd");
+    const Pair many = random_pair({2100, 32, 1, 3}, gen, dtype, 0.2, 1.5), w = random_pair({32}, gen, dtype);
+    const ops::NormForward mg = ops::group_norm(many.gpu, 32, w.gpu, Tensor(), 1e-5, true);
+    const ops::NormForward mc = ops::group_norm(many.cpu, 32, w.cpu, Tensor(), 1e-5);
+    expect_close(mg.y, ops::silu(mc.y), dtype, what + " 67200 items: silu(y)");
+    expect_close(mg.rstd, mc.rstd, dtype, what + " 67200 items: rstd");
+  }
+}
+
 TEST(GpuFused, GegluMatchesCpuF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   Generator gen = fresh_generator("gpu_geglu");
