@@ -29,15 +29,18 @@ GroupNorm::GroupNorm(int64_t groups, int64_t channels, double eps, bool affine, 
   if (affine) register_affine(*this, channels, dtype, device, weight_, bias_);
 }
 
-Variable GroupNorm::forward(const Variable& x) const {
+void GroupNorm::check_input(const Variable& x) const {
   LOOM_CHECK(x.defined() && x.dim() >= 2 && x.size(1) == channels_, "GroupNorm: expected input [N, ", channels_,
              ", *], got ", x.defined() ? x.shape() : Shape{});
+}
+
+Variable GroupNorm::forward(const Variable& x) const {
+  check_input(x);
   return group_norm(x, groups_, weight_, bias_, eps_);
 }
 
 Variable GroupNorm::forward_silu(const Variable& x) const {
-  LOOM_CHECK(x.defined() && x.dim() >= 2 && x.size(1) == channels_, "GroupNorm: expected input [N, ", channels_,
-             ", *], got ", x.defined() ? x.shape() : Shape{});
+  check_input(x);
   return group_norm_silu(x, groups_, weight_, bias_, eps_);
 }
 

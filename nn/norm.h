@@ -50,6 +50,8 @@ class GroupNorm : public UnaryModule {
   const Variable& bias() const { return bias_; }
 
  private:
+  // x must be [N, channels, *] (named in the error).
+  void check_input(const Variable& x) const;
   int64_t groups_, channels_;
   double eps_;
   Variable weight_, bias_;

@@ -182,12 +182,16 @@ void short_forward(const FlashParams& p) {
   const size_t smem = short_smem<D>();
   LOOM_CUDA_CHECK(
       cudaFuncSetAttribute(flash_fwd_short_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int per_sm = 0;
-  LOOM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, flash_fwd_short_kernel<T, D>, S::kThreads,
-                                                                smem));
+  // the blocks an SM holds, asked once per instantiation (as flash_sm_count: the first device's)
+  static const int per_sm = [smem] {
+    int blocks = 0;
+    LOOM_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, flash_fwd_short_kernel<T, D>, S::kThreads, smem));
+    return std::max(blocks, 1);
+  }();
   // one wave of resident blocks, none without a tile
   const int64_t total = (p.q_len + S::kRows - 1) / S::kRows * p.n;
-  const int64_t resident = int64_t(flash_sm_count()) * std::max(per_sm, 1);
+  const int64_t resident = int64_t(flash_sm_count()) * per_sm;
   const unsigned grid = unsigned(std::min(total, resident));
   flash_fwd_short_kernel<T, D><<<grid, S::kThreads, smem, compute_stream()>>>(p);
   check_last_launch("flash_fwd_short_kernel");
