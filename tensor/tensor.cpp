@@ -201,7 +201,10 @@ Device Tensor::device() const {
   return storage_->device();
 }
 
+// A tensor without elements is contiguous whatever its strides (as in PyTorch): contiguous_strides
+// gives [2, 4, 0] the strides [4, 1, 1], which the walk below would reject.
 bool Tensor::is_contiguous() const {
+  if (numel() == 0) return true;
   int64_t expected = 1;
   for (int64_t i = dim() - 1; i >= 0; --i) {
     if (shape_[i] == 1) continue;

@@ -53,6 +53,18 @@ TEST(TensorFactory, EmptyHasShapeDtypeDeviceAndRowMajorStrides) {
   EXPECT_EQ(t.str(), "Tensor(f64, cpu, [3, 5, 7])");
 }
 
+TEST(TensorFactory, EmptyTensorsAreContiguous) {
+  // a zero in the shape: contiguous_strides keeps the other strides as if it were one, and a
+  // kernel that asks for contiguous input must accept the result (CUDA group norm did not)
+  for (const Shape& shape : {Shape{2, 4, 0}, Shape{0, 3}, Shape{3, 0, 5}}) {
+    const Tensor t = Tensor::empty(shape, DType::F32);
+    EXPECT_EQ(t.numel(), 0);
+    EXPECT_TRUE(t.is_contiguous()) << t.str();
+    EXPECT_TRUE(t.contiguous().is_contiguous()) << t.str();
+  }
+  EXPECT_FALSE(Tensor::empty({2, 3}, DType::F32).transpose(0, 1).is_contiguous());
+}
+
 TEST(TensorFactory, DefaultConstructedTensorIsUndefined) {
   const Tensor t;
   EXPECT_FALSE(t.defined());
