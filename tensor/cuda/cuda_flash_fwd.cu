@@ -197,33 +197,7 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
       }
     }
     // O += P·V, P straight from the accumulators
-#pragma unroll
-    for (int kk = 0; kk < kCols / 16; ++kk) {
-      uint32_t pa[kAtoms][4];
-#pragma unroll
-      for (int a = 0; a < kAtoms; ++a) {
-        pa[a][0] = Half2<T>::pack(s[a][2 * kk][0], s[a][2 * kk][1]);
-        pa[a][1] = Half2<T>::pack(s[a][2 * kk][2], s[a][2 * kk][3]);
-        pa[a][2] = Half2<T>::pack(s[a][2 * kk + 1][0], s[a][2 * kk + 1][1]);
-        pa[a][3] = Half2<T>::pack(s[a][2 * kk + 1][2], s[a][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int j = 0; j + 1 < D / 8; j += 2) {
-        uint32_t b[4];
-        ldsm_b_trans_pair(b, sV, kk * 16, j * 8, kLd, lane);
-#pragma unroll
-        for (int a = 0; a < kAtoms; ++a) {
-          mma16816(o[a][j], pa[a], b, T());
-          mma16816(o[a][j + 1], pa[a], b + 2, T());
-        }
-      }
-      if constexpr (D / 8 % 2 == 1) {
-        uint32_t b[2];
-        ldmatrix_b_trans(b, sV, kk * 16, (D / 8 - 1) * 8, kLd, lane);
-#pragma unroll
-        for (int a = 0; a < kAtoms; ++a) mma16816(o[a][D / 8 - 1], pa[a], b, T());
-      }
-    }
+    accumulate_pv<T, D, kAtoms, kCols>(o, s, sV, kLd, lane);
   }
 
   T* out = static_cast<T*>(p.out) + qr.base;
@@ -236,13 +210,7 @@ __global__ void __launch_bounds__(TcShape<D>::kThreads) flash_fwd_tc_kernel(cons
       l[a][h] += __shfl_xor_sync(0xffffffffu, l[a][h], 2);
       const int64_t qi = row_q[a][h];
       if (qi >= p.q_len) continue;
-      const float inv = 1.f / l[a][h];
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const uint32_t packed = Half2<T>::pack(o[a][j][2 * h] * inv, o[a][j][2 * h + 1] * inv);
-        *reinterpret_cast<uint32_t*>(out + qi * qr.stride + j * 8 + 2 * t) = packed;
-      }
-      if (t == 0) lse[qi] = (m[a][h] + log2f(l[a][h])) * kLn2;
+      store_output_row<T, D>(out + qi * qr.stride, lse + qi, o[a], h, m[a][h], l[a][h], t);
     }
   }
 }

@@ -230,8 +230,6 @@ __device__ __forceinline__ void zero_sw128_pad(void* tile, int tid) {
 // P is the slice's score accumulators s[a] (after the exponential, f32), packed to T pairs (a C
 // tile pair is the A fragment of that k-step); V is a row-major [kCols][ld] tile in shared memory;
 // the head dim D in n-steps of 8 (pairs through ldmatrix.x4.trans, an odd last one through .x2).
-// (cuda_flash_fwd.cu still holds this loop and store_output_row's inline: calling these there
-// reorders its SASS, so the switch waits for a GPU run of its tests.)
 template <typename T, int D, int kAtoms, int kCols>
 __device__ __forceinline__ void accumulate_pv(float (&o)[kAtoms][D / 8][4], const float (&s)[kAtoms][kCols / 8][4],
                                               const T* sV, int ld, int lane) {

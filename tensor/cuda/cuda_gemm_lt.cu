@@ -10,7 +10,7 @@
 // A plan (descriptors and the heuristic's algorithm) is made once per shape, leading dims and
 // operand alignments and kept for the process, as cuBLAS keeps its handle (cuda_gemm.cu); the
 // bias pointer is set on the plan's descriptor at each call, under the device's mutex. Where
-// cuBLASLt offers no algorithm (or the problem is a batch, thin, or unaligned), the plain GEMM runs
+// cuBLASLt offers no algorithm (or the problem is thin or unaligned), the plain GEMM runs
 // and a kernel adds the bias (add_row_bias_kernel): the same values, rounded twice.
 #include <cublasLt.h>
 
@@ -56,6 +56,16 @@ int64_t alignment_of(const void* p) {
   return align;
 }
 
+// The alignment every matrix of a strided batch keeps: its base's, and its stride's in bytes.
+int64_t batch_alignment(const void* base, int64_t batch, int64_t stride, DType t) {
+  int64_t align = alignment_of(base);
+  if (batch > 1 && stride != 0) {
+    const int64_t bytes = stride * int64_t(itemsize(t));
+    while (align > 1 && bytes % align != 0) align /= 2;
+  }
+  return align;
+}
+
 cublasOperation_t op_of(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
 template <typename V>
@@ -75,7 +85,17 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols,
   return l;
 }
 
-// The plan of `g` (batch 1, bias set): D' (n × m, column-major) = op(B)ᵀ·op(A)ᵀ + bias.
+// Sets a layout's batch count and stride (elements between consecutive matrices; 0 shares one).
+void set_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
+  if (batch == 1) return;
+  const int32_t count = int32_t(batch);
+  LOOM_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+  LOOM_CUBLAS_CHECK(
+      cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+}
+
+// The plan of `g` (bias set): D'[i] (n × m, column-major) = op(B[i])ᵀ·op(A[i])ᵀ + bias, i < batch
+// (a strided batch; the bias shared: its batch stride 0).
 LtPlan make_plan(cublasLtHandle_t handle, const GemmBatch& g, cudaDataType_t t) {
   LtPlan p;
   const int64_t mp = g.n, np = g.m, k = g.k;  // column-major sizes
@@ -88,14 +108,18 @@ LtPlan make_plan(cublasLtHandle_t handle, const GemmBatch& g, cudaDataType_t t) 
   p.a = ta == CUBLAS_OP_N ? make_layout(t, mp, k, g.ldb) : make_layout(t, k, mp, g.ldb);  // A' = B
   p.b = tb == CUBLAS_OP_N ? make_layout(t, k, np, g.lda) : make_layout(t, np, k, g.lda);  // B' = A
   p.c = make_layout(t, mp, np, g.ldc);
+  set_batch(p.a, g.batch, g.stride_b);
+  set_batch(p.b, g.batch, g.stride_a);
+  set_batch(p.c, g.batch, g.stride_c);
+  if (g.batch > 1) set_desc(p.desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, int64_t(0));
 
   cublasLtMatmulPreference_t pref = nullptr;
   LOOM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t(kGemmWorkspaceBytes));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, uint32_t(alignment_of(g.b)));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, uint32_t(alignment_of(g.a)));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, uint32_t(alignment_of(g.c)));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, uint32_t(alignment_of(g.c)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, uint32_t(batch_alignment(g.b, g.batch, g.stride_b, g.dtype)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, uint32_t(batch_alignment(g.a, g.batch, g.stride_a, g.dtype)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, uint32_t(batch_alignment(g.c, g.batch, g.stride_c, g.dtype)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, uint32_t(batch_alignment(g.c, g.batch, g.stride_c, g.dtype)));
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   const cublasStatus_t st =
@@ -108,13 +132,16 @@ LtPlan make_plan(cublasLtHandle_t handle, const GemmBatch& g, cudaDataType_t t) 
 
 // Runs `g` through cuBLASLt; false (nothing launched) where it cannot.
 bool try_lt(const GemmBatch& g) {
-  if (g.batch != 1 || g.alpha != 1.0 || g.beta != 0.0 || alignment_of(g.bias) < 16) return false;
+  if (g.batch > 65535 || g.alpha != 1.0 || g.beta != 0.0 || alignment_of(g.bias) < 16) return false;
   if (g.dtype != DType::BF16 && g.dtype != DType::F16) return false;
   const cudaDataType_t t = g.dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
   LtSlot& slot = lt_slot(g.device.index);
   std::lock_guard<std::mutex> lock(slot.mu);
   const std::vector<int64_t> key = {int64_t(g.dtype), g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc,
-                                    alignment_of(g.a), alignment_of(g.b), alignment_of(g.c)};
+                                    g.batch, g.stride_a, g.stride_b, g.stride_c,
+                                    batch_alignment(g.a, g.batch, g.stride_a, g.dtype),
+                                    batch_alignment(g.b, g.batch, g.stride_b, g.dtype),
+                                    batch_alignment(g.c, g.batch, g.stride_c, g.dtype)};
   auto it = slot.plans.find(key);
   if (it == slot.plans.end()) it = slot.plans.emplace(key, make_plan(slot.handle, g, t)).first;
   LtPlan& plan = it->second;

@@ -360,34 +360,45 @@ __global__ void group_norm_sums_kernel(GroupNormGradParams p) {
   }
 }
 
-// dx per (sample, group) block, from the per-channel sums.
-template <typename T>
-__global__ void group_norm_dx_kernel(GroupNormGradParams p) {
+// dx from the per-channel sums: grid (blocks per item, items), as group_norm_apply_kernel — each
+// block sums the item's cg channels' terms (few), then takes its share of the item's values, in
+// 16-byte packs with kVec (the spatial extent a multiple of the pack and x, dy, dx aligned). (One
+// block per item ran 128 blocks at SDXL's batch 4, an element and a 64-bit division at a time.)
+// Grid row r is item item0 + r (launches of at most 65535 items).
+template <typename T, bool kVec>
+__global__ void group_norm_dx_kernel(GroupNormGradParams p, int64_t item0) {
   using Acc = compute_t<T>;
+  using P = std::conditional_t<kVec, Pack16<T>, PackN<T, 1>>;
+  constexpr int V = P::kSize;
   const T* w = static_cast<const T*>(p.weight);
-  const Acc* mean_in = static_cast<const Acc*>(p.mean);
-  const Acc* rstd_in = static_cast<const Acc*>(p.rstd);
   const Acc* sums = static_cast<const Acc*>(p.sums);
+  const int64_t item = item0 + blockIdx.y;
   const int64_t rows = p.batch * p.channels, cg = p.channels / p.groups, count = cg * p.spatial;
-  for (int64_t item = blockIdx.x; item < p.batch * p.groups; item += gridDim.x) {
-    const int64_t n = item / p.groups, c0 = (item % p.groups) * cg;
-    Acc mg = Acc(0), mgx = Acc(0);  // every thread sums the group's cg channels (few)
-    for (int64_t c = 0; c < cg; ++c) {
-      const Acc wc = load_or(w, c0 + c, Acc(1));
-      mg += wc * sums[n * p.channels + c0 + c];
-      mgx += wc * sums[rows + n * p.channels + c0 + c];
+  const int64_t n = item / p.groups, c0 = (item % p.groups) * cg;
+  Acc mg = Acc(0), mgx = Acc(0);  // every thread sums the group's cg channels (few)
+  for (int64_t c = 0; c < cg; ++c) {
+    const Acc wc = load_or(w, c0 + c, Acc(1));
+    mg += wc * sums[n * p.channels + c0 + c];
+    mgx += wc * sums[rows + n * p.channels + c0 + c];
+  }
+  mg /= Acc(count);
+  mgx /= Acc(count);
+  const Acc mean = static_cast<const Acc*>(p.mean)[item], rstd = static_cast<const Acc*>(p.rstd)[item];
+  const int64_t base = n * p.channels * p.spatial + c0 * p.spatial;
+  const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + base);
+  const P* dy = reinterpret_cast<const P*>(static_cast<const T*>(p.dy) + base);
+  P* dx = reinterpret_cast<P*>(static_cast<T*>(p.dx) + base);
+  const int64_t packs = count / V;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < packs; i += int64_t(gridDim.x) * kThreads) {
+    const Acc wc = load_or(w, c0 + i * V / p.spatial, Acc(1));
+    const P xv = x[i], gv = dy[i];
+    P out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const Acc xh = (widen(xv.v[k]) - mean) * rstd;
+      out.v[k] = narrow<T>(rstd * (widen(gv.v[k]) * wc - mg - xh * mgx));
     }
-    mg /= Acc(count);
-    mgx /= Acc(count);
-    const Acc mean = mean_in[item], rstd = rstd_in[item];
-    const int64_t base = n * p.channels * p.spatial + c0 * p.spatial;
-    const T* x = static_cast<const T*>(p.x) + base;
-    const T* dy = static_cast<const T*>(p.dy) + base;
-    T* dx = static_cast<T*>(p.dx) + base;
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      const Acc xh = (widen(x[i]) - mean) * rstd;
-      dx[i] = narrow<T>(rstd * (widen(dy[i]) * load_or(w, c0 + i / p.spatial, Acc(1)) - mg - xh * mgx));
-    }
+    dx[i] = out;
   }
 }
 
@@ -522,7 +533,14 @@ void launch_group_norm_backward(const GroupNormGradParams& p) {
         rows, p.spatial, [&](unsigned grid) { group_norm_sums_kernel<T, 32><<<grid, kThreads, 0, compute_stream()>>>(p); },
         [&](unsigned grid) { group_norm_sums_kernel<T, kThreads><<<grid, kThreads, 0, compute_stream()>>>(p); }, "group_norm_sums_kernel");
     if (p.dx) {
-      group_norm_dx_kernel<T><<<grid_for(p.batch * p.groups, 1), kThreads, 0, compute_stream()>>>(p);
+      const bool vec = p.spatial % Pack16<T>::kSize == 0 && aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx);
+      const int64_t count = p.channels / p.groups * p.spatial, packs = vec ? count / Pack16<T>::kSize : count;
+      const int64_t items = p.batch * p.groups;
+      for (int64_t item0 = 0; item0 < items; item0 += 65535) {  // grid rows: at most 65535 items a launch
+        const dim3 grid{grid_for(packs, int64_t(kThreads) * 4), unsigned(std::min<int64_t>(65535, items - item0))};
+        if (vec) group_norm_dx_kernel<T, true><<<grid, kThreads, 0, compute_stream()>>>(p, item0);
+        else group_norm_dx_kernel<T, false><<<grid, kThreads, 0, compute_stream()>>>(p, item0);
+      }
       check_last_launch("group_norm_dx_kernel");
     }
     if (p.dweight || p.dbias) {

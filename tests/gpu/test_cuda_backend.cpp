@@ -324,6 +324,26 @@ TEST(CudaBackend, LinearBiasMatchesCpu) {
   }
 }
 
+// A Linear on channels-first activations viewed channels-last ([B, C, S] transposed to [B, S, C],
+// as the spatial transformer's proj_in reads its input): a strided batch of transposed problems,
+// through cuBLASLt's batched bias epilogue (bf16 / f16), against the CPU in f64.
+TEST(CudaBackend, LinearBiasOnATransposedBatchMatchesCpu) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(19);
+  for (const Shape& shape : {Shape{2, 40, 72}, Shape{3, 64, 33}}) {
+    const Tensor x = Tensor::randn(shape, gen, DType::F64);  // [B, C, S]
+    const Tensor w = Tensor::randn({48, shape[1]}, gen, DType::F64);
+    const Tensor b = ops::mul_scalar(Tensor::randn({48}, gen, DType::F64), 4.0);
+    for (DType dtype : kFloatDtypes) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + " x " + ::testing::PrintToString(shape));
+      const Tensor xr = x.to(dtype), wr = w.to(dtype), br = b.to(dtype);
+      const Tensor out = ops::linear(xr.to(kCuda).transpose(1, 2), wr.to(kCuda), br.to(kCuda));
+      const Tensor ref = ops::linear(xr.to(DType::F64).transpose(1, 2), wr.to(DType::F64), br.to(DType::F64));
+      EXPECT_LE(rel_err(out, ref), tol_for(dtype));
+    }
+  }
+}
+
 // ---- elementwise, reductions, softmax ----------------------------------------------------
 
 TEST(CudaBackend, UnaryMatchesCpu) {

@@ -143,6 +143,11 @@ TEST(GpuFused, GroupNormEmptyGroupsAndManyItemsMatchCpu) {
     const ops::NormForward mc = ops::group_norm(many.cpu, 32, w.cpu, Tensor(), 1e-5);
     expect_close(mg.y, ops::silu(mc.y), dtype, what + " 67200 items: silu(y)");
     expect_close(mg.rstd, mc.rstd, dtype, what + " 67200 items: rstd");
+    const ops::NormForward pg = ops::group_norm(many.gpu, 32, w.gpu, Tensor(), 1e-5);
+    const Pair dy = random_pair(many.cpu.shape(), gen, dtype);
+    const ops::NormGrads gg = ops::group_norm_backward(dy.gpu, many.gpu, 32, w.gpu, pg.mean, pg.rstd);
+    const ops::NormGrads gc = ops::group_norm_backward(dy.cpu, many.cpu, 32, w.cpu, mc.mean, mc.rstd);
+    expect_close(gg.dx, gc.dx, dtype, what + " 67200 items: dx");
   }
 }
 
