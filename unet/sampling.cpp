@@ -52,24 +52,32 @@ UNetBatch unet_batch(const SamplingConditioning& c, bool guided, DType dtype, De
   return b;
 }
 
-// ε = unet(x_in, t) for one sampling step. With graphs (CUDA): eager at the first call (which
-// warms up the libraries' handles and the allocator), captured at the second and replayed from
-// then on. The captured forward reads what changes from step to step from tensors that stay alive
-// and are refilled before each replay (the scaled latents, the timestep's sinusoidal projection,
-// which the UNet computes on the host either way); the conditioning, and SDXL's time_ids
-// projection, are the same at every step and are captured as they are. A capture that fails is
-// noted in the report and the steps run eagerly.
+// ε = unet(x_in, t) for one sampling step. With graphs (CUDA) and more than one step: the first
+// call runs eagerly (which warms up the libraries' handles and the allocator) and, once its
+// kernels are queued, captures the forward for the later calls, which replay it. The capture and
+// the graph's instantiation are host work (tens of ms for SDXL) done while the GPU runs the first
+// step's kernels; captured at the second call instead, they ran with the GPU idle, since that
+// call's inputs wait for the first step to finish. The captured forward reads what changes from
+// step to step from tensors that stay alive and are refilled before each replay (the scaled
+// latents, the timestep's sinusoidal projection, which the UNet computes on the host either way);
+// the conditioning, and SDXL's time_ids projection, are the same at every step and are captured
+// as they are. A capture that fails is noted in the report and the steps run eagerly.
 class UNetStepForward {
  public:
-  UNetStepForward(const UNet2DConditionModel& unet, const UNetBatch& batch, bool graphs, SamplingReport& report)
-      : unet_(unet), batch_(batch), graphs_(graphs), report_(report) {}
+  // steps: how many calls will come (no capture for one)
+  UNetStepForward(const UNet2DConditionModel& unet, const UNetBatch& batch, bool graphs, int64_t steps,
+                  SamplingReport& report)
+      : unet_(unet), batch_(batch), graphs_(graphs && steps > 1), report_(report) {}
 
   // x_in: [B, C, h, w] on the UNet's device in its activation dtype. Returns ε [B, C_out, h, w]
   // in that dtype, a tensor of its own (not the graph's output, which the next replay rewrites).
   Tensor operator()(const Tensor& x_in, double t) {
-    const bool replay = graphs_ && calls_++ > 0;
-    if (replay && !graph_) capture(x_in, t);
-    if (!graph_) return unet_.forward(eager_inputs(x_in, t)).tensor();
+    if (!graph_) {
+      if (graphs_) prepare_capture(x_in, t);  // its upload waits for the GPU: before the step is queued
+      const Tensor eps = unet_.forward(eager_inputs(x_in, t)).tensor();
+      if (graphs_) capture(t);  // host work while the GPU runs the kernels queued above
+      return eps;
+    }
     sample_.copy_(x_in);
     upload_.copy(timestep_proj_, host_projection(x_in, t).timestep_proj);
     graph_->replay();
@@ -96,12 +104,18 @@ class UNetStepForward {
     return in;
   }
 
-  void capture(const Tensor& x_in, double t) {
+  // The captured forward's inputs: sample_ and timestep_proj_ (refilled before each replay) and
+  // the time_ids projection (uploaded now, synchronously).
+  void prepare_capture(const Tensor& x_in, double t) {
     const Device device = x_in.device();
     const UNetInputs host = host_projection(x_in, t);
     sample_ = Tensor::empty(x_in.shape(), x_in.dtype(), device);
     timestep_proj_ = Tensor::empty(host.timestep_proj.shape(), host.timestep_proj.dtype(), device);
     if (host.time_ids_proj.defined()) time_ids_proj_ = host.time_ids_proj.to(device);
+  }
+
+  void capture(double t) {
+    const Device device = sample_.device();
     UNetInputs in = eager_inputs(sample_, t);
     in.timestep_proj = timestep_proj_;
     in.time_ids_proj = time_ids_proj_;
@@ -122,7 +136,6 @@ class UNetStepForward {
   const UNetBatch& batch_;
   bool graphs_;
   SamplingReport& report_;
-  int64_t calls_ = 0;
   std::unique_ptr<DeviceGraph> graph_;
   Tensor sample_, timestep_proj_, time_ids_proj_, out_;  // the captured forward's inputs and output
   PinnedUpload upload_;
@@ -191,7 +204,8 @@ Tensor sample_latents(const UNet2DConditionModel& unet, Scheduler& scheduler, co
   scheduler.set_timesteps(options.steps);
   SamplingReport local_report;
   SamplingReport& rep = report ? *report : local_report;
-  UNetStepForward unet_step(unet, batch, options.cuda_graph && device_graphs_supported(latents.device()), rep);
+  UNetStepForward unet_step(unet, batch, options.cuda_graph && device_graphs_supported(latents.device()),
+                            scheduler.num_steps(), rep);
   Tensor x = latents;
   for (int64_t i = 0; i < scheduler.num_steps(); ++i) {
     const double t = scheduler.timesteps()[size_t(i)];
