@@ -15,6 +15,8 @@ targets=${TARGETS:-"test_gpu loom_bench_flash loom"}
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  # the host's CPU and load: diffusers' figures are bound by Python on it and move between calls
+  echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg)"
   nvcc --version | tail -1
   python3 -c 'import torch; print("torch", torch.__version__)' 2>/dev/null
 } | tee "$out/env.txt"
