@@ -217,8 +217,8 @@ std::vector<Variable> lora_forward_shared(const std::vector<const nn::Linear*>& 
 }
 
 Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
-                           const std::string& path) {
-  Variable y = base.base_forward(x);  // conv(x, W) + b
+                           const std::string& path, bool with_bias) {
+  Variable y = with_bias ? base.base_forward(x) : base.base_forward_without_bias(x);  // conv(x, W) (+ b)
   for (const LoraAdapter* a : adapters) {
     if (!a->enabled()) continue;
     const double w = a->effective_weight(path);
@@ -248,6 +248,10 @@ class LoraConvExtension final : public nn::Conv2dExtension {
   Variable forward(const nn::Conv2d& base, const Variable& x) const override {
     if (set_->fused()) return base.base_forward(x);
     return lora_conv_forward(base, x, adapters_, path_);
+  }
+  Variable forward_without_bias(const nn::Conv2d& base, const Variable& x) const override {
+    if (set_->fused()) return base.base_forward_without_bias(x);
+    return lora_conv_forward(base, x, adapters_, path_, false);
   }
   const LoraSet* owner() const { return set_; }
 

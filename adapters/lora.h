@@ -130,9 +130,10 @@ Variable lora_forward(const nn::Linear& base, const Variable& x, const std::vect
 std::vector<Variable> lora_forward_shared(const std::vector<const nn::Linear*>& bases, const Variable& x,
                                           const std::vector<std::vector<const LoraAdapter*>>& adapters,
                                           const std::vector<std::string>& paths, int64_t* shared_gemms = nullptr);
-// The same for a Conv2d: y = conv(x, W) + b + Σ w·s·conv1x1(conv(x, A), B) (LoCon).
+// The same for a Conv2d: y = conv(x, W) + b + Σ w·s·conv1x1(conv(x, A), B) (LoCon); without b when
+// !with_bias (the caller adds it in a later pass: nn::Conv2d::forward_without_bias).
 Variable lora_conv_forward(const nn::Conv2d& base, const Variable& x, const std::vector<const LoraAdapter*>& adapters,
-                           const std::string& path);
+                           const std::string& path, bool with_bias = true);
 
 // The adapters attached to one model (a model holds one LoraSet at a time; a set holds
 // any number of adapters). Attaching installs one LinearExtension per adapted

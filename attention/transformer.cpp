@@ -8,6 +8,7 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "autograd/ops.h"
 #include "io/config_json.h"
@@ -50,15 +51,21 @@ BasicTransformerBlock::BasicTransformerBlock(const BasicTransformerBlockOptions&
 
 Variable BasicTransformerBlock::forward(const Variable& x, const Variable& context, const Tensor& attention_mask,
                                         const Tensor& encoder_attention_mask) const {
-  auto norm = [&](const char* name, const Variable& h) { return child_as<nn::UnaryModule>(name)->forward(h); };
-  Variable h = x;
+  // Each residual add and the norm after it run as one pass (LayerNorm::forward_after_add):
+  // h = a + h is written once and normalised from registers, not added, stored and read again.
+  auto add_then_norm = [&](const char* norm, const Variable& a, const Variable& h) {
+    return child_as<nn::LayerNorm>(norm)->forward_after_add(a, h);  // {a + h, norm(a + h)}
+  };
   const Variable self_context = options_.only_cross_attention ? context : Variable();
-  h = child_as<Attention>("attn1")->forward(norm("norm1", h), self_context, attention_mask) + h;
+  const Variable a1 = child_as<Attention>("attn1")->forward(child_as<nn::LayerNorm>("norm1")->forward(x), self_context,
+                                                            attention_mask);
+  auto [h, normed] = add_then_norm(has_attn2_ ? "norm2" : "norm3", a1, x);
   if (has_attn2_) {
     const Variable ctx = options_.double_self_attention ? Variable() : context;
-    h = child_as<Attention>("attn2")->forward(norm("norm2", h), ctx, encoder_attention_mask) + h;
+    const Variable a2 = child_as<Attention>("attn2")->forward(normed, ctx, encoder_attention_mask);
+    std::tie(h, normed) = add_then_norm("norm3", a2, h);
   }
-  return child_as<nn::UnaryModule>("ff")->forward(norm("norm3", h)) + h;
+  return child_as<nn::UnaryModule>("ff")->forward(normed) + h;
 }
 
 // ---- Transformer2DConfig -------------------------------------------------------------------

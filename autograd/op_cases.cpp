@@ -116,6 +116,11 @@ std::vector<OpCase> build_cases() {
            [](const Vars& v) { return layer_norm(v[0], {7}, v[1], Variable(), 1e-6); });
   // The composed references are compared on the GPU in f32 only: composed of bf16 ops they
   // round every intermediate (the fused op, checked in bf16, is what runs in bf16).
+  // both outputs carry the gradient: s·0.5 + norm(s)
+  add_case("add_layer_norm", "affine", {any({2, 3, 5}), nc({2, 3, 5}), any({5}), any({5})}, [](const Vars& v) {
+    const auto [s, y] = add_layer_norm(v[0], v[1], {5}, v[2], v[3], 1e-6);
+    return mul_scalar(s, 0.5) + y;
+  });
   add_case("layer_norm_composed", "affine", {any({2, 3, 5}), any({5}), any({5})},
            [](const Vars& v) { return layer_norm_composed(v[0], {5}, v[1], v[2]); }, false);
   add_case("group_norm", "affine", {any({2, 6, 2, 2}), any({6}), any({6})},
@@ -123,6 +128,8 @@ std::vector<OpCase> build_cases() {
   add_case("group_norm", "plain3d", {nc({2, 4, 3})}, [](const Vars& v) { return group_norm(v[0], 2); });
   add_case("group_norm", "frozen_weight", {any({1, 6, 5}), fixed({6}), any({6})},
            [](const Vars& v) { return group_norm(v[0], 2, v[1], v[2], 1e-6); });
+  add_case("group_norm_silu", "shift", {any({2, 4, 3}), any({4}), any({4}), any({2, 4})},
+           [](const Vars& v) { return group_norm_silu(v[0], 2, v[1], v[2], 1e-6, v[3]); });
   add_case("group_norm_composed", "affine", {any({2, 6, 2, 2}), any({6}), any({6})},
            [](const Vars& v) { return group_norm_composed(v[0], 3, v[1], v[2], 1e-6); });
   add_case("geglu", "erf", {any({3, 8})}, [](const Vars& v) { return geglu(v[0]); });
@@ -131,6 +138,8 @@ std::vector<OpCase> build_cases() {
            [](const Vars& v) { return bias_residual(v[0], v[1], v[2]); });
   add_case("bias_residual", "nobias_frozen_residual", {any({4, 3}), fixed({4, 3})},
            [](const Vars& v) { return bias_residual(v[0], Variable(), v[1]); });
+  add_case("bias_residual", "channels_nchw", {any({2, 3, 2, 5}), any({3}), nc({2, 3, 2, 5})},
+           [](const Vars& v) { return bias_residual(v[0], v[1], v[2], 1); });
   add_case("geglu_composed", "erf", {any({3, 8})}, [](const Vars& v) { return geglu_composed(v[0]); });
   add_case("dropout", "train", {any({4, 5})}, [](const Vars& v) {
     Generator gen(1234);  // the same mask on every evaluation

@@ -6,6 +6,7 @@
 // Binary ops broadcast NumPy-style; the engine sums gradients back down.
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "autograd/ops_conv.h"  // conv2d, interpolate_nearest, silu
@@ -93,19 +94,27 @@ std::vector<Variable> split(const Variable& x, const std::vector<int64_t>& sizes
 // Normalises over the trailing `normalized_shape` dims; weight/bias (that shape) optional.
 Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Variable& weight = Variable(),
                     const Variable& bias = Variable(), double eps = 1e-5);
+// s = x + residual (one shape) and layer_norm(s, ...), the residual add of a transformer block and
+// the norm after it, from one pass (ops::layer_norm with a residual); recorded as an add node and
+// a layer_norm node, so gradients are those of the two ops. Returns {s, norm}.
+std::pair<Variable, Variable> add_layer_norm(const Variable& x, const Variable& residual, const Shape& normalized_shape,
+                                             const Variable& weight = Variable(), const Variable& bias = Variable(),
+                                             double eps = 1e-5);
 // x [N, C, *]: normalises each of `groups` channel groups over (C/groups, *); weight/bias [C] optional.
 Variable group_norm(const Variable& x, int64_t groups, const Variable& weight = Variable(),
                     const Variable& bias = Variable(), double eps = 1e-5);
-// silu(group_norm(x, ...)) (ResnetBlock2D's norm and activation): where no gradient is recorded
-// (grad mode off, or no input requires one) one fused pass (ops::group_norm with silu); else the
-// two ops, recorded as such.
+// silu(group_norm(x + shift, ...)) (ResnetBlock2D's norm and activation; shift [N, C] or undefined,
+// broadcast over the spatial dims: a conv's bias plus the time embedding): where no gradient is
+// recorded (grad mode off, or no input requires one) one fused pass (ops::group_norm with silu
+// and shift, the sum never rounded to x's dtype); else add, group_norm and silu, recorded as such.
 Variable group_norm_silu(const Variable& x, int64_t groups, const Variable& weight = Variable(),
-                         const Variable& bias = Variable(), double eps = 1e-5);
+                         const Variable& bias = Variable(), double eps = 1e-5, const Variable& shift = Variable());
 // x [..., 2h] -> [..., h]: x[..., :h]·gelu(x[..., h:]) (exact erf gelu unless tanh_approx).
 Variable geglu(const Variable& x, bool tanh_approx = false);
-// y + bias + residual in one pass (the projection bias and the residual connection);
-// y, residual [..., n] of one shape, bias [n] or undefined.
-Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual);
+// (y + bias) + residual in one pass (a projection's or convolution's bias and the residual
+// connection); y, residual of one shape, bias [y.size(dim)] (broadcast along the other dims) or
+// undefined: dim -1 for a Linear, 1 for a Conv2d's NCHW output.
+Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual, int64_t dim = -1);
 // The same three as compositions of primitive ops: the references for the fused ones.
 Variable layer_norm_composed(const Variable& x, const Shape& normalized_shape, const Variable& weight = Variable(),
                              const Variable& bias = Variable(), double eps = 1e-5);

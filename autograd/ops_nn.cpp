@@ -63,6 +63,26 @@ Variable layer_norm(const Variable& x, const Shape& normalized_shape, const Vari
   });
 }
 
+std::pair<Variable, Variable> add_layer_norm(const Variable& x, const Variable& residual, const Shape& normalized_shape,
+                                             const Variable& weight, const Variable& bias, double eps) {
+  check_layer_norm(x, normalized_shape, weight, bias);
+  LOOM_CHECK(residual.defined() && residual.shape() == x.shape(), "add_layer_norm: residual ",
+             residual.defined() ? residual.shape() : Shape{}, " does not match the input ", x.shape());
+  const int64_t n = shape_numel(normalized_shape);
+  const Tensor wt = tensor_or_none(weight);
+  const ops::NormForward f = ops::layer_norm(x.tensor(), n, wt, tensor_or_none(bias), eps, residual.tensor());
+  const Variable s = record("add", f.sum, {x, residual}, [](const Tensor& g, const Needs& needs) {
+    return GradList{needs[0] ? g : Tensor(), needs[1] ? g : Tensor()};
+  });
+  const Tensor st = f.sum, mean = f.mean, rstd = f.rstd;
+  const Variable y =
+      record("layer_norm", f.y, {s, weight, bias}, [st, wt, mean, rstd, n](const Tensor& g, const Needs& needs) {
+        const ops::NormGrads d = ops::layer_norm_backward(g, st, n, wt, mean, rstd, {needs[0], needs[1], needs[2]});
+        return GradList{d.dx, d.dweight, d.dbias};
+      });
+  return {s, y};
+}
+
 Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias, double eps) {
   check_group_norm(x, groups, weight, bias);
   const Tensor xt = x.tensor(), wt = tensor_or_none(weight);
@@ -77,10 +97,22 @@ Variable group_norm(const Variable& x, int64_t groups, const Variable& weight, c
 }
 
 Variable group_norm_silu(const Variable& x, int64_t groups, const Variable& weight, const Variable& bias,
-                         double eps) {
-  if (records_gradient({x, weight, bias})) return silu(group_norm(x, groups, weight, bias, eps));
+                         double eps, const Variable& shift) {
   check_group_norm(x, groups, weight, bias);
-  return Variable(ops::group_norm(x.tensor(), groups, tensor_or_none(weight), tensor_or_none(bias), eps, true).y);
+  LOOM_CHECK(!shift.defined() || shift.shape() == Shape({x.size(0), x.size(1)}), "group_norm_silu: shift ",
+             shift.shape(), " must be [", x.size(0), ", ", x.size(1), "] for input ", x.shape());
+  if (records_gradient({x, weight, bias, shift})) {
+    Variable u = x;
+    if (shift.defined()) {  // [N, C] -> [N, C, 1, ...] broadcast over the spatial dims
+      Shape s(size_t(x.dim()), 1);
+      s[0] = x.size(0), s[1] = x.size(1);
+      u = add(x, reshape(shift, s));
+    }
+    return silu(group_norm(u, groups, weight, bias, eps));
+  }
+  return Variable(ops::group_norm(x.tensor(), groups, tensor_or_none(weight), tensor_or_none(bias), eps, true,
+                                  tensor_or_none(shift))
+                      .y);
 }
 
 Variable geglu(const Variable& x, bool tanh_approx) {
@@ -91,17 +123,22 @@ Variable geglu(const Variable& x, bool tanh_approx) {
   });
 }
 
-Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual) {
+Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual, int64_t dim) {
   LOOM_CHECK(y.defined() && residual.defined(), "bias_residual: undefined input");
-  LOOM_CHECK(!bias.defined() || (bias.dim() == 1 && y.dim() >= 1 && bias.size(0) == y.size(-1)),
-             "bias_residual: bias ", bias.defined() ? bias.shape() : Shape{}, " does not match the last dim of ",
-             y.shape());
-  const int64_t n = y.dim() >= 1 ? y.size(-1) : 1;
-  return record("bias_residual", ops::bias_residual(y.tensor(), tensor_or_none(bias), residual.tensor()),
-                {y, bias, residual}, [n](const Tensor& g, const Needs& needs) {
-                  // dy = g, dresidual = g, dbias = Σ over the leading dims of g
-                  return GradList{needs[0] ? g : Tensor(), needs[1] ? ops::sum(g.reshape({-1, n}), {0}) : Tensor(),
-                                  needs[2] ? g : Tensor()};
+  LOOM_CHECK(y.dim() >= 1 && dim >= -y.dim() && dim < y.dim(), "bias_residual: dim ", dim,
+             " is out of range for ", y.shape());
+  const int64_t d = dim < 0 ? dim + y.dim() : dim, n = y.size(d);
+  LOOM_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == n), "bias_residual: bias ",
+             bias.defined() ? bias.shape() : Shape{}, " does not match dim ", d, " of ", y.shape());
+  int64_t inner = 1;
+  for (int64_t k = d + 1; k < y.dim(); ++k) inner *= y.size(k);
+  return record("bias_residual", ops::bias_residual(y.tensor(), tensor_or_none(bias), residual.tensor(), d),
+                {y, bias, residual}, [n, inner](const Tensor& g, const Needs& needs) {
+                  // dy = g, dresidual = g, dbias = Σ of g over every dim but the bias's
+                  const Tensor db = needs[1] ? inner == 1 ? ops::sum(g.reshape({-1, n}), {0})
+                                                          : ops::sum(g.reshape({-1, n, inner}), {0, 2})
+                                             : Tensor();
+                  return GradList{needs[0] ? g : Tensor(), db, needs[2] ? g : Tensor()};
                 });
 }
 

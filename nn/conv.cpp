@@ -19,14 +19,27 @@ Conv2d::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_
                Generator& gen, DType dtype, Device device)
     : Conv2d(Conv2dOptions{in_channels, out_channels, kernel, kernel, stride, padding, bias}, gen, dtype, device) {}
 
-Variable Conv2d::base_forward(const Variable& x) const {
+void Conv2d::check_input(const Variable& x) const {
   LOOM_CHECK(x.defined() && x.dim() == 4 && x.size(1) == options_.in_channels, "Conv2d: expected input [N, ",
              options_.in_channels, ", H, W], got ", x.defined() ? x.shape() : Shape{});
+}
+
+Variable Conv2d::base_forward(const Variable& x) const {
+  check_input(x);
   return conv2d(x, weight_, bias_, params());
+}
+
+Variable Conv2d::base_forward_without_bias(const Variable& x) const {
+  check_input(x);
+  return conv2d(x, weight_, Variable(), params());
 }
 
 Variable Conv2d::forward(const Variable& x) const {
   return extension_ ? extension_->forward(*this, x) : base_forward(x);
+}
+
+Variable Conv2d::forward_without_bias(const Variable& x) const {
+  return extension_ ? extension_->forward_without_bias(*this, x) : base_forward_without_bias(x);
 }
 
 }  // namespace loom::nn

@@ -26,6 +26,13 @@ class Conv2dExtension {
  public:
   virtual ~Conv2dExtension() = default;
   virtual Variable forward(const Conv2d& base, const Variable& x) const = 0;
+  // forward(base, x) without base's bias, which the caller adds in a later pass (a ResnetBlock2D
+  // adds conv biases inside the next norm or residual pass); undefined when the extension cannot
+  // leave the bias out (the caller then takes forward()).
+  virtual Variable forward_without_bias(const Conv2d& base, const Variable& x) const {
+    (void)base, (void)x;
+    return Variable();
+  }
 };
 
 struct Conv2dOptions {
@@ -48,6 +55,10 @@ class Conv2d : public UnaryModule {
 
   Variable forward(const Variable& x) const override;  // the extension's forward when set
   Variable base_forward(const Variable& x) const;      // conv2d(x, W, b), ignoring any extension
+  // forward(x) less the bias b, for a caller that adds b (bias()) in a later pass: conv2d(x, W),
+  // or the extension's forward_without_bias; undefined when the extension has none.
+  Variable forward_without_bias(const Variable& x) const;
+  Variable base_forward_without_bias(const Variable& x) const;  // conv2d(x, W), ignoring any extension
 
   void set_extension(std::shared_ptr<const Conv2dExtension> extension) { extension_ = std::move(extension); }
   const std::shared_ptr<const Conv2dExtension>& extension() const { return extension_; }
@@ -60,6 +71,7 @@ class Conv2d : public UnaryModule {
   }
 
  private:
+  void check_input(const Variable& x) const;
   Conv2dOptions options_;
   Variable weight_, bias_;
   std::shared_ptr<const Conv2dExtension> extension_;

@@ -21,6 +21,10 @@ LayerNorm::LayerNorm(int64_t dim, double eps, bool elementwise_affine, DType dty
 
 Variable LayerNorm::forward(const Variable& x) const { return layer_norm(x, {dim_}, weight_, bias_, eps_); }
 
+std::pair<Variable, Variable> LayerNorm::forward_after_add(const Variable& x, const Variable& residual) const {
+  return add_layer_norm(x, residual, {dim_}, weight_, bias_, eps_);
+}
+
 GroupNorm::GroupNorm(int64_t groups, int64_t channels, double eps, bool affine, DType dtype, Device device)
     : groups_(groups), channels_(channels), eps_(eps) {
   LOOM_CHECK(groups > 0 && channels > 0 && channels % groups == 0, "GroupNorm: ", channels,
@@ -39,9 +43,9 @@ Variable GroupNorm::forward(const Variable& x) const {
   return group_norm(x, groups_, weight_, bias_, eps_);
 }
 
-Variable GroupNorm::forward_silu(const Variable& x) const {
+Variable GroupNorm::forward_silu(const Variable& x, const Variable& shift) const {
   check_input(x);
-  return group_norm_silu(x, groups_, weight_, bias_, eps_);
+  return group_norm_silu(x, groups_, weight_, bias_, eps_, shift);
 }
 
 Dropout::Dropout(double p) : p_(p), gen_(&default_generator()) {

@@ -21,6 +21,9 @@ class LayerNorm : public UnaryModule {
                      Device device = Device::cpu());
   std::string type_name() const override { return "LayerNorm"; }
   Variable forward(const Variable& x) const override;  // [..., dim] -> [..., dim]
+  // {s, forward(s)} with s = x + residual (one shape), from one pass (autograd add_layer_norm): a
+  // transformer block's residual add and the norm after it.
+  std::pair<Variable, Variable> forward_after_add(const Variable& x, const Variable& residual) const;
 
   int64_t dim() const { return dim_; }
   double eps() const { return eps_; }
@@ -40,8 +43,9 @@ class GroupNorm : public UnaryModule {
             Device device = Device::cpu());
   std::string type_name() const override { return "GroupNorm"; }
   Variable forward(const Variable& x) const override;  // [N, C, *] -> [N, C, *]
-  // silu(forward(x)), one fused pass where no gradient is recorded (autograd group_norm_silu).
-  Variable forward_silu(const Variable& x) const;
+  // silu(forward(x + shift)), one fused pass where no gradient is recorded (autograd
+  // group_norm_silu); shift [N, C] (broadcast over the spatial dims) or undefined.
+  Variable forward_silu(const Variable& x, const Variable& shift = Variable()) const;
 
   int64_t groups() const { return groups_; }
   int64_t channels() const { return channels_; }

@@ -23,9 +23,12 @@ namespace loom {
 //   mean[r] = Σ_j x[r,j]/n,  rstd[r] = 1/√(Σ_j (x[r,j] − mean[r])²/n + eps)
 //   y[r,j] = (x[r,j] − mean[r])·rstd[r]·weight[j] + bias[j]
 // weight, bias: [n] of dtype T, or undefined (1 and 0). y: [rows, n] T. mean, rstd: [rows].
+// residual [rows, n] T (or undefined): the norm is of s = x + residual, rounded to T and written to
+// sum [rows, n] — the add and the norm of a transformer block's residual stream in one pass, with
+// the values of the two ops apart.
 struct LayerNormArgs {
-  Tensor x, weight, bias;
-  Tensor y, mean, rstd;  // outputs
+  Tensor x, weight, bias, residual;
+  Tensor y, mean, rstd, sum;  // outputs (sum only with a residual)
   int64_t rows = 0, n = 0;
   double eps = 1e-5;
 };
@@ -42,8 +45,11 @@ struct LayerNormGradArgs {
 // Group norm of x [N, C, S] (S = product of the spatial dims) in G groups of C/G
 // channels: statistics per (sample, group) over C/G·S values, as LayerNormArgs;
 // y[n,c,s] = x̂·weight[c] + bias[c]. weight, bias: [C] T or undefined. mean, rstd: [N, G].
+// shift [N, C] T or undefined: the group norm of u = x + shift[n, c] (broadcast over S), with u
+// formed in the compute type and never stored (a ResnetBlock2D's conv bias and time embedding
+// added inside norm2's pass; inference only: no backward takes a shift).
 struct GroupNormArgs {
-  Tensor x, weight, bias;
+  Tensor x, weight, bias, shift;
   Tensor y, mean, rstd;  // outputs
   int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
   double eps = 1e-5;
@@ -72,12 +78,14 @@ struct GegluGradArgs {
   bool approximate = false;
 };
 
-// Bias + residual add after a projection: out[r,j] = y[r,j] + bias[j] + residual[r,j]
-// over [rows, n] (bias [n] or undefined), one pass instead of two; all of dtype T.
+// Bias + residual add after a projection or a convolution, one pass instead of two, all of
+// dtype T: over [rows, n, inner] (contiguous), out[r,j,i] = (y[r,j,i] + bias[j]) + residual[r,j,i]
+// with bias [n] or undefined. inner = 1: a Linear's bias along the last dim; inner = H·W: a
+// convolution's per-channel bias over NCHW.
 struct BiasResidualArgs {
   Tensor y, bias, residual;
   Tensor out;  // output
-  int64_t rows = 0, n = 0;
+  int64_t rows = 0, n = 0, inner = 1;
 };
 
 // One optimizer step over many tensors at once (PyTorch's SGD / Adam / AdamW, as

@@ -65,7 +65,8 @@ GroupShape group_shape(const char* op, const Tensor& x, int64_t groups) {
 
 // ---- layer norm ------------------------------------------------------------------------
 
-NormForward layer_norm(const Tensor& x_in, int64_t n, const Tensor& weight, const Tensor& bias, double eps) {
+NormForward layer_norm(const Tensor& x_in, int64_t n, const Tensor& weight, const Tensor& bias, double eps,
+                       const Tensor& residual) {
   check_input("layer_norm", x_in);
   LOOM_CHECK(n > 0 && x_in.numel() % n == 0, "layer_norm: input ", x_in.shape(),
              " cannot be viewed as rows of ", n, " normalized elements");
@@ -75,6 +76,13 @@ NormForward layer_norm(const Tensor& x_in, int64_t n, const Tensor& weight, cons
   a.x = x_in.contiguous();
   a.weight = check_vector("layer_norm", "weight", weight, x_in, n, x_in.dtype());
   a.bias = check_vector("layer_norm", "bias", bias, x_in, n, x_in.dtype());
+  if (residual.defined()) {
+    LOOM_CHECK(residual.shape() == x_in.shape() && residual.dtype() == x_in.dtype() &&
+                   residual.device() == x_in.device(),
+               "layer_norm: residual ", residual.str(), " does not match the input ", x_in.str());
+    a.residual = residual.contiguous();
+    a.sum = Tensor::empty(x_in.shape(), x_in.dtype(), x_in.device());
+  }
   a.rows = x_in.numel() / n;
   a.n = n;
   a.eps = eps;
@@ -82,7 +90,7 @@ NormForward layer_norm(const Tensor& x_in, int64_t n, const Tensor& weight, cons
   a.mean = Tensor::empty({a.rows}, stat_dtype(x_in.dtype()), x_in.device());
   a.rstd = Tensor::empty({a.rows}, stat_dtype(x_in.dtype()), x_in.device());
   if (a.rows > 0) be.layer_norm(a);
-  return {a.y, a.mean, a.rstd};
+  return {a.y, a.mean, a.rstd, a.sum};
 }
 
 NormGrads layer_norm_backward(const Tensor& dy, const Tensor& x, int64_t n, const Tensor& weight,
@@ -115,7 +123,7 @@ NormGrads layer_norm_backward(const Tensor& dy, const Tensor& x, int64_t n, cons
 // ---- group norm ------------------------------------------------------------------------
 
 NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight, const Tensor& bias, double eps,
-                       bool silu) {
+                       bool silu, const Tensor& shift) {
   check_input("group_norm", x_in);
   const GroupShape s = group_shape("group_norm", x_in, groups);
   LOOM_CHECK(eps >= 0, "group_norm: eps must be >= 0, got ", eps);
@@ -124,6 +132,9 @@ NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight,
   a.x = x_in.contiguous();
   a.weight = check_vector("group_norm", "weight", weight, x_in, s.channels, x_in.dtype());
   a.bias = check_vector("group_norm", "bias", bias, x_in, s.channels, x_in.dtype());
+  a.shift = check_vector("group_norm", "shift", shift, x_in, s.batch * s.channels, x_in.dtype());
+  LOOM_CHECK(!shift.defined() || shift.shape() == Shape({s.batch, s.channels}), "group_norm: shift ", shift.str(),
+             " must be [", s.batch, ", ", s.channels, "]");
   a.batch = s.batch, a.channels = s.channels, a.spatial = s.spatial, a.groups = groups;
   a.eps = eps;
   a.silu = silu;
@@ -131,7 +142,7 @@ NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight,
   a.mean = Tensor::empty({s.batch, groups}, stat_dtype(x_in.dtype()), x_in.device());
   a.rstd = Tensor::empty({s.batch, groups}, stat_dtype(x_in.dtype()), x_in.device());
   if (s.batch > 0) be.group_norm(a);
-  return {a.y, a.mean, a.rstd};
+  return {a.y, a.mean, a.rstd, Tensor()};
 }
 
 NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups, const Tensor& weight,
@@ -203,21 +214,25 @@ Tensor geglu_backward(const Tensor& dy, const Tensor& x, bool approximate) {
 
 // ---- bias + residual ---------------------------------------------------------------------------
 
-Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual) {
+Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual, int64_t dim) {
   const char* op = "bias_residual";
   check_input(op, y);
   LOOM_CHECK(residual.defined() && residual.shape() == y.shape() && residual.dtype() == y.dtype() &&
                  residual.device() == y.device(),
              op, ": residual ", residual.defined() ? residual.str() : "undefined", " does not match ", y.str());
   LOOM_CHECK(y.dim() >= 1, op, ": 0-d input");
-  const int64_t n = y.size(-1);
+  LOOM_CHECK(dim >= -y.dim() && dim < y.dim(), op, ": dim ", dim, " is out of range for ", y.str());
+  const int64_t d = dim < 0 ? dim + y.dim() : dim, n = y.size(d);
+  int64_t inner = 1;
+  for (int64_t k = d + 1; k < y.dim(); ++k) inner *= y.size(k);
   Backend& be = backend_for(op, OpKind::BiasResidual, y.device(), y.dtype());
   BiasResidualArgs a;
   a.y = y.contiguous();
   a.residual = residual.contiguous();
   a.bias = check_vector(op, "bias", bias, y, n, y.dtype());
   a.n = n;
-  a.rows = n == 0 ? 0 : y.numel() / n;
+  a.inner = inner;
+  a.rows = n * inner == 0 ? 0 : y.numel() / (n * inner);
   a.out = Tensor::empty(y.shape(), y.dtype(), y.device());
   if (a.out.numel() > 0) be.bias_residual(a);
   return a.out;

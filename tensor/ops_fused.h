@@ -14,6 +14,7 @@ namespace loom::ops {
 // Output of a norm's forward: y (x's shape and dtype) and the saved statistics.
 struct NormForward {
   Tensor y, mean, rstd;
+  Tensor sum;  // layer_norm with a residual: x + residual, the tensor normalised
 };
 // Gradients of a norm; each is undefined where it was not asked for.
 struct NormGrads {
@@ -27,15 +28,21 @@ struct NormNeeds {
 // Layer norm over the trailing `n` elements of x (x.numel() divisible by n):
 // rows = numel/n; weight, bias have n elements (any shape, e.g. normalized_shape)
 // or are undefined. mean/rstd: [rows]. dweight/dbias come back in weight's shape.
-NormForward layer_norm(const Tensor& x, int64_t n, const Tensor& weight, const Tensor& bias, double eps);
+// residual (x's shape, or undefined): the norm of x + residual, whose sum (rounded to x's dtype, as
+// ops::add's) comes back in .sum — one pass where the device has one (CUDA's row-in-registers
+// kernel), else the add and then the norm.
+NormForward layer_norm(const Tensor& x, int64_t n, const Tensor& weight, const Tensor& bias, double eps,
+                       const Tensor& residual = Tensor());
 NormGrads layer_norm_backward(const Tensor& dy, const Tensor& x, int64_t n, const Tensor& weight,
                               const Tensor& mean, const Tensor& rstd, NormNeeds needs = {});
 
 // Group norm of x [N, C, *] in `groups` groups; weight, bias [C] or undefined.
 // mean/rstd: [N, groups]. silu: y = silu(x̂·w + b) in one pass and one rounding (inference: the
-// backward takes the plain y's statistics, not this y).
+// backward takes the plain y's statistics, not this y). shift [N, C] (or undefined): the norm of
+// x + shift[n, c], the sum formed inside the pass and never rounded to x's dtype (inference: no
+// backward takes it; the statistics returned are those of the shifted values).
 NormForward group_norm(const Tensor& x, int64_t groups, const Tensor& weight, const Tensor& bias, double eps,
-                       bool silu = false);
+                       bool silu = false, const Tensor& shift = Tensor());
 NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups, const Tensor& weight,
                               const Tensor& mean, const Tensor& rstd, NormNeeds needs = {});
 
@@ -43,8 +50,9 @@ NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups,
 Tensor geglu(const Tensor& x, bool approximate = false);
 Tensor geglu_backward(const Tensor& dy, const Tensor& x, bool approximate = false);
 
-// y + bias + residual in one pass: y, residual [..., n] (same shape), bias [n] or undefined.
-Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual);
+// (y + bias) + residual in one pass: y, residual of one shape, bias [y.size(dim)] (broadcast along
+// every other dim) or undefined. dim -1: a Linear's bias; dim 1 of NCHW: a convolution's.
+Tensor bias_residual(const Tensor& y, const Tensor& bias, const Tensor& residual, int64_t dim = -1);
 
 // y + alpha·(x·wᵀ) with x [..., in], w [out, in], y [..., out]: one GEMM whose
 // epilogue accumulates into (a copy of) y (beta = 1), so the product is never

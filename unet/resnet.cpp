@@ -6,12 +6,33 @@
 namespace loom::unet {
 
 namespace {
-// activation(norm(x)); a GroupNorm followed by SiLU runs as one pass where no gradient is
-// recorded (nn::GroupNorm::forward_silu).
-Variable norm_then_activation(const nn::UnaryModule& norm, const std::string& act, const Variable& x) {
+// activation(norm(x + shift)), shift [N, C] broadcast over positions or undefined; a GroupNorm
+// followed by SiLU runs as one pass where no gradient is recorded (nn::GroupNorm::forward_silu).
+Variable norm_then_activation(const nn::UnaryModule& norm, const std::string& act, const Variable& x,
+                              const Variable& shift = Variable()) {
   const auto* gn = dynamic_cast<const nn::GroupNorm*>(&norm);
-  if (gn && (act == "silu" || act == "swish")) return gn->forward_silu(x);
-  return activation(act, norm.forward(x));
+  if (gn && (act == "silu" || act == "swish")) return gn->forward_silu(x, shift);
+  const Variable u = shift.defined() ? add(x, reshape(shift, {shift.size(0), shift.size(1), 1, 1})) : x;
+  return activation(act, norm.forward(u));
+}
+
+// A convolution's output with its bias left for the caller to add in a later pass (bias undefined
+// when there is none), or, for an extension that cannot leave the bias out, its whole forward and
+// no bias.
+struct ConvWithoutBias {
+  Variable y, bias;
+};
+ConvWithoutBias conv_without_bias(const nn::Conv2d& conv, const Variable& x) {
+  Variable y = conv.forward_without_bias(x);
+  if (y.defined()) return {std::move(y), conv.bias()};
+  return {conv.forward(x), Variable()};
+}
+
+// a + b where either may be undefined (undefined when both are).
+Variable add_defined(const Variable& a, const Variable& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return add(a, b);
 }
 }  // namespace
 
@@ -44,29 +65,39 @@ Variable ResnetBlock2D::forward(const Variable& x, const Variable& temb) const {
   const auto& o = options_;
   LOOM_CHECK(x.defined() && x.dim() == 4 && x.size(1) == o.in_channels, "ResnetBlock2D: expected input [N, ",
              o.in_channels, ", H, W], got ", x.defined() ? x.shape() : Shape{});
+  // The convolutions' biases ride in later passes: conv1's (with the time embedding) in norm2's
+  // shift, conv2's and conv_shortcut's in the exit's bias_residual: 3 passes over the activation
+  // fewer than conv, bias add, embedding add, conv, bias add, shortcut add.
   Variable h = norm_then_activation(*child_as<nn::UnaryModule>("norm1"), o.non_linearity, x);
-  h = child_as<nn::UnaryModule>("conv1")->forward(h);
-  Variable t;
-  if (temb.defined() && find_module("time_emb_proj")) {
+  const ConvWithoutBias c1 = conv_without_bias(*child_as<nn::Conv2d>("conv1"), h);
+  Variable t;  // [N, C] (scale_shift: [N, 2C])
+  if (temb.defined() && find_module("time_emb_proj"))
     t = child_as<nn::Linear>("time_emb_proj")->forward(activation(o.non_linearity, temb));
-    t = reshape(t, {t.size(0), t.size(1), 1, 1});  // [N, C] -> [N, C, 1, 1]
-  }
   const auto norm2 = child_as<nn::UnaryModule>("norm2");
-  if (o.time_embedding_norm == "default") {
-    if (t.defined()) h = add(h, t);
-    h = norm_then_activation(*norm2, o.non_linearity, h);
+  if (o.time_embedding_norm == "default" && t.defined()) {
+    h = norm_then_activation(*norm2, o.non_linearity, c1.y, add_defined(t, c1.bias));  // shift [N, C]
   } else {
-    h = norm2->forward(h);
-    if (t.defined()) {
-      const auto parts = chunk(t, 2, 1);  // scale, shift
-      h = add(mul(h, add_scalar(parts[0], 1.0)), parts[1]);
+    h = c1.bias.defined() ? add(c1.y, reshape(c1.bias, {1, c1.bias.size(0), 1, 1})) : c1.y;
+    if (o.time_embedding_norm == "default") {
+      h = norm_then_activation(*norm2, o.non_linearity, h);
+    } else {
+      h = norm2->forward(h);
+      if (t.defined()) {
+        const auto parts = chunk(reshape(t, {t.size(0), t.size(1), 1, 1}), 2, 1);  // scale, shift
+        h = add(mul(h, add_scalar(parts[0], 1.0)), parts[1]);
+      }
+      h = activation(o.non_linearity, h);
     }
-    h = activation(o.non_linearity, h);
   }
   h = child_as<nn::UnaryModule>("dropout")->forward(h);
-  h = child_as<nn::UnaryModule>("conv2")->forward(h);
-  const Variable shortcut = find_module("conv_shortcut") ? child_as<nn::UnaryModule>("conv_shortcut")->forward(x) : x;
-  Variable out = add(shortcut, h);
+  const ConvWithoutBias c2 = conv_without_bias(*child_as<nn::Conv2d>("conv2"), h);
+  Variable shortcut = x, bias = c2.bias;
+  if (find_module("conv_shortcut")) {
+    const ConvWithoutBias cs = conv_without_bias(*child_as<nn::Conv2d>("conv_shortcut"), x);
+    shortcut = cs.y;
+    bias = add_defined(bias, cs.bias);
+  }
+  Variable out = bias_residual(c2.y, bias, shortcut, 1);  // (conv2 + biases) + shortcut, one pass
   if (o.output_scale_factor != 1.0) out = mul_scalar(out, 1.0 / o.output_scale_factor);
   return out;
 }

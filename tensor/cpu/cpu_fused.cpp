@@ -83,13 +83,17 @@ void moments(const T* x, int64_t n, double eps, compute_t<T>& mean, compute_t<T>
 template <typename T>
 void layer_norm_typed(const LayerNormArgs& a) {
   using C = compute_t<T>;
-  const T *x = in_ptr<T>(a.x), *w = in_ptr<T>(a.weight), *b = in_ptr<T>(a.bias);
-  T* y = out_ptr<T>(a.y);
+  const T *x = in_ptr<T>(a.x), *w = in_ptr<T>(a.weight), *b = in_ptr<T>(a.bias), *res = in_ptr<T>(a.residual);
+  T *y = out_ptr<T>(a.y), *sum = out_ptr<T>(a.sum);
   C *mean = out_ptr<C>(a.mean), *rstd = out_ptr<C>(a.rstd);
   const int64_t n = a.n;
 #pragma omp parallel for if (a.rows > 1 && a.rows * n > kParallelElems) schedule(static)
   for (int64_t r = 0; r < a.rows; ++r) {
     const T* xr = x + r * n;
+    if (res) {  // the row of x + residual, rounded to T as ops::add's, is what is normalised
+      for (int64_t j = 0; j < n; ++j) sum[r * n + j] = st<T>(ld(xr[j]) + ld(res[r * n + j]));
+      xr = sum + r * n;
+    }
     T* yr = y + r * n;
     C mc, rc;
     moments(xr, n, a.eps, mc, rc);
@@ -163,29 +167,38 @@ void layer_norm_backward_typed(const LayerNormGradArgs& a) {
 template <typename T>
 void group_norm_typed(const GroupNormArgs& a) {
   using C = compute_t<T>;
-  const T *x = in_ptr<T>(a.x), *w = in_ptr<T>(a.weight), *b = in_ptr<T>(a.bias);
+  const T *x = in_ptr<T>(a.x), *w = in_ptr<T>(a.weight), *b = in_ptr<T>(a.bias), *shift = in_ptr<T>(a.shift);
   T* y = out_ptr<T>(a.y);
   C *mean = out_ptr<C>(a.mean), *rstd = out_ptr<C>(a.rstd);
   const int64_t cg = a.channels / a.groups, S = a.spatial, items = a.batch * a.groups;
 #pragma omp parallel for if (items > 1 && items * cg * S > kParallelElems) schedule(static)
   for (int64_t item = 0; item < items; ++item) {  // item = (sample, group)
-    const int64_t c0 = (item % a.groups) * cg;
-    const int64_t base = (item / a.groups) * a.channels * S + c0 * S;
+    const int64_t n = item / a.groups, c0 = (item % a.groups) * cg;
+    const int64_t base = n * a.channels * S + c0 * S;
+    // with a shift, the group's u = x + shift[n, c] in the compute type (never rounded to T)
+    std::vector<C> shifted(shift ? size_t(cg * S) : 0);
+    for (int64_t c = 0; shift && c < cg; ++c) {
+      const C sh = ld(shift[n * a.channels + c0 + c]);
+      for (int64_t s = 0; s < S; ++s) shifted[size_t(c * S + s)] = ld(x[base + c * S + s]) + sh;
+    }
     C mc = C(0), rc = C(1) / std::sqrt(C(a.eps));
-    if (cg * S > 0) moments(x + base, cg * S, a.eps, mc, rc);
+    if (cg * S > 0) {
+      if (shift) moments(shifted.data(), cg * S, a.eps, mc, rc);
+      else moments(x + base, cg * S, a.eps, mc, rc);
+    }
     mean[item] = mc;
     rstd[item] = rc;
+    auto u = [&](int64_t c, int64_t s) { return shift ? shifted[size_t(c * S + s)] : ld(x[base + c * S + s]); };
     for (int64_t c = 0; c < cg; ++c) {
       const C wc = w ? ld(w[c0 + c]) : C(1), bc = b ? ld(b[c0 + c]) : C(0);
-      const T* xc = x + base + c * S;
       T* yc = y + base + c * S;
       if (a.silu) {
         for (int64_t s = 0; s < S; ++s) {
-          const C v = (ld(xc[s]) - mc) * rc * wc + bc;
+          const C v = (u(c, s) - mc) * rc * wc + bc;
           yc[s] = st<T>(v / (C(1) + std::exp(-v)));  // silu(v) = v·σ(v)
         }
       } else {
-        for (int64_t s = 0; s < S; ++s) yc[s] = st<T>((ld(xc[s]) - mc) * rc * wc + bc);
+        for (int64_t s = 0; s < S; ++s) yc[s] = st<T>((u(c, s) - mc) * rc * wc + bc);
       }
     }
   }
@@ -360,11 +373,12 @@ template <typename T>
 void bias_residual_typed(const BiasResidualArgs& a) {
   const T *y = in_ptr<T>(a.y), *b = in_ptr<T>(a.bias), *res = in_ptr<T>(a.residual);
   T* out = out_ptr<T>(a.out);
-  const int64_t n = a.n;
-#pragma omp parallel for if (a.rows > 1 && a.rows * n > kParallelElems) schedule(static)
+  const int64_t n = a.n, inner = a.inner;
+#pragma omp parallel for if (a.rows > 1 && a.rows * n * inner > kParallelElems) schedule(static)
   for (int64_t r = 0; r < a.rows; ++r)
-    for (int64_t j = r * n; j < (r + 1) * n; ++j)
-      out[j] = st<T>((b ? ld(y[j]) + ld(b[j - r * n]) : ld(y[j])) + ld(res[j]));
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t j = (r * n + c) * inner; j < (r * n + c + 1) * inner; ++j)
+        out[j] = st<T>((b ? ld(y[j]) + ld(b[c]) : ld(y[j])) + ld(res[j]));
 }
 
 // ---- loss scaling: unscale + finite check ----------------------------------------------------

@@ -228,6 +228,9 @@ void launch_copy(const CopyParams& p);
 void launch_fill(const FillParams& p);
 void launch_unary(const UnaryParams& p);
 void launch_binary(const BinaryParams& p);
+// Add with one operand [B, S, C] viewed as [B, C, S] and the other contiguous, through tiles
+// (cuda_binary_transposed.cu); false, launching nothing, when p is not that problem.
+bool launch_add_transposed(const BinaryParams& p);
 void launch_reduce(const ReduceParams& p);
 void launch_softmax(const SoftmaxParams& p);
 void launch_softmax_backward(const SoftmaxGradParams& p);

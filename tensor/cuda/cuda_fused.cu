@@ -32,11 +32,12 @@ void* mptr(const Tensor& t) { return t.defined() ? t.raw_data() : nullptr; }
 }  // namespace
 
 void fused_layer_norm(const LayerNormArgs& a) {
-  const int device = fused_device("layer_norm", a.x, {&a.weight, &a.bias, &a.y, &a.mean, &a.rstd});
+  const int device =
+      fused_device("layer_norm", a.x, {&a.weight, &a.bias, &a.residual, &a.y, &a.mean, &a.rstd, &a.sum});
   LayerNormParams p;
   p.dtype = a.x.dtype();
-  p.x = cptr(a.x), p.weight = cptr(a.weight), p.bias = cptr(a.bias);
-  p.y = mptr(a.y), p.mean = mptr(a.mean), p.rstd = mptr(a.rstd);
+  p.x = cptr(a.x), p.weight = cptr(a.weight), p.bias = cptr(a.bias), p.residual = cptr(a.residual);
+  p.y = mptr(a.y), p.mean = mptr(a.mean), p.rstd = mptr(a.rstd), p.sum = mptr(a.sum);
   p.rows = a.rows, p.n = a.n, p.eps = a.eps;
   DeviceGuard guard(device);
   launch_layer_norm(p);
@@ -63,10 +64,10 @@ void fused_layer_norm_backward(const LayerNormGradArgs& a) {
 }
 
 void fused_group_norm(const GroupNormArgs& a) {
-  const int device = fused_device("group_norm", a.x, {&a.weight, &a.bias, &a.y, &a.mean, &a.rstd});
+  const int device = fused_device("group_norm", a.x, {&a.weight, &a.bias, &a.shift, &a.y, &a.mean, &a.rstd});
   GroupNormParams p;
   p.dtype = a.x.dtype();
-  p.x = cptr(a.x), p.weight = cptr(a.weight), p.bias = cptr(a.bias);
+  p.x = cptr(a.x), p.weight = cptr(a.weight), p.bias = cptr(a.bias), p.shift = cptr(a.shift);
   p.y = mptr(a.y), p.mean = mptr(a.mean), p.rstd = mptr(a.rstd);
   p.batch = a.batch, p.channels = a.channels, p.spatial = a.spatial, p.groups = a.groups, p.eps = a.eps;
   p.silu = a.silu;
@@ -116,7 +117,7 @@ void fused_bias_residual(const BiasResidualArgs& a) {
   BiasResidualParams p;
   p.dtype = a.y.dtype();
   p.y = cptr(a.y), p.bias = cptr(a.bias), p.residual = cptr(a.residual), p.out = mptr(a.out);
-  p.rows = a.rows, p.n = a.n;
+  p.rows = a.rows, p.n = a.n, p.inner = a.inner;
   DeviceGuard guard(device);
   launch_bias_residual(p);
 }

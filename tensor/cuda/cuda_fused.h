@@ -35,9 +35,11 @@ struct LayerNormParams {
   const void* x = nullptr;
   const void* weight = nullptr;
   const void* bias = nullptr;
+  const void* residual = nullptr;  // or null: the norm of x + residual, written to sum
   void* y = nullptr;
   void* mean = nullptr;
   void* rstd = nullptr;
+  void* sum = nullptr;
   int64_t rows = 0, n = 0;
   double eps = 1e-5;
 };
@@ -71,6 +73,7 @@ struct GroupNormParams {
   int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
   double eps = 1e-5;
   bool silu = false;  // y = silu(x̂·w + b)
+  const void* shift = nullptr;  // [batch, channels] or null: the norm of x + shift[n, c]
   void* partial = nullptr;  // scratch: 2·batch·groups·group_norm_chunks(*this) stats-type values
 };
 // Values per chunk of the group-norm forward's statistics (cuda_norm.cu), and the chunks of a group.
@@ -119,7 +122,7 @@ struct BiasResidualParams {
   const void* bias = nullptr;
   const void* residual = nullptr;
   void* out = nullptr;
-  int64_t rows = 0, n = 0;
+  int64_t rows = 0, n = 0, inner = 1;  // [rows, n, inner]; bias [n]
 };
 
 void launch_bias_residual(const BiasResidualParams& p);

@@ -67,28 +67,56 @@ __global__ void geglu_backward_kernel(GegluParams p) {
   }
 }
 
-// out = (y + bias[j]) + residual, in the compute type.
+// out = (y + bias[j]) + residual over [rows, n, inner] (j the middle index), in the compute type.
 template <typename T>
 __global__ void bias_residual_kernel(BiasResidualParams p) {
   const T* y = static_cast<const T*>(p.y);
   const T* b = static_cast<const T*>(p.bias);
   const T* res = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
-  const int64_t total = p.rows * p.n;
+  const int64_t total = p.rows * p.n * p.inner;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     auto v = widen(y[i]);
-    if (b) v = v + widen(b[i % p.n]);
+    if (b) v = v + widen(b[(i / p.inner) % p.n]);
     out[i] = narrow<T>(v + widen(res[i]));
+  }
+}
+
+// The same over 16-byte packs of all three (aligned), inner > 1 a multiple of the pack, so that a
+// pack lies within one channel j and takes one bias value; the index math in 32 bits (total
+// elements < 2^31).
+template <typename T>
+__global__ void bias_residual_inner_kernel(BiasResidualParams p) {
+  using P = Pack16<T>;
+  constexpr int V = P::kSize;
+  const T* b = static_cast<const T*>(p.bias);
+  const uint32_t packs = uint32_t(p.rows * p.n * p.inner / V), inner_packs = uint32_t(p.inner / V);
+  const uint32_t n = uint32_t(p.n);
+  for (uint32_t q = blockIdx.x * blockDim.x + threadIdx.x; q < packs; q += gridDim.x * blockDim.x) {
+    P v = static_cast<const P*>(p.y)[q];
+    const P r = static_cast<const P*>(p.residual)[q];
+    const compute_t<T> bj = b ? widen(b[(q / inner_packs) % n]) : compute_t<T>(0);
+#pragma unroll
+    for (int k = 0; k < V; ++k) v.v[k] = narrow<T>((b ? widen(v.v[k]) + bj : widen(v.v[k])) + widen(r.v[k]));
+    static_cast<P*>(p.out)[q] = v;
   }
 }
 
 }  // namespace
 
 void launch_bias_residual(const BiasResidualParams& p) {
-  if (p.rows == 0 || p.n == 0) return;
+  if (p.rows == 0 || p.n == 0 || p.inner == 0) return;
   dispatch_float(p.dtype, "cuda bias_residual", [&](auto tag) {
     using T = decltype(tag);
-    bias_residual_kernel<T><<<grid_for(p.rows * p.n), kThreads, 0, compute_stream()>>>(p);
+    constexpr int V = Pack16<T>::kSize;
+    const int64_t total = p.rows * p.n * p.inner;
+    if (p.inner > 1 && p.inner % V == 0 && total < (int64_t(1) << 31) && aligned16(p.y) && aligned16(p.residual) &&
+        aligned16(p.out)) {
+      bias_residual_inner_kernel<T><<<grid_for(total / V), kThreads, 0, compute_stream()>>>(p);
+      check_last_launch("bias_residual_kernel (16-byte, per channel)");
+      return;
+    }
+    bias_residual_kernel<T><<<grid_for(total), kThreads, 0, compute_stream()>>>(p);
     check_last_launch("bias_residual_kernel");
   });
 }

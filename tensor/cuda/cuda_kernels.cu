@@ -545,6 +545,7 @@ void launch_binary(const BinaryParams& p) {
   if (p.numel == 0) return;
   LOOM_CHECK(p.ndim >= 1 && p.ndim <= kMaxDims, "cuda binary: ", p.ndim,
              " dims after merging exceed the limit of ", kMaxDims);
+  if (launch_add_transposed(p)) return;
   const bool contiguous = p.ndim == 1 && p.a_strides[0] == 1 && p.b_strides[0] == 1;
   dispatch_float(p.dtype, "cuda binary", [&](auto tag) {
     using T = decltype(tag);

@@ -86,8 +86,9 @@ __global__ void layer_norm_kernel(LayerNormParams p) {
 // every layer norm of Stable Diffusion's UNets): a warp per row holds the row in registers, so x
 // is read from memory once and all of a lane's loads are in flight together (the loop above reads
 // the row three times, one pack after another); w and b are read as packs. Sums in the same order
-// as layer_norm_kernel<T, 32, V>, so the results are the same.
-template <typename T, int kPacks>
+// as layer_norm_kernel<T, 32, V>, so the results are the same. kAdd: the row is x + residual,
+// rounded to T (as the add kernel rounds it) and written to p.sum before it is normalised.
+template <typename T, int kPacks, bool kAdd = false>
 __global__ void layer_norm_cached_kernel(LayerNormParams p) {
   using Acc = compute_t<T>;
   using P = Pack16<T>;
@@ -106,6 +107,18 @@ __global__ void layer_norm_cached_kernel(LayerNormParams p) {
 #pragma unroll
     for (int i = 0; i < kPacks; ++i)
       if (lane + 32 * i < packs) v[i] = x[lane + 32 * i];
+    if constexpr (kAdd) {
+      const P* r = reinterpret_cast<const P*>(static_cast<const T*>(p.residual) + row * p.n);
+      P* sum = reinterpret_cast<P*>(static_cast<T*>(p.sum) + row * p.n);
+#pragma unroll
+      for (int i = 0; i < kPacks; ++i)
+        if (lane + 32 * i < packs) {
+          const P ri = r[lane + 32 * i];
+#pragma unroll
+          for (int k = 0; k < V; ++k) v[i].v[k] = narrow<T>(widen(v[i].v[k]) + widen(ri.v[k]));
+          sum[lane + 32 * i] = v[i];
+        }
+    }
     Acc s = Acc(0);
 #pragma unroll
     for (int i = 0; i < kPacks; ++i)
@@ -247,8 +260,29 @@ __global__ void param_grad_finish_kernel(const compute_t<T>* partial, int64_t ch
 // The group is read twice from memory and written once, by thousands of blocks. (One block per
 // item read it three times from memory where it outgrew L1 — 328 KB at SDXL's 320 channels and
 // 128×128 — with 256 blocks on the whole GPU.) kVec: over 16-byte packs (the spatial extent a
-// multiple of the pack and x, y aligned, so a pack never crosses a channel).
-template <typename T, bool kVec>
+// multiple of the pack and x, y aligned, so a pack never crosses a channel). kShift: the item's
+// values are u = x + shift[n, c] (p.shift), formed in Acc.
+
+// shift[n, c] of the channel that holds element e of item `item`'s cg·S values (0 without kShift).
+template <bool kShift, typename T>
+__device__ __forceinline__ compute_t<T> item_shift(const GroupNormParams& p, int64_t item, int64_t e) {
+  if constexpr (kShift) {
+    const int64_t cg = p.channels / p.groups;
+    const int64_t c = (item % p.groups) * cg + e / p.spatial;
+    return widen(static_cast<const T*>(p.shift)[(item / p.groups) * p.channels + c]);
+  } else {
+    return compute_t<T>(0);
+  }
+}
+
+// v + sh with kShift; v itself without (x + 0 is not x for x = −0, so the plain kernels skip it).
+template <bool kShift, typename Acc>
+__device__ __forceinline__ Acc plus_shift(Acc v, Acc sh) {
+  if constexpr (kShift) return v + sh;
+  else return v;
+}
+
+template <typename T, bool kVec, bool kShift>
 __global__ void group_norm_stats_kernel(GroupNormParams p) {
   using Acc = compute_t<T>;
   using P = std::conditional_t<kVec, Pack16<T>, PackN<T, 1>>;
@@ -257,22 +291,25 @@ __global__ void group_norm_stats_kernel(GroupNormParams p) {
   const int64_t item = blockIdx.y, chunks = gridDim.x;
   const int64_t count = p.channels / p.groups * p.spatial;
   const int64_t e0 = int64_t(blockIdx.x) * kGroupNormChunk, e1 = min(e0 + kGroupNormChunk, count);
-  const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + item * count + e0);
+  const T* xt = static_cast<const T*>(p.x);
+  const P* x = reinterpret_cast<const P*>(xt + item * count + e0);
   const int64_t packs = (e1 - e0) / V;
   Acc s = Acc(0);
   for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
     const P v = x[i];
+    const Acc sh = item_shift<kShift, T>(p, item, e0 + i * V);
 #pragma unroll
-    for (int k = 0; k < V; ++k) s += widen(v.v[k]);
+    for (int k = 0; k < V; ++k) s += plus_shift<kShift>(widen(v.v[k]), sh);
   }
   const Acc n = Acc(e1 - e0);
   const Acc mean = group_reduce<kThreads, RSum<Acc>>(s, scratch) / n;
   Acc m2 = Acc(0);
   for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
     const P v = x[i];
+    const Acc sh = item_shift<kShift, T>(p, item, e0 + i * V);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const Acc d = widen(v.v[k]) - mean;
+      const Acc d = plus_shift<kShift>(widen(v.v[k]), sh) - mean;
       m2 += d * d;
     }
   }
@@ -283,7 +320,7 @@ __global__ void group_norm_stats_kernel(GroupNormParams p) {
   }
 }
 
-template <typename T, bool kVec, bool kSilu>
+template <typename T, bool kVec, bool kSilu, bool kShift>
 __global__ void group_norm_apply_kernel(GroupNormParams p, int64_t chunks) {
   using Acc = compute_t<T>;
   using P = std::conditional_t<kVec, Pack16<T>, PackN<T, 1>>;
@@ -316,10 +353,11 @@ __global__ void group_norm_apply_kernel(GroupNormParams p, int64_t chunks) {
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < packs; i += int64_t(gridDim.x) * kThreads) {
     const int64_t c = c0 + i * V / p.spatial;
     const Acc wc = rstd * load_or(w, c, Acc(1)), bc = load_or(b, c, Acc(0));
+    const Acc sh = item_shift<kShift, T>(p, item, i * V);
     P v = x[i];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      Acc out = (widen(v.v[k]) - mean) * wc + bc;
+      Acc out = (plus_shift<kShift>(widen(v.v[k]), sh) - mean) * wc + bc;
       if constexpr (kSilu) out = out / (Acc(1) + m_exp(-out));
       v.v[k] = narrow<T>(out);
     }
@@ -422,10 +460,27 @@ void launch_layer_norm(const LayerNormParams& p) {
   dispatch_float(p.dtype, "cuda layer_norm", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = Pack16<T>::kSize;
+    constexpr int kPacks = 8;
+    const bool params_aligned = (!p.weight || aligned16(p.weight)) && (!p.bias || aligned16(p.bias));
+    const bool cached = p.n % V == 0 && p.n <= 32 * kPacks * V && params_aligned && aligned16(p.x) && aligned16(p.y);
+    if (p.residual) {
+      if (cached && aligned16(p.residual) && aligned16(p.sum)) {  // add and norm in one pass
+        layer_norm_cached_kernel<T, kPacks, true>
+            <<<grid_for(p.rows, kThreads / 32), kThreads, 0, compute_stream()>>>(p);
+        check_last_launch("layer_norm_kernel (row in registers, + residual)");
+        return;
+      }
+      BinaryParams add;  // sum = x + residual, then the norm of sum
+      add.op = BinaryOp::Add, add.dtype = p.dtype, add.out = p.sum, add.a = p.x, add.b = p.residual;
+      add.numel = p.rows * p.n, add.ndim = 1, add.shape[0] = add.numel, add.a_strides[0] = add.b_strides[0] = 1;
+      launch_binary(add);
+      LayerNormParams q = p;
+      q.x = p.sum, q.residual = nullptr, q.sum = nullptr;
+      launch_layer_norm(q);
+      return;
+    }
     if (p.n % V == 0 && aligned16(p.x) && aligned16(p.y)) {  // 16-byte packs (rows start on one)
-      constexpr int kPacks = 8;
-      const bool params_aligned = (!p.weight || aligned16(p.weight)) && (!p.bias || aligned16(p.bias));
-      if (p.n <= 32 * kPacks * V && params_aligned) {  // the row in registers
+      if (cached) {  // the row in registers
         layer_norm_cached_kernel<T, kPacks><<<grid_for(p.rows, kThreads / 32), kThreads, 0, compute_stream()>>>(p);
         check_last_launch("layer_norm_kernel (row in registers)");
         return;
@@ -480,17 +535,21 @@ void launch_group_norm_slice(const GroupNormParams& p, int64_t chunks) {
     const int64_t count = p.channels / p.groups * p.spatial, packs = vec ? count / Pack16<T>::kSize : count;
     const dim3 stats_grid{unsigned(chunks), unsigned(items)};
     const dim3 apply_grid{grid_for(packs, int64_t(kThreads) * 4), unsigned(items)};
-    auto launch = [&](auto vec_tag, auto silu_tag) {
-      constexpr bool kVec = decltype(vec_tag)::value;
-      group_norm_stats_kernel<T, kVec><<<stats_grid, kThreads, 0, compute_stream()>>>(p);
+    auto launch = [&](auto vec_tag, auto silu_tag, auto shift_tag) {
+      constexpr bool kVec = decltype(vec_tag)::value, kShift = decltype(shift_tag)::value;
+      group_norm_stats_kernel<T, kVec, kShift><<<stats_grid, kThreads, 0, compute_stream()>>>(p);
       check_last_launch("group_norm_stats_kernel");
-      group_norm_apply_kernel<T, kVec, decltype(silu_tag)::value>
+      group_norm_apply_kernel<T, kVec, decltype(silu_tag)::value, kShift>
           <<<apply_grid, kThreads, 0, compute_stream()>>>(p, chunks);
+    };
+    auto with_shift = [&](auto vec_tag, auto silu_tag) {
+      if (p.shift) launch(vec_tag, silu_tag, std::true_type{});
+      else launch(vec_tag, silu_tag, std::false_type{});
     };
     using Yes = std::true_type;
     using No = std::false_type;
-    if (vec) p.silu ? launch(Yes{}, Yes{}) : launch(Yes{}, No{});
-    else p.silu ? launch(No{}, Yes{}) : launch(No{}, No{});
+    if (vec) p.silu ? with_shift(Yes{}, Yes{}) : with_shift(Yes{}, No{});
+    else p.silu ? with_shift(No{}, Yes{}) : with_shift(No{}, No{});
     check_last_launch(p.silu ? "group_norm_kernel (+ silu)" : "group_norm_kernel");
   });
 }
@@ -516,6 +575,7 @@ void launch_group_norm(const GroupNormParams& p) {
     const int64_t items0 = n0 * p.groups, values0 = n0 * p.channels * p.spatial;
     q.x = static_cast<const char*>(p.x) + values0 * elem;
     q.y = static_cast<char*>(p.y) + values0 * elem;
+    if (p.shift) q.shift = static_cast<const char*>(p.shift) + n0 * p.channels * elem;
     q.mean = static_cast<char*>(p.mean) + items0 * stat;
     q.rstd = static_cast<char*>(p.rstd) + items0 * stat;
     q.partial = static_cast<char*>(p.partial) + items0 * chunks * 2 * stat;

@@ -89,6 +89,37 @@ TEST(FusedLayerNorm, MatchesComposedInF64AtOddSizes) {
   }
 }
 
+// add_layer_norm: s = x + residual and norm(s) from one pass, against add then the composed norm
+// (forward and every gradient, in f64, with both outputs carrying gradient); in bf16 storage s
+// equals ops::add's sum and the norm equals layer_norm of it, bit for bit (the values of the two
+// ops apart); a residual of another shape is refused.
+TEST(FusedLayerNorm, AfterAnAddMatchesTheAddThenTheNorm) {
+  Generator gen = fresh_generator("add_layer_norm");
+  for (int64_t rows : kRows) {
+    for (int64_t n : kWidths) {
+      const std::string what = "rows " + std::to_string(rows) + ", n " + std::to_string(n);
+      const std::vector<Tensor> in = {random_tensor({rows, n}, gen, DType::F64, Device::cpu(), 0.5, 2.0),
+                                      random_tensor({rows, n}, gen), random_tensor({n}, gen), random_tensor({n}, gen)};
+      expect_matches(
+          [n](const Vars& v) {
+            const auto [s, y] = add_layer_norm(v[0], v[1], {n}, v[2], v[3]);
+            return s * 0.25 + y;
+          },
+          [n](const Vars& v) {
+            const Variable s = v[0] + v[1];
+            return s * 0.25 + layer_norm_composed(s, {n}, v[2], v[3]);
+          },
+          in, DType::F64, 1e-10, what, gen);
+      const Tensor x = in[0].to(DType::BF16), r = in[1].to(DType::BF16), w = in[2].to(DType::BF16);
+      const ops::NormForward f = ops::layer_norm(x, n, w, Tensor(), 1e-5, r);
+      const Tensor sum = ops::add(x, r);
+      EXPECT_EQ(f.sum.to_vector(), sum.to_vector()) << what << " bf16 sum";
+      EXPECT_EQ(f.y.to_vector(), ops::layer_norm(sum, n, w, Tensor(), 1e-5).y.to_vector()) << what << " bf16 norm";
+    }
+  }
+  EXPECT_THROW(add_layer_norm(Variable(random_tensor({3, 8}, gen)), Variable(random_tensor({3, 1}, gen)), {8}), Error);
+}
+
 TEST(FusedLayerNorm, F32MatchesTheF64Reference) {
   Generator gen = fresh_generator("layer_norm_f32");
   const std::vector<Tensor> in = {random_tensor({2, 7, 1283}, gen), random_tensor({1283}, gen),
@@ -168,6 +199,39 @@ TEST(FusedGroupNorm, SiluFusedWithoutGradsComposedWithGrads) {
   }
 }
 
+// group_norm_silu with a shift [N, C] (a conv bias plus the time embedding): recorded as add,
+// group_norm and silu where a gradient is wanted (every gradient, the shift's included, as the
+// composed reference's), one fused pass where none is, with the sum formed inside it.
+TEST(FusedGroupNorm, SiluWithShiftFusedWithoutGradsComposedWithGrads) {
+  Generator gen = fresh_generator("group_norm_silu_shift");
+  for (const GroupCase& c : kGroupCases) {
+    const std::string what = describe(c) + " with shift";
+    std::vector<Tensor> in = group_inputs(c, gen);
+    const int64_t n = c.shape[0], ch = c.shape[1];
+    in.push_back(random_tensor({n, ch}, gen, DType::F64, Device::cpu(), 0.5, 2.0));
+    Shape bcast(c.shape.size(), 1);
+    bcast[0] = n, bcast[1] = ch;
+    const GroupCase cc = c;
+    auto composed = [cc, bcast](const Vars& v) {
+      return silu(group_norm_composed(v[0] + reshape(v[3], bcast), cc.groups, v[1], v[2], cc.eps));
+    };
+    expect_matches([cc](const Vars& v) { return group_norm_silu(v[0], cc.groups, v[1], v[2], cc.eps, v[3]); },
+                   composed, in, DType::F64, 1e-10, what, gen);
+    Tensor fused, reference;
+    {
+      NoGradGuard ng;
+      fused = group_norm_silu(Variable(in[0]), cc.groups, Variable(in[1]), Variable(in[2]), cc.eps, Variable(in[3]))
+                  .tensor();
+      reference = composed({Variable(in[0]), Variable(in[1]), Variable(in[2]), Variable(in[3])}).tensor();
+    }
+    EXPECT_LE(rel_error(fused, reference), 1e-13) << what << " (no grad: the fused pass)";
+    EXPECT_THROW(group_norm_silu(Variable(in[0]), cc.groups, Variable(in[1]), Variable(in[2]), cc.eps,
+                                 Variable(in[3].reshape({n * ch}))),
+                 Error)
+        << what << ": a flat shift";
+  }
+}
+
 // ---- GEGLU --------------------------------------------------------------------------------
 
 TEST(FusedGeglu, MatchesComposedInF64AtOddSizes) {
@@ -206,6 +270,25 @@ TEST(FusedBiasResidual, MatchesComposedAtOddSizes) {
       expect_matches([](const Vars& v) { return bias_residual(v[0], Variable(), v[1]); },
                      [](const Vars& v) { return v[0] + v[1]; }, {in[0], in[2]}, DType::F32, 1e-7, what + " f32", gen);
     }
+  }
+}
+
+// A convolution's bias along dim 1 of NCHW (and along a middle dim of a 3-d tensor): forward
+// and the bias's gradient (Σ over every other dim) as the broadcast composition's; a bias of
+// the wrong length and a dim out of range are refused.
+TEST(FusedBiasResidual, AlongTheChannelDimMatchesComposed) {
+  Generator gen = fresh_generator("bias_residual_channels");
+  for (const Shape& s : {Shape{2, 5, 3, 7}, Shape{1, 3, 40}, Shape{4, 6, 1, 1}}) {
+    const std::string what = Tensor::empty(s).str();
+    const std::vector<Tensor> in = {random_tensor(s, gen), random_tensor({s[1]}, gen), random_tensor(s, gen)};
+    Shape bcast(s.size(), 1);
+    bcast[1] = s[1];
+    expect_matches([](const Vars& v) { return bias_residual(v[0], v[1], v[2], 1); },
+                   [bcast](const Vars& v) { return (v[0] + reshape(v[1], bcast)) + v[2]; }, in, DType::F64, 1e-14,
+                   what, gen);
+    EXPECT_THROW(bias_residual(Variable(in[0]), Variable(random_tensor({s[1] + 1}, gen)), Variable(in[2]), 1), Error)
+        << what;
+    EXPECT_THROW(bias_residual(Variable(in[0]), Variable(in[1]), Variable(in[2]), int64_t(s.size())), Error) << what;
   }
 }
 

@@ -458,6 +458,36 @@ TEST(CudaBackend, InnerBroadcastPathsMatchCpu) {
   }
 }
 
+// A spatial transformer's exit: proj_out's output stored [B, H·W, C], viewed as [B, C, H, W],
+// plus the contiguous NCHW input (the tiled transposed-add path), in both operand orders, at
+// extents that are not multiples of its 32 × 32 tile, with one sample (the batch dim merges
+// away) and with a batch view whose samples lie apart (a batch stride larger than H·W·C).
+// Addition rounds the same in either order, so the GPU must equal the CPU bit for bit; a
+// subtraction of the same layout (the strided path) must too.
+TEST(CudaBackend, AddOfATransposedLayoutMatchesCpu) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(21);
+  struct Case { int64_t b, c, h, w; bool spaced; };
+  for (const Case& k : {Case{2, 40, 9, 7, false}, Case{1, 33, 5, 13, false}, Case{3, 64, 8, 8, false},
+                        Case{2, 70, 3, 37, true}, Case{4, 2, 2, 2, false}}) {
+    const int64_t s = k.h * k.w;
+    const Tensor store = Tensor::randn({k.b, k.spaced ? s + 3 : s, k.c}, gen, DType::F64);
+    const Tensor x = Tensor::randn({k.b, k.c, k.h, k.w}, gen, DType::F64);
+    for (DType dtype : kFloatDtypes) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + " [" + std::to_string(k.b) + ", " + std::to_string(k.c) + ", " +
+                   std::to_string(k.h) + ", " + std::to_string(k.w) + "]" + (k.spaced ? " spaced" : ""));
+      auto nchw_view = [&](const Tensor& t) {  // [B, S', C] -> first S rows -> [B, C, H, W]
+        return t.narrow(1, 0, s).reshape({k.b, k.h, k.w, k.c}).permute({0, 3, 1, 2});
+      };
+      const Tensor st = store.to(dtype), xr = x.to(dtype);
+      const Tensor gs = st.to(kCuda), gx = xr.to(kCuda);
+      expect_same(ops::add(nchw_view(gs), gx).to(Device::cpu()), ops::add(nchw_view(st), xr), "view + x");
+      expect_same(ops::add(gx, nchw_view(gs)).to(Device::cpu()), ops::add(xr, nchw_view(st)), "x + view");
+      expect_same(ops::sub(gx, nchw_view(gs)).to(Device::cpu()), ops::sub(xr, nchw_view(st)), "x - view");
+    }
+  }
+}
+
 TEST(CudaBackend, VectorAndScalarElementwisePathsMatchCpu) {
   LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(11);

@@ -74,6 +74,37 @@ TEST(GpuFused, LayerNormMatchesCpuF64) {
   }
 }
 
+// Layer norm after a residual add (a transformer block's h = a + h, then the norm): the row-in-
+// registers pass (n a multiple of the pack, ≤ 2048 in 16-bit types) and the add-then-norm path
+// (n = 1283, 2056; a residual off the 16-byte grid): the sum equals the GPU's own add bit for bit
+// and the norm equals the GPU's norm of that sum bit for bit; both against the CPU in f64.
+TEST(GpuFused, LayerNormAfterAnAddMatchesTheTwoOps) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_add_layer_norm");
+  for (DType dtype : kDtypes) {
+    for (const auto& rn : std::vector<std::pair<int64_t, int64_t>>{{333, 320}, {9, 1280}, {5, 2048}, {7, 1283}, {3, 2056}}) {
+      const int64_t rows = rn.first, n = rn.second;
+      for (bool offset : {false, true}) {
+        const std::string what = std::string(dtype_name(dtype)) + " [" + std::to_string(rows) + ", " +
+                                 std::to_string(n) + "]" + (offset ? " residual at element 1" : "");
+        const Pair x = random_pair({rows, n}, gen, dtype, 0.5, 2.0), w = random_pair({n}, gen, dtype),
+                   b = random_pair({n}, gen, dtype), base = random_pair({rows * n + 1}, gen, dtype);
+        const int64_t at = offset ? 1 : 0;
+        const Tensor rg = base.gpu.narrow(0, at, rows * n).reshape({rows, n});
+        const Tensor rc = base.cpu.narrow(0, at, rows * n).reshape({rows, n});
+        const ops::NormForward f = ops::layer_norm(x.gpu, n, w.gpu, b.gpu, 1e-5, rg);
+        const Tensor sum = ops::add(x.gpu, rg);
+        EXPECT_EQ(f.sum.to(Device::cpu()).to_vector(), sum.to(Device::cpu()).to_vector()) << what << " sum";
+        EXPECT_EQ(f.y.to(Device::cpu()).to_vector(), ops::layer_norm(sum, n, w.gpu, b.gpu, 1e-5).y.to(Device::cpu()).to_vector())
+            << what << " norm";
+        const Tensor sum_cpu = ops::add(x.cpu, rc);
+        expect_close(f.sum, sum_cpu, dtype, what + " sum against the CPU");
+        expect_close(f.y, ops::layer_norm(sum_cpu, n, w.cpu, b.cpu, 1e-5).y, dtype, what + " norm against the CPU");
+      }
+    }
+  }
+}
+
 TEST(GpuFused, GroupNormMatchesCpuF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   Generator gen = fresh_generator("gpu_group_norm");
@@ -121,6 +152,43 @@ TEST(GpuFused, GroupNormMatchesCpuF64) {
     expect_close(ops::group_norm(xg, 4, Tensor(), Tensor(), 1e-6, true).y,
                  ops::silu(ops::group_norm(xc, 4, Tensor(), Tensor(), 1e-6).y), dtype,
                  std::string(dtype_name(dtype)) + " unaligned x, silu");
+  }
+}
+
+// Group norm of x + shift[n, c] (a ResnetBlock2D's conv bias and time embedding inside norm2's
+// pass), with and without SiLU, on both kernel paths (16-byte packs, single elements) and with
+// several statistics chunks, against the CPU's f64 norm of the explicit sum; a shift of a wrong
+// shape is refused.
+TEST(GpuFused, GroupNormWithShiftMatchesCpuF64) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen = fresh_generator("gpu_group_norm_shift");
+  struct Case {
+    Shape shape;
+    int64_t groups;
+  };
+  const std::vector<Case> cases = {{{2, 320, 9, 13}, 32}, {{3, 12, 333}, 4}, {{2, 64, 8, 8}, 32},
+                                   {{1, 64, 64, 72}, 4}, {{2, 6, 130, 131}, 2}};
+  for (DType dtype : kDtypes) {
+    for (const Case& c : cases) {
+      const std::string what = std::string(dtype_name(dtype)) + " " + Tensor::empty(c.shape).str();
+      const int64_t n = c.shape[0], ch = c.shape[1];
+      const Pair x = random_pair(c.shape, gen, dtype, -0.3, 1.5), w = random_pair({ch}, gen, dtype),
+                 b = random_pair({ch}, gen, dtype), sh = random_pair({n, ch}, gen, dtype, 0.5, 2.0);
+      Shape bcast(c.shape.size(), 1);
+      bcast[0] = n, bcast[1] = ch;
+      const ops::NormForward ref = ops::group_norm(ops::add(x.cpu, sh.cpu.reshape(bcast)), c.groups, w.cpu, b.cpu, 1e-6);
+      const ops::NormForward fg = ops::group_norm(x.gpu, c.groups, w.gpu, b.gpu, 1e-6, false, sh.gpu);
+      expect_close(fg.y, ref.y, dtype, what + " y");
+      expect_close(fg.mean, ref.mean, dtype, what + " mean");
+      expect_close(fg.rstd, ref.rstd, dtype, what + " rstd");
+      const Tensor sg = ops::group_norm(x.gpu, c.groups, w.gpu, b.gpu, 1e-6, true, sh.gpu).y;
+      expect_close(sg, ops::silu(ref.y), dtype, what + " silu(y)");
+      EXPECT_LE(rel_error(ops::group_norm(x.cpu, c.groups, w.cpu, b.cpu, 1e-6, true, sh.cpu).y, ops::silu(ref.y)),
+                1e-13)
+          << what << " silu(y) on the CPU";
+      EXPECT_THROW(ops::group_norm(x.gpu, c.groups, w.gpu, b.gpu, 1e-6, true, sh.gpu.reshape({n * ch})), Error)
+          << what;
+    }
   }
 }
 
@@ -189,6 +257,16 @@ TEST(GpuFused, BiasResidualAndAddLinearMatchCpuF64) {
                  what + " bias_residual");
     expect_close(ops::bias_residual(y.gpu, Tensor(), r.gpu), ops::bias_residual(y.cpu, Tensor(), r.cpu), dtype,
                  what + " residual only");
+    // a convolution's bias along dim 1 of NCHW: the 16-byte per-channel path (H·W a multiple of the
+    // pack) and the element path (H·W = 35), against the explicit broadcast add on the CPU
+    for (const Shape& s : {Shape{3, 37, 8, 16}, Shape{2, 19, 5, 7}}) {
+      const Pair yc = random_pair(s, gen, dtype), bc = random_pair({s[1]}, gen, dtype), rc = random_pair(s, gen, dtype);
+      const Tensor ref = ops::add(ops::add(yc.cpu, bc.cpu.reshape({s[1], 1, 1})), rc.cpu);
+      expect_close(ops::bias_residual(yc.gpu, bc.gpu, rc.gpu, 1), ref, dtype, what + " bias_residual dim 1 " +
+                   Tensor::empty(s).str());
+      expect_close(ops::bias_residual(yc.gpu, Tensor(), rc.gpu, 1), ops::add(yc.cpu, rc.cpu), dtype,
+                   what + " residual only, dim 1");
+    }
     const Pair base = random_pair({2, 77, 320}, gen, dtype), h = random_pair({2, 77, 4}, gen, dtype),
                up = random_pair({320, 4}, gen, dtype);
     expect_close(ops::add_linear(base.gpu, h.gpu, up.gpu, 0.75), ops::add_linear(base.cpu, h.cpu, up.cpu, 0.75),
