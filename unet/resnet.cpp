@@ -68,28 +68,34 @@ Variable ResnetBlock2D::forward(const Variable& x, const Variable& temb) const {
   // The convolutions' biases ride in later passes: conv1's (with the time embedding) in norm2's
   // shift, conv2's and conv_shortcut's in the exit's bias_residual: 3 passes over the activation
   // fewer than conv, bias add, embedding add, conv, bias add, shortcut add.
-  Variable h = norm_then_activation(*child_as<nn::UnaryModule>("norm1"), o.non_linearity, x);
+  const Variable h = norm_then_activation(*child_as<nn::UnaryModule>("norm1"), o.non_linearity, x);
   const ConvWithoutBias c1 = conv_without_bias(*child_as<nn::Conv2d>("conv1"), h);
   Variable t;  // [N, C] (scale_shift: [N, 2C])
   if (temb.defined() && find_module("time_emb_proj"))
     t = child_as<nn::Linear>("time_emb_proj")->forward(activation(o.non_linearity, temb));
+  const Variable h2 = child_as<nn::UnaryModule>("dropout")->forward(norm2_with_time(c1.y, c1.bias, t));
+  Variable out = exit(h2, x);
+  if (o.output_scale_factor != 1.0) out = mul_scalar(out, 1.0 / o.output_scale_factor);
+  return out;
+}
+
+Variable ResnetBlock2D::norm2_with_time(const Variable& conv1_y, const Variable& conv1_bias, const Variable& t) const {
+  const auto& o = options_;
   const auto norm2 = child_as<nn::UnaryModule>("norm2");
-  if (o.time_embedding_norm == "default" && t.defined()) {
-    h = norm_then_activation(*norm2, o.non_linearity, c1.y, add_defined(t, c1.bias));  // shift [N, C]
-  } else {
-    h = c1.bias.defined() ? add(c1.y, reshape(c1.bias, {1, c1.bias.size(0), 1, 1})) : c1.y;
-    if (o.time_embedding_norm == "default") {
-      h = norm_then_activation(*norm2, o.non_linearity, h);
-    } else {
-      h = norm2->forward(h);
-      if (t.defined()) {
-        const auto parts = chunk(reshape(t, {t.size(0), t.size(1), 1, 1}), 2, 1);  // scale, shift
-        h = add(mul(h, add_scalar(parts[0], 1.0)), parts[1]);
-      }
-      h = activation(o.non_linearity, h);
-    }
+  if (o.time_embedding_norm == "default" && t.defined())  // bias + t as norm2's shift [N, C]
+    return norm_then_activation(*norm2, o.non_linearity, conv1_y, add_defined(t, conv1_bias));
+  const Variable h =
+      conv1_bias.defined() ? add(conv1_y, reshape(conv1_bias, {1, conv1_bias.size(0), 1, 1})) : conv1_y;
+  if (o.time_embedding_norm == "default") return norm_then_activation(*norm2, o.non_linearity, h);
+  Variable y = norm2->forward(h);
+  if (t.defined()) {
+    const auto parts = chunk(reshape(t, {t.size(0), t.size(1), 1, 1}), 2, 1);  // scale, shift
+    y = add(mul(y, add_scalar(parts[0], 1.0)), parts[1]);
   }
-  h = child_as<nn::UnaryModule>("dropout")->forward(h);
+  return activation(o.non_linearity, y);
+}
+
+Variable ResnetBlock2D::exit(const Variable& h, const Variable& x) const {
   const ConvWithoutBias c2 = conv_without_bias(*child_as<nn::Conv2d>("conv2"), h);
   Variable shortcut = x, bias = c2.bias;
   if (find_module("conv_shortcut")) {
@@ -97,9 +103,7 @@ Variable ResnetBlock2D::forward(const Variable& x, const Variable& temb) const {
     shortcut = cs.y;
     bias = add_defined(bias, cs.bias);
   }
-  Variable out = bias_residual(c2.y, bias, shortcut, 1);  // (conv2 + biases) + shortcut, one pass
-  if (o.output_scale_factor != 1.0) out = mul_scalar(out, 1.0 / o.output_scale_factor);
-  return out;
+  return bias_residual(c2.y, bias, shortcut, 1);  // (conv2 + biases) + shortcut, one pass
 }
 
 Downsample2D::Downsample2D(int64_t channels, int64_t out_channels, int64_t padding, Generator& gen, DType dtype,

@@ -46,6 +46,11 @@ class ResnetBlock2D : public nn::Module {
   const ResnetBlock2DOptions& options() const { return options_; }
 
  private:
+  // activation(norm2(conv1 output + conv1's bias, with the time embedding t [N, C] / [N, 2C])).
+  Variable norm2_with_time(const Variable& conv1_y, const Variable& conv1_bias, const Variable& t) const;
+  // conv2(h) + conv2's bias + shortcut(x), the shortcut's bias included, as one pass.
+  Variable exit(const Variable& h, const Variable& x) const;
+
   ResnetBlock2DOptions options_;
 };
 
