@@ -188,28 +188,45 @@ Variable Attention::project_out(const Variable& x) const {
   return to_out->at_as<nn::UnaryModule>(1)->forward(to_out->at_as<nn::Linear>(0)->forward(x));
 }
 
+void Attention::set_context_cache(bool on) const {
+  context_cache_ = on;
+  if (!on) cached_context_ = Tensor(), cached_kv_.clear();
+}
+
+std::vector<Variable> Attention::context_projections(const Variable& context,
+                                                     const std::function<std::vector<Variable>()>& project) const {
+  if (!context_cache_ || GradMode::is_enabled()) return project();
+  const Tensor& t = context.tensor();
+  const Tensor& c = cached_context_;
+  const bool hit = c.defined() && c.storage() == t.storage() && c.offset() == t.offset() && c.shape() == t.shape() &&
+                   c.strides() == t.strides() && c.dtype() == t.dtype();
+  if (hit) return cached_kv_;
+  cached_kv_ = project();
+  cached_context_ = t;
+  return cached_kv_;
+}
+
 // ---- processors ------------------------------------------------------------------------------
 
 Variable DefaultProcessor::process(const Attention& attn, const Variable& x, const Variable& context,
                                    const Tensor& mask) const {
   const Variable seq = attn.to_sequence(x);  // [B, Q, C]
   const Variable h = attn.apply_group_norm(seq);
-  Variable ctx = h;  // self-attention: keys and values read the normalised x
-  if (context.defined()) {
-    attn.check_context(context, seq.size(0), attn.cross_attention_dim());
-    ctx = attn.apply_norm_cross(context);
-  }
+  if (context.defined()) attn.check_context(context, seq.size(0), attn.cross_attention_dim());
   // q, k, v of one input (k, v of one context) are asked for together: adapters may share work.
   const auto to_q = attn.projection("to_q"), to_k = attn.projection("to_k"), to_v = attn.projection("to_v");
   std::vector<Variable> qkv;
-  if (context.defined()) {
+  if (context.defined()) {  // k, v of the (normalised) context; a fixed context's from the layer's cache
     qkv.push_back(to_q->forward(h));
-    for (Variable& y : nn::forward_shared_input({to_k.get(), to_v.get()}, ctx)) qkv.push_back(std::move(y));
-  } else {
+    const auto project = [&] {
+      return nn::forward_shared_input({to_k.get(), to_v.get()}, attn.apply_norm_cross(context));
+    };
+    for (Variable& y : attn.context_projections(context, project)) qkv.push_back(std::move(y));
+  } else {  // self-attention: keys and values read the normalised x
     qkv = nn::forward_shared_input({to_q.get(), to_k.get(), to_v.get()}, h);
   }
   const Variable q = qkv[0], k = qkv[1], v = qkv[2];  // [B, len, heads·d]
-  const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), ctx.size(1));
+  const Tensor m = attn.prepare_mask(mask, seq.size(0), seq.size(1), k.size(1));
   const Variable out = attn.project_out(attn.attend_heads(q, k, v, m));  // [B, Q, C]
   return attn.finish_output(Attention::from_sequence(out, x.shape()), x);
 }

@@ -12,9 +12,11 @@
 #pragma once
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "attention/sdpa.h"
 #include "nn/linear.h"
@@ -130,6 +132,20 @@ class Attention : public nn::Module {
   // to_out.0 then to_out.1 (dropout).
   Variable project_out(const Variable& x) const;
 
+  // ---- keys and values of a fixed context ----------------------------------------------------
+  // While on, the layer keeps the keys and values it projects from a context under no-grad and
+  // reuses them when handed the same context tensor again (same storage, offset, shape, strides,
+  // dtype): the prompt embeddings of a sampling loop are projected once, not at every step
+  // (unet::sample_latents turns it on for its loop). The caller must not write into a context
+  // while it is cached, nor change the projections' weights. Off (the default) empties the cache.
+  // A cache, not state: callable on a const layer.
+  void set_context_cache(bool on) const;
+  bool context_cache() const { return context_cache_; }
+  // {k, v} of `context` (the raw context, before norm_cross): `project()` on a miss, when the
+  // cache is off, or while gradients are recorded.
+  std::vector<Variable> context_projections(const Variable& context,
+                                            const std::function<std::vector<Variable>()>& project) const;
+
  protected:
   void on_replace_module(const std::string& name, const std::shared_ptr<Module>& module) override;
 
@@ -138,6 +154,9 @@ class Attention : public nn::Module {
   std::optional<BackendKind> backend_;
   int64_t slice_size_ = 0;
   std::shared_ptr<AttentionProcessor> processor_;
+  mutable bool context_cache_ = false;
+  mutable Tensor cached_context_;          // holds the storage: its address cannot be reused meanwhile
+  mutable std::vector<Variable> cached_kv_;  // {k, v} of cached_context_
 };
 
 // A keep-mask (1 keep, 0 drop) as diffusers' Transformer2DModel turns it into a bias:

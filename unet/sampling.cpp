@@ -2,7 +2,9 @@
 
 #include <memory>
 #include <sstream>
+#include <vector>
 
+#include "attention/attention.h"
 #include "autograd/variable.h"
 #include "tensor/graph.h"
 #include "tensor/ops.h"
@@ -141,6 +143,25 @@ class UNetStepForward {
   PinnedUpload upload_;
 };
 
+// Turns the context cache of every attention layer of `unet` on for its lifetime: the loop's
+// prompt embeddings (UNetBatch, fixed for the loop) are projected to keys and values once.
+class ContextCacheScope {
+ public:
+  explicit ContextCacheScope(const UNet2DConditionModel& unet) {
+    for (const auto& [name, module] : unet.named_modules())
+      if (const auto attn = std::dynamic_pointer_cast<const attention::Attention>(module)) layers_.push_back(attn);
+    for (const auto& attn : layers_) attn->set_context_cache(true);
+  }
+  ~ContextCacheScope() {
+    for (const auto& attn : layers_) attn->set_context_cache(false);
+  }
+  ContextCacheScope(const ContextCacheScope&) = delete;
+  ContextCacheScope& operator=(const ContextCacheScope&) = delete;
+
+ private:
+  std::vector<std::shared_ptr<const attention::Attention>> layers_;
+};
+
 }  // namespace
 
 void check_sampling_inputs(const UNet2DConditionConfig& config, const Shape& latents, const SamplingConditioning& c,
@@ -204,6 +225,7 @@ Tensor sample_latents(const UNet2DConditionModel& unet, Scheduler& scheduler, co
   scheduler.set_timesteps(options.steps);
   SamplingReport local_report;
   SamplingReport& rep = report ? *report : local_report;
+  const ContextCacheScope context_cache(unet);  // outlives unet_step: its graph reads the cached keys
   UNetStepForward unet_step(unet, batch, options.cuda_graph && device_graphs_supported(latents.device()),
                             scheduler.num_steps(), rep);
   Tensor x = latents;

@@ -20,7 +20,11 @@
 // weights first (LoraSet::fuse), which is what `loom sample` does by default (--no-fuse: not);
 // sample_loop_unguided_fused_step_ms: that loop at guidance 1 (the UNet on N latents).
 //
+// --sampling-only: the LoRA fused at once, then only the two fused loops (guided and not): for A/B
+// runs of forward kernels, without the minutes of the other phases.
+//
 //   loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] [--name NAME] [--no-cuda-graph]
+//                   [--sampling-only]
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -59,12 +63,38 @@ std::string read_text(const std::string& path) {
   return s.str();
 }
 
+// The conditioning of `loom sample`'s loop: random prompt and negative-prompt embeddings (and
+// SDXL's pooled embeddings and time ids) for `batch` latents.
+unet::SamplingConditioning random_conditioning(const unet::UNet2DConditionConfig& cfg, int64_t batch, int64_t cross,
+                                               Generator& gen, Device dev) {
+  unet::SamplingConditioning cond;
+  cond.encoder_hidden_states = Tensor::randn({batch, 77, cross}, gen, DType::F32, dev);
+  cond.negative_encoder_hidden_states = Tensor::randn({batch, 77, cross}, gen, DType::F32, dev);
+  if (cfg.addition_embed_type == "text_time") {
+    cond.text_embeds = Tensor::randn({batch, cfg.text_embeds_dim()}, gen, DType::F32, dev);
+    cond.negative_text_embeds = Tensor::zeros({batch, cfg.text_embeds_dim()}, DType::F32, dev);
+    cond.time_ids = Tensor::full({batch, 6}, 1024.0, DType::F32, dev);
+  }
+  return cond;
+}
+
+// The median time of `loom sample`'s whole loop (DDIM, so.steps steps) over max(1, reps / 4) runs.
+double time_sample_loop(const unet::UNet2DConditionModel& model, const Tensor& latents,
+                        const unet::SamplingConditioning& cond, const unet::SamplingOptions& so, int reps, Device dev,
+                        unet::SamplingReport& report) {
+  return median_ms(dev, std::max(1, reps / 4), [&] {
+    const auto scheduler = unet::make_scheduler(unet::SchedulerConfig::stable_diffusion_v1_5(unet::SchedulerKind::DDIM));
+    report = {};
+    unet::sample_latents(model, *scheduler, latents, cond, so, {}, &report);
+  });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string config_path, precision = "bf16", name = "unet";
   int reps = 10, batch = 1;
-  bool graphs = true;
+  bool graphs = true, sampling_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--config" && i + 1 < argc) config_path = argv[++i];
@@ -73,9 +103,10 @@ int main(int argc, char** argv) {
     else if (a == "--batch" && i + 1 < argc) batch = std::atoi(argv[++i]);
     else if (a == "--name" && i + 1 < argc) name = argv[++i];
     else if (a == "--no-cuda-graph") graphs = false;
+    else if (a == "--sampling-only") sampling_only = true;
     else {
       std::fprintf(stderr, "usage: loom_bench_unet --config FILE.json [--batch N] [--precision bf16|f32] [--reps N] "
-                           "[--name NAME] [--no-cuda-graph]\n");
+                           "[--name NAME] [--no-cuda-graph] [--sampling-only]\n");
       return 2;
     }
   }
@@ -117,6 +148,22 @@ int main(int argc, char** argv) {
   };
   const unet::DDPMSchedule schedule;
   const Tensor latents = Tensor::randn({batch, cfg.in_channels, side, side}, gen, DType::F32, dev);
+  const int64_t loop_steps = 10;
+  unet::SamplingOptions so;
+  so.steps = loop_steps, so.guidance_scale = 7.5, so.model_dtype = act, so.cuda_graph = graphs;
+  if (sampling_only) {  // the fused guided loop and the unguided one only: A/B runs of forward kernels
+    model->eval();
+    lora.fuse();
+    const unet::SamplingConditioning cond = random_conditioning(cfg, batch, cross, gen, dev);
+    unet::SamplingReport guided, unguided;
+    const double guided_ms = time_sample_loop(*model, latents, cond, so, reps, dev, guided);
+    so.guidance_scale = 1.0;
+    const double unguided_ms = time_sample_loop(*model, latents, cond, so, reps, dev, unguided);
+    std::printf("{\"impl\":\"loom\",\"config\":\"%s\",\"batch\":%d,\"precision\":\"%s\",\"sampling_only\":true,"
+                "\"sample_loop_fused_step_ms\":%.3f,\"sample_loop_unguided_fused_step_ms\":%.3f}\n",
+                name.c_str(), batch, precision.c_str(), guided_ms / double(loop_steps), unguided_ms / double(loop_steps));
+    return 0;
+  }
   const Tensor noise = Tensor::randn({batch, cfg.in_channels, side, side}, gen, DType::F32, dev);
   unet::UNetInputs train_in = inputs(batch);
   std::vector<float> tsteps(static_cast<size_t>(batch), 0.f);
@@ -187,24 +234,9 @@ int main(int argc, char** argv) {
   const double sample_ms = median_ms(dev, reps, guided_step);
   print_device_profile_section("guided sampling step (the UNet on 2N latents), eager");
   // `loom sample`'s loop: DDIM, 10 steps, guidance 7.5, per step
-  const int64_t loop_steps = 10;
-  unet::SamplingConditioning cond;
-  cond.encoder_hidden_states = Tensor::randn({batch, 77, cross}, gen, DType::F32, dev);
-  cond.negative_encoder_hidden_states = Tensor::randn({batch, 77, cross}, gen, DType::F32, dev);
-  if (text_time) {
-    cond.text_embeds = Tensor::randn({batch, cfg.text_embeds_dim()}, gen, DType::F32, dev);
-    cond.negative_text_embeds = Tensor::zeros({batch, cfg.text_embeds_dim()}, DType::F32, dev);
-    cond.time_ids = Tensor::full({batch, 6}, 1024.0, DType::F32, dev);
-  }
-  unet::SamplingOptions so;
-  so.steps = loop_steps, so.guidance_scale = 7.5, so.model_dtype = act, so.cuda_graph = graphs;
+  const unet::SamplingConditioning cond = random_conditioning(cfg, batch, cross, gen, dev);
   auto sample_loop = [&](unet::SamplingReport& report) {
-    return median_ms(dev, std::max(1, reps / 4), [&] {
-      const auto scheduler =
-          unet::make_scheduler(unet::SchedulerConfig::stable_diffusion_v1_5(unet::SchedulerKind::DDIM));
-      report = {};
-      unet::sample_latents(*model, *scheduler, latents, cond, so, {}, &report);
-    });
+    return time_sample_loop(*model, latents, cond, so, reps, dev, report);
   };
   unet::SamplingReport loop_report;
   const double loop_ms = sample_loop(loop_report);

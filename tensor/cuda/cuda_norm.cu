@@ -11,6 +11,8 @@
 // beyond float rounding, and nothing uses atomics: runs are deterministic.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "tensor/cuda/cuda_device.cuh"
@@ -157,6 +159,132 @@ __global__ void layer_norm_cached_kernel(LayerNormParams p) {
       y[j] = v[i];
     }
   }
+}
+
+// The norm of 2-byte rows that split exactly into kLanes lanes × kPacks 16-byte packs (kLanes 8,
+// 16 or 32; Stable Diffusion's 320 / 640 / 1280 channels are 8 / 16 / 32 lanes of 5 packs): a
+// group of kLanes lanes per row, 32 / kLanes rows per warp, every lane busy and no registers held
+// for packs a row does not have. Against layer_norm_cached_kernel (a warp per row, room for 8 packs
+// a lane) a warp keeps 2–4× the bytes in flight and more warps fit an SM. kAdd as there (the row is
+// x + residual, rounded to T and written to p.sum). The same arithmetic per row; the sums differ
+// from the other kernels' only in float rounding.
+template <typename T, int kLanes, int kPacks, bool kAdd>
+__global__ void layer_norm_groups_kernel(LayerNormParams p) {
+  using Acc = compute_t<T>;
+  using P = Pack16<T>;
+  constexpr int V = P::kSize, kRowsPerWarp = 32 / kLanes, kWarps = kThreads / 32;
+  static_assert(sizeof(T) == 2 && kLanes >= 8 && kLanes <= 32 && 32 % kLanes == 0, "2-byte rows, 8-32 lanes");
+  const int lane = threadIdx.x % 32, sub = lane % kLanes;
+  const P* w = static_cast<const P*>(p.weight);
+  const P* b = static_cast<const P*>(p.bias);
+  Acc* mean_out = static_cast<Acc*>(p.mean);
+  Acc* rstd_out = static_cast<Acc*>(p.rstd);
+  const Acc inv_n = Acc(1) / Acc(p.n);
+  const int64_t warp0 = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32, warp_stride = int64_t(gridDim.x) * kWarps;
+  for (int64_t first = warp0 * kRowsPerWarp; first < p.rows; first += warp_stride * kRowsPerWarp) {
+    const int64_t row = first + lane / kLanes;  // the loop test is the warp's: every lane shuffles
+    const bool valid = row < p.rows;
+    const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + row * p.n);
+    P v[kPacks];
+    if (valid) {
+#pragma unroll
+      for (int i = 0; i < kPacks; ++i) v[i] = x[sub + kLanes * i];
+      if constexpr (kAdd) {
+        const P* r = reinterpret_cast<const P*>(static_cast<const T*>(p.residual) + row * p.n);
+        P* sum = reinterpret_cast<P*>(static_cast<T*>(p.sum) + row * p.n);
+        P ri[kPacks];
+#pragma unroll
+        for (int i = 0; i < kPacks; ++i) ri[i] = r[sub + kLanes * i];
+#pragma unroll
+        for (int i = 0; i < kPacks; ++i) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) v[i].v[k] = narrow<T>(widen(v[i].v[k]) + widen(ri[i].v[k]));
+          sum[sub + kLanes * i] = v[i];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPacks; ++i)
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[i].v[k] = T(0.0f);
+    }
+    Acc s = Acc(0);
+#pragma unroll
+    for (int i = 0; i < kPacks; ++i)
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += widen(v[i].v[k]);
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    const Acc mean = s * inv_n;
+    Acc var = Acc(0);
+#pragma unroll
+    for (int i = 0; i < kPacks; ++i)
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const Acc d = widen(v[i].v[k]) - mean;
+        var += d * d;
+      }
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) var += __shfl_xor_sync(0xffffffffu, var, off);
+    const Acc rstd = Acc(1) / m_sqrt(var * inv_n + Acc(p.eps));
+    if (!valid) continue;
+    if (sub == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+    P* y = reinterpret_cast<P*>(static_cast<T*>(p.y) + row * p.n);
+#pragma unroll
+    for (int i = 0; i < kPacks; ++i) {
+      const int j = sub + kLanes * i;
+      P wj, bj;
+      if (w) wj = w[j];
+      if (b) bj = b[j];
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        v[i].v[k] = narrow<T>((widen(v[i].v[k]) - mean) * rstd * (w ? widen(wj.v[k]) : Acc(1)) +
+                              (b ? widen(bj.v[k]) : Acc(0)));
+      y[j] = v[i];
+    }
+  }
+}
+
+// Launches layer_norm_groups_kernel when a row of `packs` 16-byte packs is kLanes × kPacks for
+// one of the instantiated shapes (5 packs a lane first: SD's widths); false otherwise.
+template <typename T, bool kAdd>
+bool launch_layer_norm_groups(const LayerNormParams& p, int64_t packs) {
+  bool launched = false;
+  auto try_shape = [&](auto lanes, auto per_lane) {
+    constexpr int kLanes = decltype(lanes)::value, kPacks = decltype(per_lane)::value;
+    if (launched || packs != int64_t(kLanes) * kPacks) return;
+    constexpr int64_t kRowsPerBlock = (kThreads / 32) * (32 / kLanes);
+    const unsigned grid = unsigned(std::min<int64_t>((p.rows + kRowsPerBlock - 1) / kRowsPerBlock, 65535));
+    layer_norm_groups_kernel<T, kLanes, kPacks, kAdd><<<grid, kThreads, 0, compute_stream()>>>(p);
+    check_last_launch(kAdd ? "layer_norm_kernel (row groups, + residual)" : "layer_norm_kernel (row groups)");
+    launched = true;
+  };
+  using L8 = std::integral_constant<int, 8>;
+  using L16 = std::integral_constant<int, 16>;
+  using L32 = std::integral_constant<int, 32>;
+  using P4 = std::integral_constant<int, 4>;
+  using P5 = std::integral_constant<int, 5>;
+  using P8 = std::integral_constant<int, 8>;
+  try_shape(L8{}, P5{});  // 320
+  try_shape(L16{}, P5{});  // 640
+  try_shape(L32{}, P5{});  // 1280
+  try_shape(L8{}, P4{});  // 256
+  try_shape(L16{}, P4{});  // 512
+  try_shape(L32{}, P4{});  // 1024
+  try_shape(L32{}, P8{});  // 2048
+  return launched;
+}
+
+// LOOM_LAYER_NORM_GROUPS=0: the warp-per-row kernels instead of the row-groups one.
+bool layer_norm_groups_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("LOOM_LAYER_NORM_GROUPS");
+    return !(env && std::string(env) == "0");
+  }();
+  return on;
 }
 
 // dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)),  ĝ = dy·w.
@@ -464,6 +592,11 @@ void launch_layer_norm(const LayerNormParams& p) {
     const bool params_aligned = (!p.weight || aligned16(p.weight)) && (!p.bias || aligned16(p.bias));
     const bool cached = p.n % V == 0 && p.n <= 32 * kPacks * V && params_aligned && aligned16(p.x) && aligned16(p.y);
     if (p.residual) {
+      if constexpr (sizeof(T) == 2) {
+        if (layer_norm_groups_enabled() && cached && aligned16(p.residual) && aligned16(p.sum) &&
+            launch_layer_norm_groups<T, true>(p, p.n / V))
+          return;
+      }
       if (cached && aligned16(p.residual) && aligned16(p.sum)) {  // add and norm in one pass
         layer_norm_cached_kernel<T, kPacks, true>
             <<<grid_for(p.rows, kThreads / 32), kThreads, 0, compute_stream()>>>(p);
@@ -480,6 +613,9 @@ void launch_layer_norm(const LayerNormParams& p) {
       return;
     }
     if (p.n % V == 0 && aligned16(p.x) && aligned16(p.y)) {  // 16-byte packs (rows start on one)
+      if constexpr (sizeof(T) == 2) {
+        if (layer_norm_groups_enabled() && params_aligned && launch_layer_norm_groups<T, false>(p, p.n / V)) return;
+      }
       if (cached) {  // the row in registers
         layer_norm_cached_kernel<T, kPacks><<<grid_for(p.rows, kThreads / 32), kThreads, 0, compute_stream()>>>(p);
         check_last_launch("layer_norm_kernel (row in registers)");

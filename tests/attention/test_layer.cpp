@@ -309,6 +309,36 @@ TEST(AttentionLayer, EvalMakesDropoutInert) {
   EXPECT_GT(rel_error(dropping.forward(x).tensor(), ref), 1e-3);
 }
 
+// The context cache: while on and under no-grad, a second call with the same context tensor reuses
+// the keys and values (a change of to_k's weight meanwhile goes unseen: that is how the test sees
+// the reuse); another context tensor, recording gradients, or turning the cache off projects anew.
+TEST(AttentionLayer, ContextCacheReusesKeysAndValuesOfTheSameContext) {
+  AttentionOptions o = small_options();
+  o.cross_attention_dim = 6;
+  Generator gen(7);
+  Attention attn(o, gen);
+  randomize(attn, gen);
+  const Variable x(Tensor::randn({2, 5, 8}, gen, F64)), ctx(Tensor::randn({2, 3, 6}, gen, F64));
+  NoGradGuard no_grad;
+  const Tensor before = attn.forward(x, ctx).tensor();
+  attn.set_context_cache(true);
+  EXPECT_TRUE(attn.context_cache());
+  EXPECT_EQ(attn.forward(x, ctx).tensor().to_vector(), before.to_vector());  // projected, then kept
+  const Tensor w = attn.projection("to_k")->weight().tensor();
+  w.copy_(ops::mul_scalar(w, 2.0));
+  EXPECT_EQ(attn.forward(x, ctx).tensor().to_vector(), before.to_vector()) << "the cached keys were not reused";
+  const Variable same_values(ctx.tensor().clone());  // another tensor: projected anew
+  const Tensor fresh = attn.forward(x, same_values).tensor();
+  EXPECT_GT(rel_error(fresh, before), 1e-6) << "a different context tensor hit the cache";
+  {
+    GradMode::set_enabled(true);
+    EXPECT_LE(rel_error(attn.forward(x, same_values).tensor(), fresh), 0.0) << "with gradients";
+    GradMode::set_enabled(false);
+  }
+  attn.set_context_cache(false);
+  EXPECT_LE(rel_error(attn.forward(x, ctx).tensor(), fresh), 0.0) << "after turning the cache off";
+}
+
 TEST(AttentionLayer, FourDInputRoundTripsAndEqualsTheSequenceForm) {
   AttentionOptions o = small_options();
   o.norm_num_groups = 2, o.residual_connection = true, o.rescale_output_factor = 1.5;
