@@ -144,13 +144,17 @@ class UNetStepForward {
 };
 
 // Turns the context cache of every attention layer of `unet` on for its lifetime: the loop's
-// prompt embeddings (UNetBatch, fixed for the loop) are projected to keys and values once.
+// prompt embeddings (UNetBatch, fixed for the loop) are projected to keys and values once. At the
+// end the layers it turned on are turned off (emptied); one that was on already stays on.
 class ContextCacheScope {
  public:
   explicit ContextCacheScope(const UNet2DConditionModel& unet) {
-    for (const auto& [name, module] : unet.named_modules())
-      if (const auto attn = std::dynamic_pointer_cast<const attention::Attention>(module)) layers_.push_back(attn);
-    for (const auto& attn : layers_) attn->set_context_cache(true);
+    for (const auto& [name, module] : unet.named_modules()) {
+      const auto attn = std::dynamic_pointer_cast<const attention::Attention>(module);
+      if (!attn || attn->context_cache()) continue;
+      attn->set_context_cache(true);
+      layers_.push_back(attn);
+    }
   }
   ~ContextCacheScope() {
     for (const auto& attn : layers_) attn->set_context_cache(false);

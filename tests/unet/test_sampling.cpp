@@ -10,6 +10,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "attention/attention.h"
 #include "io/tensor_file.h"
 #include "tests/test_helpers.h"
 #include "unet/sampling.h"
@@ -300,6 +301,31 @@ TEST(Sampling, KeepAllMasksChangeNothing) {
   cond.negative_encoder_attention_mask = Tensor::ones({2, 5}, F64);
   cond.negative_encoder_attention_mask.narrow(1, 4, 1).fill_(0.0);  // drop a token of the negative prompt
   EXPECT_GT(rel_error(run(), plain), 1e-6);
+}
+
+// The loop turns every attention layer's context cache on for its steps (the F64 goldens above run
+// with it) and off again after; a layer whose cache was on already keeps it on.
+TEST(Sampling, ContextCacheIsOnlyTheLoops) {
+  const GoldenFile g("sd1_sampling.safetensors");
+  UNetLoadOptions lo;
+  lo.dtype = F64;
+  const auto unet = load_unet_dir(fixture("sd1"), lo).model;
+  std::vector<std::shared_ptr<attention::Attention>> layers;
+  for (const auto& [name, module] : unet->named_modules())
+    if (auto attn = std::dynamic_pointer_cast<attention::Attention>(module)) layers.push_back(attn);
+  ASSERT_GE(layers.size(), 2u);
+  layers[0]->set_context_cache(true);
+  SamplingOptions o;
+  o.steps = 2;
+  o.model_dtype = F64;
+  bool on_during_steps = true;
+  const auto s = make_scheduler(SchedulerConfig::stable_diffusion_v1_5(SchedulerKind::Euler));
+  sample_latents(*unet, *s, g.get("euler.latents"), conditioning(g, F64), o, [&](const SamplingStep&) {
+    for (const auto& attn : layers) on_during_steps = on_during_steps && attn->context_cache();
+  });
+  EXPECT_TRUE(on_during_steps);
+  EXPECT_TRUE(layers[0]->context_cache()) << "a cache that was on before the loop was turned off";
+  for (size_t i = 1; i < layers.size(); ++i) EXPECT_FALSE(layers[i]->context_cache()) << "layer " << i;
 }
 
 TEST(Sampling, InputChecksNameTheTensor) {
