@@ -1,5 +1,5 @@
 // Device-side helpers shared by the CUDA kernel files (cuda_kernels.cu and the
-// fused family cuda_norm.cu, cuda_geglu.cu, cuda_optim.cu): compute types and
+// fused family cuda_layer_norm.cu, cuda_group_norm.cu, cuda_geglu.cu, cuda_optim.cu): compute types and
 // conversions between storage and compute values, dtype dispatch for launchers,
 // float/double math overloads, and warp/block reductions. Include only from .cu files.
 #pragma once

@@ -1,7 +1,7 @@
 // Internal to tensor/cuda/: parameter structs and launchers of the fused family
 // (contracts in tensor/fused_args.h). The flow is the house one: host checks in
-// cuda_fused.cu (called by CudaBackend) -> a struct below -> a launcher in
-// cuda_norm.cu / cuda_geglu.cu / cuda_optim.cu / cuda_random.cu -> kernels. Launchers run on the
+// cuda_fused.cu (called by CudaBackend) -> a struct below -> a launcher in cuda_layer_norm.cu /
+// cuda_group_norm.cu / cuda_geglu.cu / cuda_optim.cu / cuda_random.cu -> kernels. Launchers run on the
 // current device (the caller holds a DeviceGuard), on its compute stream,
 // without synchronizing. Storage dtypes f32, f64, bf16, f16; statistics and sums
 // in float (double for f64). Pointers address contiguous device memory; an
@@ -27,7 +27,7 @@ void fused_bias_residual(const BiasResidualArgs& a);
 void fused_random(const RandomArgs& a);
 void fused_unscale_check_finite(const UnscaleArgs& a);
 
-// ---- norms (cuda_norm.cu) ----------------------------------------------------------
+// ---- norms (cuda_layer_norm.cu, cuda_group_norm.cu) ---------------------------------------
 
 // x, y [rows, n]; weight, bias [n] or nullptr; mean, rstd [rows] in the stats type.
 struct LayerNormParams {
@@ -76,7 +76,7 @@ struct GroupNormParams {
   const void* shift = nullptr;  // [batch, channels] or null: the norm of x + shift[n, c]
   void* partial = nullptr;  // scratch: 2·batch·groups·group_norm_chunks(*this) stats-type values
 };
-// Values per chunk of the group-norm forward's statistics (cuda_norm.cu), and the chunks of a group.
+// Values per chunk of the group-norm forward's statistics (cuda_group_norm.cu), and the chunks of a group.
 constexpr int64_t kGroupNormChunk = 16384;
 int64_t group_norm_chunks(const GroupNormParams& p);
 
