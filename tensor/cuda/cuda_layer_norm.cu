@@ -341,6 +341,7 @@ __global__ void layer_norm_param_partial_kernel(LayerNormGradParams p) {
 
 }  // namespace
 
+// ---- launchers -----------------------------------------------------------------------------
 
 void launch_layer_norm(const LayerNormParams& p) {
   if (p.rows == 0 || p.n == 0) return;
@@ -351,12 +352,11 @@ void launch_layer_norm(const LayerNormParams& p) {
     const bool params_aligned = (!p.weight || aligned16(p.weight)) && (!p.bias || aligned16(p.bias));
     const bool cached = p.n % V == 0 && p.n <= 32 * kPacks * V && params_aligned && aligned16(p.x) && aligned16(p.y);
     if (p.residual) {
+      const bool one_pass = cached && aligned16(p.residual) && aligned16(p.sum);  // add and norm together
       if constexpr (sizeof(T) == 2) {
-        if (layer_norm_groups_enabled() && cached && aligned16(p.residual) && aligned16(p.sum) &&
-            launch_layer_norm_groups<T, true>(p, p.n / V))
-          return;
+        if (one_pass && layer_norm_groups_enabled() && launch_layer_norm_groups<T, true>(p, p.n / V)) return;
       }
-      if (cached && aligned16(p.residual) && aligned16(p.sum)) {  // add and norm in one pass
+      if (one_pass) {
         layer_norm_cached_kernel<T, kPacks, true>
             <<<grid_for(p.rows, kThreads / 32), kThreads, 0, compute_stream()>>>(p);
         check_last_launch("layer_norm_kernel (row in registers, + residual)");
