@@ -253,6 +253,7 @@ class LoraConvExtension final : public nn::Conv2dExtension {
     if (set_->fused()) return base.base_forward_without_bias(x);
     return lora_conv_forward(base, x, adapters_, path_, false);
   }
+  bool is_base_forward() const override { return set_->fused(); }  // the adapters are inside W
   const LoraSet* owner() const { return set_; }
 
  private:

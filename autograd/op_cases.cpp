@@ -160,6 +160,10 @@ std::vector<OpCase> build_cases() {
            [](const Vars& v) { return conv2d(v[0], v[1], v[2]); });
   add_case("conv2d", "frozen_w", {any({1, 2, 4, 4}), fixed({2, 2, 3, 3}), any({2})},
            [](const Vars& v) { return conv2d(v[0], v[1], v[2], 1, 1); });
+  add_case("conv2d_after_group_norm_silu", "shift",
+           {any({2, 4, 5, 3}), any({4}), any({4}), any({2, 4}), any({3, 4, 3, 3}), any({3})}, [](const Vars& v) {
+             return conv2d_after_group_norm_silu(v[0], 2, v[1], v[2], 1e-6, v[3], v[4], v[5], {1, 1, 1, 1});
+           });
   add_case("interpolate_nearest", "double", {any({2, 3, 2, 3})},
            [](const Vars& v) { return interpolate_nearest(v[0], 4, 6) * 1.5; });
   add_case("interpolate_nearest", "to_size", {any({1, 2, 3, 2})},

@@ -15,6 +15,22 @@ namespace loom {
 using GradList = std::vector<Tensor>;
 using Needs = std::vector<bool>;
 
+Variable conv2d_after_group_norm_silu(const Variable& x, int64_t groups, const Variable& norm_weight,
+                                      const Variable& norm_bias, double eps, const Variable& shift, const Variable& w,
+                                      const Variable& bias, const ops::Conv2dParams& p) {
+  if (records_gradient({x, norm_weight, norm_bias, shift, w, bias}))
+    return conv2d(group_norm_silu(x, groups, norm_weight, norm_bias, eps, shift), w, bias, p);
+  LOOM_CHECK(x.defined() && w.defined(), "conv2d_after_group_norm_silu: undefined input or weight");
+  LOOM_CHECK(!shift.defined() || shift.shape() == Shape({x.size(0), x.size(1)}),
+             "conv2d_after_group_norm_silu: shift ", shift.defined() ? shift.shape() : Shape{}, " must be [",
+             x.size(0), ", ", x.size(1), "] for input ", x.shape());
+  auto tensor_of = [](const Variable& v) { return v.defined() ? v.tensor() : Tensor(); };
+  ops::GroupNormBeforeConv norm;
+  norm.groups = groups, norm.eps = eps, norm.silu = true;
+  norm.weight = tensor_of(norm_weight), norm.bias = tensor_of(norm_bias), norm.shift = tensor_of(shift);
+  return Variable(ops::conv2d_normed(x.tensor(), norm, w.tensor(), tensor_of(bias), p));
+}
+
 Variable conv2d(const Variable& x, const Variable& w, const Variable& bias, const ops::Conv2dParams& p) {
   LOOM_CHECK(x.defined() && w.defined(), "conv2d: undefined input or weight");
   const Tensor tx = x.tensor(), tw = w.tensor();

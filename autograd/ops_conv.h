@@ -16,6 +16,13 @@ inline Variable conv2d(const Variable& x, const Variable& w, const Variable& bia
   return conv2d(x, w, bias, ops::Conv2dParams{stride, stride, padding, padding});
 }
 
+// conv2d(silu(group_norm(x + shift))) with the norm's parameters in x's dtype (weight, bias [C] or
+// undefined; shift [N, C] or undefined): ops::conv2d_normed where no gradient is recorded (the
+// norm applied as the convolution's columns are built), else the differentiable composition.
+Variable conv2d_after_group_norm_silu(const Variable& x, int64_t groups, const Variable& norm_weight,
+                                      const Variable& norm_bias, double eps, const Variable& shift, const Variable& w,
+                                      const Variable& bias, const ops::Conv2dParams& p);
+
 // x [N, C, H, W] -> [N, C, out_h, out_w] with PyTorch's F.interpolate(mode="nearest") index rule:
 // source row = min(floor(dst · (float)(H / out_h)), H − 1) computed in float, likewise columns.
 // An exact 2× resize is a broadcast; other sizes gather rows and columns.

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "nn/norm.h"
+
 namespace loom::nn {
 
 Conv2d::Conv2d(const Conv2dOptions& o, Generator& gen, DType dtype, Device device) : options_(o) {
@@ -32,6 +34,13 @@ Variable Conv2d::base_forward(const Variable& x) const {
 Variable Conv2d::base_forward_without_bias(const Variable& x) const {
   check_input(x);
   return conv2d(x, weight_, Variable(), params());
+}
+
+Variable Conv2d::forward_after_group_norm_silu(const GroupNorm& norm, const Variable& x, const Variable& shift) const {
+  if (GradMode::is_enabled() || (extension_ && !extension_->is_base_forward())) return Variable();
+  check_input(x);
+  return conv2d_after_group_norm_silu(x, norm.groups(), norm.weight(), norm.bias(), norm.eps(), shift, weight_,
+                                      Variable(), params());
 }
 
 Variable Conv2d::forward(const Variable& x) const {

@@ -19,6 +19,7 @@
 namespace loom::nn {
 
 class Conv2d;
+class GroupNorm;
 
 // A replacement for a Conv2d's forward (see LinearExtension): receives the base
 // layer and x [N, in, H, W], returns [N, out, oh, ow]; usually calls base.base_forward(x).
@@ -33,6 +34,9 @@ class Conv2dExtension {
     (void)base, (void)x;
     return Variable();
   }
+  // True while forward(base, x) is base.base_forward(x) (an adapter merged into W): the layer may
+  // then take its own fused paths (Conv2d::forward_after_group_norm_silu).
+  virtual bool is_base_forward() const { return false; }
 };
 
 struct Conv2dOptions {
@@ -59,6 +63,10 @@ class Conv2d : public UnaryModule {
   // or the extension's forward_without_bias; undefined when the extension has none.
   Variable forward_without_bias(const Variable& x) const;
   Variable base_forward_without_bias(const Variable& x) const;  // conv2d(x, W), ignoring any extension
+  // forward_without_bias(silu(norm(x + shift))) (shift [N, C] or undefined) with the norm applied
+  // inside the convolution (conv2d_after_group_norm_silu) where no gradient is recorded and the
+  // forward is the base's; undefined otherwise (the caller then runs the norm and the conv).
+  Variable forward_after_group_norm_silu(const GroupNorm& norm, const Variable& x, const Variable& shift) const;
 
   void set_extension(std::shared_ptr<const Conv2dExtension> extension) { extension_ = std::move(extension); }
   const std::shared_ptr<const Conv2dExtension>& extension() const { return extension_; }

@@ -26,6 +26,7 @@ enum class OpKind {
   Conv2d,                                                       // direct convolution (tensor/conv.h)
   Conv2dLibrary,                                                // the device's convolution library (CUDA: cuDNN)
   GemmBias,                                                     // gemm with GemmBatch::bias (in its epilogue)
+  Im2colNormed,                                                 // im2col of group-normed (+ SiLU) values
 };
 const char* op_kind_name(OpKind k);
 
@@ -100,6 +101,19 @@ struct Im2ColArgs {
   int64_t pad_h = 0, pad_w = 0;
   int64_t dilation_h = 1, dilation_w = 1;
   int64_t out_h = 0, out_w = 0;
+};
+// A group norm (+ SiLU) applied to the image as im2col reads it (Backend::im2col_normed), the
+// values of ops::group_norm(image, groups, weight, bias, eps, silu, shift) with the statistics
+// given: u = image[n, c, ·] (+ shift[n, c]), g = c / (C / groups),
+//   v = (u − mean[n, g])·(rstd[n, g]·weight[c]) + bias[c],  silu(v) with `silu`,
+// in f32 (f64 for f64), rounded once to the image's dtype; positions outside the image stay 0
+// (the convolution pads the normed tensor). mean, rstd [N, groups] in the statistics dtype
+// (ops::group_norm's); weight, bias [C] (or undefined: 1, 0) and shift [N, C] (or undefined) in the
+// image's dtype; all contiguous.
+struct Im2ColNorm {
+  Tensor mean, rstd, weight, bias, shift;
+  int64_t groups = 1;
+  bool silu = false;
 };
 // Direct 2-D convolution (a device's own kernel, e.g. CUDA's implicit GEMM), groups = 1,
 // dilation = 1 (geo.dilation_* must be 1):
@@ -192,6 +206,13 @@ class Backend {
   // im2col fills cols; col2im is its adjoint: image = Σ of cols scattered back (overwrites image).
   virtual void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) = 0;
   virtual void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) = 0;
+  // im2col of the normed image (Im2ColNorm), where supports(OpKind::Im2colNormed, dtype): one pass
+  // instead of a norm pass writing the normed image and im2col reading it (tensor/conv.h,
+  // conv2d_normed). CUDA: cuda/cuda_conv.cu.
+  virtual void im2col_normed(const Tensor& cols, const Tensor& image, const Im2ColArgs& args, const Im2ColNorm& norm) {
+    (void)cols, (void)image, (void)args, (void)norm;
+    missing_fused_kernel("im2col_normed", name());
+  }
   // ---- fused ops: direct convolution (contracts: Conv2dArgs, Conv2dInputGradArgs above) ----
   // Where supports(OpKind::Conv2d, dtype) holds, tensor/conv.cpp calls these instead of
   // im2col + GEMM (+ bias add) and GEMM + col2im (CUDA bf16/f16: cuda/cuda_conv_igemm.cu).

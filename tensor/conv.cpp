@@ -7,6 +7,7 @@
 
 #include "tensor/constants.h"
 #include "tensor/ops.h"
+#include "tensor/ops_fused.h"
 
 namespace loom::ops {
 
@@ -172,6 +173,29 @@ int64_t column_chunk(const Im2ColArgs& g, DType dtype) {
   if (per_sample <= 0 || per_sample * g.batch <= budget) return std::max<int64_t>(g.batch, 1);
   return std::max<int64_t>(1, budget / per_sample);
 }
+
+// y [N, O, oh, ow] = W·columns(x) (+ bias): columns(s0, part) gives the [part.batch, C·kk, L]
+// columns of samples s0 … s0 + part.batch − 1, asked for a column_chunk of samples at a time,
+// each product written into its slice of y.
+template <typename Columns>
+Tensor im2col_gemm(const Tensor& x, const Tensor& w, const Tensor& bias, const Im2ColArgs& g, Columns&& columns) {
+  const int64_t O = w.size(0);
+  const Tensor w2 = w.reshape({O, -1});
+  const int64_t chunk = column_chunk(g, x.dtype());
+  Tensor y;
+  if (chunk >= g.batch) {
+    y = matmul(w2, columns(0, g));  // [O, C·kk] x [N, C·kk, L] -> [N, O, L]
+  } else {
+    y = Tensor::empty({g.batch, O, g.out_h * g.out_w}, x.dtype(), x.device());
+    for (int64_t s0 = 0; s0 < g.batch; s0 += chunk) {
+      Im2ColArgs part = g;
+      part.batch = std::min(chunk, g.batch - s0);
+      y.narrow(0, s0, part.batch).copy_(matmul(w2, columns(s0, part)));
+    }
+  }
+  if (bias.defined()) y = add(y, bias.reshape({O, 1}));
+  return y.reshape({g.batch, O, g.out_h, g.out_w});
+}
 }  // namespace
 
 // w [O, C, kh, kw] -> [C, O, kh, kw] with w'[c, o, i, j] = w[o, c, kh − 1 − i, kw − 1 − j].
@@ -198,21 +222,44 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2d
       backend_for("conv2d", OpKind::Conv2d, x.device(), x.dtype()).conv2d(a);
     return a.y;
   }
-  const Tensor w2 = w.reshape({O, -1});
-  const int64_t chunk = column_chunk(g, x.dtype());
-  Tensor y;
-  if (chunk >= g.batch) {
-    y = matmul(w2, im2col(x, g));  // [O, C·kk] x [N, C·kk, L] -> [N, O, L]
-  } else {  // the columns of `chunk` samples at a time, each product into its slice of y
-    y = Tensor::empty({g.batch, O, g.out_h * g.out_w}, x.dtype(), x.device());
-    for (int64_t s0 = 0; s0 < g.batch; s0 += chunk) {
-      Im2ColArgs part = g;
-      part.batch = std::min(chunk, g.batch - s0);
-      y.narrow(0, s0, part.batch).copy_(matmul(w2, im2col(x.narrow(0, s0, part.batch), part)));
-    }
-  }
-  if (bias.defined()) y = add(y, bias.reshape({O, 1}));
-  return y.reshape({g.batch, O, g.out_h, g.out_w});
+  return im2col_gemm(x, w, bias, g, [&](int64_t s0, const Im2ColArgs& part) {
+    return im2col(part.batch == g.batch ? x : x.narrow(0, s0, part.batch), part);
+  });
+}
+
+namespace {
+bool normed_columns_fit(const Tensor& x, const Im2ColArgs& g) {
+  const char* env = std::getenv("LOOM_CONV_NORMED");
+  const std::string choice = env ? env : "";
+  LOOM_CHECK(choice.empty() || choice == "0" || choice == "1", "LOOM_CONV_NORMED='", choice, "' is not 0 or 1");
+  return choice != "0" && !pointwise(g) && conv_path(x, g, ConvPass::Forward) == ConvPath::Im2col &&
+         backend_for(x.device()).supports(OpKind::Im2colNormed, x.dtype());
+}
+}  // namespace
+
+Tensor conv2d_normed(const Tensor& x, const GroupNormBeforeConv& norm, const Tensor& w, const Tensor& bias,
+                     const Conv2dParams& p) {
+  check_conv(x, w, bias);
+  const Im2ColArgs g = conv2d_geometry(x.shape(), w.size(2), w.size(3), p);
+  if (!normed_columns_fit(x, g))
+    return conv2d(group_norm(x, norm.groups, norm.weight, norm.bias, norm.eps, norm.silu, norm.shift).y, w, bias, p);
+  const NormForward stats = group_norm_statistics(x, norm.groups, norm.eps, norm.shift);
+  Im2ColNorm n;
+  n.mean = stats.mean, n.rstd = stats.rstd, n.groups = norm.groups, n.silu = norm.silu;
+  if (norm.weight.defined()) n.weight = norm.weight.contiguous();
+  if (norm.bias.defined()) n.bias = norm.bias.contiguous();
+  if (norm.shift.defined()) n.shift = norm.shift.contiguous();
+  const Tensor src = x.contiguous();
+  Backend& be = backend_for("conv2d_normed", OpKind::Im2colNormed, x.device(), x.dtype());
+  return im2col_gemm(x, w, bias, g, [&](int64_t s0, const Im2ColArgs& part) {
+    Im2ColNorm slice = n;  // the samples s0 … s0 + part.batch − 1
+    slice.mean = n.mean.narrow(0, s0, part.batch), slice.rstd = n.rstd.narrow(0, s0, part.batch);
+    if (n.shift.defined()) slice.shift = n.shift.narrow(0, s0, part.batch);
+    Tensor cols = Tensor::empty({part.batch, g.channels * g.kernel_h * g.kernel_w, g.out_h * g.out_w}, x.dtype(),
+                                x.device());
+    if (cols.numel()) be.im2col_normed(cols, src.narrow(0, s0, part.batch), part, slice);
+    return cols;
+  });
 }
 
 Tensor conv2d_input_grad(const Tensor& g, const Tensor& w, const Shape& x_shape, const Conv2dParams& p) {

@@ -32,6 +32,23 @@ Tensor im2col(const Tensor& x, const Im2ColArgs& g);
 Tensor col2im(const Tensor& cols, const Im2ColArgs& g);
 
 Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const Conv2dParams& p);
+
+// The group norm (+ SiLU) in front of a convolution: conv2d(group_norm(x, groups, weight, bias,
+// eps, silu, shift).y, w, conv_bias, p) (tensor/ops_fused.h), not differentiable. Where the
+// convolution runs as im2col + GEMM on a device with Backend::im2col_normed (CUDA), the columns
+// are built from x and the norm's statistics directly (no normed copy of x is written: one pass
+// over the activation fewer); elsewhere, or with LOOM_CONV_NORMED=0 (read at every call), it is
+// that composition. Either way the values are the composition's: the norm rounded to x's dtype
+// once, then the convolution.
+struct GroupNormBeforeConv {
+  int64_t groups = 1;
+  Tensor weight, bias;  // [C] or undefined
+  Tensor shift;         // [N, C] or undefined: the norm of x + shift[n, c]
+  double eps = 1e-5;
+  bool silu = false;
+};
+Tensor conv2d_normed(const Tensor& x, const GroupNormBeforeConv& norm, const Tensor& w, const Tensor& bias,
+                     const Conv2dParams& p);
 // w [O, C, kh, kw] -> [C, O, kh, kw] flipped in space: w'[c, o, i, j] = w[o, c, kh − 1 − i, kw − 1 − j]
 // (the weight of the input gradient as a convolution).
 Tensor flipped_transposed(const Tensor& w);

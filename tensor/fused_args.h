@@ -50,7 +50,7 @@ struct LayerNormGradArgs {
 // added inside norm2's pass; inference only: no backward takes a shift).
 struct GroupNormArgs {
   Tensor x, weight, bias, shift;
-  Tensor y, mean, rstd;  // outputs
+  Tensor y, mean, rstd;  // outputs; y undefined: the statistics only
   int64_t batch = 0, channels = 0, spatial = 0, groups = 1;
   double eps = 1e-5;
   bool silu = false;  // y = silu(x̂·w + b), one rounding (inference only: no backward takes this y)

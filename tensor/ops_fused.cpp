@@ -122,8 +122,9 @@ NormGrads layer_norm_backward(const Tensor& dy, const Tensor& x, int64_t n, cons
 
 // ---- group norm ------------------------------------------------------------------------
 
-NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight, const Tensor& bias, double eps,
-                       bool silu, const Tensor& shift) {
+namespace {
+NormForward group_norm_impl(const Tensor& x_in, int64_t groups, const Tensor& weight, const Tensor& bias, double eps,
+                            bool silu, const Tensor& shift, bool statistics_only) {
   check_input("group_norm", x_in);
   const GroupShape s = group_shape("group_norm", x_in, groups);
   LOOM_CHECK(eps >= 0, "group_norm: eps must be >= 0, got ", eps);
@@ -138,11 +139,21 @@ NormForward group_norm(const Tensor& x_in, int64_t groups, const Tensor& weight,
   a.batch = s.batch, a.channels = s.channels, a.spatial = s.spatial, a.groups = groups;
   a.eps = eps;
   a.silu = silu;
-  a.y = Tensor::empty(x_in.shape(), x_in.dtype(), x_in.device());
+  if (!statistics_only) a.y = Tensor::empty(x_in.shape(), x_in.dtype(), x_in.device());
   a.mean = Tensor::empty({s.batch, groups}, stat_dtype(x_in.dtype()), x_in.device());
   a.rstd = Tensor::empty({s.batch, groups}, stat_dtype(x_in.dtype()), x_in.device());
   if (s.batch > 0) be.group_norm(a);
   return {a.y, a.mean, a.rstd, Tensor()};
+}
+}  // namespace
+
+NormForward group_norm(const Tensor& x, int64_t groups, const Tensor& weight, const Tensor& bias, double eps,
+                       bool silu, const Tensor& shift) {
+  return group_norm_impl(x, groups, weight, bias, eps, silu, shift, false);
+}
+
+NormForward group_norm_statistics(const Tensor& x, int64_t groups, double eps, const Tensor& shift) {
+  return group_norm_impl(x, groups, Tensor(), Tensor(), eps, false, shift, true);
 }
 
 NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups, const Tensor& weight,

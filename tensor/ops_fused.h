@@ -45,6 +45,8 @@ NormForward group_norm(const Tensor& x, int64_t groups, const Tensor& weight, co
                        bool silu = false, const Tensor& shift = Tensor());
 NormGrads group_norm_backward(const Tensor& dy, const Tensor& x, int64_t groups, const Tensor& weight,
                               const Tensor& mean, const Tensor& rstd, NormNeeds needs = {});
+// group_norm's mean and rstd alone (y undefined): the statistics that Backend::im2col_normed reads.
+NormForward group_norm_statistics(const Tensor& x, int64_t groups, double eps, const Tensor& shift = Tensor());
 
 // GEGLU: x [..., 2h] -> [..., h] = x[..., :h]·gelu(x[..., h:]); backward gives dx [..., 2h].
 Tensor geglu(const Tensor& x, bool approximate = false);

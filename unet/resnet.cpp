@@ -28,6 +28,19 @@ ConvWithoutBias conv_without_bias(const nn::Conv2d& conv, const Variable& x) {
   return {conv.forward(x), Variable()};
 }
 
+// conv(activation(norm(x + shift))) without conv's bias (as conv_without_bias): a GroupNorm + SiLU
+// is applied inside the convolution where the layer can (Conv2d::forward_after_group_norm_silu),
+// with no normed copy of x written.
+ConvWithoutBias conv_after_norm(const nn::UnaryModule& norm, const std::string& act, const nn::Conv2d& conv,
+                                const Variable& x, const Variable& shift = Variable()) {
+  const auto* gn = dynamic_cast<const nn::GroupNorm*>(&norm);
+  if (gn && (act == "silu" || act == "swish")) {
+    Variable y = conv.forward_after_group_norm_silu(*gn, x, shift);
+    if (y.defined()) return {std::move(y), conv.bias()};
+  }
+  return conv_without_bias(conv, norm_then_activation(norm, act, x, shift));
+}
+
 // a + b where either may be undefined (undefined when both are).
 Variable add_defined(const Variable& a, const Variable& b) {
   if (!a.defined()) return b;
@@ -68,13 +81,12 @@ Variable ResnetBlock2D::forward(const Variable& x, const Variable& temb) const {
   // The convolutions' biases ride in later passes: conv1's (with the time embedding) in norm2's
   // shift, conv2's and conv_shortcut's in the exit's bias_residual: 3 passes over the activation
   // fewer than conv, bias add, embedding add, conv, bias add, shortcut add.
-  const Variable h = norm_then_activation(*child_as<nn::UnaryModule>("norm1"), o.non_linearity, x);
-  const ConvWithoutBias c1 = conv_without_bias(*child_as<nn::Conv2d>("conv1"), h);
+  const ConvWithoutBias c1 =
+      conv_after_norm(*child_as<nn::UnaryModule>("norm1"), o.non_linearity, *child_as<nn::Conv2d>("conv1"), x);
   Variable t;  // [N, C] (scale_shift: [N, 2C])
   if (temb.defined() && find_module("time_emb_proj"))
     t = child_as<nn::Linear>("time_emb_proj")->forward(activation(o.non_linearity, temb));
-  const Variable h2 = child_as<nn::UnaryModule>("dropout")->forward(norm2_with_time(c1.y, c1.bias, t));
-  Variable out = exit(h2, x);
+  Variable out = exit(conv2_after_norm2(c1.y, c1.bias, t), x);
   if (o.output_scale_factor != 1.0) out = mul_scalar(out, 1.0 / o.output_scale_factor);
   return out;
 }
@@ -95,8 +107,22 @@ Variable ResnetBlock2D::norm2_with_time(const Variable& conv1_y, const Variable&
   return activation(o.non_linearity, y);
 }
 
-Variable ResnetBlock2D::exit(const Variable& h, const Variable& x) const {
-  const ConvWithoutBias c2 = conv_without_bias(*child_as<nn::Conv2d>("conv2"), h);
+std::pair<Variable, Variable> ResnetBlock2D::conv2_after_norm2(const Variable& conv1_y, const Variable& conv1_bias,
+                                                                const Variable& t) const {
+  const auto& o = options_;
+  const auto& conv2 = *child_as<nn::Conv2d>("conv2");
+  const auto& dropout = *child_as<nn::Dropout>("dropout");
+  ConvWithoutBias c2;
+  if (o.time_embedding_norm == "default" && t.defined() && (!dropout.is_training() || dropout.p() == 0.0))
+    c2 = conv_after_norm(*child_as<nn::UnaryModule>("norm2"), o.non_linearity, conv2, conv1_y,
+                         add_defined(t, conv1_bias));  // bias + t as norm2's shift [N, C]
+  else
+    c2 = conv_without_bias(conv2, dropout.forward(norm2_with_time(conv1_y, conv1_bias, t)));
+  return {c2.y, c2.bias};
+}
+
+Variable ResnetBlock2D::exit(const std::pair<Variable, Variable>& conv2_out, const Variable& x) const {
+  const ConvWithoutBias c2{conv2_out.first, conv2_out.second};
   Variable shortcut = x, bias = c2.bias;
   if (find_module("conv_shortcut")) {
     const ConvWithoutBias cs = conv_without_bias(*child_as<nn::Conv2d>("conv_shortcut"), x);

@@ -48,8 +48,13 @@ class ResnetBlock2D : public nn::Module {
  private:
   // activation(norm2(conv1 output + conv1's bias, with the time embedding t [N, C] / [N, 2C])).
   Variable norm2_with_time(const Variable& conv1_y, const Variable& conv1_bias, const Variable& t) const;
-  // conv2(h) + conv2's bias + shortcut(x), the shortcut's bias included, as one pass.
-  Variable exit(const Variable& h, const Variable& x) const;
+  // {conv2(dropout(norm2_with_time(...))) without conv2's bias, that bias (or undefined when the
+  // conv added it)}: norm2 + SiLU inside conv2 where the layers allow (no dropout, "default" time
+  // embedding; conv2d_after_group_norm_silu).
+  std::pair<Variable, Variable> conv2_after_norm2(const Variable& conv1_y, const Variable& conv1_bias,
+                                                  const Variable& t) const;
+  // conv2's output {y, bias} + shortcut(x), the shortcut's bias included, as one pass.
+  Variable exit(const std::pair<Variable, Variable>& conv2_out, const Variable& x) const;
 
   ResnetBlock2DOptions options_;
 };

@@ -4,7 +4,7 @@
 #   OLD=.gl/old.tar ROUNDS=2 CONFIG=sdxl BATCH=4 REPS=10 CTEST_R=regex PEER=1 VARIANTS="A=1;B=2 C=3" PROFILE=1 \
 #     bash bench/gpu/run_ab.sh [out]
 # OLD is a `git archive` tarball of the older tree (ignored paths travel with `carry`; give it this
-# tree's bench/gpu/bench_unet.cpp for --sampling-only). Both trees are built side by side
+# tree's bench/gpu/bench_unet.cpp for --sampling-only); OLD=none runs this tree alone. Both trees are built side by side
 # (loom_bench_unet; this tree also TARGETS), then the GPU tests matching CTEST_R run, then
 # --sampling-only runs alternate old / new ROUNDS times, then diffusers + PEFT's forward at the same
 # config and batch (PEER=1), then this tree once per VARIANTS setting (';' between settings, each a
@@ -17,14 +17,16 @@ mkdir -p "$out"
 cfg=bench/gpu/configs/${CONFIG:-sdxl}_unet.json
 args=(--config "$cfg" --name "${CONFIG:-sdxl}" --batch "${BATCH:-4}" --reps "${REPS:-10}")
 old=/tmp/loom-old
-rm -rf "$old" && mkdir -p "$old" && tar -xf "${OLD:-.gl/old.tar}" -C "$old"
+with_old=1
+[ "${OLD:-}" = none ] && with_old=0
+[ $with_old = 1 ] && rm -rf "$old" && mkdir -p "$old" && tar -xf "${OLD:-.gl/old.tar}" -C "$old"
 flags=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90)
 t0=$(date +%s)
-(cmake -S "$old" -B "$old/build" "${flags[@]}" >"$out/configure-old.log" 2>&1 &&
+[ $with_old = 1 ] && (cmake -S "$old" -B "$old/build" "${flags[@]}" >"$out/configure-old.log" 2>&1 &&
   cmake --build "$old/build" -j8 --target loom_bench_unet >"$out/build-old.log" 2>&1
   echo "old build rc=$?") &
 cmake -S . -B build-gpu "${flags[@]}" >"$out/configure.log" 2>&1 &&
-  cmake --build build-gpu -j8 --target loom_bench_unet ${TARGETS:-} -- -k 0 >"$out/build.log" 2>&1
+  cmake --build build-gpu -j$((16 / (1 + with_old))) --target loom_bench_unet ${TARGETS:-} -- -k 0 >"$out/build.log" 2>&1
 echo "new build rc=$?"
 wait
 grep -E "error|FAILED" -A3 "$out/build.log" | head -30
@@ -36,9 +38,9 @@ fi
 # The old tree's bench may predate --sampling-only: it then runs every phase (its JSON has the same
 # sample_loop_fused_step_ms field).
 old_args=("${args[@]}")
-grep -q -- "--sampling-only" "$old/bench/gpu/bench_unet.cpp" && old_args+=(--sampling-only)
+[ $with_old = 1 ] && grep -q -- "--sampling-only" "$old/bench/gpu/bench_unet.cpp" && old_args+=(--sampling-only)
 for r in $(seq "${ROUNDS:-2}"); do
-  echo "== round $r old"; "$old/build/bench/loom_bench_unet" "${old_args[@]}"
+  [ $with_old = 1 ] && { echo "== round $r old"; "$old/build/bench/loom_bench_unet" "${old_args[@]}"; }
   echo "== round $r new"; ./build-gpu/bench/loom_bench_unet "${args[@]}" --sampling-only
 done 2>&1 | tee "$out/ab.jsonl"
 if [ "${PEER:-0}" = 1 ]; then

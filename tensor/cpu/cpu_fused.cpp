@@ -188,6 +188,7 @@ void group_norm_typed(const GroupNormArgs& a) {
     }
     mean[item] = mc;
     rstd[item] = rc;
+    if (!y) continue;  // the statistics only
     auto u = [&](int64_t c, int64_t s) { return shift ? shifted[size_t(c * S + s)] : ld(x[base + c * S + s]); };
     for (int64_t c = 0; c < cg; ++c) {
       const C wc = w ? ld(w[c0 + c]) : C(1), bc = b ? ld(b[c0 + c]) : C(0);

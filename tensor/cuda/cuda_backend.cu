@@ -124,6 +124,8 @@ class CudaBackend final : public Backend {
         return (dtype == DType::BF16 || dtype == DType::F16) && cuda::cudnn_conv_available();
       case OpKind::GemmBias:  // cuBLASLt's bias epilogue (cuda_gemm_lt.cu); f32 / f64 keep GEMM + add
         return dtype == DType::BF16 || dtype == DType::F16;
+      case OpKind::Im2colNormed:  // cuda_conv.cu
+        return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
     }
     return false;
   }
@@ -304,6 +306,9 @@ class CudaBackend final : public Backend {
   void im2col(const Tensor& cols, const Tensor& image, const Im2ColArgs& args) override {
     launch_conv_copy("cuda im2col", cols, image, args, true);
   }
+  void im2col_normed(const Tensor& cols, const Tensor& image, const Im2ColArgs& args, const Im2ColNorm& norm) override {
+    launch_conv_copy("cuda im2col_normed", cols, image, args, true, &norm);
+  }
   void col2im(const Tensor& image, const Tensor& cols, const Im2ColArgs& args) override {
     launch_conv_copy("cuda col2im", cols, image, args, false);
   }
@@ -327,8 +332,32 @@ class CudaBackend final : public Backend {
   void unscale_check_finite(const UnscaleArgs& a) override { cuda::fused_unscale_check_finite(a); }
 
  private:
+  // The group norm of im2col_normed into p, its operands checked against the image.
+  static void set_norm(const char* op, cuda::Im2ColParams& p, const Im2ColNorm& n, const Tensor& image,
+                       const Im2ColArgs& args) {
+    const DType stats = image.dtype() == DType::F64 ? DType::F64 : DType::F32;
+    LOOM_CHECK(n.groups >= 1 && args.channels % n.groups == 0, op, ": ", args.channels,
+               " channels do not split into ", n.groups, " groups");
+    auto check = [&](const Tensor& t, const char* what, int64_t numel, DType dtype, bool required) -> const void* {
+      LOOM_CHECK(t.defined() || !required, op, ": ", what, " is required");
+      if (!t.defined()) return nullptr;
+      LOOM_CHECK(t.device() == image.device() && t.dtype() == dtype && t.is_contiguous() && t.numel() == numel, op,
+                 ": ", what, " ", t.str(), " must be ", numel, " contiguous ", dtype_name(dtype), " values on ",
+                 image.device());
+      return t.raw_data();
+    };
+    p.norm_mean = check(n.mean, "mean", args.batch * n.groups, stats, true);
+    p.norm_rstd = check(n.rstd, "rstd", args.batch * n.groups, stats, true);
+    p.norm_weight = check(n.weight, "weight", args.channels, image.dtype(), false);
+    p.norm_bias = check(n.bias, "bias", args.channels, image.dtype(), false);
+    p.norm_shift = check(n.shift, "shift", args.batch * args.channels, image.dtype(), false);
+    p.norm_groups = n.groups;
+    p.norm_silu = n.silu;
+    p.normed = true;
+  }
+
   static void launch_conv_copy(const char* op, const Tensor& cols, const Tensor& image, const Im2ColArgs& args,
-                               bool to_cols) {
+                               bool to_cols, const Im2ColNorm* norm = nullptr) {
     const int device = common_device(op, {&cols, &image});
     check_floating(op, image.dtype());
     LOOM_CHECK(cols.dtype() == image.dtype(), op, ": dtypes differ (cols ", cols.dtype(), ", image ",
@@ -344,6 +373,7 @@ class CudaBackend final : public Backend {
     p.image = image.raw_data();
     p.cols = cols.raw_data();
     p.geo = args;
+    if (norm) set_norm(op, p, *norm, image, args);
     DeviceGuard guard(device);
     if (to_cols) cuda::launch_im2col(p);
     else cuda::launch_col2im(p);

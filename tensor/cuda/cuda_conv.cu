@@ -31,13 +31,60 @@ __device__ __forceinline__ void store(T* p, A v) {
   else *p = T(v);
 }
 
+// The group norm (+ SiLU) that im2col_normed applies to the image as it is read (Im2ColNorm in
+// tensor/backend.h), with the formula of group_norm_apply_kernel (cuda_group_norm.cu):
+// v = (u − mean)·(rstd·w) + b, u = x (+ shift), silu(v) = v / (1 + e^−v). Each image value is
+// normed by the ~3.75 threads whose windows hold it (3×3 kernel), so for bf16 / f16 the SiLU
+// takes the fast exp and division (relative error ~1e-7, against the output's rounding of ~4e-3);
+// f32 / f64 keep the apply kernel's.
+struct NormRead {
+  const void *mean = nullptr, *rstd = nullptr, *weight = nullptr, *bias = nullptr, *shift = nullptr;
+  int channels = 1, per_group = 1;  // channels per group
+  bool silu = false;
+};
+
+// One plane's (n, c) constants of the norm; apply() maps an image value to its normed value.
+template <typename T>
+struct PlaneNorm {
+  using A = typename Acc<T>::type;
+  A mean = A(0), wc = A(1), bc = A(0), sh = A(0);
+  bool has_shift = false, silu = false;
+  PlaneNorm() = default;
+  __device__ __forceinline__ PlaneNorm(const NormRead& r, int64_t plane) {
+    const int64_t n = plane / r.channels;
+    const int c = int(plane - n * r.channels);
+    const int64_t item = n * (r.channels / r.per_group) + c / r.per_group;
+    mean = static_cast<const A*>(r.mean)[item];
+    const A rstd = static_cast<const A*>(r.rstd)[item];
+    wc = rstd * (r.weight ? load(static_cast<const T*>(r.weight) + c) : A(1));
+    bc = r.bias ? load(static_cast<const T*>(r.bias) + c) : A(0);
+    has_shift = r.shift != nullptr;
+    sh = has_shift ? load(static_cast<const T*>(r.shift) + plane) : A(0);
+    silu = r.silu;
+  }
+  __device__ __forceinline__ T apply(T x) const {
+    const A u = has_shift ? load(&x) + sh : load(&x);  // x + 0 is not x for x = −0
+    A v = (u - mean) * wc + bc;
+    if (silu) {
+      if constexpr (sizeof(T) == 2)  // bf16 / f16: the fast exp and division, far inside the rounding
+        v = __fdividef(v, 1.f + __expf(-v));
+      else
+        v = v / (A(1) + m_exp(-v));
+    }
+    T out;
+    store(&out, v);
+    return out;
+  }
+};
+
 // cols index (((n·C + c)·kh + i)·kw + j)·L + oy·ow + ox, L = oh·ow.
 // Grid: x = one row of cols (plane n·C + c, tap i, j) per block row, y·blockDim = positions l of
 // that row. The row's constants are computed once per thread; the per-element index math is
 // 32-bit (an image plane and a cols row are < 2^31 elements, checked by the launcher), and the
 // writes of a warp are consecutive.
-template <typename T>
-__global__ void im2col_kernel(T* __restrict__ cols, const T* __restrict__ image, Im2ColArgs a, int64_t rows) {
+template <typename T, bool kNorm = false>
+__global__ void im2col_kernel(T* __restrict__ cols, const T* __restrict__ image, Im2ColArgs a, int64_t rows,
+                              NormRead norm = {}) {
   const int L = int(a.out_h * a.out_w), kw = int(a.kernel_w), kk = int(a.kernel_h * a.kernel_w);
   const int W = int(a.width), H = int(a.height), ow = int(a.out_w);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -47,11 +94,15 @@ __global__ void im2col_kernel(T* __restrict__ cols, const T* __restrict__ image,
     const int y0 = i * int(a.dilation_h) - int(a.pad_h), x0 = j * int(a.dilation_w) - int(a.pad_w);
     const T* src = image + plane * int64_t(H) * W;
     T* dst = cols + row * int64_t(L);
+    PlaneNorm<T> pn;
+    if constexpr (kNorm) pn = PlaneNorm<T>(norm, plane);
     for (int l = blockIdx.y * blockDim.x + threadIdx.x; l < L; l += gridDim.y * blockDim.x) {
       const int oy = l / ow, ox = l - oy * ow;
       const int y = oy * int(a.stride_h) + y0, x = ox * int(a.stride_w) + x0;
       const bool inside = unsigned(y) < unsigned(H) && unsigned(x) < unsigned(W);
-      dst[l] = inside ? src[y * W + x] : T(0.0f);
+      T v = inside ? src[y * W + x] : T(0.0f);
+      if constexpr (kNorm) v = inside ? pn.apply(v) : v;
+      dst[l] = v;
     }
   }
 }
@@ -105,9 +156,10 @@ __global__ void im2col_pack_kernel(T* __restrict__ cols, const T* __restrict__ i
 // and stores the three shifted windows (taps j = 0, 1, 2) — 9 aligned stores from 3 pack loads,
 // where im2col_pack_kernel spends V scalar loads and 64-bit index math on every store.
 // Threads are numbered (plane, oy, pack) with 32-bit math (the launcher checks the count).
-template <typename T>
+// kNorm: each image value read is group-normed first (PlaneNorm), the zeros outside are not.
+template <typename T, bool kNorm = false>
 __global__ void im2col_3x3_kernel(T* __restrict__ cols, const T* __restrict__ image, int H, int W,
-                                  uint32_t total) {
+                                  uint32_t total, NormRead norm = {}) {
   using P = Pack16<T>;
   constexpr int V = P::kSize;
   const uint32_t packs = uint32_t(W / V), per_plane = uint32_t(H) * packs;
@@ -117,6 +169,12 @@ __global__ void im2col_3x3_kernel(T* __restrict__ cols, const T* __restrict__ im
     const int oy = int(rem / packs), x0 = int(rem - uint32_t(oy) * packs) * V;
     const T* src = image + int64_t(plane) * L;
     T* dst = cols + int64_t(plane) * 9 * L + int64_t(oy) * W + x0;
+    PlaneNorm<T> pn;
+    if constexpr (kNorm) pn = PlaneNorm<T>(norm, plane);
+    auto normed = [&](T v) {
+      if constexpr (kNorm) return pn.apply(v);
+      else return v;
+    };
 #pragma unroll
     for (int i = 0; i < 3; ++i) {
       const int y = oy + i - 1;
@@ -125,9 +183,9 @@ __global__ void im2col_3x3_kernel(T* __restrict__ cols, const T* __restrict__ im
         const T* line = src + int64_t(y) * W;
         const P mid = *reinterpret_cast<const P*>(line + x0);
 #pragma unroll
-        for (int e = 0; e < V; ++e) win[e + 1] = mid.v[e];
-        win[0] = x0 > 0 ? line[x0 - 1] : T(0.0f);
-        win[V + 1] = x0 + V < W ? line[x0 + V] : T(0.0f);
+        for (int e = 0; e < V; ++e) win[e + 1] = normed(mid.v[e]);
+        win[0] = x0 > 0 ? normed(line[x0 - 1]) : T(0.0f);
+        win[V + 1] = x0 + V < W ? normed(line[x0 + V]) : T(0.0f);
       } else {
 #pragma unroll
         for (int e = 0; e < V + 2; ++e) win[e] = T(0.0f);
@@ -218,26 +276,43 @@ void launch_im2col(const Im2ColParams& p) {
   const int64_t rows = a.batch * a.channels * a.kernel_h * a.kernel_w, L = a.out_h * a.out_w;
   if (rows == 0 || L == 0) return;
   check_plane_sizes(a, "cuda im2col");
+  NormRead norm;
+  if (p.normed) {
+    LOOM_CHECK(a.channels < (int64_t(1) << 31) && p.norm_groups >= 1 && a.channels % p.norm_groups == 0,
+               "cuda im2col_normed: ", a.channels, " channels in ", p.norm_groups, " groups");
+    norm.mean = p.norm_mean, norm.rstd = p.norm_rstd, norm.weight = p.norm_weight, norm.bias = p.norm_bias;
+    norm.shift = p.norm_shift, norm.channels = int(a.channels), norm.per_group = int(a.channels / p.norm_groups);
+    norm.silu = p.norm_silu;
+  }
   dispatch_conv(p.dtype, "cuda im2col", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = Pack16<T>::kSize;
     const bool aligned = reinterpret_cast<uintptr_t>(p.cols) % 16 == 0 && reinterpret_cast<uintptr_t>(p.image) % 16 == 0;
     const int64_t threads_3x3 = a.batch * a.channels * a.height * (a.width / V);
     if (is_3x3_same(a) && a.width % V == 0 && aligned && threads_3x3 < (int64_t(1) << 31)) {
-      im2col_3x3_kernel<T><<<grid_for(threads_3x3), kThreads, 0, compute_stream()>>>(
-          static_cast<T*>(p.cols), static_cast<const T*>(p.image), int(a.height), int(a.width), uint32_t(threads_3x3));
-      check_last_launch("im2col_3x3_kernel");
+      auto launch = [&](auto kernel, const char* name) {
+        kernel<<<grid_for(threads_3x3), kThreads, 0, compute_stream()>>>(
+            static_cast<T*>(p.cols), static_cast<const T*>(p.image), int(a.height), int(a.width), uint32_t(threads_3x3),
+            norm);
+        check_last_launch(name);
+      };
+      if (p.normed) launch(im2col_3x3_kernel<T, true>, "im2col_3x3_kernel (group-normed)");
+      else launch(im2col_3x3_kernel<T, false>, "im2col_3x3_kernel");
       return;
     }
-    if (a.out_w % V == 0 && reinterpret_cast<uintptr_t>(p.cols) % 16 == 0) {  // one 16-byte store per thread
+    if (!p.normed && a.out_w % V == 0 && reinterpret_cast<uintptr_t>(p.cols) % 16 == 0) {  // one 16-byte store per thread
       im2col_pack_kernel<T><<<grid_for(rows * (L / V)), kThreads, 0, compute_stream()>>>(
           static_cast<T*>(p.cols), static_cast<const T*>(p.image), a, rows);
       check_last_launch("im2col_pack_kernel");
       return;
     }
-    im2col_kernel<T><<<rows_grid(rows, L), kThreads, 0, compute_stream()>>>(static_cast<T*>(p.cols), static_cast<const T*>(p.image), a,
-                                                       rows);
-    check_last_launch("im2col_kernel");
+    auto launch = [&](auto kernel, const char* name) {
+      kernel<<<rows_grid(rows, L), kThreads, 0, compute_stream()>>>(static_cast<T*>(p.cols),
+                                                                    static_cast<const T*>(p.image), a, rows, norm);
+      check_last_launch(name);
+    };
+    if (p.normed) launch(im2col_kernel<T, true>, "im2col_kernel (group-normed)");
+    else launch(im2col_kernel<T, false>, "im2col_kernel");
   });
 }
 

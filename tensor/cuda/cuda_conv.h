@@ -12,6 +12,15 @@ struct Im2ColParams {
   void* image = nullptr;  // read by im2col, written by col2im
   void* cols = nullptr;   // written by im2col, read by col2im
   Im2ColArgs geo;
+  // im2col only: the image's values group-normed as read (Backend::im2col_normed, Im2ColNorm).
+  bool normed = false;
+  const void* norm_mean = nullptr;    // [N, groups] f32 (f64 for f64)
+  const void* norm_rstd = nullptr;    // [N, groups]
+  const void* norm_weight = nullptr;  // [C] or null (1)
+  const void* norm_bias = nullptr;    // [C] or null (0)
+  const void* norm_shift = nullptr;   // [N, C] or null
+  int64_t norm_groups = 1;
+  bool norm_silu = false;
 };
 
 // Both run on the current device's compute stream and return without synchronizing.

@@ -67,7 +67,7 @@ struct GroupNormParams {
   const void* x = nullptr;
   const void* weight = nullptr;
   const void* bias = nullptr;
-  void* y = nullptr;
+  void* y = nullptr;  // null: the statistics only
   void* mean = nullptr;
   void* rstd = nullptr;
   int64_t batch = 0, channels = 0, spatial = 0, groups = 1;

@@ -7,14 +7,18 @@
 // Cᵀ (n×m) = op(B)ᵀ · op(A)ᵀ, so loom's per-column bias (length n) is a per-row bias of the
 // column-major D, which is what CUBLASLT_EPILOGUE_BIAS adds.
 //
-// A plan (descriptors and the heuristic's algorithm) is made once per shape, leading dims and
-// operand alignments and kept for the process, as cuBLAS keeps its handle (cuda_gemm.cu); the
-// bias pointer is set on the plan's descriptor at each call, under the device's mutex. Where
-// cuBLASLt offers no algorithm (or the problem is thin or unaligned), the plain GEMM runs
-// and a kernel adds the bias (add_row_bias_kernel): the same values, rounded twice.
+// A plan (descriptors and the algorithm) is made once per shape, leading dims, operand alignments
+// and kept for the process, as cuBLAS keeps its handle (cuda_gemm.cu); the bias
+// pointer is set on the plan's descriptor at each call, under the device's mutex. The algorithm is
+// the heuristic's first, or, with LOOM_GEMM_TUNE=K (K ≥ 2), the fastest of the heuristic's first K
+// timed on the call's own operands (C written, not read) when the plan is made outside a CUDA
+// graph capture. Where cuBLASLt offers no algorithm (or the problem is
+// thin or unaligned), the plain GEMM runs and, with a bias, a kernel adds it (add_row_bias_kernel):
+// the same values, rounded twice.
 #include <cublasLt.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -94,9 +98,62 @@ void set_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
       cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
 }
 
+// LOOM_GEMM_TUNE (read when a plan is made): how many of the heuristic's algorithms to time; 1
+// (the default) takes its first untimed.
+int tune_candidates() {
+  const char* env = std::getenv("LOOM_GEMM_TUNE");
+  if (!env || !*env) return 1;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  LOOM_CHECK(end && *end == '\0' && v >= 1 && v <= 32, "LOOM_GEMM_TUNE='", env, "' is not a count from 1 to 32");
+  return int(v);
+}
+
+bool stream_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  LOOM_CUDA_CHECK(cudaStreamIsCapturing(compute_stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// One call of `g` through plan p with algorithm `algo` (alpha 1, beta 0).
+cublasStatus_t run_plan(cublasLtHandle_t handle, void* workspace, const LtPlan& p, const cublasLtMatmulAlgo_t& algo,
+                        const GemmBatch& g) {
+  const float alpha = 1.f, beta = 0.f;
+  return cublasLtMatmul(handle, p.desc, &alpha, g.b, p.a, g.a, p.b, &beta, g.c, p.c, g.c, p.c, &algo, workspace,
+                        kGemmWorkspaceBytes, compute_stream());
+}
+
+// The fastest of `results` on g's own operands (C written): each timed twice after one
+// warm-up call, the better time counting. Candidates that do not run are passed over.
+int fastest_algorithm(cublasLtHandle_t handle, void* workspace, const LtPlan& p,
+                      const std::vector<cublasLtMatmulHeuristicResult_t>& results, const GemmBatch& g) {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  LOOM_CUDA_CHECK(cudaEventCreate(&start));
+  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
+  int best = 0;
+  float best_ms = -1.f;
+  for (size_t i = 0; i < results.size(); ++i) {
+    if (run_plan(handle, workspace, p, results[i].algo, g) != CUBLAS_STATUS_SUCCESS) continue;
+    float ms = -1.f;
+    for (int rep = 0; rep < 2; ++rep) {
+      LOOM_CUDA_CHECK(cudaEventRecord(start, compute_stream()));
+      LOOM_CUBLAS_CHECK(run_plan(handle, workspace, p, results[i].algo, g));
+      LOOM_CUDA_CHECK(cudaEventRecord(stop, compute_stream()));
+      LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
+      float t = 0.f;
+      LOOM_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+      if (ms < 0.f || t < ms) ms = t;
+    }
+    if (best_ms < 0.f || ms < best_ms) best = int(i), best_ms = ms;
+  }
+  LOOM_CUDA_CHECK(cudaEventDestroy(start));
+  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
+  return best;
+}
+
 // The plan of `g` (bias set): D'[i] (n × m, column-major) = op(B[i])ᵀ·op(A[i])ᵀ + bias, i < batch
 // (a strided batch; the bias shared: its batch stride 0).
-LtPlan make_plan(cublasLtHandle_t handle, const GemmBatch& g, cudaDataType_t t) {
+LtPlan make_plan(cublasLtHandle_t handle, void* workspace, const GemmBatch& g, cudaDataType_t t) {
   LtPlan p;
   const int64_t mp = g.n, np = g.m, k = g.k;  // column-major sizes
   const cublasOperation_t ta = op_of(g.trans_b), tb = op_of(g.trans_a);
@@ -120,13 +177,16 @@ LtPlan make_plan(cublasLtHandle_t handle, const GemmBatch& g, cudaDataType_t t) 
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, uint32_t(batch_alignment(g.a, g.batch, g.stride_a, g.dtype)));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, uint32_t(batch_alignment(g.c, g.batch, g.stride_c, g.dtype)));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, uint32_t(batch_alignment(g.c, g.batch, g.stride_c, g.dtype)));
-  cublasLtMatmulHeuristicResult_t result{};
+  const bool tune = !stream_capturing();
+  std::vector<cublasLtMatmulHeuristicResult_t> results(size_t(tune ? tune_candidates() : 1));
   int found = 0;
-  const cublasStatus_t st =
-      cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref,
+                                                           int(results.size()), results.data(), &found);
   LOOM_CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
   p.usable = st == CUBLAS_STATUS_SUCCESS && found > 0;
-  if (p.usable) p.algo = result.algo;
+  if (!p.usable) return p;
+  results.resize(size_t(found));
+  p.algo = results[size_t(results.size() > 1 ? fastest_algorithm(handle, workspace, p, results, g) : 0)].algo;
   return p;
 }
 
@@ -143,14 +203,11 @@ bool try_lt(const GemmBatch& g) {
                                     batch_alignment(g.b, g.batch, g.stride_b, g.dtype),
                                     batch_alignment(g.c, g.batch, g.stride_c, g.dtype)};
   auto it = slot.plans.find(key);
-  if (it == slot.plans.end()) it = slot.plans.emplace(key, make_plan(slot.handle, g, t)).first;
+  if (it == slot.plans.end()) it = slot.plans.emplace(key, make_plan(slot.handle, slot.workspace, g, t)).first;
   LtPlan& plan = it->second;
   if (!plan.usable) return false;
   set_desc(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
-  const float alpha = 1.f, beta = 0.f;
-  const cublasStatus_t st =
-      cublasLtMatmul(slot.handle, plan.desc, &alpha, g.b, plan.a, g.a, plan.b, &beta, g.c, plan.c, g.c, plan.c,
-                     &plan.algo, slot.workspace, kGemmWorkspaceBytes, compute_stream());
+  const cublasStatus_t st = run_plan(slot.handle, slot.workspace, plan, plan.algo, g);
   if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // not launched: this shape takes the fallback from now on
     plan.usable = false;
     return false;

@@ -107,6 +107,7 @@ __global__ void group_norm_apply_kernel(GroupNormParams p, int64_t chunks) {
     static_cast<Acc*>(p.mean)[item] = mean;
     static_cast<Acc*>(p.rstd)[item] = rstd;
   }
+  if (p.y == nullptr) return;  // the statistics only (one block per item)
   const T* w = static_cast<const T*>(p.weight);
   const T* b = static_cast<const T*>(p.bias);
   const P* x = reinterpret_cast<const P*>(static_cast<const T*>(p.x) + item * count);
@@ -218,7 +219,7 @@ void launch_group_norm_slice(const GroupNormParams& p, int64_t chunks) {
     const int64_t items = p.batch * p.groups;
     const int64_t count = p.channels / p.groups * p.spatial, packs = vec ? count / Pack16<T>::kSize : count;
     const dim3 stats_grid{unsigned(chunks), unsigned(items)};
-    const dim3 apply_grid{grid_for(packs, int64_t(kThreads) * 4), unsigned(items)};
+    const dim3 apply_grid{p.y ? grid_for(packs, int64_t(kThreads) * 4) : 1u, unsigned(items)};
     auto launch = [&](auto vec_tag, auto silu_tag, auto shift_tag) {
       constexpr bool kVec = decltype(vec_tag)::value, kShift = decltype(shift_tag)::value;
       group_norm_stats_kernel<T, kVec, kShift><<<stats_grid, kThreads, 0, compute_stream()>>>(p);
@@ -234,7 +235,7 @@ void launch_group_norm_slice(const GroupNormParams& p, int64_t chunks) {
     using No = std::false_type;
     if (vec) p.silu ? with_shift(Yes{}, Yes{}) : with_shift(Yes{}, No{});
     else p.silu ? with_shift(No{}, Yes{}) : with_shift(No{}, No{});
-    check_last_launch(p.silu ? "group_norm_kernel (+ silu)" : "group_norm_kernel");
+    check_last_launch(!p.y ? "group_norm_kernel (statistics)" : p.silu ? "group_norm_kernel (+ silu)" : "group_norm_kernel");
   });
 }
 }  // namespace
@@ -258,7 +259,7 @@ void launch_group_norm(const GroupNormParams& p) {
     q.batch = std::min(per_launch, p.batch - n0);
     const int64_t items0 = n0 * p.groups, values0 = n0 * p.channels * p.spatial;
     q.x = static_cast<const char*>(p.x) + values0 * elem;
-    q.y = static_cast<char*>(p.y) + values0 * elem;
+    if (p.y) q.y = static_cast<char*>(p.y) + values0 * elem;
     if (p.shift) q.shift = static_cast<const char*>(p.shift) + n0 * p.channels * elem;
     q.mean = static_cast<char*>(p.mean) + items0 * stat;
     q.rstd = static_cast<char*>(p.rstd) + items0 * stat;

@@ -7,6 +7,7 @@
 #include "tensor/constants.h"
 #include "tensor/conv.h"
 #include "tensor/ops.h"
+#include "tensor/ops_fused.h"
 #include "tensor/random.h"
 #include "tests/test_helpers.h"
 
@@ -180,6 +181,26 @@ TEST(CachedConstant, MadeOncePerKeyAndKept) {
   EXPECT_EQ(made, 2);
   EXPECT_EQ(c.shape(), (Shape{3, 2}));
   EXPECT_EQ(c.dtype(), DType::F32);
+}
+
+// conv2d_normed where the device has no im2col_normed (the CPU): the composition it stands for,
+// bit for bit; group_norm_statistics: group_norm's mean and rstd, no y.
+TEST(ConvNormed, IsTheNormThenTheConvolutionOnTheCpu) {
+  Generator gen(17);
+  const Tensor x = Tensor::randn({2, 6, 5, 7}, gen, DType::F64), w = Tensor::randn({4, 6, 3, 3}, gen, DType::F64);
+  const Tensor b = Tensor::randn({4}, gen, DType::F64), shift = Tensor::randn({2, 6}, gen, DType::F64);
+  const Tensor gamma = Tensor::randn({6}, gen, DType::F64), beta = Tensor::randn({6}, gen, DType::F64);
+  ops::GroupNormBeforeConv n;
+  n.groups = 3, n.weight = gamma, n.bias = beta, n.shift = shift, n.eps = 1e-6, n.silu = true;
+  const ops::Conv2dParams p{2, 2, 1, 1};
+  const Tensor fused = ops::conv2d_normed(x, n, w, b, p);
+  const Tensor composed = ops::conv2d(ops::group_norm(x, 3, gamma, beta, 1e-6, true, shift).y, w, b, p);
+  EXPECT_EQ(loom::testing::max_abs_diff(fused, composed), 0.0);
+  const ops::NormForward stats = ops::group_norm_statistics(x, 3, 1e-6, shift);
+  const ops::NormForward full = ops::group_norm(x, 3, Tensor(), Tensor(), 1e-6, false, shift);
+  EXPECT_FALSE(stats.y.defined());
+  EXPECT_EQ(loom::testing::max_abs_diff(stats.mean, full.mean), 0.0);
+  EXPECT_EQ(loom::testing::max_abs_diff(stats.rstd, full.rstd), 0.0);
 }
 
 }  // namespace
