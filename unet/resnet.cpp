@@ -16,12 +16,7 @@ Variable norm_then_activation(const nn::UnaryModule& norm, const std::string& ac
   return activation(act, norm.forward(u));
 }
 
-// A convolution's output with its bias left for the caller to add in a later pass (bias undefined
-// when there is none), or, for an extension that cannot leave the bias out, its whole forward and
-// no bias.
-struct ConvWithoutBias {
-  Variable y, bias;
-};
+// conv's forward with its bias left out where the layer can (ConvWithoutBias).
 ConvWithoutBias conv_without_bias(const nn::Conv2d& conv, const Variable& x) {
   Variable y = conv.forward_without_bias(x);
   if (y.defined()) return {std::move(y), conv.bias()};
@@ -107,22 +102,18 @@ Variable ResnetBlock2D::norm2_with_time(const Variable& conv1_y, const Variable&
   return activation(o.non_linearity, y);
 }
 
-std::pair<Variable, Variable> ResnetBlock2D::conv2_after_norm2(const Variable& conv1_y, const Variable& conv1_bias,
-                                                                const Variable& t) const {
+ConvWithoutBias ResnetBlock2D::conv2_after_norm2(const Variable& conv1_y, const Variable& conv1_bias,
+                                                  const Variable& t) const {
   const auto& o = options_;
   const auto& conv2 = *child_as<nn::Conv2d>("conv2");
   const auto& dropout = *child_as<nn::Dropout>("dropout");
-  ConvWithoutBias c2;
   if (o.time_embedding_norm == "default" && t.defined() && (!dropout.is_training() || dropout.p() == 0.0))
-    c2 = conv_after_norm(*child_as<nn::UnaryModule>("norm2"), o.non_linearity, conv2, conv1_y,
-                         add_defined(t, conv1_bias));  // bias + t as norm2's shift [N, C]
-  else
-    c2 = conv_without_bias(conv2, dropout.forward(norm2_with_time(conv1_y, conv1_bias, t)));
-  return {c2.y, c2.bias};
+    return conv_after_norm(*child_as<nn::UnaryModule>("norm2"), o.non_linearity, conv2, conv1_y,
+                           add_defined(t, conv1_bias));  // bias + t as norm2's shift [N, C]
+  return conv_without_bias(conv2, dropout.forward(norm2_with_time(conv1_y, conv1_bias, t)));
 }
 
-Variable ResnetBlock2D::exit(const std::pair<Variable, Variable>& conv2_out, const Variable& x) const {
-  const ConvWithoutBias c2{conv2_out.first, conv2_out.second};
+Variable ResnetBlock2D::exit(const ConvWithoutBias& c2, const Variable& x) const {
   Variable shortcut = x, bias = c2.bias;
   if (find_module("conv_shortcut")) {
     const ConvWithoutBias cs = conv_without_bias(*child_as<nn::Conv2d>("conv_shortcut"), x);

@@ -37,6 +37,13 @@ struct ResnetBlock2DOptions {
   bool conv_shortcut_bias = true;
 };
 
+// A convolution's output with its bias left for the caller to add in a later pass (bias undefined
+// when there is none), or, for an extension that cannot leave the bias out, its whole forward and
+// no bias (ResnetBlock2D's passes; unet/resnet.cpp).
+struct ConvWithoutBias {
+  Variable y, bias;
+};
+
 class ResnetBlock2D : public nn::Module {
  public:
   ResnetBlock2D(const ResnetBlock2DOptions& options, Generator& gen = default_generator(), DType dtype = DType::F32,
@@ -48,13 +55,11 @@ class ResnetBlock2D : public nn::Module {
  private:
   // activation(norm2(conv1 output + conv1's bias, with the time embedding t [N, C] / [N, 2C])).
   Variable norm2_with_time(const Variable& conv1_y, const Variable& conv1_bias, const Variable& t) const;
-  // {conv2(dropout(norm2_with_time(...))) without conv2's bias, that bias (or undefined when the
-  // conv added it)}: norm2 + SiLU inside conv2 where the layers allow (no dropout, "default" time
-  // embedding; conv2d_after_group_norm_silu).
-  std::pair<Variable, Variable> conv2_after_norm2(const Variable& conv1_y, const Variable& conv1_bias,
-                                                  const Variable& t) const;
-  // conv2's output {y, bias} + shortcut(x), the shortcut's bias included, as one pass.
-  Variable exit(const std::pair<Variable, Variable>& conv2_out, const Variable& x) const;
+  // conv2(dropout(norm2_with_time(...))) without conv2's bias: norm2 + SiLU inside conv2 where the
+  // layers allow (no dropout, "default" time embedding; conv2d_after_group_norm_silu).
+  ConvWithoutBias conv2_after_norm2(const Variable& conv1_y, const Variable& conv1_bias, const Variable& t) const;
+  // conv2's output + its bias + shortcut(x), the shortcut's bias included, as one pass.
+  Variable exit(const ConvWithoutBias& c2, const Variable& x) const;
 
   ResnetBlock2DOptions options_;
 };
