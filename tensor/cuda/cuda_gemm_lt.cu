@@ -7,14 +7,13 @@
 // Cᵀ (n×m) = op(B)ᵀ · op(A)ᵀ, so loom's per-column bias (length n) is a per-row bias of the
 // column-major D, which is what CUBLASLT_EPILOGUE_BIAS adds.
 //
-// A plan (descriptors and the algorithm) is made once per shape, leading dims, operand alignments
-// and kept for the process, as cuBLAS keeps its handle (cuda_gemm.cu); the bias
-// pointer is set on the plan's descriptor at each call, under the device's mutex. The algorithm is
-// the heuristic's first, or, with LOOM_GEMM_TUNE=K (K ≥ 2), the fastest of the heuristic's first K
+// A plan (descriptors and the algorithm) is made once per shape, leading dims and operand
+// alignments and kept for the process, as cuBLAS keeps its handle (cuda_gemm.cu); the bias pointer
+// is set on the plan's descriptor at each call, under the device's mutex. The algorithm is the
+// heuristic's first, or, with LOOM_GEMM_TUNE=K (K ≥ 2), the fastest of the heuristic's first K
 // timed on the call's own operands (C written, not read) when the plan is made outside a CUDA
-// graph capture. Where cuBLASLt offers no algorithm (or the problem is
-// thin or unaligned), the plain GEMM runs and, with a bias, a kernel adds it (add_row_bias_kernel):
-// the same values, rounded twice.
+// graph capture. Where cuBLASLt offers no algorithm (or the problem is thin or unaligned), the
+// plain GEMM runs and a kernel adds the bias (add_row_bias_kernel): the same values, rounded twice.
 #include <cublasLt.h>
 
 #include <cstdint>
