@@ -1,7 +1,8 @@
 """PyTorch's SDPA backends at the shapes of bench/gpu/bench_flash.cpp, in the same call on the
 same GPU: flash (FA2), cuDNN, efficient, default; bf16 forward and forward+backward; then f32
 with TF32 (torch.backends.cuda.matmul.allow_tf32 = True; efficient, math, default — flash and
-cuDNN take no f32) at TF32_SHAPES, the "tf32" rows of loom_bench_flash; median of --reps after 5
+cuDNN take no f32) at TF32_SHAPES, the "tf32" rows of loom_bench_flash (--shape B,H,Q,K,d…: those
+shapes in bf16 only); median of --reps after 5
 warm-ups, CUDA events; peak memory (torch.cuda.max_memory_allocated) of the timed calls. One JSON
 line per row (--json) or a table."""
 import argparse, json, math, torch
@@ -57,9 +58,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--shape", action="append", default=[],
+                    help="B,H,Q,K,d (repeatable): these shapes in bf16 instead of SHAPES, and no tf32 rows")
     args = ap.parse_args()
-    for shape in SHAPES:
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape]
+    if any(len(s) != 5 or min(s) <= 0 for s in shapes):
+        ap.error("--shape: expected five positive integers B,H,Q,K,d")
+    for shape in shapes or SHAPES:
         bench_shape(shape, torch.bfloat16, "bf16", BACKENDS, args)
+    if shapes:
+        return
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True  # f32 SDPA with TF32, as loom's --precision tf32
     try:

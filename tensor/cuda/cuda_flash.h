@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "tensor/backend.h"
 
@@ -83,9 +84,11 @@ void flash_exact(const FlashParams& p, bool backward);   // cuda_flash_exact.cu
 // The Hopper kernels (wgmma, sm_90a) for bf16 / f16 at head dims 40 and 64: used by
 // flash_tc_forward / flash_tc_backward when flash_wgmma_available() (built for sm_90a, device of
 // compute capability 9.0) where they were measured faster (forward: ≥ 128 keys; backward: always),
-// or as LOOM_FLASH_FWD / LOOM_FLASH_BWD (mma | wgmma) say (wgmma where missing is an error). The forward (cuda_flash_wgmma.cu): LOOM_FLASH_FWD_TILE picks its block
-// (3x128: 3 warpgroups of 64 queries, 128-key tiles; 2x128; 2x64; 4x64; 2x128p: P·V of one tile
-// overlapping the softmax of the next). All variables are read at every call.
+// or as LOOM_FLASH_FWD / LOOM_FLASH_BWD (mma | wgmma) say (wgmma where missing is an error). The
+// block-synchronous forward (cuda_flash_wgmma.cu): LOOM_FLASH_FWD_TILE picks its block (3x128: 3
+// warpgroups of 64 queries, 128-key tiles; 2x128; 2x64; 4x64; 2x128p: P·V of one tile overlapping
+// the softmax of the next); the warp-specialised one's ws… blocks below are the default. All
+// variables are read at every call.
 bool flash_wgmma_available();
 bool flash_wgmma_head_dim(int64_t d);
 // Whether p runs on wgmma (cuda_flash.cu): `variable` (LOOM_FLASH_FWD / LOOM_FLASH_BWD) = mma or
@@ -93,6 +96,13 @@ bool flash_wgmma_head_dim(int64_t d);
 // where it is available, covers p's head dim and measured_faster.
 bool flash_wgmma_chosen(const FlashParams& p, const char* variable, bool measured_faster);
 void flash_wgmma_forward(const FlashParams& p);
+// The warp-specialised forward (cuda_flash_wgmma_ws.cu: a producer warpgroup fills a ring of K / V
+// stages by TMA, the consumer warpgroups never wait for each other; the default block):
+// LOOM_FLASH_FWD_TILE = ws3x128 (3 consumer warpgroups, 128-key tiles, 2 stages), ws3x128s3 (3
+// stages), ws2x128; `sync` asks for the block-synchronous kernel with its own choice of block.
+// Returns false, launching nothing, where it cannot run (q, k or v not 16-byte aligned, a driver
+// without cuTensorMapEncodeTiled): flash_wgmma_forward then takes the block-synchronous kernel.
+bool flash_wgmma_ws_forward(const FlashParams& p, const std::string& tile);
 // The backward's kernel (cuda_flash_wgmma_bwd.cu): grid (key_blocks of keys_per_block =
 // flash_wgmma_backward_keys(d) keys, p.n, splits of query_tiles_per_block 64-query tiles), adding dQ into its f32 accumulator as
 // the mma.sync kernel does (run_bwd in cuda_flash_bwd.cu does the rest); dK, dV likewise, or, with

@@ -15,10 +15,12 @@
 // K and V tiles are cp.async double-buffered (tile it + 1 is copied while tile it is used), made
 // visible to wgmma by fence.proxy.async and the barrier that opens each tile.
 //
+// The default forward is the warp-specialised kernel of cuda_flash_wgmma_ws.cu (same steps, TMA
+// loads by a producer warpgroup, no block barrier); this one runs where that cannot, or on request.
+//
 // Compiled for sm_90a only (tensor/CMakeLists.txt: loom_tensor_sm90a); flash_wgmma_available()
 // says whether the current device runs it. Shapes: flash_wgmma_forward's comment.
-#include "tensor/cuda/cuda_flash_tc.cuh"
-#include "tensor/cuda/cuda_wgmma.cuh"
+#include "tensor/cuda/cuda_flash_wgmma_fwd.cuh"
 
 #include <cstdlib>
 #include <string>
@@ -39,122 +41,6 @@ struct WgShape {
   // Q [kRows][64], K [2][kN][64], V [kVBufs][kN][64], 1024 bytes of alignment slack
   static constexpr size_t kSmem = 1024 + size_t(kRows + (2 + kVBufs) * kN) * 128;
 };
-
-// s = Q·Kᵀ for the warpgroup's 64 queries and the kN keys of the tile (issued, not waited for).
-template <typename T, int D, int kN>
-__device__ __forceinline__ void wgmma_qk(float (&s)[kN / 2], uint64_t q_desc, uint64_t k_desc) {
-#pragma unroll
-  for (int kk = 0; kk < (D + 15) / 16; ++kk)  // the k-slice 16kk…: 32 bytes further in each row
-    wgmma_ss(s, q_desc + 2 * kk, k_desc + 2 * kk, kk, T());
-}
-
-// o += P·V with P in A fragments pa (k-step kk = keys 16kk…) and V's [kN][64] tile (issued).
-template <typename T, int D, int kN>
-__device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const uint32_t (&pa)[kN / 16][4], uint64_t v_desc) {
-#pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs_tb(o, pa[kk], v_desc + kk * (16 * 128 >> 4), 1, T());
-}
-
-// P (kN / 2 accumulators of mma.sync's C layout, column blocks j) as wgmma A fragments: k-step kk
-// is column blocks 2kk and 2kk + 1.
-template <typename T, int kN>
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[kN / 16][4], const float (&s)[kN / 2]) {
-#pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk) {
-    pa[kk][0] = Half2<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
-    pa[kk][1] = Half2<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
-    pa[kk][2] = Half2<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
-    pa[kk][3] = Half2<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
-  }
-}
-
-// O's rows g (corr[0]) and g + 8 (corr[1]) times corr, when any row of the warp moved (rare after
-// the first tiles).
-template <int D>
-__device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&corr)[2]) {
-  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) o[4 * j] *= corr[0], o[4 * j + 1] *= corr[0], o[4 * j + 2] *= corr[1], o[4 * j + 3] *= corr[1];
-  }
-}
-
-// 2^x for x ≤ 8 on the FMA pipe instead of the MUFU unit (which does 16 ex2 per SM and clock,
-// an eighth of the FMA rate): x = n + f with n = round(x) (the 1.5·2²³ trick), 2^f by a cubic on
-// [−0.5, 0.5] (minimax in relative error, 7.5e-5: below half an f16 ulp, far below bf16's), 2^n
-// added to the exponent bits. x is clamped at −125 (2^x then ~1e-38 instead of 0): only for tiles
-// whose scores are all finite.
-__device__ __forceinline__ float poly_exp2(float x) {
-  x = fmaxf(x, -125.f);
-  const float t = x + 12582912.f;  // n in the low mantissa bits of t
-  const float f = x - (t - 12582912.f);
-  float p = fmaf(fmaf(fmaf(0.05517085269f, f, 0.2426093966f), f, 0.6932609677f), f, 0.9999281764f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
-// Row h of this thread's scores: s ← 2^(s·fs − shift), every kPoly-th column block through
-// poly_exp2 (kPoly = 0: all on the MUFU unit); returns their sum.
-template <int kN, int kPoly>
-__device__ __forceinline__ float exp_row(float (&s)[kN / 2], int h, float fs, float shift) {
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < kN / 8; ++j) {
-    float& a = s[4 * j + 2 * h];
-    float& b = s[4 * j + 2 * h + 1];
-    bool on_fma = false;
-    if constexpr (kPoly > 0) on_fma = j % kPoly == kPoly - 1;
-    if (on_fma) {
-      a = poly_exp2(fmaf(a, fs, -shift));
-      b = poly_exp2(fmaf(b, fs, -shift));
-    } else {
-      a = fast_exp2(fmaf(a, fs, -shift));
-      b = fast_exp2(fmaf(b, fs, -shift));
-    }
-    sum += a + b;
-  }
-  return sum;
-}
-
-// One tile of the online softmax for this thread's rows row_q[0] (g) and row_q[1] (g + 8): s
-// (raw scores of keys j0…) becomes P = exp2(s·scale·log2e + mask − m); m and l are updated and
-// corr[h] = exp2(m_old − m_new) is what O must be multiplied by before P·V is added (exactly 1 when
-// m stayed: m moves only when the tile's maximum exceeds it by more than kMaxLag). Tiles without
-// masked entries exponentiate every kPoly-th column block on the FMA pipe (0: none).
-template <typename T, int kN, int kPoly>
-__device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], float (&l)[2], float (&corr)[2],
-                                             const FlashParams& p, const T* mask, int64_t n, int64_t i0, int64_t j0,
-                                             const int64_t (&row_q)[2], int t, float sl2) {
-  const bool plain = !mask && j0 + kN <= p.k_len && (!p.causal || j0 + kN - 1 <= i0);
-  float fs = sl2;  // log2-domain score = s · fs (plain tiles keep s raw: the scale rides in the FFMA)
-  if (!plain) {
-    fs = 1.f;
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t kj = j0 + j * 8 + 2 * t + (e & 1), qi = row_q[e / 2];
-        float x = s[4 * j + e] * sl2;
-        if (kj >= p.k_len || (p.causal && kj > qi)) x = -INFINITY;
-        else if (mask && qi < p.q_len) x += mask_log2(p, mask, n, qi, kj);
-        s[4 * j + e] = x;
-      }
-    }
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    mx *= fs;  // fs > 0
-    const float m_new = mx > m[h] + kMaxLag ? mx : m[h];  // m = −inf takes any finite mx
-    const float shift = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far keeps P = 0
-    corr[h] = m_new == m[h] ? 1.f : fast_exp2(m[h] - shift);
-    const float sum = plain ? exp_row<kN, kPoly>(s, h, fs, shift) : exp_row<kN, 0>(s, h, fs, shift);
-    l[h] = l[h] * corr[h] + sum;  // this thread's share of the row; summed over the 4 lanes at the end
-    m[h] = m_new;
-  }
-}
 
 template <typename T, int D, int kWg, int kN, bool kPipe, int kPoly>
 __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg, kN, kPipe>::kMinBlocks)
@@ -247,20 +133,7 @@ __global__ void __launch_bounds__(WgShape<kWg, kN, kPipe>::kThreads, WgShape<kWg
 
   T* out = static_cast<T*>(p.out) + qr.base;
   float* lse = static_cast<float*>(p.lse) + n * p.q_len;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    const int64_t qi = row_q[h];
-    if (qi >= p.q_len) continue;
-    const float inv = 1.f / l[h];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const uint32_t packed = Half2<T>::pack(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      *reinterpret_cast<uint32_t*>(out + qi * qr.stride + j * 8 + 2 * t) = packed;
-    }
-    if (t == 0) lse[qi] = (m[h] + log2f(l[h])) * kLn2;
-  }
+  store_output<T, D>(out, lse, qr.stride, p.q_len, o, m, l, row_q, t);
 #else
   (void)p;
   __trap();  // built without sm_90a: flash_wgmma_available() is false there
@@ -290,7 +163,8 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   if (tile == "2x128p") return wgmma_forward<T, D, 2, 128, true>(p);
   // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default family at d = 40)
   if (tile == "3x128e4") return wgmma_forward<T, D, 3, 128, false, 4>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile,
+            "' is not one of ws3x128, ws3x128s3, ws2x128, sync, 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
 }
 
 template <typename T>
@@ -299,14 +173,15 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   return wgmma_forward_for<T, 64>(p, tile);
 }
 
-// The block when LOOM_FLASH_FWD_TILE is unset: 3 or 4 warpgroups (192 or 256 queries), whichever
-// leaves the grid's last wave less empty — blocks of either kind run one per SM, so the cost is
-// ⌈blocks / SMs⌉ waves of the block's rows (ties go to 3). H200 (docs/gpu-bench.md, attention run
-// 16): (2,8,4096,·) 352 blocks of 192 = 3 waves against 256 of 256 = 2 waves, 0.199 against 0.211 ms
-// at d = 40; (2,10,4096,64) 4 waves of 192 and 3 of 256 tie, measured 0.313 against 0.327. The
-// cubic exp2 on a quarter of the columns pays at d = 40 (run 13: 0.211 against 0.221 ms), not at
-// d = 64 (0.245 / 0.236).
-std::string default_forward_tile(const FlashParams& p) {
+// The block-synchronous kernel's block where the warp-specialised one cannot run (or for
+// LOOM_FLASH_FWD_TILE=sync): 3 or 4 warpgroups (192 or 256 queries), whichever leaves the grid's
+// last wave less empty — blocks of either kind run one per SM, so the cost is ⌈blocks / SMs⌉ waves
+// of the block's rows (ties go to 3). H200 (docs/gpu-bench.md, attention run 16): (2,8,4096,·) 352
+// blocks of 192 = 3 waves against 256 of 256 = 2 waves, 0.199 against 0.211 ms at d = 40;
+// (2,10,4096,64) 4 waves of 192 and 3 of 256 tie, measured 0.313 against 0.327. The cubic exp2 on
+// a quarter of the columns pays at d = 40 (run 13: 0.211 against 0.221 ms), not at d = 64
+// (0.245 / 0.236).
+std::string block_synchronous_tile(const FlashParams& p) {
   const int64_t sms = flash_sm_count();
   auto cost = [&](int64_t rows) {
     const int64_t blocks = (p.q_len + rows - 1) / rows * p.n;
@@ -337,10 +212,19 @@ bool flash_wgmma_head_dim(int64_t d) { return d == 40 || d == 64; }
 void flash_wgmma_forward(const FlashParams& p) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_forward: head dim ", p.d, " is not 40 or 64");
   const char* env = std::getenv("LOOM_FLASH_FWD_TILE");
-  const std::string tile = env && *env ? env : default_forward_tile(p);
+  // Unset: the warp-specialised kernel with 3 consumer warpgroups (cuda_flash_wgmma_ws.cu; H200,
+  // attention run 22: 0.723 against 0.894 ms at SDXL's (8,10,4096,64), 0.136 against 0.140 at
+  // (8,20,1024,64), 0.167 against 0.176 at (2,8,4096,40)), where it can run.
+  std::string tile = env && *env ? env : "ws3x128";
+  LOOM_CHECK(p.dtype == DType::BF16 || p.dtype == DType::F16, "flash_wgmma_forward: dtype ", p.dtype,
+             " is not bf16 / f16");
+  if (tile.rfind("ws", 0) == 0) {
+    if (flash_wgmma_ws_forward(p, tile)) return;
+    tile = "sync";
+  }
+  if (tile == "sync") tile = block_synchronous_tile(p);
   if (p.dtype == DType::BF16) return wgmma_forward_for<__nv_bfloat16>(p, tile);
-  if (p.dtype == DType::F16) return wgmma_forward_for<__half>(p, tile);
-  LOOM_FAIL("flash_wgmma_forward: dtype ", p.dtype, " is not bf16 / f16");
+  return wgmma_forward_for<__half>(p, tile);
 }
 
 }  // namespace loom::cuda

@@ -266,13 +266,15 @@ TEST(FlashCudaBackwardPaths, EveryBackwardMatchesTheCpuInF64) {
   unsetenv("LOOM_FLASH_BWD_DQ");
 }
 
-// Both forwards (LOOM_FLASH_FWD: mma.sync, and Hopper's wgmma with its default block and each block
-// shape of LOOM_FLASH_FWD_TILE) on hopper_path_cases against the f64 CPU reference.
+// Both forwards (LOOM_FLASH_FWD: mma.sync, and Hopper's wgmma with its default block — the
+// warp-specialised ws3x128 — and each other block of LOOM_FLASH_FWD_TILE, warp-specialised and
+// block-synchronous) on hopper_path_cases against the f64 CPU reference.
 TEST(FlashCudaForwardPaths, EveryForwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   std::vector<std::pair<std::string, std::string>> paths = {{"mma", ""}};
   if (wgmma_kernels_run())
-    for (const char* tile : {"", "3x128", "3x128e4", "4x128", "4x128e4", "2x128", "2x64", "4x64", "2x128p"})
+    for (const char* tile : {"", "ws3x128s3", "ws2x128", "sync", "3x128", "3x128e4", "4x128", "4x128e4", "2x128", "2x64",
+                             "4x64", "2x128p"})
       paths.push_back({"wgmma", tile});
   for (const auto& [fwd, tile] : paths) {
     SCOPED_TRACE("LOOM_FLASH_FWD=" + fwd + " LOOM_FLASH_FWD_TILE=" + tile);

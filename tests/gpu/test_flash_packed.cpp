@@ -132,6 +132,15 @@ TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheMmaKernels) {
   unsetenv("LOOM_FLASH_BWD");
 }
 
+// The same with the block-synchronous wgmma forward (the default is the warp-specialised one,
+// whose TMA boxes read one head of the packed rows, with zeros past d = 40).
+TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheBlockSynchronousForward) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  setenv("LOOM_FLASH_FWD_TILE", "sync", 1);
+  check_case(GetParam());
+  unsetenv("LOOM_FLASH_FWD_TILE");
+}
+
 std::vector<PackedCase> cases() {
   std::vector<PackedCase> v;
   for (int64_t d : {40, 64, 72, 80, 96, 128, 160}) v.push_back({DType::BF16, 2, 3, 77, 131, d});

@@ -1,0 +1,225 @@
+// Flash attention forward on Hopper, warp-specialised (sm_90a, head dims 40 and 64, bf16 / f16):
+// the arithmetic of cuda_flash_wgmma.cu (same per-tile steps: cuda_flash_wgmma_fwd.cuh), with the
+// loads taken off the consumers and the block barrier taken out of the key loop.
+//
+//   block    kWg consumer warpgroups of 64 query rows (warps 0 … 4kWg − 1) and one producer
+//            warpgroup (its registers handed to the consumers by setmaxnreg: 160 each with 3
+//            consumer warpgroups, where a launch bound alone gives 128); kRows = 64·kWg queries,
+//            keys in tiles of kN.
+//   producer one thread: Q by one TMA copy, then K and V tile it into stage it % kStages of a
+//            ring (TMA, the 128-byte swizzle wgmma reads; rows past the length and columns past
+//            d come in as zeros), each stage's `full` mbarrier completing when its bytes land; a
+//            stage is refilled only after its `empty` mbarrier has the 4kWg consumer warps'
+//            arrivals of its previous round.
+//   consumer waits for `full`, S = Q·Kᵀ, the online softmax, O += P·V, then releases the stage.
+//            The warpgroups never wait for each other, so one's softmax runs beside another's
+//            products (the block-synchronous kernel's barrier at every tile kept them in step).
+//
+// The tensor maps (host, flash_wgmma_ws_forward) view q, k, v as [batches][len][heads][d] (the
+// plain layout: heads = 1); a box is 64 columns × rows of one head, so at d = 40 columns 40…63
+// are zeros (the last k-step of S reads up to column 47). Needs 16-byte-aligned q, k, v; the caller
+// falls back to the block-synchronous kernel otherwise.
+#include "tensor/cuda/cuda_flash_wgmma_fwd.cuh"
+#include "tensor/cuda/cuda_tma.cuh"
+
+#include <string>
+
+namespace loom::cuda {
+
+namespace {
+
+template <int kWg, int kN, int kStages>
+struct WsShape {
+  static constexpr int kRows = 64 * kWg;
+  static constexpr int kConsumerWarps = 4 * kWg;
+  static constexpr int kThreads = 128 * kWg + 128;  // + the producer warpgroup
+  // Registers a thread after setmaxnreg (the launch gives every thread 65536 / kThreads, capped
+  // at 128 when a sub-partition holds 4 warps): the producer keeps 24, the consumers take what is
+  // left of the SM's 64 Ki (in steps of 8).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = (65536 / 128 - kProducerRegs) / kWg / 8 * 8 > 240
+                                           ? 240
+                                           : (65536 / 128 - kProducerRegs) / kWg / 8 * 8;
+  static constexpr uint32_t kTileBytes = kN * 128;  // one K or V tile: kN rows of 64 elements
+  // Q [kRows][64], then per stage K [kN][64] and V [kN][64]; 1024 bytes of alignment slack
+  static constexpr size_t kSmem = 1024 + size_t(kRows) * 128 + size_t(kStages) * 2 * kTileBytes;
+};
+
+struct WsMaps {
+  CUtensorMap q, k, v;
+};
+
+template <typename T, int D, int kWg, int kN, int kStages>
+__global__ void __launch_bounds__(WsShape<kWg, kN, kStages>::kThreads, 1)
+    flash_fwd_ws_kernel(const FlashParams p, const __grid_constant__ WsMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = WsShape<kWg, kN, kStages>;
+  constexpr int kRows = S::kRows;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ alignas(8) uint64_t bars[1 + 2 * kStages];  // q_full, full[kStages], empty[kStages]
+  unsigned char* smem = align_1024(smem_raw);
+  T* sQ = reinterpret_cast<T*>(smem);
+  auto k_tile = [&](int s) { return reinterpret_cast<T*>(smem + kRows * 128 + s * 2 * S::kTileBytes); };
+  auto v_tile = [&](int s) { return k_tile(s) + kN * 64; };
+  uint64_t* q_full = bars;
+  uint64_t* full = bars + 1;
+  uint64_t* empty = bars + 1 + kStages;
+
+  const int tid = threadIdx.x, warp_id = tid / 32, lane = tid % 32;
+  const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
+  const int64_t heads = p.packed ? p.heads : 1;
+  const int head = int(n % heads), batch = int(n / heads);
+  int64_t tiles = (p.k_len + kN - 1) / kN;
+  if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kN + 1);
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], S::kConsumerWarps);
+    mbar_init_fence();
+  }
+  __syncthreads();  // the only block barrier
+
+  if (warp_id >= S::kConsumerWarps) {  // the producer warpgroup: one thread issues every copy
+    set_max_registers_dec<S::kProducerRegs>();
+    if (warp_id == S::kConsumerWarps && lane == 0) {
+      mbar_arrive_expect_tx(q_full, kRows * 128);
+      tma_load_4d(sQ, &maps.q, q_full, 0, head, int(i0), batch);
+      for (int64_t it = 0; it < tiles; ++it) {
+        const int s = int(it % kStages);
+        const uint32_t round = uint32_t(it / kStages);
+        if (round > 0) mbar_wait(&empty[s], (round - 1) & 1);
+        mbar_arrive_expect_tx(&full[s], 2 * S::kTileBytes);
+        tma_load_4d(k_tile(s), &maps.k, &full[s], 0, head, int(it * kN), batch);
+        tma_load_4d(v_tile(s), &maps.v, &full[s], 0, head, int(it * kN), batch);
+      }
+    }
+    return;
+  }
+
+  set_max_registers_inc<S::kConsumerRegs>();
+  const int wg = warp_id / 4, warp = warp_id % 4, g = lane / 4, t = lane % 4;
+  const FlashRows qr = flash_rows(p, n, p.q_len, D);
+  const T* mask = static_cast<const T*>(p.mask);
+  const float sl2 = float(p.scale) * kLog2e;
+  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 64, 16, 1024);
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int64_t row0 = i0 + wg * 64 + warp * 16 + g;
+  const int64_t row_q[2] = {row0, row0 + 8};
+  uint32_t pa[kN / 16][4];  // P as A fragments
+
+  mbar_wait(q_full, 0);
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int s = int(it % kStages);
+    mbar_wait(&full[s], uint32_t(it / kStages) & 1);
+    float sc[kN / 2];
+    wgmma_fence();
+    wgmma_qk<T, D, kN>(sc, q_desc, sw128_desc(k_tile(s), 16, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(sc);
+    float corr[2];
+    softmax_tile<T, kN, 0>(sc, m, l, corr, p, mask, n, i0, it * kN, row_q, t, sl2);
+    rescale_o<D>(o, corr);
+    pack_p<T, kN>(pa, sc);
+    wgmma_fence();
+    wgmma_pv<T, D, kN>(o, pa, sw128_desc(v_tile(s), 16, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(o);
+    __syncwarp();  // every lane's products are done: this warp no longer reads the stage
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+  T* out = static_cast<T*>(p.out) + qr.base;
+  float* lse = static_cast<float*>(p.lse) + n * p.q_len;
+  store_output<T, D>(out, lse, qr.stride, p.q_len, o, m, l, row_q, t);
+#else
+  (void)p;
+  (void)maps;
+  __trap();  // built without sm_90a: flash_wgmma_available() is false there
+#endif
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda, which
+// machines without a GPU lack); null when the driver does not have it.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// The map of one of q, k, v (`len` rows of each problem): [n / heads][len][heads][d] elements,
+// boxes of 64 columns × box_rows rows of one head, 128-byte swizzle, zeros outside.
+CUtensorMap rows_map(const FlashParams& p, const void* base, int64_t len, int box_rows, const char* name) {
+  const int64_t heads = p.packed ? p.heads : 1;
+  const cuuint64_t elem = 2;  // bf16 / f16
+  const cuuint64_t dims[4] = {cuuint64_t(p.d), cuuint64_t(heads), cuuint64_t(len), cuuint64_t(p.n / heads)};
+  const cuuint64_t strides[3] = {p.d * elem, heads * p.d * elem, len * heads * p.d * elem};
+  const cuuint32_t box[4] = {64, 1, cuuint32_t(box_rows), 1};
+  const cuuint32_t steps[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = encode_tiled()(
+      &map, p.dtype == DType::BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      const_cast<void*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  LOOM_CHECK(r == CUDA_SUCCESS, "flash forward (warp-specialised): cuTensorMapEncodeTiled failed (", int(r), ") for ",
+             name, " [", p.n / heads, ", ", len, ", ", heads, ", ", p.d, "], box of ", box_rows, " rows");
+  return map;
+}
+
+template <typename T, int D, int kWg, int kN, int kStages>
+void ws_forward(const FlashParams& p) {
+  using S = WsShape<kWg, kN, kStages>;
+  const WsMaps maps{rows_map(p, p.q, p.q_len, S::kRows, "q"), rows_map(p, p.k, p.k_len, kN, "k"),
+                    rows_map(p, p.v, p.k_len, kN, "v")};
+  auto* kernel = flash_fwd_ws_kernel<T, D, kWg, kN, kStages>;
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
+  const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
+  kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p, maps);
+  check_last_launch("flash_fwd_ws_kernel");
+}
+
+// H200, attention run 22 (docs/gpu-bench.md), forward ms: ws3x128 0.167 / 0.164 / 0.723 / 0.136 at
+// (2,8,4096,40) / (2,8,4096,64) / (8,10,4096,64) / (8,20,1024,64) against ws3x128s3 0.164 / 0.169 /
+// 0.749 / 0.139 and ws2x128 0.188 / 0.186 / 0.895 / 0.143 (the block-synchronous default: 0.176 /
+// 0.187 / 0.894 / 0.140). A pipelined P·V (2 warpgroups, 3 stages) and a quarter of the
+// exponentials on the FMA pipe were slower at every shape and were dropped.
+template <typename T, int D>
+void ws_forward_for(const FlashParams& p, const std::string& tile) {
+  if (tile == "ws3x128") return ws_forward<T, D, 3, 128, 2>(p);
+  if (tile == "ws3x128s3") return ws_forward<T, D, 3, 128, 3>(p);
+  if (tile == "ws2x128") return ws_forward<T, D, 2, 128, 2>(p);
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of ws3x128, ws3x128s3, ws2x128");
+}
+
+}  // namespace
+
+bool flash_wgmma_ws_forward(const FlashParams& p, const std::string& tile) {
+  // TMA: 16-byte-aligned bases (the row strides, d·2 and heads·d·2 bytes, are multiples of 16 for
+  // d = 40, 64); coordinates in int32
+  const int64_t max_len = std::max(p.q_len, p.k_len);
+  if (!encode_tiled() || !aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || max_len >= (int64_t(1) << 31))
+    return false;
+  if (p.dtype == DType::BF16) {
+    if (p.d == 40) ws_forward_for<__nv_bfloat16, 40>(p, tile);
+    else ws_forward_for<__nv_bfloat16, 64>(p, tile);
+  } else {
+    if (p.d == 40) ws_forward_for<__half, 40>(p, tile);
+    else ws_forward_for<__half, 64>(p, tile);
+  }
+  return true;
+}
+
+}  // namespace loom::cuda
