@@ -212,10 +212,12 @@ bool flash_wgmma_head_dim(int64_t d) { return d == 40 || d == 64; }
 void flash_wgmma_forward(const FlashParams& p) {
   LOOM_CHECK(flash_wgmma_head_dim(p.d) && p.dv == p.d, "flash_wgmma_forward: head dim ", p.d, " is not 40 or 64");
   const char* env = std::getenv("LOOM_FLASH_FWD_TILE");
-  // Unset: the warp-specialised kernel with 3 consumer warpgroups (cuda_flash_wgmma_ws.cu; H200,
-  // attention run 22: 0.723 against 0.894 ms at SDXL's (8,10,4096,64), 0.136 against 0.140 at
-  // (8,20,1024,64), 0.167 against 0.176 at (2,8,4096,40)), where it can run.
-  std::string tile = env && *env ? env : "ws3x128";
+  // Unset: the warp-specialised kernel with 3 consumer warpgroups, persistent (cuda_flash_wgmma_ws.cu;
+  // H200, attention run 22: ws3x128 0.723 against the block-synchronous 0.894 ms at SDXL's
+  // (8,10,4096,64), 0.136 against 0.140 at (8,20,1024,64), 0.167 against 0.176 at (2,8,4096,40);
+  // run 23: the persistent wsp3x128 0.758 / 0.131 against ws3x128's 0.802 / 0.146 at the two SDXL
+  // shapes), where it can run.
+  std::string tile = env && *env ? env : "wsp3x128";
   LOOM_CHECK(p.dtype == DType::BF16 || p.dtype == DType::F16, "flash_wgmma_forward: dtype ", p.dtype,
              " is not bf16 / f16");
   if (tile.rfind("ws", 0) == 0) {

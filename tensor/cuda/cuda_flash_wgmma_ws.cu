@@ -11,6 +11,9 @@
 //            d come in as zeros), each stage's `full` mbarrier completing when its bytes land; a
 //            stage is refilled only after its `empty` mbarrier has the 4kWg consumer warps'
 //            arrivals of its previous round.
+//   persistent (wsp…, the default) one block per SM (grid = SMs) loops over (query tile,
+//            problem) items; the producer loads the next item's Q once every consumer warp has
+//            read the current one for the last time (`q_empty`), K / V stages run on across items.
 //   consumer waits for `full`, S = Q·Kᵀ, the online softmax, O += P·V, then releases the stage.
 //            The warpgroups never wait for each other, so one's softmax runs beside another's
 //            products (the block-synchronous kernel's barrier at every tile kept them in step).
@@ -22,6 +25,7 @@
 #include "tensor/cuda/cuda_flash_wgmma_fwd.cuh"
 #include "tensor/cuda/cuda_tma.cuh"
 
+#include <algorithm>
 #include <string>
 
 namespace loom::cuda {
@@ -49,48 +53,76 @@ struct WsMaps {
   CUtensorMap q, k, v;
 };
 
-template <typename T, int D, int kWg, int kN, int kStages>
+// The block's work items: kPersistent, items blockIdx.x, + gridDim.x, … of the q_tiles · n (query
+// tile, problem) pairs, problem-major (blocks running side by side share a problem's K and V in
+// L2); else the one pair (blockIdx.x, blockIdx.y).
+struct WsItems {
+  int64_t first, end, step, q_tiles;
+  __device__ void at(int64_t i, int kRows, int64_t& n, int64_t& i0) const {
+    n = i / q_tiles, i0 = (i % q_tiles) * kRows;
+  }
+};
+
+template <typename T, int D, int kWg, int kN, int kStages, bool kPersistent>
 __global__ void __launch_bounds__(WsShape<kWg, kN, kStages>::kThreads, 1)
     flash_fwd_ws_kernel(const FlashParams p, const __grid_constant__ WsMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = WsShape<kWg, kN, kStages>;
   constexpr int kRows = S::kRows;
   extern __shared__ unsigned char smem_raw[];
-  __shared__ alignas(8) uint64_t bars[1 + 2 * kStages];  // q_full, full[kStages], empty[kStages]
+  // q_full, q_empty, full[kStages], empty[kStages]
+  __shared__ alignas(8) uint64_t bars[2 + 2 * kStages];
   unsigned char* smem = align_1024(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem);
   auto k_tile = [&](int s) { return reinterpret_cast<T*>(smem + kRows * 128 + s * 2 * S::kTileBytes); };
   auto v_tile = [&](int s) { return k_tile(s) + kN * 64; };
   uint64_t* q_full = bars;
-  uint64_t* full = bars + 1;
-  uint64_t* empty = bars + 1 + kStages;
+  uint64_t* q_empty = bars + 1;
+  uint64_t* full = bars + 2;
+  uint64_t* empty = bars + 2 + kStages;
 
   const int tid = threadIdx.x, warp_id = tid / 32, lane = tid % 32;
-  const int64_t n = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
   const int64_t heads = p.packed ? p.heads : 1;
-  const int head = int(n % heads), batch = int(n / heads);
-  int64_t tiles = (p.k_len + kN - 1) / kN;
-  if (p.causal) tiles = min(tiles, (i0 + kRows - 1) / kN + 1);
+  const int64_t q_tiles = (p.q_len + kRows - 1) / kRows;
+  const WsItems items = kPersistent ? WsItems{blockIdx.x, q_tiles * p.n, gridDim.x, q_tiles}
+                                    : WsItems{blockIdx.y * q_tiles + blockIdx.x, blockIdx.y * q_tiles + blockIdx.x + 1,
+                                              1, q_tiles};
+  auto key_tiles = [&](int64_t i0) {  // ≥ 1 (k_len ≥ 1)
+    const int64_t tiles = (p.k_len + kN - 1) / kN;
+    return p.causal ? min(tiles, (i0 + kRows - 1) / kN + 1) : tiles;
+  };
 
   if (tid == 0) {
     mbar_init(q_full, 1);
+    mbar_init(q_empty, S::kConsumerWarps);
     for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], S::kConsumerWarps);
     mbar_init_fence();
   }
   __syncthreads();  // the only block barrier
 
+  // Both sides count key tiles over all of the block's items (`it`, its stage it % kStages and
+  // round it / kStages) and items (`round`): the parities of full / empty and q_full / q_empty.
   if (warp_id >= S::kConsumerWarps) {  // the producer warpgroup: one thread issues every copy
     set_max_registers_dec<S::kProducerRegs>();
     if (warp_id == S::kConsumerWarps && lane == 0) {
-      mbar_arrive_expect_tx(q_full, kRows * 128);
-      tma_load_4d(sQ, &maps.q, q_full, 0, head, int(i0), batch);
-      for (int64_t it = 0; it < tiles; ++it) {
-        const int s = int(it % kStages);
-        const uint32_t round = uint32_t(it / kStages);
-        if (round > 0) mbar_wait(&empty[s], (round - 1) & 1);
-        mbar_arrive_expect_tx(&full[s], 2 * S::kTileBytes);
-        tma_load_4d(k_tile(s), &maps.k, &full[s], 0, head, int(it * kN), batch);
-        tma_load_4d(v_tile(s), &maps.v, &full[s], 0, head, int(it * kN), batch);
+      int64_t it = 0;
+      uint32_t round = 0;
+      for (int64_t i = items.first; i < items.end; i += items.step, ++round) {
+        int64_t n, i0;
+        items.at(i, kRows, n, i0);
+        const int head = int(n % heads), batch = int(n / heads);
+        if (round > 0) mbar_wait(q_empty, (round - 1) & 1);  // every consumer warp is past its last S
+        mbar_arrive_expect_tx(q_full, kRows * 128);
+        tma_load_4d(sQ, &maps.q, q_full, 0, head, int(i0), batch);
+        const int64_t tiles = key_tiles(i0);
+        for (int64_t j = 0; j < tiles; ++j, ++it) {
+          const int s = int(it % kStages);
+          const uint32_t stage_round = uint32_t(it / kStages);
+          if (stage_round > 0) mbar_wait(&empty[s], (stage_round - 1) & 1);
+          mbar_arrive_expect_tx(&full[s], 2 * S::kTileBytes);
+          tma_load_4d(k_tile(s), &maps.k, &full[s], 0, head, int(j * kN), batch);
+          tma_load_4d(v_tile(s), &maps.v, &full[s], 0, head, int(j * kN), batch);
+        }
       }
     }
     return;
@@ -98,43 +130,54 @@ __global__ void __launch_bounds__(WsShape<kWg, kN, kStages>::kThreads, 1)
 
   set_max_registers_inc<S::kConsumerRegs>();
   const int wg = warp_id / 4, warp = warp_id % 4, g = lane / 4, t = lane % 4;
-  const FlashRows qr = flash_rows(p, n, p.q_len, D);
   const T* mask = static_cast<const T*>(p.mask);
   const float sl2 = float(p.scale) * kLog2e;
   const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 64, 16, 1024);
-  float o[D / 2];
+  int64_t it = 0;
+  uint32_t round = 0;
+  for (int64_t i = items.first; i < items.end; i += items.step, ++round) {
+    int64_t n, i0;
+    items.at(i, kRows, n, i0);
+    float o[D / 2];
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int64_t row0 = i0 + wg * 64 + warp * 16 + g;
-  const int64_t row_q[2] = {row0, row0 + 8};
-  uint32_t pa[kN / 16][4];  // P as A fragments
+    for (int e = 0; e < D / 2; ++e) o[e] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const int64_t row0 = i0 + wg * 64 + warp * 16 + g;
+    const int64_t row_q[2] = {row0, row0 + 8};
+    uint32_t pa[kN / 16][4];  // P as A fragments
+    const int64_t tiles = key_tiles(i0);
 
-  mbar_wait(q_full, 0);
-  for (int64_t it = 0; it < tiles; ++it) {
-    const int s = int(it % kStages);
-    mbar_wait(&full[s], uint32_t(it / kStages) & 1);
-    float sc[kN / 2];
-    wgmma_fence();
-    wgmma_qk<T, D, kN>(sc, q_desc, sw128_desc(k_tile(s), 16, 1024));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(sc);
-    float corr[2];
-    softmax_tile<T, kN, 0>(sc, m, l, corr, p, mask, n, i0, it * kN, row_q, t, sl2);
-    rescale_o<D>(o, corr);
-    pack_p<T, kN>(pa, sc);
-    wgmma_fence();
-    wgmma_pv<T, D, kN>(o, pa, sw128_desc(v_tile(s), 16, 1024));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(o);
-    __syncwarp();  // every lane's products are done: this warp no longer reads the stage
-    if (lane == 0) mbar_arrive(&empty[s]);
+    mbar_wait(q_full, round & 1);
+    for (int64_t j = 0; j < tiles; ++j, ++it) {
+      const int s = int(it % kStages);
+      mbar_wait(&full[s], uint32_t(it / kStages) & 1);
+      float sc[kN / 2];
+      wgmma_fence();
+      wgmma_qk<T, D, kN>(sc, q_desc, sw128_desc(k_tile(s), 16, 1024));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(sc);
+      if (j == tiles - 1) {  // Q is read for the last time: the producer may load the next item's
+        __syncwarp();
+        if (lane == 0) mbar_arrive(q_empty);
+      }
+      float corr[2];
+      softmax_tile<T, kN, 0>(sc, m, l, corr, p, mask, n, i0, j * kN, row_q, t, sl2);
+      rescale_o<D>(o, corr);
+      pack_p<T, kN>(pa, sc);
+      wgmma_fence();
+      wgmma_pv<T, D, kN>(o, pa, sw128_desc(v_tile(s), 16, 1024));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(o);
+      __syncwarp();  // every lane's products are done: this warp no longer reads the stage
+      if (lane == 0) mbar_arrive(&empty[s]);
+    }
+    const FlashRows qr = flash_rows(p, n, p.q_len, D);
+    T* out = static_cast<T*>(p.out) + qr.base;
+    float* lse = static_cast<float*>(p.lse) + n * p.q_len;
+    store_output<T, D>(out, lse, qr.stride, p.q_len, o, m, l, row_q, t);
   }
-  T* out = static_cast<T*>(p.out) + qr.base;
-  float* lse = static_cast<float*>(p.lse) + n * p.q_len;
-  store_output<T, D>(out, lse, qr.stride, p.q_len, o, m, l, row_q, t);
 #else
   (void)p;
   (void)maps;
@@ -179,14 +222,16 @@ CUtensorMap rows_map(const FlashParams& p, const void* base, int64_t len, int bo
   return map;
 }
 
-template <typename T, int D, int kWg, int kN, int kStages>
+template <typename T, int D, int kWg, int kN, int kStages, bool kPersistent = false>
 void ws_forward(const FlashParams& p) {
   using S = WsShape<kWg, kN, kStages>;
   const WsMaps maps{rows_map(p, p.q, p.q_len, S::kRows, "q"), rows_map(p, p.k, p.k_len, kN, "k"),
                     rows_map(p, p.v, p.k_len, kN, "v")};
-  auto* kernel = flash_fwd_ws_kernel<T, D, kWg, kN, kStages>;
+  auto* kernel = flash_fwd_ws_kernel<T, D, kWg, kN, kStages, kPersistent>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmem)));
-  const dim3 grid(unsigned((p.q_len + S::kRows - 1) / S::kRows), unsigned(p.n));
+  const int64_t q_tiles = (p.q_len + S::kRows - 1) / S::kRows;
+  const dim3 grid = kPersistent ? dim3(unsigned(std::min<int64_t>(q_tiles * p.n, flash_sm_count())))
+                                : dim3(unsigned(q_tiles), unsigned(p.n));
   kernel<<<grid, S::kThreads, S::kSmem, compute_stream()>>>(p, maps);
   check_last_launch("flash_fwd_ws_kernel");
 }
@@ -195,13 +240,17 @@ void ws_forward(const FlashParams& p) {
 // (2,8,4096,40) / (2,8,4096,64) / (8,10,4096,64) / (8,20,1024,64) against ws3x128s3 0.164 / 0.169 /
 // 0.749 / 0.139 and ws2x128 0.188 / 0.186 / 0.895 / 0.143 (the block-synchronous default: 0.176 /
 // 0.187 / 0.894 / 0.140). A pipelined P·V (2 warpgroups, 3 stages) and a quarter of the
-// exponentials on the FMA pipe were slower at every shape and were dropped.
+// exponentials on the FMA pipe were slower at every shape and were dropped. Run 23: the persistent
+// wsp3x128 (one block per SM looping over (query tile, problem) items, the next item's Q loaded
+// while the current one's last tiles run) 0.758 / 0.131 ms against ws3x128's 0.802 / 0.146 at
+// (8,10,4096,64) / (8,20,1024,64), equal at (2,8,4096,·): the default.
 template <typename T, int D>
 void ws_forward_for(const FlashParams& p, const std::string& tile) {
   if (tile == "ws3x128") return ws_forward<T, D, 3, 128, 2>(p);
   if (tile == "ws3x128s3") return ws_forward<T, D, 3, 128, 3>(p);
   if (tile == "ws2x128") return ws_forward<T, D, 2, 128, 2>(p);
-  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of ws3x128, ws3x128s3, ws2x128");
+  if (tile == "wsp3x128") return ws_forward<T, D, 3, 128, 2, true>(p);
+  LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile, "' is not one of ws3x128, ws3x128s3, ws2x128, wsp3x128");
 }
 
 }  // namespace

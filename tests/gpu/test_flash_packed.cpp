@@ -132,12 +132,16 @@ TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheMmaKernels) {
   unsetenv("LOOM_FLASH_BWD");
 }
 
-// The same with the block-synchronous wgmma forward (the default is the warp-specialised one,
-// whose TMA boxes read one head of the packed rows, with zeros past d = 40).
-TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheBlockSynchronousForward) {
+// The same with the other wgmma forwards (the default is the warp-specialised one, whose TMA boxes
+// read one head of the packed rows, with zeros past d = 40): the persistent warp-specialised kernel
+// and the block-synchronous one.
+TEST_P(FlashPackedCuda, MatchesTheCpuInF64WithTheOtherForwards) {
   LOOM_SKIP_WITHOUT_CUDA();
-  setenv("LOOM_FLASH_FWD_TILE", "sync", 1);
-  check_case(GetParam());
+  for (const char* tile : {"ws3x128", "sync"}) {
+    SCOPED_TRACE(std::string("LOOM_FLASH_FWD_TILE=") + tile);
+    setenv("LOOM_FLASH_FWD_TILE", tile, 1);
+    check_case(GetParam());
+  }
   unsetenv("LOOM_FLASH_FWD_TILE");
 }
 
