@@ -21,6 +21,13 @@ with_old=1
 [ "${OLD:-}" = none ] && with_old=0
 [ $with_old = 1 ] && rm -rf "$old" && mkdir -p "$old" && tar -xf "${OLD:-.gl/old.tar}" -C "$old"
 flags=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90)
+# The machine of this call: diffusers' figures are bound by Python on the host's CPU and move by up
+# to 1.8x between calls (docs/gpu-bench.md runs 19-22), so each run names its CPU and load.
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null
+  echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee "$out/env.txt"
 t0=$(date +%s)
 [ $with_old = 1 ] && (cmake -S "$old" -B "$old/build" "${flags[@]}" >"$out/configure-old.log" 2>&1 &&
   cmake --build "$old/build" -j8 --target loom_bench_unet >"$out/build-old.log" 2>&1
