@@ -128,24 +128,19 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kN / 2], float (&m)[2], 
 }
 
 // Writes this thread's two rows row_q[0] (g) and row_q[1] (g + 8) of O / l (l summed over the
-// row's 4 lanes here) as T pairs at out (rows `stride` apart, columns 8j + 2t…), and lane t = 0 the
-// row's natural-log LSE (m + log2 l)·ln 2 at lse[row]; rows ≥ q_len are not written.
+// row's 4 lanes here) through store_output_row (rows `stride` apart; lane t = 0 writes the row's
+// LSE at lse[row]); rows ≥ q_len are not written. o is the warpgroup accumulator: column block j
+// at o[4j…4j + 3], the [D / 8][4] fragments store_output_row reads.
 template <typename T, int D>
 __device__ __forceinline__ void store_output(T* out, float* lse, int64_t stride, int64_t q_len, const float (&o)[D / 2],
                                              const float (&m)[2], float (&l)[2], const int64_t (&row_q)[2], int t) {
+  const auto& blocks = reinterpret_cast<const float(&)[D / 8][4]>(o);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
     const int64_t qi = row_q[h];
-    if (qi >= q_len) continue;
-    const float inv = 1.f / l[h];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const uint32_t packed = Half2<T>::pack(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      *reinterpret_cast<uint32_t*>(out + qi * stride + j * 8 + 2 * t) = packed;
-    }
-    if (t == 0) lse[qi] = (m[h] + log2f(l[h])) * kLn2;
+    if (qi < q_len) store_output_row<T, D>(out + qi * stride, lse + qi, blocks, h, m[h], l[h], t);
   }
 }
 

@@ -41,9 +41,8 @@ struct WsShape {
   // at 128 when a sub-partition holds 4 warps): the producer keeps 24, the consumers take what is
   // left of the SM's 64 Ki (in steps of 8).
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = (65536 / 128 - kProducerRegs) / kWg / 8 * 8 > 240
-                                           ? 240
-                                           : (65536 / 128 - kProducerRegs) / kWg / 8 * 8;
+  static constexpr int kLeft = (65536 / 128 - kProducerRegs) / kWg / 8 * 8;
+  static constexpr int kConsumerRegs = kLeft < 240 ? kLeft : 240;
   static constexpr uint32_t kTileBytes = kN * 128;  // one K or V tile: kN rows of 64 elements
   // Q [kRows][64], then per stage K [kN][64] and V [kN][64]; 1024 bytes of alignment slack
   static constexpr size_t kSmem = 1024 + size_t(kRows) * 128 + size_t(kStages) * 2 * kTileBytes;
