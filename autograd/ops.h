@@ -111,6 +111,10 @@ Variable group_norm_silu(const Variable& x, int64_t groups, const Variable& weig
                          const Variable& bias = Variable(), double eps = 1e-5, const Variable& shift = Variable());
 // x [..., 2h] -> [..., h]: x[..., :h]·gelu(x[..., h:]) (exact erf gelu unless tanh_approx).
 Variable geglu(const Variable& x, bool tanh_approx = false);
+// geglu(linear(x, w, bias)) (w [2h, in], bias [2h] or undefined): where no gradient is recorded
+// one product (ops::linear_geglu: the projection never written nor rounded on devices with the
+// kernel); else linear and geglu, recorded as such.
+Variable linear_geglu(const Variable& x, const Variable& w, const Variable& bias = Variable());
 // (y + bias) + residual in one pass (a projection's or convolution's bias and the residual
 // connection); y, residual of one shape, bias [y.size(dim)] (broadcast along the other dims) or
 // undefined: dim -1 for a Linear, 1 for a Conv2d's NCHW output.

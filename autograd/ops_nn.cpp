@@ -123,6 +123,12 @@ Variable geglu(const Variable& x, bool tanh_approx) {
   });
 }
 
+Variable linear_geglu(const Variable& x, const Variable& w, const Variable& bias) {
+  if (records_gradient({x, w, bias})) return geglu(linear(x, w, bias));
+  LOOM_CHECK(x.defined() && w.defined(), "linear_geglu: undefined input or weight");
+  return Variable(ops::linear_geglu(x.tensor(), w.tensor(), tensor_or_none(bias)));
+}
+
 Variable bias_residual(const Variable& y, const Variable& bias, const Variable& residual, int64_t dim) {
   LOOM_CHECK(y.defined() && residual.defined(), "bias_residual: undefined input");
   LOOM_CHECK(y.dim() >= 1 && dim >= -y.dim() && dim < y.dim(), "bias_residual: dim ", dim,

@@ -1,5 +1,7 @@
 #include "nn/feedforward.h"
 
+#include <typeinfo>
+
 #include "autograd/ops.h"
 
 namespace loom::nn {
@@ -16,8 +18,15 @@ GEGLU::GEGLU(int64_t dim_in, int64_t dim_out, bool bias, Generator& gen, DType d
   register_module("proj", std::make_shared<Linear>(dim_in, 2 * dim_out, bias, gen, dtype, device));
 }
 
-// The fused op (autograd geglu): [..., 2·out] -> [..., out]; geglu_composed is its reference.
-Variable GEGLU::forward(const Variable& x) const { return geglu(proj()->forward(x)); }
+// The fused op (autograd geglu): [..., 2·out] -> [..., out]; geglu_composed is its reference. A
+// plain projection (no adapter on it) goes through linear_geglu: one product where no gradient is
+// recorded (Linear::base_forward's dtype rule for the weight and bias).
+Variable GEGLU::forward(const Variable& x) const {
+  const Linear& p = *proj();
+  if (p.extension() || typeid(p) != typeid(Linear)) return geglu(p.forward(x));
+  const Variable b = p.bias().defined() ? to_dtype(p.bias(), x.dtype()) : p.bias();
+  return linear_geglu(x, to_dtype(p.weight_matrix(), x.dtype()), b);
+}
 
 std::shared_ptr<UnaryModule> make_activation(const std::string& name, int64_t dim_in, int64_t dim_out, bool bias,
                                              Generator& gen, DType dtype, Device device) {

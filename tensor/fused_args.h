@@ -78,6 +78,14 @@ struct GegluGradArgs {
   bool approximate = false;
 };
 
+// A Linear followed by GEGLU in one product (inference: no backward): y [rows, h] =
+// (x·W[:h]ᵀ + b[:h]) · gelu(x·W[h:]ᵀ + b[h:]), the sums kept in f32 until the one rounding of y.
+// x [rows, in], w [2h, in], y [rows, h] contiguous, of one dtype; bias [2h] or undefined.
+struct LinearGegluArgs {
+  Tensor x, w, bias, y;  // y: output
+  int64_t rows = 0, in = 0, h = 0;
+};
+
 // Bias + residual add after a projection or a convolution, one pass instead of two, all of
 // dtype T: over [rows, n, inner] (contiguous), out[r,j,i] = (y[r,j,i] + bias[j]) + residual[r,j,i]
 // with bias [n] or undefined. inner = 1: a Linear's bias along the last dim; inner = H·W: a

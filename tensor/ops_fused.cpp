@@ -7,6 +7,8 @@
 #include <map>
 #include <utility>
 
+#include "tensor/ops.h"
+
 namespace loom::ops {
 
 namespace {
@@ -206,6 +208,28 @@ Tensor geglu(const Tensor& x_in, bool approximate) {
   a.approximate = approximate;
   if (a.y.numel() > 0) be.geglu(a);
   return a.y;
+}
+
+Tensor linear_geglu(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  check_input("linear_geglu", x);
+  LOOM_CHECK(w.defined() && w.dim() == 2 && w.size(0) % 2 == 0, "linear_geglu: weight ",
+             w.defined() ? w.str() : std::string("(undefined)"), " must be [2h, in]");
+  LOOM_CHECK(w.device() == x.device() && w.dtype() == x.dtype(), "linear_geglu: weight ", w.str(),
+             " is not of the input's dtype and device (", x.str(), ")");
+  LOOM_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear_geglu: input ", x.shape(), " does not match weight ",
+             w.shape(), " (in_features ", w.size(1), ")");
+  const Tensor b = check_vector("linear_geglu", "bias", bias, x, w.size(0), x.dtype());
+  LinearGegluArgs a;
+  a.in = w.size(1), a.h = w.size(0) / 2;
+  Shape out_shape = x.shape();
+  out_shape.back() = a.h;
+  a.rows = a.in == 0 ? 0 : x.numel() / a.in;
+  if (a.rows > 0 && a.in > 0 && a.h > 0) {
+    a.x = x.contiguous(), a.w = w.contiguous(), a.bias = b;
+    a.y = Tensor::empty(out_shape, x.dtype(), x.device());
+    if (backend_for(x.device()).linear_geglu(a)) return a.y;
+  }
+  return geglu(linear(x, w, bias));
 }
 
 Tensor geglu_backward(const Tensor& dy, const Tensor& x, bool approximate) {

@@ -51,6 +51,11 @@ NormForward group_norm_statistics(const Tensor& x, int64_t groups, double eps, c
 // GEGLU: x [..., 2h] -> [..., h] = x[..., :h]·gelu(x[..., h:]); backward gives dx [..., 2h].
 Tensor geglu(const Tensor& x, bool approximate = false);
 Tensor geglu_backward(const Tensor& dy, const Tensor& x, bool approximate = false);
+// geglu(linear(x, w, bias)) (x [..., in], w [2h, in], bias [2h] or undefined -> [..., h]) as one
+// product where the device has one (Backend::linear_geglu; CUDA on Hopper, bf16 / f16): the
+// [..., 2h] projection is never written, and is not rounded to x's dtype before the gelu and the
+// product. Elsewhere linear, then geglu. No backward: for inference (nn::GEGLU without gradients).
+Tensor linear_geglu(const Tensor& x, const Tensor& w, const Tensor& bias);
 
 // (y + bias) + residual in one pass: y, residual of one shape, bias [y.size(dim)] (broadcast along
 // every other dim) or undefined. dim -1: a Linear's bias; dim 1 of NCHW: a convolution's.

@@ -27,6 +27,7 @@
 #include "tensor/cuda/cuda_conv_cudnn.h"
 #include "tensor/cuda/cuda_conv_igemm.h"
 #include "tensor/cuda/cuda_fused.h"
+#include "tensor/cuda/cuda_gemm_geglu.h"
 
 namespace loom {
 namespace {
@@ -325,6 +326,7 @@ class CudaBackend final : public Backend {
   void group_norm(const GroupNormArgs& a) override { cuda::fused_group_norm(a); }
   void group_norm_backward(const GroupNormGradArgs& a) override { cuda::fused_group_norm_backward(a); }
   void geglu(const GegluArgs& a) override { cuda::fused_geglu(a); }
+  bool linear_geglu(const LinearGegluArgs& a) override { return cuda::gemm_geglu(a); }
   void geglu_backward(const GegluGradArgs& a) override { cuda::fused_geglu_backward(a); }
   void optimizer_update(const OptimizerUpdateArgs& a) override { cuda::fused_optimizer_update(a); }
   void bias_residual(const BiasResidualArgs& a) override { cuda::fused_bias_residual(a); }

@@ -24,6 +24,7 @@
 // falls back to the block-synchronous kernel otherwise.
 #include "tensor/cuda/cuda_flash_wgmma_fwd.cuh"
 #include "tensor/cuda/cuda_tma.cuh"
+#include "tensor/cuda/cuda_tma_host.h"
 
 #include <algorithm>
 #include <string>
@@ -184,24 +185,6 @@ __global__ void __launch_bounds__(WsShape<kWg, kN, kStages>::kThreads, 1)
 #endif
 }
 
-// cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda, which
-// machines without a GPU lack); null when the driver does not have it.
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn encode_tiled() {
-  static const EncodeTiledFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    return reinterpret_cast<EncodeTiledFn>(f);
-  }();
-  return fn;
-}
-
 // The map of one of q, k, v (`len` rows of each problem): [n / heads][len][heads][d] elements,
 // boxes of 64 columns × box_rows rows of one head, 128-byte swizzle, zeros outside.
 CUtensorMap rows_map(const FlashParams& p, const void* base, int64_t len, int box_rows, const char* name) {
@@ -210,15 +193,8 @@ CUtensorMap rows_map(const FlashParams& p, const void* base, int64_t len, int bo
   const cuuint64_t dims[4] = {cuuint64_t(p.d), cuuint64_t(heads), cuuint64_t(len), cuuint64_t(p.n / heads)};
   const cuuint64_t strides[3] = {p.d * elem, heads * p.d * elem, len * heads * p.d * elem};
   const cuuint32_t box[4] = {64, 1, cuuint32_t(box_rows), 1};
-  const cuuint32_t steps[4] = {1, 1, 1, 1};
-  CUtensorMap map;
-  const CUresult r = encode_tiled()(
-      &map, p.dtype == DType::BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-      const_cast<void*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  LOOM_CHECK(r == CUDA_SUCCESS, "flash forward (warp-specialised): cuTensorMapEncodeTiled failed (", int(r), ") for ",
-             name, " [", p.n / heads, ", ", len, ", ", heads, ", ", p.d, "], box of ", box_rows, " rows");
-  return map;
+  return tensor_map_sw128(p.dtype, 4, base, dims, strides, box,
+                          std::string("flash forward (warp-specialised): the map of ") + name);
 }
 
 template <typename T, int D, int kWg, int kN, int kStages, bool kPersistent = false>
@@ -258,7 +234,7 @@ bool flash_wgmma_ws_forward(const FlashParams& p, const std::string& tile) {
   // TMA: 16-byte-aligned bases (the row strides, d·2 and heads·d·2 bytes, are multiples of 16 for
   // d = 40, 64); coordinates in int32
   const int64_t max_len = std::max(p.q_len, p.k_len);
-  if (!encode_tiled() || !aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || max_len >= (int64_t(1) << 31))
+  if (!tensor_maps_available() || !aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || max_len >= (int64_t(1) << 31))
     return false;
   if (p.dtype == DType::BF16) {
     if (p.d == 40) ws_forward_for<__nv_bfloat16, 40>(p, tile);

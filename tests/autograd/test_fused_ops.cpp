@@ -13,10 +13,12 @@
 #include "tensor/backend.h"
 #include "tensor/ops_fused.h"
 #include "tests/common/fused_reference.h"
+#include "tests/test_helpers.h"
 
 namespace loom::test {
 namespace {
 
+using loom::testing::any_error_of;
 using Vars = std::vector<Variable>;
 using Fn = std::function<Variable(const Vars&)>;
 
@@ -254,6 +256,41 @@ TEST(FusedGeglu, F32MatchesTheF64Reference) {
   Generator gen = fresh_generator("geglu_f32");
   expect_matches([](const Vars& v) { return geglu(v[0]); }, [](const Vars& v) { return geglu_composed(v[0]); },
                  {random_tensor({3, 11, 2 * 1283}, gen)}, DType::F32, 1e-6, "f32", gen);
+}
+
+// linear_geglu: recorded as linear and geglu where a gradient is wanted (every gradient as the
+// composed reference's), ops::linear_geglu where none is (on the CPU: the same composition), with
+// and without a bias, on a [batch, tokens, in] input; bad operands are named.
+TEST(FusedLinearGeglu, MatchesLinearThenGegluWithAndWithoutGradients) {
+  Generator gen = fresh_generator("linear_geglu");
+  for (bool with_bias : {true, false}) {
+    const std::string what = with_bias ? "bias" : "no bias";
+    std::vector<Tensor> in = {random_tensor({2, 7, 13}, gen), random_tensor({2 * 9, 13}, gen)};
+    if (with_bias) in.push_back(random_tensor({2 * 9}, gen));
+    auto bias_of = [with_bias](const Vars& v) { return with_bias ? v[2] : Variable(); };
+    auto composed = [bias_of](const Vars& v) { return geglu_composed(linear(v[0], v[1], bias_of(v))); };
+    expect_matches([bias_of](const Vars& v) { return linear_geglu(v[0], v[1], bias_of(v)); }, composed, in,
+                   DType::F64, 1e-12, what, gen);
+    Tensor fused, reference;
+    {
+      NoGradGuard ng;
+      Vars v;
+      for (const Tensor& t : in) v.emplace_back(t);
+      fused = linear_geglu(v[0], v[1], bias_of(v)).tensor();
+      reference = composed(v).tensor();
+    }
+    EXPECT_EQ(fused.shape(), Shape({2, 7, 9})) << what;
+    EXPECT_LE(rel_error(fused, reference), 1e-13) << what << " (no grad)";
+  }
+  const Tensor x = random_tensor({3, 8}, gen), w = random_tensor({6, 8}, gen);
+  EXPECT_THAT(any_error_of([&] { ops::linear_geglu(x, random_tensor({5, 8}, gen), Tensor()); }),
+              ::testing::HasSubstr("must be [2h, in]"));
+  EXPECT_THAT(any_error_of([&] { ops::linear_geglu(x, random_tensor({6, 7}, gen), Tensor()); }),
+              ::testing::HasSubstr("does not match weight"));
+  EXPECT_THAT(any_error_of([&] { ops::linear_geglu(x, w, random_tensor({5}, gen)); }),
+              ::testing::HasSubstr("bias"));
+  EXPECT_THAT(any_error_of([&] { ops::linear_geglu(x, w.to(DType::F32), Tensor()); }),
+              ::testing::HasSubstr("not of the input's dtype"));
 }
 
 // ---- bias + residual ------------------------------------------------------------------------

@@ -1,0 +1,263 @@
+// A Linear followed by GEGLU as one product on Hopper (sm_90a, bf16 / f16): y [rows, h] =
+// (x·W[:h]ᵀ + b[:h]) · gelu(x·W[h:]ᵀ + b[h:]) (LinearGegluArgs, tensor/fused_args.h), where
+// cuBLAS + the GEGLU pass write the [rows, 2h] projection, read it back and write y. On Stable
+// Diffusion's feed-forward (h = 4·channels) that pass moved 5 bytes a y element and took ~5% of a
+// sampling step (docs/gpu-bench.md).
+//
+//   tile     128 rows of x × 128 columns of y: the product of x's rows with W's rows n0…n0 + 127
+//            (the hidden half) and h + n0… (the gate half), in k-steps of 64 (one 128-byte
+//            swizzle row), both operands K-major as they lie in memory (x [rows, in], W [2h, in]).
+//   block    2 consumer warpgroups (64 rows each: two m64n128k16 accumulators, hidden and gate, 128
+//            f32 registers a thread) and a producer warpgroup whose registers go to the consumers
+//            (setmaxnreg: 24 against 240). Persistent: one block per SM walks tiles blockIdx.x,
+//            + gridDim.x, … in row-block-major order (the blocks running together share W's
+//            tiles and a few row blocks of x in L2).
+//   producer one thread: per k-step, x's [128 × 64] box and W's two [128 × 64] boxes by TMA into
+//            stage it % kStages of a ring, whose `full` mbarrier completes on their bytes; a stage
+//            is refilled after its `empty` barrier has the 8 consumer warps' arrivals of the
+//            previous round. Boxes past the matrix arrive as zeros (rows past `rows`, columns past
+//            `in`, W's rows past 2h); the hidden box of the last column tile may hold gate rows
+//            past h, whose columns of y are not written.
+//   consumer per k-step: wait for `full`, 8 wgmma (4 k16 slices × hidden, gate), commit, wait
+//            until only this step's group runs, release the previous step's stage. Epilogue:
+//            bias (its pairs loaded before the tile's products), gelu (erf, branch-free) and product in f32,
+//            one rounding, 4-byte stores of column pairs.
+#include "tensor/cuda/cuda_device.cuh"
+#include "tensor/cuda/cuda_flash_tc.cuh"
+#include "tensor/cuda/cuda_gemm_geglu.h"
+#include "tensor/cuda/cuda_tma.cuh"
+#include "tensor/cuda/cuda_tma_host.h"
+#include "tensor/cuda/cuda_wgmma.cuh"
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+namespace loom::cuda {
+namespace {
+
+constexpr int kTileRows = 128;     // rows of x (and y) a tile: 2 consumer warpgroups × 64
+constexpr int kTileCols = 128;     // columns of y a tile (W rows: 128 hidden + 128 gate)
+constexpr int kStepK = 64;         // one 128-byte swizzle row of bf16 / f16
+constexpr int kStages = 4;
+constexpr int kConsumerWarps = 8;  // 2 warpgroups
+constexpr int kThreads = 128 * 3;  // + the producer warpgroup
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;  // (65536 − 128·24) / 256, in steps of 8
+constexpr uint32_t kBoxBytes = kTileRows * kStepK * 2;  // one [128 × 64] box: 16 KiB
+constexpr uint32_t kStageBytes = 3 * kBoxBytes;         // x, W hidden, W gate
+constexpr size_t kSmem = 1024 + size_t(kStages) * kStageBytes;
+
+struct GegluMaps {
+  CUtensorMap x, w;  // [rows][in] and [2h][in], boxes of 64 columns × 128 rows
+};
+
+struct GegluGemm {
+  void* y;
+  const void* bias;  // [2h] or null
+  int64_t rows, in, h;
+};
+
+// gelu(x) = x·Φ(x), the exact (erf) form, without erff's per-element branch (which serialised
+// the epilogue: each gelu its own basic block, ~35 instructions): Φ(x) = 1 − erfc(z)/2 for x ≥ 0,
+// erfc(z)/2 for x < 0, z = |x|/√2, with erfc(z) = t·exp(−z² + P(t)), t = 1/(1 + z/2), P of degree 9
+// (Numerical Recipes' Chebyshev fit "erfcc": fractional error < 1.2e-7 for every z ≥ 0). P's
+// coefficients are scaled by log2 e and the /2 taken as −1 in the exponent, for the hardware
+// reciprocal and exp2. Relative error ≤ 2e-5 over all x in f32 (against erfc in f64): below half
+// an ulp of the bf16 / f16 y it is rounded into.
+__device__ __forceinline__ float gelu_erf_branchless(float x) {
+  constexpr float kP[10] = {-1.825748218e+00f, 1.442729204e+00f,  5.397006155e-01f, 1.396300565e-01f,
+                            -2.687568603e-01f, 4.023215817e-01f,  -1.637753152e+00f, 2.147474464e+00f,
+                            -1.186114945e+00f, 2.465172979e-01f};
+  const float t = __fdividef(1.f, fmaf(0.35355339059f, fabsf(x), 1.f));  // 1 / (1 + |x|/(2√2))
+  float p = kP[9];
+#pragma unroll
+  for (int k = 8; k >= 0; --k) p = fmaf(p, t, kP[k]);
+  const float half_erfc = t * fast_exp2(fmaf(-0.7213475204f * x, x, p - 1.f));  // −z²·log2 e = −x²·log2 e / 2
+  return x * (x >= 0.f ? 1.f - half_erfc : half_erfc);
+}
+
+// The tile's biases of this thread's columns n0 + 8j + 2t, + 1 (j < 16) as packed pairs: hidden
+// b[col], b[col + 1] in hid[j], gate b[h + col], … in gate[j]; zeros without a bias or past h.
+// Loaded before the tile's products so that their latency hides behind them.
+struct TileBias {
+  uint32_t hid[kTileCols / 8], gate[kTileCols / 8];
+};
+
+template <typename T>
+__device__ __forceinline__ TileBias load_tile_bias(const GegluGemm& p, int64_t n0, int t) {
+  TileBias b;
+  const uint32_t* bias = static_cast<const uint32_t*>(p.bias);  // pairs: the host checked 4-byte alignment
+#pragma unroll
+  for (int j = 0; j < kTileCols / 8; ++j) {
+    const int64_t col = n0 + 8 * j + 2 * t;  // h is a multiple of 8: col < h means col + 1 < h
+    const bool in = bias && col < p.h;
+    b.hid[j] = in ? __ldg(bias + col / 2) : 0u;
+    b.gate[j] = in ? __ldg(bias + (p.h + col) / 2) : 0u;
+  }
+  return b;
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack(uint32_t v) {
+  const T* h = reinterpret_cast<const T*>(&v);
+  return make_float2(widen(h[0]), widen(h[1]));
+}
+
+// The warp's rows row0 and row0 + 8 of y, columns n0 + 8j + 2t (+1) for j < 16: hid / gate are the
+// m64n128 accumulators (cuda_wgmma.cuh's fragment layout: d[4j + 2r + e], row + 8r, column + e).
+template <typename T>
+__device__ __forceinline__ void store_geglu(const GegluGemm& p, int64_t row0, int64_t n0, const float (&hid)[64],
+                                            const float (&gate)[64], const TileBias& bias, int t) {
+  // All the arithmetic first, in one basic block (the stores' bounds checks would split it and
+  // keep the gelus of different columns from overlapping), then the stores.
+  uint32_t out[kTileCols / 8][2];
+#pragma unroll
+  for (int j = 0; j < kTileCols / 8; ++j) {
+    const float2 bh = unpack<T>(bias.hid[j]), bg = unpack<T>(bias.gate[j]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float v0 = hid[4 * j + 2 * r] + bh.x, v1 = hid[4 * j + 2 * r + 1] + bh.y;
+      v0 *= gelu_erf_branchless(gate[4 * j + 2 * r] + bg.x);
+      v1 *= gelu_erf_branchless(gate[4 * j + 2 * r + 1] + bg.y);
+      out[j][r] = Half2<T>::pack(v0, v1);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row0 + 8 * r >= p.rows) continue;
+    T* y = static_cast<T*>(p.y) + (row0 + 8 * r) * p.h + n0 + 2 * t;
+    const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of this row that exist: 8j < cols
+#pragma unroll
+    for (int j = 0; j < kTileCols / 8; ++j)
+      if (8 * j < cols) *reinterpret_cast<uint32_t*>(y + 8 * j) = out[j][r];  // h is a multiple of 8
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) gemm_geglu_kernel(const GegluGemm p, const __grid_constant__ GegluMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ alignas(8) uint64_t bars[2 * kStages];  // full[kStages], empty[kStages]
+  unsigned char* smem = align_1024(smem_raw);
+  auto x_box = [&](int s) { return reinterpret_cast<T*>(smem + s * kStageBytes); };
+  auto w_box = [&](int s, int half) { return reinterpret_cast<T*>(smem + s * kStageBytes + (1 + half) * kBoxBytes); };
+  uint64_t* full = bars;
+  uint64_t* empty = bars + kStages;
+
+  const int tid = threadIdx.x, warp_id = tid / 32, lane = tid % 32;
+  const int64_t col_tiles = (p.h + kTileCols - 1) / kTileCols;
+  const int64_t tiles = (p.rows + kTileRows - 1) / kTileRows * col_tiles;
+  const int k_steps = int((p.in + kStepK - 1) / kStepK);
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], kConsumerWarps);
+    mbar_init_fence();
+  }
+  __syncthreads();  // the only block barrier
+
+  // Both sides count k-steps over all of the block's tiles (`it`: stage it % kStages, round
+  // it / kStages): the parities of full and empty.
+  if (warp_id >= kConsumerWarps) {
+    set_max_registers_dec<kProducerRegs>();
+    if (warp_id == kConsumerWarps && lane == 0) {
+      int64_t it = 0;
+      for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = int(tile / col_tiles * kTileRows), n0 = int(tile % col_tiles * kTileCols);
+        for (int k = 0; k < k_steps; ++k, ++it) {
+          const int s = int(it % kStages);
+          const uint32_t round = uint32_t(it / kStages);
+          if (round > 0) mbar_wait(&empty[s], (round - 1) & 1);
+          mbar_arrive_expect_tx(&full[s], kStageBytes);
+          tma_load_2d(x_box(s), &maps.x, &full[s], k * kStepK, m0);
+          tma_load_2d(w_box(s, 0), &maps.w, &full[s], k * kStepK, n0);
+          tma_load_2d(w_box(s, 1), &maps.w, &full[s], k * kStepK, int(p.h) + n0);
+        }
+      }
+    }
+    return;
+  }
+
+  set_max_registers_inc<kConsumerRegs>();
+  const int wg = warp_id / 4, warp = warp_id % 4, g = lane / 4, t = lane % 4;
+  int64_t it = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileCols;
+    const TileBias bias = load_tile_bias<T>(p, n0, t);
+    float hid[64], gate[64];
+    for (int k = 0; k < k_steps; ++k, ++it) {
+      const int s = int(it % kStages);
+      mbar_wait(&full[s], uint32_t(it / kStages) & 1);
+      const uint64_t a = sw128_desc(x_box(s) + wg * 64 * kStepK, 16, 1024);
+      const uint64_t bh = sw128_desc(w_box(s, 0), 16, 1024), bg = sw128_desc(w_box(s, 1), 16, 1024);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kStepK / 16; ++kk) {  // the k16 slice kk: 32 bytes further in each row
+        const int accumulate = k > 0 || kk > 0;
+        wgmma_ss(hid, a + 2 * kk, bh + 2 * kk, accumulate, T());
+        wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());
+      }
+      wgmma_commit();
+      if (k > 0) {  // the previous step's products are done: its stage may be refilled
+        wgmma_wait<1>();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+      }
+    }
+    wgmma_wait<0>();
+    fence_operands(hid);
+    fence_operands(gate);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+    store_geglu<T>(p, m0 + wg * 64 + warp * 16 + g, n0, hid, gate, bias, t);
+  }
+#else
+  (void)p;
+  (void)maps;
+  __trap();  // built without sm_90a: flash_wgmma_available() is false there
+#endif
+}
+
+template <typename T>
+void launch(const LinearGegluArgs& a) {
+  const cuuint64_t row_bytes = cuuint64_t(a.in) * 2;
+  const cuuint64_t x_dims[2] = {cuuint64_t(a.in), cuuint64_t(a.rows)};
+  const cuuint64_t w_dims[2] = {cuuint64_t(a.in), cuuint64_t(2 * a.h)};
+  const cuuint32_t box[2] = {kStepK, kTileRows};
+  const GegluMaps maps{
+      tensor_map_sw128(a.x.dtype(), 2, a.x.raw_data(), x_dims, &row_bytes, box, "linear_geglu: the map of x"),
+      tensor_map_sw128(a.x.dtype(), 2, a.w.raw_data(), w_dims, &row_bytes, box, "linear_geglu: the map of w")};
+  const GegluGemm p{a.y.raw_data(), a.bias.defined() ? a.bias.raw_data() : nullptr, a.rows, a.in, a.h};
+  auto* kernel = gemm_geglu_kernel<T>;
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
+  const int64_t tiles = (a.rows + kTileRows - 1) / kTileRows * ((a.h + kTileCols - 1) / kTileCols);
+  const unsigned grid = unsigned(std::min<int64_t>(tiles, flash_sm_count()));
+  kernel<<<grid, kThreads, kSmem, compute_stream()>>>(p, maps);
+  check_last_launch("gemm_geglu_kernel");
+}
+
+// LOOM_LINEAR_GEGLU: unset or 1 runs the kernel where it applies, 0 never (read at every call).
+bool enabled() {
+  const char* env = std::getenv("LOOM_LINEAR_GEGLU");
+  const std::string v = env ? env : "";
+  LOOM_CHECK(v.empty() || v == "0" || v == "1", "LOOM_LINEAR_GEGLU='", v, "' is not 0 or 1");
+  return v != "0";
+}
+
+}  // namespace
+
+bool gemm_geglu(const LinearGegluArgs& a) {
+  const DType dt = a.x.dtype();
+  if (!enabled() || !flash_wgmma_available() || !tensor_maps_available()) return false;
+  if ((dt != DType::BF16 && dt != DType::F16) || a.w.dtype() != dt || a.y.dtype() != dt) return false;
+  if (a.bias.defined() && a.bias.dtype() != dt) return false;
+  if (!aligned16(a.x.raw_data()) || !aligned16(a.w.raw_data()) || !aligned16(a.y.raw_data())) return false;
+  if (a.bias.defined() && reinterpret_cast<uintptr_t>(a.bias.raw_data()) % 4 != 0) return false;  // pair loads
+  // TMA: row strides (in·2 bytes) multiples of 16, coordinates in int32; pair stores: h even
+  if (a.in % 8 != 0 || a.h % 8 != 0 || a.rows >= (int64_t(1) << 31) || 2 * a.h >= (int64_t(1) << 31)) return false;
+  if (dt == DType::BF16) launch<__nv_bfloat16>(a);
+  else launch<__half>(a);
+  return true;
+}
+
+}  // namespace loom::cuda
