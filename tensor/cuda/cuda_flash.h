@@ -99,7 +99,8 @@ void flash_wgmma_forward(const FlashParams& p);
 // The warp-specialised forward (cuda_flash_wgmma_ws.cu: a producer warpgroup fills a ring of K / V
 // stages by TMA, the consumer warpgroups never wait for each other): LOOM_FLASH_FWD_TILE =
 // wsp3x128 (the default: 3 consumer warpgroups, 128-key tiles, 2 stages, one persistent block per
-// SM), ws3x128 (the same, one block per query tile), ws3x128s3 (3 stages), ws2x128; `sync` asks
+// SM), wsp3x128i (the same, a warpgroup with no query row in an item passing it at once),
+// ws3x128 (one block per query tile), ws3x128s3 (3 stages), ws2x128; `sync` asks
 // for the block-synchronous kernel with its own choice of block.
 // Returns false, launching nothing, where it cannot run (q, k or v not 16-byte aligned, a driver
 // without cuTensorMapEncodeTiled): flash_wgmma_forward then takes the block-synchronous kernel.

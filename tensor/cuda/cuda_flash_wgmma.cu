@@ -164,7 +164,7 @@ void wgmma_forward_for(const FlashParams& p, const std::string& tile) {
   // every 4th column block of unmasked tiles exponentiated on the FMA pipe (the default family at d = 40)
   if (tile == "3x128e4") return wgmma_forward<T, D, 3, 128, false, 4>(p);
   LOOM_FAIL("LOOM_FLASH_FWD_TILE='", tile,
-            "' is not one of ws3x128, ws3x128s3, ws2x128, sync, 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
+            "' is not one of ws3x128, ws3x128s3, ws2x128, wsp3x128, wsp3x128i, sync, 3x128, 3x128e4, 4x128, 4x128e4, 2x128, 2x64, 4x64, 2x128p");
 }
 
 template <typename T>

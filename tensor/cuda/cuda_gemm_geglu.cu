@@ -20,8 +20,14 @@
 //            past h, whose columns of y are not written.
 //   consumer per k-step: wait for `full`, 8 wgmma (4 k16 slices × hidden, gate), commit, wait
 //            until only this step's group runs, release the previous step's stage. Epilogue:
-//            bias (its pairs loaded before the tile's products), gelu (erf, branch-free) and product in f32,
-//            one rounding, 4-byte stores of column pairs.
+//            bias (its pairs loaded before the tile's products), gelu (erf, branch-free) and
+//            product in f32, one rounding, 4-byte stores of column pairs.
+//   deferred (LOOM_LINEAR_GEGLU_EPILOGUE=deferred) the epilogue above leaves the tensor cores idle
+//            for ~a third of a tile at in = 640 (docs/gpu-bench.md, run 24). Here a tile's sums
+//            hidden + b, gate + b are rounded to T pairs and held in 64 registers; the next tile
+//            issues its first min(kStages, k-steps) products without waiting, computes the held
+//            tile's GELUs and stores while they run, then releases their stages together. The
+//            sums are rounded once more than in the immediate epilogue (as the composed path does).
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_flash_tc.cuh"
 #include "tensor/cuda/cuda_gemm_geglu.h"
@@ -32,6 +38,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 namespace loom::cuda {
 namespace {
@@ -98,10 +105,40 @@ __device__ __forceinline__ TileBias load_tile_bias(const GegluGemm& p, int64_t n
   return b;
 }
 
+// Brings the lines of this thread's tile biases into L1 (no registers held).
+__device__ __forceinline__ void prefetch_tile_bias(const GegluGemm& p, int64_t n0, int t) {
+  if (!p.bias) return;
+  const char* bias = static_cast<const char*>(p.bias);
+  const int64_t col = min(n0 + 2 * t, p.h - 2);
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(bias + col * 2));
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(bias + (p.h + col) * 2));
+}
+
+// A packed pair of T (low half first) as two floats, by bit operations (no address taken).
 template <typename T>
 __device__ __forceinline__ float2 unpack(uint32_t v) {
-  const T* h = reinterpret_cast<const T*>(&v);
-  return make_float2(widen(h[0]), widen(h[1]));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+  } else {
+    __half2 h;
+    asm("mov.b32 %0, %1;" : "=r"(*reinterpret_cast<uint32_t*>(&h)) : "r"(v));
+    return __half22float2(h);
+  }
+}
+
+// This thread's y pairs out[j][r] (rows row0 + 8r, columns n0 + 8j + 2t, + 1), where they lie in y.
+template <typename T>
+__device__ __forceinline__ void store_pairs(const GegluGemm& p, int64_t row0, int64_t n0,
+                                            const uint32_t (&out)[kTileCols / 8][2], int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row0 + 8 * r >= p.rows) continue;
+    T* y = static_cast<T*>(p.y) + (row0 + 8 * r) * p.h + n0 + 2 * t;
+    const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of this row that exist: 8j < cols
+#pragma unroll
+    for (int j = 0; j < kTileCols / 8; ++j)
+      if (8 * j < cols) *reinterpret_cast<uint32_t*>(y + 8 * j) = out[j][r];  // h is a multiple of 8
+  }
 }
 
 // The warp's rows row0 and row0 + 8 of y, columns n0 + 8j + 2t (+1) for j < 16: hid / gate are the
@@ -123,19 +160,87 @@ __device__ __forceinline__ void store_geglu(const GegluGemm& p, int64_t row0, in
       out[j][r] = Half2<T>::pack(v0, v1);
     }
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row0 + 8 * r >= p.rows) continue;
-    T* y = static_cast<T*>(p.y) + (row0 + 8 * r) * p.h + n0 + 2 * t;
-    const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of this row that exist: 8j < cols
-#pragma unroll
-    for (int j = 0; j < kTileCols / 8; ++j)
-      if (8 * j < cols) *reinterpret_cast<uint32_t*>(y + 8 * j) = out[j][r];  // h is a multiple of 8
-  }
+  store_pairs<T>(p, row0, n0, out, t);
 }
 
+// A tile whose products are done and whose GELU is deferred (LOOM_LINEAR_GEGLU_EPILOGUE=deferred):
+// the sums hidden + b and gate + b rounded to T pairs (64 registers instead of the accumulators'
+// 128; the rounding the composed path makes when cuBLAS writes the projection).
+struct PendingTile {
+  uint32_t hid[kTileCols / 8][2], gate[kTileCols / 8][2];
+  int64_t row0 = 0, n0 = 0;
+  bool valid = false;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) gemm_geglu_kernel(const GegluGemm p, const __grid_constant__ GegluMaps maps) {
+__device__ __forceinline__ void hold_tile(PendingTile& pt, int64_t row0, int64_t n0, const float (&hid)[64],
+                                          const float (&gate)[64], const TileBias& bias) {
+#pragma unroll
+  for (int j = 0; j < kTileCols / 8; ++j) {
+    const float2 bh = unpack<T>(bias.hid[j]), bg = unpack<T>(bias.gate[j]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      pt.hid[j][r] = Half2<T>::pack(hid[4 * j + 2 * r] + bh.x, hid[4 * j + 2 * r + 1] + bh.y);
+      pt.gate[j][r] = Half2<T>::pack(gate[4 * j + 2 * r] + bg.x, gate[4 * j + 2 * r + 1] + bg.y);
+    }
+  }
+  pt.row0 = row0, pt.n0 = n0, pt.valid = true;
+}
+
+// *dst = v where `pred`, as one predicated instruction: no branch to split the arithmetic around it.
+__device__ __forceinline__ void store_u32_if(bool pred, void* dst, uint32_t v) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p st.global.b32 [%1], %2;\n}\n" ::"r"(int(pred)), "l"(dst),
+               "r"(v)
+               : "memory");
+}
+
+// The pending tile's GELUs, products and stores, pair by pair (each pair's registers free once it
+// is stored: the next tile's accumulators are live meanwhile).
+template <typename T>
+__device__ __forceinline__ void finish_tile(const GegluGemm& p, PendingTile& pt, int t) {
+  const int64_t cols = p.h - pt.n0 - 2 * t;  // columns 8j of the rows that exist: 8j < cols
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = pt.row0 + 8 * r;
+    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.h + pt.n0 + 2 * t;
+#pragma unroll
+    for (int j = 0; j < kTileCols / 8; ++j) {
+      const float2 h = unpack<T>(pt.hid[j][r]), g = unpack<T>(pt.gate[j][r]);
+      const uint32_t v = Half2<T>::pack(h.x * gelu_erf_branchless(g.x), h.y * gelu_erf_branchless(g.y));
+      store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, v);  // h is a multiple of 8
+    }
+  }
+  pt.valid = false;
+}
+
+// Issues the k-step's 8 products of this warpgroup (its 64 rows of x's box against W's hidden and
+// gate boxes; `first`: the tile's first step, which overwrites the accumulators) and commits them.
+template <typename T>
+__device__ __forceinline__ void issue_step(float (&hid)[64], float (&gate)[64], const T* x_box, const T* w_hidden,
+                                           const T* w_gate, int wg, bool first) {
+  const uint64_t a = sw128_desc(x_box + wg * 64 * kStepK, 16, 1024);
+  const uint64_t bh = sw128_desc(w_hidden, 16, 1024), bg = sw128_desc(w_gate, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kStepK / 16; ++kk) {  // the k16 slice kk: 32 bytes further in each row
+    const int accumulate = !first || kk > 0;
+    wgmma_ss(hid, a + 2 * kk, bh + 2 * kk, accumulate, T());
+    wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());
+  }
+  wgmma_commit();
+}
+
+// Lane 0 of the warp arrives on the `empty` barriers of the `count` k-steps before `it` (their
+// products done: every lane of the warp has waited for them).
+__device__ __forceinline__ void release_steps(uint64_t* empty, int64_t it, int count, int lane) {
+  __syncwarp();
+  if (lane == 0)
+    for (int q = 1; q <= count; ++q) mbar_arrive(&empty[(it - q) % kStages]);
+}
+
+template <typename T, bool kDeferred>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_geglu_kernel(const GegluGemm p, const __grid_constant__ GegluMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   __shared__ alignas(8) uint64_t bars[2 * kStages];  // full[kStages], empty[kStages]
@@ -181,41 +286,54 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_geglu_kernel(const GegluGemm
   set_max_registers_inc<kConsumerRegs>();
   const int wg = warp_id / 4, warp = warp_id % 4, g = lane / 4, t = lane % 4;
   int64_t it = 0;
+  PendingTile pending;  // kDeferred: the previous tile, its GELU not yet done
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileCols;
-    const TileBias bias = load_tile_bias<T>(p, n0, t);
+    const int64_t row0 = m0 + wg * 64 + warp * 16 + g;
+    TileBias bias;
+    if (!kDeferred) bias = load_tile_bias<T>(p, n0, t);
+    // kDeferred: the first min(kStages, k_steps) steps are issued without waiting; the previous
+    // tile's GELUs and stores run while they do, then their stages are released together.
+    const int defer_at = kDeferred ? min(kStages, k_steps) - 1 : -1;
     float hid[64], gate[64];
     for (int k = 0; k < k_steps; ++k, ++it) {
       const int s = int(it % kStages);
       mbar_wait(&full[s], uint32_t(it / kStages) & 1);
-      const uint64_t a = sw128_desc(x_box(s) + wg * 64 * kStepK, 16, 1024);
-      const uint64_t bh = sw128_desc(w_box(s, 0), 16, 1024), bg = sw128_desc(w_box(s, 1), 16, 1024);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kStepK / 16; ++kk) {  // the k16 slice kk: 32 bytes further in each row
-        const int accumulate = k > 0 || kk > 0;
-        wgmma_ss(hid, a + 2 * kk, bh + 2 * kk, accumulate, T());
-        wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());
-      }
-      wgmma_commit();
-      if (k > 0) {  // the previous step's products are done: its stage may be refilled
+      issue_step<T>(hid, gate, x_box(s), w_box(s, 0), w_box(s, 1), wg, k == 0);
+      if (k == defer_at) {
+        if (pending.valid) finish_tile<T>(p, pending, t);
+        prefetch_tile_bias(p, n0, t);  // loaded into registers at the tile's end (they are scarce)
         wgmma_wait<1>();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+        release_steps(empty, it, k, lane);
+      } else if (k > defer_at && k > 0) {  // the previous step's products are done
+        wgmma_wait<1>();
+        release_steps(empty, it, 1, lane);
       }
     }
     wgmma_wait<0>();
     fence_operands(hid);
     fence_operands(gate);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
-    store_geglu<T>(p, m0 + wg * 64 + warp * 16 + g, n0, hid, gate, bias, t);
+    release_steps(empty, it, 1, lane);
+    if (kDeferred) hold_tile<T>(pending, row0, n0, hid, gate, load_tile_bias<T>(p, n0, t));
+    else store_geglu<T>(p, row0, n0, hid, gate, bias, t);
   }
+  if (kDeferred && pending.valid) finish_tile<T>(p, pending, t);
 #else
   (void)p;
   (void)maps;
   __trap();  // built without sm_90a: flash_wgmma_available() is false there
 #endif
+}
+
+// LOOM_LINEAR_GEGLU_EPILOGUE (read at every call): `immediate` (unset: the default) computes a
+// tile's GELUs and stores from its accumulators while the tensor cores wait; `deferred` rounds the
+// sums to T pairs and computes them during the next tile's first products.
+bool deferred_epilogue() {
+  const char* env = std::getenv("LOOM_LINEAR_GEGLU_EPILOGUE");
+  const std::string v = env ? env : "";
+  LOOM_CHECK(v.empty() || v == "immediate" || v == "deferred", "LOOM_LINEAR_GEGLU_EPILOGUE='", v,
+             "' is not immediate or deferred");
+  return v == "deferred";
 }
 
 template <typename T>
@@ -228,7 +346,7 @@ void launch(const LinearGegluArgs& a) {
       tensor_map_sw128(a.x.dtype(), 2, a.x.raw_data(), x_dims, &row_bytes, box, "linear_geglu: the map of x"),
       tensor_map_sw128(a.x.dtype(), 2, a.w.raw_data(), w_dims, &row_bytes, box, "linear_geglu: the map of w")};
   const GegluGemm p{a.y.raw_data(), a.bias.defined() ? a.bias.raw_data() : nullptr, a.rows, a.in, a.h};
-  auto* kernel = gemm_geglu_kernel<T>;
+  auto* kernel = deferred_epilogue() ? gemm_geglu_kernel<T, true> : gemm_geglu_kernel<T, false>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
   const int64_t tiles = (a.rows + kTileRows - 1) / kTileRows * ((a.h + kTileCols - 1) / kTileCols);
   const unsigned grid = unsigned(std::min<int64_t>(tiles, flash_sm_count()));

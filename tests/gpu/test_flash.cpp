@@ -273,7 +273,7 @@ TEST(FlashCudaForwardPaths, EveryForwardMatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   std::vector<std::pair<std::string, std::string>> paths = {{"mma", ""}};
   if (wgmma_kernels_run())
-    for (const char* tile : {"", "ws3x128", "ws3x128s3", "ws2x128", "sync", "3x128", "3x128e4", "4x128", "4x128e4", "2x128", "2x64",
+    for (const char* tile : {"", "ws3x128", "ws3x128s3", "ws2x128", "wsp3x128i", "sync", "3x128", "3x128e4", "4x128", "4x128e4", "2x128", "2x64",
                              "4x64", "2x128p"})
       paths.push_back({"wgmma", tile});
   for (const auto& [fwd, tile] : paths) {
