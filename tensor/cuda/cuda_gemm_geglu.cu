@@ -105,11 +105,12 @@ __device__ __forceinline__ TileBias load_tile_bias(const GegluGemm& p, int64_t n
   return b;
 }
 
-// Brings the lines of this thread's tile biases into L1 (no registers held).
+// Brings the tile's bias lines into L1 (no registers held): lanes t = 0, 1, 2 (and 3) take columns
+// n0, n0 + 64, n0 + 127 of each half, the ≤ 3 lines of 128 bytes its 256 bytes can straddle.
 __device__ __forceinline__ void prefetch_tile_bias(const GegluGemm& p, int64_t n0, int t) {
   if (!p.bias) return;
   const char* bias = static_cast<const char*>(p.bias);
-  const int64_t col = min(n0 + 2 * t, p.h - 2);
+  const int64_t col = min(n0 + min(64 * t, kTileCols - 1), p.h - 1);
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(bias + col * 2));
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(bias + (p.h + col) * 2));
 }
