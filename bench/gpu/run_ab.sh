@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the H200 machine: the UNet's sampling loop of an older tree against this one, in the
 # same call (loom's figures move by up to 2.6% between calls: docs/gpu-bench.md run 19).
-#   OLD=.gl/old.tar ROUNDS=2 CONFIG=sdxl BATCH=4 REPS=10 CTEST_R=regex PEER=1 VARIANTS="A=1;B=2 C=3" PROFILE=1 \
+#   OLD=.gl/old.tar ROUNDS=2 CONFIG=sdxl BATCH=4 REPS=10 CTEST_R=regex GEGLU=1 PEER=1 VARIANTS="A=1;B=2 C=3" PROFILE=1 \
 #     bash bench/gpu/run_ab.sh [out]
 # OLD is a `git archive` tarball of the older tree (ignored paths travel with `carry`; give it this
 # tree's bench/gpu/bench_unet.cpp for --sampling-only); OLD=none runs this tree alone. Both trees are built side by side
@@ -41,6 +41,11 @@ echo "builds: $(($(date +%s) - t0)) s"
 if [ -n "${CTEST_R:-}" ]; then
   ctest --test-dir build-gpu -L gpu -R "$CTEST_R" -j4 --output-on-failure >"$out/ctest-gpu.log" 2>&1
   echo "ctest -L gpu -R '$CTEST_R' rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$out/ctest-gpu.log" | head -20
+fi
+# GEGLU=1: the Linear + GEGLU kernel's epilogues against cuBLAS + the GEGLU pass (loom_bench_geglu,
+# which TARGETS must name)
+if [ "${GEGLU:-0}" = 1 ]; then
+  ./build-gpu/bench/loom_bench_geglu --reps 30 | tee "$out/geglu.jsonl"
 fi
 # The old tree's bench may predate --sampling-only: it then runs every phase (its JSON has the same
 # sample_loop_fused_step_ms field).
