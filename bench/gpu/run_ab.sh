@@ -5,7 +5,8 @@
 #     bash bench/gpu/run_ab.sh [out]
 # OLD is a `git archive` tarball of the older tree (ignored paths travel with `carry`; give it this
 # tree's bench/gpu/bench_unet.cpp for --sampling-only); OLD=none runs this tree alone. Both trees are built side by side
-# (loom_bench_unet; this tree also TARGETS), then the GPU tests matching CTEST_R run, then
+# (loom_bench_unet; this tree also TARGETS), then the GPU tests matching CTEST_R run (each under
+# CTEST_TIMEOUT seconds, default 300: a kernel whose barriers hang fails instead of eating the call), then
 # --sampling-only runs alternate old / new ROUNDS times, then diffusers + PEFT's forward at the same
 # config and batch (PEER=1), then this tree once per VARIANTS setting (';' between settings, each a
 # space-separated list of NAME=VALUE environment settings), then (PROFILE=1) this tree's eager loop
@@ -39,7 +40,7 @@ wait
 grep -E "error|FAILED" -A3 "$out/build.log" | head -30
 echo "builds: $(($(date +%s) - t0)) s"
 if [ -n "${CTEST_R:-}" ]; then
-  ctest --test-dir build-gpu -L gpu -R "$CTEST_R" -j4 --output-on-failure >"$out/ctest-gpu.log" 2>&1
+  ctest --test-dir build-gpu -L gpu -R "$CTEST_R" -j4 --timeout "${CTEST_TIMEOUT:-300}" --output-on-failure >"$out/ctest-gpu.log" 2>&1
   echo "ctest -L gpu -R '$CTEST_R' rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$out/ctest-gpu.log" | head -20
 fi
 # GEGLU=1: the Linear + GEGLU kernel's epilogues against cuBLAS + the GEGLU pass (loom_bench_geglu,
