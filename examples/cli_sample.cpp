@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "io/tensor_file.h"
+#include "tensor/determinism.h"
 
 namespace loom::cli {
 namespace {
@@ -61,6 +62,9 @@ CLI::App* add_sample(CLI::App& app, SampleArgs& a) {
   s->add_flag("--no-cuda-graph", a.no_cuda_graph,
               "On CUDA, run the UNet eagerly at every step instead of replaying a CUDA graph of its forward "
               "captured at the second step");
+  s->add_flag("--deterministic", a.deterministic,
+              "Bit-for-bit repeatable runs on CUDA (the CPU always is): no timed GEMM algorithms, f32 attention "
+              "without TF32");
   s->add_flag("--no-fuse", a.no_fuse,
               "Apply LoRA adapters as low-rank products at every step instead of fusing them into the weights "
               "once (W + w·scale·B·A in f64) before the first step");
@@ -83,7 +87,8 @@ int run_sample(const SampleArgs& a, const CLI::App& cmd) {
     if (a.steps < 1) throw Error("--steps must be at least 1, got " + std::to_string(a.steps));
     for (const auto& s : a.adapters) o.adapters.push_back(trainer::AdapterSpec::parse(s));
     const trainer::Placement p = trainer::placement_of(a.device, a.precision);
-    std::cerr << "loom: " << p.describe() << "\n";
+    set_deterministic_algorithms(a.deterministic);
+    std::cerr << "loom: " << p.describe() << (a.deterministic ? ", deterministic kernels" : "") << "\n";
   } catch (const Error& e) {
     throw trainer::OptionError(e.what());
   }

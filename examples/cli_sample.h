@@ -18,7 +18,7 @@ struct SampleArgs {
   int64_t height = 0, width = 0;
   bool quiet = false;
   bool no_cuda_graph = false;
-  bool no_fuse = false;
+  bool no_fuse = false, deterministic = false;
   std::string device, precision;
 };
 

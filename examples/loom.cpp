@@ -21,6 +21,7 @@
 #include "examples/loom_vae.h"
 #include "io/adapter_io.h"
 #include "io/temp_files.h"
+#include "tensor/determinism.h"
 #include "trainer/builtin_task.h"
 #include "trainer/builtin_unet.h"
 #include "trainer/diffusion_objective.h"
@@ -82,25 +83,30 @@ std::vector<std::string> split_list(const std::string& s) {
 
 // ---- device and precision (SPEC §7) -------------------------------------------------------------
 
-void add_placement_flags(CLI::App* cmd, std::string& device, std::string& precision) {
+void add_placement_flags(CLI::App* cmd, std::string& device, std::string& precision, bool& deterministic) {
   device = "auto";
   cmd->add_option("--device", device, "cpu | cuda | cuda:N | auto (cuda:0 when a GPU is usable, else cpu)")
       ->capture_default_str();
   cmd->add_option("--precision", precision,
                   "f32 | tf32 | bf16 | f16 (default: bf16 on CUDA, f32 on the CPU; bf16/f16 keep the adapter, "
                   "its gradients and the optimizer state in f32)");
+  cmd->add_flag("--deterministic", deterministic,
+                "Bit-for-bit repeatable runs on CUDA (the CPU always is): kernels whose sums do not depend on "
+                "scheduling (the attention backward without atomics, f32 attention without TF32, no timed GEMM "
+                "algorithms); slower");
 }
 
-// Checks --device / --precision (a usage error names the flag) and says the choice on stderr,
-// as the run's first line.
-trainer::Placement announce_placement(const std::string& device, const std::string& precision) {
+// Checks --device / --precision (a usage error names the flag), applies --deterministic and says
+// the choice on stderr, as the run's first line.
+trainer::Placement announce_placement(const std::string& device, const std::string& precision, bool deterministic) {
   trainer::Placement p;
   try {
     p = trainer::placement_of(device, precision);
   } catch (const Error& e) {
     throw UsageError(e.what());
   }
-  std::cerr << "loom: " << p.describe() << "\n";
+  set_deterministic_algorithms(deterministic);
+  std::cerr << "loom: " << p.describe() << (deterministic ? ", deterministic kernels" : "") << "\n";
   return p;
 }
 
@@ -111,7 +117,7 @@ struct TrainArgs {
   std::string config, builtin = "block";  // --config: of a single-file UNet checkpoint
   trainer::TrainOptions options;
   double alpha = 0, snr_gamma = 0;
-  bool no_cuda_graph = false;
+  bool no_cuda_graph = false, deterministic = false;
   bool builtin_flags_only() const { return model.empty() && data.empty() && resume.empty(); }
 };
 
@@ -177,7 +183,7 @@ void add_train(CLI::App& app, TrainArgs& a) {
   t->add_flag("--no-cuda-graph", a.no_cuda_graph,
               "On CUDA, run every step eagerly instead of replaying a captured CUDA graph of the forward and "
               "backward (the numbers are the same)");
-  add_placement_flags(t, a.options.device, a.options.precision);
+  add_placement_flags(t, a.options.device, a.options.precision, a.deterministic);
   add_diffusion_flags(t, a);
   t->add_option("--save-dtype", a.options.save_dtype,
                 "f32 | bf16 | f16: dtype of the LoRA tensors in adapter.safetensors (training keeps f32)")
@@ -221,7 +227,7 @@ int run_builtin(TrainArgs& a, const CLI::App& cmd) {
   if (cmd.count("--rank")) b.rank = a.options.rank;
   if (cmd.count("--lr")) b.lr = a.options.lr;
   if (cmd.count("--optimizer")) b.optimizer = a.options.optimizer;
-  announce_placement(a.options.device, a.options.precision);
+  announce_placement(a.options.device, a.options.precision, a.deterministic);
   b.device = a.options.device, b.precision = a.options.precision, b.cuda_graph = a.options.cuda_graph;
   const trainer::BuiltinReport r =
       unet ? trainer::run_builtin_unet_task(b, std::cout, std::cerr) : trainer::run_builtin_task(b, std::cout, std::cerr);
@@ -306,7 +312,7 @@ int run_train(TrainArgs& a, const CLI::App& cmd) {
   } else {
     validate_options(a.options);
   }
-  announce_placement(a.options.device, a.options.precision);
+  announce_placement(a.options.device, a.options.precision, a.deterministic);
   if (a.options.diffusion.enabled) return run_train_unet(a);
   std::shared_ptr<attention::Transformer2DModel> model;
   {
@@ -335,7 +341,7 @@ struct RunArgs {
   bool fuse = false;
   int64_t batch_size = 8;
   std::string device, precision;
-  bool no_cuda_graph = false;
+  bool no_cuda_graph = false, deterministic = false;
 };
 
 void add_run(CLI::App& app, RunArgs& a) {
@@ -354,7 +360,7 @@ void add_run(CLI::App& app, RunArgs& a) {
   r->add_option("--backend", a.backend, "Attention backend: math | flash | sliced");
   r->add_flag("--fuse", a.fuse, "Fuse the LoRA adapters into the weights before running");
   r->add_option("--batch-size", a.batch_size, "Samples per forward")->capture_default_str();
-  add_placement_flags(r, a.device, a.precision);
+  add_placement_flags(r, a.device, a.precision, a.deterministic);
   r->add_flag("--no-cuda-graph", a.no_cuda_graph,
               "On CUDA, run every batch eagerly instead of replaying a captured CUDA graph of a block's forward");
 }
@@ -392,7 +398,7 @@ int run_run(const RunArgs& a) {
   } catch (const Error& e) {
     throw UsageError(e.what());
   }
-  announce_placement(a.device, a.precision);
+  announce_placement(a.device, a.precision, a.deterministic);
   o.device = a.device, o.precision = a.precision, o.cuda_graph = !a.no_cuda_graph;
   if (same_file(a.output, a.input))
     throw UsageError("--output " + a.output + " is the --input file " + a.input + ": it would be replaced by the output");

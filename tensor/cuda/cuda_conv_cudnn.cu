@@ -3,6 +3,7 @@
 #include "tensor/cuda/cuda_conv_cudnn.h"
 
 #include "tensor/cuda/cuda_common.h"
+#include "tensor/determinism.h"
 
 #if defined(LOOM_HAVE_CUDNN)
 
@@ -144,7 +145,7 @@ struct Choice {
 };
 constexpr size_t kMaxWorkspace = size_t(1) << 30;
 using ChoiceKey = std::tuple<int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, int64_t>;
+                             int64_t, int64_t, int64_t, bool>;  // …, deterministic_algorithms()
 std::mutex g_choices_mutex;
 std::map<ChoiceKey, Choice> g_choices;
 
@@ -165,23 +166,27 @@ bool transform_algorithm(cudnnConvolutionBwdFilterAlgo_t a) {
 }
 
 // The first successful result of a heuristics query that is not an FFT / Winograd algorithm,
-// preferring a deterministic one when asked.
+// preferring a deterministic one when asked; only a deterministic one under
+// deterministic_algorithms() (tensor/determinism.h), else an error that says so.
 template <typename Perf>
 Choice first_usable(const char* op, const std::vector<Perf>& perfs, int returned, bool want_deterministic) {
-  for (int pass = want_deterministic ? 0 : 1; pass < 2; ++pass)
+  const bool only = deterministic_algorithms();
+  for (int pass = want_deterministic || only ? 0 : 1; pass < (only ? 1 : 2); ++pass)
     for (int i = 0; i < returned; ++i) {
       const Perf& p = perfs[size_t(i)];
       if (p.status != CUDNN_STATUS_SUCCESS || p.memory > kMaxWorkspace || transform_algorithm(p.algo)) continue;
       if (pass == 0 && p.determinism != CUDNN_DETERMINISTIC) continue;
       return Choice{int(p.algo), p.mathType, p.memory};
     }
-  LOOM_FAIL(op, ": cuDNN offers no algorithm for this convolution");
+  LOOM_FAIL(op, ": cuDNN offers no ", only ? "deterministic algorithm (deterministic algorithms were asked for: "
+            "--deterministic)" : "algorithm", " for this convolution");
 }
 
 Choice choose(const char* op, Pass pass, cudnnHandle_t h, const ConvDescriptors& d, DType dt, int device,
               const Im2ColArgs& g, int64_t out_channels) {
   const ChoiceKey key{int(pass), int(dt), device, g.batch, g.channels, g.height, g.width, out_channels,
-                      g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w};
+                      g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w,
+                      deterministic_algorithms()};
   {
     std::lock_guard<std::mutex> lock(g_choices_mutex);
     const auto it = g_choices.find(key);

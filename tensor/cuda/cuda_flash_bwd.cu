@@ -5,6 +5,7 @@
 #include <string>
 
 #include "tensor/cuda/cuda_flash_tc.cuh"
+#include "tensor/determinism.h"
 
 namespace loom::cuda {
 
@@ -425,6 +426,7 @@ BwdGrid bwd_grid(const FlashParams& p, int kCols, int kThreadsPerBlock) {
   int64_t splits = 1;
   while (key_blocks * p.n * splits < want && splits < query_tiles) splits *= 2;
   if (const int64_t forced = forced_bwd_splits(); forced > 0) splits = forced;
+  if (deterministic_algorithms()) splits = 1;  // dK / dV without atomics across blocks (tensor/determinism.h)
   splits = std::min(splits, query_tiles);
   const int64_t per_block = (query_tiles + splits - 1) / splits;
   return {key_blocks, (query_tiles + per_block - 1) / per_block, per_block};

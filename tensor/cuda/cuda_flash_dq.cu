@@ -11,6 +11,7 @@
 #include <string>
 
 #include "tensor/cuda/cuda_flash_tc.cuh"
+#include "tensor/determinism.h"
 
 namespace loom::cuda {
 
@@ -203,6 +204,7 @@ void flash_tc_dq_for(const FlashParams& p) {
 }  // namespace
 
 bool flash_dq_separate() {
+  if (deterministic_algorithms()) return true;  // no f32 atomics (tensor/determinism.h)
   const char* v = std::getenv("LOOM_FLASH_BWD_DQ");
   if (!v || std::string(v) == "atomic") return false;
   LOOM_CHECK(std::string(v) == "separate", "LOOM_FLASH_BWD_DQ=", v, ": expected atomic or separate");

@@ -4,6 +4,7 @@
 
 #include "tensor/cuda/cuda_common.h"
 #include "tensor/cuda/cuda_flash.h"
+#include "tensor/determinism.h"
 #include "tensor/precision.h"
 
 namespace loom::cuda {
@@ -20,7 +21,8 @@ std::string precision_words(DType t) { return std::string(dtype_name(t)) + (t ==
 FlashParams params_of(const FlashAttentionArgs& a) {
   FlashParams p;
   p.dtype = a.q.dtype();
-  p.tf32 = p.dtype == DType::F32 && allow_tf32();
+  // TF32's backward adds with atomics: the exact f32 kernels under deterministic_algorithms()
+  p.tf32 = p.dtype == DType::F32 && allow_tf32() && !deterministic_algorithms();
   p.q = a.q.raw_data(), p.k = a.k.raw_data(), p.v = a.v.raw_data();
   p.mask = a.mask.defined() ? a.mask.raw_data() : nullptr;
   p.n = a.q.size(0), p.q_len = a.q.size(1), p.k_len = a.k.size(1), p.d = a.q.size(2), p.dv = a.v.size(2);

@@ -12,7 +12,8 @@
 // is set on the plan's descriptor at each call, under the device's mutex. The algorithm is the
 // heuristic's first, or, with LOOM_GEMM_TUNE=K (K ≥ 2), the fastest of the heuristic's first K
 // timed on the call's own operands (C written, not read) when the plan is made outside a CUDA
-// graph capture. Where cuBLASLt offers no algorithm (or the problem is thin or unaligned), the
+// graph capture and deterministic_algorithms() is off (tensor/determinism.h). Where cuBLASLt
+// offers no algorithm (or the problem is thin or unaligned), the
 // plain GEMM runs and a kernel adds the bias (add_row_bias_kernel): the same values, rounded twice.
 #include <cublasLt.h>
 
@@ -25,6 +26,7 @@
 
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_device.cuh"
+#include "tensor/determinism.h"
 
 namespace loom::cuda {
 namespace {
@@ -105,7 +107,7 @@ int tune_candidates() {
   char* end = nullptr;
   const long v = std::strtol(env, &end, 10);
   LOOM_CHECK(end && *end == '\0' && v >= 1 && v <= 32, "LOOM_GEMM_TUNE='", env, "' is not a count from 1 to 32");
-  return int(v);
+  return deterministic_algorithms() ? 1 : int(v);  // a timed choice may differ between processes
 }
 
 bool stream_capturing() {
@@ -200,7 +202,8 @@ bool try_lt(const GemmBatch& g) {
                                     g.batch, g.stride_a, g.stride_b, g.stride_c,
                                     batch_alignment(g.a, g.batch, g.stride_a, g.dtype),
                                     batch_alignment(g.b, g.batch, g.stride_b, g.dtype),
-                                    batch_alignment(g.c, g.batch, g.stride_c, g.dtype)};
+                                    batch_alignment(g.c, g.batch, g.stride_c, g.dtype),
+                                    int64_t(deterministic_algorithms())};  // a timed plan is not kept then
   auto it = slot.plans.find(key);
   if (it == slot.plans.end()) it = slot.plans.emplace(key, make_plan(slot.handle, slot.workspace, g, t)).first;
   LtPlan& plan = it->second;

@@ -266,6 +266,35 @@ TEST_F(CliPrecision, NoCudaGraphIsAcceptedAndChangesNothingOnTheCpu) {
   for (const Result* r : {&with, &without, &run}) EXPECT_THAT(r->err, Not(HasSubstr("CUDA graph"))) << *r;
 }
 
+// --deterministic (SPEC §7) on train and run: said on the first stderr line, nothing changes on the
+// CPU (always repeatable); on CUDA two training runs with it write the same bytes.
+TEST_F(CliPrecision, DeterministicIsSaidAndChangesNothingOnTheCpu) {
+  standard_fixtures();
+  const Result det = train_steps("d_on", 3, "data.safetensors", {"--device", "cpu", "--deterministic"});
+  const Result plain = train_steps("d_off", 3, "data.safetensors", {"--device", "cpu"});
+  ASSERT_EQ(det.code, 0) << det;
+  ASSERT_EQ(plain.code, 0) << plain;
+  EXPECT_THAT(first_line(det.err), HasSubstr(", deterministic kernels")) << det;
+  EXPECT_THAT(first_line(plain.err), Not(HasSubstr("deterministic"))) << plain;
+  EXPECT_EQ(read_bytes(path("d_on/adapter.safetensors")), read_bytes(path("d_off/adapter.safetensors")));
+  const Result run = loom({"run", "--model", path("model"), "--input", path("data.safetensors"), "--output",
+                           path("det.safetensors"), "--device", "cpu", "--deterministic"});
+  ASSERT_EQ(run.code, 0) << run;
+  EXPECT_THAT(first_line(run.err), HasSubstr(", deterministic kernels")) << run;
+}
+
+TEST_F(CliPrecision, OnCudaDeterministicTrainingRepeatsBitForBit) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0";
+  standard_fixtures();
+  for (const char* out : {"cd_1", "cd_2"}) {
+    const Result r = loom({"train", "--model", path("model"), "--data", path("data.safetensors"), "--out", path(out),
+                           "--steps", "4", "--batch-size", "2", "--device", "cuda", "--deterministic", "--quiet"});
+    ASSERT_EQ(r.code, 0) << r;
+  }
+  EXPECT_EQ(read_bytes(path("cd_1/loss.csv")), read_bytes(path("cd_2/loss.csv")));
+  EXPECT_EQ(read_bytes(path("cd_1/adapter.safetensors")), read_bytes(path("cd_2/adapter.safetensors")));
+}
+
 // On a GPU the run says whether graphs are used, and the numbers are those of the eager run (4 steps:
 // 2 eager warm-up steps, then 2 replayed).
 TEST_F(CliPrecision, OnCudaTheRunSaysWhetherGraphsAreUsed) {
