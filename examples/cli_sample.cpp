@@ -4,8 +4,8 @@
 
 #include <iostream>
 
+#include "examples/cli_common.h"
 #include "io/tensor_file.h"
-#include "tensor/determinism.h"
 
 namespace loom::cli {
 namespace {
@@ -87,8 +87,7 @@ int run_sample(const SampleArgs& a, const CLI::App& cmd) {
     if (a.steps < 1) throw Error("--steps must be at least 1, got " + std::to_string(a.steps));
     for (const auto& s : a.adapters) o.adapters.push_back(trainer::AdapterSpec::parse(s));
     const trainer::Placement p = trainer::placement_of(a.device, a.precision);
-    set_deterministic_algorithms(a.deterministic);
-    std::cerr << "loom: " << p.describe() << (a.deterministic ? ", deterministic kernels" : "") << "\n";
+    std::cerr << placement_line(p, a.deterministic) << "\n";
   } catch (const Error& e) {
     throw trainer::OptionError(e.what());
   }

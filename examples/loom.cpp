@@ -21,7 +21,6 @@
 #include "examples/loom_vae.h"
 #include "io/adapter_io.h"
 #include "io/temp_files.h"
-#include "tensor/determinism.h"
 #include "trainer/builtin_task.h"
 #include "trainer/builtin_unet.h"
 #include "trainer/diffusion_objective.h"
@@ -35,6 +34,7 @@ namespace {
 using namespace loom;
 
 using cli::UsageError;
+using cli::placement_line;
 
 // What the program is doing, for the message of an out-of-memory error ("while …").
 std::string g_doing = "starting";
@@ -105,8 +105,7 @@ trainer::Placement announce_placement(const std::string& device, const std::stri
   } catch (const Error& e) {
     throw UsageError(e.what());
   }
-  set_deterministic_algorithms(deterministic);
-  std::cerr << "loom: " << p.describe() << (deterministic ? ", deterministic kernels" : "") << "\n";
+  std::cerr << placement_line(p, deterministic) << "\n";
   return p;
 }
 

@@ -20,12 +20,11 @@ GEGLU::GEGLU(int64_t dim_in, int64_t dim_out, bool bias, Generator& gen, DType d
 
 // The fused op (autograd geglu): [..., 2·out] -> [..., out]; geglu_composed is its reference. A
 // plain projection (no adapter on it) goes through linear_geglu: one product where no gradient is
-// recorded (Linear::base_forward's dtype rule for the weight and bias).
+// recorded.
 Variable GEGLU::forward(const Variable& x) const {
   const Linear& p = *proj();
   if (p.extension() || typeid(p) != typeid(Linear)) return geglu(p.forward(x));
-  const Variable b = p.bias().defined() ? to_dtype(p.bias(), x.dtype()) : p.bias();
-  return linear_geglu(x, to_dtype(p.weight_matrix(), x.dtype()), b);
+  return linear_geglu(x, p.weight_matrix_as(x.dtype()), p.bias_as(x.dtype()));
 }
 
 std::shared_ptr<UnaryModule> make_activation(const std::string& name, int64_t dim_in, int64_t dim_out, bool bias,

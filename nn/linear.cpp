@@ -33,11 +33,12 @@ Variable Linear::weight_matrix() const {
 
 Variable Linear::base_forward(const Variable& x) const {
   check_input_features(x, -1, "Linear");
-  // [..., in] x [in, out] -> [..., out]. Weights kept in another dtype than the activations
-  // (f32 masters that train under bf16 storage) are cast for the product (tensor/precision.h).
-  const Variable b = bias_.defined() ? to_dtype(bias_, x.dtype()) : bias_;
-  return linear(x, to_dtype(weight_matrix(), x.dtype()), b);
+  return linear(x, weight_matrix_as(x.dtype()), bias_as(x.dtype()));  // [..., in] x [in, out] -> [..., out]
 }
+
+Variable Linear::weight_matrix_as(DType dtype) const { return to_dtype(weight_matrix(), dtype); }
+
+Variable Linear::bias_as(DType dtype) const { return bias_.defined() ? to_dtype(bias_, dtype) : bias_; }
 
 Variable Linear::forward(const Variable& x) const {
   return extension_ ? extension_->forward(*this, x) : base_forward(x);

@@ -62,6 +62,10 @@ class Linear : public UnaryModule {
   Variable weight_matrix() const;
   // The bias (out); undefined when the layer has none.
   const Variable& bias() const { return bias_; }
+  // weight_matrix() and bias() in `dtype`, as base_forward multiplies with them: weights kept in
+  // another dtype than the activations (f32 masters under bf16 storage) are cast (tensor/precision.h).
+  Variable weight_matrix_as(DType dtype) const;
+  Variable bias_as(DType dtype) const;
   int64_t in_features() const { return in_; }
   int64_t out_features() const { return out_; }
 

@@ -27,6 +27,7 @@ enum class OpKind {
   Conv2dLibrary,                                                // the device's convolution library (CUDA: cuDNN)
   GemmBias,                                                     // gemm with GemmBatch::bias (in its epilogue)
   Im2colNormed,                                                 // im2col of group-normed (+ SiLU) values
+  LinearGeglu,                                                  // a Linear and GEGLU as one product
 };
 const char* op_kind_name(OpKind k);
 
@@ -238,9 +239,10 @@ class Backend {
   virtual void group_norm(const GroupNormArgs&) { missing_fused_kernel("group_norm", name()); }
   virtual void group_norm_backward(const GroupNormGradArgs&) { missing_fused_kernel("group_norm_backward", name()); }
   virtual void geglu(const GegluArgs&) { missing_fused_kernel("geglu", name()); }
-  // A Linear and GEGLU as one product (LinearGegluArgs; tensor/ops_fused.h, linear_geglu): true
-  // when done; false, touching nothing, where this device has no kernel for these operands (the
-  // caller then runs linear and geglu). CUDA: cuda/cuda_gemm_geglu.cu (Hopper, bf16 / f16).
+  // A Linear and GEGLU as one product (LinearGegluArgs; tensor/ops_fused.h, linear_geglu), asked
+  // only where supports(OpKind::LinearGeglu, dtype): true when done; false, touching nothing,
+  // where the kernel does not take these operands (a shape, an alignment: the caller then runs
+  // linear and geglu). CUDA: cuda/cuda_gemm_geglu.cu (Hopper, bf16 / f16).
   virtual bool linear_geglu(const LinearGegluArgs&) { return false; }
   virtual void geglu_backward(const GegluGradArgs&) { missing_fused_kernel("geglu_backward", name()); }
   virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused_kernel("optimizer_update", name()); }

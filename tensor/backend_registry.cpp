@@ -28,6 +28,7 @@ const char* op_kind_name(OpKind k) {
     case OpKind::Conv2dLibrary: return "conv2d (library)";
     case OpKind::GemmBias: return "gemm with bias";
     case OpKind::Im2colNormed: return "im2col of group-normed values";
+    case OpKind::LinearGeglu: return "linear + geglu";
   }
   return "unknown";
 }

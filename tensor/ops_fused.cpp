@@ -224,7 +224,7 @@ Tensor linear_geglu(const Tensor& x, const Tensor& w, const Tensor& bias) {
   Shape out_shape = x.shape();
   out_shape.back() = a.h;
   a.rows = a.in == 0 ? 0 : x.numel() / a.in;
-  if (a.rows > 0 && a.in > 0 && a.h > 0) {
+  if (a.rows > 0 && a.in > 0 && a.h > 0 && backend_for(x.device()).supports(OpKind::LinearGeglu, x.dtype())) {
     a.x = x.contiguous(), a.w = w.contiguous(), a.bias = b;
     a.y = Tensor::empty(out_shape, x.dtype(), x.device());
     if (backend_for(x.device()).linear_geglu(a)) return a.y;

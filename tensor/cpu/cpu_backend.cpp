@@ -196,6 +196,7 @@ class CpuBackend final : public Backend {
     if (op == OpKind::Conv2d || op == OpKind::Conv2dLibrary) return false;  // tensor/conv.cpp: im2col + GEMM
     if (op == OpKind::GemmBias) return false;  // ops::linear: GEMM, then the bias added
     if (op == OpKind::Im2colNormed) return false;  // tensor/conv.cpp: group norm, then im2col
+    if (op == OpKind::LinearGeglu) return false;   // tensor/ops_fused.cpp: linear, then geglu
     return dtype == DType::F32 || dtype == DType::F64 || is_half_dtype(dtype);
   }
 

@@ -127,6 +127,8 @@ class CudaBackend final : public Backend {
         return dtype == DType::BF16 || dtype == DType::F16;
       case OpKind::Im2colNormed:  // cuda_conv.cu
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
+      case OpKind::LinearGeglu:  // cuda_gemm_geglu.cu: Hopper's wgmma (a build and device with sm_90a)
+        return (dtype == DType::BF16 || dtype == DType::F16) && cuda::flash_wgmma_available();
     }
     return false;
   }

@@ -43,12 +43,13 @@ CUtensorMap tensor_map_sw128(DType dtype, int rank, const void* base, const cuui
       cuuint32_t(rank), const_cast<void*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
-    std::ostringstream sizes;
-    for (int i = rank - 1; i >= 0; --i) sizes << dims[i] << (i ? " x " : "");
-    std::ostringstream boxes;
-    for (int i = rank - 1; i >= 0; --i) boxes << box[i] << (i ? " x " : "");
-    LOOM_FAIL(what, ": cuTensorMapEncodeTiled failed (", int(r), ") for a tensor of ", sizes.str(), ", box ",
-              boxes.str());
+    auto outermost_first = [rank](const auto* v) {
+      std::ostringstream os;
+      for (int i = rank - 1; i >= 0; --i) os << v[i] << (i ? " x " : "");
+      return os.str();
+    };
+    LOOM_FAIL(what, ": cuTensorMapEncodeTiled failed (", int(r), ") for a tensor of ", outermost_first(dims),
+              ", box ", outermost_first(box));
   }
   return map;
 }

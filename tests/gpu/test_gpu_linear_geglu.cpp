@@ -59,6 +59,14 @@ std::string name_of(const GegluCase& c, DType dtype) {
 
 double tol_for(DType dtype) { return dtype == DType::BF16 ? 8e-3 : dtype == DType::F16 ? 1.5e-3 : 1e-5; }
 
+// The backend slot's arguments for c on o's GPU tensors (y allocated, uninitialised).
+LinearGegluArgs slot_args(const GegluCase& c, const Operands& o) {
+  LinearGegluArgs a;
+  a.x = o.x, a.w = o.w, a.bias = o.b, a.rows = c.rows, a.in = c.in, a.h = c.h;
+  a.y = Tensor::empty({c.rows, c.h}, o.x.dtype(), kCuda);
+  return a;
+}
+
 Tensor reference(const Operands& o) { return ops::geglu(ops::linear(o.x64, o.w64, o.b64)); }
 
 // The kernel's two epilogues (LOOM_LINEAR_GEGLU_EPILOGUE): a tile's GELUs right after its products,
@@ -96,9 +104,7 @@ TEST(GpuLinearGeglu, KernelRunsAndRoundsOnce) {
   for (DType dtype : {DType::BF16, DType::F16}) {
     for (const GegluCase& c : kKernelCases) {
       const Operands o = operands(c, dtype, gen);
-      LinearGegluArgs a;
-      a.x = o.x, a.w = o.w, a.bias = o.b, a.rows = c.rows, a.in = c.in, a.h = c.h;
-      a.y = Tensor::empty({c.rows, c.h}, dtype, kCuda);
+      const LinearGegluArgs a = slot_args(c, o);
       if (!be.linear_geglu(a)) GTEST_SKIP() << "no sm_90a GEGLU kernel on this build or device";
       const Tensor ref = reference(o);
       const double fused = rel_error(a.y.to(Device::cpu()), ref);
@@ -116,10 +122,7 @@ TEST(GpuLinearGeglu, KernelRunsAndRoundsOnce) {
     }
   }
   for (const GegluCase& c : kDeclinedCases) {
-    const Operands o = operands(c, DType::BF16, gen);
-    LinearGegluArgs a;
-    a.x = o.x, a.w = o.w, a.bias = o.b, a.rows = c.rows, a.in = c.in, a.h = c.h;
-    a.y = Tensor::empty({c.rows, c.h}, DType::BF16, kCuda);
+    const LinearGegluArgs a = slot_args(c, operands(c, DType::BF16, gen));
     EXPECT_FALSE(be.linear_geglu(a)) << name_of(c, DType::BF16);
   }
   const Operands o = operands(kKernelCases[1], DType::BF16, gen);
