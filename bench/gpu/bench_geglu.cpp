@@ -1,6 +1,5 @@
 // The feed-forward's first product at Stable Diffusion's shapes on CUDA: the Linear + GEGLU kernel
-// (ops::linear_geglu, tensor/cuda/cuda_gemm_geglu.cu; its immediate and deferred epilogues,
-// LOOM_LINEAR_GEGLU_EPILOGUE) against cuBLAS's projection (bias in its
+// (ops::linear_geglu, tensor/cuda/cuda_gemm_geglu.cu) against cuBLAS's projection (bias in its
 // epilogue) followed by the GEGLU pass (LOOM_LINEAR_GEGLU=0), and cuBLAS's projection alone (the
 // GEMM rate to match). Not a test.
 //   ./bench/loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...]
@@ -64,20 +63,15 @@ int main(int argc, char** argv) {
     const Tensor b = random_normal({2 * s.h}, dtype, gpu, seed++);
     setenv("LOOM_LINEAR_GEGLU", "1", 1);
     const double fused = bench::median_ms(gpu, reps, [&] { ops::linear_geglu(x, w, b); });
-    setenv("LOOM_LINEAR_GEGLU_EPILOGUE", "deferred", 1);
-    const double deferred = bench::median_ms(gpu, reps, [&] { ops::linear_geglu(x, w, b); });
-    unsetenv("LOOM_LINEAR_GEGLU_EPILOGUE");
     setenv("LOOM_LINEAR_GEGLU", "0", 1);
     const double composed = bench::median_ms(gpu, reps, [&] { ops::linear_geglu(x, w, b); });
     const double gemm = bench::median_ms(gpu, reps, [&] { ops::linear(x, w, b); });
     unsetenv("LOOM_LINEAR_GEGLU");
     const double tflop = 2.0 * double(s.rows) * double(s.in) * double(2 * s.h) * 1e-12;
     std::printf(
-        "{\"rows\":%ld,\"in\":%ld,\"h\":%ld,\"dtype\":\"%s\",\"fused_ms\":%.4f,\"fused_deferred_ms\":%.4f,"
-        "\"composed_ms\":%.4f,\"cublas_projection_ms\":%.4f,\"fused_tflops\":%.1f,\"deferred_tflops\":%.1f,"
-        "\"cublas_tflops\":%.1f}\n",
-        s.rows, s.in, s.h, dtype_name(dtype), fused, deferred, composed, gemm, tflop / (fused * 1e-3),
-        tflop / (deferred * 1e-3), tflop / (gemm * 1e-3));
+        "{\"rows\":%ld,\"in\":%ld,\"h\":%ld,\"dtype\":\"%s\",\"fused_ms\":%.4f,\"composed_ms\":%.4f,"
+        "\"cublas_projection_ms\":%.4f,\"fused_tflops\":%.1f,\"cublas_tflops\":%.1f}\n",
+        s.rows, s.in, s.h, dtype_name(dtype), fused, composed, gemm, tflop / (fused * 1e-3), tflop / (gemm * 1e-3));
     std::fflush(stdout);
   }
   return 0;

@@ -21,13 +21,10 @@
 //   consumer per k-step: wait for `full`, 8 wgmma (4 k16 slices × hidden, gate), commit, wait
 //            until only this step's group runs, release the previous step's stage. Epilogue:
 //            bias (its pairs loaded before the tile's products), gelu (erf, branch-free) and
-//            product in f32, one rounding, 4-byte stores of column pairs.
-//   deferred (LOOM_LINEAR_GEGLU_EPILOGUE=deferred) the epilogue above leaves the tensor cores idle
-//            for ~a third of a tile at in = 640 (docs/gpu-bench.md, run 24). Here a tile's sums
-//            hidden + b, gate + b are rounded to T pairs and held in 64 registers; the next tile
-//            issues its first min(kStages, k-steps) products without waiting, computes the held
-//            tile's GELUs and stores while they run, then releases their stages together. The
-//            sums are rounded once more than in the immediate epilogue (as the composed path does).
+//            product in f32, one rounding, predicated 4-byte stores of column pairs.
+//            The tensor cores wait during the epilogue (~a fifth of a tile at in = 640); a
+//            deferred epilogue (a tile's GELUs during the next tile's first products, the sums held
+//            as T pairs) was tried and ran slower (docs/gpu-bench.md, run 25).
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_flash_tc.cuh"
 #include "tensor/cuda/cuda_gemm_geglu.h"
@@ -105,16 +102,6 @@ __device__ __forceinline__ TileBias load_tile_bias(const GegluGemm& p, int64_t n
   return b;
 }
 
-// Brings the tile's bias lines into L1 (no registers held): lanes t = 0, 1, 2 (and 3) take columns
-// n0, n0 + 64, n0 + 127 of each half, the ≤ 3 lines of 128 bytes its 256 bytes can straddle.
-__device__ __forceinline__ void prefetch_tile_bias(const GegluGemm& p, int64_t n0, int t) {
-  if (!p.bias) return;
-  const char* bias = static_cast<const char*>(p.bias);
-  const int64_t col = min(n0 + min(64 * t, kTileCols - 1), p.h - 1);
-  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(bias + col * 2));
-  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(bias + (p.h + col) * 2));
-}
-
 // A packed pair of T (low half first) as two floats, by bit operations (no address taken).
 template <typename T>
 __device__ __forceinline__ float2 unpack(uint32_t v) {
@@ -127,28 +114,21 @@ __device__ __forceinline__ float2 unpack(uint32_t v) {
   }
 }
 
-// This thread's y pairs out[j][r] (rows row0 + 8r, columns n0 + 8j + 2t, + 1), where they lie in y.
-template <typename T>
-__device__ __forceinline__ void store_pairs(const GegluGemm& p, int64_t row0, int64_t n0,
-                                            const uint32_t (&out)[kTileCols / 8][2], int t) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row0 + 8 * r >= p.rows) continue;
-    T* y = static_cast<T*>(p.y) + (row0 + 8 * r) * p.h + n0 + 2 * t;
-    const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of this row that exist: 8j < cols
-#pragma unroll
-    for (int j = 0; j < kTileCols / 8; ++j)
-      if (8 * j < cols) *reinterpret_cast<uint32_t*>(y + 8 * j) = out[j][r];  // h is a multiple of 8
-  }
+// *dst = v where `pred`, as one predicated instruction: no branch to split the arithmetic around it.
+__device__ __forceinline__ void store_u32_if(bool pred, void* dst, uint32_t v) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p st.global.b32 [%1], %2;\n}\n" ::"r"(int(pred)), "l"(dst),
+               "r"(v)
+               : "memory");
 }
 
 // The warp's rows row0 and row0 + 8 of y, columns n0 + 8j + 2t (+1) for j < 16: hid / gate are the
 // m64n128 accumulators (cuda_wgmma.cuh's fragment layout: d[4j + 2r + e], row + 8r, column + e).
+// All the arithmetic first, then the stores, each predicated: the epilogue is one basic block, so
+// the GELUs of different columns overlap (bounds checks as branches split it and cost 0.09 ms of
+// 0.40 at SDXL's level 1: docs/gpu-bench.md, run 25).
 template <typename T>
 __device__ __forceinline__ void store_geglu(const GegluGemm& p, int64_t row0, int64_t n0, const float (&hid)[64],
                                             const float (&gate)[64], const TileBias& bias, int t) {
-  // All the arithmetic first, in one basic block (the stores' bounds checks would split it and
-  // keep the gelus of different columns from overlapping), then the stores.
   uint32_t out[kTileCols / 8][2];
 #pragma unroll
   for (int j = 0; j < kTileCols / 8; ++j) {
@@ -161,57 +141,15 @@ __device__ __forceinline__ void store_geglu(const GegluGemm& p, int64_t row0, in
       out[j][r] = Half2<T>::pack(v0, v1);
     }
   }
-  store_pairs<T>(p, row0, n0, out, t);
-}
-
-// A tile whose products are done and whose GELU is deferred (LOOM_LINEAR_GEGLU_EPILOGUE=deferred):
-// the sums hidden + b and gate + b rounded to T pairs (64 registers instead of the accumulators'
-// 128; the rounding the composed path makes when cuBLAS writes the projection).
-struct PendingTile {
-  uint32_t hid[kTileCols / 8][2], gate[kTileCols / 8][2];
-  int64_t row0 = 0, n0 = 0;
-  bool valid = false;
-};
-
-template <typename T>
-__device__ __forceinline__ void hold_tile(PendingTile& pt, int64_t row0, int64_t n0, const float (&hid)[64],
-                                          const float (&gate)[64], const TileBias& bias) {
-#pragma unroll
-  for (int j = 0; j < kTileCols / 8; ++j) {
-    const float2 bh = unpack<T>(bias.hid[j]), bg = unpack<T>(bias.gate[j]);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      pt.hid[j][r] = Half2<T>::pack(hid[4 * j + 2 * r] + bh.x, hid[4 * j + 2 * r + 1] + bh.y);
-      pt.gate[j][r] = Half2<T>::pack(gate[4 * j + 2 * r] + bg.x, gate[4 * j + 2 * r + 1] + bg.y);
-    }
-  }
-  pt.row0 = row0, pt.n0 = n0, pt.valid = true;
-}
-
-// *dst = v where `pred`, as one predicated instruction: no branch to split the arithmetic around it.
-__device__ __forceinline__ void store_u32_if(bool pred, void* dst, uint32_t v) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p st.global.b32 [%1], %2;\n}\n" ::"r"(int(pred)), "l"(dst),
-               "r"(v)
-               : "memory");
-}
-
-// The pending tile's GELUs, products and stores, pair by pair (each pair's registers free once it
-// is stored: the next tile's accumulators are live meanwhile).
-template <typename T>
-__device__ __forceinline__ void finish_tile(const GegluGemm& p, PendingTile& pt, int t) {
-  const int64_t cols = p.h - pt.n0 - 2 * t;  // columns 8j of the rows that exist: 8j < cols
+  const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of the rows that exist: 8j < cols
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t row = pt.row0 + 8 * r;
-    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.h + pt.n0 + 2 * t;
+    const int64_t row = row0 + 8 * r;
+    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.h + n0 + 2 * t;
 #pragma unroll
-    for (int j = 0; j < kTileCols / 8; ++j) {
-      const float2 h = unpack<T>(pt.hid[j][r]), g = unpack<T>(pt.gate[j][r]);
-      const uint32_t v = Half2<T>::pack(h.x * gelu_erf_branchless(g.x), h.y * gelu_erf_branchless(g.y));
-      store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, v);  // h is a multiple of 8
-    }
+    for (int j = 0; j < kTileCols / 8; ++j)
+      store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, out[j][r]);  // h is a multiple of 8
   }
-  pt.valid = false;
 }
 
 // Issues the k-step's 8 products of this warpgroup (its 64 rows of x's box against W's hidden and
@@ -239,7 +177,7 @@ __device__ __forceinline__ void release_steps(uint64_t* empty, int64_t it, int c
     for (int q = 1; q <= count; ++q) mbar_arrive(&empty[(it - q) % kStages]);
 }
 
-template <typename T, bool kDeferred>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_geglu_kernel(const GegluGemm p, const __grid_constant__ GegluMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -287,26 +225,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   set_max_registers_inc<kConsumerRegs>();
   const int wg = warp_id / 4, warp = warp_id % 4, g = lane / 4, t = lane % 4;
   int64_t it = 0;
-  PendingTile pending;  // kDeferred: the previous tile, its GELU not yet done
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileCols;
     const int64_t row0 = m0 + wg * 64 + warp * 16 + g;
-    TileBias bias;
-    if (!kDeferred) bias = load_tile_bias<T>(p, n0, t);
-    // kDeferred: the first min(kStages, k_steps) steps are issued without waiting; the previous
-    // tile's GELUs and stores run while they do, then their stages are released together.
-    const int defer_at = kDeferred ? min(kStages, k_steps) - 1 : -1;
+    const TileBias bias = load_tile_bias<T>(p, n0, t);  // its latency hidden behind the products
     float hid[64], gate[64];
     for (int k = 0; k < k_steps; ++k, ++it) {
       const int s = int(it % kStages);
       mbar_wait(&full[s], uint32_t(it / kStages) & 1);
       issue_step<T>(hid, gate, x_box(s), w_box(s, 0), w_box(s, 1), wg, k == 0);
-      if (k == defer_at) {
-        if (pending.valid) finish_tile<T>(p, pending, t);
-        prefetch_tile_bias(p, n0, t);  // loaded into registers at the tile's end (they are scarce)
-        wgmma_wait<1>();
-        release_steps(empty, it, k, lane);
-      } else if (k > defer_at && k > 0) {  // the previous step's products are done
+      if (k > 0) {  // the previous step's products are done
         wgmma_wait<1>();
         release_steps(empty, it, 1, lane);
       }
@@ -315,26 +243,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_operands(hid);
     fence_operands(gate);
     release_steps(empty, it, 1, lane);
-    if (kDeferred) hold_tile<T>(pending, row0, n0, hid, gate, load_tile_bias<T>(p, n0, t));
-    else store_geglu<T>(p, row0, n0, hid, gate, bias, t);
+    store_geglu<T>(p, row0, n0, hid, gate, bias, t);
   }
-  if (kDeferred && pending.valid) finish_tile<T>(p, pending, t);
 #else
   (void)p;
   (void)maps;
   __trap();  // built without sm_90a: flash_wgmma_available() is false there
 #endif
-}
-
-// LOOM_LINEAR_GEGLU_EPILOGUE (read at every call): `immediate` (unset: the default) computes a
-// tile's GELUs and stores from its accumulators while the tensor cores wait; `deferred` rounds the
-// sums to T pairs and computes them during the next tile's first products.
-bool deferred_epilogue() {
-  const char* env = std::getenv("LOOM_LINEAR_GEGLU_EPILOGUE");
-  const std::string v = env ? env : "";
-  LOOM_CHECK(v.empty() || v == "immediate" || v == "deferred", "LOOM_LINEAR_GEGLU_EPILOGUE='", v,
-             "' is not immediate or deferred");
-  return v == "deferred";
 }
 
 template <typename T>
@@ -347,7 +262,7 @@ void launch(const LinearGegluArgs& a) {
       tensor_map_sw128(a.x.dtype(), 2, a.x.raw_data(), x_dims, &row_bytes, box, "linear_geglu: the map of x"),
       tensor_map_sw128(a.x.dtype(), 2, a.w.raw_data(), w_dims, &row_bytes, box, "linear_geglu: the map of w")};
   const GegluGemm p{a.y.raw_data(), a.bias.defined() ? a.bias.raw_data() : nullptr, a.rows, a.in, a.h};
-  auto* kernel = deferred_epilogue() ? gemm_geglu_kernel<T, true> : gemm_geglu_kernel<T, false>;
+  auto* kernel = gemm_geglu_kernel<T>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
   const int64_t tiles = (a.rows + kTileRows - 1) / kTileRows * ((a.h + kTileCols - 1) / kTileCols);
   const unsigned grid = unsigned(std::min<int64_t>(tiles, flash_sm_count()));

@@ -10,7 +10,6 @@ namespace loom::cuda {
 // nothing, where the kernel does not apply: no sm_90a device or build, a driver without tensor
 // maps, a dtype other than bf16 / f16, x or w not 16-byte aligned, `in` or h not a multiple of 8.
 // LOOM_LINEAR_GEGLU=0 (read at every call) also returns false: the caller composes linear + geglu.
-// LOOM_LINEAR_GEGLU_EPILOGUE = immediate (the default) | deferred picks the epilogue (the .cu file).
 bool gemm_geglu(const LinearGegluArgs& a);
 
 }  // namespace loom::cuda
