@@ -63,15 +63,18 @@ int main(int argc, char** argv) {
     const Tensor b = random_normal({2 * s.h}, dtype, gpu, seed++);
     setenv("LOOM_LINEAR_GEGLU", "1", 1);
     const double fused = bench::median_ms(gpu, reps, [&] { ops::linear_geglu(x, w, b); });
+    setenv("LOOM_LINEAR_GEGLU_EPILOGUE", "warpgroup", 1);
+    const double staged = bench::median_ms(gpu, reps, [&] { ops::linear_geglu(x, w, b); });
+    unsetenv("LOOM_LINEAR_GEGLU_EPILOGUE");
     setenv("LOOM_LINEAR_GEGLU", "0", 1);
     const double composed = bench::median_ms(gpu, reps, [&] { ops::linear_geglu(x, w, b); });
     const double gemm = bench::median_ms(gpu, reps, [&] { ops::linear(x, w, b); });
     unsetenv("LOOM_LINEAR_GEGLU");
     const double tflop = 2.0 * double(s.rows) * double(s.in) * double(2 * s.h) * 1e-12;
     std::printf(
-        "{\"rows\":%ld,\"in\":%ld,\"h\":%ld,\"dtype\":\"%s\",\"fused_ms\":%.4f,\"composed_ms\":%.4f,"
+        "{\"rows\":%ld,\"in\":%ld,\"h\":%ld,\"dtype\":\"%s\",\"fused_ms\":%.4f,\"fused_epilogue_warpgroup_ms\":%.4f,\"composed_ms\":%.4f,"
         "\"cublas_projection_ms\":%.4f,\"fused_tflops\":%.1f,\"cublas_tflops\":%.1f}\n",
-        s.rows, s.in, s.h, dtype_name(dtype), fused, composed, gemm, tflop / (fused * 1e-3), tflop / (gemm * 1e-3));
+        s.rows, s.in, s.h, dtype_name(dtype), fused, staged, composed, gemm, tflop / (fused * 1e-3), tflop / (gemm * 1e-3));
     std::fflush(stdout);
   }
   return 0;

@@ -43,14 +43,28 @@ namespace {
 constexpr int kTileRows = 128;     // rows of x (and y) a tile: 2 consumer warpgroups × 64
 constexpr int kTileCols = 128;     // columns of y a tile (W rows: 128 hidden + 128 gate)
 constexpr int kStepK = 64;         // one 128-byte swizzle row of bf16 / f16
-constexpr int kStages = 4;
 constexpr int kConsumerWarps = 8;  // 2 warpgroups
-constexpr int kThreads = 128 * 3;  // + the producer warpgroup
 constexpr int kProducerRegs = 24;
-constexpr int kConsumerRegs = 240;  // (65536 − 128·24) / 256, in steps of 8
 constexpr uint32_t kBoxBytes = kTileRows * kStepK * 2;  // one [128 × 64] box: 16 KiB
 constexpr uint32_t kStageBytes = 3 * kBoxBytes;         // x, W hidden, W gate
-constexpr size_t kSmem = 1024 + size_t(kStages) * kStageBytes;
+constexpr int kStagedWords = kTileCols / 2 + 4;         // a staged row: 64 pairs + 4 words against bank conflicts
+
+// The block's two forms. Without epilogue warps: 2 consumer + 1 producer warpgroups, 4 stages, the
+// consumers compute the GELUs (the tensor cores wait). With them (LOOM_LINEAR_GEGLU_EPILOGUE=warpgroup):
+// a fourth warpgroup takes each tile's products from shared memory (hidden and gate rounded to T
+// pairs, [128][kStagedWords] each) and computes the GELUs while the consumers run the next tile;
+// 3 stages (the staged tile takes the fourth's room).
+template <bool kEpilogueWarps>
+struct Block {
+  static constexpr int kStages = kEpilogueWarps ? 3 : 4;
+  static constexpr int kThreads = 128 * (kEpilogueWarps ? 4 : 3);
+  static constexpr int kEpilogueRegs = 72;
+  // registers a thread, in steps of 8: 2·consumer + producer (+ epilogue) = 65536 / 128
+  static constexpr int kConsumerRegs = kEpilogueWarps ? 208 : 240;
+  static constexpr size_t kStagedBytes = kEpilogueWarps ? size_t(2) * kTileRows * kStagedWords * 4 : 0;
+  static constexpr size_t kSmem = 1024 + size_t(kStages) * kStageBytes + kStagedBytes;
+  static_assert(2 * kConsumerRegs + kProducerRegs + (kEpilogueWarps ? kEpilogueRegs : 0) <= 65536 / 128);
+};
 
 struct GegluMaps {
   CUtensorMap x, w;  // [rows][in] and [2h][in], boxes of 64 columns × 128 rows
@@ -171,19 +185,82 @@ __device__ __forceinline__ void issue_step(float (&hid)[64], float (&gate)[64], 
 
 // Lane 0 of the warp arrives on the `empty` barriers of the `count` k-steps before `it` (their
 // products done: every lane of the warp has waited for them).
+template <int kStages>
 __device__ __forceinline__ void release_steps(uint64_t* empty, int64_t it, int count, int lane) {
   __syncwarp();
   if (lane == 0)
     for (int q = 1; q <= count; ++q) mbar_arrive(&empty[(it - q) % kStages]);
 }
 
+// This thread's accumulators into the staged tile (hidden at `staged`, gate kTileRows·kStagedWords
+// words further), rounded to T pairs: row r_tile + 8r, pair 4j + t (the fragment layout above;
+// conflict-free: the 4-word pad puts the 8 rows g of a warp's store 4 banks apart).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__device__ __forceinline__ void stage_tile(uint32_t* staged, const float (&hid)[64], const float (&gate)[64],
+                                           int r_tile, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    uint32_t* h_row = staged + (r_tile + 8 * r) * kStagedWords + t;
+    uint32_t* g_row = h_row + kTileRows * kStagedWords;
+#pragma unroll
+    for (int j = 0; j < kTileCols / 8; ++j) {
+      h_row[4 * j] = Half2<T>::pack(hid[4 * j + 2 * r], hid[4 * j + 2 * r + 1]);
+      g_row[4 * j] = Half2<T>::pack(gate[4 * j + 2 * r], gate[4 * j + 2 * r + 1]);
+    }
+  }
+}
+
+// The epilogue warpgroup's share of a staged tile (rows m0 + 32·ew + i of y, i < 32; this lane's
+// pairs `lane` and `lane` + 32, columns n0 + 2·lane (+ 64)): bias, GELU and product in f32, one
+// rounding, predicated stores. Four rows' loads before their arithmetic, their stores after it.
+template <typename T>
+__device__ __forceinline__ void finish_staged(const GegluGemm& p, const uint32_t* staged, int64_t m0, int64_t n0,
+                                              const uint32_t (&b_hid)[2], const uint32_t (&b_gate)[2], int ew,
+                                              int lane) {
+  constexpr int kRows = 4;
+  const int64_t cols = p.h - n0 - 2 * lane;  // pair c exists where 64c < cols
+#pragma unroll 1
+  for (int i0 = 0; i0 < kTileRows / 4; i0 += kRows) {
+    uint32_t hv[kRows][2], gv[kRows][2], out[kRows][2];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const uint32_t* h_at = staged + (32 * ew + i0 + i) * kStagedWords + lane + 32 * c;
+        hv[i][c] = h_at[0], gv[i][c] = h_at[kTileRows * kStagedWords];
+      }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float2 h = unpack<T>(hv[i][c]), g = unpack<T>(gv[i][c]);
+        const float2 bh = unpack<T>(b_hid[c]), bg = unpack<T>(b_gate[c]);
+        out[i][c] = Half2<T>::pack((h.x + bh.x) * gelu_erf_branchless(g.x + bg.x),
+                                   (h.y + bh.y) * gelu_erf_branchless(g.y + bg.y));
+      }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t row = m0 + 32 * ew + i0 + i;
+      T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.h + n0 + 2 * lane;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) store_u32_if(row < p.rows && 64 * c < cols, y + 64 * c, out[i][c]);
+    }
+  }
+}
+
+template <typename T, bool kEpilogueWarps>
+__global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
     gemm_geglu_kernel(const GegluGemm p, const __grid_constant__ GegluMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using B = Block<kEpilogueWarps>;
+  constexpr int kStages = B::kStages;
   extern __shared__ unsigned char smem_raw[];
-  __shared__ alignas(8) uint64_t bars[2 * kStages];  // full[kStages], empty[kStages]
+  // full[kStages], empty[kStages], staged_full, staged_empty (the staged tile's, kEpilogueWarps)
+  __shared__ alignas(8) uint64_t bars[2 * kStages + 2];
   unsigned char* smem = align_1024(smem_raw);
+  uint32_t* staged = reinterpret_cast<uint32_t*>(smem + kStages * kStageBytes);
+  uint64_t* staged_full = bars + 2 * kStages;
+  uint64_t* staged_empty = staged_full + 1;
   auto x_box = [&](int s) { return reinterpret_cast<T*>(smem + s * kStageBytes); };
   auto w_box = [&](int s, int half) { return reinterpret_cast<T*>(smem + s * kStageBytes + (1 + half) * kBoxBytes); };
   uint64_t* full = bars;
@@ -196,12 +273,34 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], kConsumerWarps);
+    mbar_init(staged_full, 32 * kConsumerWarps), mbar_init(staged_empty, 128);
     mbar_init_fence();
   }
   __syncthreads();  // the only block barrier
 
   // Both sides count k-steps over all of the block's tiles (`it`: stage it % kStages, round
   // it / kStages): the parities of full and empty.
+  if (kEpilogueWarps && warp_id >= kConsumerWarps + 4) {  // the epilogue warpgroup
+    set_max_registers_dec<B::kEpilogueRegs>();
+    const int ew = warp_id - kConsumerWarps - 4;
+    const uint32_t* bias = static_cast<const uint32_t*>(p.bias);
+    uint32_t j = 0;  // the block's tile count: the parities of staged_full
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++j) {
+      const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileCols;
+      uint32_t b_hid[2], b_gate[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t col = n0 + 2 * lane + 64 * c;
+        const bool in = bias && col < p.h;
+        b_hid[c] = in ? __ldg(bias + col / 2) : 0u;
+        b_gate[c] = in ? __ldg(bias + (p.h + col) / 2) : 0u;
+      }
+      mbar_wait(staged_full, j & 1);
+      finish_staged<T>(p, staged, m0, n0, b_hid, b_gate, ew, lane);
+      mbar_arrive(staged_empty);
+    }
+    return;
+  }
   if (warp_id >= kConsumerWarps) {
     set_max_registers_dec<kProducerRegs>();
     if (warp_id == kConsumerWarps && lane == 0) {
@@ -222,13 +321,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  set_max_registers_inc<kConsumerRegs>();
+  set_max_registers_inc<B::kConsumerRegs>();
   const int wg = warp_id / 4, warp = warp_id % 4, g = lane / 4, t = lane % 4;
   int64_t it = 0;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  uint32_t j = 0;  // the block's tile count (kEpilogueWarps: the parities of staged_empty)
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++j) {
     const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileCols;
-    const int64_t row0 = m0 + wg * 64 + warp * 16 + g;
-    const TileBias bias = load_tile_bias<T>(p, n0, t);  // its latency hidden behind the products
+    const int r_tile = wg * 64 + warp * 16 + g;
+    TileBias bias;  // its latency hidden behind the products
+    if constexpr (!kEpilogueWarps) bias = load_tile_bias<T>(p, n0, t);
     float hid[64], gate[64];
     for (int k = 0; k < k_steps; ++k, ++it) {
       const int s = int(it % kStages);
@@ -236,20 +337,45 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue_step<T>(hid, gate, x_box(s), w_box(s, 0), w_box(s, 1), wg, k == 0);
       if (k > 0) {  // the previous step's products are done
         wgmma_wait<1>();
-        release_steps(empty, it, 1, lane);
+        release_steps<kStages>(empty, it, 1, lane);
       }
     }
     wgmma_wait<0>();
     fence_operands(hid);
     fence_operands(gate);
-    release_steps(empty, it, 1, lane);
-    store_geglu<T>(p, row0, n0, hid, gate, bias, t);
+    release_steps<kStages>(empty, it, 1, lane);
+    if constexpr (kEpilogueWarps) {
+      if (j > 0) mbar_wait(staged_empty, (j - 1) & 1);  // the epilogue warps are done with the last tile
+      stage_tile<T>(staged, hid, gate, r_tile, t);
+      mbar_arrive(staged_full);
+    } else {
+      store_geglu<T>(p, m0 + r_tile, n0, hid, gate, bias, t);
+    }
   }
 #else
   (void)p;
   (void)maps;
   __trap();  // built without sm_90a: flash_wgmma_available() is false there
 #endif
+}
+
+// LOOM_LINEAR_GEGLU_EPILOGUE (read at every call): unset or `consumers` (the default) has the
+// consumer warpgroups compute the GELUs; `warpgroup` a fourth warpgroup, while the next tile's
+// products run.
+bool epilogue_warps() {
+  const char* env = std::getenv("LOOM_LINEAR_GEGLU_EPILOGUE");
+  const std::string v = env ? env : "";
+  LOOM_CHECK(v.empty() || v == "consumers" || v == "warpgroup", "LOOM_LINEAR_GEGLU_EPILOGUE='", v,
+             "' is not consumers or warpgroup");
+  return v == "warpgroup";
+}
+
+template <typename T, bool kEpilogueWarps>
+void run_kernel(unsigned grid, const GegluGemm& p, const GegluMaps& maps) {
+  using B = Block<kEpilogueWarps>;
+  auto* kernel = gemm_geglu_kernel<T, kEpilogueWarps>;
+  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(B::kSmem)));
+  kernel<<<grid, B::kThreads, B::kSmem, compute_stream()>>>(p, maps);
 }
 
 template <typename T>
@@ -262,11 +388,10 @@ void launch(const LinearGegluArgs& a) {
       tensor_map_sw128(a.x.dtype(), 2, a.x.raw_data(), x_dims, &row_bytes, box, "linear_geglu: the map of x"),
       tensor_map_sw128(a.x.dtype(), 2, a.w.raw_data(), w_dims, &row_bytes, box, "linear_geglu: the map of w")};
   const GegluGemm p{a.y.raw_data(), a.bias.defined() ? a.bias.raw_data() : nullptr, a.rows, a.in, a.h};
-  auto* kernel = gemm_geglu_kernel<T>;
-  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
   const int64_t tiles = (a.rows + kTileRows - 1) / kTileRows * ((a.h + kTileCols - 1) / kTileCols);
   const unsigned grid = unsigned(std::min<int64_t>(tiles, flash_sm_count()));
-  kernel<<<grid, kThreads, kSmem, compute_stream()>>>(p, maps);
+  if (epilogue_warps()) run_kernel<T, true>(grid, p, maps);
+  else run_kernel<T, false>(grid, p, maps);
   check_last_launch("gemm_geglu_kernel");
 }
 

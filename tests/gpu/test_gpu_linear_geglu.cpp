@@ -69,26 +69,34 @@ LinearGegluArgs slot_args(const GegluCase& c, const Operands& o) {
 
 Tensor reference(const Operands& o) { return ops::geglu(ops::linear(o.x64, o.w64, o.b64)); }
 
+// The kernel's two epilogues (LOOM_LINEAR_GEGLU_EPILOGUE): the GELUs by the consumer warpgroups
+// after a tile's products, or by a fourth warpgroup from the tile staged in shared memory.
+const std::vector<const char*> kEpilogues = {"consumers", "warpgroup"};
+
 // The op (kernel where it applies, else linear + geglu) in bf16, f16 and f32 against f64.
 TEST(GpuLinearGeglu, MatchesTheCpuInF64) {
   LOOM_SKIP_WITHOUT_CUDA();
   Generator gen(0x6e61u ^ ::testing::UnitTest::GetInstance()->random_seed());
   std::vector<GegluCase> all = kKernelCases;
   all.insert(all.end(), kDeclinedCases.begin(), kDeclinedCases.end());
-  for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
-    for (const GegluCase& c : all) {
-      const std::string what = name_of(c, dtype);
-      const Operands o = operands(c, dtype, gen);
-      const Tensor y = ops::linear_geglu(o.x, o.w, o.b);
-      ASSERT_EQ(y.shape(), Shape({c.rows, c.h})) << what;
-      EXPECT_EQ(y.device(), kCuda) << what;
-      EXPECT_LE(rel_error(y.to(Device::cpu()), reference(o)), tol_for(dtype)) << what;
+  for (const char* epilogue : kEpilogues) {
+    ScopedEnv mode("LOOM_LINEAR_GEGLU_EPILOGUE", epilogue);
+    for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
+      for (const GegluCase& c : all) {
+        const std::string what = name_of(c, dtype) + ", " + epilogue + " epilogue";
+        const Operands o = operands(c, dtype, gen);
+        const Tensor y = ops::linear_geglu(o.x, o.w, o.b);
+        ASSERT_EQ(y.shape(), Shape({c.rows, c.h})) << what;
+        EXPECT_EQ(y.device(), kCuda) << what;
+        EXPECT_LE(rel_error(y.to(Device::cpu()), reference(o)), tol_for(dtype)) << what;
+      }
     }
   }
 }
 
 // The kernel itself (Backend::linear_geglu must take every kernel case on an sm_90a device): one
 // rounding of y, so in bf16 its error is below that of cuBLAS + the GEGLU pass (three roundings);
+// the epilogue warpgroup's (the products rounded when staged) within 10% of the latter;
 // LOOM_LINEAR_GEGLU=0 declines.
 TEST(GpuLinearGeglu, KernelRunsAndRoundsOnce) {
   LOOM_SKIP_WITHOUT_CUDA();
@@ -105,6 +113,9 @@ TEST(GpuLinearGeglu, KernelRunsAndRoundsOnce) {
       if (dtype == DType::BF16 && c.rows * c.h >= 100000) {
         const double composed = rel_error(ops::geglu(ops::linear(o.x, o.w, o.b)).to(Device::cpu()), ref);
         EXPECT_LT(fused, composed) << name_of(c, dtype);
+        ScopedEnv staged("LOOM_LINEAR_GEGLU_EPILOGUE", "warpgroup");
+        ASSERT_TRUE(be.linear_geglu(a)) << name_of(c, dtype);
+        EXPECT_LE(rel_error(a.y.to(Device::cpu()), ref), 1.1 * composed) << name_of(c, dtype) << ", warpgroup";
       }
       ScopedEnv off("LOOM_LINEAR_GEGLU", "0");
       EXPECT_FALSE(be.linear_geglu(a)) << name_of(c, dtype);
@@ -115,6 +126,11 @@ TEST(GpuLinearGeglu, KernelRunsAndRoundsOnce) {
     EXPECT_FALSE(be.linear_geglu(a)) << name_of(c, DType::BF16);
   }
   const Operands o = operands(kKernelCases[1], DType::BF16, gen);
+  {
+    ScopedEnv bad("LOOM_LINEAR_GEGLU_EPILOGUE", "later");
+    EXPECT_THAT(any_error_of([&] { ops::linear_geglu(o.x, o.w, o.b); }),
+                ::testing::HasSubstr("LOOM_LINEAR_GEGLU_EPILOGUE='later' is not consumers or warpgroup"));
+  }
   ScopedEnv bad("LOOM_LINEAR_GEGLU", "yes");
   EXPECT_THAT(any_error_of([&] { ops::linear_geglu(o.x, o.w, o.b); }),
               ::testing::HasSubstr("LOOM_LINEAR_GEGLU='yes' is not 0 or 1"));
