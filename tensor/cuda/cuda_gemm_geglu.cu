@@ -25,6 +25,10 @@
 //            The tensor cores wait during the epilogue (~a fifth of a tile at in = 640); a
 //            deferred epilogue (a tile's GELUs during the next tile's first products, the sums held
 //            as T pairs) was tried and ran slower (docs/gpu-bench.md, run 25).
+//   epilogue warpgroup (opt-in, LOOM_LINEAR_GEGLU_EPILOGUE=warpgroup): the consumers stage the
+//            tile's products as T pairs in shared memory (staged_full / staged_empty mbarriers)
+//            and go on; a fourth warpgroup computes the epilogue above from them. 3 stages. Run
+//            25: −9…12% at in ≤ 640, even at in = 1280; one rounding more.
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_flash_tc.cuh"
 #include "tensor/cuda/cuda_gemm_geglu.h"
