@@ -242,7 +242,7 @@ class Backend {
   // A Linear and GEGLU as one product (LinearGegluArgs; tensor/ops_fused.h, linear_geglu), asked
   // only where supports(OpKind::LinearGeglu, dtype): true when done; false, touching nothing,
   // where the kernel does not take these operands (a shape, an alignment: the caller then runs
-  // linear and geglu). CUDA: cuda/cuda_gemm_geglu.cu (Hopper, bf16 / f16).
+  // linear and geglu). CUDA: cuda/cuda_gemm_wgmma.cu (Hopper, bf16 / f16).
   virtual bool linear_geglu(const LinearGegluArgs&) { return false; }
   virtual void geglu_backward(const GegluGradArgs&) { missing_fused_kernel("geglu_backward", name()); }
   virtual void optimizer_update(const OptimizerUpdateArgs&) { missing_fused_kernel("optimizer_update", name()); }

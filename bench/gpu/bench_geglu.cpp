@@ -1,9 +1,12 @@
 // The feed-forward's first product at Stable Diffusion's shapes on CUDA: the Linear + GEGLU kernel
-// (ops::linear_geglu, tensor/cuda/cuda_gemm_geglu.cu) against cuBLAS's projection (bias in its
+// (ops::linear_geglu, tensor/cuda/cuda_gemm_wgmma.cu) against cuBLAS's projection (bias in its
 // epilogue) followed by the GEGLU pass (LOOM_LINEAR_GEGLU=0), and cuBLAS's projection alone (the
-// GEMM rate to match). Not a test.
-//   ./bench/loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...]
-// One line of JSON per shape: ms of each, TFLOP/s counted as 2·rows·in·2h for the product.
+// GEMM rate to match). Then the UNet's other Linear layers with a bias (to_out.0, ff.net.2,
+// proj_in / proj_out) on loom's own kernel (LOOM_GEMM_BIAS=wgmma, same main loop) against
+// cuBLASLt's bias epilogue (the default). Not a test.
+//   ./bench/loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...] [--bias-shape rows,in,out ...]
+// One line of JSON per shape: ms of each, TFLOP/s counted as 2·rows·in·2h for the GEGLU product
+// and 2·rows·in·out for the bias GEMMs.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -28,6 +31,27 @@ struct Shape3 {
 // levels 0, 1, 2.
 const std::vector<Shape3> kDefaultShapes = {{32768, 640, 2560},  {8192, 1280, 5120}, {32768, 320, 1280},
                                             {8192, 640, 2560},   {2048, 1280, 5120}};
+// rows, in, out of the bias GEMMs at the same levels: to_out.0 / proj (C → C), ff.net.2 (4C → C).
+const std::vector<Shape3> kDefaultBiasShapes = {{32768, 640, 640},  {32768, 2560, 640}, {8192, 1280, 1280},
+                                                {8192, 5120, 1280}, {32768, 320, 320},  {32768, 1280, 320}};
+
+// One JSON line: the bias GEMM x [rows, in]·W [out, in]ᵀ + b on loom's kernel and on cuBLASLt.
+void bench_bias(const Shape3& s, DType dtype, int reps, uint64_t& seed) {
+  const Device gpu = Device::cuda(0);
+  const Tensor x = random_normal({s.rows, s.in}, dtype, gpu, seed++);
+  const Tensor w = ops::mul_scalar(random_normal({s.h, s.in}, dtype, gpu, seed++), 1.0 / std::sqrt(double(s.in)));
+  const Tensor b = random_normal({s.h}, dtype, gpu, seed++);
+  setenv("LOOM_GEMM_BIAS", "wgmma", 1);
+  const double loom_ms = bench::median_ms(gpu, reps, [&] { ops::linear(x, w, b); });
+  unsetenv("LOOM_GEMM_BIAS");
+  const double lt_ms = bench::median_ms(gpu, reps, [&] { ops::linear(x, w, b); });
+  const double tflop = 2.0 * double(s.rows) * double(s.in) * double(s.h) * 1e-12;
+  std::printf(
+      "{\"gemm_bias\":{\"rows\":%ld,\"in\":%ld,\"out\":%ld},\"dtype\":\"%s\",\"wgmma_ms\":%.4f,"
+      "\"cublaslt_ms\":%.4f,\"wgmma_tflops\":%.1f,\"cublaslt_tflops\":%.1f}\n",
+      s.rows, s.in, s.h, dtype_name(dtype), loom_ms, lt_ms, tflop / (loom_ms * 1e-3), tflop / (lt_ms * 1e-3));
+  std::fflush(stdout);
+}
 
 Shape3 parse_shape(const char* s) {
   Shape3 r{};
@@ -43,18 +67,20 @@ Shape3 parse_shape(const char* s) {
 int main(int argc, char** argv) {
   int reps = 30;
   DType dtype = DType::BF16;
-  std::vector<Shape3> shapes;
+  std::vector<Shape3> shapes, bias_shapes;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--dtype" && i + 1 < argc) dtype = std::string(argv[++i]) == "f16" ? DType::F16 : DType::BF16;
     else if (a == "--shape" && i + 1 < argc) shapes.push_back(parse_shape(argv[++i]));
+    else if (a == "--bias-shape" && i + 1 < argc) bias_shapes.push_back(parse_shape(argv[++i]));
     else {
-      std::fprintf(stderr, "usage: loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...]\n");
+      std::fprintf(stderr, "usage: loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...] "
+                   "[--bias-shape rows,in,out ...]\n");
       return a == "--help" ? 0 : 2;
     }
   }
-  if (shapes.empty()) shapes = kDefaultShapes;
+  if (shapes.empty() && bias_shapes.empty()) shapes = kDefaultShapes, bias_shapes = kDefaultBiasShapes;
   const Device gpu = Device::cuda(0);
   uint64_t seed = 7;
   for (const Shape3& s : shapes) {
@@ -77,5 +103,6 @@ int main(int argc, char** argv) {
         s.rows, s.in, s.h, dtype_name(dtype), fused, staged, composed, gemm, tflop / (fused * 1e-3), tflop / (gemm * 1e-3));
     std::fflush(stdout);
   }
+  for (const Shape3& s : bias_shapes) bench_bias(s, dtype, reps, seed);
   return 0;
 }

@@ -27,7 +27,7 @@
 #include "tensor/cuda/cuda_conv_cudnn.h"
 #include "tensor/cuda/cuda_conv_igemm.h"
 #include "tensor/cuda/cuda_fused.h"
-#include "tensor/cuda/cuda_gemm_geglu.h"
+#include "tensor/cuda/cuda_gemm_wgmma.h"
 
 namespace loom {
 namespace {
@@ -127,7 +127,7 @@ class CudaBackend final : public Backend {
         return dtype == DType::BF16 || dtype == DType::F16;
       case OpKind::Im2colNormed:  // cuda_conv.cu
         return dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16;
-      case OpKind::LinearGeglu:  // cuda_gemm_geglu.cu: Hopper's wgmma (a build and device with sm_90a)
+      case OpKind::LinearGeglu:  // cuda_gemm_wgmma.cu: Hopper's wgmma (a build and device with sm_90a)
         return (dtype == DType::BF16 || dtype == DType::F16) && cuda::flash_wgmma_available();
     }
     return false;

@@ -226,7 +226,9 @@ TEST_P(ConvLibrary, ForwardAndBothGradientsMatchCpuF64) {
                 0.0)
           << "auto input gradient";
       const Tensor dw_auto = ops::conv2d_weight_grad(dy, in.x, in.w.shape(), k.params());
-      if (!kxk) EXPECT_EQ(max_abs_diff(dw_auto, dw_im2col), 0.0) << "auto weight gradient (1×1: GEMM)";
+      if (!kxk) {
+        EXPECT_EQ(max_abs_diff(dw_auto, dw_im2col), 0.0) << "auto weight gradient (1×1: GEMM)";
+      }
       EXPECT_LE(max_rel_error(dw_auto, dw_ref), 2 * max_rel_error(dw_im2col, dw_ref) + 1e-4) << "auto weight gradient";
     }
     const double floor = 1e-4;
@@ -251,9 +253,10 @@ TEST(ConvLibraryChoice, F32StaysExactAndUnknownNamesFail) {
   Tensor lib, plain;
   {
     ScopedEnv library("LOOM_CONV", "cudnn");
-    if (!has_library(DType::BF16))
+    if (!has_library(DType::BF16)) {
       EXPECT_NE(error_of([&] { ops::conv2d(x.to(DType::BF16), w.to(DType::BF16), Tensor(), p); }).find("cuDNN"),
                 std::string::npos);
+    }
     lib = ops::conv2d(x, w, Tensor(), p);
   }
   {

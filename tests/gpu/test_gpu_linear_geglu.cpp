@@ -1,5 +1,5 @@
 // ops::linear_geglu on CUDA (ctest -L gpu): the Hopper kernel that computes a Linear and GEGLU as
-// one product (tensor/cuda/cuda_gemm_geglu.cu) and the composed fallback, against the CPU in f64
+// one product (tensor/cuda/cuda_gemm_wgmma.cu) and the composed fallback, against the CPU in f64
 // on the same (rounded) inputs, at sizes that are no multiple of a tile: rows of a part-full row
 // tile, `in` below and past one k-step of 64, h leaving the last column tile part full (its hidden
 // box then reads gate rows), more tiles than SMs (persistent blocks, the stage ring wrapping).

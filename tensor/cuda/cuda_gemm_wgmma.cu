@@ -1,4 +1,6 @@
-// A Linear followed by GEGLU as one product on Hopper (sm_90a, bf16 / f16): y [rows, h] =
+// loom's own GEMMs on Hopper (sm_90a, bf16 / f16), one persistent warp-specialised kernel with two
+// products (below): a Linear with its bias (y = x·Wᵀ + b, LOOM_GEMM_BIAS=wgmma; tiles of 128 × 256,
+// the two W boxes side by side), and first of all a Linear followed by GEGLU: y [rows, h] =
 // (x·W[:h]ᵀ + b[:h]) · gelu(x·W[h:]ᵀ + b[h:]) (LinearGegluArgs, tensor/fused_args.h), where
 // cuBLAS + the GEGLU pass write the [rows, 2h] projection, read it back and write y. On Stable
 // Diffusion's feed-forward (h = 4·channels) that pass moved 5 bytes a y element and took ~5% of a
@@ -31,7 +33,7 @@
 //            25: −9…12% at in ≤ 640, even at in = 1280; one rounding more.
 #include "tensor/cuda/cuda_device.cuh"
 #include "tensor/cuda/cuda_flash_tc.cuh"
-#include "tensor/cuda/cuda_gemm_geglu.h"
+#include "tensor/cuda/cuda_gemm_wgmma.h"
 #include "tensor/cuda/cuda_tma.cuh"
 #include "tensor/cuda/cuda_tma_host.h"
 #include "tensor/cuda/cuda_wgmma.cuh"
@@ -70,15 +72,37 @@ struct Block {
   static_assert(2 * kConsumerRegs + kProducerRegs + (kEpilogueWarps ? kEpilogueRegs : 0) <= 65536 / 128);
 };
 
-struct GegluMaps {
-  CUtensorMap x, w;  // [rows][in] and [2h][in], boxes of 64 columns × 128 rows
+// What a tile's two W boxes are and what the epilogue writes:
+//   Geglu  W [2h, in]: boxes W rows n0… (hidden) and h + n0… (gate); y [rows, h] = (hidden + b)·
+//          gelu(gate + b'); a tile covers 128 columns of y.
+//   Bias   W [n, in]: boxes W rows n0… and n0 + 128…; y [rows, n] = x·Wᵀ + b; a tile covers 256
+//          columns of y, its second box neither loaded nor multiplied where n0 + 128 ≥ n.
+enum class Product { Geglu, Bias };
+
+template <Product P>
+constexpr int kTileSpan = P == Product::Geglu ? kTileCols : 2 * kTileCols;  // columns of y a tile
+
+struct PairMaps {
+  CUtensorMap x, w;  // [rows][in] and W [2h or n][in], boxes of 64 columns × 128 rows
 };
 
-struct GegluGemm {
+struct PairGemm {
   void* y;
-  const void* bias;  // [2h] or null
-  int64_t rows, in, h;
+  const void* bias;  // Geglu: [2h]; Bias: [n]; or null
+  int64_t rows, in;
+  int64_t h;         // Geglu: y's width h; Bias: n
+  int64_t ldy;       // y's row stride, elements
 };
+
+// W's row of the tile's second box, and whether the tile has one.
+template <Product P>
+__host__ __device__ __forceinline__ int64_t second_box_row(const PairGemm& p, int64_t n0) {
+  return P == Product::Geglu ? p.h + n0 : n0 + kTileCols;
+}
+template <Product P>
+__host__ __device__ __forceinline__ bool has_second_box(const PairGemm& p, int64_t n0) {
+  return P == Product::Geglu || n0 + kTileCols < p.h;
+}
 
 // gelu(x) = x·Φ(x), the exact (erf) form, without erff's per-element branch (which serialised
 // the epilogue: each gelu its own basic block, ~35 instructions): Φ(x) = 1 − erfc(z)/2 for x ≥ 0,
@@ -99,23 +123,24 @@ __device__ __forceinline__ float gelu_erf_branchless(float x) {
   return x * (x >= 0.f ? 1.f - half_erfc : half_erfc);
 }
 
-// The tile's biases of this thread's columns n0 + 8j + 2t, + 1 (j < 16) as packed pairs: hidden
-// b[col], b[col + 1] in hid[j], gate b[h + col], … in gate[j]; zeros without a bias or past h.
-// Loaded before the tile's products so that their latency hides behind them.
+// The tile's biases of this thread's columns n0 + 8j + 2t, + 1 (j < 16) as packed pairs: b[col],
+// b[col + 1] in hid[j]; in gate[j] those of the second box's column (Geglu: b[h + col], …; Bias:
+// b[col + 128], …); zeros without a bias or past h (n). Loaded before the tile's products so that
+// their latency hides behind them.
 struct TileBias {
   uint32_t hid[kTileCols / 8], gate[kTileCols / 8];
 };
 
-template <typename T>
-__device__ __forceinline__ TileBias load_tile_bias(const GegluGemm& p, int64_t n0, int t) {
+template <typename T, Product P>
+__device__ __forceinline__ TileBias load_tile_bias(const PairGemm& p, int64_t n0, int t) {
   TileBias b;
   const uint32_t* bias = static_cast<const uint32_t*>(p.bias);  // pairs: the host checked 4-byte alignment
 #pragma unroll
   for (int j = 0; j < kTileCols / 8; ++j) {
     const int64_t col = n0 + 8 * j + 2 * t;  // h is a multiple of 8: col < h means col + 1 < h
-    const bool in = bias && col < p.h;
-    b.hid[j] = in ? __ldg(bias + col / 2) : 0u;
-    b.gate[j] = in ? __ldg(bias + (p.h + col) / 2) : 0u;
+    const int64_t col2 = P == Product::Geglu ? p.h + col : col + kTileCols;
+    b.hid[j] = bias && col < p.h ? __ldg(bias + col / 2) : 0u;
+    b.gate[j] = bias && (P == Product::Geglu ? col : col2) < p.h ? __ldg(bias + col2 / 2) : 0u;
   }
   return b;
 }
@@ -145,7 +170,7 @@ __device__ __forceinline__ void store_u32_if(bool pred, void* dst, uint32_t v) {
 // the GELUs of different columns overlap (bounds checks as branches split it and cost 0.09 ms of
 // 0.40 at SDXL's level 1: docs/gpu-bench.md, run 25).
 template <typename T>
-__device__ __forceinline__ void store_geglu(const GegluGemm& p, int64_t row0, int64_t n0, const float (&hid)[64],
+__device__ __forceinline__ void store_geglu(const PairGemm& p, int64_t row0, int64_t n0, const float (&hid)[64],
                                             const float (&gate)[64], const TileBias& bias, int t) {
   uint32_t out[kTileCols / 8][2];
 #pragma unroll
@@ -163,18 +188,48 @@ __device__ __forceinline__ void store_geglu(const GegluGemm& p, int64_t row0, in
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = row0 + 8 * r;
-    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.h + n0 + 2 * t;
+    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.ldy + n0 + 2 * t;
 #pragma unroll
     for (int j = 0; j < kTileCols / 8; ++j)
       store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, out[j][r]);  // h is a multiple of 8
   }
 }
 
-// Issues the k-step's 8 products of this warpgroup (its 64 rows of x's box against W's hidden and
-// gate boxes; `first`: the tile's first step, which overwrites the accumulators) and commits them.
+// Bias: the warp's rows row0 and row0 + 8 of y, columns n0 + 8j + 2t (+1) from `lo` (the first
+// box's accumulators) and n0 + 128 + 8j + 2t from `hi` (the second's; garbage where the tile has
+// none, and then never stored), plus the bias, one rounding, predicated stores.
+template <typename T>
+__device__ __forceinline__ void store_bias(const PairGemm& p, int64_t row0, int64_t n0, const float (&lo)[64],
+                                           const float (&hi)[64], const TileBias& bias, int t) {
+  uint32_t out[2][kTileCols / 8][2];
+#pragma unroll
+  for (int j = 0; j < kTileCols / 8; ++j) {
+    const float2 bl = unpack<T>(bias.hid[j]), bh = unpack<T>(bias.gate[j]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      out[0][j][r] = Half2<T>::pack(lo[4 * j + 2 * r] + bl.x, lo[4 * j + 2 * r + 1] + bl.y);
+      out[1][j][r] = Half2<T>::pack(hi[4 * j + 2 * r] + bh.x, hi[4 * j + 2 * r + 1] + bh.y);
+    }
+  }
+  const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of the rows that exist: 8j < cols
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + 8 * r;
+    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.ldy + n0 + 2 * t;
+#pragma unroll
+    for (int j = 0; j < kTileCols / 8; ++j) {
+      store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, out[0][j][r]);  // n is a multiple of 8
+      store_u32_if(row < p.rows && kTileCols + 8 * j < cols, y + kTileCols + 8 * j, out[1][j][r]);
+    }
+  }
+}
+
+// Issues the k-step's 8 products of this warpgroup (its 64 rows of x's box against W's two boxes,
+// into hid and gate; the second's only where `second`; `first`: the tile's first step, which
+// overwrites the accumulators) and commits them.
 template <typename T>
 __device__ __forceinline__ void issue_step(float (&hid)[64], float (&gate)[64], const T* x_box, const T* w_hidden,
-                                           const T* w_gate, int wg, bool first) {
+                                           const T* w_gate, int wg, bool first, bool second) {
   const uint64_t a = sw128_desc(x_box + wg * 64 * kStepK, 16, 1024);
   const uint64_t bh = sw128_desc(w_hidden, 16, 1024), bg = sw128_desc(w_gate, 16, 1024);
   wgmma_fence();
@@ -182,7 +237,7 @@ __device__ __forceinline__ void issue_step(float (&hid)[64], float (&gate)[64], 
   for (int kk = 0; kk < kStepK / 16; ++kk) {  // the k16 slice kk: 32 bytes further in each row
     const int accumulate = !first || kk > 0;
     wgmma_ss(hid, a + 2 * kk, bh + 2 * kk, accumulate, T());
-    wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());
+    if (second) wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());
   }
   wgmma_commit();
 }
@@ -218,7 +273,7 @@ __device__ __forceinline__ void stage_tile(uint32_t* staged, const float (&hid)[
 // pairs `lane` and `lane` + 32, columns n0 + 2·lane (+ 64)): bias, GELU and product in f32, one
 // rounding, predicated stores. Four rows' loads before their arithmetic, their stores after it.
 template <typename T>
-__device__ __forceinline__ void finish_staged(const GegluGemm& p, const uint32_t* staged, int64_t m0, int64_t n0,
+__device__ __forceinline__ void finish_staged(const PairGemm& p, const uint32_t* staged, int64_t m0, int64_t n0,
                                               const uint32_t (&b_hid)[2], const uint32_t (&b_gate)[2], int ew,
                                               int lane) {
   constexpr int kRows = 4;
@@ -245,17 +300,18 @@ __device__ __forceinline__ void finish_staged(const GegluGemm& p, const uint32_t
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int64_t row = m0 + 32 * ew + i0 + i;
-      T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.h + n0 + 2 * lane;
+      T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.ldy + n0 + 2 * lane;
 #pragma unroll
       for (int c = 0; c < 2; ++c) store_u32_if(row < p.rows && 64 * c < cols, y + 64 * c, out[i][c]);
     }
   }
 }
 
-template <typename T, bool kEpilogueWarps>
+template <typename T, Product P, bool kEpilogueWarps>
 __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
-    gemm_geglu_kernel(const GegluGemm p, const __grid_constant__ GegluMaps maps) {
+    gemm_pair_kernel(const PairGemm p, const __grid_constant__ PairMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(P == Product::Geglu || !kEpilogueWarps, "the epilogue warpgroup computes GEGLU only");
   using B = Block<kEpilogueWarps>;
   constexpr int kStages = B::kStages;
   extern __shared__ unsigned char smem_raw[];
@@ -271,7 +327,7 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
   uint64_t* empty = bars + kStages;
 
   const int tid = threadIdx.x, warp_id = tid / 32, lane = tid % 32;
-  const int64_t col_tiles = (p.h + kTileCols - 1) / kTileCols;
+  const int64_t col_tiles = (p.h + kTileSpan<P> - 1) / kTileSpan<P>;
   const int64_t tiles = (p.rows + kTileRows - 1) / kTileRows * col_tiles;
   const int k_steps = int((p.in + kStepK - 1) / kStepK);
 
@@ -290,7 +346,7 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
     const uint32_t* bias = static_cast<const uint32_t*>(p.bias);
     uint32_t j = 0;  // the block's tile count: the parities of staged_full
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++j) {
-      const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileCols;
+      const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileSpan<P>;
       uint32_t b_hid[2], b_gate[2];
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
@@ -310,15 +366,17 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
     if (warp_id == kConsumerWarps && lane == 0) {
       int64_t it = 0;
       for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = int(tile / col_tiles * kTileRows), n0 = int(tile % col_tiles * kTileCols);
+        const int m0 = int(tile / col_tiles * kTileRows), n0 = int(tile % col_tiles * kTileSpan<P>);
+        const bool second = has_second_box<P>(p, n0);
+        const int second_row = int(second_box_row<P>(p, n0));
         for (int k = 0; k < k_steps; ++k, ++it) {
           const int s = int(it % kStages);
           const uint32_t round = uint32_t(it / kStages);
           if (round > 0) mbar_wait(&empty[s], (round - 1) & 1);
-          mbar_arrive_expect_tx(&full[s], kStageBytes);
+          mbar_arrive_expect_tx(&full[s], second ? kStageBytes : 2 * kBoxBytes);
           tma_load_2d(x_box(s), &maps.x, &full[s], k * kStepK, m0);
           tma_load_2d(w_box(s, 0), &maps.w, &full[s], k * kStepK, n0);
-          tma_load_2d(w_box(s, 1), &maps.w, &full[s], k * kStepK, int(p.h) + n0);
+          if (second) tma_load_2d(w_box(s, 1), &maps.w, &full[s], k * kStepK, second_row);
         }
       }
     }
@@ -330,15 +388,16 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
   int64_t it = 0;
   uint32_t j = 0;  // the block's tile count (kEpilogueWarps: the parities of staged_empty)
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++j) {
-    const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileCols;
+    const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileSpan<P>;
     const int r_tile = wg * 64 + warp * 16 + g;
+    const bool second = has_second_box<P>(p, n0);
     TileBias bias;  // its latency hidden behind the products
-    if constexpr (!kEpilogueWarps) bias = load_tile_bias<T>(p, n0, t);
+    if constexpr (!kEpilogueWarps) bias = load_tile_bias<T, P>(p, n0, t);
     float hid[64], gate[64];
     for (int k = 0; k < k_steps; ++k, ++it) {
       const int s = int(it % kStages);
       mbar_wait(&full[s], uint32_t(it / kStages) & 1);
-      issue_step<T>(hid, gate, x_box(s), w_box(s, 0), w_box(s, 1), wg, k == 0);
+      issue_step<T>(hid, gate, x_box(s), w_box(s, 0), w_box(s, 1), wg, k == 0, second);
       if (k > 0) {  // the previous step's products are done
         wgmma_wait<1>();
         release_steps<kStages>(empty, it, 1, lane);
@@ -352,8 +411,10 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
       if (j > 0) mbar_wait(staged_empty, (j - 1) & 1);  // the epilogue warps are done with the last tile
       stage_tile<T>(staged, hid, gate, r_tile, t);
       mbar_arrive(staged_full);
-    } else {
+    } else if constexpr (P == Product::Geglu) {
       store_geglu<T>(p, m0 + r_tile, n0, hid, gate, bias, t);
+    } else {
+      store_bias<T>(p, m0 + r_tile, n0, hid, gate, bias, t);
     }
   }
 #else
@@ -374,29 +435,50 @@ bool epilogue_warps() {
   return v == "warpgroup";
 }
 
-template <typename T, bool kEpilogueWarps>
-void run_kernel(unsigned grid, const GegluGemm& p, const GegluMaps& maps) {
+// The operands' maps and one persistent block per SM (at most one per tile): x [p.rows][p.in] at
+// row stride lda, W [w_rows][p.in] at row stride ldw (elements).
+struct PairOperands {
+  const void* x;
+  int64_t lda;
+  const void* w;
+  int64_t w_rows, ldw;
+  const char* x_map;  // the tensor-map errors' names
+  const char* w_map;
+};
+
+template <typename T, Product P, bool kEpilogueWarps>
+void launch_pair(DType dtype, const PairOperands& o, const PairGemm& p) {
   using B = Block<kEpilogueWarps>;
-  auto* kernel = gemm_geglu_kernel<T, kEpilogueWarps>;
+  const cuuint64_t x_stride = cuuint64_t(o.lda) * 2, w_stride = cuuint64_t(o.ldw) * 2;
+  const cuuint64_t x_dims[2] = {cuuint64_t(p.in), cuuint64_t(p.rows)};
+  const cuuint64_t w_dims[2] = {cuuint64_t(p.in), cuuint64_t(o.w_rows)};
+  const cuuint32_t box[2] = {kStepK, kTileRows};
+  const PairMaps maps{tensor_map_sw128(dtype, 2, o.x, x_dims, &x_stride, box, o.x_map),
+                      tensor_map_sw128(dtype, 2, o.w, w_dims, &w_stride, box, o.w_map)};
+  const int64_t tiles = (p.rows + kTileRows - 1) / kTileRows * ((p.h + kTileSpan<P> - 1) / kTileSpan<P>);
+  const unsigned grid = unsigned(std::min<int64_t>(tiles, flash_sm_count()));
+  auto* kernel = gemm_pair_kernel<T, P, kEpilogueWarps>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(B::kSmem)));
   kernel<<<grid, B::kThreads, B::kSmem, compute_stream()>>>(p, maps);
+  check_last_launch(P == Product::Geglu ? "gemm_pair_kernel (linear + geglu)" : "gemm_pair_kernel (linear + bias)");
 }
 
 template <typename T>
-void launch(const LinearGegluArgs& a) {
-  const cuuint64_t row_bytes = cuuint64_t(a.in) * 2;
-  const cuuint64_t x_dims[2] = {cuuint64_t(a.in), cuuint64_t(a.rows)};
-  const cuuint64_t w_dims[2] = {cuuint64_t(a.in), cuuint64_t(2 * a.h)};
-  const cuuint32_t box[2] = {kStepK, kTileRows};
-  const GegluMaps maps{
-      tensor_map_sw128(a.x.dtype(), 2, a.x.raw_data(), x_dims, &row_bytes, box, "linear_geglu: the map of x"),
-      tensor_map_sw128(a.x.dtype(), 2, a.w.raw_data(), w_dims, &row_bytes, box, "linear_geglu: the map of w")};
-  const GegluGemm p{a.y.raw_data(), a.bias.defined() ? a.bias.raw_data() : nullptr, a.rows, a.in, a.h};
-  const int64_t tiles = (a.rows + kTileRows - 1) / kTileRows * ((a.h + kTileCols - 1) / kTileCols);
-  const unsigned grid = unsigned(std::min<int64_t>(tiles, flash_sm_count()));
-  if (epilogue_warps()) run_kernel<T, true>(grid, p, maps);
-  else run_kernel<T, false>(grid, p, maps);
-  check_last_launch("gemm_geglu_kernel");
+void launch_geglu(const LinearGegluArgs& a) {
+  const PairOperands o{a.x.raw_data(), a.in, a.w.raw_data(), 2 * a.h, a.in,
+                       "linear_geglu: the map of x", "linear_geglu: the map of w"};
+  const PairGemm p{a.y.raw_data(), a.bias.defined() ? a.bias.raw_data() : nullptr, a.rows, a.in, a.h, a.h};
+  if (epilogue_warps()) launch_pair<T, Product::Geglu, true>(a.x.dtype(), o, p);
+  else launch_pair<T, Product::Geglu, false>(a.x.dtype(), o, p);
+}
+
+// LOOM_GEMM_BIAS (read at every call): unset or `cublaslt` leaves a GEMM with a bias to
+// cuBLASLt's bias epilogue (cuda_gemm_lt.cu); `wgmma` runs it here where it fits.
+bool bias_kernel_chosen() {
+  const char* env = std::getenv("LOOM_GEMM_BIAS");
+  const std::string v = env ? env : "";
+  LOOM_CHECK(v.empty() || v == "cublaslt" || v == "wgmma", "LOOM_GEMM_BIAS='", v, "' is not cublaslt or wgmma");
+  return v == "wgmma";
 }
 
 // LOOM_LINEAR_GEGLU: unset or 1 runs the kernel where it applies, 0 never (read at every call).
@@ -418,8 +500,27 @@ bool gemm_geglu(const LinearGegluArgs& a) {
   if (a.bias.defined() && reinterpret_cast<uintptr_t>(a.bias.raw_data()) % 4 != 0) return false;  // pair loads
   // TMA: row strides (in·2 bytes) multiples of 16, coordinates in int32; pair stores: h even
   if (a.in % 8 != 0 || a.h % 8 != 0 || a.rows >= (int64_t(1) << 31) || 2 * a.h >= (int64_t(1) << 31)) return false;
-  if (dt == DType::BF16) launch<__nv_bfloat16>(a);
-  else launch<__half>(a);
+  if (dt == DType::BF16) launch_geglu<__nv_bfloat16>(a);
+  else launch_geglu<__half>(a);
+  return true;
+}
+
+bool gemm_bias_wgmma(const GemmBatch& g) {
+  if (!bias_kernel_chosen() || !flash_wgmma_available() || !tensor_maps_available()) return false;
+  if (g.dtype != DType::BF16 && g.dtype != DType::F16) return false;
+  if (g.batch != 1 || g.trans_a || !g.trans_b || g.alpha != 1.0 || g.beta != 0.0 || !g.bias) return false;
+  if (!aligned16(g.a) || !aligned16(g.b) || reinterpret_cast<uintptr_t>(g.c) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(g.bias) % 4 != 0)
+    return false;
+  // TMA: row strides multiples of 16 bytes, coordinates in int32; pair stores: n and ldc even
+  if (g.m < kTileRows || g.k % 8 != 0 || g.n % 8 != 0 || g.lda % 8 != 0 || g.ldb % 8 != 0 || g.ldc % 2 != 0)
+    return false;
+  if (g.m >= (int64_t(1) << 31) || g.n >= (int64_t(1) << 31)) return false;
+  if (g.lda < g.k || g.ldb < g.k || g.ldc < g.n) return false;  // launch_gemm checked them; direct callers
+  const PairOperands o{g.a, g.lda, g.b, g.n, g.ldb, "gemm with bias: the map of A", "gemm with bias: the map of B"};
+  const PairGemm p{g.c, g.bias, g.m, g.k, g.n, g.ldc};
+  if (g.dtype == DType::BF16) launch_pair<__nv_bfloat16, Product::Bias, false>(g.dtype, o, p);
+  else launch_pair<__half, Product::Bias, false>(g.dtype, o, p);
   return true;
 }
 
