@@ -1,12 +1,13 @@
 // The feed-forward's first product at Stable Diffusion's shapes on CUDA: the Linear + GEGLU kernel
 // (ops::linear_geglu, tensor/cuda/cuda_gemm_wgmma.cu) against cuBLAS's projection (bias in its
 // epilogue) followed by the GEGLU pass (LOOM_LINEAR_GEGLU=0), and cuBLAS's projection alone (the
-// GEMM rate to match). Then the UNet's other Linear layers with a bias (to_out.0, ff.net.2,
-// proj_in / proj_out) on loom's own kernel (LOOM_GEMM_BIAS=wgmma, same main loop) against
-// cuBLASLt's bias epilogue (the default). Not a test.
+// GEMM rate to match). Then the UNet's other Linear layers on loom's own kernel (LOOM_GEMM_WGMMA,
+// the same main loop): those with a bias (to_out.0, ff.net.2, proj_in / proj_out) against
+// cuBLASLt's bias epilogue, those without (to_q / to_k / to_v) against cuBLAS. Not a test.
 //   ./bench/loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...] [--bias-shape rows,in,out ...]
+//                            [--plain-shape rows,in,out ...]
 // One line of JSON per shape: ms of each, TFLOP/s counted as 2·rows·in·2h for the GEGLU product
-// and 2·rows·in·out for the bias GEMMs.
+// and 2·rows·in·out for the others.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -34,22 +35,26 @@ const std::vector<Shape3> kDefaultShapes = {{32768, 640, 2560},  {8192, 1280, 51
 // rows, in, out of the bias GEMMs at the same levels: to_out.0 / proj (C → C), ff.net.2 (4C → C).
 const std::vector<Shape3> kDefaultBiasShapes = {{32768, 640, 640},  {32768, 2560, 640}, {8192, 1280, 1280},
                                                 {8192, 5120, 1280}, {32768, 320, 320},  {32768, 1280, 320}};
+// rows, in, out of the q / k / v projections (no bias) at SDXL's two levels and SD 1.5's first.
+const std::vector<Shape3> kDefaultPlainShapes = {{32768, 640, 640}, {8192, 1280, 1280}, {32768, 320, 320}};
 
-// One JSON line: the bias GEMM x [rows, in]·W [out, in]ᵀ + b on loom's kernel and on cuBLASLt.
-void bench_bias(const Shape3& s, DType dtype, int reps, uint64_t& seed) {
+// One JSON line: x [rows, in]·W [out, in]ᵀ (+ b) on loom's kernel (LOOM_GEMM_WGMMA=all) and on
+// cuBLAS(Lt) (unset).
+void bench_linear(const Shape3& s, bool with_bias, DType dtype, int reps, uint64_t& seed) {
   const Device gpu = Device::cuda(0);
   const Tensor x = random_normal({s.rows, s.in}, dtype, gpu, seed++);
   const Tensor w = ops::mul_scalar(random_normal({s.h, s.in}, dtype, gpu, seed++), 1.0 / std::sqrt(double(s.in)));
-  const Tensor b = random_normal({s.h}, dtype, gpu, seed++);
-  setenv("LOOM_GEMM_BIAS", "wgmma", 1);
+  const Tensor b = with_bias ? random_normal({s.h}, dtype, gpu, seed++) : Tensor();
+  setenv("LOOM_GEMM_WGMMA", "all", 1);
   const double loom_ms = bench::median_ms(gpu, reps, [&] { ops::linear(x, w, b); });
-  unsetenv("LOOM_GEMM_BIAS");
-  const double lt_ms = bench::median_ms(gpu, reps, [&] { ops::linear(x, w, b); });
+  unsetenv("LOOM_GEMM_WGMMA");
+  const double lib_ms = bench::median_ms(gpu, reps, [&] { ops::linear(x, w, b); });
   const double tflop = 2.0 * double(s.rows) * double(s.in) * double(s.h) * 1e-12;
   std::printf(
-      "{\"gemm_bias\":{\"rows\":%ld,\"in\":%ld,\"out\":%ld},\"dtype\":\"%s\",\"wgmma_ms\":%.4f,"
-      "\"cublaslt_ms\":%.4f,\"wgmma_tflops\":%.1f,\"cublaslt_tflops\":%.1f}\n",
-      s.rows, s.in, s.h, dtype_name(dtype), loom_ms, lt_ms, tflop / (loom_ms * 1e-3), tflop / (lt_ms * 1e-3));
+      "{\"linear\":{\"rows\":%ld,\"in\":%ld,\"out\":%ld,\"bias\":%s},\"dtype\":\"%s\",\"wgmma_ms\":%.4f,"
+      "\"cublas_ms\":%.4f,\"wgmma_tflops\":%.1f,\"cublas_tflops\":%.1f}\n",
+      s.rows, s.in, s.h, with_bias ? "true" : "false", dtype_name(dtype), loom_ms, lib_ms, tflop / (loom_ms * 1e-3),
+      tflop / (lib_ms * 1e-3));
   std::fflush(stdout);
 }
 
@@ -67,20 +72,22 @@ Shape3 parse_shape(const char* s) {
 int main(int argc, char** argv) {
   int reps = 30;
   DType dtype = DType::BF16;
-  std::vector<Shape3> shapes, bias_shapes;
+  std::vector<Shape3> shapes, bias_shapes, plain_shapes;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (a == "--dtype" && i + 1 < argc) dtype = std::string(argv[++i]) == "f16" ? DType::F16 : DType::BF16;
     else if (a == "--shape" && i + 1 < argc) shapes.push_back(parse_shape(argv[++i]));
     else if (a == "--bias-shape" && i + 1 < argc) bias_shapes.push_back(parse_shape(argv[++i]));
+    else if (a == "--plain-shape" && i + 1 < argc) plain_shapes.push_back(parse_shape(argv[++i]));
     else {
       std::fprintf(stderr, "usage: loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...] "
-                   "[--bias-shape rows,in,out ...]\n");
+                   "[--bias-shape rows,in,out ...] [--plain-shape rows,in,out ...]\n");
       return a == "--help" ? 0 : 2;
     }
   }
-  if (shapes.empty() && bias_shapes.empty()) shapes = kDefaultShapes, bias_shapes = kDefaultBiasShapes;
+  if (shapes.empty() && bias_shapes.empty() && plain_shapes.empty())
+    shapes = kDefaultShapes, bias_shapes = kDefaultBiasShapes, plain_shapes = kDefaultPlainShapes;
   const Device gpu = Device::cuda(0);
   uint64_t seed = 7;
   for (const Shape3& s : shapes) {
@@ -103,6 +110,7 @@ int main(int argc, char** argv) {
         s.rows, s.in, s.h, dtype_name(dtype), fused, staged, composed, gemm, tflop / (fused * 1e-3), tflop / (gemm * 1e-3));
     std::fflush(stdout);
   }
-  for (const Shape3& s : bias_shapes) bench_bias(s, dtype, reps, seed);
+  for (const Shape3& s : bias_shapes) bench_linear(s, true, dtype, reps, seed);
+  for (const Shape3& s : plain_shapes) bench_linear(s, false, dtype, reps, seed);
   return 0;
 }

@@ -28,8 +28,8 @@ void cuda_profile_print_section(const char* title);
 // or set_cuda_thin_gemm(true) turns them on. False without CUDA.
 bool cuda_thin_gemm_fits(const GemmBatch& g);
 void set_cuda_thin_gemm(bool on);
-// Runs g (a GEMM with g.bias) on loom's own Hopper kernel and returns true where LOOM_GEMM_BIAS=wgmma
-// and g fits it (tensor/cuda/cuda_gemm_wgmma.h: gemm_bias_wgmma); false, nothing launched,
-// otherwise and without CUDA. The backend's gemm asks it first; tests call it to know the kernel ran.
-bool cuda_gemm_bias_wgmma(const GemmBatch& g);
+// Runs g on loom's own Hopper GEMM and returns true where LOOM_GEMM_WGMMA asks for it and g fits
+// (tensor/cuda/cuda_gemm_wgmma.h: gemm_wgmma); false, nothing launched, otherwise and without
+// CUDA. The backend's gemm asks it first; tests call it to know the kernel ran.
+bool cuda_gemm_wgmma(const GemmBatch& g);
 }  // namespace loom

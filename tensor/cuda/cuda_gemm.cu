@@ -24,6 +24,7 @@
 
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/cuda/cuda_common.h"
+#include "tensor/cuda/cuda_gemm_wgmma.h"
 #include "tensor/precision.h"
 
 namespace loom::cuda {
@@ -82,6 +83,7 @@ void launch_gemm(const GemmBatch& g) {
     launch_thin_gemm(g);
     return;
   }
+  if (gemm_wgmma(g)) return;  // LOOM_GEMM_WGMMA=all: loom's own Hopper kernel (cuda_gemm_wgmma.cu)
 
   // Column-major problem: C' (m' × n') = op(A') · op(B') with A' = B, B' = A.
   const int m = checked_int(g.n, "n"), n = checked_int(g.m, "m"), k = checked_int(g.k, "k");

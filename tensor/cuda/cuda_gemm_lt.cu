@@ -15,7 +15,7 @@
 // graph capture and deterministic_algorithms() is off (tensor/determinism.h). Where cuBLASLt
 // offers no algorithm (or the problem is thin or unaligned), the
 // plain GEMM runs and a kernel adds the bias (add_row_bias_kernel): the same values, rounded twice.
-// LOOM_GEMM_BIAS=wgmma runs loom's own Hopper kernel instead where it fits (cuda_gemm_wgmma.cu).
+// LOOM_GEMM_WGMMA=bias (or all) runs loom's own Hopper kernel instead where it fits (cuda_gemm_wgmma.cu).
 #include <cublasLt.h>
 
 #include <cstdint>
@@ -240,7 +240,7 @@ void launch_gemm_with_bias(const GemmBatch& g) {
   LOOM_CHECK(g.bias != nullptr, "cuda gemm: launch_gemm_with_bias without a bias");
   if (g.m == 0 || g.n == 0 || g.batch == 0) return;
   DeviceGuard guard(g.device.index);
-  if (!cuda_thin_gemm_fits(g) && (gemm_bias_wgmma(g) || try_lt(g))) return;
+  if (!cuda_thin_gemm_fits(g) && (gemm_wgmma(g) || try_lt(g))) return;
   GemmBatch plain = g;
   plain.bias = nullptr;
   launch_gemm(plain);
@@ -257,9 +257,9 @@ void launch_gemm_with_bias(const GemmBatch& g) {
 }  // namespace loom::cuda
 
 namespace loom {
-bool cuda_gemm_bias_wgmma(const GemmBatch& g) {
+bool cuda_gemm_wgmma(const GemmBatch& g) {
   if (g.m == 0 || g.n == 0 || g.batch == 0) return false;
   cuda::DeviceGuard guard(g.device.index);
-  return cuda::gemm_bias_wgmma(g);
+  return cuda::gemm_wgmma(g);
 }
 }  // namespace loom

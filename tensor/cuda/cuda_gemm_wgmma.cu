@@ -1,6 +1,6 @@
 // loom's own GEMMs on Hopper (sm_90a, bf16 / f16), one persistent warp-specialised kernel with two
-// products (below): a Linear with its bias (y = x·Wᵀ + b, LOOM_GEMM_BIAS=wgmma; tiles of 128 × 256,
-// the two W boxes side by side), and first of all a Linear followed by GEGLU: y [rows, h] =
+// products (below): a Linear, with or without its bias (y = x·Wᵀ + b, LOOM_GEMM_WGMMA; tiles of
+// 128 × 256, the two W boxes side by side), and first of all a Linear followed by GEGLU: y [rows, h] =
 // (x·W[:h]ᵀ + b[:h]) · gelu(x·W[h:]ᵀ + b[h:]) (LinearGegluArgs, tensor/fused_args.h), where
 // cuBLAS + the GEGLU pass write the [rows, 2h] projection, read it back and write y. On Stable
 // Diffusion's feed-forward (h = 4·channels) that pass moved 5 bytes a y element and took ~5% of a
@@ -164,6 +164,22 @@ __device__ __forceinline__ void store_u32_if(bool pred, void* dst, uint32_t v) {
                : "memory");
 }
 
+// This thread's pairs out[j][r] of y (rows row0 + 8r, columns n0 + 8j + 2t, + 1), those that lie in
+// y, each store predicated (no branch to split the arithmetic before it).
+template <typename T>
+__device__ __forceinline__ void store_pairs(const PairGemm& p, int64_t row0, int64_t n0,
+                                            const uint32_t (&out)[kTileCols / 8][2], int t) {
+  const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of the rows that exist: 8j < cols
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + 8 * r;
+    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.ldy + n0 + 2 * t;
+#pragma unroll
+    for (int j = 0; j < kTileCols / 8; ++j)
+      store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, out[j][r]);  // h (n) is a multiple of 8
+  }
+}
+
 // The warp's rows row0 and row0 + 8 of y, columns n0 + 8j + 2t (+1) for j < 16: hid / gate are the
 // m64n128 accumulators (cuda_wgmma.cuh's fragment layout: d[4j + 2r + e], row + 8r, column + e).
 // All the arithmetic first, then the stores, each predicated: the epilogue is one basic block, so
@@ -184,15 +200,7 @@ __device__ __forceinline__ void store_geglu(const PairGemm& p, int64_t row0, int
       out[j][r] = Half2<T>::pack(v0, v1);
     }
   }
-  const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of the rows that exist: 8j < cols
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + 8 * r;
-    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.ldy + n0 + 2 * t;
-#pragma unroll
-    for (int j = 0; j < kTileCols / 8; ++j)
-      store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, out[j][r]);  // h is a multiple of 8
-  }
+  store_pairs<T>(p, row0, n0, out, t);
 }
 
 // Bias: the warp's rows row0 and row0 + 8 of y, columns n0 + 8j + 2t (+1) from `lo` (the first
@@ -211,17 +219,8 @@ __device__ __forceinline__ void store_bias(const PairGemm& p, int64_t row0, int6
       out[1][j][r] = Half2<T>::pack(hi[4 * j + 2 * r] + bh.x, hi[4 * j + 2 * r + 1] + bh.y);
     }
   }
-  const int64_t cols = p.h - n0 - 2 * t;  // columns 8j of the rows that exist: 8j < cols
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + 8 * r;
-    T* y = static_cast<T*>(p.y) + min(row, p.rows - 1) * p.ldy + n0 + 2 * t;
-#pragma unroll
-    for (int j = 0; j < kTileCols / 8; ++j) {
-      store_u32_if(row < p.rows && 8 * j < cols, y + 8 * j, out[0][j][r]);  // n is a multiple of 8
-      store_u32_if(row < p.rows && kTileCols + 8 * j < cols, y + kTileCols + 8 * j, out[1][j][r]);
-    }
-  }
+  store_pairs<T>(p, row0, n0, out[0], t);
+  store_pairs<T>(p, row0, n0 + kTileCols, out[1], t);
 }
 
 // Issues the k-step's 8 products of this warpgroup (its 64 rows of x's box against W's two boxes,
@@ -472,13 +471,15 @@ void launch_geglu(const LinearGegluArgs& a) {
   else launch_pair<T, Product::Geglu, false>(a.x.dtype(), o, p);
 }
 
-// LOOM_GEMM_BIAS (read at every call): unset or `cublaslt` leaves a GEMM with a bias to
-// cuBLASLt's bias epilogue (cuda_gemm_lt.cu); `wgmma` runs it here where it fits.
-bool bias_kernel_chosen() {
-  const char* env = std::getenv("LOOM_GEMM_BIAS");
+// LOOM_GEMM_WGMMA (read at every call): unset or `0` leaves every GEMM to cuBLAS / cuBLASLt;
+// `bias` runs those with a bias here where they fit, `all` those without one too.
+enum class WgmmaGemms { None, Bias, All };
+
+WgmmaGemms wgmma_gemms_chosen() {
+  const char* env = std::getenv("LOOM_GEMM_WGMMA");
   const std::string v = env ? env : "";
-  LOOM_CHECK(v.empty() || v == "cublaslt" || v == "wgmma", "LOOM_GEMM_BIAS='", v, "' is not cublaslt or wgmma");
-  return v == "wgmma";
+  LOOM_CHECK(v.empty() || v == "0" || v == "bias" || v == "all", "LOOM_GEMM_WGMMA='", v, "' is not 0, bias or all");
+  return v == "all" ? WgmmaGemms::All : v == "bias" ? WgmmaGemms::Bias : WgmmaGemms::None;
 }
 
 // LOOM_LINEAR_GEGLU: unset or 1 runs the kernel where it applies, 0 never (read at every call).
@@ -505,10 +506,13 @@ bool gemm_geglu(const LinearGegluArgs& a) {
   return true;
 }
 
-bool gemm_bias_wgmma(const GemmBatch& g) {
-  if (!bias_kernel_chosen() || !flash_wgmma_available() || !tensor_maps_available()) return false;
+bool gemm_wgmma(const GemmBatch& g) {
+  const WgmmaGemms chosen = wgmma_gemms_chosen();
+  if (chosen == WgmmaGemms::None || (!g.bias && chosen != WgmmaGemms::All)) return false;
+  if (!flash_wgmma_available() || !tensor_maps_available()) return false;
   if (g.dtype != DType::BF16 && g.dtype != DType::F16) return false;
-  if (g.batch != 1 || g.trans_a || !g.trans_b || g.alpha != 1.0 || g.beta != 0.0 || !g.bias) return false;
+  if (g.batch != 1 || g.trans_a || !g.trans_b || g.alpha != 1.0 || g.beta != 0.0) return false;
+  if (!g.bias && (g.n < kTileCols || g.k < kStepK)) return false;  // LoRA's thin products stay cuBLAS's
   if (!aligned16(g.a) || !aligned16(g.b) || reinterpret_cast<uintptr_t>(g.c) % 4 != 0 ||
       reinterpret_cast<uintptr_t>(g.bias) % 4 != 0)
     return false;

@@ -18,7 +18,7 @@ void cuda_timer_destroy(void*) {}
 void cuda_profile_print_section(const char*) {}
 bool cuda_thin_gemm_fits(const GemmBatch&) { return false; }
 void set_cuda_thin_gemm(bool) {}
-bool cuda_gemm_bias_wgmma(const GemmBatch&) { return false; }
+bool cuda_gemm_wgmma(const GemmBatch&) { return false; }
 }  // namespace loom
 
 namespace loom::cuda {
