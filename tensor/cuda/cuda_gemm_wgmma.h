@@ -1,5 +1,5 @@
 // Internal to tensor/cuda/: loom's own GEMMs on Hopper's tensor cores (cuda_gemm_wgmma.cu, sm_90a):
-// the Linear + GEGLU product of Stable Diffusion's feed-forward, and a Linear with its bias.
+// the Linear + GEGLU product of Stable Diffusion's feed-forward, and a Linear with or without its bias.
 #pragma once
 
 #include "tensor/backend.h"
