@@ -3,9 +3,11 @@
 // epilogue) followed by the GEGLU pass (LOOM_LINEAR_GEGLU=0), and cuBLAS's projection alone (the
 // GEMM rate to match). Then the UNet's other Linear layers on loom's own kernel (LOOM_GEMM_WGMMA,
 // the same main loop): those with a bias (to_out.0, ff.net.2, proj_in / proj_out) against
-// cuBLASLt's bias epilogue, those without (to_q / to_k / to_v) against cuBLAS. Not a test.
+// cuBLASLt's bias epilogue, those without (to_q / to_k / to_v) against cuBLAS; and the 3×3
+// convolutions' products W [O, 9C] · columns [N, 9C, L] (B N-major, LOOM_GEMM_WGMMA=conv) against
+// cuBLAS's batched GEMM. Not a test.
 //   ./bench/loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...] [--bias-shape rows,in,out ...]
-//                            [--plain-shape rows,in,out ...]
+//                            [--plain-shape rows,in,out ...] [--conv-shape O,9C,L ...]
 // One line of JSON per shape: ms of each, TFLOP/s counted as 2·rows·in·2h for the GEGLU product
 // and 2·rows·in·out for the others.
 #include <cmath>
@@ -37,6 +39,28 @@ const std::vector<Shape3> kDefaultBiasShapes = {{32768, 640, 640},  {32768, 2560
                                                 {8192, 5120, 1280}, {32768, 320, 320},  {32768, 1280, 320}};
 // rows, in, out of the q / k / v projections (no bias) at SDXL's two levels and SD 1.5's first.
 const std::vector<Shape3> kDefaultPlainShapes = {{32768, 640, 640}, {8192, 1280, 1280}, {32768, 320, 320}};
+// O, 9C, L of SDXL's 3×3 convolutions at its three levels, 8 samples (a guided step on 4).
+const std::vector<Shape3> kDefaultConvShapes = {{320, 2880, 16384}, {640, 5760, 4096}, {1280, 11520, 1024}};
+constexpr int64_t kConvSamples = 8;
+
+// One JSON line: W [O, 9C] · columns [8, 9C, L] on loom's kernel (LOOM_GEMM_WGMMA=conv) and on
+// cuBLAS's batched GEMM (unset).
+void bench_conv(const Shape3& s, DType dtype, int reps, uint64_t& seed) {
+  const Device gpu = Device::cuda(0);
+  const Tensor w = ops::mul_scalar(random_normal({s.rows, s.in}, dtype, gpu, seed++), 1.0 / std::sqrt(double(s.in)));
+  const Tensor cols = random_normal({kConvSamples, s.in, s.h}, dtype, gpu, seed++);
+  setenv("LOOM_GEMM_WGMMA", "conv", 1);
+  const double loom_ms = bench::median_ms(gpu, reps, [&] { ops::matmul(w, cols); });
+  unsetenv("LOOM_GEMM_WGMMA");
+  const double lib_ms = bench::median_ms(gpu, reps, [&] { ops::matmul(w, cols); });
+  const double tflop = 2.0 * double(kConvSamples) * double(s.rows) * double(s.in) * double(s.h) * 1e-12;
+  std::printf(
+      "{\"conv_gemm\":{\"O\":%ld,\"K\":%ld,\"L\":%ld,\"samples\":%ld},\"dtype\":\"%s\",\"wgmma_ms\":%.4f,"
+      "\"cublas_ms\":%.4f,\"wgmma_tflops\":%.1f,\"cublas_tflops\":%.1f}\n",
+      s.rows, s.in, s.h, long(kConvSamples), dtype_name(dtype), loom_ms, lib_ms, tflop / (loom_ms * 1e-3),
+      tflop / (lib_ms * 1e-3));
+  std::fflush(stdout);
+}
 
 // One JSON line: x [rows, in]·W [out, in]ᵀ (+ b) on loom's kernel (LOOM_GEMM_WGMMA=all) and on
 // cuBLAS(Lt) (unset).
@@ -72,7 +96,7 @@ Shape3 parse_shape(const char* s) {
 int main(int argc, char** argv) {
   int reps = 30;
   DType dtype = DType::BF16;
-  std::vector<Shape3> shapes, bias_shapes, plain_shapes;
+  std::vector<Shape3> shapes, bias_shapes, plain_shapes, conv_shapes;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
@@ -80,14 +104,17 @@ int main(int argc, char** argv) {
     else if (a == "--shape" && i + 1 < argc) shapes.push_back(parse_shape(argv[++i]));
     else if (a == "--bias-shape" && i + 1 < argc) bias_shapes.push_back(parse_shape(argv[++i]));
     else if (a == "--plain-shape" && i + 1 < argc) plain_shapes.push_back(parse_shape(argv[++i]));
+    else if (a == "--conv-shape" && i + 1 < argc) conv_shapes.push_back(parse_shape(argv[++i]));
     else {
       std::fprintf(stderr, "usage: loom_bench_geglu [--reps N] [--dtype bf16|f16] [--shape rows,in,h ...] "
-                   "[--bias-shape rows,in,out ...] [--plain-shape rows,in,out ...]\n");
+                   "[--bias-shape rows,in,out ...] [--plain-shape rows,in,out ...] [--conv-shape O,9C,L ...]\n");
       return a == "--help" ? 0 : 2;
     }
   }
-  if (shapes.empty() && bias_shapes.empty() && plain_shapes.empty())
+  if (shapes.empty() && bias_shapes.empty() && plain_shapes.empty() && conv_shapes.empty()) {
     shapes = kDefaultShapes, bias_shapes = kDefaultBiasShapes, plain_shapes = kDefaultPlainShapes;
+    conv_shapes = kDefaultConvShapes;
+  }
   const Device gpu = Device::cuda(0);
   uint64_t seed = 7;
   for (const Shape3& s : shapes) {
@@ -112,5 +139,6 @@ int main(int argc, char** argv) {
   }
   for (const Shape3& s : bias_shapes) bench_linear(s, true, dtype, reps, seed);
   for (const Shape3& s : plain_shapes) bench_linear(s, false, dtype, reps, seed);
+  for (const Shape3& s : conv_shapes) bench_conv(s, dtype, reps, seed);
   return 0;
 }

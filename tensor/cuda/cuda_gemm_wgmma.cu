@@ -77,7 +77,11 @@ struct Block {
 //          gelu(gate + b'); a tile covers 128 columns of y.
 //   Bias   W [n, in]: boxes W rows n0… and n0 + 128…; y [rows, n] = x·Wᵀ + b; a tile covers 256
 //          columns of y, its second box neither loaded nor multiplied where n0 + 128 ≥ n.
-enum class Product { Geglu, Bias };
+//   BiasNMajor  the same product with B stored [in, n] (N-major: y = x·B + b), in `batches`
+//          problems y[i] = x·B[i] (+ b) sharing x (a convolution's W·columns): each box holds W's
+//          columns n0… (+ 128) as two [64 k][64 n] TMA boxes, multiplied with B transposed in
+//          the instruction.
+enum class Product { Geglu, Bias, BiasNMajor };
 
 template <Product P>
 constexpr int kTileSpan = P == Product::Geglu ? kTileCols : 2 * kTileCols;  // columns of y a tile
@@ -92,7 +96,23 @@ struct PairGemm {
   int64_t rows, in;
   int64_t h;         // Geglu: y's width h; Bias: n
   int64_t ldy;       // y's row stride, elements
+  int64_t batches = 1;   // BiasNMajor: problems i < batches, B[i] at rows i·in of its map
+  int64_t stride_y = 0;  // elements from y[i] to y[i + 1]
 };
+
+// The tile's problem, first row and first column.
+struct TileAt {
+  int64_t batch, m0, n0;
+};
+template <Product P>
+__device__ __forceinline__ TileAt tile_at(const PairGemm& p, int64_t tile, int64_t col_tiles) {
+  if constexpr (P == Product::Geglu) {
+    return {0, tile / col_tiles * kTileRows, tile % col_tiles * kTileSpan<P>};
+  } else {
+    const int64_t per_batch = (p.rows + kTileRows - 1) / kTileRows * col_tiles, in_batch = tile % per_batch;
+    return {tile / per_batch, in_batch / col_tiles * kTileRows, in_batch % col_tiles * kTileSpan<P>};
+  }
+}
 
 // W's row of the tile's second box, and whether the tile has one.
 template <Product P>
@@ -226,17 +246,26 @@ __device__ __forceinline__ void store_bias(const PairGemm& p, int64_t row0, int6
 // Issues the k-step's 8 products of this warpgroup (its 64 rows of x's box against W's two boxes,
 // into hid and gate; the second's only where `second`; `first`: the tile's first step, which
 // overwrites the accumulators) and commits them.
-template <typename T>
+// kNMajor: W's boxes are [2 × 64 n][64 k] (n contiguous; the second 64 columns 8 KiB further: the
+// leading byte offset), the k16 slice kk 16 rows of 128 bytes further.
+template <typename T, bool kNMajor>
 __device__ __forceinline__ void issue_step(float (&hid)[64], float (&gate)[64], const T* x_box, const T* w_hidden,
                                            const T* w_gate, int wg, bool first, bool second) {
   const uint64_t a = sw128_desc(x_box + wg * 64 * kStepK, 16, 1024);
-  const uint64_t bh = sw128_desc(w_hidden, 16, 1024), bg = sw128_desc(w_gate, 16, 1024);
+  constexpr uint32_t kLeading = kNMajor ? kBoxBytes / 2 : 16;
+  constexpr int kSliceStep = kNMajor ? 16 * 128 / 16 : 2;  // descriptor units (16 bytes) a k16 slice
+  const uint64_t bh = sw128_desc(w_hidden, kLeading, 1024), bg = sw128_desc(w_gate, kLeading, 1024);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < kStepK / 16; ++kk) {  // the k16 slice kk: 32 bytes further in each row
+  for (int kk = 0; kk < kStepK / 16; ++kk) {  // the k16 slice kk: 32 bytes further in each row of x
     const int accumulate = !first || kk > 0;
-    wgmma_ss(hid, a + 2 * kk, bh + 2 * kk, accumulate, T());
-    if (second) wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());
+    if constexpr (kNMajor) {
+      wgmma_ss_tb(hid, a + 2 * kk, bh + kSliceStep * kk, accumulate, T());
+      if (second) wgmma_ss_tb(gate, a + 2 * kk, bg + kSliceStep * kk, accumulate, T());
+    } else {
+      wgmma_ss(hid, a + 2 * kk, bh + 2 * kk, accumulate, T());
+      if (second) wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());
+    }
   }
   wgmma_commit();
 }
@@ -327,7 +356,7 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
 
   const int tid = threadIdx.x, warp_id = tid / 32, lane = tid % 32;
   const int64_t col_tiles = (p.h + kTileSpan<P> - 1) / kTileSpan<P>;
-  const int64_t tiles = (p.rows + kTileRows - 1) / kTileRows * col_tiles;
+  const int64_t tiles = (P == Product::Geglu ? 1 : p.batches) * ((p.rows + kTileRows - 1) / kTileRows) * col_tiles;
   const int k_steps = int((p.in + kStepK - 1) / kStepK);
 
   if (tid == 0) {
@@ -345,7 +374,8 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
     const uint32_t* bias = static_cast<const uint32_t*>(p.bias);
     uint32_t j = 0;  // the block's tile count: the parities of staged_full
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++j) {
-      const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileSpan<P>;
+      const TileAt at = tile_at<P>(p, tile, col_tiles);
+      const int64_t m0 = at.m0, n0 = at.n0;
       uint32_t b_hid[2], b_gate[2];
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
@@ -365,17 +395,29 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
     if (warp_id == kConsumerWarps && lane == 0) {
       int64_t it = 0;
       for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = int(tile / col_tiles * kTileRows), n0 = int(tile % col_tiles * kTileSpan<P>);
+        const TileAt at = tile_at<P>(p, tile, col_tiles);
+        const int m0 = int(at.m0), n0 = int(at.n0);
         const bool second = has_second_box<P>(p, n0);
         const int second_row = int(second_box_row<P>(p, n0));
         for (int k = 0; k < k_steps; ++k, ++it) {
           const int s = int(it % kStages);
           const uint32_t round = uint32_t(it / kStages);
           if (round > 0) mbar_wait(&empty[s], (round - 1) & 1);
-          mbar_arrive_expect_tx(&full[s], second ? kStageBytes : 2 * kBoxBytes);
-          tma_load_2d(x_box(s), &maps.x, &full[s], k * kStepK, m0);
-          tma_load_2d(w_box(s, 0), &maps.w, &full[s], k * kStepK, n0);
-          if (second) tma_load_2d(w_box(s, 1), &maps.w, &full[s], k * kStepK, second_row);
+          if constexpr (P == Product::BiasNMajor) {  // W's rows k of problem at.batch, columns n0 + 64c
+            // Chunks of 64 columns wholly past n are not loaded: their stale values reach only
+            // accumulator columns that are never stored.
+            const int chunks = int(min(int64_t(4), (p.h - n0 + 63) / 64));
+            mbar_arrive_expect_tx(&full[s], kBoxBytes + uint32_t(chunks) * (kBoxBytes / 2));
+            tma_load_2d(x_box(s), &maps.x, &full[s], k * kStepK, m0);
+            const int k_row = int(at.batch * p.in) + k * kStepK;
+            for (int q = 0; q < chunks; ++q)
+              tma_load_2d(w_box(s, q / 2) + (q % 2) * 64 * kStepK, &maps.w, &full[s], n0 + 64 * q, k_row);
+          } else {
+            mbar_arrive_expect_tx(&full[s], second ? kStageBytes : 2 * kBoxBytes);
+            tma_load_2d(x_box(s), &maps.x, &full[s], k * kStepK, m0);
+            tma_load_2d(w_box(s, 0), &maps.w, &full[s], k * kStepK, n0);
+            if (second) tma_load_2d(w_box(s, 1), &maps.w, &full[s], k * kStepK, second_row);
+          }
         }
       }
     }
@@ -387,7 +429,8 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
   int64_t it = 0;
   uint32_t j = 0;  // the block's tile count (kEpilogueWarps: the parities of staged_empty)
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++j) {
-    const int64_t m0 = tile / col_tiles * kTileRows, n0 = tile % col_tiles * kTileSpan<P>;
+    const TileAt at = tile_at<P>(p, tile, col_tiles);
+    const int64_t m0 = at.m0, n0 = at.n0;
     const int r_tile = wg * 64 + warp * 16 + g;
     const bool second = has_second_box<P>(p, n0);
     TileBias bias;  // its latency hidden behind the products
@@ -396,7 +439,7 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
     for (int k = 0; k < k_steps; ++k, ++it) {
       const int s = int(it % kStages);
       mbar_wait(&full[s], uint32_t(it / kStages) & 1);
-      issue_step<T>(hid, gate, x_box(s), w_box(s, 0), w_box(s, 1), wg, k == 0, second);
+      issue_step<T, P == Product::BiasNMajor>(hid, gate, x_box(s), w_box(s, 0), w_box(s, 1), wg, k == 0, second);
       if (k > 0) {  // the previous step's products are done
         wgmma_wait<1>();
         release_steps<kStages>(empty, it, 1, lane);
@@ -413,7 +456,9 @@ __global__ void __launch_bounds__(Block<kEpilogueWarps>::kThreads, 1)
     } else if constexpr (P == Product::Geglu) {
       store_geglu<T>(p, m0 + r_tile, n0, hid, gate, bias, t);
     } else {
-      store_bias<T>(p, m0 + r_tile, n0, hid, gate, bias, t);
+      PairGemm pt = p;  // problem at.batch's y
+      pt.y = static_cast<T*>(p.y) + at.batch * p.stride_y;
+      store_bias<T>(pt, m0 + r_tile, n0, hid, gate, bias, t);
     }
   }
 #else
@@ -435,12 +480,13 @@ bool epilogue_warps() {
 }
 
 // The operands' maps and one persistent block per SM (at most one per tile): x [p.rows][p.in] at
-// row stride lda, W [w_rows][p.in] at row stride ldw (elements).
+// row stride lda, W [w_rows][w_cols] at row stride ldw (elements): K-major [2h or n][in], boxes of
+// 64 × 128 rows; BiasNMajor's [in · batches][n], boxes of 64 × 64 rows.
 struct PairOperands {
   const void* x;
   int64_t lda;
   const void* w;
-  int64_t w_rows, ldw;
+  int64_t w_rows, w_cols, ldw;
   const char* x_map;  // the tensor-map errors' names
   const char* w_map;
 };
@@ -450,21 +496,24 @@ void launch_pair(DType dtype, const PairOperands& o, const PairGemm& p) {
   using B = Block<kEpilogueWarps>;
   const cuuint64_t x_stride = cuuint64_t(o.lda) * 2, w_stride = cuuint64_t(o.ldw) * 2;
   const cuuint64_t x_dims[2] = {cuuint64_t(p.in), cuuint64_t(p.rows)};
-  const cuuint64_t w_dims[2] = {cuuint64_t(p.in), cuuint64_t(o.w_rows)};
+  const cuuint64_t w_dims[2] = {cuuint64_t(o.w_cols), cuuint64_t(o.w_rows)};
   const cuuint32_t box[2] = {kStepK, kTileRows};
+  const cuuint32_t w_box[2] = {kStepK, P == Product::BiasNMajor ? 64u : cuuint32_t(kTileRows)};
   const PairMaps maps{tensor_map_sw128(dtype, 2, o.x, x_dims, &x_stride, box, o.x_map),
-                      tensor_map_sw128(dtype, 2, o.w, w_dims, &w_stride, box, o.w_map)};
-  const int64_t tiles = (p.rows + kTileRows - 1) / kTileRows * ((p.h + kTileSpan<P> - 1) / kTileSpan<P>);
+                      tensor_map_sw128(dtype, 2, o.w, w_dims, &w_stride, w_box, o.w_map)};
+  const int64_t tiles = p.batches * ((p.rows + kTileRows - 1) / kTileRows) * ((p.h + kTileSpan<P> - 1) / kTileSpan<P>);
   const unsigned grid = unsigned(std::min<int64_t>(tiles, flash_sm_count()));
   auto* kernel = gemm_pair_kernel<T, P, kEpilogueWarps>;
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(B::kSmem)));
   kernel<<<grid, B::kThreads, B::kSmem, compute_stream()>>>(p, maps);
-  check_last_launch(P == Product::Geglu ? "gemm_pair_kernel (linear + geglu)" : "gemm_pair_kernel (linear + bias)");
+  check_last_launch(P == Product::Geglu  ? "gemm_pair_kernel (linear + geglu)"
+                    : P == Product::Bias ? "gemm_pair_kernel (linear + bias)"
+                                         : "gemm_pair_kernel (n-major, batched)");
 }
 
 template <typename T>
 void launch_geglu(const LinearGegluArgs& a) {
-  const PairOperands o{a.x.raw_data(), a.in, a.w.raw_data(), 2 * a.h, a.in,
+  const PairOperands o{a.x.raw_data(), a.in, a.w.raw_data(), 2 * a.h, a.in, a.in,
                        "linear_geglu: the map of x", "linear_geglu: the map of w"};
   const PairGemm p{a.y.raw_data(), a.bias.defined() ? a.bias.raw_data() : nullptr, a.rows, a.in, a.h, a.h};
   if (epilogue_warps()) launch_pair<T, Product::Geglu, true>(a.x.dtype(), o, p);
@@ -472,14 +521,27 @@ void launch_geglu(const LinearGegluArgs& a) {
 }
 
 // LOOM_GEMM_WGMMA (read at every call): unset or `0` leaves every GEMM to cuBLAS / cuBLASLt;
-// `bias` runs those with a bias here where they fit, `all` those without one too.
-enum class WgmmaGemms { None, Bias, All };
+// `bias` runs x·Wᵀ + b here where it fits, `all` x·Wᵀ without a bias too, `conv` also the
+// products with B N-major (x·B, and a convolution's W·columns over the samples).
+enum class WgmmaGemms { None, Bias, All, Conv };
 
 WgmmaGemms wgmma_gemms_chosen() {
   const char* env = std::getenv("LOOM_GEMM_WGMMA");
   const std::string v = env ? env : "";
-  LOOM_CHECK(v.empty() || v == "0" || v == "bias" || v == "all", "LOOM_GEMM_WGMMA='", v, "' is not 0, bias or all");
-  return v == "all" ? WgmmaGemms::All : v == "bias" ? WgmmaGemms::Bias : WgmmaGemms::None;
+  LOOM_CHECK(v.empty() || v == "0" || v == "bias" || v == "all" || v == "conv", "LOOM_GEMM_WGMMA='", v,
+             "' is not 0, bias, all or conv");
+  return v == "conv" ? WgmmaGemms::Conv : v == "all" ? WgmmaGemms::All : v == "bias" ? WgmmaGemms::Bias : WgmmaGemms::None;
+}
+
+// The layouts the kernel takes (gemm_wgmma's other conditions aside): x·Wᵀ (B stored [n, k]) as
+// one problem, or x·B (B stored [k, n]) over `batch` problems sharing A, B's contiguous (so that
+// its 2-D map holds them one under the other) and k a multiple of 64 (no k-step straddles two).
+bool layout_fits(const GemmBatch& g, WgmmaGemms chosen) {
+  if (g.trans_a) return false;
+  if (g.trans_b) return g.batch == 1;
+  if (chosen != WgmmaGemms::Conv) return false;
+  return g.batch == 1 || (g.stride_a == 0 && g.stride_b == g.k * g.ldb && g.k % kStepK == 0 &&
+                          g.stride_c >= g.m * g.ldc && g.batch * g.k < (int64_t(1) << 31));
 }
 
 // LOOM_LINEAR_GEGLU: unset or 1 runs the kernel where it applies, 0 never (read at every call).
@@ -508,10 +570,10 @@ bool gemm_geglu(const LinearGegluArgs& a) {
 
 bool gemm_wgmma(const GemmBatch& g) {
   const WgmmaGemms chosen = wgmma_gemms_chosen();
-  if (chosen == WgmmaGemms::None || (!g.bias && chosen != WgmmaGemms::All)) return false;
+  if (chosen == WgmmaGemms::None || (!g.bias && chosen == WgmmaGemms::Bias)) return false;
   if (!flash_wgmma_available() || !tensor_maps_available()) return false;
   if (g.dtype != DType::BF16 && g.dtype != DType::F16) return false;
-  if (g.batch != 1 || g.trans_a || !g.trans_b || g.alpha != 1.0 || g.beta != 0.0) return false;
+  if (!layout_fits(g, chosen) || g.alpha != 1.0 || g.beta != 0.0) return false;
   if (!g.bias && (g.n < kTileCols || g.k < kStepK)) return false;  // LoRA's thin products stay cuBLAS's
   if (!aligned16(g.a) || !aligned16(g.b) || reinterpret_cast<uintptr_t>(g.c) % 4 != 0 ||
       reinterpret_cast<uintptr_t>(g.bias) % 4 != 0)
@@ -520,11 +582,18 @@ bool gemm_wgmma(const GemmBatch& g) {
   if (g.m < kTileRows || g.k % 8 != 0 || g.n % 8 != 0 || g.lda % 8 != 0 || g.ldb % 8 != 0 || g.ldc % 2 != 0)
     return false;
   if (g.m >= (int64_t(1) << 31) || g.n >= (int64_t(1) << 31)) return false;
-  if (g.lda < g.k || g.ldb < g.k || g.ldc < g.n) return false;  // launch_gemm checked them; direct callers
-  const PairOperands o{g.a, g.lda, g.b, g.n, g.ldb, "gemm with bias: the map of A", "gemm with bias: the map of B"};
-  const PairGemm p{g.c, g.bias, g.m, g.k, g.n, g.ldc};
-  if (g.dtype == DType::BF16) launch_pair<__nv_bfloat16, Product::Bias, false>(g.dtype, o, p);
-  else launch_pair<__half, Product::Bias, false>(g.dtype, o, p);
+  if (g.lda < g.k || g.ldb < (g.trans_b ? g.k : g.n) || g.ldc < g.n) return false;  // direct callers
+  PairGemm p{g.c, g.bias, g.m, g.k, g.n, g.ldc};
+  if (g.trans_b) {
+    const PairOperands o{g.a, g.lda, g.b, g.n, g.k, g.ldb, "gemm: the map of A", "gemm: the map of B"};
+    if (g.dtype == DType::BF16) launch_pair<__nv_bfloat16, Product::Bias, false>(g.dtype, o, p);
+    else launch_pair<__half, Product::Bias, false>(g.dtype, o, p);
+  } else {
+    p.batches = g.batch, p.stride_y = g.stride_c;
+    const PairOperands o{g.a, g.lda, g.b, g.k * g.batch, g.n, g.ldb, "gemm: the map of A", "gemm: the map of B"};
+    if (g.dtype == DType::BF16) launch_pair<__nv_bfloat16, Product::BiasNMajor, false>(g.dtype, o, p);
+    else launch_pair<__half, Product::BiasNMajor, false>(g.dtype, o, p);
+  }
   return true;
 }
 

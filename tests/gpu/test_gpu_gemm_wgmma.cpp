@@ -1,4 +1,5 @@
-// A Linear's GEMM, x·Wᵀ + b or x·Wᵀ, on loom's own Hopper kernel (LOOM_GEMM_WGMMA = bias | all;
+// A Linear's GEMM, x·Wᵀ + b or x·Wᵀ, and x·B over problems sharing x (a convolution's product), on
+// loom's own Hopper kernel (LOOM_GEMM_WGMMA = bias | all | conv;
 // tensor/cuda/cuda_gemm_wgmma.cu) against the CPU in f64 on the same (rounded) inputs, at sizes
 // that are no multiple of a tile: m leaving the last row tile part full, k below and past one
 // k-step of 64, n leaving the last 256-column tile with a part-full second box (n = 136, 264,
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "tensor/backend.h"
+#include "tensor/conv.h"
 #include "tensor/cuda/cuda_backend.h"
 #include "tensor/ops.h"
 #include "tests/common/fused_reference.h"
@@ -125,6 +127,64 @@ TEST(GpuGemmWgmma, LinearRunsIt) {
   }
 }
 
+// B stored N-major (x·B, B [k, n] at row stride ldb), over `batch` problems sharing A with B's
+// contiguous (a convolution's W·columns): LOOM_GEMM_WGMMA=conv.
+struct NMajorCase {
+  int64_t m, k, n, batch;
+  int64_t ldb_pad = 0;  // batch 1 only
+  bool bias = false;
+};
+
+const std::vector<NMajorCase> kNMajorCases = {
+    {300, 128, 136, 1, 8}, {129, 64, 264, 2}, {1280, 192, 200, 1, 0, true}, {320, 576, 1024, 3}, {257, 72, 128, 1}};
+
+// Every N-major case in bf16 and f16 against the CPU in f64 (each problem A·B[i] (+ b)).
+TEST(GpuGemmWgmma, NMajorMatchesTheCpuInF64) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(0x6d65u ^ ::testing::UnitTest::GetInstance()->random_seed());
+  ScopedEnv on("LOOM_GEMM_WGMMA", "conv");
+  for (DType dtype : {DType::BF16, DType::F16}) {
+    for (const NMajorCase& c : kNMajorCases) {
+      const std::string what = std::string(dtype_name(dtype)) + " m " + std::to_string(c.m) + " k " +
+                               std::to_string(c.k) + " n " + std::to_string(c.n) + " batch " +
+                               std::to_string(c.batch) + " ldb +" + std::to_string(c.ldb_pad);
+      const int64_t ldb = c.n + c.ldb_pad;
+      const Tensor a = random_tensor({c.m, c.k}, gen, dtype, Device::cpu(), 0.0, 1.0);
+      const Tensor b = random_tensor({c.batch, c.k, ldb}, gen, dtype, Device::cpu(), 0.0, 1.0 / std::sqrt(double(c.k)));
+      const Tensor bias = c.bias ? random_tensor({c.n}, gen, dtype, Device::cpu(), 0.0, 0.5) : Tensor();
+      const Tensor a_gpu = a.to(kCuda), b_gpu = b.to(kCuda), bias_gpu = c.bias ? bias.to(kCuda) : Tensor();
+      const Tensor out = Tensor::empty({c.batch, c.m, c.n}, dtype, kCuda);
+      GemmBatch g;
+      g.device = kCuda, g.dtype = dtype;
+      g.m = c.m, g.n = c.n, g.k = c.k, g.batch = c.batch;
+      g.a = a_gpu.raw_data(), g.lda = c.k, g.stride_a = 0;
+      g.b = b_gpu.raw_data(), g.ldb = ldb, g.stride_b = c.k * ldb;
+      g.c = out.raw_data(), g.ldc = c.n, g.stride_c = c.m * c.n;
+      g.bias = c.bias ? bias_gpu.raw_data() : nullptr;
+      if (!cuda_gemm_wgmma(g)) GTEST_SKIP() << "no sm_90a GEMM kernel on this build or device";
+      const Tensor a64 = a.to(DType::F64), b64 = b.to(DType::F64).narrow(2, 0, c.n);
+      Tensor ref = ops::matmul(a64, b64);  // [batch, m, n]
+      if (c.bias) ref = ops::add(ref, bias.to(DType::F64));
+      EXPECT_LE(rel_error(out.to(Device::cpu()).to(DType::F64), ref), tol_for(dtype)) << what;
+    }
+  }
+}
+
+// ops::conv2d's im2col product (W [O, C·9] · columns [N, C·9, L], one GEMM over the samples)
+// under LOOM_GEMM_WGMMA=conv against the CPU in f64.
+TEST(GpuGemmWgmma, ConvolutionMatchesTheCpuInF64) {
+  LOOM_SKIP_WITHOUT_CUDA();
+  Generator gen(0x6d66u ^ ::testing::UnitTest::GetInstance()->random_seed());
+  const Tensor x = random_tensor({2, 64, 20, 24}, gen, DType::BF16, Device::cpu(), 0.0, 1.0);
+  const Tensor w = random_tensor({128, 64, 3, 3}, gen, DType::BF16, Device::cpu(), 0.0, 1.0 / 24.0);
+  const Tensor b = random_tensor({128}, gen, DType::BF16, Device::cpu(), 0.0, 0.5);
+  const ops::Conv2dParams p{1, 1, 1, 1};
+  const Tensor ref = ops::conv2d(x.to(DType::F64), w.to(DType::F64), b.to(DType::F64), p);
+  ScopedEnv on("LOOM_GEMM_WGMMA", "conv");
+  const Tensor y = ops::conv2d(x.to(kCuda), w.to(kCuda), b.to(kCuda), p);
+  EXPECT_LE(rel_error(y.to(Device::cpu()).to(DType::F64), ref), tol_for(DType::BF16));
+}
+
 // What the kernel declines (the caller's cuBLAS / cuBLASLt path runs), and a bad LOOM_GEMM_WGMMA.
 TEST(GpuGemmWgmma, DeclinesWhatDoesNotFit) {
   LOOM_SKIP_WITHOUT_CUDA();
@@ -156,9 +216,21 @@ TEST(GpuGemmWgmma, DeclinesWhatDoesNotFit) {
     declined("no bias, n < 128", [](GemmBatch& h) { h.bias = nullptr, h.n = 120; });
     declined("no bias, k < 64", [](GemmBatch& h) { h.bias = nullptr, h.k = 56; });
   }
+  declined("B N-major under LOOM_GEMM_WGMMA=bias", [](GemmBatch& h) { h.trans_b = false, h.ldb = h.n; });
+  {
+    ScopedEnv conv("LOOM_GEMM_WGMMA", "conv");
+    auto batched = [&](GemmBatch& h) {
+      h.trans_b = false, h.ldb = h.n, h.k = 128, h.batch = 2, h.stride_a = 0, h.stride_b = h.k * h.ldb;
+      h.stride_c = h.m * h.ldc;
+    };
+    declined("batched, k not a multiple of 64", [&](GemmBatch& h) { batched(h), h.k = 72, h.stride_b = h.k * h.ldb; });
+    declined("batched, A not shared", [&](GemmBatch& h) { batched(h), h.stride_a = h.m * h.lda; });
+    declined("batched, B's problems apart", [&](GemmBatch& h) { batched(h), h.stride_b += 8; });
+    declined("batched, B K-major", [&](GemmBatch& h) { batched(h), h.trans_b = true; });
+  }
   ScopedEnv bad("LOOM_GEMM_WGMMA", "yes");
   EXPECT_THAT(any_error_of([&] { cuda_gemm_wgmma(g); }),
-              ::testing::HasSubstr("LOOM_GEMM_WGMMA='yes' is not 0, bias or all"));
+              ::testing::HasSubstr("LOOM_GEMM_WGMMA='yes' is not 0, bias, all or conv"));
 }
 
 }  // namespace
