@@ -260,8 +260,8 @@ __device__ __forceinline__ void issue_step(float (&hid)[64], float (&gate)[64], 
   for (int kk = 0; kk < kStepK / 16; ++kk) {  // the k16 slice kk: 32 bytes further in each row of x
     const int accumulate = !first || kk > 0;
     if constexpr (kNMajor) {
-      wgmma_ss_tb(hid, a + 2 * kk, bh + kSliceStep * kk, accumulate, T());
-      if (second) wgmma_ss_tb(gate, a + 2 * kk, bg + kSliceStep * kk, accumulate, T());
+      wgmma_ss<1>(hid, a + 2 * kk, bh + kSliceStep * kk, accumulate, T());
+      if (second) wgmma_ss<1>(gate, a + 2 * kk, bg + kSliceStep * kk, accumulate, T());
     } else {
       wgmma_ss(hid, a + 2 * kk, bh + 2 * kk, accumulate, T());
       if (second) wgmma_ss(gate, a + 2 * kk, bg + 2 * kk, accumulate, T());

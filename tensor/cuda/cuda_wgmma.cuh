@@ -87,7 +87,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 // The products, overloaded on the accumulator count (N / 2 floats per thread for m64nNk16):
 //   wgmma_ss(d, desc_a, desc_b, scale_d, T())        d (+)= A·B, A [64×16] and B [16×N] from
 //       shared memory, both K-major; N = 64, 128. d = A·B when scale_d == 0.
-//   wgmma_ss_tb(d, desc_a, desc_b, scale_d, T())     the same with B N-major; N = 128.
+//   wgmma_ss<1>(d, desc_a, desc_b, scale_d, T())     the same with B N-major (N = 128 only).
 //   wgmma_rs_tb(d, a, desc_b, scale_d, T())          A from registers (a[0..3]), B N-major;
 //       N = 40, 64.
 //   wgmma_ss_ta_tb(d, desc_a, desc_b, scale_d, T())  A M-major, B N-major; N = 16, 24, 32, 40, 64.
@@ -108,6 +108,7 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])         \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                                       \
 }                                                                                                                      \
+template <int kTransB = 0>                                                                                             \
 __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d, T) {           \
   asm volatile(                                                                                                        \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                                     \
@@ -116,7 +117,7 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64
       "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                               \
       "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                               \
       "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"                                                \
-      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                                                               \
+      "}, %64, %65, p, 1, 1, 0, %67;\n}\n"                                                                             \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),          \
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),        \
@@ -125,26 +126,7 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),        \
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),        \
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])         \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                                       \
-}                                                                                                                      \
-__device__ __forceinline__ void wgmma_ss_tb(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d, T) {        \
-  asm volatile(                                                                                                        \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                                     \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TN "." TN " {"                                                    \
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                                         \
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                               \
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                               \
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"                                                \
-      "}, %64, %65, p, 1, 1, 0, 1;\n}\n"                                                                               \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),          \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),        \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),        \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),        \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),        \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),        \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])         \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                                       \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransB));                                                         \
 }                                                                                                                      \
 __device__ __forceinline__ void wgmma_rs_tb(float (&d)[20], const uint32_t (&a)[4], uint64_t desc_b, int scale_d, T) { \
   asm volatile(                                                                                                        \
