@@ -13,7 +13,7 @@
 //            f32 registers a thread) and a producer warpgroup whose registers go to the consumers
 //            (setmaxnreg: 24 against 240). Persistent: one block per SM walks tiles blockIdx.x,
 //            + gridDim.x, … in row-block-major order (the blocks running together share W's
-//            tiles and a few row blocks of x in L2).
+//            tiles and a few row blocks of x in L2; tile_at).
 //   producer one thread: per k-step, x's [128 × 64] box and W's two [128 × 64] boxes by TMA into
 //            stage it % kStages of a ring, whose `full` mbarrier completes on their bytes; a stage
 //            is refilled after its `empty` barrier has the 8 consumer warps' arrivals of the
@@ -100,7 +100,10 @@ struct PairGemm {
   int64_t stride_y = 0;  // elements from y[i] to y[i + 1]
 };
 
-// The tile's problem, first row and first column.
+// The tile's problem, first row and first column. The blocks running together share tiles of the
+// large operand in L2: x's row blocks (Geglu, Bias: the column tiles of a row block follow each
+// other), B's column slabs (BiasNMajor, where x is the small W of a convolution and B its columns:
+// the row tiles of a column slab follow each other).
 struct TileAt {
   int64_t batch, m0, n0;
 };
@@ -109,8 +112,12 @@ __device__ __forceinline__ TileAt tile_at(const PairGemm& p, int64_t tile, int64
   if constexpr (P == Product::Geglu) {
     return {0, tile / col_tiles * kTileRows, tile % col_tiles * kTileSpan<P>};
   } else {
-    const int64_t per_batch = (p.rows + kTileRows - 1) / kTileRows * col_tiles, in_batch = tile % per_batch;
-    return {tile / per_batch, in_batch / col_tiles * kTileRows, in_batch % col_tiles * kTileSpan<P>};
+    const int64_t row_tiles = (p.rows + kTileRows - 1) / kTileRows, per_batch = row_tiles * col_tiles;
+    const int64_t in_batch = tile % per_batch;
+    if constexpr (P == Product::Bias)
+      return {tile / per_batch, in_batch / col_tiles * kTileRows, in_batch % col_tiles * kTileSpan<P>};
+    else
+      return {tile / per_batch, in_batch % row_tiles * kTileRows, in_batch / row_tiles * kTileSpan<P>};
   }
 }
 
