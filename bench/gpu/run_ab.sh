@@ -43,8 +43,9 @@ if [ -n "${CTEST_R:-}" ]; then
   ctest --test-dir build-gpu -L gpu -R "$CTEST_R" -j4 --timeout "${CTEST_TIMEOUT:-300}" --output-on-failure >"$out/ctest-gpu.log" 2>&1
   echo "ctest -L gpu -R '$CTEST_R' rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$out/ctest-gpu.log" | head -20
 fi
-# GEGLU=1: the Linear + GEGLU kernel's epilogues against cuBLAS + the GEGLU pass (loom_bench_geglu,
-# which TARGETS must name)
+# GEGLU=1: loom_bench_geglu (TARGETS must name it): the Linear + GEGLU kernel against cuBLAS + the
+# GEGLU pass, then loom's GEMM (LOOM_GEMM_WGMMA) against cuBLAS(Lt) on the UNet's other Linears and
+# its 3×3 convolutions' products
 if [ "${GEGLU:-0}" = 1 ]; then
   ./build-gpu/bench/loom_bench_geglu --reps 30 | tee "$out/geglu.jsonl"
 fi
