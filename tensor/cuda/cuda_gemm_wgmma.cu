@@ -332,7 +332,8 @@ enum class WgmmaGemms { None, Bias, All, Conv };
 
 WgmmaGemms wgmma_gemms_chosen() {
   const char* env = std::getenv("LOOM_GEMM_WGMMA");
-  const std::string v = env ? env : "";
+  if (!env) return WgmmaGemms::None;  // every GEMM asks: no string made on the default path
+  const std::string v = env;
   LOOM_CHECK(v.empty() || v == "0" || v == "bias" || v == "all" || v == "conv", "LOOM_GEMM_WGMMA='", v,
              "' is not 0, bias, all or conv");
   return v == "conv" ? WgmmaGemms::Conv : v == "all" ? WgmmaGemms::All : v == "bias" ? WgmmaGemms::Bias : WgmmaGemms::None;
